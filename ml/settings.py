@@ -1,0 +1,196 @@
+"""Typed settings, one object per concern.
+
+Deployment-wide defaults come from environment variables (prefix per concern, e.g.
+``PIPELINE_TRAIN_EPOCHS``); per-run knobs (Airflow Params, CLI flags) override them with
+``settings.model_copy(update=...)`` via :func:`with_overrides`, which re-validates.
+Endpoints and secrets do not live here: they come from Airflow Connections (or
+``MLFLOW_TRACKING_URI`` outside Airflow).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+# Where local state lives when nothing else is configured: the repo's .local/ folder.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LOCAL_STATE_DIR = Path(os.environ.get("PIPELINE_STATE_DIR", PROJECT_ROOT / ".local"))
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class DataSettings(BaseSettings):
+    """Where training data comes from and what it must look like."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_DATA_", extra="forbid")
+
+    source: Literal["synthetic", "files"] = Field(
+        "synthetic",
+        description="'synthetic' writes the built-in daily partitions under `path` before "
+        "reading them; 'files' reads partitions someone else wrote.",
+    )
+    path: str = Field(
+        str(LOCAL_STATE_DIR / "data"),
+        description="Folder or fsspec URL holding partitions laid out as "
+        "`<path>/date=YYYY-MM-DD/*.parquet|csv`.",
+    )
+    format: Literal["parquet", "csv"] = "parquet"
+    feature_columns: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Feature columns (comma-separated in the env var). "
+        "None means the built-in synthetic schema."
+    )
+    target_column: str = "target"
+    schema_file: str | None = Field(
+        None,
+        description="Optional JSON file declaring per-column ranges and nullability; "
+        "see docs/data.md.",
+    )
+    window_days: int = Field(7, ge=1, le=366, description="Days of data that end at the run's "
+                             "data interval end (exclusive).")
+    min_rows_per_partition: int = Field(50, ge=1)
+    min_rows_total: int = Field(200, ge=1)
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    split_seed: int = 42
+    # The built-in synthetic source.
+    synthetic_rows_per_day: int = Field(400, ge=1)
+    synthetic_noise: float = Field(1.0, ge=0.0, description="Std of the target noise.")
+    synthetic_drift_start: date | None = Field(
+        None, description="From this date on, the synthetic relationship drifts."
+    )
+    synthetic_drift_strength: float = Field(0.0, ge=0.0)
+
+    _split_features = field_validator("feature_columns", mode="before")(_split_csv)
+
+
+class TrainingSettings(BaseSettings):
+    """Model shape and fitting knobs."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_TRAIN_", extra="forbid")
+
+    epochs: int = Field(40, ge=1, le=10_000)
+    learning_rate: float = Field(0.005, gt=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    hidden_units: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [64, 32])
+    early_stopping_patience: int = Field(5, ge=1)
+    validation_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    seed: int = 42
+
+    @field_validator("hidden_units", mode="before")
+    @classmethod
+    def _split_units(cls, value: Any) -> Any:
+        value = _split_csv(value)
+        if isinstance(value, list):
+            return [int(v) for v in value]
+        return value
+
+    @field_validator("hidden_units")
+    @classmethod
+    def _positive_units(cls, value: list[int]) -> list[int]:
+        if not value or any(v < 1 for v in value):
+            raise ValueError("hidden_units needs at least one layer, each with >= 1 unit")
+        return value
+
+
+class GateSettings(BaseSettings):
+    """What a model must reach before it may be deployed."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_GATE_", extra="forbid")
+
+    max_rmse: float = Field(3.0, gt=0.0, description="Absolute bar: holdout RMSE at most this.")
+    min_r2: float = Field(0.8, le=1.0, description="Absolute bar: holdout R² at least this.")
+    max_regression: float = Field(
+        0.02,
+        ge=0.0,
+        description="Allowed relative RMSE increase over the champion on the same holdout "
+        "(0.02 = 2% worse at most).",
+    )
+    force_deploy: bool = Field(False, description="Deploy even if the gate rejects.")
+
+
+class RegistrySettings(BaseSettings):
+    """The MLflow experiment, registered model and aliases this pipeline owns."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_REGISTRY_", extra="forbid")
+
+    model_name: str = "regression-model"
+    experiment_name: str = "train_and_deploy"
+    champion_alias: str = Field("champion", description="Names what is live.")
+    challenger_alias: str = Field("challenger", description="Passed the gate, rolling out.")
+
+
+class DeploySettings(BaseSettings):
+    """Where and how a gated model version is rolled out."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_DEPLOY_", extra="forbid")
+
+    target: Literal["local", "kubernetes"] = "local"
+    # local target: a stable front port proxying to the healthy model-server process.
+    local_host: str = "127.0.0.1"
+    local_port: int = Field(5001, ge=1, le=65_535)
+    local_slot_ports: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [5011, 5012])
+    local_state_dir: str = str(LOCAL_STATE_DIR / "serving")
+    health_timeout_s: float = Field(180.0, gt=0)
+    # kubernetes target
+    kubernetes_conn_id: str = "kubernetes_default"
+    namespace: str = "ml-serving"
+    pipeline_image: str = "train-and-deploy/pipeline:latest"
+    serving_image: str = "train-and-deploy/serving:latest"
+    service_account: str = "model-rollout"
+    deployment_name: str = "model-server"
+    service_url: str | None = Field(
+        None,
+        description="Base URL of the live endpoint used by verify; defaults to the local "
+        "front port, or the in-cluster Service DNS name for the kubernetes target.",
+    )
+
+    @field_validator("local_slot_ports", mode="before")
+    @classmethod
+    def _split_ports(cls, value: Any) -> Any:
+        value = _split_csv(value)
+        if isinstance(value, list):
+            return [int(v) for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _two_distinct_slots(self) -> DeploySettings:
+        ports = self.local_slot_ports
+        if len(ports) != 2 or len(set(ports)) != 2 or self.local_port in ports:
+            raise ValueError(
+                "local_slot_ports needs two distinct ports, both different from local_port"
+            )
+        return self
+
+    @property
+    def endpoint_url(self) -> str:
+        if self.service_url:
+            return self.service_url.rstrip("/")
+        if self.target == "local":
+            return f"http://{self.local_host}:{self.local_port}"
+        return f"http://{self.deployment_name}.{self.namespace}.svc.cluster.local"
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def with_overrides(settings: S, **overrides: Any) -> S:
+    """Return a validated copy with per-run overrides applied; ``None`` values are ignored."""
+    update = {k: v for k, v in overrides.items() if v is not None}
+    if not update:
+        return settings
+    merged = settings.model_dump() | update
+    return type(settings).model_validate(merged)
+
+
+def tracking_uri() -> str:
+    """The MLflow tracking URI outside Airflow (inside, the DAG passes the Connection's)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")

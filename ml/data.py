@@ -1,0 +1,645 @@
+"""Training data: daily partitions, their schema and validation, the holdout split.
+
+Partitions are laid out as ``<path>/date=YYYY-MM-DD/*.<format>`` under a local folder or
+any fsspec URL (``s3://``, ``gs://``, ``file://``, ``memory://``). A run reads the
+``window_days`` dates that end at its data interval end (exclusive), validates every file
+against a :class:`DataSchema`, and hashes the exact bytes it trained on so the model
+version can name its data.
+
+The built-in synthetic source (``source="synthetic"``) writes the same kind of partitions:
+hourly-ish electricity load readings, generated deterministically from the date.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+
+from ml.settings import DataSettings
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_FEATURES: list[str] = [
+    "temperature_c",
+    "humidity_pct",
+    "hour_of_day",
+    "is_weekend",
+    "wind_speed_ms",
+    "solar_wm2",
+]
+
+# Whole-partition and whole-window rules have no single column; they use this marker.
+ALL_COLUMNS = "*"
+ALL_PARTITIONS = "*"
+
+# Read files in chunks when hashing so a large partition never sits in memory twice.
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+class DataNotFoundError(Exception):
+    """No partition exists for the requested window."""
+
+
+@dataclass(frozen=True)
+class Violation:
+    partition: str
+    column: str
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.partition}: column '{self.column}' failed rule '{self.rule}': {self.detail}"
+
+
+class DataValidationError(ValueError):
+    """The data broke one or more rules; ``violations`` lists every one of them."""
+
+    def __init__(self, violations: list[Violation]):
+        self.violations = list(violations)
+        lines = "\n".join(f"  {v}" for v in self.violations)
+        super().__init__(f"{len(self.violations)} data validation violation(s):\n{lines}")
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    min: float | None = None
+    max: float | None = None
+    nullable: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a column needs a name")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"column '{self.name}': min {self.min} is above max {self.max}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> ColumnSpec:
+        if not isinstance(raw, dict):
+            raise ValueError(f"a column spec must be an object, got {raw!r}")
+        unknown = set(raw) - {"name", "min", "max", "nullable"}
+        if unknown:
+            raise ValueError(f"column spec {raw!r} has unknown keys {sorted(unknown)}")
+        if not isinstance(raw.get("name"), str):
+            raise ValueError(f"column spec {raw!r} needs a string 'name'")
+        return cls(
+            name=raw["name"],
+            min=_optional_float(raw.get("min"), "min"),
+            max=_optional_float(raw.get("max"), "max"),
+            nullable=_bool(raw.get("nullable", False)),
+        )
+
+
+def _optional_float(value: Any, key: str) -> float | None:
+    if value is None:
+        return None
+    # bool is an int subclass; true/false as a bound is a typo, not a number.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"'{key}' must be a number or null, got {value!r}")
+    return float(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"'nullable' must be true or false, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class DataSchema:
+    features: tuple[ColumnSpec, ...]
+    target: ColumnSpec
+
+    def __post_init__(self) -> None:
+        names = [*self.feature_names, self.target.name]
+        if not self.features:
+            raise ValueError("a schema needs at least one feature")
+        if len(set(names)) != len(names):
+            raise ValueError(f"column names must be unique, got {names}")
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [spec.name for spec in self.features]
+
+    @property
+    def columns(self) -> tuple[ColumnSpec, ...]:
+        return (*self.features, self.target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "features": [spec.to_dict() for spec in self.features],
+            "target": self.target.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> DataSchema:
+        if not isinstance(raw, dict) or not isinstance(raw.get("features"), list):
+            raise ValueError("a schema needs a 'features' list and a 'target' object")
+        if "target" not in raw:
+            raise ValueError("a schema needs a 'target' object")
+        return cls(
+            features=tuple(ColumnSpec.from_dict(item) for item in raw["features"]),
+            target=ColumnSpec.from_dict(raw["target"]),
+        )
+
+
+def _synthetic_schema(target_column: str) -> DataSchema:
+    # Physically plausible bounds: they also catch unit mix-ups (Kelvin, fractions for %).
+    return DataSchema(
+        features=(
+            ColumnSpec("temperature_c", min=-40.0, max=50.0),
+            ColumnSpec("humidity_pct", min=0.0, max=100.0),
+            ColumnSpec("hour_of_day", min=0.0, max=23.0),
+            ColumnSpec("is_weekend", min=0.0, max=1.0),
+            ColumnSpec("wind_speed_ms", min=0.0, max=60.0),
+            ColumnSpec("solar_wm2", min=0.0, max=1400.0),
+        ),
+        target=ColumnSpec(target_column, min=0.0),
+    )
+
+
+def load_schema(settings: DataSettings) -> DataSchema:
+    """The schema the data must follow.
+
+    No ``feature_columns`` means the built-in synthetic schema (with ranges); otherwise the
+    named columns without ranges. ``schema_file`` then overlays ranges and nullability
+    column by column.
+    """
+    if settings.feature_columns is None:
+        schema = _synthetic_schema(settings.target_column)
+    else:
+        schema = DataSchema(
+            features=tuple(ColumnSpec(name) for name in settings.feature_columns),
+            target=ColumnSpec(settings.target_column),
+        )
+    if settings.schema_file:
+        schema = _overlay_schema_file(schema, settings.schema_file)
+    return schema
+
+
+def _overlay_schema_file(schema: DataSchema, schema_file: str) -> DataSchema:
+    try:
+        with fsspec.open(schema_file, "r", encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"schema file {schema_file} does not exist") from exc
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"schema file {schema_file} is not valid JSON: {exc}") from exc
+
+    try:
+        overrides = _parse_overrides(raw)
+    except ValueError as exc:
+        raise ValueError(f"schema file {schema_file} is invalid: {exc}") from exc
+
+    known = {spec.name for spec in schema.columns}
+    # A name that matches nothing is almost always a typo that would silently skip a check.
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"schema file {schema_file} declares {unknown}, which are neither features "
+            f"nor the target (known columns: {sorted(known)})"
+        )
+    return DataSchema(
+        features=tuple(overrides.get(spec.name, spec) for spec in schema.features),
+        target=overrides.get(schema.target.name, schema.target),
+    )
+
+
+def _parse_overrides(raw: Any) -> dict[str, ColumnSpec]:
+    if not isinstance(raw, dict):
+        raise ValueError("the top level must be an object with 'features' and/or 'target'")
+    unknown = set(raw) - {"features", "target"}
+    if unknown:
+        raise ValueError(f"unknown top-level keys {sorted(unknown)}")
+    features = raw.get("features", [])
+    if not isinstance(features, list):
+        raise ValueError("'features' must be a list of column specs")
+    specs = [ColumnSpec.from_dict(item) for item in features]
+    if "target" in raw:
+        specs.append(ColumnSpec.from_dict(raw["target"]))
+    return {spec.name: spec for spec in specs}
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+@dataclass(frozen=True)
+class Partition:
+    day: date
+    uri: str  # a local path or fsspec URL of one file
+
+
+def window_days(end: date, days: int) -> list[date]:
+    """The ``days`` dates in ``[end - days, end)``; ``end`` is exclusive like Airflow's
+    data interval end."""
+    if days < 1:
+        raise ValueError(f"a window needs at least one day, got {days}")
+    # datetime is a date subclass; its arithmetic would keep the time, so drop it.
+    if isinstance(end, datetime):
+        end = end.date()
+    return [end - timedelta(days=offset) for offset in range(days, 0, -1)]
+
+
+def _filesystem(settings: DataSettings) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = fsspec.core.url_to_fs(settings.path)
+    return fs, root.rstrip("/")
+
+
+def _day_dir(root: str, day: date) -> str:
+    return f"{root}/date={day.isoformat()}"
+
+
+def _is_data_file(path: str, file_format: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    # Hidden and underscore files are writers' bookkeeping (_SUCCESS, .crc, temp files).
+    return name.endswith(f".{file_format}") and not name.startswith((".", "_"))
+
+
+def _day_files(fs: fsspec.AbstractFileSystem, root: str, day: date, file_format: str) -> list[str]:
+    found = fs.glob(f"{_day_dir(root, day)}/*.{file_format}")
+    return sorted(path for path in found if _is_data_file(path, file_format))
+
+
+def _to_uri(fs: fsspec.AbstractFileSystem, settings: DataSettings, path: str) -> str:
+    # Keep the caller's style: plain paths stay plain, URLs keep their protocol.
+    return fs.unstrip_protocol(path) if "://" in settings.path else path
+
+
+def discover_partitions(settings: DataSettings, days: list[date]) -> list[Partition]:
+    """Every ``<path>/date=YYYY-MM-DD/*.<format>`` file for ``days``, sorted by day and name.
+
+    Days without files are skipped with a warning; a window with no files at all raises
+    :class:`DataNotFoundError`.
+    """
+    fs, root = _filesystem(settings)
+    fs.invalidate_cache()  # object stores cache listings; a writer may have just added files
+    partitions: list[Partition] = []
+    missing: list[date] = []
+    for day in sorted(days):
+        files = _day_files(fs, root, day, settings.format)
+        if not files:
+            missing.append(day)
+        partitions.extend(Partition(day, _to_uri(fs, settings, path)) for path in files)
+
+    window = f"{min(days)}..{max(days)}" if days else "(empty window)"
+    if not partitions:
+        raise DataNotFoundError(
+            f"no {settings.format} partitions under {settings.path} for the window {window} "
+            f"({len(days)} days); expected files at "
+            f"{settings.path}/date=YYYY-MM-DD/*.{settings.format}"
+        )
+    if missing:
+        log.warning(
+            "skipping %d day(s) without %s partitions under %s: %s",
+            len(missing),
+            settings.format,
+            settings.path,
+            ", ".join(day.isoformat() for day in missing),
+        )
+    return partitions
+
+
+def _relative_name(uri: str) -> str:
+    # "date=YYYY-MM-DD/<file>": the same data copied to another root hashes the same.
+    return "/".join(uri.rstrip("/").split("/")[-2:])
+
+
+def partitions_digest(partitions: list[Partition]) -> str:
+    """sha256 over each file's relative name and bytes, in order: same data, same digest."""
+    digest = hashlib.sha256()
+    for partition in partitions:
+        file_digest = hashlib.sha256()
+        with fsspec.open(partition.uri, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK_BYTES):
+                file_digest.update(chunk)
+        # Name and a fixed-size per-file digest: no two file lists can collide by shifting
+        # bytes from one file into the next.
+        digest.update(_relative_name(partition.uri).encode("utf-8") + b"\0")
+        digest.update(file_digest.digest())
+    return digest.hexdigest()
+
+
+def read_partition(partition: Partition, settings: DataSettings) -> pd.DataFrame:
+    """One partition file as a frame; any failure to parse it is a 'readable' violation."""
+    try:
+        with fsspec.open(partition.uri, "rb") as handle:
+            if settings.format == "parquet":
+                return pd.read_parquet(handle)
+            return pd.read_csv(handle)
+    except Exception as exc:  # the readers raise many types; all mean "cannot read it"
+        raise DataValidationError(
+            [Violation(partition.uri, ALL_COLUMNS, "readable", f"{type(exc).__name__}: {exc}")]
+        ) from exc
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass
+class ValidationReport:
+    rows_per_partition: dict[str, int]
+    total_rows: int
+    columns: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows_per_partition": dict(self.rows_per_partition),
+            "total_rows": self.total_rows,
+            "columns": list(self.columns),
+        }
+
+
+def _structure_violations(uri: str, frame: pd.DataFrame, schema: DataSchema) -> list[Violation]:
+    """Columns present and numeric: what building a float frame needs."""
+    violations = []
+    for spec in schema.columns:
+        if spec.name not in frame.columns:
+            present = ", ".join(map(str, frame.columns)) or "none"
+            violations.append(
+                Violation(uri, spec.name, "schema", f"missing (columns present: {present})")
+            )
+        elif not pd.api.types.is_numeric_dtype(dtype := frame[spec.name].dtype):
+            violations.append(Violation(uri, spec.name, "type", f"dtype {dtype}, expected numeric"))
+    return violations
+
+
+def _value_violations(uri: str, frame: pd.DataFrame, spec: ColumnSpec) -> list[Violation]:
+    """Nulls and ranges of one present, numeric column."""
+    violations = []
+    values = frame[spec.name].astype("float64")
+    nulls = int(values.isna().sum())
+    if nulls and not spec.nullable:
+        violations.append(Violation(uri, spec.name, "nulls", f"{nulls} nulls"))
+
+    present = values.dropna()
+    infinite = int(np.isinf(present).sum())
+    if infinite:
+        # No range makes inf a usable training value, declared or not.
+        violations.append(Violation(uri, spec.name, "range", f"{infinite} infinite values"))
+    present = present[np.isfinite(present)]
+    if spec.min is not None:
+        below = present[present < spec.min]
+        if len(below):
+            violations.append(
+                Violation(
+                    uri,
+                    spec.name,
+                    "range",
+                    f"{len(below)} values below min {spec.min} (min seen {below.min():g})",
+                )
+            )
+    if spec.max is not None:
+        above = present[present > spec.max]
+        if len(above):
+            violations.append(
+                Violation(
+                    uri,
+                    spec.name,
+                    "range",
+                    f"{len(above)} values above max {spec.max} (max seen {above.max():g})",
+                )
+            )
+    return violations
+
+
+def _partition_violations(
+    uri: str, frame: pd.DataFrame, schema: DataSchema, settings: DataSettings
+) -> list[Violation]:
+    violations = _structure_violations(uri, frame, schema)
+    broken = {v.column for v in violations}
+    for spec in schema.columns:
+        if spec.name not in broken:
+            violations.extend(_value_violations(uri, frame, spec))
+    if len(frame) < settings.min_rows_per_partition:
+        violations.append(
+            Violation(
+                uri,
+                ALL_COLUMNS,
+                "min_rows",
+                f"{len(frame)} rows, need at least {settings.min_rows_per_partition}",
+            )
+        )
+    return violations
+
+
+def validate_partitions(
+    partitions: list[Partition], schema: DataSchema, settings: DataSettings
+) -> ValidationReport:
+    """Check every partition against ``schema`` and the row minimums.
+
+    All violations across all partitions are collected first, so one run shows everything
+    that is wrong; then :class:`DataValidationError` lists them.
+    """
+    violations: list[Violation] = []
+    rows: dict[str, int] = {}
+    for partition in partitions:
+        try:
+            frame = read_partition(partition, settings)
+        except DataValidationError as exc:
+            violations.extend(exc.violations)
+            continue
+        rows[partition.uri] = len(frame)
+        violations.extend(_partition_violations(partition.uri, frame, schema, settings))
+
+    total = sum(rows.values())
+    if total < settings.min_rows_total:
+        violations.append(
+            Violation(
+                ALL_PARTITIONS,
+                ALL_COLUMNS,
+                "min_rows_total",
+                f"{total} rows across {len(rows)} readable partition(s), "
+                f"need at least {settings.min_rows_total}",
+            )
+        )
+    if violations:
+        raise DataValidationError(violations)
+    return ValidationReport(
+        rows_per_partition=rows,
+        total_rows=total,
+        columns=[spec.name for spec in schema.columns],
+    )
+
+
+def read_frame(
+    partitions: list[Partition], schema: DataSchema, settings: DataSettings
+) -> pd.DataFrame:
+    """All partitions as one float64 frame holding only the schema's columns, in schema
+    order (features, then target)."""
+    if not partitions:
+        raise DataNotFoundError("no partitions to read")
+    columns = [spec.name for spec in schema.columns]
+    frames = []
+    for partition in partitions:
+        frame = read_partition(partition, settings)
+        # Re-checked here so a frame can never silently lose a column or coerce strings.
+        violations = _structure_violations(partition.uri, frame, schema)
+        if violations:
+            raise DataValidationError(violations)
+        frames.append(frame[columns].astype("float64"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def split_holdout(
+    frame: pd.DataFrame, holdout_fraction: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, holdout) from a seeded shuffle; the same frame and seed give the same split,
+    so challenger and champion are scored on identical rows."""
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    if len(frame) < 2:
+        raise ValueError(f"need at least 2 rows to split, got {len(frame)}")
+    order = np.random.default_rng(seed).permutation(len(frame))
+    holdout_rows = min(max(round(len(frame) * holdout_fraction), 1), len(frame) - 1)
+    holdout = frame.iloc[order[:holdout_rows]].reset_index(drop=True)
+    train = frame.iloc[order[holdout_rows:]].reset_index(drop=True)
+    return train, holdout
+
+
+# --------------------------------------------------------------------------- synthetic source
+
+
+def synthetic_partition(day: date, settings: DataSettings) -> pd.DataFrame:
+    """One day of synthetic electricity-load readings; the same date always gives the same rows.
+
+    Weather follows the season and the hour; load has a heating/cooling curve around 18 °C,
+    morning and evening demand peaks (weaker morning on weekends), humid-heat and wind-chill
+    interactions, and rooftop solar that lowers net load. From ``synthetic_drift_start`` on,
+    the heating/cooling sensitivity and the base load grow with ``synthetic_drift_strength``
+    (e.g. heat pumps and air conditioning being installed).
+    """
+    n = settings.synthetic_rows_per_day
+    # Seeded from the date alone (with a fixed salt), never from global state.
+    rng = np.random.default_rng(np.random.SeedSequence([20_240_101, day.toordinal()]))
+    season = math.cos(2 * math.pi * (day.timetuple().tm_yday - 15) / 365.25)  # +1 mid-Jan
+
+    # Weather shared by the whole day, then per reading.
+    day_temp_offset = rng.normal(0.0, 3.0)
+    day_wind_scale = rng.uniform(1.5, 3.5)
+    hour = rng.integers(0, 24, size=n).astype("float64")
+    temperature = (
+        12.0
+        - 10.0 * season
+        + day_temp_offset
+        + 5.0 * np.sin(2 * np.pi * (hour - 9.0) / 24.0)
+        + rng.normal(0.0, 3.0, size=n)
+    )
+    temperature = np.clip(temperature, -15.0, 42.0)
+    humidity = np.clip(70.0 - 1.2 * (temperature - 15.0) + rng.normal(0.0, 10.0, n), 5.0, 100.0)
+    wind = np.clip(rng.gamma(2.0, day_wind_scale, size=n), 0.0, 30.0)
+    cloud = np.clip((humidity - 30.0) / 70.0, 0.0, 1.0)
+    daylight = np.clip(np.sin(np.pi * (hour - 6.0) / 12.0), 0.0, None)
+    solar = 950.0 * daylight * (1.0 - 0.75 * cloud) * (0.6 - 0.4 * season)
+    solar = np.clip(solar + rng.normal(0.0, 20.0, n) * (daylight > 0), 0.0, 1100.0)
+    is_weekend = np.full(n, 1.0 if day.weekday() >= 5 else 0.0)
+
+    drift = (
+        settings.synthetic_drift_strength
+        if settings.synthetic_drift_start is not None and day >= settings.synthetic_drift_start
+        else 0.0
+    )
+    heating_cooling = 0.05 * (1.0 + drift) * (temperature - 18.0) ** 2
+    demand_peaks = 8.0 * (1.0 - 0.6 * is_weekend) * np.exp(-(((hour - 8.0) / 2.5) ** 2))
+    demand_peaks += 12.0 * np.exp(-(((hour - 19.0) / 3.0) ** 2))
+    humid_heat = 0.012 * (humidity - 40.0) * np.clip(temperature - 22.0, 0.0, None)
+    wind_chill = 0.025 * wind * np.clip(12.0 - temperature, 0.0, None)
+    load = (
+        30.0
+        + 5.0 * drift
+        - 4.0 * is_weekend
+        + heating_cooling
+        + demand_peaks
+        + humid_heat
+        + wind_chill
+        - 0.012 * solar
+        + rng.normal(0.0, settings.synthetic_noise, size=n)
+    )
+
+    return pd.DataFrame(
+        {
+            "temperature_c": np.round(temperature, 2),
+            "humidity_pct": np.round(humidity, 1),
+            "hour_of_day": hour,
+            "is_weekend": is_weekend,
+            "wind_speed_ms": np.round(wind, 2),
+            "solar_wm2": np.round(solar, 1),
+            # Load cannot be negative; only reachable with very large noise settings.
+            settings.target_column: np.clip(load, 0.0, None),
+        }
+    )
+
+
+def _encode(frame: pd.DataFrame, file_format: str) -> bytes:
+    buffer = io.BytesIO()
+    if file_format == "parquet":
+        frame.to_parquet(buffer, index=False)
+    else:
+        frame.to_csv(buffer, index=False)
+    return buffer.getvalue()
+
+
+def materialize_synthetic(settings: DataSettings, days: list[date]) -> list[str]:
+    """Write the synthetic partition of each day that has none yet; return the uris written.
+
+    Existing partitions are left untouched, so reruns are cheap and never change data a
+    previous run already hashed. Each file is written under a temporary name and renamed,
+    so a reader never sees half a file.
+    """
+    fs, root = _filesystem(settings)
+    fs.invalidate_cache()
+    written: list[str] = []
+    for day in sorted(set(days)):
+        if _day_files(fs, root, day, settings.format):
+            continue
+        folder = _day_dir(root, day)
+        final = f"{folder}/part-0.{settings.format}"
+        # Hidden and not ending in .<format>: discovery never picks it up.
+        temporary = f"{folder}/.part-0.{uuid.uuid4().hex}.tmp"
+        fs.makedirs(folder, exist_ok=True)
+        fs.pipe_file(temporary, _encode(synthetic_partition(day, settings), settings.format))
+        fs.mv(temporary, final)
+        written.append(_to_uri(fs, settings, final))
+    if written:
+        log.info("wrote %d synthetic partition(s) under %s", len(written), settings.path)
+    return written
+
+
+__all__ = [
+    "ALL_COLUMNS",
+    "ALL_PARTITIONS",
+    "SYNTHETIC_FEATURES",
+    "ColumnSpec",
+    "DataNotFoundError",
+    "DataSchema",
+    "DataValidationError",
+    "Partition",
+    "ValidationReport",
+    "Violation",
+    "discover_partitions",
+    "load_schema",
+    "materialize_synthetic",
+    "partitions_digest",
+    "read_frame",
+    "read_partition",
+    "split_holdout",
+    "synthetic_partition",
+    "validate_partitions",
+    "window_days",
+]

@@ -1,0 +1,462 @@
+"""The MLflow model registry as this pipeline uses it: versions, tags and aliases.
+
+``@champion`` names what is live, ``@challenger`` what passed the gate and is rolling out.
+Stages are deprecated in MLflow 3 and are not used. Everything handed out is pinned to a
+version number (``models:/<name>/<version>``), never to an alias, so a deploy cannot change
+under our feet when someone moves an alias.
+
+Failure modes are made explicit at this edge:
+- the tracking server is unreachable -> :class:`RegistryUnavailableError`, quickly;
+- a version/alias/model does not exist -> :class:`LookupError` (or ``None`` where absence is
+  normal, e.g. no champion before the first deploy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from ml.settings import RegistrySettings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+# MLflow's HTTP client defaults to 7 retries with exponential backoff and a 120 s timeout per
+# request, so a dead server looks like a multi-minute hang. These defaults bound it to seconds;
+# they are only applied when the user has not set the variables themselves.
+HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+HEALTH_TIMEOUT_S = (3.0, 5.0)  # (connect, read) for GET /health
+READY_TIMEOUT_S = 300.0
+READY_POLL_S = 1.0
+
+_READY = "READY"
+_PENDING = "PENDING_REGISTRATION"
+
+
+class RegistryUnavailableError(RuntimeError):
+    """The tracking/registry server cannot be reached (down, refusing, timing out)."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A registered model version, as plain data (JSON-able via ``to_dict`` for XCom)."""
+
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def model_uri(self) -> str:
+        # Always the number: an alias can move between resolving it and loading it.
+        return f"models:/{self.name}/{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["aliases"] = list(self.aliases)
+        data["model_uri"] = self.model_uri
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VersionInfo:
+        return cls(
+            name=str(data["name"]),
+            version=str(data["version"]),
+            run_id=data.get("run_id") or None,
+            source=str(data.get("source", "")),
+            tags=dict(data.get("tags") or {}),
+            aliases=tuple(data.get("aliases") or ()),
+        )
+
+    @classmethod
+    def from_mlflow(cls, mv: ModelVersion) -> VersionInfo:
+        return cls(
+            name=mv.name,
+            version=str(mv.version),
+            run_id=mv.run_id or None,
+            source=mv.source or "",
+            tags=dict(mv.tags or {}),
+            aliases=tuple(mv.aliases or ()),
+        )
+
+
+class Registry:
+    """One registered model (``settings.model_name``) on one tracking server."""
+
+    def __init__(self, tracking_uri: str, settings: RegistrySettings) -> None:
+        self.tracking_uri = tracking_uri
+        self.settings = settings
+        self.name = settings.model_name
+        self._is_http = tracking_uri.lower().startswith(("http://", "https://"))
+        self._checked = False
+        if self._is_http:
+            for key, value in HTTP_ENV_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.tracking_uri!r}, model={self.name!r})"
+
+    # -- edges -------------------------------------------------------------------------------
+
+    @cached_property
+    def client(self) -> MlflowClient:
+        # Lazy: for SQL URIs constructing the client already opens the database.
+        from mlflow import MlflowClient
+
+        with self._edge("open the MLflow client"):
+            return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def check_available(self) -> None:
+        """Raise :class:`RegistryUnavailableError` within seconds if the server is not there."""
+        if self._is_http:
+            self._check_http()
+        else:
+            with self._edge("list registered models"):
+                self.client.search_registered_models(max_results=1)
+        self._checked = True
+
+    def _check_http(self) -> None:
+        base = self.tracking_uri.rstrip("/")
+        status = self._probe(base + "/health")
+        if status == 404:
+            # A reverse proxy may not route /health: ask the REST API itself.
+            status = self._probe(base + "/api/2.0/mlflow/registered-models/search?max_results=1")
+        # 401/403: something MLflow-shaped is answering; credentials are the client's business.
+        if status in (200, 401, 403):
+            return
+        raise RegistryUnavailableError(
+            f"MLflow tracking server at {self.tracking_uri} is not serving: HTTP {status} "
+            "(is the tracking URI right, and is the server started?)"
+        )
+
+    def _probe(self, url: str) -> int:
+        import requests
+
+        try:
+            # One plain request, no retries: this is the fast path.
+            return requests.get(url, timeout=HEALTH_TIMEOUT_S).status_code
+        except requests.RequestException as exc:
+            raise RegistryUnavailableError(
+                f"MLflow tracking server at {self.tracking_uri} is unreachable: "
+                f"GET {url} failed ({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
+
+    @contextmanager
+    def _edge(self, what: str) -> Iterator[None]:
+        """Turn connection-level failures into RegistryUnavailableError; pass the rest on."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except RegistryUnavailableError:
+            raise
+        except _connection_errors() as exc:
+            raise self._unavailable(what, exc) from exc
+        except MlflowException as exc:
+            if _is_connection_failure(exc):
+                raise self._unavailable(what, exc) from exc
+            raise
+        except Exception as exc:
+            # SQL stores raise driver errors (e.g. sqlite "unable to open database file").
+            if _is_sql_connection_error(exc):
+                raise self._unavailable(what, exc) from exc
+            raise
+
+    def _unavailable(self, what: str, exc: BaseException) -> RegistryUnavailableError:
+        return RegistryUnavailableError(
+            f"MLflow registry at {self.tracking_uri} is unavailable: could not {what} "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        )
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[MlflowClient]:
+        # Probe once per instance so a dead server fails in seconds, not after MLflow's retries.
+        if not self._checked:
+            self.check_available()
+        with self._edge(what):
+            yield self.client
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get(self, version_or_alias: str | int) -> VersionInfo:
+        """Resolve ``3``, ``"3"``, ``"@champion"`` or ``"champion"`` to a version."""
+        ref = str(version_or_alias).strip()
+        if ref.isdigit():
+            return self._version(ref)
+        alias = ref.removeprefix("@")
+        if not alias:
+            raise LookupError(f"Empty version or alias {version_or_alias!r} for {self.name!r}")
+        if alias.lower() == "latest":  # MLflow's reserved pseudo-alias
+            latest = self.latest_version()
+            if latest is None:
+                raise LookupError(f"Registered model {self.name!r} has no versions yet")
+            return latest
+        aliases = self._aliases()
+        if aliases is None:
+            raise LookupError(
+                f"Registered model {self.name!r} does not exist at {self.tracking_uri}"
+            )
+        if alias not in aliases:
+            known = ", ".join(f"@{a}->v{v}" for a, v in sorted(aliases.items())) or "none"
+            raise LookupError(
+                f"Registered model {self.name!r} has no alias @{alias} (aliases: {known})"
+            )
+        return self._version(aliases[alias])
+
+    def champion(self) -> VersionInfo | None:
+        """The version that is live (``@champion``), or None before the first deploy."""
+        aliases = self._aliases()
+        if not aliases or self.settings.champion_alias not in aliases:
+            return None
+        return self._version(aliases[self.settings.champion_alias])
+
+    def latest_version(self) -> VersionInfo | None:
+        with self._call("search model versions") as client:
+            found = client.search_model_versions(
+                filter_string=f"name = '{_quote(self.name)}'",
+                max_results=1,
+                order_by=["version_number DESC"],
+            )
+        return VersionInfo.from_mlflow(found[0]) if found else None
+
+    def _version(self, version: str) -> VersionInfo:
+        with self._call(f"get version {version} of {self.name!r}") as client:
+            try:
+                mv = client.get_model_version(self.name, str(version))
+            except Exception as exc:
+                if _is_not_found(exc):
+                    raise LookupError(
+                        f"Registered model {self.name!r} has no version {version} "
+                        f"at {self.tracking_uri}"
+                    ) from exc
+                raise
+        return VersionInfo.from_mlflow(mv)
+
+    def _aliases(self) -> dict[str, str] | None:
+        """alias -> version of the registered model; None if the model does not exist."""
+        with self._call(f"get registered model {self.name!r}") as client:
+            try:
+                model = client.get_registered_model(self.name)
+            except Exception as exc:
+                if _is_not_found(exc):
+                    return None
+                raise
+        return {alias: str(v) for alias, v in (model.aliases or {}).items()}
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def register(self, model_uri: str, run_id: str, tags: Mapping[str, str]) -> VersionInfo:
+        """Create a new version of the model from a logged model and wait until it is READY."""
+        self._ensure_registered_model()
+        str_tags = {str(k): str(v) for k, v in tags.items()}
+        with self._call(f"create a version of {self.name!r}") as client:
+            source, model_id = self._resolve_source(client, model_uri, run_id)
+            mv = client.create_model_version(
+                name=self.name,
+                source=source,
+                run_id=run_id,
+                tags=str_tags,
+                description=f"Trained in run {run_id}.",
+                await_creation_for=0,  # we wait ourselves, bounded, below
+                model_id=model_id,
+            )
+        info = self._wait_ready(str(mv.version))
+        if model_id:
+            self._link_logged_model(model_id, info.version)
+        log.info("Registered %s v%s from %s", self.name, info.version, source)
+        return info
+
+    def _ensure_registered_model(self) -> None:
+        if self._aliases() is not None:
+            return
+        description = (
+            "Keras regression model trained and deployed by the train_and_deploy pipeline. "
+            f"@{self.settings.champion_alias} is what is live; "
+            f"@{self.settings.challenger_alias} passed the gate and is being rolled out. "
+            "Each version carries its data window, data digest, code version, run id and "
+            "gate decision as tags."
+        )
+        with self._call(f"create registered model {self.name!r}") as client:
+            try:
+                client.create_registered_model(self.name, description=description)
+            except Exception as exc:
+                # Another run created it between our check and now: fine.
+                if _error_code(exc) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                    raise
+
+    def _resolve_source(
+        self, client: MlflowClient, model_uri: str, run_id: str
+    ) -> tuple[str, str | None]:
+        """(source, logged model id) for ``models:/<model_id>`` or ``runs:/<run>/<path>``."""
+        if model_uri.startswith("models:/"):
+            rest = model_uri.removeprefix("models:/").strip("/")
+            if "/" not in rest and "@" not in rest:
+                return model_uri, rest  # MLflow 3 logged model id, e.g. models:/m-abc...
+            return model_uri, None
+        if model_uri.startswith("runs:/"):
+            # MLflow 3 stores logged models outside the run's artifacts: find the model id the
+            # way mlflow.register_model does, so the version links to its logged model.
+            run_part, _, path = model_uri.removeprefix("runs:/").partition("/")
+            run = client.get_run(run_part or run_id)
+            name = path.strip("/")
+            page = client.search_logged_models(
+                experiment_ids=[run.info.experiment_id],
+                filter_string=f"name = '{_quote(name)}'",
+            )
+            matches = [m for m in page if m.source_run_id == run.info.run_id]
+            if matches:
+                model_id = matches[-1].model_id
+                return f"models:/{model_id}", model_id
+        return model_uri, None
+
+    def _wait_ready(self, version: str, timeout_s: float = READY_TIMEOUT_S) -> VersionInfo:
+        # SQL stores create READY versions; a remote registry may copy artifacts first.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._call(f"get version {version} of {self.name!r}") as client:
+                mv = client.get_model_version(self.name, version)
+            if mv.status == _READY:
+                return VersionInfo.from_mlflow(mv)
+            if mv.status != _PENDING:
+                raise RuntimeError(
+                    f"{self.name!r} version {version} failed to register: status {mv.status} "
+                    f"({mv.status_message or 'no message'})"
+                )
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{self.name!r} version {version} still {mv.status} after {timeout_s:.0f}s"
+                )
+            time.sleep(READY_POLL_S)
+
+    def _link_logged_model(self, model_id: str, version: str) -> None:
+        # The logged model page then links to the version. An MLflow server already does this
+        # itself when a version is created with a model id; a direct SQL store does not.
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        try:
+            with self._call(f"tag logged model {model_id}") as client:
+                model = client.get_logged_model(model_id)
+                links = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+                if any(
+                    link.get("name") == self.name and str(link.get("version")) == version
+                    for link in links
+                ):
+                    return
+                links.append({"name": self.name, "version": int(version)})
+                client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
+        except RegistryUnavailableError:
+            raise
+        except Exception as exc:  # only a UI nicety: never fail a registration over it
+            log.warning("Could not link logged model %s to v%s: %s", model_id, version, exc)
+
+    def tag_version(self, version: str, tags: Mapping[str, str]) -> None:
+        version = str(version)
+        with self._call(f"tag version {version} of {self.name!r}") as client:
+            for key, value in tags.items():
+                try:
+                    client.set_model_version_tag(self.name, version, str(key), str(value))
+                except Exception as exc:
+                    if _is_not_found(exc):
+                        raise LookupError(
+                            f"Registered model {self.name!r} has no version {version}"
+                        ) from exc
+                    raise
+
+    def set_alias(self, alias: str, version: str) -> None:
+        alias, version = alias.removeprefix("@"), str(version)
+        with self._call(f"set alias @{alias} on {self.name!r}") as client:
+            try:
+                client.set_registered_model_alias(self.name, alias, version)
+            except Exception as exc:
+                if _is_not_found(exc):
+                    raise LookupError(
+                        f"Cannot point @{alias} at {self.name!r} version {version}: no such version"
+                    ) from exc
+                raise
+
+    def delete_alias(self, alias: str) -> None:
+        """Remove an alias; absent alias or model is not an error (the goal state holds)."""
+        alias = alias.removeprefix("@")
+        aliases = self._aliases()
+        if not aliases or alias not in aliases:
+            return
+        with self._call(f"delete alias @{alias} of {self.name!r}") as client:
+            try:
+                client.delete_registered_model_alias(self.name, alias)
+            except Exception as exc:
+                if not _is_not_found(exc):
+                    raise
+
+    def promote_champion(self, version: str) -> str | None:
+        """Point @champion at ``version``; returns the previous champion version (or None).
+
+        The challenger alias is dropped if it named this version: it is no longer "rolling
+        out", it is live. A challenger pointing elsewhere (a newer rollout) is left alone.
+        """
+        version = str(version)
+        aliases = self._aliases() or {}
+        previous = aliases.get(self.settings.champion_alias)
+        # Champion first: if we die in between, a leftover challenger is harmless.
+        self.set_alias(self.settings.champion_alias, version)
+        if aliases.get(self.settings.challenger_alias) == version:
+            self.delete_alias(self.settings.challenger_alias)
+        return previous
+
+
+def _error_code(exc: BaseException) -> str | None:
+    return getattr(exc, "error_code", None)
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    code = _error_code(exc)
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    # Some stores report missing aliases/versions as invalid parameters.
+    return code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc).lower()
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    # Not HTTPError: a 404 is an answer, not an outage.
+    import requests
+
+    return (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.RetryError,
+        requests.exceptions.ChunkedEncodingError,
+    )
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    """MLflow's REST client wraps requests errors as ``API request to <url> failed ...``."""
+    context = exc.__cause__ or exc.__context__
+    if isinstance(context, _connection_errors()):
+        return True
+    message = str(getattr(exc, "message", exc))
+    return message.startswith("API request to ") and "failed with" in message
+
+
+def _is_sql_connection_error(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__ if cls.__module__.startswith("sqlalchemy")}
+    return bool(names & {"OperationalError", "InterfaceError", "TimeoutError"})
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")

@@ -1,0 +1,284 @@
+"""Fit the regressor and record everything needed to reproduce and serve it in MLflow.
+
+One call = one MLflow run holding: all training settings as params, per-epoch curves,
+the training dataset as a run input (with its content digest), the code version, and
+the model as a pyfunc (models-from-code ``keras_pyfunc.py`` + the ``.keras`` file) with a
+signature, an input example and pinned pip requirements.
+
+The tracking URI is the caller's business (``MLFLOW_TRACKING_URI`` or
+``mlflow.set_tracking_uri``); nothing here reads Airflow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from ml.model import build_model, set_global_determinism
+from ml.settings import TrainingSettings
+
+PYFUNC_CODE_PATH = Path(__file__).with_name("keras_pyfunc.py")
+MODEL_NAME_IN_RUN = "model"
+KERAS_ARTIFACT_KEY = "keras_model"
+# Below this there is no meaningful train/validation split.
+MIN_TRAINING_ROWS = 10
+INPUT_EXAMPLE_ROWS = 5
+# The serving environment: what the pyfunc needs, pinned to what it was trained with.
+SERVING_PACKAGES = ("tensorflow-cpu", "keras", "mlflow", "pandas", "numpy")
+# MLflow stores a dataset input's digest in a 36-char column; the full digest goes in a tag.
+MAX_DATASET_DIGEST_CHARS = 36
+MAX_PARAM_VALUE_CHARS = 6000
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    model_uri: str
+    epochs_run: int
+    best_val_rmse: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_model(
+    train_frame: pd.DataFrame,
+    feature_columns: list[str],
+    target_column: str,
+    settings: TrainingSettings,
+    *,
+    experiment_name: str,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    dataset_name: str = "training_window",
+    dataset_source: str | None = None,
+    dataset_digest: str | None = None,
+    params_extra: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train on ``train_frame`` and log the run and the model to MLflow.
+
+    A seeded ``settings.validation_fraction`` of the rows is held out for early stopping
+    (best weights restored). Returns references only: the run id and the logged model's
+    URI (``models:/<model_id>``, accepted by ``mlflow.register_model``).
+    """
+    _check_training_frame(train_frame, feature_columns, target_column)
+    feature_columns = list(feature_columns)
+    params = _training_params(settings, train_frame, feature_columns, target_column)
+    clashes = sorted(set(params_extra or {}) & set(params))
+    if clashes:
+        raise ValueError(f"params_extra must not override training params: {clashes}")
+    params.update(params_extra or {})
+
+    # float64 for the signature and example, so the signature says "double" for every
+    # feature (JSON requests are cast to it by the scoring server; ml.evaluate.predict casts
+    # in-process frames). The network itself runs in float32.
+    features = train_frame[feature_columns].astype("float64")
+    target = train_frame[target_column].astype("float64")
+    train_idx, val_idx = split_indices(
+        len(train_frame), settings.validation_fraction, settings.seed
+    )
+    x_train = features.to_numpy(dtype="float32")[train_idx]
+    y_train = target.to_numpy(dtype="float32")[train_idx]
+    x_val = features.to_numpy(dtype="float32")[val_idx]
+    y_val = target.to_numpy(dtype="float32")[val_idx]
+
+    mlflow.set_experiment(experiment_name)
+    with mlflow.start_run(run_name=run_name) as run:
+        with warnings.catch_warnings():
+            # MLflow registers the local-file source twice and warns about the "ambiguity".
+            warnings.filterwarnings("ignore", message="The specified dataset source can be")
+            dataset = mlflow.data.from_pandas(
+                train_frame,
+                source=dataset_source,
+                targets=target_column,
+                name=dataset_name,
+                digest=dataset_digest[:MAX_DATASET_DIGEST_CHARS] if dataset_digest else None,
+            )
+        mlflow.log_input(dataset, context="training")
+        mlflow.set_tags(
+            {
+                **dict(tags or {}),
+                "code_version": code_version(),
+                "data_digest": dataset_digest or dataset.digest,
+            }
+        )
+        mlflow.log_params(params)
+
+        model, history = _fit(x_train, y_train, x_val, y_val, settings)
+        epochs_run = len(history["loss"])
+        best_val_rmse = float(np.min(history["val_rmse"]))
+        mlflow.log_metrics({"best_val_rmse": best_val_rmse, "epochs_run": epochs_run})
+
+        model_info = _log_pyfunc_model(model, features, feature_columns)
+
+    return TrainResult(
+        run_id=run.info.run_id,
+        model_uri=model_info.model_uri,
+        epochs_run=epochs_run,
+        best_val_rmse=best_val_rmse,
+    )
+
+
+def split_indices(
+    n_rows: int, validation_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded shuffle of row positions into (train, validation); both non-empty."""
+    n_val = min(max(1, round(n_rows * validation_fraction)), n_rows - 1)
+    order = np.random.default_rng(seed).permutation(n_rows)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def code_version() -> str:
+    """The git sha of the code that trains: GIT_SHA (set in images), else the checkout."""
+    if sha := os.environ.get("GIT_SHA", "").strip():
+        return sha
+    try:
+        completed = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return completed.stdout.strip() or "unknown"
+
+
+def pinned_requirements() -> list[str]:
+    """``name==version`` for the serving packages installed here (missing ones skipped)."""
+    pins = []
+    for package in SERVING_PACKAGES:
+        try:
+            pins.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def _check_training_frame(
+    frame: pd.DataFrame, feature_columns: list[str], target_column: str
+) -> None:
+    if not feature_columns:
+        raise ValueError("feature_columns is empty")
+    if target_column in feature_columns:
+        raise ValueError(f"target column {target_column!r} is also listed as a feature")
+    missing = [c for c in [*feature_columns, target_column] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"training frame is missing columns: {missing}")
+    if len(frame) < MIN_TRAINING_ROWS:
+        raise ValueError(
+            f"training frame has {len(frame)} rows; at least {MIN_TRAINING_ROWS} are needed"
+        )
+    used = frame[[*feature_columns, target_column]]
+    non_numeric = [c for c in used.columns if not pd.api.types.is_numeric_dtype(used[c])]
+    if non_numeric:
+        raise ValueError(f"columns must be numeric: {non_numeric}")
+    # NaNs would silently turn the loss into NaN and train nothing.
+    with_nans = used.columns[used.isna().any()].tolist()
+    if with_nans:
+        raise ValueError(f"columns contain missing values: {with_nans}")
+
+
+def _training_params(
+    settings: TrainingSettings, frame: pd.DataFrame, feature_columns: list[str], target_column: str
+) -> dict[str, Any]:
+    params: dict[str, Any] = settings.model_dump()
+    params["hidden_units"] = ",".join(str(u) for u in settings.hidden_units)
+    params.update(
+        n_rows=len(frame),
+        n_features=len(feature_columns),
+        # Same text MLflow logs for the pyfunc's model_config["feature_columns"]: it logs
+        # model_config as run params, and a differing value for the key would clash.
+        feature_columns=str(list(feature_columns))[:MAX_PARAM_VALUE_CHARS],
+        target_column=target_column,
+    )
+    return params
+
+
+def _fit(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    settings: TrainingSettings,
+):
+    import keras
+
+    set_global_determinism(settings.seed)
+    # Scaling statistics from the training split only, so validation stays unseen.
+    target_std = float(y_train.std())
+    model = build_model(
+        x_train.shape[1],
+        settings.hidden_units,
+        settings.learning_rate,
+        feature_mean=x_train.mean(axis=0),
+        feature_variance=x_train.var(axis=0),
+        target_mean=float(y_train.mean()),
+        # A constant target would make the rescale a no-op; 1.0 keeps the net trainable.
+        target_std=target_std if target_std > 0 else 1.0,
+    )
+    history = model.fit(
+        x_train,
+        y_train,
+        validation_data=(x_val, y_val),
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.EarlyStopping(
+                monitor="val_rmse",
+                mode="min",
+                patience=settings.early_stopping_patience,
+                restore_best_weights=True,
+            ),
+            _mlflow_epoch_logger(),
+        ],
+    )
+    return model, history.history
+
+
+def _mlflow_epoch_logger():
+    """A Keras callback logging every epoch's logs (loss, rmse, val_*) with step=epoch."""
+    import keras
+
+    class MlflowEpochLogger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
+
+    return MlflowEpochLogger()
+
+
+def _log_pyfunc_model(model, features: pd.DataFrame, feature_columns: list[str]):
+    from mlflow.models import infer_signature
+
+    example = features.head(INPUT_EXAMPLE_ROWS).reset_index(drop=True)
+    # A direct call, not model.predict: same numbers the served tf.function produces.
+    predictions = pd.DataFrame(
+        {"prediction": np.asarray(model(example.to_numpy("float32"))).reshape(-1).astype("float64")}
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_path = Path(tmp) / "model.keras"
+        model.save(keras_path)
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=str(PYFUNC_CODE_PATH),
+            artifacts={KERAS_ARTIFACT_KEY: str(keras_path)},
+            model_config={"feature_columns": feature_columns},
+            signature=infer_signature(example, predictions),
+            input_example=example,
+            pip_requirements=pinned_requirements(),
+        )

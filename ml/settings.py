@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 # Where local state lives when nothing else is configured: the repo's .local/ folder.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +45,9 @@ class DataSettings(BaseSettings):
     )
     format: Literal["parquet", "csv"] = "parquet"
     feature_columns: Annotated[list[str] | None, NoDecode] = Field(
-        None, description="Feature columns (comma-separated in the env var). "
-        "None means the built-in synthetic schema."
+        None,
+        description="Feature columns (comma-separated in the env var). "
+        "None means the built-in synthetic schema.",
     )
     target_column: str = "target"
     schema_file: str | None = Field(
@@ -55,8 +55,12 @@ class DataSettings(BaseSettings):
         description="Optional JSON file declaring per-column ranges and nullability; "
         "see docs/data.md.",
     )
-    window_days: int = Field(7, ge=1, le=366, description="Days of data that end at the run's "
-                             "data interval end (exclusive).")
+    window_days: int = Field(
+        7,
+        ge=1,
+        le=366,
+        description="Days of data that end at the run's data interval end (exclusive).",
+    )
     min_rows_per_partition: int = Field(50, ge=1)
     min_rows_total: int = Field(200, ge=1)
     holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9)

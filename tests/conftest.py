@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -30,3 +31,45 @@ def mlflow_store(tmp_path, monkeypatch):
     yield uri
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
+
+
+# Airflow reads its configuration when first imported: point it at a throwaway home and this
+# repo's DAGs before any test module imports it. Tests never touch a developer's ~/airflow.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_AIRFLOW_HOME = os.environ.get("PIPELINE_TEST_AIRFLOW_HOME") or os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"airflow-test-{os.getpid()}"
+)
+os.makedirs(_AIRFLOW_HOME, exist_ok=True)
+os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = os.path.join(_REPO, "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = os.path.join(_REPO, "plugins")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME}/airflow.db"
+os.environ.pop("AIRFLOW_CONN_MLFLOW_DEFAULT", None)
+# Airflow's dag bundle puts the DAG folder on sys.path (DAGs import their `_support` module).
+if os.path.join(_REPO, "dags") not in sys.path:
+    sys.path.append(os.path.join(_REPO, "dags"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+    return _REPO
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A migrated Airflow metadata DB (SQLite) in the throwaway AIRFLOW_HOME."""
+    import subprocess
+    import sys
+
+    airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
+    subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True, env=os.environ)
+    return os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,51 @@
+# The two commands a new user needs:  `make run`  and  `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run up stop status test test-unit lint format install lock clean
+
+## run: install, start MLflow + Airflow locally, train and deploy once, print where things are
+run: $(STAMP) up
+	$(PY) scripts/stack.py run
+
+up: $(STAMP)
+	$(PY) scripts/stack.py up
+
+## stop: stop every process `make run` started (children included)
+stop:
+	@if [ -x $(PY) ]; then $(PY) scripts/stack.py down; fi
+
+status: $(STAMP)
+	$(PY) scripts/stack.py status
+
+## test: lint, then unit, DAG and integration tests (real MLflow server, real Airflow, real HTTP)
+test: $(STAMP) lint
+	$(VENV)/bin/pytest
+
+test-unit: $(STAMP)
+	$(VENV)/bin/pytest -m "not integration"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+install: $(STAMP)
+
+# The venv is rebuilt only when the dependency pins change.
+$(STAMP): pyproject.toml constraints.txt scripts/bootstrap.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) scripts/bootstrap.sh
+	@touch $@
+
+## lock: re-pin constraints.txt from the current (tested) venv
+lock:
+	$(VENV)/bin/uv pip freeze --python $(PY) --exclude-editable | grep -v '^uv==' > constraints.txt
+
+clean: stop
+	rm -rf .local

@@ -1,0 +1,190 @@
+"""Glue between Airflow's run context and the plain settings objects of ``ml`` / ``serving``.
+
+Config tiers: env vars give deployment defaults (read by the settings classes), the run's
+Params override per-run knobs, and endpoints/secrets come from Airflow Connections.
+Kept out of DAG parsing by ``.airflowignore``; imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import date
+from typing import Any
+
+from airflow.sdk import Connection, Param
+
+from ml.settings import (
+    DataSettings,
+    DeploySettings,
+    GateSettings,
+    RegistrySettings,
+    TrainingSettings,
+    with_overrides,
+)
+
+MLFLOW_CONN_ID = os.environ.get("PIPELINE_MLFLOW_CONN_ID", "mlflow_default")
+
+
+def pipeline_params() -> dict[str, Param]:
+    """The trigger form of ``train_and_deploy``: defaults come from the deployment's settings."""
+    data, training, gate, deploy = (
+        DataSettings(),
+        TrainingSettings(),
+        GateSettings(),
+        DeploySettings(),
+    )
+    return {
+        "data_window_days": Param(
+            data.window_days,
+            type="integer",
+            minimum=1,
+            maximum=366,
+            title="Data window (days)",
+            description="How many days of partitions to train on, ending at the window end.",
+        ),
+        "data_end_date": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            title="Window end (exclusive)",
+            description="Leave empty to use the run's data interval end (nightly: today).",
+        ),
+        "epochs": Param(
+            training.epochs,
+            type="integer",
+            minimum=1,
+            maximum=10_000,
+            title="Epochs",
+            description="Upper bound; early stopping usually ends sooner.",
+        ),
+        "learning_rate": Param(
+            training.learning_rate,
+            type="number",
+            exclusiveMinimum=0,
+            maximum=1,
+            title="Learning rate",
+            description="Adam learning rate.",
+        ),
+        "batch_size": Param(
+            training.batch_size,
+            type="integer",
+            minimum=1,
+            maximum=65_536,
+            title="Batch size",
+            description="Rows per gradient step.",
+        ),
+        "max_rmse": Param(
+            gate.max_rmse,
+            type="number",
+            exclusiveMinimum=0,
+            title="Gate: max holdout RMSE",
+            description="Absolute bar the new model must meet.",
+        ),
+        "min_r2": Param(
+            gate.min_r2,
+            type="number",
+            maximum=1,
+            title="Gate: min holdout R²",
+            description="Absolute bar the new model must meet.",
+        ),
+        "max_regression": Param(
+            gate.max_regression,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Gate: allowed regression vs champion",
+            description="Relative RMSE increase allowed over @champion on the same holdout "
+            "(0.02 = 2% worse at most).",
+        ),
+        "force_deploy": Param(
+            False,
+            type="boolean",
+            title="Force deploy",
+            description="Deploy even if the gate rejects (the decision is still recorded).",
+        ),
+        "deploy_target": Param(
+            deploy.target,
+            type="string",
+            enum=["local", "kubernetes"],
+            title="Deploy target",
+            description="local: model server process on this machine. kubernetes: "
+            "KubernetesPodOperator rollout to the cluster of the kubernetes_default Connection.",
+        ),
+    }
+
+
+def data_settings(params: dict[str, Any]) -> DataSettings:
+    return with_overrides(DataSettings(), window_days=params.get("data_window_days"))
+
+
+def training_settings(params: dict[str, Any]) -> TrainingSettings:
+    return with_overrides(
+        TrainingSettings(),
+        epochs=params.get("epochs"),
+        learning_rate=params.get("learning_rate"),
+        batch_size=params.get("batch_size"),
+    )
+
+
+def gate_settings(params: dict[str, Any]) -> GateSettings:
+    return with_overrides(
+        GateSettings(),
+        max_rmse=params.get("max_rmse"),
+        min_r2=params.get("min_r2"),
+        max_regression=params.get("max_regression"),
+        force_deploy=params.get("force_deploy"),
+    )
+
+
+def deploy_settings(params: dict[str, Any]) -> DeploySettings:
+    return with_overrides(DeploySettings(), target=params.get("deploy_target"))
+
+
+def registry_settings() -> RegistrySettings:
+    return RegistrySettings()
+
+
+def window_end(context: dict[str, Any]) -> date:
+    """The Param if set, else the run's data interval end (a manual run: its run_after)."""
+    explicit = context["params"].get("data_end_date")
+    if explicit:
+        return date.fromisoformat(explicit)
+    dag_run = context["dag_run"]
+    end = context.get("data_interval_end") or dag_run.run_after
+    return end.date()
+
+
+def tracking_uri() -> str:
+    """MLflow endpoint from the ``mlflow_default`` Connection, else ``MLFLOW_TRACKING_URI``.
+
+    The Connection's login/password, when set, become MLflow's basic-auth credentials.
+    """
+    try:
+        conn = Connection.get(MLFLOW_CONN_ID)
+    except Exception:  # not defined: fall back to the environment, like the mlflow CLI does
+        conn = None
+    if conn is None or not conn.host:
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise RuntimeError(
+                f"No MLflow endpoint: define the Airflow Connection '{MLFLOW_CONN_ID}' "
+                "(e.g. AIRFLOW_CONN_MLFLOW_DEFAULT='http://mlflow:5000') or MLFLOW_TRACKING_URI"
+            )
+        return uri
+    if conn.login:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = conn.login
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = conn.password or ""
+    if "://" in conn.host:
+        base = conn.host.rstrip("/")
+    else:
+        scheme = conn.conn_type if conn.conn_type in ("http", "https") else "http"
+        base = f"{scheme}://{conn.host}"
+    return f"{base}:{conn.port}" if conn.port else base
+
+
+def run_tags(context: dict[str, Any]) -> dict[str, str]:
+    """Tags that tie an MLflow run / model version back to the Airflow run that made it."""
+    return {
+        "airflow_dag_id": context["dag"].dag_id,
+        "airflow_run_id": context["run_id"],
+    }

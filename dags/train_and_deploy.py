@@ -1,0 +1,204 @@
+"""
+### train_and_deploy
+
+Nightly retraining of the regression model, tracked in MLflow, gated, rolled out.
+
+`load_window → validate_data → train → evaluate → register → gate →
+(deploy_local | deploy_kubernetes) → rolled_out → verify → promote`, or `gate → not_deployed`.
+
+* **Window**: `data_window_days` days of partitions ending (exclusive) at the run's data
+  interval end, or at the `data_end_date` Param.
+* **Gate**: absolute bars (`max_rmse`, `min_r2`) and at most `max_regression` relative RMSE
+  increase over `@champion` on the same holdout. A rejected version is tagged with the reasons,
+  no alias moves and the run ends through `not_deployed`.
+* **Deploy**: `deploy_target` picks the operator; the rest of the graph is the same.
+  `@champion` moves only after `verify` has checked the live endpoint; if verification fails,
+  the previous champion is rolled back in and the run fails.
+
+Every task is one call into `ml/` or `serving/`; see README.md for configuration.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from _support import (
+    data_settings,
+    deploy_settings,
+    gate_settings,
+    pipeline_params,
+    registry_settings,
+    run_tags,
+    tracking_uri,
+    training_settings,
+    window_end,
+)
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import dag, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from ml.settings import DeploySettings
+from serving.kubernetes import rollout_pod_kwargs
+
+DEFAULT_ARGS = {
+    "owner": "ml-platform",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=20),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+    "execution_timeout": timedelta(hours=1),
+}
+
+
+@dag(
+    dag_id="train_and_deploy",
+    schedule="0 2 * * *",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params=pipeline_params(),
+    tags=["ml", "training", "deployment", "mlflow"],
+    doc_md=__doc__,
+    user_defined_macros={"mlflow_tracking_uri": tracking_uri},
+)
+def train_and_deploy():
+    @task
+    def load_window(**context) -> dict:
+        from ml.pipeline import load_window
+
+        return load_window(data_settings(context["params"]), window_end(context))
+
+    # Bad data is not transient: fail at once, no retries, nothing trained.
+    @task(retries=0)
+    def validate_data(window: dict, **context) -> dict:
+        from ml.data import DataValidationError
+        from ml.pipeline import validate_window
+
+        try:
+            return validate_window(window, data_settings(context["params"]))
+        except DataValidationError as exc:
+            raise AirflowFailException(str(exc)) from exc
+
+    @task(retries=1)
+    def train(window: dict, **context) -> dict:
+        from ml.pipeline import train
+
+        params = context["params"]
+        return train(
+            window,
+            data_settings(params),
+            training_settings(params),
+            registry_settings(),
+            tracking_uri=tracking_uri(),
+            tags=run_tags(context),
+        )
+
+    @task
+    def evaluate(window: dict, trained: dict, **context) -> dict:
+        from ml.pipeline import evaluate
+
+        return evaluate(
+            window,
+            trained,
+            data_settings(context["params"]),
+            registry_settings(),
+            tracking_uri=tracking_uri(),
+        )
+
+    @task
+    def register(window: dict, trained: dict, evaluation: dict, **context) -> dict:
+        from ml.pipeline import register
+
+        return register(
+            window,
+            trained,
+            evaluation,
+            registry_settings(),
+            tracking_uri=tracking_uri(),
+            tags=run_tags(context),
+        )
+
+    @task.branch
+    def gate(version: dict, evaluation: dict, **context) -> str:
+        from ml.pipeline import gate
+
+        params = context["params"]
+        decision = gate(
+            version,
+            evaluation,
+            gate_settings(params),
+            registry_settings(),
+            tracking_uri=tracking_uri(),
+        )
+        context["ti"].xcom_push(key="decision", value=decision)
+        if not decision["passed"]:
+            return "not_deployed"
+        return f"deploy_{deploy_settings(params).target}"
+
+    @task
+    def not_deployed(version: dict, **context) -> str:
+        decision = context["ti"].xcom_pull(task_ids="gate", key="decision")
+        message = f"Version {version['version']} not deployed: {decision['summary']}"
+        print(message)
+        return message
+
+    @task
+    def deploy_local(version: dict, **context) -> dict:
+        from serving.deploy import deploy_local
+
+        return deploy_local(
+            version, deploy_settings(context["params"]), tracking_uri=tracking_uri()
+        )
+
+    # The parse-time settings give image, namespace and connection; the version comes from XCom.
+    deploy_kubernetes = KubernetesPodOperator(
+        task_id="deploy_kubernetes",
+        **rollout_pod_kwargs(
+            DeploySettings(),
+            model_uri="{{ ti.xcom_pull(task_ids='register')['model_uri'] }}",
+            version="{{ ti.xcom_pull(task_ids='register')['version'] }}",
+            tracking_uri="{{ mlflow_tracking_uri() }}",
+        ),
+    )
+
+    # Joins the two deploy branches: runs when either ran, is skipped when the gate rejected.
+    rolled_out = EmptyOperator(task_id="rolled_out", trigger_rule="none_failed_min_one_success")
+
+    @task(retries=0)
+    def verify(window: dict, version: dict, **context) -> dict:
+        from serving.deploy import verify_or_roll_back
+
+        params = context["params"]
+        return verify_or_roll_back(
+            version,
+            window,
+            data_settings(params),
+            deploy_settings(params),
+            registry_settings(),
+            tracking_uri=tracking_uri(),
+        )
+
+    @task
+    def promote(version: dict, verified: dict) -> dict:
+        from ml.pipeline import promote
+
+        return promote(version, registry_settings(), tracking_uri=tracking_uri())
+
+    window = load_window()
+    checked = validate_data(window)
+    trained = train(window)
+    checked >> trained
+    evaluation = evaluate(window, trained)
+    version = register(window, trained, evaluation)
+    decision = gate(version, evaluation)
+    local = deploy_local(version)
+    decision >> [not_deployed(version), local, deploy_kubernetes]
+    verified = verify(window, version)
+    [local, deploy_kubernetes] >> rolled_out >> verified
+    promote(version, verified)
+
+
+train_and_deploy()

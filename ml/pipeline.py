@@ -1,0 +1,245 @@
+"""The pipeline's steps: one function per step, plain references in, plain references out.
+
+Each function here is what one Airflow task calls (and what ``python -m ml <step>`` calls in
+a pod or a terminal). Inputs and outputs are JSON-able dicts of references (partition URIs,
+run ids, version numbers), never data frames or models, so they travel through XCom.
+Nothing here imports Airflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import date
+from typing import Any
+
+from ml.settings import DataSettings, GateSettings, RegistrySettings, TrainingSettings
+
+log = logging.getLogger(__name__)
+
+
+def _partitions(window: Mapping[str, Any]):
+    from ml.data import Partition
+
+    return [Partition(day=date.fromisoformat(p["day"]), uri=p["uri"]) for p in window["partitions"]]
+
+
+def load_window(settings: DataSettings, end: date) -> dict[str, Any]:
+    """Find (and for the synthetic source, write) the partitions of the window ending at ``end``."""
+    from ml import data
+
+    days = data.window_days(end, settings.window_days)
+    if settings.source == "synthetic":
+        written = data.materialize_synthetic(settings, days)
+        log.info(
+            "Synthetic source: wrote %d new partition(s) under %s", len(written), settings.path
+        )
+    partitions = data.discover_partitions(settings, days)
+    digest = data.partitions_digest(partitions)
+    log.info(
+        "Window %s..%s (end exclusive %s): %d partition file(s), digest %s",
+        days[0],
+        days[-1],
+        end,
+        len(partitions),
+        digest[:12],
+    )
+    return {
+        "start": days[0].isoformat(),
+        "end": end.isoformat(),
+        "source": settings.source,
+        "path": settings.path,
+        "digest": digest,
+        "partitions": [{"day": p.day.isoformat(), "uri": p.uri} for p in partitions],
+    }
+
+
+def validate_window(window: Mapping[str, Any], settings: DataSettings) -> dict[str, Any]:
+    """Check every partition of the window; raises ``DataValidationError`` naming each problem."""
+    from ml import data
+
+    schema = data.load_schema(settings)
+    report = data.validate_partitions(_partitions(window), schema, settings)
+    result = report.to_dict()
+    log.info(
+        "Data valid: %s rows in %d partition(s)",
+        result.get("total_rows"),
+        len(window["partitions"]),
+    )
+    return result
+
+
+def _frames(window: Mapping[str, Any], settings: DataSettings):
+    from ml import data
+
+    schema = data.load_schema(settings)
+    frame = data.read_frame(_partitions(window), schema, settings)
+    train, holdout = data.split_holdout(frame, settings.holdout_fraction, settings.split_seed)
+    return schema, train, holdout
+
+
+def holdout_frame(window: Mapping[str, Any], settings: DataSettings):
+    """The holdout rows of the window (the same rows every step sees: the split is seeded)."""
+    schema, _, holdout = _frames(window, settings)
+    return schema, holdout
+
+
+def train(
+    window: Mapping[str, Any],
+    data_settings: DataSettings,
+    training: TrainingSettings,
+    registry: RegistrySettings,
+    *,
+    tracking_uri: str,
+    tags: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Fit on the training part of the window and log everything to MLflow."""
+    import mlflow
+
+    from ml.train import train_model
+
+    mlflow.set_tracking_uri(tracking_uri)
+    schema, train_rows, _ = _frames(window, data_settings)
+    run_tags = {
+        "data_window_start": window["start"],
+        "data_window_end": window["end"],
+        "data_digest": window["digest"],
+        **(tags or {}),
+    }
+    result = train_model(
+        train_rows,
+        schema.feature_names,
+        schema.target.name,
+        training,
+        experiment_name=registry.experiment_name,
+        run_name=f"train {window['start']}..{window['end']}",
+        tags=run_tags,
+        dataset_name=f"window_{window['start']}_{window['end']}",
+        dataset_source=window["path"],
+        dataset_digest=window["digest"],
+        params_extra={"data_source": window["source"], "window_days": len(window["partitions"])},
+    )
+    log.info(
+        "Trained run %s in %d epochs (best val RMSE %.4f)",
+        result.run_id,
+        result.epochs_run,
+        result.best_val_rmse,
+    )
+    return result.to_dict()
+
+
+def evaluate(
+    window: Mapping[str, Any],
+    trained: Mapping[str, Any],
+    data_settings: DataSettings,
+    registry: RegistrySettings,
+    *,
+    tracking_uri: str,
+) -> dict[str, Any]:
+    """Score the new model and the current champion on the same holdout rows."""
+    import mlflow
+
+    from ml import evaluate as ev
+    from ml.registry import Registry
+
+    mlflow.set_tracking_uri(tracking_uri)
+    schema, holdout = holdout_frame(window, data_settings)
+    features, target = schema.feature_names, schema.target.name
+    predictions = ev.predict(trained["model_uri"], holdout, features)
+    metrics = ev.regression_metrics(holdout[target].to_numpy(), predictions)
+
+    champion = Registry(tracking_uri, registry).champion()
+    champion_metrics = None
+    if champion is None:
+        log.info("No @%s yet: nothing to compare against", registry.champion_alias)
+    else:
+        champion_metrics = ev.evaluate_on_holdout(champion.model_uri, holdout, features, target)
+        log.info("Champion v%s on this holdout: %s", champion.version, _fmt(champion_metrics))
+    log.info("Challenger on this holdout (%d rows): %s", len(holdout), _fmt(metrics))
+    ev.log_evaluation(
+        trained["run_id"],
+        holdout,
+        target,
+        predictions,
+        metrics,
+        champion_metrics,
+        champion.version if champion else None,
+    )
+    return {
+        "candidate": metrics,
+        "champion": champion_metrics,
+        "champion_version": champion.version if champion else None,
+        "holdout_rows": len(holdout),
+    }
+
+
+def register(
+    window: Mapping[str, Any],
+    trained: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    registry: RegistrySettings,
+    *,
+    tracking_uri: str,
+    tags: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Create the model version, tagged with what it was trained on and how it scored."""
+    from ml.registry import Registry
+
+    version_tags = {
+        "data_window_start": window["start"],
+        "data_window_end": window["end"],
+        "data_digest": window["digest"],
+        "holdout_rmse": f"{evaluation['candidate']['rmse']:.6g}",
+        "holdout_mae": f"{evaluation['candidate']['mae']:.6g}",
+        "holdout_r2": f"{evaluation['candidate']['r2']:.6g}",
+        "champion_version_at_eval": str(evaluation.get("champion_version") or "none"),
+        **(tags or {}),
+    }
+    info = Registry(tracking_uri, registry).register(
+        trained["model_uri"], trained["run_id"], version_tags
+    )
+    log.info("Registered %s version %s", info.name, info.version)
+    return info.to_dict()
+
+
+def gate(
+    version: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    gate_settings: GateSettings,
+    registry: RegistrySettings,
+    *,
+    tracking_uri: str,
+) -> dict[str, Any]:
+    """Decide; record the decision on the version; on approval mark it ``@challenger``."""
+    from ml.gate import decide
+    from ml.registry import Registry
+
+    decision = decide(evaluation["candidate"], evaluation.get("champion"), gate_settings)
+    if not decision.has_champion:
+        log.info("First model for this registry name: only the absolute bars apply")
+    reg = Registry(tracking_uri, registry)
+    reg.tag_version(version["version"], decision.to_tags())
+    if decision.passed:
+        reg.set_alias(registry.challenger_alias, version["version"])
+        log.info(
+            "Version %s %s; now @%s",
+            version["version"],
+            decision.summary(),
+            registry.challenger_alias,
+        )
+    else:
+        log.warning("Version %s %s; no alias moved", version["version"], decision.summary())
+    return decision.to_dict()
+
+
+def promote(version: Mapping[str, Any], registry: RegistrySettings, *, tracking_uri: str) -> dict:
+    """Point ``@champion`` at the version that is now verified live."""
+    from ml.registry import Registry
+
+    previous = Registry(tracking_uri, registry).promote_champion(version["version"])
+    log.info("@%s: %s -> %s", registry.champion_alias, previous or "none", version["version"])
+    return {"version": version["version"], "previous": previous}
+
+
+def _fmt(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())

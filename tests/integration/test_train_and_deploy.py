@@ -1,0 +1,182 @@
+"""The whole `train_and_deploy` DAG through Airflow's `dag.test()`, against a real MLflow server,
+with the local deploy target: a real model server process behind the local front port.
+
+The scenarios run in order on one MLflow server: a first run deploys v1; a run with an
+impossible gate registers v2 but deploys nothing; a corrupt partition fails validation and
+registers nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import date
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+MODEL = "it-regression-model"
+END = date(2026, 3, 10)
+FAST = {"epochs": 25, "data_window_days": 3, "data_end_date": END.isoformat()}
+
+
+@pytest.fixture(scope="module")
+def stack(mlflow_server, airflow_db, tmp_path_factory):
+    """Env for the DAG's settings: data, serving state and ports in temp folders."""
+    root = tmp_path_factory.mktemp("pipeline")
+    front, slot_a, slot_b = free_port(), free_port(), free_port()
+    env = {
+        "AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_server,
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "PIPELINE_DATA_PATH": str(root / "data"),
+        "PIPELINE_DATA_SYNTHETIC_ROWS_PER_DAY": "300",
+        "PIPELINE_REGISTRY_MODEL_NAME": MODEL,
+        "PIPELINE_REGISTRY_EXPERIMENT_NAME": "it-train-and-deploy",
+        "PIPELINE_DEPLOY_LOCAL_PORT": str(front),
+        "PIPELINE_DEPLOY_LOCAL_SLOT_PORTS": f"{slot_a},{slot_b}",
+        "PIPELINE_DEPLOY_LOCAL_STATE_DIR": str(root / "serving"),
+        "PIPELINE_DEPLOY_HEALTH_TIMEOUT_S": "240",
+    }
+    mp = pytest.MonkeyPatch()
+    for key, value in env.items():
+        mp.setenv(key, value)
+    yield {"root": root, "endpoint": f"http://127.0.0.1:{front}", "tracking_uri": mlflow_server}
+    from ml.settings import DeploySettings
+    from serving.local import LocalTarget
+
+    LocalTarget(DeploySettings(), mlflow_server).stop_all()
+    mp.undo()
+
+
+def _dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.dags.test_dag_integrity import DAGS_DIR
+
+    bag = DagBag(dag_folder=str(DAGS_DIR / "train_and_deploy.py"))
+    assert bag.import_errors == {}
+    return bag.dags["train_and_deploy"]
+
+
+def _states(dag_run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def _client(tracking_uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def first_run(stack):
+    dag_run = _dag().test(run_conf=FAST)
+    return dag_run
+
+
+def test_first_run_trains_registers_deploys_and_promotes(stack, first_run):
+    states = _states(first_run)
+    assert str(first_run.state) == "success", states
+    assert states["deploy_local"] == "success"
+    assert states["deploy_kubernetes"] == "skipped"
+    assert states["not_deployed"] == "skipped"
+    assert states["promote"] == "success"
+
+    client = _client(stack["tracking_uri"])
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert version.version == "1"
+    assert version.tags["gate.passed"] == "true"
+    assert version.tags["airflow_run_id"] == first_run.run_id
+    assert version.tags["data_window_end"] == END.isoformat()
+    assert len(version.tags["data_digest"]) == 64
+    run = client.get_run(version.run_id)
+    assert run.data.params["epochs"] == "25"
+    assert "holdout_rmse" in run.data.metrics
+    assert run.inputs.dataset_inputs, "training dataset logged as a run input"
+
+    from mlflow.models import Model
+
+    model = Model.load(f"models:/{MODEL}/1")
+    assert model.signature is not None
+    example = model.load_input_example()
+    assert list(example.columns) == [s.name for s in model.signature.inputs.inputs]
+
+    # A real HTTP prediction from the deployed endpoint equals the registered model's.
+    import mlflow.pyfunc
+
+    expected = np.asarray(mlflow.pyfunc.load_model(f"models:/{MODEL}/1").predict(example))
+    response = httpx.post(
+        f"{stack['endpoint']}/invocations",
+        json={"dataframe_split": example.to_dict(orient="split", index=False)},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    got = pd.json_normalize(response.json()["predictions"]).to_numpy().ravel()
+    np.testing.assert_allclose(got, expected.ravel(), atol=1e-5)
+
+
+def test_gate_rejection_registers_but_deploys_nothing(stack, first_run):
+    from ml.settings import DeploySettings
+    from serving.local import LocalTarget
+
+    dag_run = _dag().test(run_conf={**FAST, "max_rmse": 1e-6})
+    states = _states(dag_run)
+    assert str(dag_run.state) == "success", states  # "not deployed" is an outcome, not a crash
+    assert states["not_deployed"] == "success"
+    assert states["deploy_local"] == "skipped"
+    assert states["rolled_out"] == "skipped"
+    assert states["verify"] == "skipped"
+    assert states["promote"] == "skipped"
+
+    client = _client(stack["tracking_uri"])
+    rejected = client.get_model_version(MODEL, "2")
+    assert rejected.tags["gate.passed"] == "false"
+    assert rejected.tags["gate.check.max_rmse"].startswith("failed")
+    assert "RMSE" in rejected.tags["gate.reasons"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert not rejected.aliases
+    assert LocalTarget(DeploySettings(), stack["tracking_uri"]).active_version() == "1"
+
+
+def test_corrupt_partition_fails_validation_and_registers_nothing(stack, first_run, monkeypatch):
+    # A user source: the synthetic partitions so far, plus one corrupt file on the last day.
+    files = stack["root"] / "user-data"
+    shutil.copytree(stack["root"] / "data", files, dirs_exist_ok=True)
+    bad_day = files / f"date={date(2026, 3, 9).isoformat()}"
+    (bad_day / "part-corrupt.parquet").write_bytes(b"this is not parquet")
+    monkeypatch.setenv("PIPELINE_DATA_SOURCE", "files")
+    monkeypatch.setenv("PIPELINE_DATA_PATH", str(files))
+
+    client = _client(stack["tracking_uri"])
+    versions_before = len(client.search_model_versions(f"name='{MODEL}'"))
+
+    dag_run = _dag().test(run_conf=FAST)
+    states = _states(dag_run)
+    assert str(dag_run.state) == "failed"
+    assert states["validate_data"] == "failed"
+    assert states["train"] == "upstream_failed"
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+
+
+def test_validation_error_names_partition_column_and_rule(stack, tmp_path):
+    """The message a user sees in the validate_data log, produced by the same step function."""
+    from ml.data import DataValidationError
+    from ml.pipeline import load_window, validate_window
+    from ml.settings import DataSettings
+
+    settings = DataSettings(path=str(tmp_path), window_days=2)
+    window = load_window(settings, END)
+    bad = pd.read_parquet(window["partitions"][0]["uri"])
+    bad.loc[3, bad.columns[0]] = np.nan
+    bad.to_parquet(window["partitions"][0]["uri"])
+    with pytest.raises(DataValidationError) as excinfo:
+        validate_window({**window}, settings.model_copy(update={"source": "files"}))
+    message = str(excinfo.value)
+    assert window["partitions"][0]["uri"] in message
+    assert bad.columns[0] in message and "nulls" in message

@@ -1,0 +1,159 @@
+"""verify_endpoint against a scripted HTTP server and a locally saved pyfunc model (fast)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving.verify import VerificationError, _as_array, verify_endpoint
+
+FRAME = pd.DataFrame({"a": [0.1, 2.0, -3.5], "b": [0.2, 0.0, 1e-7], "extra": ["x", "y", "z"]})
+EXPECTED = (FRAME["a"] + FRAME["b"]).tolist()
+
+MODEL_CODE = """
+import mlflow
+import numpy as np
+import pandas as pd
+
+
+class Sum(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        return model_input[["a", "b"]].sum(axis=1).to_numpy(dtype=np.float64)
+
+
+mlflow.models.set_model(Sum())
+"""
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory) -> str:
+    import mlflow.pyfunc
+
+    root = tmp_path_factory.mktemp("model")
+    code = root / "sum_model.py"
+    code.write_text(textwrap.dedent(MODEL_CODE))
+    path = root / "model"
+    mlflow.pyfunc.save_model(path, python_model=str(code))
+    return str(path)
+
+
+class Scripted:
+    """What the fake server answers next: status, /invocations body; records requests."""
+
+    def __init__(self) -> None:
+        self.ping_status = 200
+        self.status = 200
+        self.body: object = {"predictions": EXPECTED}
+        self.requests: list[dict] = []
+
+
+@pytest.fixture
+def server():
+    script = Scripted()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, status: int, body: object) -> None:
+            raw = json.dumps(body).encode() if not isinstance(body, bytes) else body
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self) -> None:
+            self._send(script.ping_status, {})
+
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            script.requests.append(json.loads(self.rfile.read(length)))
+            self._send(script.status, script.body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", script
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize(
+    "predictions",
+    [
+        EXPECTED,
+        [{"prediction": x} for x in EXPECTED],
+        [[x] for x in EXPECTED],
+        [{"0": x} for x in EXPECTED],
+    ],
+    ids=["numbers", "prediction-dicts", "nested-lists", "records"],
+)
+def test_passes_for_every_response_shape(server, model_uri, predictions):
+    endpoint, script = server
+    script.body = {"predictions": predictions}
+    report = verify_endpoint(endpoint + "/", model_uri, FRAME, ["a", "b"])
+    assert report == {"endpoint": endpoint, "rows": 3, "max_abs_diff": pytest.approx(0, abs=1e-12)}
+    sent = script.requests[-1]["dataframe_split"]
+    assert sent["columns"] == ["a", "b"]
+    assert sent["data"][2] == [-3.5, 1e-7]  # exact floats, only the feature columns
+
+
+def test_value_mismatch_names_diff_and_row(server, model_uri):
+    endpoint, script = server
+    script.body = {"predictions": [EXPECTED[0], EXPECTED[1] + 0.5, EXPECTED[2]]}
+    with pytest.raises(VerificationError) as err:
+        verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])
+    message = str(err.value)
+    assert "max abs diff 0.5" in message and "first mismatch at row 1" in message
+
+
+def test_tolerance_is_respected(server, model_uri):
+    endpoint, script = server
+    script.body = {"predictions": [x + 1e-7 for x in EXPECTED]}
+    assert verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])["max_abs_diff"] < 1e-6
+    with pytest.raises(VerificationError):
+        verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"], atol=1e-9)
+
+
+def test_wrong_count(server, model_uri):
+    endpoint, script = server
+    script.body = {"predictions": EXPECTED[:2]}
+    with pytest.raises(VerificationError, match=r"shape \(2,\) for 3 rows"):
+        verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])
+
+
+def test_null_prediction_is_a_mismatch(server, model_uri):
+    endpoint, script = server
+    script.body = {"predictions": [EXPECTED[0], None, EXPECTED[2]]}
+    with pytest.raises(VerificationError, match="first mismatch at row 1"):
+        verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])
+
+
+def test_non_200_reports_status_and_body(server, model_uri):
+    endpoint, script = server
+    script.status = 400
+    script.body = {"error_code": "BAD_REQUEST", "message": "Failed to enforce schema"}
+    with pytest.raises(VerificationError, match=r"returned 400.*Failed to enforce schema"):
+        verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])
+    script.ping_status = 503
+    with pytest.raises(VerificationError, match="ping returned 503"):
+        verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])
+
+
+def test_unreachable_endpoint(model_uri, free_ports):
+    (port,) = free_ports(1)
+    with pytest.raises(VerificationError, match="ping failed"):
+        verify_endpoint(f"http://127.0.0.1:{port}", model_uri, FRAME, ["a", "b"], timeout_s=2)
+
+
+def test_as_array_local_shapes():
+    assert _as_array(np.array([[1.0], [2.0]])).tolist() == [1.0, 2.0]
+    assert _as_array(pd.Series([1, 2])).tolist() == [1.0, 2.0]
+    assert _as_array(pd.DataFrame({"y": [1.0, 2.0]})).tolist() == [1.0, 2.0]
+    assert _as_array(np.ones((2, 3))).shape == (2, 3)

@@ -264,7 +264,12 @@ def _follow(api: httpx.Client, run_id: str, timeout_s: float = 3600) -> tuple[st
     while time.monotonic() < deadline:
         state = api.get(f"/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"]
         instances = api.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances").json()
-        for ti in instances["task_instances"]:
+        # In the order things happened; tasks not started yet (skipped ones) come last.
+        ordered = sorted(
+            instances["task_instances"],
+            key=lambda ti: (ti["start_date"] is None, ti["start_date"] or "", ti["task_id"]),
+        )
+        for ti in ordered:
             if ti["state"] and seen.get(ti["task_id"]) != ti["state"]:
                 seen[ti["task_id"]] = ti["state"]
                 say(f"  {ti['task_id']:<18} {ti['state']}")

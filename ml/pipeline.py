@@ -96,8 +96,11 @@ def train(
     """Fit on the training part of the window and log everything to MLflow."""
     import mlflow
 
+    from ml.registry import Registry
     from ml.train import train_model
 
+    # Fail in seconds with a clear message, not after minutes of training and retries.
+    Registry(tracking_uri, registry).check_available()
     mlflow.set_tracking_uri(tracking_uri)
     schema, train_rows, _ = _frames(window, data_settings)
     run_tags = {

@@ -180,3 +180,16 @@ def test_validation_error_names_partition_column_and_rule(stack, tmp_path):
     message = str(excinfo.value)
     assert window["partitions"][0]["uri"] in message
     assert bad.columns[0] in message and "nulls" in message
+
+
+def test_train_step_fails_fast_and_clearly_when_the_registry_is_down(tmp_path):
+    from ml.pipeline import load_window, train
+    from ml.registry import RegistryUnavailableError
+    from ml.settings import DataSettings, RegistrySettings, TrainingSettings
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = DataSettings(path=str(tmp_path), window_days=1)
+    window = load_window(settings, END)
+    with pytest.raises(RegistryUnavailableError) as excinfo:
+        train(window, settings, TrainingSettings(epochs=1), RegistrySettings(), tracking_uri=dead)
+    assert dead in str(excinfo.value)

@@ -1,0 +1,159 @@
+"""`python -m ml <step>`: the pipeline's steps as a CLI, for pods and for people.
+
+Each step reads the references it needs from JSON files (the previous steps' output) and prints
+its own result as JSON on stdout; logs go to stderr. `--output PATH` also writes the result to a
+file, e.g. `/airflow/xcom/return.json` inside a KubernetesPodOperator pod with
+`do_xcom_push=True`. Settings come from the same env vars as in Airflow (see README.md); the
+MLflow endpoint from `MLFLOW_TRACKING_URI`.
+
+    python -m ml window --end 2026-03-10 --output window.json
+    python -m ml validate --window window.json
+    python -m ml train --window window.json --epochs 20 --output trained.json
+    python -m ml evaluate --window window.json --trained trained.json --output evaluation.json
+    python -m ml register --window window.json --trained trained.json \
+        --evaluation evaluation.json --output version.json
+    python -m ml gate --version version.json --evaluation evaluation.json
+    python -m ml promote --version version.json
+
+Exit codes: 0 done, 1 failed, 2 bad input (invalid data, bad arguments), 3 the gate rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from ml import pipeline
+from ml.settings import (
+    DataSettings,
+    GateSettings,
+    RegistrySettings,
+    TrainingSettings,
+    tracking_uri,
+    with_overrides,
+)
+
+EXIT_BAD_INPUT = 2
+EXIT_REJECTED = 3
+
+
+def _read(path: str) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ml", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="step", required=True)
+
+    def step(name: str, help_: str, *refs: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        for ref in refs:
+            p.add_argument(f"--{ref}", required=True, help=f"JSON file from the {ref} step")
+        p.add_argument("--output", help="also write the JSON result to this file")
+        return p
+
+    window = step("window", "list (and for the built-in source, write) the window's partitions")
+    window.add_argument(
+        "--end", type=date.fromisoformat, required=True, help="window end, exclusive (YYYY-MM-DD)"
+    )
+    window.add_argument("--days", type=int, help="window length (default: settings)")
+    step("validate", "validate every partition of the window", "window")
+    train = step("train", "train and log to MLflow", "window")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    step("evaluate", "score the new model and the champion on the holdout", "window", "trained")
+    step("register", "register the model version", "window", "trained", "evaluation")
+    gate = step("gate", "decide; exit 3 when rejected", "version", "evaluation")
+    gate.add_argument("--max-rmse", type=float)
+    gate.add_argument("--min-r2", type=float)
+    gate.add_argument("--max-regression", type=float)
+    gate.add_argument("--force-deploy", action="store_true", default=None)
+    step("promote", "point @champion at the version", "version")
+    return parser
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    data, registry = DataSettings(), RegistrySettings()
+    uri = tracking_uri()
+    if args.step == "window":
+        return pipeline.load_window(with_overrides(data, window_days=args.days), args.end), 0
+    if args.step == "validate":
+        return pipeline.validate_window(_read(args.window), data), 0
+    if args.step == "train":
+        training = with_overrides(
+            TrainingSettings(),
+            epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            batch_size=args.batch_size,
+        )
+        tags = dict(t.split("=", 1) for t in args.tag)
+        result = pipeline.train(
+            _read(args.window), data, training, registry, tracking_uri=uri, tags=tags
+        )
+        return result, 0
+    if args.step == "evaluate":
+        result = pipeline.evaluate(
+            _read(args.window), _read(args.trained), data, registry, tracking_uri=uri
+        )
+        return result, 0
+    if args.step == "register":
+        result = pipeline.register(
+            _read(args.window),
+            _read(args.trained),
+            _read(args.evaluation),
+            registry,
+            tracking_uri=uri,
+        )
+        return result, 0
+    if args.step == "gate":
+        gate = with_overrides(
+            GateSettings(),
+            max_rmse=args.max_rmse,
+            min_r2=args.min_r2,
+            max_regression=args.max_regression,
+            force_deploy=args.force_deploy,
+        )
+        decision = pipeline.gate(
+            _read(args.version), _read(args.evaluation), gate, registry, tracking_uri=uri
+        )
+        return decision, 0 if decision["passed"] else EXIT_REJECTED
+    if args.step == "promote":
+        return pipeline.promote(_read(args.version), registry, tracking_uri=uri), 0
+    raise AssertionError(args.step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from pydantic import ValidationError
+
+    from ml.data import DataNotFoundError, DataValidationError
+
+    try:
+        result, code = run(args)
+    except (DataValidationError, DataNotFoundError, ValidationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    text = json.dumps(result, indent=2, default=str)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+    print(text)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

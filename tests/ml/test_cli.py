@@ -1,0 +1,61 @@
+"""`python -m ml` as a pod or a person runs it: real subprocesses, real files, real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+
+END = "2026-03-10"
+
+
+def _ml(*args: str, env: dict[str, str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ml", *args], capture_output=True, text=True, env=env, cwd=cwd
+    )
+
+
+def _env(tmp_path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PIPELINE_DATA_PATH": str(tmp_path / "data"),
+        "PIPELINE_DATA_WINDOW_DAYS": "2",
+        "PIPELINE_DATA_SYNTHETIC_ROWS_PER_DAY": "200",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+
+
+def test_window_then_validate_pass_references_through_files(tmp_path):
+    env = _env(tmp_path)
+    out = _ml("window", "--end", END, "--output", str(tmp_path / "w.json"), env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    window = json.loads((tmp_path / "w.json").read_text())
+    assert json.loads(out.stdout) == window
+    assert [p["day"] for p in window["partitions"]] == ["2026-03-08", "2026-03-09"]
+
+    checked = _ml("validate", "--window", str(tmp_path / "w.json"), env=env, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["total_rows"] == 400
+
+
+def test_bad_partition_exits_2_naming_partition_column_and_rule(tmp_path):
+    env = _env(tmp_path)
+    _ml("window", "--end", END, "--output", str(tmp_path / "w.json"), env=env, cwd=tmp_path)
+    window = json.loads((tmp_path / "w.json").read_text())
+    uri = window["partitions"][1]["uri"]
+    frame = pd.read_parquet(uri)
+    frame["solar_wm2"] = -5.0
+    frame.to_parquet(uri)
+
+    out = _ml("validate", "--window", str(tmp_path / "w.json"), env=env, cwd=tmp_path)
+    assert out.returncode == 2
+    assert uri in out.stderr and "solar_wm2" in out.stderr and "range" in out.stderr
+
+
+def test_bad_argument_value_exits_2_with_the_setting_named(tmp_path):
+    out = _ml("window", "--end", END, "--days", "0", env=_env(tmp_path), cwd=tmp_path)
+    assert out.returncode == 2
+    assert "window_days" in out.stderr

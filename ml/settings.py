@@ -156,6 +156,37 @@ class DeploySettings(BaseSettings):
         description="Base URL of the live endpoint used by verify; defaults to the local "
         "front port, or the in-cluster Service DNS name for the kubernetes target.",
     )
+    # kubernetes target: the serving Deployment (serving.manifests) and the rollout
+    # (serving.rollout). Defaults are sized from measurements: docs/operations.md.
+    min_replicas: int = Field(2, ge=1, description="HPA floor; 2 keeps one pod up in drains.")
+    max_replicas: int = Field(6, ge=1, description="HPA ceiling.")
+    serving_cpu: str = Field("500m", description="CPU request of a model-server pod.")
+    serving_memory: str = Field(
+        "1536Mi",
+        description="Memory request = limit of a model-server pod (~750 MiB RSS measured).",
+    )
+    allowed_client_namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["airflow", "monitoring"],
+        description="Namespaces (besides its own) whose pods may reach the model server "
+        "(NetworkPolicy); comma-separated in the env var.",
+    )
+    monitoring_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra labels on the ServiceMonitor and PrometheusRule so that the "
+        'cluster\'s Prometheus selects them (kube-prometheus-stack: {"release": "<name>"}).',
+    )
+    alert_error_ratio: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Alert when this share of /invocations fails (5xx)."
+    )
+    alert_p99_latency_s: float = Field(
+        0.25, gt=0.0, description="Alert when the p99 of /invocations exceeds this."
+    )
+    smoke_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long the rollout's smoke test may take to see the new version "
+        "answer through the Service (old pods may still drain for a few seconds).",
+    )
 
     @field_validator("local_slot_ports", mode="before")
     @classmethod
@@ -164,6 +195,17 @@ class DeploySettings(BaseSettings):
         if isinstance(value, list):
             return [int(v) for v in value]
         return value
+
+    @field_validator("allowed_client_namespaces", mode="before")
+    @classmethod
+    def _split_namespaces(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> DeploySettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
 
     @model_validator(mode="after")
     def _two_distinct_slots(self) -> DeploySettings:

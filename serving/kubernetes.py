@@ -11,6 +11,7 @@ Nothing here imports Airflow: the DAG file builds the operator, this module only
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -82,12 +83,9 @@ def rollout_pod_kwargs(
         ],
         "env_vars": {
             "MLFLOW_TRACKING_URI": tracking_uri,
-            # The pod's DeploySettings() reads these: same serving image and timeouts as the DAG.
-            "PIPELINE_DEPLOY_TARGET": "kubernetes",
-            "PIPELINE_DEPLOY_NAMESPACE": settings.namespace,
-            "PIPELINE_DEPLOY_DEPLOYMENT_NAME": settings.deployment_name,
-            "PIPELINE_DEPLOY_SERVING_IMAGE": settings.serving_image,
-            "PIPELINE_DEPLOY_HEALTH_TIMEOUT_S": str(settings.health_timeout_s),
+            # The pod's DeploySettings() rebuilds the serving Deployment from these, so every
+            # setting travels (a hand-picked subset would silently reset the others).
+            **settings_env(settings.model_copy(update={"target": "kubernetes"})),
             # readOnlyRootFilesystem: anything that writes to $HOME (MLflow, kube config cache)
             # must land on the writable /tmp emptyDir.
             "HOME": "/tmp",
@@ -146,6 +144,26 @@ def rollout_pod_kwargs(
         # would need its own restricted security context).
         "do_xcom_push": False,
     }
+
+
+def settings_env(settings: DeploySettings) -> dict[str, str]:
+    """``DeploySettings`` as the ``PIPELINE_DEPLOY_*`` env vars that reproduce it in a pod.
+
+    Local-target fields are left out: they mean nothing inside the cluster.
+    """
+    prefix = DeploySettings.model_config["env_prefix"]
+    env = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if name.startswith("local_") or value is None:
+            continue
+        if isinstance(value, list):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"{prefix}{name.upper()}"] = text
+    return env
 
 
 def _is_template(value: str) -> bool:

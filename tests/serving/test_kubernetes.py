@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import kubernetes_validate
@@ -155,3 +156,28 @@ def test_resources(pod):
 def test_rejects_unpinned_or_mismatched_uri(settings, uri, version):
     with pytest.raises(ValueError):
         rollout_pod_kwargs(settings, model_uri=uri, version=version, tracking_uri=TRACKING_URI)
+
+
+def test_pod_env_reproduces_every_deploy_setting_in_the_pod(monkeypatch):
+    from ml.settings import DeploySettings
+    from serving.kubernetes import settings_env
+
+    custom = DeploySettings(
+        serving_cpu="2",
+        serving_memory="3Gi",
+        smoke_timeout_s=12.5,
+        min_replicas=3,
+        allowed_client_namespaces=["airflow", "batch"],
+        monitoring_labels={"release": "kps"},
+        service_url="http://model.example:80",
+    )
+    env = settings_env(custom)
+    assert not any(key.startswith("PIPELINE_DEPLOY_LOCAL_") for key in env)
+    for key in list(os.environ):
+        if key.startswith("PIPELINE_DEPLOY_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rebuilt = DeploySettings()
+    local_fields = {n for n in DeploySettings.model_fields if n.startswith("local_")}
+    assert rebuilt.model_dump(exclude=local_fields) == custom.model_dump(exclude=local_fields)

@@ -1,0 +1,641 @@
+"""The Kubernetes objects of the ``kubernetes`` deploy target, rendered by one pure function.
+
+``render(settings, model_uri, version, tracking_uri=...)`` returns plain dicts (apply order):
+
+    Namespace              Pod Security Admission labels: the namespace enforces `restricted`
+    ServiceAccount x2      the model server's (no API token) and the rollout pod's
+    Role, RoleBinding      what the rollout pod may do: get/patch THE Deployment, list RS/pods
+    Service                ClusterIP, port 80 -> the server's 8080 (`http`)
+    Deployment             the serving image pinned to ``models:/<name>/<version>``
+    HorizontalPodAutoscaler autoscaling/v2 on CPU
+    PodDisruptionBudget    at most one pod voluntarily down at a time
+    NetworkPolicy          ingress only from this namespace and the configured client namespaces
+    ServiceMonitor         monitoring.coreos.com/v1 (Prometheus Operator): scrape /metrics
+    PrometheusRule         alerts: error ratio, p99 latency, no ready pods
+
+``python -m serving render --model-uri models:/regression-model/3 --version 3`` prints them as
+multi-document YAML; ``--out-dir docker/k8s/base`` writes the committed kustomize base.
+
+Who applies what. An administrator applies the whole set once (it contains the RBAC, which the
+rollout pod must not be able to grant itself). After that, the rollout pod
+(``serving.rollout``) server-side-applies only :func:`deployment`: a new model version is a
+new pinned URI in the pod template, so every rollout and every rollback is an ordinary rolling
+update. Its Role has no ``create`` (an apply that would create an object is authorised as
+``create``): the rollout can change the one Deployment and nothing else.
+
+Probe sizing comes from a measurement (docs/operations.md has the command): ``python -m
+serving serve --model-uri models:/regression-model/3`` against the local MLflow server became
+ready (``/ping`` 200, after the model load and a warm-up prediction) in 13.6 s, 14.2 s and
+16.4 s on a 2-vCPU machine, at ~745 MiB RSS. In a cluster the artifact download crosses the
+network and nodes may be busier, so the startup probe allows ~5x the worst measured time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ml.settings import DeploySettings
+
+FIELD_MANAGER = "train-and-deploy"
+PART_OF = "train-and-deploy"
+CONTAINER_NAME = "model-server"
+CONTAINER_PORT = 8080
+SERVICE_PORT = 80
+# The env var that carries the pinned model URI: the server's own (serving.server.MODEL_URI_ENV);
+# the rollout reads it back to know what is live.
+MODEL_URI_ENV = "SERVING_MODEL_URI"
+ANNOTATION_PREFIX = "train-and-deploy"
+MODEL_URI_ANNOTATION = f"{ANNOTATION_PREFIX}/model-uri"
+MODEL_VERSION_ANNOTATION = f"{ANNOTATION_PREFIX}/model-version"
+VERSION_LABEL = "app.kubernetes.io/version"
+# The serving image's non-root user (docker/serving.Dockerfile); outside host system uid ranges.
+RUN_AS_USER = 10001
+
+# Measured: ready 13.6 / 14.2 / 16.4 s after start (see the module docstring).
+MEASURED_READY_S = 16.4
+# Startup probe: every 2 s (a ready pod is noticed within 2 s), up to 45 failures = 90 s.
+STARTUP_PERIOD_S = 2
+STARTUP_FAILURES = 45
+STARTUP_BUDGET_S = STARTUP_PERIOD_S * STARTUP_FAILURES
+# No progress for this long -> Progressing=False, reason ProgressDeadlineExceeded: one pod's
+# startup budget, plus a minute for scheduling and pulling a ~1 GB image on a fresh node.
+PROGRESS_DEADLINE_S = STARTUP_BUDGET_S + 60
+# A new pod must stay ready this long before it counts as available (catches flapping pods).
+MIN_READY_S = 5
+# SIGTERM: the server drains in-flight requests for up to GRACEFUL_S; preStop first waits
+# PRE_STOP_S so that kube-proxy/ingress stop sending new requests to a terminating pod.
+PRE_STOP_S = 5
+GRACEFUL_S = 25
+TERMINATION_GRACE_S = PRE_STOP_S + GRACEFUL_S + 5
+HPA_CPU_UTILIZATION = 70
+
+_PINNED_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class UnpinnedModelURI(ValueError):
+    """The model URI is an alias, ``latest``, a run URI... : not ``models:/<name>/<version>``."""
+
+
+def parse_pinned_uri(model_uri: str, version: str | int | None = None) -> tuple[str, str]:
+    """``(name, version)`` of a pinned registry URI; raises :class:`UnpinnedModelURI`.
+
+    An alias (``models:/name@champion``) can move between the decision to deploy and the pods'
+    start, and pods started later (scale-up, node drain) would load a different model than
+    their siblings: only a pinned version is reproducible.
+    """
+    match = _PINNED_URI.match(model_uri or "")
+    if match is None:
+        raise UnpinnedModelURI(
+            f"a rollout needs a pinned model URI 'models:/<name>/<version>', got {model_uri!r} "
+            "(resolve aliases such as @champion to their version first)"
+        )
+    if version is not None and str(version) != match["version"]:
+        raise UnpinnedModelURI(f"model URI {model_uri!r} does not name version {version!r}")
+    return match["name"], match["version"]
+
+
+def label_value(value: str) -> str:
+    """A valid label value: <= 63 chars of [A-Za-z0-9._-], alphanumeric at both ends."""
+    cleaned = _LABEL_VALUE.sub("-", value)[:63].strip("-._")
+    return cleaned or "unknown"
+
+
+def selector_labels(settings: DeploySettings) -> dict[str, str]:
+    """The model-server pods' identity; stable across versions (a selector is immutable)."""
+    return {
+        "app.kubernetes.io/name": "model-server",
+        "app.kubernetes.io/instance": label_value(settings.deployment_name),
+    }
+
+
+def _labels(settings: DeploySettings, component: str, **extra: str) -> dict[str, str]:
+    return {
+        **selector_labels(settings),
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": PART_OF,
+        "app.kubernetes.io/managed-by": FIELD_MANAGER,
+        **extra,
+    }
+
+
+def _meta(settings: DeploySettings, name: str, component: str, **extra: Any) -> dict[str, Any]:
+    labels = _labels(settings, component, **extra.pop("labels", {}))
+    return {"name": name, "namespace": settings.namespace, "labels": labels, **extra}
+
+
+# -- the objects ---------------------------------------------------------------------------------
+
+
+def namespace(settings: DeploySettings) -> dict[str, Any]:
+    """The namespace, labelled so that Pod Security Admission enforces ``restricted``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": settings.namespace,
+            "labels": {
+                "app.kubernetes.io/part-of": PART_OF,
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+                "pod-security.kubernetes.io/warn": "restricted",
+                "pod-security.kubernetes.io/audit": "restricted",
+            },
+        },
+    }
+
+
+def server_service_account(settings: DeploySettings) -> dict[str, Any]:
+    """The model server's identity: it never talks to the API server, so no token."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(settings, settings.deployment_name, "serving"),
+        "automountServiceAccountToken": False,
+    }
+
+
+def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding of the rollout pod: least privilege.
+
+    - ``deployments``: ``get`` (read the live revision and its status, poll the rollout) and
+      ``patch`` (server-side apply), only on the one Deployment (``resourceNames``). No
+      ``create`` (the Deployment is bootstrapped by an administrator), no ``list``/``watch``
+      (the rollout polls one object by name), no ``delete``, no ``update``.
+    - ``replicasets``, ``pods``: ``list`` only, to tell a stuck rollout's reason (image pull
+      errors, crash loops) and to find the previous revision's template. ``list`` cannot be
+      narrowed by name; both are read-only.
+    The token is not mounted by default: the rollout pod asks for it explicitly.
+    """
+    name = settings.service_account
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _meta(settings, name, "rollout"),
+            "automountServiceAccountToken": False,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(settings, name, "rollout"),
+            "rules": [
+                {
+                    "apiGroups": ["apps"],
+                    "resources": ["deployments"],
+                    "resourceNames": [settings.deployment_name],
+                    "verbs": ["get", "patch"],
+                },
+                {
+                    "apiGroups": ["apps"],
+                    "resources": ["replicasets"],
+                    "verbs": ["list"],
+                },
+                {
+                    "apiGroups": [""],
+                    "resources": ["pods"],
+                    "verbs": ["list"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(settings, name, "rollout"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": settings.namespace}],
+        },
+    ]
+
+
+def service(settings: DeploySettings) -> dict[str, Any]:
+    """ClusterIP Service named like the Deployment: ``http://<name>.<namespace>.svc``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(settings, settings.deployment_name, "serving"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(settings),
+            "ports": [
+                {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def deployment(
+    settings: DeploySettings, model_uri: str, version: str | int, *, tracking_uri: str
+) -> dict[str, Any]:
+    """The serving Deployment, pinned to ``model_uri``; the only object a rollout applies.
+
+    ``spec.replicas`` is left out on purpose: the HPA owns it. With server-side apply a
+    manifest that set it would take it back from the HPA on every rollout.
+    """
+    _, version = parse_pinned_uri(model_uri, version)
+    annotations = {MODEL_URI_ANNOTATION: model_uri, MODEL_VERSION_ANNOTATION: version}
+    version_label = {VERSION_LABEL: label_value(version)}
+    probe_get = {"port": "http", "scheme": "HTTP"}
+    container = {
+        "name": CONTAINER_NAME,
+        "image": settings.serving_image,
+        "imagePullPolicy": "IfNotPresent",
+        # Explicit, so the manifest does not depend on the image's ENTRYPOINT/CMD.
+        "command": ["python", "-m", "serving", "serve"],
+        "args": [
+            *("--model-uri", f"$({MODEL_URI_ENV})"),
+            *("--host", "0.0.0.0"),
+            *("--port", str(CONTAINER_PORT)),
+            *("--graceful-timeout", str(GRACEFUL_S)),
+        ],
+        "env": [
+            {"name": MODEL_URI_ENV, "value": model_uri},
+            {"name": "MLFLOW_TRACKING_URI", "value": tracking_uri},
+            # readOnlyRootFilesystem: MLflow downloads artifacts and TensorFlow writes
+            # caches under $HOME / $TMPDIR, both on the /tmp emptyDir.
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "TMPDIR", "value": "/tmp"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        # MLflow credentials (MLFLOW_TRACKING_TOKEN, AWS_*, ...) if the cluster needs them.
+        "envFrom": [
+            {"secretRef": {"name": f"{settings.deployment_name}-mlflow", "optional": True}}
+        ],
+        "ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
+        # /ping is 503 until the model is loaded and a warm-up prediction succeeded.
+        "startupProbe": {
+            "httpGet": {"path": "/ping", **probe_get},
+            "periodSeconds": STARTUP_PERIOD_S,
+            "timeoutSeconds": 2,
+            "failureThreshold": STARTUP_FAILURES,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/ping", **probe_get},
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "successThreshold": 1,
+            "failureThreshold": 2,
+        },
+        # Only after the startup probe succeeded: a wedged server is restarted after ~30 s.
+        "livenessProbe": {
+            "httpGet": {"path": "/health", **probe_get},
+            "periodSeconds": 10,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_S}}},
+        # Memory request == limit (~750 MiB RSS measured, TensorFlow spikes on big batches):
+        # no eviction surprise. A CPU limit well above the request bounds a runaway pod
+        # without throttling normal bursts (throttling is what p99 latency alerts catch).
+        "resources": {
+            "requests": {
+                "cpu": settings.serving_cpu,
+                "memory": settings.serving_memory,
+                "ephemeral-storage": "256Mi",
+            },
+            "limits": {"cpu": "2", "memory": settings.serving_memory, "ephemeral-storage": "1Gi"},
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(
+            settings,
+            settings.deployment_name,
+            "serving",
+            labels=version_label,
+            annotations=dict(annotations),
+        ),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(settings)},
+            "strategy": {
+                "type": "RollingUpdate",
+                # Never fewer ready pods than wanted: a new pod must be ready before an old
+                # one goes. One extra pod at a time keeps the surge cheap.
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "minReadySeconds": MIN_READY_S,
+            "progressDeadlineSeconds": PROGRESS_DEADLINE_S,
+            # The rollout reads the previous revision from its ReplicaSet when it resumes.
+            "revisionHistoryLimit": 5,
+            "template": {
+                "metadata": {
+                    "labels": _labels(settings, "serving", **version_label),
+                    "annotations": dict(annotations),
+                },
+                "spec": {
+                    "serviceAccountName": settings.deployment_name,
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RUN_AS_USER,
+                        "runAsGroup": RUN_AS_USER,
+                        "fsGroup": RUN_AS_USER,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+                    # Spread replicas over nodes, so a node loss takes out one of them.
+                    "topologySpreadConstraints": [
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": "kubernetes.io/hostname",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": selector_labels(settings)},
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def horizontal_pod_autoscaler(settings: DeploySettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(settings, settings.deployment_name, "serving"),
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": settings.deployment_name,
+            },
+            "minReplicas": settings.min_replicas,
+            "maxReplicas": settings.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {
+                            "type": "Utilization",
+                            "averageUtilization": HPA_CPU_UTILIZATION,
+                        },
+                    },
+                }
+            ],
+            "behavior": {
+                # Scale down slowly (a model pod takes ~15 s to come back), up promptly.
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 300,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+                },
+                "scaleUp": {
+                    "stabilizationWindowSeconds": 0,
+                    "policies": [{"type": "Pods", "value": 2, "periodSeconds": 30}],
+                },
+            },
+        },
+    }
+
+
+def pod_disruption_budget(settings: DeploySettings) -> dict[str, Any]:
+    """At most one pod voluntarily down; never blocks a drain even at one replica."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(settings, settings.deployment_name, "serving"),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(settings)},
+            # A crash-looping pod may be evicted even when the budget is spent.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def network_policy(settings: DeploySettings) -> dict[str, Any]:
+    """Ingress to the model server's port only from this namespace (the rollout pod's smoke
+    test, in-namespace clients) and the configured client namespaces (Airflow's verify task,
+    Prometheus). Egress is left open: the server must reach MLflow and its artifact store,
+    whose addresses are deployment-specific (often outside the cluster)."""
+    peers: list[dict[str, Any]] = [{"podSelector": {}}]
+    if settings.allowed_client_namespaces:
+        peers.append(
+            {
+                "namespaceSelector": {
+                    "matchExpressions": [
+                        {
+                            "key": "kubernetes.io/metadata.name",
+                            "operator": "In",
+                            "values": list(settings.allowed_client_namespaces),
+                        }
+                    ]
+                }
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(settings, settings.deployment_name, "serving"),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(settings)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": peers, "ports": [{"protocol": "TCP", "port": CONTAINER_PORT}]},
+            ],
+        },
+    }
+
+
+def service_monitor(settings: DeploySettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": _meta(
+            settings, settings.deployment_name, "monitoring", labels=settings.monitoring_labels
+        ),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(settings)},
+            "namespaceSelector": {"matchNames": [settings.namespace]},
+            "endpoints": [
+                {
+                    "port": "http",
+                    "path": "/metrics",
+                    "scheme": "http",
+                    "interval": "30s",
+                    "scrapeTimeout": "10s",
+                }
+            ],
+        },
+    }
+
+
+def prometheus_rule(settings: DeploySettings) -> dict[str, Any]:
+    """Alerts on the server's own metrics (serving.metrics) and kube-state-metrics."""
+    ns, name = settings.namespace, settings.deployment_name
+    # ServiceMonitor targets carry namespace/service labels (the Prometheus Operator adds them).
+    sel = f'namespace="{ns}",service="{name}",route="/invocations"'
+    runbook = "docs/operations.md#"
+    pct = f"{settings.alert_error_ratio:.0%}"
+    p99_s = f"{settings.alert_p99_latency_s:g}s"
+    error_ratio = (
+        f'sum(rate(model_server_requests_total{{{sel},status=~"5.."}}[5m]))\n'
+        f"/\nsum(rate(model_server_requests_total{{{sel}}}[5m]))\n"
+        f"> {settings.alert_error_ratio:g}"
+    )
+    p99 = (
+        "histogram_quantile(0.99,\n"
+        f"  sum by (le) (rate(model_server_request_duration_seconds_bucket{{{sel}}}[5m]))\n"
+        f") > {settings.alert_p99_latency_s:g}"
+    )
+    # No ready pod: kube-state-metrics says none is available, or Prometheus scrapes none.
+    no_ready = (
+        f'max(kube_deployment_status_replicas_available{{namespace="{ns}",deployment="{name}"}})'
+        f" < 1\nor\n"
+        f'absent(up{{namespace="{ns}",service="{name}"}} == 1)'
+    )
+    common = {"namespace": ns, "deployment": name}
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": _meta(settings, name, "monitoring", labels=settings.monitoring_labels),
+        "spec": {
+            "groups": [
+                {
+                    "name": f"{name}.rules",
+                    "rules": [
+                        {
+                            "alert": "ModelServerHighErrorRate",
+                            "expr": error_ratio,
+                            "for": "5m",
+                            "labels": {"severity": "critical", **common},
+                            "annotations": {
+                                "summary": f"More than {pct} of predictions fail (5xx)",
+                                "description": (
+                                    f"{{{{ $value | humanizePercentage }}}} of /invocations "
+                                    f"requests to {ns}/{name} answered 5xx over 5 minutes."
+                                ),
+                                "runbook_url": f"{runbook}modelserverhigherrorrate",
+                            },
+                        },
+                        {
+                            "alert": "ModelServerHighLatency",
+                            "expr": p99,
+                            "for": "10m",
+                            "labels": {"severity": "warning", **common},
+                            "annotations": {
+                                "summary": f"p99 prediction latency above {p99_s}",
+                                "description": (
+                                    f"p99 of /invocations on {ns}/{name} is "
+                                    "{{ $value | humanizeDuration }} over 5 minutes."
+                                ),
+                                "runbook_url": f"{runbook}modelserverhighlatency",
+                            },
+                        },
+                        {
+                            "alert": "ModelServerNoReadyPods",
+                            "expr": no_ready,
+                            "for": "2m",
+                            "labels": {"severity": "critical", **common},
+                            "annotations": {
+                                "summary": "No model-server pod is ready: predictions fail",
+                                "description": (
+                                    f"{ns}/{name} has no available replica, or Prometheus "
+                                    "cannot scrape any of its pods."
+                                ),
+                                "runbook_url": f"{runbook}modelservernoreadypods",
+                            },
+                        },
+                    ],
+                }
+            ]
+        },
+    }
+
+
+def render(
+    settings: DeploySettings,
+    model_uri: str,
+    version: str | int,
+    *,
+    tracking_uri: str,
+    include_namespace: bool = True,
+) -> list[dict[str, Any]]:
+    """Every object of the kubernetes target, in apply order. Pure: no I/O, no clock."""
+    parse_pinned_uri(model_uri, version)
+    objects: list[dict[str, Any]] = []
+    if include_namespace:
+        objects.append(namespace(settings))
+    objects.append(server_service_account(settings))
+    objects.extend(rollout_rbac(settings))
+    objects.append(service(settings))
+    objects.append(deployment(settings, model_uri, version, tracking_uri=tracking_uri))
+    objects.append(horizontal_pod_autoscaler(settings))
+    objects.append(pod_disruption_budget(settings))
+    objects.append(network_policy(settings))
+    objects.append(service_monitor(settings))
+    objects.append(prometheus_rule(settings))
+    return objects
+
+
+# -- YAML ----------------------------------------------------------------------------------------
+
+# One file per concern in the committed kustomize base (docker/k8s/base/).
+BASE_FILES: dict[str, tuple[str, ...]] = {
+    "namespace.yaml": ("Namespace",),
+    "rbac.yaml": ("ServiceAccount", "Role", "RoleBinding"),
+    "service.yaml": ("Service",),
+    "deployment.yaml": ("Deployment",),
+    "autoscaling.yaml": ("HorizontalPodAutoscaler", "PodDisruptionBudget"),
+    "networkpolicy.yaml": ("NetworkPolicy",),
+    "monitoring.yaml": ("ServiceMonitor", "PrometheusRule"),
+}
+GENERATED_HEADER = (
+    "# Generated by `python -m serving render --out-dir docker/k8s/base` (serving/manifests.py).\n"
+    "# Do not edit: change render() and regenerate; tests/serving/test_manifests.py checks it.\n"
+)
+
+
+def to_yaml(objects: list[dict[str, Any]]) -> str:
+    """Multi-document YAML, keys in the order render() built them."""
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    _Dumper.add_representer(str, _str)
+    return "---\n".join(
+        yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+        for obj in objects
+    )
+
+
+def base_files(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """File name -> content of the kustomize base for ``objects`` (render() output)."""
+    files: dict[str, str] = {}
+    placed: set[int] = set()
+    for filename, kinds in BASE_FILES.items():
+        chosen = [o for o in objects if o["kind"] in kinds]
+        if chosen:
+            files[filename] = GENERATED_HEADER + to_yaml(chosen)
+            placed.update(id(o) for o in chosen)
+    unplaced = [o["kind"] for o in objects if id(o) not in placed]
+    if unplaced:  # pragma: no cover - a new kind needs a file
+        raise ValueError(f"no base file for kinds {unplaced}")
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": list(files),
+    }
+    files["kustomization.yaml"] = GENERATED_HEADER + to_yaml([kustomization])
+    return files

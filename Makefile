@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run up stop status test test-unit lint format install lock clean
+.PHONY: run up stop status test test-unit lint format install lock clean k8s-e2e bench-dag-parse
 
 ## run: install, start MLflow + Airflow locally, train and deploy once, print where things are
 run: $(STAMP) up
@@ -42,6 +42,13 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt scripts/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) scripts/bootstrap.sh
 	@touch $@
+
+## k8s-e2e: build images, roll out to the cluster of your kubeconfig (e.g. kind), predict through the Service
+k8s-e2e: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/k8s_e2e.sh
+
+bench-dag-parse: $(STAMP)
+	$(PY) scripts/bench_dag_parse.py
 
 ## lock: re-pin constraints.txt from the current (tested) venv
 lock:

@@ -8,6 +8,8 @@ Kept out of DAG parsing by ``.airflowignore``; imports nothing heavy.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from typing import Any
 
@@ -188,3 +190,91 @@ def run_tags(context: dict[str, Any]) -> dict[str, str]:
         "airflow_dag_id": context["dag"].dag_id,
         "airflow_run_id": context["run_id"],
     }
+
+
+# -- deploy_model / reconcile_deployment (registry promotions, rollbacks, drift) ------------------
+
+
+def deploy_model_params() -> dict[str, Param]:
+    """The trigger form of ``deploy_model``; an asset-triggered run uses these defaults."""
+    registry, deploy = RegistrySettings(), DeploySettings()
+    return {
+        "model_name": Param(
+            registry.model_name,
+            type="string",
+            minLength=1,
+            title="Registered model",
+            description="Name of the model in the MLflow registry.",
+        ),
+        "version": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Version (rollback)",
+            description="Deploy exactly this version number, then point the deployment alias "
+            "at it: the rollback path. Empty: deploy what the alias below names now.",
+        ),
+        "alias": Param(
+            registry.champion_alias,
+            type="string",
+            pattern=r"^@?[A-Za-z0-9_\-]+$",
+            title="Alias",
+            description="Used when no version is given: its current version is deployed.",
+        ),
+        "deploy_target": Param(
+            deploy.target,
+            type="string",
+            enum=["local", "kubernetes"],
+            title="Deploy target",
+            description="local: model server process on this machine. kubernetes: "
+            "KubernetesPodOperator rollout to the cluster of the kubernetes_default Connection.",
+        ),
+    }
+
+
+def promotion_registry_settings(params: dict[str, Any]) -> RegistrySettings:
+    return with_overrides(RegistrySettings(), model_name=params.get("model_name"))
+
+
+def promotion_asset():
+    """The asset the registry-events plugin records alias moves on (deploy_model's schedule)."""
+    from airflow.sdk import Asset
+
+    from serving.promotion import alias_asset
+
+    settings = RegistrySettings()
+    return Asset(**alias_asset(settings.model_name, settings.champion_alias))
+
+
+def triggering_events(context: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``extra`` of the asset events that triggered this run (empty for a manual run)."""
+    events = context.get("triggering_asset_events") or {}
+    return [dict(event.extra or {}) for per_asset in events.values() for event in per_asset]
+
+
+@contextmanager
+def failure_recorded(context: dict[str, Any]) -> Iterator[None]:
+    """Push the error of a failing step as XCom ``failure`` (read by a rollback task)."""
+    try:
+        yield
+    except Exception as exc:
+        context["ti"].xcom_push(key="failure", value=f"{context['ti'].task_id}: {exc}"[:4000])
+        raise
+
+
+def failure_reason(context: dict[str, Any], task_ids: list[str]) -> str:
+    """The first recorded ``failure`` of ``task_ids`` in this run, or a generic reason."""
+    for task_id in task_ids:
+        reason = context["ti"].xcom_pull(task_ids=task_id, key="failure")
+        if reason:
+            return str(reason)
+    return f"one of {', '.join(task_ids)} failed (see its log)"
+
+
+def active_runs(context: dict[str, Any], *dag_ids: str) -> dict[str, int]:
+    """Queued or running runs of ``dag_ids`` (a rollout may be under way in any of them)."""
+    ti = context["ti"]
+    counts = {
+        dag_id: ti.get_dr_count(dag_id=dag_id, states=["queued", "running"]) for dag_id in dag_ids
+    }
+    return {dag_id: n for dag_id, n in counts.items() if n}

@@ -14,14 +14,17 @@ a triggerer, an API server and LocalExecutor workers).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -156,6 +159,11 @@ def _wait_http(url: str, what: str, timeout_s: float, pid_name: str) -> None:
 def up() -> None:
     env = stack_env()
     STATE.mkdir(parents=True, exist_ok=True)
+    # Registry promotions: MLflow may deliver webhooks to the local Airflow API server, and both
+    # sides share a generated secret (.local/webhook-secret unless PIPELINE_WEBHOOK_SECRET is set).
+    env.update(mlflow_webhook_env(STATE))
+    secret = env.get("PIPELINE_WEBHOOK_SECRET") or webhook_secret(STATE)
+    env["PIPELINE_WEBHOOK_SECRET"] = secret
     if _pid("mlflow") is None:
         (STATE / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
         _start(
@@ -189,6 +197,100 @@ def up() -> None:
         say("airflow already running")
     _wait_http(f"{AIRFLOW_URL}/api/v2/monitor/health", "Airflow", 300, "airflow")
     say(f"Airflow ready at {AIRFLOW_URL}")
+    _enable_promotions(secret)
+
+
+# --- registry promotions: MLflow webhook -> Airflow plugin -> deploy_model ------------------------
+
+WEBHOOK_NAME = "airflow-registry-events"
+WEBHOOK_EVENTS = ["model_version_alias.created"]
+WEBHOOK_PATH = "/registry-events/mlflow-webhook"
+
+
+def _secret_file(path: Path, make: Any) -> str:
+    """Read a generated secret, creating it (mode 0600) on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(make())
+    return path.read_text().strip()
+
+
+def webhook_secret(state: Path) -> str:
+    """The HMAC secret MLflow signs webhooks with and the plugin checks them with."""
+    return _secret_file(state / "webhook-secret", lambda: secrets.token_urlsafe(32))
+
+
+def mlflow_webhook_env(state: Path) -> dict[str, str]:
+    """Environment of an MLflow server that may deliver webhooks to this machine.
+
+    MLflow refuses http:// and private/loopback webhook URLs unless told otherwise, and encrypts
+    stored webhook secrets with a key that must survive restarts (a random one per process
+    otherwise, and stored secrets become unreadable).
+    """
+    key = _secret_file(
+        state / "mlflow" / "webhook-encryption.key",
+        lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),  # a Fernet key
+    )
+    return {
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": key,
+    }
+
+
+def register_mlflow_webhook(mlflow_url: str, url: str, secret: str) -> dict[str, Any]:
+    """Create or update (idempotent, by name) the MLflow webhook that feeds deploy_model.
+
+    Ends with MLflow's own test delivery (a signed example event, which the plugin answers
+    with "ignored"), so a wrong URL or secret shows up now rather than at the first promotion.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
+    existing = [hook for hook in client.list_webhooks(max_results=100) if hook.name == WEBHOOK_NAME]
+    if existing:
+        hook = client.update_webhook(
+            existing[0].webhook_id, url=url, events=WEBHOOK_EVENTS, secret=secret, status="ACTIVE"
+        )
+        for duplicate in existing[1:]:
+            client.delete_webhook(duplicate.webhook_id)
+    else:
+        hook = client.create_webhook(
+            name=WEBHOOK_NAME,
+            url=url,
+            events=WEBHOOK_EVENTS,
+            secret=secret,
+            description="Alias moves -> Airflow registry_events plugin -> deploy_model",
+        )
+    test = client.test_webhook(hook.webhook_id)
+    return {
+        "webhook_id": hook.webhook_id,
+        "url": url,
+        "test_ok": bool(test.success),
+        "test_status": test.response_status,
+        "test_body": (test.response_body or test.error_message or "")[:300],
+    }
+
+
+def _enable_promotions(secret: str) -> None:
+    url = f"{AIRFLOW_URL}{WEBHOOK_PATH}"
+    try:
+        result = register_mlflow_webhook(MLFLOW_URL, url, secret)
+    except Exception as exc:  # e.g. an MLflow server started earlier without the webhook env
+        say(
+            f"could not register the MLflow webhook ({exc.__class__.__name__}: {exc}); "
+            "promotions in the MLflow UI will not deploy until `make stop && make run`"
+        )
+        return
+    if result["test_ok"]:
+        say(f"MLflow webhook -> {url} (test delivery answered {result['test_status']})")
+    else:
+        say(
+            f"MLflow webhook -> {url} registered, but its test delivery failed "
+            f"({result['test_status']}: {result['test_body']})"
+        )
 
 
 def down() -> None:

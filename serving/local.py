@@ -346,6 +346,9 @@ class LocalTarget:
         from mlflow.artifacts import download_artifacts
         from mlflow.models import Model
 
+        from serving.mlflow_uris import use_mlflow
+
+        use_mlflow(self.tracking_uri)  # models:/ resolution ignores registry_uri= below
         uris = {"tracking_uri": self.tracking_uri, "registry_uri": self.tracking_uri}
         base = model_uri.rstrip("/")
         try:

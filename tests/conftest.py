@@ -31,6 +31,8 @@ def mlflow_store(tmp_path, monkeypatch):
     yield uri
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
+    # set_registry_uri also exports MLFLOW_REGISTRY_URI; don't leak it into later tests.
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
 # Airflow reads its configuration when first imported: point it at a throwaway home and this

@@ -1,0 +1,383 @@
+"""Registry promotions end to end: MLflow alias -> webhook -> asset event -> deploy_model.
+
+What is real here:
+
+* an ``mlflow server`` process (SQLite registry) with webhooks enabled for loopback delivery,
+  exactly as ``make run`` starts it; aliases are set through its REST API (``MlflowClient``);
+* the MLflow webhook itself: MLflow signs and POSTs it to a real ``airflow api-server``
+  process, which loads ``plugins/registry_events`` through Airflow's plugin manager; the
+  plugin records the asset event in the test Airflow metadata DB, where the scheduler would
+  pick it up (the asset-triggered run queue is checked);
+* ``deploy_model`` and ``reconcile_deployment`` run through Airflow's ``dag.test()`` in this
+  process, against the same DB: no scheduler runs here, so the test starts the run the
+  scheduler would start (default Params, like an asset-triggered run);
+* the local deploy target: real ``mlflow models serve`` processes behind the front proxy, and
+  real HTTP predictions.
+
+The models are tiny pyfunc models (``promotion_models``), so each rollout takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import free_port
+from tests.plugins.conftest import asset_events, clear_queue, queued_for, sync_dags_to_db
+
+pytestmark = pytest.mark.integration
+
+MODEL = "it-promo-model"
+ASSET_URI = f"mlflow://models/{MODEL}/aliases/champion"
+SECRET = uuid.uuid4().hex
+WEIGHTS = {"1": [1.0, 2.0, 3.0], "2": [-1.0, 0.5, 2.0], "3": [0.25, 0.25, 4.0]}
+BIN = Path(sys.executable).parent
+
+
+def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    out = open(log, "wb")  # noqa: SIM115 - owned by the child
+    return subprocess.Popen(
+        argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not come up: {log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def stack(airflow_db, tmp_path_factory):
+    from mlflow import MlflowClient
+
+    from scripts.stack import WEBHOOK_PATH, mlflow_webhook_env, register_mlflow_webhook
+
+    root = tmp_path_factory.mktemp("promotion")
+    mlflow_port, api_port = free_port(), free_port()
+    front, slot_a, slot_b = free_port(), free_port(), free_port()
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+
+    # MLflow: the webhook settings scripts/stack.py gives the local server.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.update(mlflow_webhook_env(root))
+    env["MLFLOW_WEBHOOK_CACHE_TTL"] = "1"  # the webhook is created after the server started
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    server = [
+        str(BIN / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--serve-artifacts", "--host", "127.0.0.1", "--port", str(mlflow_port),
+        "--workers", "1",
+    ]  # fmt: skip
+    mp = pytest.MonkeyPatch()
+    for key, value in {
+        "AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_url,
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "MLFLOW_REGISTRY_URI": mlflow_url,  # deploy steps set it process-wide: undone at the end
+        "PIPELINE_REGISTRY_MODEL_NAME": MODEL,
+        "PIPELINE_DEPLOY_TARGET": "local",
+        "PIPELINE_DEPLOY_LOCAL_PORT": str(front),
+        "PIPELINE_DEPLOY_LOCAL_SLOT_PORTS": f"{slot_a},{slot_b}",
+        "PIPELINE_DEPLOY_LOCAL_STATE_DIR": str(root / "serving"),
+        "PIPELINE_DEPLOY_HEALTH_TIMEOUT_S": "120",
+        "PIPELINE_WEBHOOK_SECRET": SECRET,
+    }.items():
+        mp.setenv(key, value)
+    api_url = f"http://127.0.0.1:{api_port}"
+    procs = []
+    try:
+        # Both servers boot in parallel; the plugin reads the DB per request, not at start.
+        procs.append(mlflow_proc := _spawn(server, env, root / "mlflow.log"))
+        api_cmd = [str(BIN / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(api_port)]
+        api_env = {**os.environ, "AIRFLOW__API__WORKERS": "1"}
+        procs.append(api_proc := _spawn(api_cmd, api_env, root / "api-server.log"))
+        # What the DAG processor does: deploy_model (and its asset) into the metadata DB.
+        sync_dags_to_db()
+        clear_queue()
+        _wait_http(f"{mlflow_url}/health", mlflow_proc, root / "mlflow.log")
+        _register_versions(mlflow_url)
+        _wait_http(f"{api_url}/registry-events/", api_proc, root / "api-server.log")
+        described = httpx.get(f"{api_url}/registry-events/").json()
+        assert described["watching"] == {"model": MODEL, "alias": "champion"}
+
+        hook_url = f"{api_url}{WEBHOOK_PATH}"
+        first = register_mlflow_webhook(mlflow_url, hook_url, SECRET)
+        # MLflow's own signed test delivery reached the plugin, which ignored the example model.
+        assert first["test_ok"] and '"ignored"' in first["test_body"], first
+        # Idempotent: registering again (every `make run`) updates the same webhook.
+        assert register_mlflow_webhook(mlflow_url, hook_url, SECRET)["test_ok"]
+        client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
+        assert len(client.list_webhooks()) == 1
+
+        yield {
+            "root": root,
+            "mlflow": mlflow_url,
+            "client": client,
+            "endpoint": f"http://127.0.0.1:{front}",
+        }
+    finally:
+        from ml.settings import DeploySettings
+        from serving.local import LocalTarget
+
+        LocalTarget(DeploySettings(), mlflow_url).stop_all()
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        mp.undo()
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def _register_versions(mlflow_url: str) -> None:
+    import mlflow
+
+    from tests.integration.promotion_models import Linear, Noisy, log_version
+
+    mlflow.set_tracking_uri(mlflow_url)
+    mlflow.set_experiment("it-promotion")
+    models = [Linear(WEIGHTS["1"]), Linear(WEIGHTS["2"]), Linear(WEIGHTS["3"]), Noisy()]
+    for number, model in enumerate(models, start=1):
+        assert log_version(model, MODEL) == str(number)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _dag(dag_id: str):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.dags.test_dag_integrity import DAGS_DIR
+
+    bag = DagBag(dag_folder=str(DAGS_DIR / f"{dag_id}.py"))
+    assert bag.import_errors == {}
+    return bag.dags[dag_id]
+
+
+def _states(dag_run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def _xcom(dag_run, task_id: str, key: str = "return_value"):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.execute(
+            XComModel.get_many(
+                key=key, run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=task_id
+            ).with_only_columns(XComModel.value)
+        ).first()
+    if row is None:
+        return None
+    try:
+        return json.loads(row.value)
+    except (TypeError, ValueError):
+        return row.value  # a plain string (operator links are stored unserialised)
+
+
+def _wait_for_event(version: str, after: int, timeout_s: float = 30) -> dict:
+    """The first event on the asset past index ``after`` naming ``version`` (webhooks are async)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for event in asset_events(ASSET_URI)[after:]:
+            if event.get("version") == version:
+                return event
+        time.sleep(0.3)
+    raise AssertionError(
+        f"no webhook event for v{version} within {timeout_s}s: {asset_events(ASSET_URI)[after:]}"
+    )
+
+
+def _live() -> str | None:
+    from ml.settings import DeploySettings
+    from serving.local import LocalTarget
+
+    return LocalTarget(DeploySettings(), os.environ["MLFLOW_TRACKING_URI"]).active_version()
+
+
+def _champion(stack) -> str | None:
+    try:
+        return stack["client"].get_model_version_by_alias(MODEL, "champion").version
+    except Exception:
+        return None
+
+
+def _served_predictions_match(stack, version: str) -> None:
+    from tests.integration.promotion_models import example
+
+    frame = example()
+    response = httpx.post(
+        f"{stack['endpoint']}/invocations",
+        json={"dataframe_split": frame.to_dict(orient="split", index=False)},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    got = np.asarray(response.json()["predictions"], dtype=float).ravel()
+    np.testing.assert_allclose(got, frame.to_numpy() @ np.asarray(WEIGHTS[version]), atol=1e-9)
+
+
+# -- scenarios (in order, on one registry and one endpoint) ------------------------------------
+
+
+def test_setting_the_alias_in_mlflow_deploys_that_version(stack):
+    before = len(asset_events(ASSET_URI))
+    stack["client"].set_registered_model_alias(MODEL, "champion", "1")
+
+    event = _wait_for_event("1", before)
+    assert event["model"] == MODEL and event["alias"] == "champion"
+    assert event["source"] == "mlflow-webhook" and event["delivery_id"]
+    assert queued_for(ASSET_URI) == ["deploy_model"]  # the scheduler's queue for the asset
+
+    dag_run = _dag("deploy_model").test()  # default Params: what an asset-triggered run gets
+    states = _states(dag_run)
+    assert str(dag_run.state) == "success", states
+    assert states["deploy_local"] == "success" and states["deploy_kubernetes"] == "skipped"
+    assert states["roll_back"] == "skipped"
+    resolution = _xcom(dag_run, "resolve")
+    assert resolution["version"] == event["version"] == "1"
+    assert resolution["model_uri"] == f"models:/{MODEL}/1"
+
+    assert _live() == "1"
+    _served_predictions_match(stack, "1")
+    assert _champion(stack) == "1"
+    # The alias already named v1: promote wrote nothing, so no new webhook (no feedback loop).
+    assert _xcom(dag_run, "promote")["moved"] is False
+    time.sleep(1.5)
+    assert [e["version"] for e in asset_events(ASSET_URI)[before:]] == ["1"]
+
+    # The task pages link to MLflow: the links Airflow stored for the UI.
+    model_link = _xcom(dag_run, "deploy_local", key="_link_MlflowModelVersionLink")
+    assert model_link == f"{stack['mlflow']}/#/models/{MODEL}/versions/1"
+    run_link = _xcom(dag_run, "verify", key="_link_MlflowRunLink")
+    assert run_link.startswith(f"{stack['mlflow']}/#/experiments/") and "/runs/" in run_link
+    clear_queue()
+
+
+def test_two_quick_promotions_end_with_the_last_one_live(stack):
+    before = len(asset_events(ASSET_URI))
+    stack["client"].set_registered_model_alias(MODEL, "champion", "2")
+    stack["client"].set_registered_model_alias(MODEL, "champion", "3")
+    _wait_for_event("2", before)
+    _wait_for_event("3", before)
+    # Both events wait in one queue entry: the scheduler starts one run for them...
+    assert queued_for(ASSET_URI) == ["deploy_model"]
+    dag = _dag("deploy_model")
+    assert dag.max_active_runs == 1
+
+    # ...and each run, one at a time, deploys what the alias names when it starts: v3.
+    first = dag.test()
+    assert str(first.state) == "success", _states(first)
+    assert _xcom(first, "resolve")["version"] == "3"
+    assert _live() == "3"
+    _served_predictions_match(stack, "3")
+    # Had the scheduler started a second run, it finds v3 live and changes nothing.
+    second = dag.test()
+    assert str(second.state) == "success", _states(second)
+    assert _xcom(second, "deploy_local")["unchanged"] is True
+    assert _live() == "3" and _champion(stack) == "3"
+    clear_queue()
+
+
+def test_a_failed_rollout_returns_production_and_the_alias_to_the_previous_version(stack):
+    before = len(asset_events(ASSET_URI))
+    stack["client"].set_registered_model_alias(MODEL, "champion", "4")  # serves, but wrong
+    _wait_for_event("4", before)
+
+    dag_run = _dag("deploy_model").test()
+    states = _states(dag_run)
+    assert str(dag_run.state) == "failed", states
+    assert states["deploy_local"] == "success"
+    assert states["verify"] == "failed"
+    assert states["roll_back"] == "success"
+    assert states["promote"] == "upstream_failed"
+
+    assert _live() == "3"
+    _served_predictions_match(stack, "3")
+    assert _champion(stack) == "3"
+    failed = stack["client"].get_model_version(MODEL, "4")
+    assert "does not serve" in failed.tags["rollout.failed"]
+    assert failed.tags["rollout.failed"].startswith("verify: ")
+    # Moving the alias back is a promotion too: its run would find v3 live and do nothing.
+    _wait_for_event("3", before)
+    clear_queue()
+
+
+def test_manual_trigger_with_a_version_is_the_rollback(stack):
+    dag_run = _dag("deploy_model").test(run_conf={"version": 1})
+    assert str(dag_run.state) == "success", _states(dag_run)
+    assert _live() == "1"
+    _served_predictions_match(stack, "1")
+    promoted = _xcom(dag_run, "promote")
+    assert promoted["moved"] is True and _champion(stack) == "1"
+    clear_queue()
+
+
+def test_reconcile_converges_after_a_change_behind_the_pipelines_back(stack):
+    from ml.settings import DeploySettings
+    from serving.local import LocalTarget
+
+    # Someone deploys v2 by hand; @champion still names v1.
+    LocalTarget(DeploySettings(), stack["mlflow"]).deploy(f"models:/{MODEL}/2", "2")
+    assert _live() == "2" and _champion(stack) == "1"
+
+    reconcile = _dag("reconcile_deployment")
+    check_run = reconcile.test()
+    states = _states(check_run)
+    assert str(check_run.state) == "success", states
+    assert states["trigger_deploy_model"] == "success"
+    assert _xcom(check_run, "check", key="report")["live_version"] == "2"
+    triggered = _xcom(check_run, "trigger_deploy_model", key="trigger_run_id")
+    assert _run_state("deploy_model", triggered) == "queued"
+
+    # That queued run, executed: the alias's version is live again.
+    dag_run = _dag("deploy_model").test()
+    assert str(dag_run.state) == "success", _states(dag_run)
+    assert _live() == "1"
+    _served_predictions_match(stack, "1")
+
+    # In sync now: the next check triggers nothing.
+    again = reconcile.test()
+    assert _states(again)["trigger_deploy_model"] == "skipped"
+    assert _xcom(again, "check", key="report")["reason"] == "in sync"
+
+
+def _run_state(dag_id: str, run_id: str) -> str | None:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        state = session.scalar(
+            select(DagRun.state).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)
+        )
+    return str(state) if state is not None else None

@@ -1,11 +1,13 @@
 """``python -m serving ...``: the serving side as a CLI, for pods, the local target and people.
 
+    python -m serving serve --model-uri models:/regression-model/3 [--port 8080]  # model server
     python -m serving proxy                       # the local front proxy (blocking)
     python -m serving deploy-local --model-uri models:/regression-model/3 --version 3
     python -m serving status                      # exit 0 if something healthy is live
     python -m serving stop                        # stop proxy + model servers
     python -m serving verify --model-uri models:/regression-model/3 [--data holdout.parquet]
-    python -m serving rollout ...                 # the kubernetes rollout (not in this build)
+    python -m serving rollout --model-uri models:/regression-model/3 --version 3   # kubernetes
+    python -m serving render --model-uri models:/regression-model/3 --version 3    # manifests
 
 Settings come from ``DeploySettings`` (``PIPELINE_DEPLOY_*`` env vars); the MLflow tracking URI
 from ``MLFLOW_TRACKING_URI``. Results are printed as JSON on stdout, logs go to stderr.
@@ -21,8 +23,6 @@ import sys
 from typing import Any
 
 from ml.settings import DeploySettings, tracking_uri, with_overrides
-
-EXIT_NOT_IMPLEMENTED = 2
 
 
 def _print(obj: Any) -> None:
@@ -107,9 +107,107 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from serving.server import MODEL_URI_ENV, ServerConfig, run
+
+    model_uri = args.model_uri or os.environ.get(MODEL_URI_ENV)
+    if not model_uri:
+        logging.getLogger("serving").error("--model-uri (or %s) is required", MODEL_URI_ENV)
+        return 2
+    config = ServerConfig(
+        model_uri=model_uri,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        max_request_bytes=args.max_request_bytes,
+        max_batch_rows=args.max_batch_rows,
+        batch_wait_ms=args.batch_wait_ms,
+        batch_mode=args.batch_mode,
+        fast_path=not args.no_fast_path,
+        tf_threads=args.tf_threads,
+        access_log=not args.no_access_log,
+        request_timeout_s=args.request_timeout
+        or float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or 60),
+        graceful_timeout_s=args.graceful_timeout,
+        log_level="DEBUG" if args.verbose else "INFO",
+    )
+    return run(config)
+
+
+def _k8s_settings(args: argparse.Namespace) -> DeploySettings:
+    return with_overrides(
+        DeploySettings(),
+        namespace=getattr(args, "namespace", None),
+        deployment_name=getattr(args, "deployment", None),
+        serving_image=getattr(args, "serving_image", None),
+    )
+
+
 def cmd_rollout(args: argparse.Namespace) -> int:
-    print("serving rollout: not implemented in this build: see issue 4", file=sys.stderr)
-    return EXIT_NOT_IMPLEMENTED
+    from pathlib import Path
+
+    from serving.manifests import UnpinnedModelURI, parse_pinned_uri
+    from serving.rollout import EXIT_USAGE, KubeClient, Rollout, Smoke, mlflow_input_example
+
+    try:  # before any cluster I/O: an alias never reaches the Deployment
+        parse_pinned_uri(args.model_uri, args.version)
+    except UnpinnedModelURI as exc:
+        logging.getLogger("serving").error("%s", exc)
+        return EXIT_USAGE
+    settings = _k8s_settings(args)
+    if args.input_example:
+        example = Path(args.input_example).read_text()
+
+        def input_example(uri: str) -> str | None:
+            return example if uri == args.model_uri else None
+    else:
+        input_example = mlflow_input_example
+    rollout = Rollout(
+        KubeClient.from_environment(settings.namespace, settings.deployment_name),
+        settings,
+        model_uri=args.model_uri,
+        version=args.version,
+        tracking_uri=args.tracking_uri or tracking_uri(),
+        service_url=args.service_url,
+        input_example=input_example,
+        smoke=Smoke(interval_s=min(1.0, args.poll_interval)),
+        timeout_s=args.timeout,
+        smoke_timeout_s=args.smoke_timeout,
+        poll_s=args.poll_interval,
+    )
+    result = rollout.run()
+    _print(result.to_dict())
+    return result.exit_code
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from serving.manifests import UnpinnedModelURI, base_files, render, to_yaml
+
+    settings = _k8s_settings(args)
+    try:
+        objects = render(
+            settings,
+            args.model_uri,
+            args.version,
+            tracking_uri=args.tracking_uri or tracking_uri(),
+            include_namespace=not args.no_namespace,
+        )
+    except UnpinnedModelURI as exc:
+        logging.getLogger("serving").error("%s", exc)
+        return 2
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in base_files(objects).items():
+            (out / name).write_text(text)
+            logging.getLogger("serving").info("wrote %s", out / name)
+    else:
+        sys.stdout.write(to_yaml(objects))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,17 +250,97 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-5)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("rollout", help="roll out to Kubernetes (not in this build)")
+    p = sub.add_parser("serve", help="serve a model over MLflow's scoring protocol (blocking)")
+    p.add_argument(
+        "--model-uri",
+        help="models:/name/version, models:/name@alias, runs:/... (default: $SERVING_MODEL_URI)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=1, help="processes (each loads the model)")
+    p.add_argument(
+        "--max-request-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413"
+    )
+    p.add_argument("--max-batch-rows", type=int, default=256, help="micro-batch size cap")
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="extra wait to fill a micro-batch (0: only what queued while the model was busy)",
+    )
+    p.add_argument(
+        "--batch-mode",
+        choices=("auto", "thread", "inline"),
+        default="auto",
+        help="where the model runs: auto = on the event loop for small batches, else a thread",
+    )
+    p.add_argument("--no-fast-path", action="store_true", help="always use the pyfunc")
+    p.add_argument(
+        "--tf-threads", type=int, default=1, help="TensorFlow op threads (0: TF default)"
+    )
+    p.add_argument("--no-access-log", action="store_true")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        help="seconds per request, like MLflow's (default: $MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT "
+        "or 60)",
+    )
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for in-flight requests",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    def k8s_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model-uri", required=True, help="pinned URI, e.g. models:/name/3")
+        p.add_argument("--version", required=True, help="the version the URI pins")
+        p.add_argument("--namespace", help="override PIPELINE_DEPLOY_NAMESPACE")
+        p.add_argument("--deployment", help="override PIPELINE_DEPLOY_DEPLOYMENT_NAME")
+        p.add_argument("--serving-image", help="override PIPELINE_DEPLOY_SERVING_IMAGE")
+        p.add_argument(
+            "--tracking-uri",
+            help="MLflow URI the model servers load from (default: $MLFLOW_TRACKING_URI)",
+        )
+
+    p = sub.add_parser(
+        "rollout",
+        help="roll a model version out to the Kubernetes Deployment; roll back on failure",
+        description="Exit 0: live (or already was); 1: failed and rolled back; 2: bad "
+        "arguments; 3: failed and not rolled back (a person has to look).",
+    )
+    k8s_opts(p)
+    p.add_argument(
+        "--service-url",
+        help="base URL for the smoke test (default: http://<deployment>.<namespace>"
+        ".svc.cluster.local:80, or PIPELINE_DEPLOY_SERVICE_URL)",
+    )
+    p.add_argument(
+        "--input-example", help="JSON request body for the smoke test (default: the model's)"
+    )
+    p.add_argument(
+        "--timeout", type=float, help="seconds for the rolling update (default: health_timeout_s)"
+    )
+    p.add_argument(
+        "--smoke-timeout", type=float, help="seconds for the smoke test (default: smoke_timeout_s)"
+    )
+    p.add_argument("--poll-interval", type=float, default=2.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser(
+        "render", help="print the Kubernetes manifests (multi-document YAML) for a model version"
+    )
+    k8s_opts(p)
+    p.add_argument("--out-dir", help="write a kustomize base there instead of printing")
+    p.add_argument("--no-namespace", action="store_true", help="leave out the Namespace object")
+    p.set_defaults(func=cmd_render)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # `rollout` takes its flags from the (later) implementation: accept them all for now.
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command != "rollout":
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -3,7 +3,7 @@
 Layout of ``DeploySettings.local_state_dir``::
 
     proxy.pid / proxy.log     the front proxy (serving.proxy), one per state dir
-    slot-<port>.pid / .log    a model server (`mlflow models serve`) on a slot port
+    slot-<port>.pid / .log    a model server (`python -m serving serve`) on a slot port
     active.json               what the proxy serves: {version, model_uri, port, pid, deployed_at}
     deploy.lock               serialises deploys (nightly run vs. a manual deploy_model)
 
@@ -268,7 +268,7 @@ class LocalTarget:
         return slots[0]
 
     def _stop_slot(self, port: int) -> int | None:
-        pid = _live_pid(self._slot_pidfile(port), "mlflow")
+        pid = _live_pid(self._slot_pidfile(port), "serving", "serve")
         if pid is not None:
             log.info("stopping model server pid %s on slot port %s", pid, port)
             _stop_group(pid)
@@ -277,11 +277,10 @@ class LocalTarget:
 
     def _start_slot(self, model_uri: str, port: int) -> subprocess.Popen[bytes]:
         cmd = [
-            sys.executable, "-m", "mlflow", "models", "serve",
-            "-m", model_uri,
-            "--env-manager", "local",
-            "-h", UPSTREAM_HOST,
-            "-p", str(port),
+            sys.executable, "-m", "serving", "serve",
+            "--model-uri", model_uri,
+            "--host", UPSTREAM_HOST,
+            "--port", str(port),
             "--workers", "1",
         ]  # fmt: skip
         env = self._child_env()
@@ -370,7 +369,7 @@ class LocalTarget:
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        # `mlflow models serve` runs `uvicorn` from PATH: make it this interpreter's.
+        # Model servers and MLflow helpers look for tools (uvicorn) on PATH: this interpreter's.
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p

@@ -1,0 +1,90 @@
+# The model server: `python -m serving serve` for one pinned MLflow model URI.
+#
+# Generic: the image holds no model. It is told which one by the environment and loads it at
+# start, so a rollout (a new URI) and a rollback (the old URI) are ordinary rolling updates.
+#
+#   podman run -p 8080:8080 \
+#     -e SERVING_MODEL_URI=models:/regression-model/3 \
+#     -e MLFLOW_TRACKING_URI=http://mlflow:5000 \
+#     train-and-deploy/serving:latest
+#
+# Build it with scripts/build_images.sh, which stages this context offline (no registry or
+# package index is reachable from these builds): requirements.txt (the lock), wheels/ (the
+# wheelhouse), tools/uv, ml/, serving/. See docs/containers.md.
+#
+# Layers, slowest-changing first: base (Debian bookworm + python3.11) → user → dependencies
+# (keyed by the lock file only) → code. A code change rebuilds the last two small layers.
+# Runs as uid 10001 and writes only to /tmp, so it works with a read-only root filesystem
+# (Kubernetes readOnlyRootFilesystem + an emptyDir on /tmp; `podman run --read-only`).
+
+ARG BASE_IMAGE=localhost/train-and-deploy/base:latest
+FROM ${BASE_IMAGE}
+
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    VIRTUAL_ENV=/opt/venv \
+    LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    TMPDIR=/tmp \
+    KERAS_HOME=/tmp/.keras \
+    TF_CPP_MIN_LOG_LEVEL=2
+
+# Numeric uid/gid: Kubernetes' runAsNonRoot can only verify a numeric USER.
+RUN groupadd --gid 10001 app \
+    && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
+        --shell /usr/sbin/nologin app
+
+# -- dependencies: rebuilt only when the lock changes ---------------------------------------
+# The wheelhouse and uv are bind-mounted, so neither ends up in a layer. Then, trimmed: C/C++
+# headers, the test suites of numpy/pandas/pyarrow/h5py, and libclang (62 MB: a TensorFlow
+# install requirement that nothing imports at run time). Bytecode is written only for the
+# modules serving imports (a read-only root cannot cache it at run time; compiling all of
+# TensorFlow would add ~100 MB for modules never loaded).
+COPY requirements.txt /opt/requirements.txt
+RUN --mount=type=bind,source=wheels,target=/wheels \
+    --mount=type=bind,source=tools,target=/tools \
+    /tools/uv venv --quiet --no-python-downloads --python 3.11 /opt/venv \
+    && /tools/uv pip install --quiet --no-cache --offline --no-index --find-links /wheels \
+        --python /opt/venv/bin/python --requirement /opt/requirements.txt \
+    && /tools/uv pip uninstall --quiet --python /opt/venv/bin/python libclang \
+    && cd /opt/venv/lib/python3.11/site-packages \
+    && rm -rf tensorflow/include pyarrow/include numpy/_core/include \
+        pandas/tests pyarrow/tests h5py/tests numpy/tests numpy/*/tests \
+    && echo /opt/app >train_and_deploy.pth \
+    && PYTHONDONTWRITEBYTECODE= python -c "if True: \
+        import numpy, pandas, pyarrow.parquet, pydantic, pydantic_settings, tensorflow, keras; \
+        import mlflow, mlflow.pyfunc, mlflow.models, mlflow.artifacts, mlflow.tracking; \
+        import mlflow.pyfunc.loaders.code_model, mlflow.pyfunc.scoring_server; \
+        from mlflow.store.artifact import models_artifact_repo, http_artifact_repo; \
+        from mlflow.store.artifact import runs_artifact_repo, mlflow_artifacts_repo; \
+        import uvicorn, uvicorn.loops.uvloop, uvicorn.protocols.http.httptools_impl; \
+        import uvicorn.protocols.http.h11_impl, uvicorn.lifespan.on"
+
+# -- code ------------------------------------------------------------------------------------
+# /opt/app is on the venv's path (the .pth above): the packages import from any working dir.
+COPY ml /opt/app/ml
+COPY serving /opt/app/serving
+RUN python -m compileall -q /opt/app \
+    && python -c "import ml.settings, serving.__main__, serving.server, serving.loader"
+
+ARG GIT_SHA=unknown
+ENV GIT_SHA=${GIT_SHA}
+LABEL io.train-and-deploy.image="serving" \
+      org.opencontainers.image.title="train-and-deploy serving" \
+      org.opencontainers.image.description="MLflow scoring protocol model server" \
+      org.opencontainers.image.revision="${GIT_SHA}"
+
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8080
+# /ping answers 200 only after the model is loaded and a warm-up prediction succeeded. The
+# check reads the server's own --host/--port from its command line (a later --port given to
+# `podman run` wins, as it does for argparse), so it never probes some other process's port.
+# The start period covers the model download + TensorFlow import. (Kubernetes ignores
+# HEALTHCHECK: the Deployment has its own readiness/liveness probes on /ping.)
+HEALTHCHECK --interval=10s --timeout=3s --start-period=90s --retries=3 CMD ["python", "-c", \
+    "import glob, urllib.request\nhost, port = '127.0.0.1', '8080'\nfor path in glob.glob('/proc/[0-9]*/cmdline'):\n    try:\n        argv = open(path, 'rb').read().decode().split('\\0')\n    except OSError:\n        continue\n    if 'serving' not in argv or 'serve' not in argv:\n        continue\n    for flag, value in zip(argv, argv[1:]):\n        if flag == '--port':\n            port = value\n        elif flag == '--host' and value not in ('0.0.0.0', '::', ''):\n            host = value\n    break\nurllib.request.urlopen(f'http://{host}:{port}/ping', timeout=2)\n"]
+# Model URI: $SERVING_MODEL_URI (or --model-uri); registry: $MLFLOW_TRACKING_URI.
+# Extra arguments are appended (`... --workers 2`); a later --port/--host overrides these.
+ENTRYPOINT ["python", "-m", "serving", "serve", "--host", "0.0.0.0", "--port", "8080"]

@@ -1,0 +1,602 @@
+"""Benchmark the model server against stock MLflow serving, in one run, on one model version.
+
+    .venv/bin/python scripts/bench_serving.py            # ~6 minutes; writes docs/benchmarks.md
+    make bench-serving
+    .venv/bin/python scripts/bench_serving.py --rounds 1 --duration 3 --no-write   # a quick look
+
+What it does, all on 127.0.0.1 and bounded in time:
+
+1. Trains the project's regressor (``ml.train.train_model``, default network, a few epochs) on
+   the built-in synthetic data in a throwaway SQLite MLflow store, registers it, and also logs a
+   plain ``mlflow.tensorflow.log_model`` copy of the same network (registered separately).
+   ``--tracking-uri/--model-name/--model-version`` benchmark an existing version instead (the
+   tensorflow-flavor copy is then logged into that store's ``bench-serving`` experiment).
+2. Starts each server with one worker: a bare ASGI echo app that parses the same JSON (the
+   ceiling for this HTTP stack), ``mlflow models serve --env-manager local`` on the pyfunc
+   version, the same on the tensorflow-flavor copy, and ``python -m serving serve`` on the
+   pyfunc version. Idle servers use no CPU; only the one under load works.
+3. Checks that every model server answers the same predictions as stock MLflow on the pyfunc
+   version (single-row requests and one batch request; atol 1e-5).
+4. Runs ``wrk`` (single-row ``dataframe_split`` POSTs, 1 and 8 connections, ``--duration`` s per
+   cell after a short warm-up) in ``--rounds`` interleaved rounds, so that a noisy moment on a
+   shared machine hits every server alike; keeps the median of each number, and the RSS of each
+   server's process tree.
+5. Prints a table with ratios and the targets, and rewrites the ``bench-serving`` section of
+   ``docs/benchmarks.md`` (other sections are kept).
+
+Needs ``wrk`` on PATH (Debian package ``wrk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DOC = REPO / "docs" / "benchmarks.md"
+BEGIN = "<!-- bench-serving:begin -->"
+END = "<!-- bench-serving:end -->"
+CHECK_ROWS = 16
+ATOL = 1e-5
+TARGETS = {
+    "vs_stock_same_version": 3.0,
+    "vs_stock_tensorflow": 50.0,
+    "p99_ms_8_clients": 25.0,
+    "vs_echo": 0.40,
+}
+
+
+# -- the echo app (the ceiling) -----------------------------------------------------------------
+
+
+async def echo_app(scope, receive, send):
+    """Parse the JSON body like the model server does; answer one fixed prediction per row."""
+    from serving.server import _dumps, _fast_loads
+
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    if scope["path"] == "/invocations":
+        rows = _fast_loads(body)["dataframe_split"]["data"]
+        out = _dumps({"predictions": [{"prediction": 0.0} for _ in rows]})
+    else:
+        out = b"\n"
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": out})
+
+
+def run_echo_server(port: int) -> None:
+    import uvicorn
+
+    from serving.server import _uvicorn_options
+
+    uvicorn.run(
+        echo_app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        **_uvicorn_options(),
+    )
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_env(tracking_uri: str) -> dict[str, str]:
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])  # stock runs `uvicorn` from PATH
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def tree_rss_mb(session_id: int) -> float:
+    """Resident memory of every process in the server's session (stock forks uvicorn)."""
+    total_kb = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry.name}/stat").read_text()
+            fields = raw[raw.rfind(")") + 2 :].split()
+            if int(fields[3]) != session_id:  # field 6 of stat: session id
+                continue
+            for line in Path(f"/proc/{entry.name}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total_kb / 1024.0
+
+
+def stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 240) -> float:
+    import httpx
+
+    started = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}"
+            )
+        try:
+            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - started > timeout_s:
+            raise RuntimeError(f"server not ready in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.25)
+
+
+def numbers(obj: Any) -> list[float]:
+    """All numbers of a predictions payload, in order ([{"prediction": x}] or [[x]] or [x])."""
+    if isinstance(obj, dict):
+        return [v for value in obj.values() for v in numbers(value)]
+    if isinstance(obj, list):
+        return [v for value in obj for v in numbers(value)]
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [float(obj)]
+    return []
+
+
+def predictions(url: str, columns: list[str], rows: list[list[float]]) -> list[float]:
+    """Single-row requests, then one batch request; returns singles + batch values."""
+    import httpx
+
+    out: list[float] = []
+    with httpx.Client(timeout=60) as client:
+        for row in [*([r] for r in rows), rows]:
+            resp = client.post(
+                f"{url}/invocations",
+                json={"dataframe_split": {"columns": columns, "data": row}},
+            )
+            resp.raise_for_status()
+            out.extend(numbers(resp.json()["predictions"]))
+    return out
+
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[{body}]==]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
+    '"status_errors": %d, "socket_errors": %d}}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def run_wrk(url: str, lua: Path, connections: int, duration_s: int) -> dict[str, float]:
+    cmd = [
+        "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
+        "-s", str(lua), f"{url}/invocations",
+    ]  # fmt: skip
+    completed = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=duration_s + 60, check=True
+    )
+    line = next(ln for ln in completed.stdout.splitlines() if ln.startswith("WRKJSON "))
+    raw = json.loads(line[len("WRKJSON ") :])
+    return {
+        "rps": raw["requests"] / (raw["duration_us"] / 1e6),
+        "p50_ms": raw["p50_us"] / 1000.0,
+        "p99_ms": raw["p99_us"] / 1000.0,
+        "requests": raw["requests"],
+        "errors": raw["status_errors"] + raw["socket_errors"],
+    }
+
+
+# -- the model -----------------------------------------------------------------------------------
+
+
+def prepare_models(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Train+register (or reuse) the pyfunc version; log+register the tensorflow-flavor copy."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    tracking_uri = args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    if not args.tracking_uri:
+        os.chdir(workdir)  # a SQLite store keeps artifacts under ./mlruns
+
+    from datetime import date, timedelta
+
+    from ml.data import SYNTHETIC_FEATURES, synthetic_partition
+    from ml.settings import DataSettings, TrainingSettings
+
+    data_settings = DataSettings()
+    days = [date(2024, 3, 1) + timedelta(days=i) for i in range(7)]
+    frame = pd.concat([synthetic_partition(d, data_settings) for d in days], ignore_index=True)
+    target = data_settings.target_column
+
+    client = mlflow.MlflowClient()
+    if args.model_name:
+        name, version = args.model_name, str(args.model_version)
+        pyfunc_uri = f"models:/{name}/{version}"
+        meta = mlflow.models.Model.load(pyfunc_uri)
+        columns = meta.signature.inputs.input_names()
+    else:
+        from ml.train import train_model
+
+        result = train_model(
+            frame,
+            SYNTHETIC_FEATURES,
+            target,
+            TrainingSettings(epochs=args.epochs),
+            experiment_name="bench-serving",
+            run_name="bench-serving",
+        )
+        name = "bench-regressor"
+        version = str(mlflow.register_model(result.model_uri, name).version)
+        pyfunc_uri = f"models:/{name}/{version}"
+        columns = list(SYNTHETIC_FEATURES)
+
+    # The tensorflow-flavor copy of the very same network.
+    import keras
+    from mlflow.models import infer_signature
+
+    local = Path(mlflow.artifacts.download_artifacts(pyfunc_uri, dst_path=str(workdir / "pyfunc")))
+    conf = mlflow.models.Model.load(str(local)).flavors["python_function"]
+    network = keras.saving.load_model(
+        local / conf["artifacts"]["keras_model"]["path"], compile=False
+    )
+    sample = frame[columns].head(5).to_numpy("float32")
+    mlflow.set_experiment("bench-serving")
+    with mlflow.start_run(run_name="bench-serving-tensorflow-flavor"):
+        tf_info = mlflow.tensorflow.log_model(
+            network,
+            name="model",
+            signature=infer_signature(sample, np.asarray(network(sample))),
+            input_example=sample,
+        )
+    tf_name = f"{name}-tensorflow-flavor"
+    tf_version = str(mlflow.register_model(tf_info.model_uri, tf_name).version)
+    del client
+
+    rows = frame[columns].sample(n=CHECK_ROWS, random_state=7).to_numpy("float64").tolist()
+    return {
+        "tracking_uri": tracking_uri,
+        "pyfunc_uri": pyfunc_uri,
+        "tf_uri": f"models:/{tf_name}/{tf_version}",
+        "columns": columns,
+        "check_rows": rows,
+        "payload_row": rows[0],
+    }
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    server: str
+    rounds: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+    rss_mb: float = 0.0
+    ready_s: float = 0.0
+    max_diff: float | None = None
+
+    @property
+    def results(self) -> dict[int, dict[str, float]]:
+        """Per client count: the median over rounds of each number (errors: the sum)."""
+        out = {}
+        for connections, runs in self.rounds.items():
+            out[connections] = {
+                key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms")
+            }
+            out[connections]["errors"] = sum(r["errors"] for r in runs)
+        return out
+
+
+@dataclass
+class Server:
+    label: str
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+
+def start_server(
+    label: str, cmd: list[str], port: int, models: dict[str, Any], workdir: Path
+) -> Server:
+    log_path = workdir / f"{label}.log"
+    print(f"== start {label}: {' '.join(cmd)}", flush=True)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            cmd,
+            env=child_env(models["tracking_uri"]),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=str(workdir),
+        )
+    return Server(label, proc, f"http://127.0.0.1:{port}", log_path)
+
+
+def run_benchmark(
+    servers: list[Server], models: dict[str, Any], lua: Path, args: argparse.Namespace
+) -> dict[str, Cell]:
+    """All servers up (idle ones use no CPU); cells measured in interleaved rounds."""
+    cells = {s.label: Cell(s.label) for s in servers}
+    for server in servers:
+        cells[server.label].ready_s = wait_ready(server.proc, server.url, server.log_path)
+    reference = predictions(servers[1].url, models["columns"], models["check_rows"])
+    for server in servers[1:]:
+        values = predictions(server.url, models["columns"], models["check_rows"])
+        diffs = [abs(a - b) for a, b in zip(values, reference, strict=True)]
+        cells[server.label].max_diff = max(diffs)
+    for server in servers:
+        run_wrk(server.url, lua, 8, args.warmup)  # warm-up, not recorded
+    for round_ in range(1, args.rounds + 1):
+        print(f"\n-- round {round_}/{args.rounds}", flush=True)
+        for server in servers:
+            for connections in args.connections:
+                res = run_wrk(server.url, lua, connections, args.duration)
+                cells[server.label].rounds.setdefault(connections, []).append(res)
+                print(
+                    f"   {server.label:17s} c={connections}: {res['rps']:8.0f} req/s  "
+                    f"p50 {res['p50_ms']:7.2f} ms  p99 {res['p99_ms']:7.2f} ms  "
+                    f"errors {res['errors']}",
+                    flush=True,
+                )
+    for server in servers:
+        cells[server.label].rss_mb = tree_rss_mb(server.proc.pid)
+    return cells
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured cell")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded load first")
+    parser.add_argument("--connections", default="1,8", help="comma-separated client counts")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (own model)")
+    parser.add_argument("--tracking-uri", help="benchmark a model in this store instead")
+    parser.add_argument("--model-name", help="registered model (with --tracking-uri)")
+    parser.add_argument("--model-version", help="its version (with --model-name)")
+    parser.add_argument("--skip-tensorflow-flavor", action="store_true")
+    parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.echo_server:
+        run_echo_server(args.echo_server)
+        return 0
+    if args.model_name and not (args.tracking_uri and args.model_version):
+        parser.error("--model-name needs --tracking-uri and --model-version")
+    args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    started = time.monotonic()
+    print(f"work dir: {workdir}", flush=True)
+    models = prepare_models(args, workdir)
+    payload = {"dataframe_split": {"columns": models["columns"], "data": [models["payload_row"]]}}
+    lua = workdir / "post.lua"
+    lua.write_text(WRK_LUA.format(body=json.dumps(payload)))
+
+    py = sys.executable
+    stock = [py, "-m", "mlflow", "models", "serve", "--env-manager", "local", "-h", "127.0.0.1"]
+
+    def stock_cmd(uri: str, port: int) -> list[str]:
+        return [*stock, "-m", uri, "-p", str(port), "--workers", "1"]
+
+    def ours_cmd(uri: str, port: int) -> list[str]:
+        return [py, "-m", "serving", "serve", "--model-uri", uri, "--port", str(port)]
+
+    servers = [
+        ("echo", lambda p: [py, str(Path(__file__).resolve()), "--echo-server", str(p)]),
+        ("stock-pyfunc", lambda p: stock_cmd(models["pyfunc_uri"], p)),
+        ("stock-tensorflow", lambda p: stock_cmd(models["tf_uri"], p)),
+        ("this-server", lambda p: ours_cmd(models["pyfunc_uri"], p)),
+    ]
+    if args.skip_tensorflow_flavor:
+        servers = [s for s in servers if s[0] != "stock-tensorflow"]
+
+    # Order matters: the echo app first, then stock on the pyfunc version (the reference
+    # for the prediction check), then the others.
+    running: list[Server] = []
+    try:
+        for label, make_cmd in servers:
+            port = free_port()
+            running.append(start_server(label, make_cmd(port), port, models, workdir))
+        cells = run_benchmark(running, models, lua, args)
+    finally:
+        for server in running:
+            stop(server.proc)
+
+    report = build_report(cells, models, args, time.monotonic() - started)
+    print("\n" + report["text"])
+    if not args.no_write:
+        write_doc(report["markdown"])
+        print(f"\nwrote {DOC.relative_to(REPO)}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if report["predictions_ok"] else 1
+
+
+def build_report(
+    cells: dict[str, Cell], models: dict[str, Any], args: argparse.Namespace, took_s: float
+) -> dict[str, Any]:
+    conns = args.connections
+    ours = cells["this-server"]
+
+    def ratio(other: str, c: int) -> float | None:
+        if other not in cells or c not in cells[other].results:
+            return None
+        return ours.results[c]["rps"] / cells[other].results[c]["rps"]
+
+    header = ["server"]
+    for c in conns:
+        header += [f"req/s @{c}", f"p50 ms @{c}", f"p99 ms @{c}"]
+    header += ["RSS MB", "max abs diff vs stock"]
+    rows = []
+    for cell in cells.values():
+        row = [cell.server]
+        for c in conns:
+            r = cell.results.get(c)
+            row += (
+                [f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"] if r else ["-"] * 3
+            )
+        row += [f"{cell.rss_mb:.0f}", "-" if cell.max_diff is None else f"{cell.max_diff:.1e}"]
+        rows.append(row)
+
+    checks: list[tuple[str, str, str, bool]] = []
+    top = max(conns)
+    for c in conns:
+        for other, key in (
+            ("stock-pyfunc", "vs_stock_same_version"),
+            ("stock-tensorflow", "vs_stock_tensorflow"),
+        ):
+            value = ratio(other, c)
+            if value is not None:
+                name = f"{c} client(s): this server / {other} throughput"
+                target = TARGETS[key]
+                checks.append((name, f"{value:.1f}x", f">= {target:g}x", value >= target))
+        value = ratio("echo", c)
+        if value is not None:
+            name = f"{c} client(s): this server / echo throughput"
+            target = TARGETS["vs_echo"]
+            checks.append((name, f"{value:.0%}", f">= {target:.0%}", value >= target))
+    p99 = ours.results[top]["p99_ms"]
+    p99_target = TARGETS["p99_ms_8_clients"]
+    checks.append(
+        (f"p99 at {top} clients", f"{p99:.2f} ms", f"< {p99_target:g} ms", p99 < p99_target)
+    )
+    diffs = {k: c.max_diff for k, c in cells.items() if c.max_diff is not None}
+    our_diff = diffs.get("this-server", float("inf"))
+    predictions_ok = our_diff <= ATOL
+    checks.append(
+        (
+            "predictions equal stock's (pyfunc version)",
+            f"max abs diff {our_diff:.1e}",
+            f"<= {ATOL:g}",
+            predictions_ok,
+        )
+    )
+    errors = sum(r["errors"] for c in cells.values() for r in c.results.values())
+
+    def table(head: list[str], body: list[list[str]]) -> str:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines)
+
+    check_rows = [[name, got, want, "met" if ok else "NOT met"] for name, got, want, ok in checks]
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    command = "make bench-serving   # = .venv/bin/python scripts/bench_serving.py"
+    md = "\n".join(
+        [
+            "## Model server (`python -m serving serve`) vs stock `mlflow models serve`",
+            "",
+            f"Measured {datetime.now(UTC):%Y-%m-%d} on {machine}; load generator `wrk` "
+            f"(1 thread) on the same machine; single-row `dataframe_split` JSON POSTs; one "
+            f"worker per server. All servers are started first (an idle server uses no CPU), "
+            f"then measured one at a time in {args.rounds} interleaved rounds of "
+            f"{args.duration} s per cell (after a {args.warmup} s warm-up each); the tables "
+            "show the median of the rounds.",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+            table(header, rows),
+            "",
+            table(["target", "measured", "wanted", ""], check_rows),
+            "",
+            "- **echo**: a bare ASGI app on the same uvicorn/httptools/uvloop stack that parses "
+            "the JSON body and answers a constant: the ceiling for this HTTP stack.",
+            "- **stock-pyfunc**: `mlflow models serve --env-manager local` on the registered "
+            f"pyfunc version (`{models['pyfunc_uri']}` in the benchmark's own store).",
+            "- **stock-tensorflow**: the same network logged with `mlflow.tensorflow.log_model` "
+            "(served through `keras.Model.predict`).",
+            "- **this-server**: `python -m serving serve` on the same pyfunc version, default "
+            "settings (access log on, micro-batching on, fast Keras path).",
+            "- RSS is the resident memory of the server's whole process tree after the runs.",
+            f"- Non-2xx or socket errors during the runs: {errors}.",
+            "- The load generator shares the 2 CPUs with the server, and the machine may be "
+            "shared with other jobs: repeated runs differ by about 10-20%.",
+            f"- The run took {took_s / 60:.1f} min.",
+        ]
+    )
+    text = table(header, rows) + "\n\n" + table(["target", "measured", "wanted", ""], check_rows)
+    return {"markdown": md, "text": text, "predictions_ok": predictions_ok}
+
+
+def write_doc(section: str) -> None:
+    block = f"{BEGIN}\n{section}\n{END}"
+    if DOC.exists():
+        text = DOC.read_text()
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            text = head + block + tail
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+    else:
+        text = "# Benchmarks\n\nNumbers, and the exact commands that made them.\n\n" + block + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Micro-batching: concurrent requests share one model call.
+
+Each request is parsed and validated on its own first (a bad request is answered 400 before it
+gets near a batch), then hands its float32 rows to :meth:`MicroBatcher.predict` and awaits its
+slice of the answer.
+
+Scheduling: requests wait while the model is busy (that is where batches come from under load),
+and otherwise at most ``max_wait_s`` (default 0 = the next turn of the event loop, so a lone
+request is never delayed by a timer). A batch never exceeds ``max_batch_rows`` unless a single
+request is bigger, in which case that request runs alone. If a batched call raises, every request
+of the batch is re-run on its own, so only the request that really fails gets the error.
+
+Where the model runs (``mode``): ``"auto"`` (default) calls it on the event loop itself for
+batches of at most ``inline_max_rows`` rows (a small call of the fast Keras path takes ~0.01 ms,
+less than handing it to a thread) and in one dedicated model thread for bigger batches, so a
+large request never blocks the loop (TensorFlow releases the GIL while its kernels run, and the
+loop keeps reading and parsing meanwhile). ``"thread"`` always uses the thread, ``"inline"``
+never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+BatchObserver = Callable[[int, int, bool], None]
+
+DEFAULT_MAX_BATCH_ROWS = 256
+DEFAULT_INLINE_MAX_ROWS = 64
+MAX_WAIT_LIMIT_S = 0.05
+
+
+class MicroBatcher:
+    """Coalesce concurrent ``predict`` calls into one call of ``predict_fn``.
+
+    ``predict_fn`` takes a 2-D array (rows x features) and returns one value per row (any shape
+    whose first axis is the rows). Must be used from a single event loop.
+    """
+
+    def __init__(
+        self,
+        predict_fn: PredictFn,
+        *,
+        max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+        max_wait_s: float = 0.0,
+        mode: Literal["auto", "thread", "inline"] = "auto",
+        inline_max_rows: int = DEFAULT_INLINE_MAX_ROWS,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_rows < 1:
+            raise ValueError("max_batch_rows must be >= 1")
+        if not 0.0 <= max_wait_s <= MAX_WAIT_LIMIT_S:
+            raise ValueError(f"max_wait_s must be within [0, {MAX_WAIT_LIMIT_S}]")
+        if mode not in ("auto", "thread", "inline"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self._predict_fn = predict_fn
+        self.max_batch_rows = max_batch_rows
+        self.max_wait_s = max_wait_s
+        self.mode = mode
+        self.inline_max_rows = inline_max_rows
+        self._on_batch = on_batch
+        self._pending: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
+        self._pending_rows = 0
+        self._busy = False
+        self._timer: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # -- public API ------------------------------------------------------------------------
+
+    async def predict(self, rows: np.ndarray) -> np.ndarray:
+        """This request's predictions (first axis = its rows), computed in some batch."""
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._pending.append((rows, future))
+        self._pending_rows += len(rows)
+        if not self._busy:
+            if self._pending_rows >= self.max_batch_rows:
+                self._flush()
+            elif self._timer is None:
+                if self.max_wait_s > 0:
+                    self._timer = loop.call_later(self.max_wait_s, self._flush)
+                else:
+                    self._timer = loop.call_soon(self._flush)
+        return await future
+
+    async def close(self) -> None:
+        """Stop accepting work; waits for the running call, then stops the thread."""
+        self._closed = True
+        while self._busy or self._pending:
+            await asyncio.sleep(0.005)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # -- internals (all on the event loop thread) ------------------------------------------
+
+    def _take(self) -> list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]:
+        batch = []
+        rows = 0
+        while self._pending:
+            x, future = self._pending[0]
+            if batch and rows + len(x) > self.max_batch_rows:
+                break
+            self._pending.pop(0)
+            if future.done():  # the waiting request was cancelled (client went away)
+                self._pending_rows -= len(x)
+                continue
+            batch.append((x, future))
+            rows += len(x)
+            self._pending_rows -= len(x)
+        return batch
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._busy:
+            return
+        batch = self._take()
+        if not batch:
+            return
+        arrays = [x for x, _ in batch]
+        if self.mode == "inline" or (
+            self.mode == "auto" and sum(len(a) for a in arrays) <= self.inline_max_rows
+        ):
+            self._deliver(batch, *_run_batch(self._predict_fn, arrays))
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._busy = True
+        assert self._loop is not None
+        done = self._loop.run_in_executor(self._executor, _run_batch, self._predict_fn, arrays)
+        done.add_done_callback(lambda f: self._on_done(batch, f))
+
+    def _on_done(self, batch, done: asyncio.Future) -> None:
+        self._busy = False
+        try:
+            results, fell_back = done.result()
+        except BaseException as exc:  # the executor itself failed: fail this batch only
+            results, fell_back = [exc] * len(batch), False
+        self._deliver(batch, results, fell_back)
+
+    def _deliver(self, batch, results, fell_back: bool) -> None:
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if self._on_batch is not None:
+            with contextlib.suppress(Exception):
+                self._on_batch(sum(len(x) for x, _ in batch), len(batch), fell_back)
+        if self._pending:
+            # These requests arrived while the model was busy: they have waited already. After an
+            # inline call, first let the loop read what arrived meanwhile (bigger next batch).
+            if self._busy:
+                return
+            if self._timer is None:
+                assert self._loop is not None
+                self._timer = self._loop.call_soon(self._flush)
+
+
+def _run_batch(
+    predict_fn: PredictFn, arrays: list[np.ndarray]
+) -> tuple[list[np.ndarray | BaseException], bool]:
+    """One call for all arrays; if it fails, one call per array. Returns (results, fell_back)."""
+    if len(arrays) == 1:
+        return [_call_one(predict_fn, arrays[0])], False
+    try:
+        outputs = np.asarray(predict_fn(np.concatenate(arrays)))
+        total = sum(len(a) for a in arrays)
+        if outputs.shape[:1] != (total,):
+            raise ValueError(f"model returned {outputs.shape[:1]} rows for {total}")
+        results: list[np.ndarray | BaseException] = []
+        start = 0
+        for a in arrays:
+            results.append(outputs[start : start + len(a)])
+            start += len(a)
+        return results, False
+    except Exception:
+        log.warning("a batched call of %d requests failed: re-running them one by one", len(arrays))
+        return [_call_one(predict_fn, a) for a in arrays], True
+
+
+def _call_one(predict_fn: PredictFn, rows: np.ndarray) -> np.ndarray | BaseException:
+    try:
+        outputs = np.asarray(predict_fn(rows))
+        if outputs.shape[:1] != (len(rows),):
+            raise ValueError(f"model returned {outputs.shape[:1]} rows for {len(rows)}")
+        return outputs
+    except Exception as exc:
+        return exc

@@ -1,0 +1,399 @@
+"""Load an MLflow model for serving, with a fast inference path for this project's Keras pyfunc.
+
+Any MLflow pyfunc loads (``models:/name/version``, ``models:/name@alias``, ``models:/name/latest``,
+``models:/<model id>``, ``runs:/<run id>/<path>``, a local path), from the tracking/registry
+server named by ``MLFLOW_TRACKING_URI``. A registry URI is resolved to a concrete version once,
+and that pinned version is what gets downloaded and reported, so an alias moving later cannot
+make the server lie about what it serves.
+
+The fast path applies when the model is the Keras regressor logged by ``ml.train`` (a
+models-from-code pyfunc whose code file is ``keras_pyfunc.py``, whose python model class is
+``KerasRegressor``, with a ``keras_model`` artifact, numeric named input columns and one output
+column). For it, the ``.keras`` file is loaded here and wrapped in one TensorFlow concrete
+function with a fixed ``float32 [None, n_features]`` input signature; a prediction is a direct
+call of that function, with no DataFrame, no schema enforcement pass and no
+``keras.Model.predict``. Every other model is served through its pyfunc ``predict``.
+
+TensorFlow is imported only for Keras/TensorFlow models. The fast path runs the frozen
+function in a ``tf.compat.v1.Session`` in the calling thread (see :class:`KerasFastPath`); its
+op thread pool is sized by ``tf_threads`` (default 1: for small requests a hand-off to a pool
+costs more than it saves; scale out with more processes instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+KERAS_ARTIFACT_KEY = "keras_model"
+KERAS_CODE_FILE = "keras_pyfunc.py"
+KERAS_PYTHON_MODEL_CLASS = "KerasRegressor"
+CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"
+NUMERIC_INPUT_TYPES = frozenset({"double", "float", "long", "integer"})
+# Same knob as `mlflow models serve`: a JSON model_config override for the pyfunc.
+SERVING_MODEL_CONFIG_ENV = "SERVING_MODEL_CONFIG"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be resolved, downloaded or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What is being served: the URI asked for, and the registry version it resolved to."""
+
+    uri: str
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+    model_id: str | None = None
+    download_uri: str = ""
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "uri": self.uri,
+            "run_id": self.run_id,
+            "model_id": self.model_id,
+        }
+
+
+class KerasFastPath:
+    """One concrete TensorFlow function over the Keras network: float32 rows in, float64 out.
+
+    The function (``model(x, training=False)`` traced once for ``float32 [None, n_features]``)
+    is frozen (variables become constants) and run by a ``tf.compat.v1.Session`` in the calling
+    thread, with graph rewriting switched off: the same kernels compute the same numbers
+    (checked bit for bit against the function at load), while a one-row call costs ~0.01 ms
+    instead of ~0.15-0.3 ms of eager dispatch, and the GIL is released while the graph runs.
+    ``engine="function"`` calls the concrete function itself (also the fallback whenever the
+    graph cannot be frozen or does not reproduce the function exactly).
+    """
+
+    def __init__(
+        self,
+        keras_file: str,
+        feature_columns: list[str],
+        output_name: str,
+        *,
+        engine: str = "session",
+        threads: int = 1,
+    ) -> None:
+        import keras
+        import tensorflow as tf
+
+        model = keras.saving.load_model(keras_file, compile=False)
+        input_shape = tuple(model.input_shape)
+        output_shape = tuple(model.output_shape)
+        if len(input_shape) != 2 or input_shape[1] != len(feature_columns):
+            raise ModelLoadError(
+                f"the network takes input shape {input_shape}, "
+                f"but the model has {len(feature_columns)} feature columns"
+            )
+        if output_shape not in ((None, 1), (None,)):
+            raise ModelLoadError(f"the network's output shape {output_shape} is not one value")
+        n_features = len(feature_columns)
+
+        @tf.function(input_signature=[tf.TensorSpec(shape=[None, n_features], dtype=tf.float32)])
+        def forward(features):
+            return model(features, training=False)
+
+        self._model = model  # keeps the variables alive for the traced graph
+        self._forward = forward.get_concrete_function()
+        self._tf = tf
+        self.feature_columns = list(feature_columns)
+        self.n_features = n_features
+        self.output_name = output_name
+        self.engine = "function"
+        self._call = self._call_function
+        if engine == "session":
+            try:
+                self._call = self._session_callable(threads)
+                self.engine = "session"
+            except Exception as exc:  # e.g. ops that cannot be frozen: the function still works
+                log.warning("frozen-graph session unavailable, calling the function: %s", exc)
+
+    def _call_function(self, rows: np.ndarray) -> np.ndarray:
+        return self._forward(self._tf.constant(rows, dtype=self._tf.float32)).numpy()
+
+    def _session_callable(self, threads: int):
+        tf = self._tf
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2,
+        )
+
+        frozen = convert_variables_to_constants_v2(self._forward)
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.compat.v1.import_graph_def(frozen.graph.as_graph_def(), name="")
+        # inter_op < 0: the graph runs in the calling thread, no hand-off to a pool thread
+        # (a one-row call drops from ~0.16 to ~0.07 ms).
+        config = tf.compat.v1.ConfigProto(
+            intra_op_parallelism_threads=max(threads, 0), inter_op_parallelism_threads=-1
+        )
+        # No graph rewriting (constant folding, op fusion): the same kernels as the function,
+        # hence the same floating-point results.
+        config.graph_options.rewrite_options.disable_meta_optimizer = True
+        options = config.graph_options.optimizer_options
+        options.opt_level = tf.compat.v1.OptimizerOptions.L0
+        options.do_constant_folding = False
+        options.do_function_inlining = False
+        session = tf.compat.v1.Session(graph=graph, config=config)
+        self._session = session
+        feed = graph.get_tensor_by_name(frozen.inputs[0].name)
+        fetch = graph.get_tensor_by_name(frozen.outputs[0].name)
+        try:
+            # The C call behind Session.run, without its per-call Python bookkeeping (feed
+            # and fetch parsing): ~0.01 ms instead of ~0.06 ms for one row.
+            session._extend_graph()
+            feed_out, fetch_out = feed._as_tf_output(), fetch._as_tf_output()
+            call_c = session._call_tf_sessionrun
+
+            def run(rows: np.ndarray) -> np.ndarray:
+                return call_c(None, {feed_out: rows}, [fetch_out], [], None)[0]
+
+            self._check_same(run)
+        except Exception as exc:
+            log.info("direct session call unavailable (%s): using Session.run", exc)
+            run = session.make_callable(fetch, feed_list=[feed])
+            self._check_same(run)
+        return run
+
+    def _check_same(self, run) -> None:
+        probe = np.linspace(-3.0, 3.0, 3 * self.n_features, dtype=np.float32)
+        probe = probe.reshape(3, self.n_features)
+        if not np.array_equal(np.asarray(run(probe)), self._call_function(probe)):
+            raise RuntimeError("the frozen graph does not reproduce the function")
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        """``rows``: float32, shape (n, n_features). Returns float64, shape (n,)."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        return np.asarray(self._call(rows)).reshape(-1).astype(np.float64)
+
+
+@dataclass
+class LoadedModel:
+    identity: ModelIdentity
+    local_path: str
+    pyfunc: Any  # mlflow.pyfunc.PyFuncModel
+    flavor: str
+    fast: KerasFastPath | None
+    fast_path_note: str
+    load_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metadata(self):
+        return self.pyfunc.metadata
+
+    @property
+    def input_schema(self):
+        return self.pyfunc.metadata.get_input_schema()
+
+    @property
+    def has_params_schema(self) -> bool:
+        return self.pyfunc.metadata.get_params_schema() is not None
+
+    def serving_input_example(self) -> str | None:
+        """The logged serving payload (``serving_input_example.json``), if the model has one."""
+        info = self.metadata.saved_input_example_info or {}
+        rel = info.get("serving_input_path")
+        if not rel:
+            return None
+        path = Path(self.local_path) / rel
+        try:
+            return path.read_text()
+        except OSError:
+            return None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.identity.to_dict(),
+            "flavor": self.flavor,
+            "fast_path": self.fast is not None,
+            "fast_path_note": self.fast_path_note,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+def resolve_identity(uri: str) -> ModelIdentity:
+    """Pin a model URI: registry URIs resolve (alias, stage, latest) to one version."""
+    from mlflow.store.artifact.utils.models import _parse_model_uri, is_models_uri
+
+    if is_models_uri(uri):
+        from mlflow import MlflowClient
+        from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+        client = MlflowClient()
+        parsed = _parse_model_uri(uri)
+        if parsed.model_id is not None:
+            logged = client.get_logged_model(parsed.model_id)
+            return ModelIdentity(
+                uri=uri,
+                run_id=getattr(logged, "source_run_id", None),
+                model_id=parsed.model_id,
+                download_uri=uri,
+            )
+        name, version = get_model_name_and_version(client, uri)
+        mv = client.get_model_version(name, version)
+        return ModelIdentity(
+            uri=uri,
+            name=name,
+            version=str(version),
+            run_id=mv.run_id,
+            model_id=getattr(mv, "model_id", None),
+            download_uri=f"models:/{name}/{version}",
+        )
+    if uri.startswith("runs:/"):
+        run_id = uri[len("runs:/") :].split("/", 1)[0] or None
+        return ModelIdentity(uri=uri, run_id=run_id, download_uri=uri)
+    return ModelIdentity(uri=uri, download_uri=uri)
+
+
+def load_model(
+    uri: str, *, fast_path: bool = True, tf_threads: int = 1, engine: str = "session"
+) -> LoadedModel:
+    """Resolve, download and load ``uri``; build the Keras fast path when it applies."""
+    started = time.monotonic()
+    try:
+        import mlflow
+        from mlflow.models import Model
+
+        identity = resolve_identity(uri)
+        local_path = mlflow.artifacts.download_artifacts(artifact_uri=identity.download_uri)
+        meta = Model.load(local_path)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot resolve or download {uri}: {exc}") from exc
+
+    if identity.model_id is None and getattr(meta, "model_id", None):
+        identity = dataclasses.replace(identity, model_id=meta.model_id)
+    flavors = meta.flavors or {}
+    pyfunc_conf = flavors.get("python_function") or {}
+    keras_conf, why_not = _keras_pyfunc_config(meta) if fast_path else (None, "disabled")
+    uses_tf = keras_conf is not None or bool({"keras", "tensorflow"} & set(flavors))
+    if uses_tf:
+        _configure_tensorflow(tf_threads)
+
+    extra_kwargs: dict[str, Any] = {}
+    if config_json := os.environ.get(SERVING_MODEL_CONFIG_ENV):
+        extra_kwargs["model_config"] = json.loads(config_json)
+    try:
+        pyfunc = mlflow.pyfunc.load_model(local_path, **extra_kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {uri} as an MLflow pyfunc: {exc}") from exc
+
+    fast = None
+    if keras_conf is not None:
+        cls = _python_model_class(pyfunc)
+        if cls != KERAS_PYTHON_MODEL_CLASS:
+            why_not = f"python model class is {cls}, not {KERAS_PYTHON_MODEL_CLASS}"
+        else:
+            try:
+                fast = KerasFastPath(
+                    str(Path(local_path) / keras_conf["keras_file"]),
+                    keras_conf["feature_columns"],
+                    keras_conf["output_name"],
+                    engine=engine,
+                    threads=tf_threads,
+                )
+                why_not = f"keras concrete function ({fast.engine})"
+            except Exception as exc:
+                log.warning("fast path unavailable for %s: %s", uri, exc)
+                why_not = f"fast path failed to build: {exc}"
+
+    flavor = _flavor_name(flavors, pyfunc_conf)
+    loaded = LoadedModel(
+        identity=identity,
+        local_path=local_path,
+        pyfunc=pyfunc,
+        flavor=flavor,
+        fast=fast,
+        fast_path_note=why_not,
+    )
+    loaded.load_seconds = time.monotonic() - started
+    return loaded
+
+
+def _configure_tensorflow(threads: int) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if threads > 0:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError as exc:  # the TF runtime was initialised already
+            log.info("TensorFlow thread pools already set up: %s", exc)
+
+
+def _keras_pyfunc_config(meta) -> tuple[dict[str, Any] | None, str]:
+    """Whether ``meta`` is our Keras pyfunc; returns (config for the fast path, reason)."""
+    conf = (meta.flavors or {}).get("python_function") or {}
+    artifacts = conf.get("artifacts") or {}
+    if KERAS_ARTIFACT_KEY not in artifacts:
+        return None, f"no {KERAS_ARTIFACT_KEY!r} artifact"
+    if conf.get("loader_module") != CODE_MODEL_LOADER:
+        return None, "not a models-from-code pyfunc"
+    if Path(str(conf.get("model_code_path") or "")).name != KERAS_CODE_FILE:
+        return None, f"model code is not {KERAS_CODE_FILE}"
+    signature = meta.signature
+    if signature is None or signature.inputs is None or signature.outputs is None:
+        return None, "no signature"
+    inputs, outputs = signature.inputs, signature.outputs
+    if inputs.is_tensor_spec() or not inputs.has_input_names():
+        return None, "signature inputs are not named columns"
+    specs = inputs.inputs
+    if any(_type_name(s) not in NUMERIC_INPUT_TYPES or not s.required for s in specs):
+        return None, "signature inputs are not all required numeric columns"
+    if outputs.is_tensor_spec() or not outputs.has_input_names() or len(outputs.inputs) != 1:
+        return None, "signature output is not one named column"
+    if meta.get_params_schema() is not None:
+        return None, "the model declares params"
+    names = inputs.input_names()
+    config = conf.get("config") or conf.get("model_config") or {}
+    features = list(config.get("feature_columns") or []) or names
+    if sorted(features) != sorted(names) or len(set(features)) != len(features):
+        return None, "model_config feature_columns differ from the signature inputs"
+    keras_file = (artifacts[KERAS_ARTIFACT_KEY] or {}).get("path")
+    if not keras_file:
+        return None, "keras artifact has no path"
+    return {
+        "keras_file": keras_file,
+        "feature_columns": features,
+        "output_name": outputs.input_names()[0],
+    }, "eligible"
+
+
+def _type_name(spec) -> str:
+    return str(getattr(spec.type, "name", spec.type))
+
+
+def _python_model_class(pyfunc) -> str | None:
+    try:
+        return type(pyfunc.unwrap_python_model()).__name__
+    except Exception:
+        return None
+
+
+def _flavor_name(flavors: dict[str, Any], pyfunc_conf: dict[str, Any]) -> str:
+    others = sorted(f for f in flavors if f != "python_function")
+    if others:
+        return others[0]
+    loader = pyfunc_conf.get("loader_module") or "python_function"
+    if loader == CODE_MODEL_LOADER:
+        code = Path(str(pyfunc_conf.get("model_code_path") or "")).name
+        return f"pyfunc:{code}" if code else "pyfunc"
+    return f"pyfunc:{loader}"

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import httpx
+
 from ml.settings import DataSettings, DeploySettings, RegistrySettings
 from serving.mlflow_uris import use_mlflow
 
@@ -105,10 +107,21 @@ def verify_live(
     tracking_uri: str,
 ) -> dict[str, Any]:
     """Smoke + parity check of the live endpoint on ``frame``; raises ``VerificationError``."""
-    from serving.verify import verify_endpoint
+    from serving.rollout import served_version
+    from serving.verify import VerificationError, verify_endpoint
 
     use_mlflow(tracking_uri)
     endpoint = deploy.endpoint_url
+    # Ask the endpoint which version it serves before trusting the deploy task's success: a
+    # KubernetesPodOperator can report success for a pod that was killed (apache/airflow#73006).
+    try:
+        live = served_version(endpoint)
+    except httpx.HTTPError as exc:
+        raise VerificationError(f"{endpoint} does not answer: {exc}") from exc
+    if live != str(version["version"]):
+        raise VerificationError(
+            f"{endpoint} serves version {live or 'unknown'}, expected {version['version']}"
+        )
     report = verify_endpoint(endpoint, version["model_uri"], frame, feature_columns)
     log.info(
         "Endpoint %s serves version %s: %d rows match (max |diff| %.2g)",

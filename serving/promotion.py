@@ -36,7 +36,6 @@ from serving.deploy import ROLLOUT_FAILED_TAG, restore_version, withdraw
 log = logging.getLogger(__name__)
 
 ASSET_URI_SCHEME = "mlflow"
-_STATUS_TIMEOUT_S = 5.0
 
 
 # -- the asset a promotion is recorded on ---------------------------------------------------------
@@ -83,26 +82,20 @@ def mlflow_ui_links(
 def live_version(deploy: DeploySettings, *, tracking_uri: str) -> str | None:
     """The version the endpoint serves now, or None (nothing deployed, or unknown).
 
-    Local target: the front proxy's ``active.json``. Kubernetes: the serving image's
-    ``GET /version`` (``{"model_version": "3", ...}`` or a pinned ``model_uri``).
+    Local target: the front proxy's ``active.json``. Kubernetes: what the model server reports
+    (``GET /v1/model`` / the ``X-Model-Version`` header, ``serving.rollout.served_version``).
     """
     if deploy.target == "local":
         from serving.local import LocalTarget
 
         return LocalTarget(deploy, tracking_uri).active_version()
+    from serving.rollout import served_version
+
     try:
-        resp = httpx.get(f"{deploy.endpoint_url}/version", timeout=_STATUS_TIMEOUT_S)
-        body = resp.json() if resp.status_code == 200 else {}
-    except (httpx.HTTPError, ValueError) as exc:
-        log.warning("Cannot ask %s/version what is live: %s", deploy.endpoint_url, exc)
+        return served_version(deploy.endpoint_url)
+    except httpx.HTTPError as exc:
+        log.warning("Cannot ask %s which version is live: %s", deploy.endpoint_url, exc)
         return None
-    if not isinstance(body, dict):
-        return None
-    if body.get("model_version") is not None:
-        return str(body["model_version"])
-    uri = str(body.get("model_uri") or "")
-    tail = uri.rsplit("/", 1)[-1]
-    return tail if uri.startswith("models:/") and tail.isdigit() else None
 
 
 # -- deploy_model's steps -------------------------------------------------------------------------

@@ -430,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     started = time.monotonic()
+    args.load_before = os.getloadavg()[0]
     print(f"work dir: {workdir}", flush=True)
     models = prepare_models(args, workdir)
     payload = {"dataframe_split": {"columns": models["columns"], "data": [models["payload_row"]]}}
@@ -573,8 +574,11 @@ def build_report(
             "settings (access log on, micro-batching on, fast Keras path).",
             "- RSS is the resident memory of the server's whole process tree after the runs.",
             f"- Non-2xx or socket errors during the runs: {errors}.",
-            "- The load generator shares the 2 CPUs with the server, and the machine may be "
-            "shared with other jobs: repeated runs differ by about 10-20%.",
+            f"- The load generator shares the {os.cpu_count()} CPUs with the server, and the "
+            "machine may be shared with other jobs (1-minute load average "
+            f"{args.load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after): the echo "
+            "app, the fastest, is the most sensitive to that, so its ratio moves most between "
+            "runs.",
             f"- The run took {took_s / 60:.1f} min.",
         ]
     )

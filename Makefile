@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: run up stop status test test-unit lint format install lock clean k8s-e2e bench-dag-parse \
-	container-tools images test-container
+	container-tools images test-container bench-serving
 
 ## run: install, start MLflow + Airflow locally, train and deploy once, print where things are
 run: $(STAMP) up
@@ -59,6 +59,11 @@ $(STAMP): pyproject.toml constraints.txt scripts/bootstrap.sh
 ## k8s-e2e: build images, roll out to the cluster of your kubeconfig (e.g. kind), predict through the Service
 k8s-e2e: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/k8s_e2e.sh
+
+## bench-serving: model server vs stock MLflow serving (wrk from apt); writes docs/benchmarks.md
+bench-serving: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) scripts/bench_serving.py
 
 bench-dag-parse: $(STAMP)
 	$(PY) scripts/bench_dag_parse.py

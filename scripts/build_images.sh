@@ -57,7 +57,7 @@ BASE_PACKAGES=python3,python3.11,ca-certificates
 # SQLAlchemy, scikit-learn, scipy, matplotlib), TensorFlow (CPU), pandas, pyarrow (Parquet
 # input), pydantic-settings (ml.settings), uvicorn with uvloop/httptools (the fast HTTP path).
 SERVING_REQUIREMENTS="mlflow-skinny tensorflow-cpu pandas numpy pyarrow pydantic pydantic-settings
-uvicorn uvloop httptools"
+uvicorn uvloop httptools orjson"
 # pipeline: what training, evaluation and the Kubernetes rollout pods run (`python -m ml ...`,
 # `python -m serving rollout`): the project's dependencies without Airflow.
 pipeline_requirements() {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 from airflow.sdk import Connection, Param
@@ -23,6 +23,16 @@ from ml.settings import (
     TrainingSettings,
     with_overrides,
 )
+
+# Every task of the deploy DAGs talks to MLflow, storage or a model server: retry with backoff.
+IO_TASK_DEFAULTS = {
+    "owner": "ml-platform",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=20),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+    "execution_timeout": timedelta(hours=1),
+}
 
 MLFLOW_CONN_ID = os.environ.get("PIPELINE_MLFLOW_CONN_ID", "mlflow_default")
 

@@ -28,10 +28,9 @@ into `serving/`; see README.md.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
 from _support import (
+    IO_TASK_DEFAULTS,
     deploy_model_params,
     deploy_settings,
     failure_reason,
@@ -50,14 +49,6 @@ from registry_events.links import link_to_mlflow
 from ml.settings import DeploySettings
 from serving.kubernetes import rollout_pod_kwargs
 
-DEFAULT_ARGS = {
-    "owner": "ml-platform",
-    "retries": 2,
-    "retry_delay": timedelta(seconds=20),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=10),
-    "execution_timeout": timedelta(hours=1),
-}
 ROLLOUT_TASKS = ["deploy_local", "deploy_kubernetes", "verify"]
 
 
@@ -69,7 +60,7 @@ ROLLOUT_TASKS = ["deploy_local", "deploy_kubernetes", "verify"]
     max_active_runs=1,
     # Promotions must deploy without someone unpausing the DAG first.
     is_paused_upon_creation=False,
-    default_args=DEFAULT_ARGS,
+    default_args=IO_TASK_DEFAULTS,
     params=deploy_model_params(),
     tags=["ml", "deployment", "mlflow", "rollback"],
     doc_md=__doc__,

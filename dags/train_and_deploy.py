@@ -20,10 +20,9 @@ Every task is one call into `ml/` or `serving/`; see README.md for configuration
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
 from _support import (
+    IO_TASK_DEFAULTS,
     data_settings,
     deploy_settings,
     gate_settings,
@@ -42,15 +41,6 @@ from airflow.sdk.exceptions import AirflowFailException
 from ml.settings import DeploySettings
 from serving.kubernetes import rollout_pod_kwargs
 
-DEFAULT_ARGS = {
-    "owner": "ml-platform",
-    "retries": 2,
-    "retry_delay": timedelta(seconds=20),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=10),
-    "execution_timeout": timedelta(hours=1),
-}
-
 
 @dag(
     dag_id="train_and_deploy",
@@ -58,7 +48,7 @@ DEFAULT_ARGS = {
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args=DEFAULT_ARGS,
+    default_args=IO_TASK_DEFAULTS,
     params=pipeline_params(),
     tags=["ml", "training", "deployment", "mlflow"],
     doc_md=__doc__,

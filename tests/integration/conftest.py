@@ -21,7 +21,11 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    }
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown

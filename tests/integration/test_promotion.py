@@ -75,6 +75,9 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=5)
 
 
+CLIENT_MLFLOW_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
 @pytest.fixture(scope="module")
 def stack(airflow_db, tmp_path_factory):
     from mlflow import MlflowClient
@@ -87,7 +90,9 @@ def stack(airflow_db, tmp_path_factory):
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
 
     # MLflow: the webhook settings scripts/stack.py gives the local server.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # A server never inherits a client-side MLflow URI left behind by earlier tests.
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_MLFLOW_URIS}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     env.update(mlflow_webhook_env(root))
     env["MLFLOW_WEBHOOK_CACHE_TTL"] = "1"  # the webhook is created after the server started
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -112,6 +117,10 @@ def stack(airflow_db, tmp_path_factory):
         "PIPELINE_WEBHOOK_SECRET": SECRET,
     }.items():
         mp.setenv(key, value)
+    # Earlier tests may have pointed MLflow's process-wide registry URI at their own server.
+    from serving.mlflow_uris import use_mlflow
+
+    use_mlflow(mlflow_url)
     api_url = f"http://127.0.0.1:{api_port}"
     procs = []
     try:

@@ -33,6 +33,8 @@ def stack(mlflow_server, airflow_db, tmp_path_factory):
     env = {
         "AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_server,
         "MLFLOW_TRACKING_URI": mlflow_server,
+        # The deploy steps set the registry URI process-wide; undone with the rest at the end.
+        "MLFLOW_REGISTRY_URI": mlflow_server,
         "PIPELINE_DATA_PATH": str(root / "data"),
         "PIPELINE_DATA_SYNTHETIC_ROWS_PER_DAY": "300",
         "PIPELINE_REGISTRY_MODEL_NAME": MODEL,

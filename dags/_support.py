@@ -202,6 +202,11 @@ def run_tags(context: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def run_tag_templates() -> dict[str, str]:
+    """:func:`run_tags` as Jinja templates, for operators that run outside the task (pods)."""
+    return {"airflow_dag_id": "{{ dag.dag_id }}", "airflow_run_id": "{{ run_id }}"}
+
+
 # -- deploy_model / reconcile_deployment (registry promotions, rollbacks, drift) ------------------
 
 

@@ -11,6 +11,9 @@ Nightly retraining of the regression model, tracked in MLflow, gated, rolled out
 * **Gate**: absolute bars (`max_rmse`, `min_r2`) and at most `max_regression` relative RMSE
   increase over `@champion` on the same holdout. A rejected version is tagged with the reasons,
   no alias moves and the run ends through `not_deployed`.
+* **Train**: inside the Airflow task, or (`PIPELINE_TRAIN_RUNNER=kubernetes`, read when the
+  file is parsed) in a KubernetesPodOperator pod running the same `python -m ml train` with
+  requested resources; its result reaches `evaluate` through XCom either way.
 * **Deploy**: `deploy_target` picks the operator; the rest of the graph is the same.
   `@champion` moves only after `verify` has checked the live endpoint; if verification fails,
   the previous champion is rolled back in and the run fails.
@@ -28,6 +31,7 @@ from _support import (
     gate_settings,
     pipeline_params,
     registry_settings,
+    run_tag_templates,
     run_tags,
     tracking_uri,
     training_settings,
@@ -38,7 +42,8 @@ from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from ml.settings import DeploySettings
+from ml.kubernetes import training_pod_kwargs
+from ml.settings import DataSettings, DeploySettings, TrainingSettings
 from serving.kubernetes import rollout_pod_kwargs
 
 
@@ -72,8 +77,8 @@ def train_and_deploy():
         except DataValidationError as exc:
             raise AirflowFailException(str(exc)) from exc
 
-    @task(retries=1)
-    def train(window: dict, **context) -> dict:
+    @task(task_id="train", retries=1)
+    def train_in_worker(window: dict, **context) -> dict:
         from ml.pipeline import train
 
         params = context["params"]
@@ -179,7 +184,29 @@ def train_and_deploy():
 
     window = load_window()
     checked = validate_data(window)
-    trained = train(window)
+    # Parse-time settings pick where training runs. Both variants are the task `train` and
+    # return the same reference dict; Params and XCom reach the pod as templates.
+    if TrainingSettings().runner == "kubernetes":
+        train_in_pod = KubernetesPodOperator(  # noqa: AIR001 - same task_id in both variants
+            task_id="train",
+            retries=1,
+            **training_pod_kwargs(
+                TrainingSettings(),
+                DataSettings(),
+                DeploySettings(),
+                window="{{ ti.xcom_pull(task_ids='load_window') | tojson }}",
+                tracking_uri="{{ mlflow_tracking_uri() }}",
+                epochs="{{ params.epochs }}",
+                learning_rate="{{ params.learning_rate }}",
+                batch_size="{{ params.batch_size }}",
+                tags=run_tag_templates(),
+                execution_timeout_s=int(IO_TASK_DEFAULTS["execution_timeout"].total_seconds()),
+            ),
+        )
+        window >> train_in_pod
+        trained = train_in_pod.output
+    else:
+        trained = train_in_worker(window)
     checked >> trained
     evaluation = evaluate(window, trained)
     version = register(window, trained, evaluation)

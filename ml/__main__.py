@@ -1,6 +1,7 @@
 """`python -m ml <step>`: the pipeline's steps as a CLI, for pods and for people.
 
-Each step reads the references it needs from JSON files (the previous steps' output) and prints
+Each step reads the references it needs from JSON files (the previous steps' output; inline
+JSON works too, which is how a KubernetesPodOperator pod gets them from XCom) and prints
 its own result as JSON on stdout; logs go to stderr. `--output PATH` also writes the result to a
 file, e.g. `/airflow/xcom/return.json` inside a KubernetesPodOperator pod with
 `do_xcom_push=True`. Settings come from the same env vars as in Airflow (see README.md); the
@@ -42,8 +43,13 @@ EXIT_BAD_INPUT = 2
 EXIT_REJECTED = 3
 
 
-def _read(path: str) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+def _read(ref: str) -> dict[str, Any]:
+    """A step's JSON result: a file path, or the JSON itself (how a pod gets it from XCom)."""
+    text = ref if ref.lstrip().startswith("{") else Path(ref).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not a JSON step result: {ref[:80]!r}: {exc}") from exc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     def step(name: str, help_: str, *refs: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         for ref in refs:
-            p.add_argument(f"--{ref}", required=True, help=f"JSON file from the {ref} step")
+            p.add_argument(
+                f"--{ref}", required=True, help=f"JSON file (or inline JSON) from the {ref} step"
+            )
         p.add_argument("--output", help="also write the JSON result to this file")
         return p
 

@@ -88,6 +88,34 @@ class TrainingSettings(BaseSettings):
     early_stopping_patience: int = Field(5, ge=1)
     validation_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     seed: int = 42
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="TensorFlow intra-op threads; None: TensorFlow's default (every CPU it "
+        "sees). Training pods set it from pod_cpu: in a container TensorFlow sees the node's "
+        "CPUs, not the pod's limit, and oversubscribed threads get throttled.",
+    )
+    # Where training runs. Read when the DAG file is parsed: it picks the `train` task's
+    # operator, the graph stays the same.
+    runner: Literal["worker", "kubernetes"] = Field(
+        "worker",
+        description="worker: train inside the Airflow task. kubernetes: train in a "
+        "KubernetesPodOperator pod (`python -m ml train` in the pipeline image) with the "
+        "pod_* resources, on the cluster of the deploy settings' Connection.",
+    )
+    pod_cpu: str = Field(
+        "2", description="CPU request = limit of the training pod (Kubernetes quantity)."
+    )
+    pod_memory: str = Field("4Gi", description="Memory request = limit of the training pod.")
+    pod_namespace: str | None = Field(
+        None, description="Namespace of the training pod; None: the deploy namespace."
+    )
+    pod_data_claim: str | None = Field(
+        None,
+        description="PersistentVolumeClaim mounted read-only at PIPELINE_DATA_PATH in the "
+        "training pod, for data on a shared volume. Leave empty when the data path is an "
+        "object-store URL the pod can read (credentials via PIPELINE_DEPLOY_POD_ENV_SECRET).",
+    )
 
     @field_validator("hidden_units", mode="before")
     @classmethod
@@ -180,6 +208,16 @@ class DeploySettings(BaseSettings):
     )
     alert_p99_latency_s: float = Field(
         0.25, gt=0.0, description="Alert when the p99 of /invocations exceeds this."
+    )
+    pod_tracking_uri: str | None = Field(
+        None,
+        description="MLflow as the pipeline's pods reach it, when that differs from the "
+        "Airflow Connection's URI (e.g. an in-cluster Service name); None: the same URI.",
+    )
+    pod_env_secret: str | None = Field(
+        None,
+        description="Secret whose keys become env vars of every pipeline pod (training and "
+        "rollout): MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, object-store credentials.",
     )
     smoke_timeout_s: float = Field(
         60.0,

@@ -11,6 +11,7 @@ The tracking URI is the caller's business (``MLFLOW_TRACKING_URI`` or
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import tempfile
@@ -27,6 +28,8 @@ import pandas as pd
 
 from ml.model import build_model, set_global_determinism
 from ml.settings import TrainingSettings
+
+log = logging.getLogger(__name__)
 
 PYFUNC_CODE_PATH = Path(__file__).with_name("keras_pyfunc.py")
 MODEL_NAME_IN_RUN = "model"
@@ -195,7 +198,10 @@ def _check_training_frame(
 def _training_params(
     settings: TrainingSettings, frame: pd.DataFrame, feature_columns: list[str], target_column: str
 ) -> dict[str, Any]:
-    params: dict[str, Any] = settings.model_dump()
+    # Where it ran (runner, pod sizing) is not a hyperparameter; threads stay (they can change
+    # floating-point summation order).
+    params: dict[str, Any] = settings.model_dump(exclude={"runner"})
+    params = {k: v for k, v in params.items() if not k.startswith("pod_")}
     params["hidden_units"] = ",".join(str(u) for u in settings.hidden_units)
     params.update(
         n_rows=len(frame),
@@ -218,6 +224,8 @@ def _fit(
     import keras
 
     set_global_determinism(settings.seed)
+    if settings.threads:
+        _limit_threads(settings.threads)
     # Scaling statistics from the training split only, so validation stays unseen.
     target_std = float(y_train.std())
     model = build_model(
@@ -249,6 +257,17 @@ def _fit(
         ],
     )
     return model, history.history
+
+
+def _limit_threads(threads: int) -> None:
+    """Size TensorFlow's pools to the CPUs this process may use (a pod's limit)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+    except RuntimeError:  # the runtime is already up (an earlier model in this process)
+        log.warning("TensorFlow already initialized: threads=%d not applied", threads)
 
 
 def _mlflow_epoch_logger():

@@ -138,3 +138,76 @@ def test_dag_parse_imports_nothing_heavy(dag_file):
         [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.fixture(scope="module")
+def dagbag_training_in_pod():
+    """The DAGs parsed with PIPELINE_TRAIN_RUNNER=kubernetes (read at parse time)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PIPELINE_TRAIN_RUNNER", "kubernetes")
+    mp.setenv("PIPELINE_TRAIN_POD_CPU", "3")
+    mp.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", '{"conn_type": "kubernetes"}')
+    try:
+        yield DagBag(dag_folder=str(DAGS_DIR))
+    finally:
+        mp.undo()
+
+
+def test_training_in_a_pod_keeps_the_graph(dagbag, dagbag_training_in_pod):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    assert dagbag_training_in_pod.import_errors == {}
+    in_worker = dagbag.dags["train_and_deploy"]
+    in_pod = dagbag_training_in_pod.dags["train_and_deploy"]
+
+    def edges(dag):
+        return {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
+
+    assert edges(in_pod) == edges(in_worker)
+    train = in_pod.get_task("train")
+    assert isinstance(train, KubernetesPodOperator)
+    assert not isinstance(in_worker.get_task("train"), KubernetesPodOperator)
+    assert train.do_xcom_push is True
+    assert train.retries == 1
+    assert train.container_resources.limits["cpu"] == "3"
+
+
+def test_training_pod_gets_window_params_and_run_through_templates(
+    dagbag_training_in_pod, monkeypatch
+):
+    """Render the pod's templates the way a run does; the pod's CLI reads back the same refs."""
+    from ml.__main__ import _parser, _read
+
+    dag = dagbag_training_in_pod.dags["train_and_deploy"]
+    task = copy.deepcopy(dag.get_task("train"))
+    window = {
+        "start": "2026-03-01",
+        "end": "2026-03-08",
+        "digest": "abc",
+        "path": "/data",
+        "partitions": [{"day": "2026-03-01", "uri": "/data/date=2026-03-01/part-0.parquet"}],
+        "note": "quotes ' \" and <tags> & ampersands survive",
+    }
+
+    class RunningTaskInstance:  # what a template sees as `ti`: only xcom_pull is used
+        def xcom_pull(self, task_ids, key="return_value"):
+            assert (task_ids, key) == ("load_window", "return_value")
+            return window
+
+    params = {name: dag.params[name] for name in dag.params}
+    params.update(epochs=7, learning_rate=0.02, batch_size=16)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    task.render_template_fields(
+        {"ti": RunningTaskInstance(), "params": params, "dag": dag, "run_id": "manual__7"}
+    )
+
+    args = _parser().parse_args(task.arguments)
+    assert args.step == "train"
+    assert _read(args.window) == window
+    assert (args.epochs, args.learning_rate, args.batch_size) == (7, 0.02, 16)
+    assert args.tag == ["airflow_dag_id=train_and_deploy", "airflow_run_id=manual__7"]
+    assert args.output == "/airflow/xcom/return.json"
+    env = {var.name: var.value for var in task.env_vars}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"

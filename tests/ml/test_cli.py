@@ -41,6 +41,20 @@ def test_window_then_validate_pass_references_through_files(tmp_path):
     assert json.loads(checked.stdout)["total_rows"] == 400
 
 
+def test_a_step_takes_its_input_inline_as_a_pod_gets_it_from_xcom(tmp_path):
+    env = _env(tmp_path)
+    out = _ml("window", "--end", END, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    inline = json.dumps(json.loads(out.stdout))
+    checked = _ml("validate", "--window", inline, env=env, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["total_rows"] == 400
+
+    broken = _ml("validate", "--window", inline[:-5], env=env, cwd=tmp_path)
+    assert broken.returncode == 2
+    assert "not a JSON step result" in broken.stderr
+
+
 def test_bad_partition_exits_2_naming_partition_column_and_rule(tmp_path):
     env = _env(tmp_path)
     _ml("window", "--end", END, "--output", str(tmp_path / "w.json"), env=env, cwd=tmp_path)

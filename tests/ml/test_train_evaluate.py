@@ -72,7 +72,9 @@ def test_run_records_params_epoch_curves_tags_and_dataset(mlflow_store, git_sha)
     assert result.model_uri.startswith("models:/")
 
     params = run.data.params
-    for field, value in FAST.model_dump().items():
+    placement = {"runner"} | {f for f in TrainingSettings.model_fields if f.startswith("pod_")}
+    assert not placement & set(params), "where it ran is not a hyperparameter"
+    for field, value in FAST.model_dump(exclude=placement).items():
         if field != "hidden_units":
             assert params[field] == str(value)
     assert params["hidden_units"] == "16,8"

@@ -1,0 +1,243 @@
+"""The pipeline's pods as KubernetesPodOperator keyword arguments, and the training pod.
+
+Two kinds of pod run the pipeline's own code in the pipeline image (docker/pipeline.Dockerfile):
+the training pod here (``python -m ml train``) and the rollout pod
+(:func:`serving.kubernetes.rollout_pod_kwargs`). Both are built from :func:`pipeline_pod_kwargs`:
+the restricted Pod Security Standard, a writable ``/tmp`` and nothing else writable, the
+settings carried over as env vars, and optional credentials from a Secret.
+
+Nothing here imports Airflow: the DAG file builds the operator, this module only describes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from kubernetes.client import models as k8s
+from pydantic_settings import BaseSettings
+
+from ml.settings import DataSettings, DeploySettings, TrainingSettings
+
+# The restricted Pod Security Standard wants a non-root, fixed uid. 10001 is the `app` user the
+# pipeline image is built with (docker/); it is outside the range of host system users.
+RUN_AS_USER = 10001
+# KubernetesPodOperator's XCom contract: with do_xcom_push=True it reads this file through its
+# sidecar after the main container ends (PodDefaults.XCOM_MOUNT_PATH + "/return.json").
+XCOM_RETURN_PATH = "/airflow/xcom/return.json"
+_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
+_CPU = re.compile(r"^(?P<number>\d+(\.\d+)?)(?P<milli>m?)$")
+
+
+def restricted_container_security_context() -> k8s.V1SecurityContext:
+    """Pod Security Standard ``restricted``, container level (also for the XCom sidecar)."""
+    return k8s.V1SecurityContext(
+        run_as_non_root=True,
+        run_as_user=RUN_AS_USER,
+        run_as_group=RUN_AS_USER,
+        allow_privilege_escalation=False,
+        privileged=False,
+        read_only_root_filesystem=True,
+        capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def pipeline_pod_kwargs(
+    deploy: DeploySettings,
+    *,
+    name: str,
+    component: str,
+    instance: str,
+    env: dict[str, str],
+    tracking_uri: str,
+    tmp_size: str = "128Mi",
+) -> dict[str, Any]:
+    """What every pipeline pod shares; callers add command, resources and their own choices."""
+    env_from = []
+    if deploy.pod_env_secret:
+        env_from.append(
+            k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=deploy.pod_env_secret))
+        )
+    return {
+        "kubernetes_conn_id": deploy.kubernetes_conn_id,
+        "image": deploy.pipeline_image,
+        # A random suffix is appended by the operator, so retries never collide on the name.
+        "name": name,
+        "labels": {
+            "app.kubernetes.io/name": name,
+            "app.kubernetes.io/instance": label_value(instance),
+            "app.kubernetes.io/component": component,
+            "app.kubernetes.io/part-of": "train-and-deploy",
+            "app.kubernetes.io/managed-by": "airflow",
+        },
+        "env_vars": {
+            # The pod reaches MLflow by this URI; a different in-cluster name may be configured.
+            "MLFLOW_TRACKING_URI": deploy.pod_tracking_uri or tracking_uri,
+            **env,
+            # readOnlyRootFilesystem: anything that writes to $HOME (MLflow, Keras, the kube
+            # client's cache) must land on the writable /tmp emptyDir.
+            "HOME": "/tmp",
+            "PYTHONUNBUFFERED": "1",
+        },
+        "env_from": env_from or None,
+        # Pod Security Standard `restricted` (pod level + container level).
+        "security_context": k8s.V1PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=RUN_AS_USER,
+            run_as_group=RUN_AS_USER,
+            fs_group=RUN_AS_USER,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        "container_security_context": restricted_container_security_context(),
+        # The only writable path: /tmp (Python, MLflow, Keras and the kube client write there).
+        "volumes": [
+            k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=tmp_size))
+        ],
+        "volume_mounts": [k8s.V1VolumeMount(name="tmp", mount_path="/tmp")],
+        # Stream the pod's log into the Airflow task log: that is where people look.
+        "get_logs": True,
+        # Keep failed pods (and their logs/events) for debugging; succeeded pods are noise.
+        "on_finish_action": "delete_succeeded_pod",
+        "log_events_on_failure": True,
+        # Re-attach to a running pod after a worker restart instead of starting a second one
+        # racing the first. On Airflow >= 3.3 this is `durable` (`reattach_on_restart` is
+        # deprecated there and only feeds `durable`); the effect is the same.
+        "durable": True,
+        # Image pull + scheduling budget: the pipeline image is large (TensorFlow), first
+        # pulls on a fresh node take minutes.
+        "startup_timeout_seconds": 600,
+    }
+
+
+def training_pod_kwargs(
+    training: TrainingSettings,
+    data: DataSettings,
+    deploy: DeploySettings,
+    *,
+    window: str,
+    tracking_uri: str,
+    epochs: str,
+    learning_rate: str,
+    batch_size: str,
+    tags: dict[str, str],
+    execution_timeout_s: int,
+) -> dict[str, Any]:
+    """Keyword arguments for the ``train`` task as a ``KubernetesPodOperator``.
+
+    The pod runs ``python -m ml train`` and writes its result (run id, model URI) to the
+    operator's XCom file, so the next task gets exactly what the in-worker ``train`` task
+    returns. ``window``, ``epochs``, ``learning_rate``, ``batch_size``, ``tags`` values and
+    ``tracking_uri`` are usually Jinja templates (XCom, Params), resolved at run time.
+    The pod must be able to read the window's partitions: ``data.path`` is an object-store
+    URL, or ``training.pod_data_claim`` mounts the volume holding it at the same path.
+    """
+    threads = cpu_threads(training.pod_cpu)
+    env = {
+        # The pod's settings objects rebuild the worker's: same data schema, same split, same
+        # model shape and seed (a hand-picked subset would silently reset the others).
+        **settings_env(data),
+        **settings_env(training.model_copy(update={"threads": threads}), skip_prefix="pod_"),
+        # TensorFlow and the BLAS underneath size their thread pools by the node's CPUs.
+        "OMP_NUM_THREADS": str(threads),
+    }
+    kwargs = pipeline_pod_kwargs(
+        deploy,
+        name="model-training",
+        component="training",
+        instance=training_instance(data),
+        env=env,
+        tracking_uri=tracking_uri,
+        # Keras, MLflow's model staging and plot rendering use /tmp.
+        tmp_size="2Gi",
+    )
+    kwargs.update(
+        namespace=training.pod_namespace or deploy.namespace,
+        # Training talks to MLflow only, never to the API server: no token in the pod.
+        automount_service_account_token=False,
+        cmds=["python", "-m", "ml"],
+        arguments=[
+            "train",
+            *("--window", window),
+            *("--epochs", epochs),
+            *("--learning-rate", learning_rate),
+            *("--batch-size", batch_size),
+            *(arg for key, value in tags.items() for arg in ("--tag", f"{key}={value}")),
+            *("--output", XCOM_RETURN_PATH),
+        ],
+        # Requests == limits: the Guaranteed QoS class, so a node under pressure evicts others
+        # first, and TensorFlow's thread pools (sized to the limit) are never throttled.
+        container_resources=k8s.V1ResourceRequirements(
+            requests={"cpu": training.pod_cpu, "memory": training.pod_memory},
+            limits={"cpu": training.pod_cpu, "memory": training.pod_memory},
+        ),
+        # Longer than the task's execution_timeout would be pointless; shorter cuts a slow
+        # run the Airflow task still accepts.
+        active_deadline_seconds=execution_timeout_s,
+        # Not deferrable: the log is streamed live, and max_active_runs=1 keeps it one slot.
+        deferrable=False,
+        # The result (run id, model URI) goes to XCom through the operator's sidecar; it runs
+        # with the same restricted security context (the default one would be rejected).
+        do_xcom_push=True,
+        xcom_sidecar_container_security_context=restricted_container_security_context(),
+    )
+    if training.pod_data_claim:
+        if "://" in data.path or not data.path.startswith("/"):
+            raise ValueError(
+                f"pod_data_claim mounts a volume at PIPELINE_DATA_PATH, which must then be an "
+                f"absolute path, got {data.path!r}"
+            )
+        kwargs["volumes"].append(
+            k8s.V1Volume(
+                name="data",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+                    claim_name=training.pod_data_claim, read_only=True
+                ),
+            )
+        )
+        kwargs["volume_mounts"].append(
+            k8s.V1VolumeMount(name="data", mount_path=data.path, read_only=True)
+        )
+    return kwargs
+
+
+def training_instance(data: DataSettings) -> str:
+    return f"{data.source}-data"
+
+
+def cpu_threads(quantity: str) -> int:
+    """Threads for a CPU quantity: ``"2"`` -> 2, ``"1500m"`` -> 2, ``"250m"`` -> 1."""
+    match = _CPU.match(quantity.strip())
+    if match is None:
+        raise ValueError(f"not a Kubernetes CPU quantity: {quantity!r} (e.g. '2' or '1500m')")
+    cores = float(match["number"]) / (1000 if match["milli"] else 1)
+    return max(1, math.ceil(cores))
+
+
+def settings_env(settings: BaseSettings, *, skip_prefix: str | None = None) -> dict[str, str]:
+    """A settings object as the env vars (its own prefix) that reproduce it in a pod.
+
+    ``None`` values are left out (the pod's default is ``None`` too), as are fields whose
+    name starts with ``skip_prefix``.
+    """
+    prefix = type(settings).model_config["env_prefix"]
+    env = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None or (skip_prefix and name.startswith(skip_prefix)):
+            continue
+        if isinstance(value, list):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"{prefix}{name.upper()}"] = text
+    return env
+
+
+def label_value(value: str) -> str:
+    """A valid label value: <= 63 chars of [A-Za-z0-9._-], alphanumeric at both ends."""
+    cleaned = _LABEL_VALUE.sub("-", value)[:63].strip("-._")
+    return cleaned or "unknown"

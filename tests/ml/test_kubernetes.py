@@ -1,0 +1,182 @@
+"""The training pod: a real KubernetesPodOperator builds it; the Kubernetes schemas accept it."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import kubernetes_validate
+import pytest
+from kubernetes.client import ApiClient
+
+from ml.kubernetes import cpu_threads, training_pod_kwargs
+from ml.settings import DataSettings, DeploySettings, TrainingSettings
+from tests.serving.test_kubernetes import newest_minors
+
+TRACKING_URI = "http://mlflow.ml-platform.svc.cluster.local:5000"
+PIPELINE_IMAGE = "registry.example.com/train-and-deploy/pipeline:1.2.3"
+WINDOW = '{"start": "2026-03-01", "end": "2026-03-08", "partitions": []}'
+
+
+def _settings(**training) -> tuple[TrainingSettings, DataSettings, DeploySettings]:
+    return (
+        TrainingSettings(runner="kubernetes", pod_cpu="1500m", pod_memory="3Gi", **training),
+        DataSettings(path="/data/electricity", feature_columns=["a", "b"], window_days=14),
+        DeploySettings(
+            namespace="ml-serving",
+            pipeline_image=PIPELINE_IMAGE,
+            kubernetes_conn_id="k8s_prod",
+            pod_env_secret="mlflow-credentials",
+        ),
+    )
+
+
+def _kwargs(training, data, deploy) -> dict:
+    return training_pod_kwargs(
+        training,
+        data,
+        deploy,
+        window=WINDOW,
+        tracking_uri=TRACKING_URI,
+        epochs="12",
+        learning_rate="0.01",
+        batch_size="32",
+        tags={"airflow_dag_id": "train_and_deploy", "airflow_run_id": "manual__1"},
+        execution_timeout_s=3600,
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kubernetes_connection():
+    """The operator reads the XCom sidecar's image from the Connection (here: the pipeline
+    image, for clusters that cannot pull the default alpine image; see docs/operations.md)."""
+    extra = {"xcom_sidecar_container_image": PIPELINE_IMAGE, "in_cluster": False}
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AIRFLOW_CONN_K8S_PROD", json.dumps({"conn_type": "kubernetes", "extra": extra}))
+    yield
+    mp.undo()
+
+
+def _pod(kwargs) -> dict:
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated arguments
+        train = KubernetesPodOperator(task_id="train", **kwargs)
+    # dry_run: no kube config or cluster needed; the XCom sidecar is added all the same.
+    return ApiClient().sanitize_for_serialization(train.build_pod_request_obj(dry_run=True))
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return _settings(pod_data_claim="training-data")
+
+
+@pytest.fixture(scope="module")
+def pod(settings) -> dict:
+    return _pod(_kwargs(*settings))
+
+
+@pytest.mark.parametrize("k8s_version", newest_minors())
+def test_training_pod_validates_strictly(pod, k8s_version):
+    kubernetes_validate.validate(pod, k8s_version, strict=True)
+
+
+def test_runs_ml_train_and_writes_the_xcom_file(pod):
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert set(containers) == {"base", "airflow-xcom-sidecar"}
+    main = containers["base"]
+    assert main["image"] == PIPELINE_IMAGE
+    assert containers["airflow-xcom-sidecar"]["image"] == PIPELINE_IMAGE
+    assert main["command"] == ["python", "-m", "ml"]
+    args = main["args"]
+    assert args[0] == "train"
+    assert args[args.index("--window") + 1] == WINDOW
+    assert args[args.index("--epochs") + 1] == "12"
+    assert args[args.index("--output") + 1] == "/airflow/xcom/return.json"
+    tags = [args[i + 1] for i, a in enumerate(args) if a == "--tag"]
+    assert tags == ["airflow_dag_id=train_and_deploy", "airflow_run_id=manual__1"]
+    # The sidecar reads what the main container wrote from the shared emptyDir.
+    mounts = {m["mountPath"] for m in main["volumeMounts"]}
+    assert "/airflow/xcom" in mounts
+
+
+def test_both_containers_are_restricted(pod):
+    spec = pod["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for container in spec["containers"]:
+        sc = container["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001, container["name"]
+        assert sc["allowPrivilegeEscalation"] is False, container["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], container["name"]
+        assert sc["readOnlyRootFilesystem"] is True, container["name"]
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault", container["name"]
+    # Training never talks to the API server.
+    assert spec["automountServiceAccountToken"] is False
+
+
+def test_guaranteed_resources_and_threads_sized_to_the_limit(pod):
+    main = pod["spec"]["containers"][0]
+    assert main["resources"]["requests"] == main["resources"]["limits"]
+    assert main["resources"]["limits"] == {"cpu": "1500m", "memory": "3Gi"}
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    assert env["PIPELINE_TRAIN_THREADS"] == "2"
+    assert env["OMP_NUM_THREADS"] == "2"
+    assert pod["spec"]["activeDeadlineSeconds"] == 3600
+
+
+def test_data_claim_is_mounted_read_only_at_the_data_path(pod):
+    claims = [v for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [
+        {"name": "data", "persistentVolumeClaim": {"claimName": "training-data", "readOnly": True}}
+    ]
+    mounts = {m["name"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["data"] == {"name": "data", "mountPath": "/data/electricity", "readOnly": True}
+
+
+@pytest.mark.parametrize("path", ["s3://bucket/data", "relative/data"])
+def test_data_claim_needs_an_absolute_data_path(path):
+    training, data, deploy = _settings(pod_data_claim="training-data")
+    with pytest.raises(ValueError, match="absolute path"):
+        _kwargs(training, data.model_copy(update={"path": path}), deploy)
+
+
+def test_credentials_come_from_the_secret_and_the_uri_may_differ_for_pods(settings):
+    training, data, deploy = settings
+    pod = _pod(_kwargs(training, data, deploy.model_copy(update={"pod_tracking_uri": "http://m"})))
+    main = pod["spec"]["containers"][0]
+    assert main["envFrom"] == [{"secretRef": {"name": "mlflow-credentials"}}]
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == "http://m"
+    assert not any("PASSWORD" in name for name in env)
+
+
+def test_pod_env_rebuilds_the_workers_data_and_training_settings(settings, monkeypatch):
+    training, data, deploy = settings
+    pod = _pod(_kwargs(training, data, deploy))
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    for key in list(os.environ):
+        if key.startswith(("PIPELINE_DATA_", "PIPELINE_TRAIN_")):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert DataSettings() == data
+    pod_fields = {n for n in TrainingSettings.model_fields if n.startswith("pod_")}
+    rebuilt = TrainingSettings().model_dump(exclude=pod_fields | {"threads"})
+    assert rebuilt == training.model_dump(exclude=pod_fields | {"threads"})
+    assert TrainingSettings().threads == 2
+
+
+@pytest.mark.parametrize(
+    ("quantity", "threads"), [("1", 1), ("2", 2), ("1500m", 2), ("250m", 1), ("0.5", 1)]
+)
+def test_cpu_threads(quantity, threads):
+    assert cpu_threads(quantity) == threads
+
+
+@pytest.mark.parametrize("quantity", ["two", "1.5k", "-1", ""])
+def test_cpu_threads_rejects_non_quantities(quantity):
+    with pytest.raises(ValueError, match="CPU quantity"):
+        cpu_threads(quantity)

@@ -1,8 +1,26 @@
-"""Container tier: the real MLflow server fixture from the integration tier, and the marker."""
+"""Container tier: podman helpers, the base-image gate, and the real MLflow server fixture.
+
+Where this machine cannot run containers at all (podman missing, no base image can be made,
+`podman run` fails), every container test is skipped from :func:`container_base`, with one
+reason, which `pytest -ra` shows as one SKIPPED line. A failing image build is a failure.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
 from tests.integration.conftest import mlflow_server  # noqa: F401 - a fixture, used by name
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD = REPO / "scripts" / "build_images.sh"
+# Same default as scripts/build_images.sh (which reads the same variable).
+PODMAN = os.environ.get("PODMAN", "podman --runtime runc").split()
 
 
 def pytest_configure(config):
@@ -10,3 +28,56 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "container: builds the container images with podman and runs them"
     )
+
+
+def tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in (proc.stderr + proc.stdout).strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else f"exit code {proc.returncode}"
+
+
+def _run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False, **kwargs
+    )
+
+
+def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return _run([*PODMAN, *args], timeout=timeout)
+
+
+# Session scope: pytest sets up wider-scoped fixtures first, and this one must run (and skip,
+# where it has to) before the MLflow server is started for nothing.
+@pytest.fixture(scope="session")
+def container_base() -> str:
+    """The locally made base image; skips (one reason) where containers cannot run."""
+    missing = [tool for tool in (PODMAN[0], "debootstrap") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(
+            f"cannot run containers here: {', '.join(missing)} not installed "
+            "(scripts/install_container_tools.sh installs them)"
+        )
+    started = time.monotonic()
+    base = _run(["bash", str(BUILD), "base"], timeout=900)
+    if base.returncode != 0:
+        pytest.skip(f"cannot run containers here: no base image could be made: {_last_line(base)}")
+    base_image = base.stdout.strip().splitlines()[-1]
+    print(f"base image ready in {time.monotonic() - started:.1f}s: {base_image}")
+    probe = podman(
+        "run", "--rm", "--network", "host", "--read-only", base_image, "/bin/true", timeout=120
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot run containers here: podman run failed: {_last_line(probe)}")
+    return base_image
+
+
+def build_image(which: str, tag: str) -> str:
+    """Build ``which`` (serving|pipeline) with scripts/build_images.sh; a failure fails."""
+    started = time.monotonic()
+    build = _run(["bash", str(BUILD), which], timeout=1800)
+    assert build.returncode == 0, f"{which} image build failed:\n{tail(build.stderr, 60)}"
+    print(f"{which} image built in {time.monotonic() - started:.1f}s:\n{tail(build.stderr, 5)}")
+    return tag

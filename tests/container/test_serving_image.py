@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -26,67 +23,21 @@ import pandas as pd
 import pytest
 
 from tests.conftest import free_port
+from tests.container.conftest import build_image, podman, tail
 
 pytestmark = [pytest.mark.container, pytest.mark.integration, pytest.mark.timeout(1800)]
 
-REPO = Path(__file__).resolve().parents[2]
-BUILD = REPO / "scripts" / "build_images.sh"
 IMAGE = os.environ.get("SERVING_IMAGE", "train-and-deploy/serving:latest")
-# Same default as scripts/build_images.sh (which reads the same variable).
-PODMAN = os.environ.get("PODMAN", "podman --runtime runc").split()
 MODEL = "container-test-model"
 FEATURES = ["x0", "x1", "x2"]
 TARGET = "target"
 READY_TIMEOUT_S = 240
 
 
-def _tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def _last_line(proc: subprocess.CompletedProcess) -> str:
-    lines = [ln for ln in (proc.stderr + proc.stdout).strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else f"exit code {proc.returncode}"
-
-
-def _run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False, **kwargs
-    )
-
-
-def _podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return _run([*PODMAN, *args], timeout=timeout)
-
-
-# Session scope: pytest sets up wider-scoped fixtures first, and this one must run (and skip,
-# where it has to) before the MLflow server is started for nothing.
 @pytest.fixture(scope="session")
-def serving_image() -> str:
-    """The serving image, freshly built; skips (one reason) where containers cannot run."""
-    missing = [tool for tool in (PODMAN[0], "debootstrap") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(
-            f"cannot run containers here: {', '.join(missing)} not installed "
-            "(scripts/install_container_tools.sh installs them)"
-        )
-    started = time.monotonic()
-    base = _run(["bash", str(BUILD), "base"], timeout=900)
-    if base.returncode != 0:
-        pytest.skip(f"cannot run containers here: no base image could be made: {_last_line(base)}")
-    base_image = base.stdout.strip().splitlines()[-1]
-    print(f"base image ready in {time.monotonic() - started:.1f}s: {base_image}")
-    probe = _podman(
-        "run", "--rm", "--network", "host", "--read-only", base_image, "/bin/true", timeout=120
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"cannot run containers here: podman run failed: {_last_line(probe)}")
-
-    started = time.monotonic()
-    build = _run(["bash", str(BUILD), "serving"], timeout=1200)
-    assert build.returncode == 0, f"serving image build failed:\n{_tail(build.stderr, 60)}"
-    print(f"serving image built in {time.monotonic() - started:.1f}s:\n{_tail(build.stderr, 5)}")
-    return IMAGE
+def serving_image(container_base) -> str:
+    """The serving image, freshly built (after the base: skips where containers cannot run)."""
+    return build_image("serving", IMAGE)
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +80,8 @@ def test_serving_image(serving_image, mlflow_server, registered_model):
     port = free_port()
     name = f"tad-serving-test-{os.getpid()}"
     endpoint = f"http://127.0.0.1:{port}"
-    _podman("rm", "--force", "--ignore", name)
-    run = _podman(
+    podman("rm", "--force", "--ignore", name)
+    run = podman(
         "run",
         "--detach",
         "--name",
@@ -174,24 +125,24 @@ def test_serving_image(serving_image, mlflow_server, registered_model):
         assert version.status_code == 200 and version.text.strip().strip('"') == "3.17.2"
         # The image's HEALTHCHECK (run on demand: no systemd timers here) finds the server's
         # port from its command line and passes once it is ready.
-        health = _podman("healthcheck", "run", name)
+        health = podman("healthcheck", "run", name)
         assert health.returncode == 0, f"healthcheck: {health.stdout}{health.stderr}"
 
         # SIGTERM (what Kubernetes sends) stops it cleanly: the server is PID 1 and handles it.
-        stop = _podman("stop", "--time", "30", name, timeout=60)
+        stop = podman("stop", "--time", "30", name, timeout=60)
         assert stop.returncode == 0, stop.stderr
-        state = _podman("inspect", "--format", "{{.State.ExitCode}}", name)
+        state = podman("inspect", "--format", "{{.State.ExitCode}}", name)
         assert state.stdout.strip() == "0", f"exit code {state.stdout.strip()}\n{_logs(name)}"
     except BaseException:
         print(f"container logs:\n{_logs(name)}")
         raise
     finally:
-        _podman("rm", "--force", "--ignore", "--time", "5", name, timeout=60)
+        podman("rm", "--force", "--ignore", "--time", "5", name, timeout=60)
 
 
 def _check_image_config(serving_image: str) -> None:
     """Non-root, health check, entry point, HOME/TMP in /tmp, nothing serving does not need."""
-    info = _podman("image", "inspect", serving_image)
+    info = podman("image", "inspect", serving_image)
     assert info.returncode == 0, info.stderr
     image = json.loads(info.stdout)[0]
     config = image["Config"]
@@ -203,7 +154,7 @@ def _check_image_config(serving_image: str) -> None:
     healthcheck = image.get("Healthcheck") or config.get("Healthcheck") or {}
     assert "/ping" in " ".join(healthcheck.get("Test", [])), healthcheck
     # Only what serving needs: no Airflow, no MLflow tracking server stack, no training plots.
-    absent = _podman(
+    absent = podman(
         "run",
         "--rm",
         "--network",
@@ -222,8 +173,8 @@ def _check_image_config(serving_image: str) -> None:
 
 
 def _logs(name: str) -> str:
-    logs = _podman("logs", name)
-    return _tail(logs.stdout + logs.stderr, 60)
+    logs = podman("logs", name)
+    return tail(logs.stdout + logs.stderr, 60)
 
 
 def _wait_ready(name: str, endpoint: str) -> None:
@@ -234,7 +185,7 @@ def _wait_ready(name: str, endpoint: str) -> None:
                 return
         except httpx.HTTPError:
             pass
-        running = _podman("inspect", "--format", "{{.State.Running}}", name)
+        running = podman("inspect", "--format", "{{.State.Running}}", name)
         if running.stdout.strip() != "true":
             pytest.fail(f"the serving container exited before it was ready:\n{_logs(name)}")
         time.sleep(1)

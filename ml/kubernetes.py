@@ -216,16 +216,18 @@ def cpu_threads(quantity: str) -> int:
     return max(1, math.ceil(cores))
 
 
-def settings_env(settings: BaseSettings, *, skip_prefix: str | None = None) -> dict[str, str]:
+def settings_env(
+    settings: BaseSettings, *, skip_prefix: str | None = None, exclude: frozenset[str] = frozenset()
+) -> dict[str, str]:
     """A settings object as the env vars (its own prefix) that reproduce it in a pod.
 
-    ``None`` values are left out (the pod's default is ``None`` too), as are fields whose
-    name starts with ``skip_prefix``.
+    ``None`` values are left out (the pod's default is ``None`` too), as are the fields in
+    ``exclude`` and those whose name starts with ``skip_prefix``.
     """
     prefix = type(settings).model_config["env_prefix"]
     env = {}
     for name, value in settings.model_dump(mode="json").items():
-        if value is None or (skip_prefix and name.startswith(skip_prefix)):
+        if value is None or name in exclude or (skip_prefix and name.startswith(skip_prefix)):
             continue
         if isinstance(value, list):
             text = ",".join(str(v) for v in value)

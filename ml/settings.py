@@ -181,8 +181,10 @@ class DeploySettings(BaseSettings):
     deployment_name: str = "model-server"
     service_url: str | None = Field(
         None,
-        description="Base URL of the live endpoint used by verify; defaults to the local "
-        "front port, or the in-cluster Service DNS name for the kubernetes target.",
+        description="Base URL of the live endpoint as Airflow workers reach it (verify, "
+        "reconcile); defaults to the local front port, or the in-cluster Service DNS name for "
+        "the kubernetes target. The rollout pod always smoke-tests through the in-cluster "
+        "Service.",
     )
     # kubernetes target: the serving Deployment (serving.manifests) and the rollout
     # (serving.rollout). Defaults are sized from measurements: docs/operations.md.

@@ -100,9 +100,11 @@ def rollout_pod_kwargs(
 def settings_env(settings: DeploySettings) -> dict[str, str]:
     """``DeploySettings`` as the ``PIPELINE_DEPLOY_*`` env vars that reproduce it in a pod.
 
-    Local-target fields are left out: they mean nothing inside the cluster.
+    Local-target fields are left out: they mean nothing inside the cluster. So is
+    ``service_url``: it is how Airflow workers reach the endpoint (an ingress, a tunnel),
+    while the rollout pod smoke-tests the new pods through the in-cluster Service.
     """
-    return _settings_env(settings, skip_prefix="local_")
+    return _settings_env(settings, skip_prefix="local_", exclude=frozenset({"service_url"}))
 
 
 def _is_template(value: str) -> bool:

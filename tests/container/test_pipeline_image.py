@@ -326,7 +326,11 @@ def test_rollout_pod_rolls_the_registered_version_out(
             image=pipeline_image,
             name=name,
             host_paths={},
-            extra_env={"KUBECONFIG": "/etc/kube/config"},
+            # The fake model server stands in for the Service's in-cluster DNS name.
+            extra_env={
+                "KUBECONFIG": "/etc/kube/config",
+                "PIPELINE_DEPLOY_SERVICE_URL": model_server.url,
+            },
             extra_volumes=(f"{host_dirs['kube']}:/etc/kube:Z,ro",),
         )
         run = podman(*args, timeout=600)

@@ -173,6 +173,8 @@ def test_pod_env_reproduces_every_deploy_setting_in_the_pod(monkeypatch):
     )
     env = settings_env(custom)
     assert not any(key.startswith("PIPELINE_DEPLOY_LOCAL_") for key in env)
+    # How workers reach the endpoint is not how the pod does (in-cluster Service).
+    assert "PIPELINE_DEPLOY_SERVICE_URL" not in env
     for key in list(os.environ):
         if key.startswith("PIPELINE_DEPLOY_"):
             monkeypatch.delenv(key)
@@ -180,4 +182,5 @@ def test_pod_env_reproduces_every_deploy_setting_in_the_pod(monkeypatch):
         monkeypatch.setenv(key, value)
     rebuilt = DeploySettings()
     local_fields = {n for n in DeploySettings.model_fields if n.startswith("local_")}
+    local_fields.add("service_url")
     assert rebuilt.model_dump(exclude=local_fields) == custom.model_dump(exclude=local_fields)

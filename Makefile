@@ -56,7 +56,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) scripts/bootstrap.sh
 	@touch $@
 
-## k8s-e2e: build images, roll out to the cluster of your kubeconfig (e.g. kind), predict through the Service
+## k8s-e2e: build images, run train_and_deploy with the kubernetes target on your kubeconfig's cluster (e.g. kind)
 k8s-e2e: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/k8s_e2e.sh
 

@@ -49,28 +49,46 @@ def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return _run([*PODMAN, *args], timeout=timeout)
 
 
+CANNOT_RUN = "cannot run containers here"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Report every container test skipped for the same reason at one place, so that
+    `pytest -ra` folds them into one SKIPPED line (it folds by location and reason)."""
+    report = yield
+    if report.skipped and isinstance(report.longrepr, tuple) and CANNOT_RUN in report.longrepr[2]:
+        gate = _base_image_or_skip.__code__
+        report.longrepr = (gate.co_filename, gate.co_firstlineno, report.longrepr[2])
+    return report
+
+
 # Session scope: pytest sets up wider-scoped fixtures first, and this one must run (and skip,
 # where it has to) before the MLflow server is started for nothing.
 @pytest.fixture(scope="session")
 def container_base() -> str:
     """The locally made base image; skips (one reason) where containers cannot run."""
+    return _base_image_or_skip()
+
+
+def _base_image_or_skip() -> str:
     missing = [tool for tool in (PODMAN[0], "debootstrap") if shutil.which(tool) is None]
     if missing:
         pytest.skip(
-            f"cannot run containers here: {', '.join(missing)} not installed "
+            f"{CANNOT_RUN}: {', '.join(missing)} not installed "
             "(scripts/install_container_tools.sh installs them)"
         )
     started = time.monotonic()
     base = _run(["bash", str(BUILD), "base"], timeout=900)
     if base.returncode != 0:
-        pytest.skip(f"cannot run containers here: no base image could be made: {_last_line(base)}")
+        pytest.skip(f"{CANNOT_RUN}: no base image could be made: {_last_line(base)}")
     base_image = base.stdout.strip().splitlines()[-1]
     print(f"base image ready in {time.monotonic() - started:.1f}s: {base_image}")
     probe = podman(
         "run", "--rm", "--network", "host", "--read-only", base_image, "/bin/true", timeout=120
     )
     if probe.returncode != 0:
-        pytest.skip(f"cannot run containers here: podman run failed: {_last_line(probe)}")
+        pytest.skip(f"{CANNOT_RUN}: podman run failed: {_last_line(probe)}")
     return base_image
 
 

@@ -270,7 +270,9 @@ def registered(trained_in_pod, mlflow_server):
     return {"live": str(live), "version": version, "evaluation": evaluation}
 
 
-def test_training_pod_logs_the_run_and_hands_it_over(trained_in_pod, registered, mlflow_server):
+def test_training_pod_logs_the_run_and_hands_it_over(
+    pipeline_image, trained_in_pod, registered, mlflow_server
+):
     from mlflow import MlflowClient
 
     trained = trained_in_pod["trained"]
@@ -290,7 +292,7 @@ def test_training_pod_logs_the_run_and_hands_it_over(trained_in_pod, registered,
 
 
 def test_rollout_pod_rolls_the_registered_version_out(
-    registered, trained_in_pod, pipeline_image, mlflow_server, host_dirs
+    pipeline_image, registered, trained_in_pod, mlflow_server, host_dirs
 ):
     from serving import manifests
     from serving.kubernetes import rollout_pod_kwargs

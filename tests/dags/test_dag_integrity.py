@@ -211,3 +211,34 @@ def test_training_pod_gets_window_params_and_run_through_templates(
     assert args.output == "/airflow/xcom/return.json"
     env = {var.name: var.value for var in task.env_vars}
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+
+
+def test_every_pod_of_every_dag_validates_for_three_kubernetes_minors(
+    dagbag, dagbag_training_in_pod
+):
+    """Each KubernetesPodOperator task of each DAG (both training variants), as the operator
+    builds its pod, against the schemas of the three newest Kubernetes minors."""
+    import kubernetes_validate
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import ApiClient
+
+    from tests.serving.test_kubernetes import newest_minors
+
+    pods = {}
+    for bag in (dagbag, dagbag_training_in_pod):
+        for dag in bag.dags.values():
+            for task in dag.tasks:
+                if isinstance(task, KubernetesPodOperator):
+                    pod = task.build_pod_request_obj(dry_run=True)
+                    pods[(dag.dag_id, task.task_id)] = ApiClient().sanitize_for_serialization(pod)
+    assert {
+        ("train_and_deploy", "train"),
+        ("train_and_deploy", "deploy_kubernetes"),
+        ("deploy_model", "deploy_kubernetes"),
+    } <= set(pods)
+    for key, pod in pods.items():
+        for version in newest_minors():
+            try:
+                kubernetes_validate.validate(pod, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                raise AssertionError(f"{key} on Kubernetes {version}: {exc}") from exc

@@ -453,20 +453,21 @@ def _proc_state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
-def _cmdline(pid: int) -> str | None:
+def _cmdline(pid: int) -> list[str] | None:
+    """The process's argv, or None where there is no /proc (macOS: trust the pidfile)."""
     try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return None  # no /proc (macOS): trust the pidfile
+        return None
+    return raw.decode(errors="replace").rstrip("\0").split("\0")
 
 
 def _live_pid(pidfile: Path, *markers: str) -> int | None:
     """The pid in ``pidfile`` if that process is alive and still looks like ours.
 
     The marker check guards against pid reuse: a stale pidfile must never make us signal an
-    unrelated process that happens to have the same pid now.
+    unrelated process that happens to have the same pid now. Markers are whole arguments
+    (``serve`` must not match the proxy's ``serving``).
     """
     try:
         pid = int(pidfile.read_text().strip())
@@ -475,8 +476,10 @@ def _live_pid(pidfile: Path, *markers: str) -> int | None:
     if pid <= 1 or not _alive(pid):
         return None
     cmdline = _cmdline(pid)
-    if cmdline is not None and not all(m in cmdline for m in markers):
-        log.warning("%s names pid %s, which is not ours (%s); ignoring it", pidfile, pid, cmdline)
+    if cmdline is not None and not all(m in cmdline for m in markers):  # argv elements
+        log.warning(
+            "%s names pid %s, which is not ours (%s); ignoring it", pidfile, pid, " ".join(cmdline)
+        )
         return None
     return pid
 

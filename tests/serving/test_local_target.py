@@ -179,3 +179,28 @@ def test_deploy_switch_redeploy_fail_and_verify(target, tmp_path):
     assert not accepting(second["port"])
     assert not accepting(target.settings.local_port)
     assert not _alive(second["pid"])
+
+
+def test_a_pidfile_counts_only_for_a_process_with_our_arguments(tmp_path):
+    """Pid reuse guard: the proxy (`python -m serving proxy`) never passes for a slot server
+    (`... serving serve`), though `serve` is a substring of `serving`."""
+    import subprocess
+    import sys
+
+    from serving.local import _live_pid
+
+    proxy_like = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "serving", "proxy"]
+    )
+    try:
+        pidfile = tmp_path / "proc.pid"
+        pidfile.write_text(f"{proxy_like.pid}\n")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _live_pid(pidfile, "serving", "proxy") is None:
+            time.sleep(0.05)  # /proc/<pid>/cmdline is filled in once exec has happened
+        assert _live_pid(pidfile, "serving", "proxy") == proxy_like.pid
+        assert _live_pid(pidfile, "serving", "serve") is None
+    finally:
+        proxy_like.kill()
+        proxy_like.wait()
+    assert _live_pid(pidfile, "serving", "proxy") is None, "a dead pid never counts"

@@ -19,8 +19,9 @@ What it does, all on 127.0.0.1 and bounded in time:
    version (single-row requests and one batch request; atol 1e-5).
 4. Runs ``wrk`` (single-row ``dataframe_split`` POSTs, 1 and 8 connections, ``--duration`` s per
    cell after a short warm-up) in ``--rounds`` interleaved rounds, so that a noisy moment on a
-   shared machine hits every server alike; keeps the median of each number, and the RSS of each
-   server's process tree.
+   shared machine hits every server alike; keeps the median of each number, the CPU time the
+   server's process tree used per request (from ``/proc``), the RSS of each server's process
+   tree, and for ``this-server`` how many requests shared a model call (from its ``/metrics``).
 5. Prints a table with ratios and the targets, and rewrites the ``bench-serving`` section of
    ``docs/benchmarks.md`` (other sections are kept).
 
@@ -150,6 +151,22 @@ def tree_rss_mb(session_id: int) -> float:
     return total_kb / 1024.0
 
 
+def tree_cpu_s(session_id: int) -> float:
+    """CPU seconds (user + system) used so far by the processes of the server's session."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry.name}/stat").read_text()
+            fields = raw[raw.rfind(")") + 2 :].split()
+            if int(fields[3]) == session_id:
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, ValueError, IndexError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -222,6 +239,24 @@ done = function(summary, latency, requests)
     e.status, e.connect + e.read + e.write + e.timeout))
 end
 """
+
+
+def batch_counts(server: Server) -> tuple[float, float] | None:
+    """(requests, model calls) of the micro-batcher so far, for this server only."""
+    if server.label != "this-server":
+        return None
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    found = [
+        re.search(rf"^model_server_batch_requests_{key} (\S+)$", text, re.M)
+        for key in ("sum", "count")
+    ]
+    if not all(found):
+        return None
+    return float(found[0].group(1)), float(found[1].group(1))
 
 
 def run_wrk(url: str, lua: Path, connections: int, duration_s: int) -> dict[str, float]:
@@ -342,9 +377,13 @@ class Cell:
         out = {}
         for connections, runs in self.rounds.items():
             out[connections] = {
-                key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms")
+                key: statistics.median(r[key] for r in runs)
+                for key in ("rps", "p50_ms", "p99_ms", "cpu_us")
             }
             out[connections]["errors"] = sum(r["errors"] for r in runs)
+            per_call = [r["per_call"] for r in runs if "per_call" in r]
+            if per_call:
+                out[connections]["per_call"] = statistics.median(per_call)
         return out
 
 
@@ -391,12 +430,20 @@ def run_benchmark(
         print(f"\n-- round {round_}/{args.rounds}", flush=True)
         for server in servers:
             for connections in args.connections:
+                before = batch_counts(server)
+                cpu_before = tree_cpu_s(server.proc.pid)
                 res = run_wrk(server.url, lua, connections, args.duration)
+                cpu = tree_cpu_s(server.proc.pid) - cpu_before
+                res["cpu_us"] = cpu / max(1, res["requests"]) * 1e6
+                after = batch_counts(server)
+                if before and after and after[1] > before[1]:
+                    res["per_call"] = (after[0] - before[0]) / (after[1] - before[1])
                 cells[server.label].rounds.setdefault(connections, []).append(res)
+                per_call = f"  {res['per_call']:.1f} req/model call" if "per_call" in res else ""
                 print(
                     f"   {server.label:17s} c={connections}: {res['rps']:8.0f} req/s  "
                     f"p50 {res['p50_ms']:7.2f} ms  p99 {res['p99_ms']:7.2f} ms  "
-                    f"errors {res['errors']}",
+                    f"CPU {res['cpu_us']:6.1f} us/req  errors {res['errors']}{per_call}",
                     flush=True,
                 )
     for server in servers:
@@ -489,16 +536,18 @@ def build_report(
 
     header = ["server"]
     for c in conns:
-        header += [f"req/s @{c}", f"p50 ms @{c}", f"p99 ms @{c}"]
+        header += [f"req/s @{c}", f"p50 ms @{c}", f"p99 ms @{c}", f"CPU us/req @{c}"]
     header += ["RSS MB", "max abs diff vs stock"]
     rows = []
     for cell in cells.values():
         row = [cell.server]
         for c in conns:
             r = cell.results.get(c)
-            row += (
-                [f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"] if r else ["-"] * 3
-            )
+            if r:
+                row += [f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"]
+                row += [f"{r['cpu_us']:.0f}"]
+            else:
+                row += ["-"] * 4
         row += [f"{cell.rss_mb:.0f}", "-" if cell.max_diff is None else f"{cell.max_diff:.1e}"]
         rows.append(row)
 
@@ -572,7 +621,11 @@ def build_report(
             "(served through `keras.Model.predict`).",
             "- **this-server**: `python -m serving serve` on the same pyfunc version, default "
             "settings (access log on, micro-batching on, fast Keras path).",
+            "- CPU us/req: user + system CPU time of the server's whole process tree during a "
+            "cell, divided by the requests answered (from `/proc`; it excludes the load "
+            "generator, and moves less with machine load than req/s does).",
             "- RSS is the resident memory of the server's whole process tree after the runs.",
+            *batching_note(ours, conns),
             f"- Non-2xx or socket errors during the runs: {errors}.",
             f"- The load generator shares the {os.cpu_count()} CPUs with the server, and the "
             "machine may be shared with other jobs (1-minute load average "
@@ -584,6 +637,21 @@ def build_report(
     )
     text = table(header, rows) + "\n\n" + table(["target", "measured", "wanted", ""], check_rows)
     return {"markdown": md, "text": text, "predictions_ok": predictions_ok}
+
+
+def batching_note(ours: Cell, conns: list[int]) -> list[str]:
+    parts = [
+        f"{ours.results[c]['per_call']:.1f} at {c} client(s)"
+        for c in conns
+        if "per_call" in ours.results.get(c, {})
+    ]
+    if not parts:
+        return []
+    return [
+        "- this-server's micro-batching, requests per model call (median of the rounds): "
+        + ", ".join(parts)
+        + "."
+    ]
 
 
 def write_doc(section: str) -> None:

@@ -257,7 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--workers", type=int, default=1, help="processes (each loads the model)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes (each loads the model; /metrics answers for all of them)",
+    )
     p.add_argument(
         "--max-request-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413"
     )

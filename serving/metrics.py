@@ -35,8 +35,10 @@ a worker counted in its last 0.25 s before a SIGKILL is lost). Gauges count live
 ``requests_in_flight`` is their sum, ``ready`` their minimum (1 when every live worker is
 ready), ``model_load_seconds`` their maximum, ``start_time_seconds`` the earliest, ``workers``
 their number; ``model_info`` appears once per distinct model (so once). Other workers' numbers
-can be up to 0.25 s old; the answering worker adds its current ones and names itself in an
-``X-Worker-Pid`` response header. With one worker (the default) nothing is written anywhere.
+can be up to 0.25 s old; the answering worker adds its current ones, writes them to its file
+first (so a later scrape answered by another worker never shows less: counters never appear
+to go down between scrapes), and names itself in an ``X-Worker-Pid`` response header. With
+one worker (the default) nothing is written anywhere.
 """
 
 from __future__ import annotations
@@ -225,6 +227,11 @@ class ServerMetrics:
         own = self.snapshot()
         if self.store is None:
             return render_states([own], [own])
+        # Publish what this answer shows of this worker first: a later scrape answered by
+        # another worker then reads at least these numbers, so no counter ever appears to go
+        # down between two scrapes (Prometheus would take that for a restart).
+        # Without the /metrics request being answered: it ends right after this.
+        self.store.write({**own, "in_flight": max(0, own["in_flight"] - 1)})
         every, live = self.store.read_all(own)
         return render_states(every, live)
 

@@ -132,18 +132,26 @@ def child_env(tracking_uri: str) -> dict[str, str]:
     return env
 
 
-def tree_rss_mb(session_id: int) -> float:
-    """Resident memory of every process in the server's session (stock forks uvicorn)."""
-    total_kb = 0
+def _session_procs(session_id: int):
+    """(pid, fields of /proc/<pid>/stat after the command name) of the session's processes."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             raw = Path(f"/proc/{entry.name}/stat").read_text()
             fields = raw[raw.rfind(")") + 2 :].split()
-            if int(fields[3]) != session_id:  # field 6 of stat: session id
-                continue
-            for line in Path(f"/proc/{entry.name}/status").read_text().splitlines():
+            if int(fields[3]) == session_id:  # field 6 of stat: session id
+                yield entry.name, fields
+        except (OSError, ValueError, IndexError):
+            continue
+
+
+def tree_rss_mb(session_id: int) -> float:
+    """Resident memory of every process in the server's session (stock forks uvicorn)."""
+    total_kb = 0
+    for pid, _ in _session_procs(session_id):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total_kb += int(line.split()[1])
         except (OSError, ValueError, IndexError):
@@ -153,17 +161,7 @@ def tree_rss_mb(session_id: int) -> float:
 
 def tree_cpu_s(session_id: int) -> float:
     """CPU seconds (user + system) used so far by the processes of the server's session."""
-    ticks = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry.name}/stat").read_text()
-            fields = raw[raw.rfind(")") + 2 :].split()
-            if int(fields[3]) == session_id:
-                ticks += int(fields[11]) + int(fields[12])  # utime, stime
-        except (OSError, ValueError, IndexError):
-            continue
+    ticks = sum(int(f[11]) + int(f[12]) for _, f in _session_procs(session_id))  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -186,12 +186,13 @@ def train_and_deploy():
     checked = validate_data(window)
     # Parse-time settings pick where training runs. Both variants are the task `train` and
     # return the same reference dict; Params and XCom reach the pod as templates.
-    if TrainingSettings().runner == "kubernetes":
+    training = TrainingSettings()
+    if training.runner == "kubernetes":
         train_in_pod = KubernetesPodOperator(  # noqa: AIR001 - same task_id in both variants
             task_id="train",
             retries=1,
             **training_pod_kwargs(
-                TrainingSettings(),
+                training,
                 DataSettings(),
                 DeploySettings(),
                 window="{{ ti.xcom_pull(task_ids='load_window') | tojson }}",

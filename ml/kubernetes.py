@@ -21,8 +21,8 @@ from pydantic_settings import BaseSettings
 
 from ml.settings import DataSettings, DeploySettings, TrainingSettings
 
-# The restricted Pod Security Standard wants a non-root, fixed uid. 10001 is the `app` user the
-# pipeline image is built with (docker/); it is outside the range of host system users.
+# The restricted Pod Security Standard wants a non-root, fixed uid. 10001 is the `app` user both
+# images are built with (docker/*.Dockerfile); it is outside the range of host system users.
 RUN_AS_USER = 10001
 # KubernetesPodOperator's XCom contract: with do_xcom_push=True it reads this file through its
 # sidecar after the main container ends (PodDefaults.XCOM_MOUNT_PATH + "/return.json").
@@ -147,7 +147,7 @@ def training_pod_kwargs(
         deploy,
         name="model-training",
         component="training",
-        instance=training_instance(data),
+        instance=f"{data.source}-data",
         env=env,
         tracking_uri=tracking_uri,
         # Keras, MLflow's model staging and plot rendering use /tmp.
@@ -201,10 +201,6 @@ def training_pod_kwargs(
             k8s.V1VolumeMount(name="data", mount_path=data.path, read_only=True)
         )
     return kwargs
-
-
-def training_instance(data: DataSettings) -> str:
-    return f"{data.source}-data"
 
 
 def cpu_threads(quantity: str) -> int:

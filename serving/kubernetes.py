@@ -13,7 +13,6 @@ Nothing here imports Airflow: the DAG file builds the operator, this module only
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from kubernetes.client import models as k8s
@@ -21,10 +20,7 @@ from kubernetes.client import models as k8s
 from ml.kubernetes import label_value, pipeline_pod_kwargs
 from ml.kubernetes import settings_env as _settings_env
 from ml.settings import DeploySettings
-
-# `models:/<name>/<version>`: a rollout pins a version; an alias (`@champion`) could move between
-# the DAG's decision and the pod's start, and would make the rollout non-reproducible.
-_PINNED_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+from serving.manifests import parse_pinned_uri
 
 
 def rollout_pod_kwargs(
@@ -38,16 +34,8 @@ def rollout_pod_kwargs(
     """
     version = str(version)
     templated = _is_template(model_uri) or _is_template(version)
-    match = None if templated else _PINNED_URI.match(model_uri)
-    if templated:
-        pass
-    elif match is None:
-        raise ValueError(
-            f"rollout needs a pinned model URI 'models:/<name>/<version>', got {model_uri!r} "
-            "(resolve aliases before rolling out)"
-        )
-    elif match["version"] != version:
-        raise ValueError(f"model URI {model_uri!r} does not name version {version!r}")
+    if not templated:
+        parse_pinned_uri(model_uri, version)  # UnpinnedModelURI (a ValueError) otherwise
 
     kwargs = pipeline_pod_kwargs(
         settings,

@@ -35,6 +35,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+# The images' non-root user and the label-value rules are shared with the pipeline's pods.
+from ml.kubernetes import RUN_AS_USER, label_value
 from ml.settings import DeploySettings
 
 FIELD_MANAGER = "train-and-deploy"
@@ -49,8 +51,6 @@ ANNOTATION_PREFIX = "train-and-deploy"
 MODEL_URI_ANNOTATION = f"{ANNOTATION_PREFIX}/model-uri"
 MODEL_VERSION_ANNOTATION = f"{ANNOTATION_PREFIX}/model-version"
 VERSION_LABEL = "app.kubernetes.io/version"
-# The serving image's non-root user (docker/serving.Dockerfile); outside host system uid ranges.
-RUN_AS_USER = 10001
 
 # Measured: ready 13.6 / 14.2 / 16.4 s after start (see the module docstring).
 MEASURED_READY_S = 16.4
@@ -71,7 +71,6 @@ TERMINATION_GRACE_S = PRE_STOP_S + GRACEFUL_S + 5
 HPA_CPU_UTILIZATION = 70
 
 _PINNED_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
-_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class UnpinnedModelURI(ValueError):
@@ -94,12 +93,6 @@ def parse_pinned_uri(model_uri: str, version: str | int | None = None) -> tuple[
     if version is not None and str(version) != match["version"]:
         raise UnpinnedModelURI(f"model URI {model_uri!r} does not name version {version!r}")
     return match["name"], match["version"]
-
-
-def label_value(value: str) -> str:
-    """A valid label value: <= 63 chars of [A-Za-z0-9._-], alphanumeric at both ends."""
-    cleaned = _LABEL_VALUE.sub("-", value)[:63].strip("-._")
-    return cleaned or "unknown"
 
 
 def selector_labels(settings: DeploySettings) -> dict[str, str]:

@@ -17,12 +17,12 @@ from airflow.sdk import Connection, Param
 
 from ml.settings import (
     DataSettings,
-    DeploySettings,
     GateSettings,
     RegistrySettings,
     TrainingSettings,
     with_overrides,
 )
+from serving.deploy.settings import DeploySettings
 
 # Every task of the deploy DAGs talks to MLflow, storage or a model server: retry with backoff.
 IO_TASK_DEFAULTS = {
@@ -255,7 +255,7 @@ def promotion_asset():
     """The asset the registry-events plugin records alias moves on (deploy_model's schedule)."""
     from airflow.sdk import Asset
 
-    from serving.promotion import alias_asset
+    from serving.deploy.promotion import alias_asset
 
     settings = RegistrySettings()
     return Asset(**alias_asset(settings.model_name, settings.champion_alias))

@@ -46,8 +46,8 @@ from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 from registry_events.links import link_to_mlflow
 
-from ml.settings import DeploySettings
-from serving.kubernetes import rollout_pod_kwargs
+from serving.deploy.pods import rollout_pod_kwargs
+from serving.deploy.settings import DeploySettings
 
 ROLLOUT_TASKS = ["deploy_local", "deploy_kubernetes", "verify"]
 
@@ -69,7 +69,7 @@ ROLLOUT_TASKS = ["deploy_local", "deploy_kubernetes", "verify"]
 def deploy_model():
     @task
     def resolve(**context) -> dict:
-        from serving.promotion import resolve
+        from serving.deploy.promotion import resolve
 
         params = context["params"]
         return resolve(
@@ -87,7 +87,7 @@ def deploy_model():
 
     @task(retries=1)
     def deploy_local(resolution: dict, **context) -> dict:
-        from serving.deploy import deploy_local
+        from serving.deploy.steps import deploy_local
 
         with failure_recorded(context):
             return deploy_local(
@@ -109,7 +109,7 @@ def deploy_model():
 
     @task(retries=0)
     def verify(resolution: dict, **context) -> dict:
-        from serving.deploy import verify_on_input_example
+        from serving.deploy.steps import verify_on_input_example
 
         with failure_recorded(context):
             return verify_on_input_example(
@@ -118,7 +118,7 @@ def deploy_model():
 
     @task
     def promote(resolution: dict, verified: dict, **context) -> dict:
-        from serving.promotion import promote
+        from serving.deploy.promotion import promote
 
         return promote(
             resolution, promotion_registry_settings(context["params"]), tracking_uri=tracking_uri()
@@ -127,7 +127,7 @@ def deploy_model():
     # Runs only if a deploy or verify step failed (skipped otherwise); the run still fails.
     @task(trigger_rule="one_failed")
     def roll_back(**context) -> dict:
-        from serving.promotion import roll_back
+        from serving.deploy.promotion import roll_back
 
         params = context["params"]
         resolution = context["ti"].xcom_pull(task_ids="resolve")

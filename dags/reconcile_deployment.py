@@ -51,7 +51,7 @@ DEPLOYING_DAGS = ("deploy_model", "train_and_deploy")
 def reconcile_deployment():
     @task.short_circuit
     def check(**context) -> bool:
-        from serving.promotion import drift
+        from serving.deploy.promotion import drift
 
         report = drift(registry_settings(), deploy_settings({}), tracking_uri=tracking_uri())
         context["ti"].xcom_push(key="report", value=report)

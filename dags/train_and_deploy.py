@@ -42,9 +42,9 @@ from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from ml.kubernetes import training_pod_kwargs
-from ml.settings import DataSettings, DeploySettings, TrainingSettings
-from serving.kubernetes import rollout_pod_kwargs
+from ml.settings import DataSettings, TrainingSettings
+from serving.deploy.pods import rollout_pod_kwargs, training_pod_kwargs
+from serving.deploy.settings import DeploySettings
 
 
 @dag(
@@ -142,7 +142,7 @@ def train_and_deploy():
 
     @task
     def deploy_local(version: dict, **context) -> dict:
-        from serving.deploy import deploy_local
+        from serving.deploy.steps import deploy_local
 
         return deploy_local(
             version, deploy_settings(context["params"]), tracking_uri=tracking_uri()
@@ -164,7 +164,7 @@ def train_and_deploy():
 
     @task(retries=0)
     def verify(window: dict, version: dict, **context) -> dict:
-        from serving.deploy import verify_or_roll_back
+        from serving.deploy.steps import verify_or_roll_back
 
         params = context["params"]
         return verify_or_roll_back(

@@ -1,7 +1,7 @@
 # The pipeline image: what KubernetesPodOperator pods run (`python -m ml train|evaluate|...`,
-# `python -m serving rollout|verify`). The project's dependencies without Airflow: the pods
+# `python -m serving.deploy rollout|verify`). The project's dependencies without Airflow: the pods
 # run pipeline steps, not the scheduler. Commands come from the pod spec
-# (serving.kubernetes.rollout_pod_kwargs sets cmds/arguments); the default CMD prints help.
+# (serving.deploy.pods.rollout_pod_kwargs sets cmds/arguments); the default CMD prints help.
 #
 # Build it with `scripts/build_images.sh pipeline` (stages this context offline, like the
 # serving image; see docs/containers.md). Same base, user, layer order and read-only-root
@@ -49,7 +49,7 @@ RUN --mount=type=bind,source=wheels,target=/wheels \
 COPY ml /opt/app/ml
 COPY serving /opt/app/serving
 RUN python -m compileall -q /opt/app \
-    && python -c "import ml.__main__, ml.train, ml.evaluate, ml.registry, serving.__main__"
+    && python -c "import ml.__main__, ml.train, ml.evaluate, ml.registry, serving.deploy.__main__"
 
 ARG GIT_SHA=unknown
 # ml.train records GIT_SHA as the code version (no .git in the image).

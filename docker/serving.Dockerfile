@@ -1,4 +1,4 @@
-# The model server: `python -m serving serve` for one pinned MLflow model URI.
+# The model server: `python -m serving.server` for one pinned MLflow model URI.
 #
 # Generic: the image holds no model. It is told which one by the environment and loads it at
 # start, so a rollout (a new URI) and a rollback (the old URI) are ordinary rolling updates.
@@ -10,7 +10,8 @@
 #
 # Build it with scripts/build_images.sh, which stages this context offline (no registry or
 # package index is reachable from these builds): requirements.txt (the lock), wheels/ (the
-# wheelhouse), tools/uv, ml/, serving/. See docs/containers.md.
+# wheelhouse), tools/uv, and serving/server/ (the model server package, nothing else of the
+# repository). See docs/containers.md.
 #
 # Layers, slowest-changing first: base (Debian bookworm + python3.11) → user → dependencies
 # (keyed by the lock file only) → code. A code change rebuilds the last two small layers.
@@ -53,7 +54,7 @@ RUN --mount=type=bind,source=wheels,target=/wheels \
         pandas/tests pyarrow/tests h5py/tests numpy/tests numpy/*/tests \
     && echo /opt/app >train_and_deploy.pth \
     && PYTHONDONTWRITEBYTECODE= python -c "if True: \
-        import numpy, pandas, pyarrow.parquet, pydantic, pydantic_settings, tensorflow, keras; \
+        import numpy, pandas, pyarrow.parquet, tensorflow, keras; \
         import mlflow, mlflow.pyfunc, mlflow.models, mlflow.artifacts, mlflow.tracking; \
         import mlflow.pyfunc.loaders.code_model, mlflow.pyfunc.scoring_server; \
         from mlflow.store.artifact import models_artifact_repo, http_artifact_repo; \
@@ -63,10 +64,10 @@ RUN --mount=type=bind,source=wheels,target=/wheels \
 
 # -- code ------------------------------------------------------------------------------------
 # /opt/app is on the venv's path (the .pth above): the packages import from any working dir.
-COPY ml /opt/app/ml
+# Only the server package: a test fails if it imports anything outside its own dependencies.
 COPY serving /opt/app/serving
 RUN python -m compileall -q /opt/app \
-    && python -c "import ml.settings, serving.__main__, serving.server, serving.loader"
+    && python -c "import serving.server.__main__, serving.server.app, serving.server.loader"
 
 ARG GIT_SHA=unknown
 ENV GIT_SHA=${GIT_SHA}
@@ -84,7 +85,7 @@ EXPOSE 8080
 # The start period covers the model download + TensorFlow import. (Kubernetes ignores
 # HEALTHCHECK: the Deployment has its own readiness/liveness probes on /ping.)
 HEALTHCHECK --interval=10s --timeout=3s --start-period=90s --retries=3 CMD ["python", "-c", \
-    "import glob, urllib.request\nhost, port = '127.0.0.1', '8080'\nfor path in glob.glob('/proc/[0-9]*/cmdline'):\n    try:\n        argv = open(path, 'rb').read().decode().split('\\0')\n    except OSError:\n        continue\n    if 'serving' not in argv or 'serve' not in argv:\n        continue\n    for flag, value in zip(argv, argv[1:]):\n        if flag == '--port':\n            port = value\n        elif flag == '--host' and value not in ('0.0.0.0', '::', ''):\n            host = value\n    break\nurllib.request.urlopen(f'http://{host}:{port}/ping', timeout=2)\n"]
+    "import glob, urllib.request\nhost, port = '127.0.0.1', '8080'\nfor path in glob.glob('/proc/[0-9]*/cmdline'):\n    try:\n        argv = open(path, 'rb').read().decode().split('\\0')\n    except OSError:\n        continue\n    if 'serving.server' not in argv:\n        continue\n    for flag, value in zip(argv, argv[1:]):\n        if flag == '--port':\n            port = value\n        elif flag == '--host' and value not in ('0.0.0.0', '::', ''):\n            host = value\n    break\nurllib.request.urlopen(f'http://{host}:{port}/ping', timeout=2)\n"]
 # Model URI: $SERVING_MODEL_URI (or --model-uri); registry: $MLFLOW_TRACKING_URI.
 # Extra arguments are appended (`... --workers 2`); a later --port/--host overrides these.
-ENTRYPOINT ["python", "-m", "serving", "serve", "--host", "0.0.0.0", "--port", "8080"]
+ENTRYPOINT ["python", "-m", "serving.server", "--host", "0.0.0.0", "--port", "8080"]

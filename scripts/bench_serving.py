@@ -13,7 +13,7 @@ What it does, all on 127.0.0.1 and bounded in time:
    tensorflow-flavor copy is then logged into that store's ``bench-serving`` experiment).
 2. Starts each server with one worker: a bare ASGI echo app that parses the same JSON (the
    ceiling for this HTTP stack), ``mlflow models serve --env-manager local`` on the pyfunc
-   version, the same on the tensorflow-flavor copy, and ``python -m serving serve`` on the
+   version, the same on the tensorflow-flavor copy, and ``python -m serving.server`` on the
    pyfunc version. Idle servers use no CPU; only the one under load works.
 3. Checks that every model server answers the same predictions as stock MLflow on the pyfunc
    version (single-row requests and one batch request; atol 1e-5).
@@ -70,7 +70,7 @@ TARGETS = {
 
 async def echo_app(scope, receive, send):
     """Parse the JSON body like the model server does; answer one fixed prediction per row."""
-    from serving.server import _dumps, _fast_loads
+    from serving.server.app import _dumps, _fast_loads
 
     if scope["type"] == "lifespan":
         while True:
@@ -99,7 +99,7 @@ async def echo_app(scope, receive, send):
 def run_echo_server(port: int) -> None:
     import uvicorn
 
-    from serving.server import _uvicorn_options
+    from serving.server.app import _uvicorn_options
 
     uvicorn.run(
         echo_app,
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         return [*stock, "-m", uri, "-p", str(port), "--workers", "1"]
 
     def ours_cmd(uri: str, port: int) -> list[str]:
-        return [py, "-m", "serving", "serve", "--model-uri", uri, "--port", str(port)]
+        return [py, "-m", "serving.server", "--model-uri", uri, "--port", str(port)]
 
     servers = [
         ("echo", lambda p: [py, str(Path(__file__).resolve()), "--echo-server", str(p)]),
@@ -594,7 +594,7 @@ def build_report(
     command = "make bench-serving   # = .venv/bin/python scripts/bench_serving.py"
     md = "\n".join(
         [
-            "## Model server (`python -m serving serve`) vs stock `mlflow models serve`",
+            "## Model server (`python -m serving.server`) vs stock `mlflow models serve`",
             "",
             f"Measured {datetime.now(UTC):%Y-%m-%d} on {machine}; load generator `wrk` "
             f"(1 thread) on the same machine; single-row `dataframe_split` JSON POSTs; one "
@@ -617,7 +617,7 @@ def build_report(
             f"pyfunc version (`{models['pyfunc_uri']}` in the benchmark's own store).",
             "- **stock-tensorflow**: the same network logged with `mlflow.tensorflow.log_model` "
             "(served through `keras.Model.predict`).",
-            "- **this-server**: `python -m serving serve` on the same pyfunc version, default "
+            "- **this-server**: `python -m serving.server` on the same pyfunc version, default "
             "settings (access log on, micro-batching on, fast Keras path).",
             "- CPU us/req: user + system CPU time of the server's whole process tree during a "
             "cell, divided by the requests answered (from `/proc`; it excludes the load "

@@ -13,7 +13,8 @@
 #      the host (`uv pip compile` against constraints.txt) and downloaded into a wheelhouse
 #      (host = linux x86_64, glibc 2.36, CPython 3.11: the same wheel tags as the image);
 #   3. the build context is staged under .local/images/context/<image>/: the lock file, the
-#      wheelhouse (hard links), the uv binary, and the code (ml/, serving/).
+#      wheelhouse (hard links), the uv binary, and the code that image ships (serving image:
+#      serving/server only; pipeline image: ml/ and serving/).
 # The Dockerfiles install the lock offline (uv, --no-index) in a layer that depends only on
 # the lock, then copy the code: a code change rebuilds only the last layers.
 #
@@ -52,14 +53,14 @@ PY=$VENV/bin/python
 BASE_PACKAGES=python3,python3.11,ca-certificates
 
 # What each image installs (resolved against constraints.txt, so versions match the tested set).
-# serving: only what `python -m serving serve` imports: mlflow-skinny (MLflow's own client-only
+# serving: only what `python -m serving.server` imports: mlflow-skinny (MLflow's own client-only
 # distribution: the pyfunc loader and the registry client, without the tracking server, Flask,
 # SQLAlchemy, scikit-learn, scipy, matplotlib), TensorFlow (CPU), pandas, pyarrow (Parquet
-# input), pydantic-settings (ml.settings), uvicorn with uvloop/httptools (the fast HTTP path).
-SERVING_REQUIREMENTS="mlflow-skinny tensorflow-cpu pandas numpy pyarrow pydantic pydantic-settings
+# input), uvicorn with uvloop/httptools (the fast HTTP path), orjson.
+SERVING_REQUIREMENTS="mlflow-skinny tensorflow-cpu pandas numpy pyarrow
 uvicorn uvloop httptools orjson"
 # pipeline: what training, evaluation and the Kubernetes rollout pods run (`python -m ml ...`,
-# `python -m serving rollout`): the project's dependencies without Airflow.
+# `python -m serving.deploy rollout`): the project's dependencies without Airflow.
 pipeline_requirements() {
     "$PY" - <<'EOF'
 import re, tomllib
@@ -178,8 +179,10 @@ wheelhouse() { # $1: image name; requirements on stdin. Prints the wheelhouse di
 }
 
 # -- 3. context + build -------------------------------------------------------------------------
-build() { # $1: image name, $2: tag, $3: wheelhouse dir
+build() { # $1: image name, $2: tag, $3: wheelhouse dir, $4...: code paths to ship
     local name=$1 tag=$2 wheels=$3 ctx t0 sha
+    shift 3
+    local code=("$@")
     ctx=$CACHE/context/$name
     t0=$(now)
     rm -rf "$ctx" && mkdir -p "$ctx/tools"
@@ -188,10 +191,11 @@ build() { # $1: image name, $2: tag, $3: wheelhouse dir
     ln -f "$(readlink -f "$UV")" "$ctx/tools/uv" 2>/dev/null ||
         cp "$(readlink -f "$UV")" "$ctx/tools/uv"
     cp docker/.dockerignore "$ctx/.dockerignore"
-    # The code: packages only, no caches (COPY layers are keyed by content, not mtime).
-    tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -cf - ml serving | tar -C "$ctx" -xf -
+    # The code: only the packages this image ships, no caches (COPY layers are keyed by
+    # content, not mtime).
+    tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -cf - "${code[@]}" | tar -C "$ctx" -xf -
     sha=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-    if [ -n "$(git status --porcelain -- ml serving 2>/dev/null)" ]; then sha="$sha-dirty"; fi
+    if [ -n "$(git status --porcelain -- "${code[@]}" 2>/dev/null)" ]; then sha="$sha-dirty"; fi
     log "$name: podman build -> $tag (code $sha)"
     # BUILD_VERBOSE=1 shows each step (and whether it came from the layer cache).
     "${PODMAN[@]}" build --layers --format docker \
@@ -216,9 +220,10 @@ build() { # $1: image name, $2: tag, $3: wheelhouse dir
 
 if [ "$WHAT" = serving ] || [ "$WHAT" = all ]; then
     dir=$(echo "$SERVING_REQUIREMENTS" | tr ' ' '\n' | sed '/^$/d' | wheelhouse serving)
-    build serving "$SERVING_IMAGE" "$dir"
+    # The model server package and nothing else: no ml/, no serving/deploy/.
+    build serving "$SERVING_IMAGE" "$dir" serving/__init__.py serving/server
 fi
 if [ "$WHAT" = pipeline ] || [ "$WHAT" = all ]; then
     dir=$(pipeline_requirements | wheelhouse pipeline)
-    build pipeline "$PIPELINE_IMAGE" "$dir"
+    build pipeline "$PIPELINE_IMAGE" "$dir" ml serving
 fi

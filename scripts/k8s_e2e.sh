@@ -13,7 +13,7 @@
 #   3. makes sure a model version is live: if the registry has none, the pipeline's own CLI
 #      steps (`python -m ml window|validate|train|evaluate|register|promote`) make the first
 #      one and point @champion at it; then bootstraps the namespace at FROM_VERSION (default:
-#      @champion) with `python -m serving render ... | kubectl apply --server-side` (RBAC,
+#      @champion) with `python -m serving.deploy render ... | kubectl apply --server-side` (RBAC,
 #      Service, Deployment, HPA, PDB, NetworkPolicy; the ServiceMonitor/PrometheusRule only if
 #      the Prometheus Operator's CRDs are installed);
 #   4. runs the whole `train_and_deploy` DAG with `airflow dags test` (a throwaway
@@ -194,7 +194,7 @@ kubectl get crd servicemonitors.monitoring.coreos.com prometheusrules.monitoring
     >/dev/null 2>&1 && HAVE_MONITORING=1
 log "bootstrapping namespace $NAMESPACE at models:/$MODEL_NAME/$FROM_VERSION" \
     "(monitoring objects: $([ $HAVE_MONITORING = 1 ] && echo yes || echo 'no CRDs, skipped'))"
-PIPELINE_DEPLOY_TARGET=kubernetes "$PY" -m serving render \
+PIPELINE_DEPLOY_TARGET=kubernetes "$PY" -m serving.deploy render \
     --model-uri "models:/$MODEL_NAME/$FROM_VERSION" --version "$FROM_VERSION" \
     --tracking-uri "$E2E_MLFLOW_URI_CLUSTER" |
     HAVE_MONITORING=$HAVE_MONITORING "$PY" -c '

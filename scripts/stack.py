@@ -296,7 +296,7 @@ def _enable_promotions(secret: str) -> None:
 def down() -> None:
     env = stack_env()
     # Model servers and the local front proxy run in their own sessions (they outlive tasks).
-    subprocess.run([sys.executable, "-m", "serving", "stop"], env=env, cwd=ROOT, check=False)
+    subprocess.run([sys.executable, "-m", "serving.deploy", "stop"], env=env, cwd=ROOT, check=False)
     for name in ("airflow", "mlflow"):
         _stop_group(name)
 
@@ -305,7 +305,7 @@ def status() -> None:
     for name in ("mlflow", "airflow"):
         pid = _pid(name)
         say(f"{name}: {'running, pid ' + str(pid) if pid else 'stopped'}")
-    subprocess.run([sys.executable, "-m", "serving", "status"], env=stack_env(), check=False)
+    subprocess.run([sys.executable, "-m", "serving.deploy", "status"], env=stack_env(), check=False)
 
 
 # --- a pipeline run ------------------------------------------------------------------------

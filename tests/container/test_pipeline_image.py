@@ -12,8 +12,9 @@ varies by machine); the rest of the pod is.
   ``mlflow server``; the XCom sidecar (the pipeline image standing in for alpine, as
   docs/operations.md suggests for clusters that cannot pull it) hands the result over with
   the provider's own commands; the next DAG steps (evaluate, register) consume it.
-* **rollout pod**: ``python -m serving rollout`` in the image, through the real ``kubernetes``
-  client and a kubeconfig, against the Kubernetes API test double (tests/serving/k8s_fake.py)
+* **rollout pod**: ``python -m serving.deploy rollout`` in the image, through the real
+  ``kubernetes`` client and a kubeconfig, against the Kubernetes API test double
+  (tests/serving/deploy/k8s_fake.py)
   serving real HTTP, rolls the registered version out.
 """
 
@@ -32,7 +33,8 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiClient
 
-from ml.settings import DataSettings, DeploySettings, RegistrySettings, TrainingSettings
+from ml.settings import DataSettings, RegistrySettings, TrainingSettings
+from serving.deploy.settings import DeploySettings
 from tests.container.conftest import build_image, podman, tail
 
 pytestmark = [pytest.mark.container, pytest.mark.integration, pytest.mark.timeout(1800)]
@@ -160,7 +162,7 @@ def trained_in_pod(pipeline_image, mlflow_server, host_dirs, kubernetes_connecti
     from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 
     from ml import pipeline
-    from ml.kubernetes import training_pod_kwargs
+    from serving.deploy.pods import training_pod_kwargs
 
     data, training, deploy = _settings(host_dirs, mlflow_server)
     window = pipeline.load_window(data, date(2026, 3, 10))
@@ -294,9 +296,9 @@ def test_training_pod_logs_the_run_and_hands_it_over(
 def test_rollout_pod_rolls_the_registered_version_out(
     pipeline_image, registered, trained_in_pod, mlflow_server, host_dirs
 ):
-    from serving import manifests
-    from serving.kubernetes import rollout_pod_kwargs
-    from tests.serving.k8s_fake import FakeCluster, FakeModelServer
+    from serving.deploy import manifests
+    from serving.deploy.pods import rollout_pod_kwargs
+    from tests.serving.deploy.k8s_fake import FakeCluster, FakeModelServer
 
     _, _, deploy = trained_in_pod["settings"]
     live_uri = f"models:/{MODEL}/{registered['live']}"

@@ -147,7 +147,7 @@ def _check_image_config(serving_image: str) -> None:
     image = json.loads(info.stdout)[0]
     config = image["Config"]
     assert config["User"] == "10001:10001"
-    assert config["Entrypoint"][:4] == ["python", "-m", "serving", "serve"]
+    assert config["Entrypoint"][:3] == ["python", "-m", "serving.server"]
     assert "8080/tcp" in config.get("ExposedPorts", {})
     env = dict(item.split("=", 1) for item in config["Env"])
     assert env["HOME"] == "/tmp" and env["TMPDIR"] == "/tmp"

@@ -222,7 +222,7 @@ def test_every_pod_of_every_dag_validates_for_three_kubernetes_minors(
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import ApiClient
 
-    from tests.serving.test_kubernetes import newest_minors
+    from tests.k8s_schemas import newest_minors
 
     pods = {}
     for bag in (dagbag, dagbag_training_in_pod):

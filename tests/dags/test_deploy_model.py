@@ -57,7 +57,7 @@ def test_deploy_model_graph(dags):
 def test_deploy_model_is_scheduled_on_the_promotion_asset_and_runs_one_at_a_time(dags):
     from airflow.sdk import Asset
 
-    from serving.promotion import alias_asset
+    from serving.deploy.promotion import alias_asset
 
     dag = dags["deploy_model"]
     assert dag.max_active_runs == 1
@@ -74,7 +74,7 @@ def test_the_plugin_and_the_dag_agree_on_the_asset(dags, monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
     from airflow.sdk import Asset
 
-    from serving.promotion import alias_asset
+    from serving.deploy.promotion import alias_asset
 
     monkeypatch.setenv("PIPELINE_REGISTRY_MODEL_NAME", "sales forecast/v2")
     monkeypatch.setenv("PIPELINE_REGISTRY_CHAMPION_ALIAS", "prod")

@@ -118,7 +118,7 @@ def stack(airflow_db, tmp_path_factory):
     }.items():
         mp.setenv(key, value)
     # Earlier tests may have pointed MLflow's process-wide registry URI at their own server.
-    from serving.mlflow_uris import use_mlflow
+    from ml.registry import use_mlflow
 
     use_mlflow(mlflow_url)
     api_url = f"http://127.0.0.1:{api_port}"
@@ -154,8 +154,8 @@ def stack(airflow_db, tmp_path_factory):
             "endpoint": f"http://127.0.0.1:{front}",
         }
     finally:
-        from ml.settings import DeploySettings
-        from serving.local import LocalTarget
+        from serving.deploy.local import LocalTarget
+        from serving.deploy.settings import DeploySettings
 
         LocalTarget(DeploySettings(), mlflow_url).stop_all()
         import mlflow
@@ -228,8 +228,8 @@ def _wait_for_event(version: str, after: int, timeout_s: float = 30) -> dict:
 
 
 def _live() -> str | None:
-    from ml.settings import DeploySettings
-    from serving.local import LocalTarget
+    from serving.deploy.local import LocalTarget
+    from serving.deploy.settings import DeploySettings
 
     return LocalTarget(DeploySettings(), os.environ["MLFLOW_TRACKING_URI"]).active_version()
 
@@ -352,8 +352,8 @@ def test_manual_trigger_with_a_version_is_the_rollback(stack):
 
 
 def test_reconcile_converges_after_a_change_behind_the_pipelines_back(stack):
-    from ml.settings import DeploySettings
-    from serving.local import LocalTarget
+    from serving.deploy.local import LocalTarget
+    from serving.deploy.settings import DeploySettings
 
     # Someone deploys v2 by hand; @champion still names v1.
     LocalTarget(DeploySettings(), stack["mlflow"]).deploy(f"models:/{MODEL}/2", "2")

@@ -48,8 +48,8 @@ def stack(mlflow_server, airflow_db, tmp_path_factory):
     for key, value in env.items():
         mp.setenv(key, value)
     yield {"root": root, "endpoint": f"http://127.0.0.1:{front}", "tracking_uri": mlflow_server}
-    from ml.settings import DeploySettings
-    from serving.local import LocalTarget
+    from serving.deploy.local import LocalTarget
+    from serving.deploy.settings import DeploySettings
 
     LocalTarget(DeploySettings(), mlflow_server).stop_all()
     mp.undo()
@@ -123,8 +123,8 @@ def test_first_run_trains_registers_deploys_and_promotes(stack, first_run):
 
 
 def test_gate_rejection_registers_but_deploys_nothing(stack, first_run):
-    from ml.settings import DeploySettings
-    from serving.local import LocalTarget
+    from serving.deploy.local import LocalTarget
+    from serving.deploy.settings import DeploySettings
 
     dag_run = _dag().test(run_conf={**FAST, "max_rmse": 1e-6})
     states = _states(dag_run)

@@ -1,4 +1,5 @@
-"""The training pod: a real KubernetesPodOperator builds it; the Kubernetes schemas accept it."""
+"""Every pipeline pod (training, rollout): a real KubernetesPodOperator builds it; the Kubernetes
+schemas accept it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import kubernetes_validate
 import pytest
 from kubernetes.client import ApiClient
 
-from ml.kubernetes import cpu_threads, training_pod_kwargs
-from ml.settings import DataSettings, DeploySettings, TrainingSettings
-from tests.serving.test_kubernetes import newest_minors
+from ml.settings import DataSettings, TrainingSettings
+from serving.deploy.pods import cpu_threads, rollout_pod_kwargs, training_pod_kwargs
+from serving.deploy.settings import DeploySettings
+from tests.k8s_schemas import newest_minors
 
 TRACKING_URI = "http://mlflow.ml-platform.svc.cluster.local:5000"
 PIPELINE_IMAGE = "registry.example.com/train-and-deploy/pipeline:1.2.3"
@@ -180,3 +182,170 @@ def test_cpu_threads(quantity, threads):
 def test_cpu_threads_rejects_non_quantities(quantity):
     with pytest.raises(ValueError, match="CPU quantity"):
         cpu_threads(quantity)
+
+
+# -- the rollout pod ------------------------------------------------------------------------
+
+MODEL_URI = "models:/regression-model/7"
+
+
+@pytest.fixture(scope="module")
+def rollout_settings() -> DeploySettings:
+    return DeploySettings(
+        target="kubernetes",
+        namespace="ml-serving",
+        service_account="model-rollout",
+        pipeline_image="registry.example.com/train-and-deploy/pipeline:1.2.3",
+        kubernetes_conn_id="k8s_prod",
+    )
+
+
+@pytest.fixture(scope="module")
+def rollout_kwargs(rollout_settings) -> dict:
+    return rollout_pod_kwargs(
+        rollout_settings, model_uri=MODEL_URI, version="7", tracking_uri=TRACKING_URI
+    )
+
+
+@pytest.fixture(scope="module")
+def rollout_operator(rollout_kwargs):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated arguments
+        return KubernetesPodOperator(task_id="rollout", **rollout_kwargs)
+
+
+@pytest.fixture(scope="module")
+def rollout_pod(rollout_operator) -> dict:
+    # dry_run: no kube config or cluster needed to build the request object.
+    return ApiClient().sanitize_for_serialization(
+        rollout_operator.build_pod_request_obj(dry_run=True)
+    )
+
+
+@pytest.mark.parametrize("k8s_version", newest_minors())
+def test_pod_validates_strictly(rollout_pod, k8s_version):
+    kubernetes_validate.validate(rollout_pod, k8s_version, strict=True)
+
+
+def test_operator_settings(rollout_operator, rollout_settings):
+    assert rollout_operator.kubernetes_conn_id == "k8s_prod"
+    assert rollout_operator.namespace == rollout_settings.namespace
+    assert rollout_operator.get_logs is True
+    assert rollout_operator.on_finish_action.value == "delete_succeeded_pod"
+    assert rollout_operator.durable is True and rollout_operator.reattach_on_restart is True
+    assert rollout_operator.deferrable is False
+    assert rollout_operator.startup_timeout_seconds >= 120
+
+
+def test_command_pins_the_model_version(rollout_pod, rollout_settings):
+    container = rollout_pod["spec"]["containers"][0]
+    assert container["image"] == rollout_settings.pipeline_image
+    assert container["command"] == ["python", "-m", "serving.deploy"]
+    args = container["args"]
+    assert args[0] == "rollout"
+    assert args[args.index("--model-uri") + 1] == MODEL_URI
+    assert args[args.index("--version") + 1] == "7"
+    assert args[args.index("--namespace") + 1] == rollout_settings.namespace
+    assert args[args.index("--deployment") + 1] == rollout_settings.deployment_name
+    assert not any("@" in a for a in args), "an alias must never reach the rollout pod"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == TRACKING_URI
+
+
+def test_pod_identity(rollout_pod, rollout_settings):
+    meta = rollout_pod["metadata"]
+    assert meta["namespace"] == rollout_settings.namespace
+    assert meta["name"].startswith("model-rollout")
+    assert meta["labels"]["app.kubernetes.io/name"] == "model-rollout"
+    assert meta["labels"]["app.kubernetes.io/version"] == "7"
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "airflow"
+    assert rollout_pod["spec"]["serviceAccountName"] == rollout_settings.service_account
+    assert rollout_pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_restricted_pod_security(rollout_pod):
+    spec = rollout_pod["spec"]
+    psc = spec["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == 10001
+    assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert not spec.get("hostNetwork")
+    for container in spec["containers"]:
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert not sc["capabilities"].get("add")
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["runAsNonRoot"] is True
+        assert sc["runAsUser"] == 10001
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert sc.get("privileged") is not True
+    # restricted allows only these volume types; a read-only root needs a writable /tmp.
+    allowed = {
+        "name",
+        "emptyDir",
+        "configMap",
+        "secret",
+        "projected",
+        "downwardAPI",
+        "persistentVolumeClaim",
+        "csi",
+        "ephemeral",
+    }
+    for volume in spec.get("volumes", []):
+        assert set(volume) <= allowed, volume
+    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert "/tmp" in mounts
+
+
+def test_resources(rollout_pod):
+    resources = rollout_pod["spec"]["containers"][0]["resources"]
+    for key in ("cpu", "memory"):
+        assert key in resources["requests"]
+        assert key in resources["limits"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "version"),
+    [
+        ("models:/regression-model@champion", "7"),
+        ("models:/regression-model/latest", "7"),
+        ("runs:/abc/model", "7"),
+        ("models:/regression-model/8", "7"),
+    ],
+)
+def test_rejects_unpinned_or_mismatched_uri(rollout_settings, uri, version):
+    with pytest.raises(ValueError):
+        rollout_pod_kwargs(
+            rollout_settings, model_uri=uri, version=version, tracking_uri=TRACKING_URI
+        )
+
+
+def test_pod_env_reproduces_every_deploy_setting_in_the_pod(monkeypatch):
+    from serving.deploy.pods import deploy_settings_env as settings_env
+    from serving.deploy.settings import DeploySettings
+
+    custom = DeploySettings(
+        serving_cpu="2",
+        serving_memory="3Gi",
+        smoke_timeout_s=12.5,
+        min_replicas=3,
+        allowed_client_namespaces=["airflow", "batch"],
+        monitoring_labels={"release": "kps"},
+        service_url="http://model.example:80",
+    )
+    env = settings_env(custom)
+    assert not any(key.startswith("PIPELINE_DEPLOY_LOCAL_") for key in env)
+    # How workers reach the endpoint is not how the pod does (in-cluster Service).
+    assert "PIPELINE_DEPLOY_SERVICE_URL" not in env
+    for key in list(os.environ):
+        if key.startswith("PIPELINE_DEPLOY_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rebuilt = DeploySettings()
+    local_fields = {n for n in DeploySettings.model_fields if n.startswith("local_")}
+    local_fields.add("service_url")
+    assert rebuilt.model_dump(exclude=local_fields) == custom.model_dump(exclude=local_fields)

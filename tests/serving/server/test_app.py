@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from serving.metrics import ServerMetrics, WorkerFiles
-from serving.server import _ROUTES, NonFiniteInput, _split_matrix, fast_rows
+from serving.server.app import _ROUTES, NonFiniteInput, _split_matrix, fast_rows
+from serving.server.metrics import ServerMetrics, WorkerFiles
 
 FEATURES = ("a", "b", "c")
 

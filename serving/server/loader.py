@@ -33,13 +33,16 @@ from typing import Any
 
 import numpy as np
 
+from serving.server.contract import (
+    KERAS_ARTIFACT_KEY,
+    KERAS_CODE_FILE,
+    KERAS_PYTHON_MODEL_CLASS,
+    NUMERIC_INPUT_TYPES,
+)
+
 log = logging.getLogger(__name__)
 
-KERAS_ARTIFACT_KEY = "keras_model"
-KERAS_CODE_FILE = "keras_pyfunc.py"
-KERAS_PYTHON_MODEL_CLASS = "KerasRegressor"
 CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"
-NUMERIC_INPUT_TYPES = frozenset({"double", "float", "long", "integer"})
 # Same knob as `mlflow models serve`: a JSON model_config override for the pyfunc.
 SERVING_MODEL_CONFIG_ENV = "SERVING_MODEL_CONFIG"
 

@@ -15,9 +15,8 @@ import time
 
 import pytest
 
-from ml.settings import DeploySettings
-from serving import manifests
-from serving.rollout import (
+from serving.deploy import manifests
+from serving.deploy.kubernetes import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_ROLLED_BACK,
@@ -26,7 +25,8 @@ from serving.rollout import (
     Smoke,
     served_version,
 )
-from tests.serving.k8s_fake import WRONG_VERSION, FakeCluster, FakeModelServer
+from serving.deploy.settings import DeploySettings
+from tests.serving.deploy.k8s_fake import WRONG_VERSION, FakeCluster, FakeModelServer
 
 NS = "ml-serving"
 NAME = "model-server"
@@ -325,7 +325,7 @@ def cli_env(cluster, model_server, tmp_path, monkeypatch, seeded):
 
 
 def test_cli_success(cli_env, cluster, capsys):
-    from serving.__main__ import main
+    from serving.deploy.__main__ import main
 
     code = main([*cli_env, "--model-uri", V2, "--version", "2"])
     out = json.loads(capsys.readouterr().out)
@@ -337,7 +337,7 @@ def test_cli_success(cli_env, cluster, capsys):
 
 
 def test_cli_image_pull_error_exits_1_and_says_why(cli_env, cluster, capsys, caplog):
-    from serving.__main__ import main
+    from serving.deploy.__main__ import main
 
     caplog.set_level(logging.INFO, logger="serving.rollout")
     cluster.behaviour[V2] = "image_pull"
@@ -356,7 +356,7 @@ def test_cli_image_pull_error_exits_1_and_says_why(cli_env, cluster, capsys, cap
     [("models:/regression-model@champion", "2"), ("models:/regression-model/2", "3")],
 )
 def test_cli_refuses_aliases_before_any_request(cli_env, cluster, uri, version):
-    from serving.__main__ import main
+    from serving.deploy.__main__ import main
 
     requests_before = len(cluster.requests)
     assert main([*cli_env, "--model-uri", uri, "--version", version]) == 2

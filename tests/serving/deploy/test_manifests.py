@@ -18,14 +18,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from ml.settings import DeploySettings
-from serving import manifests
-from serving.manifests import UnpinnedModelURI, base_files, render
-from tests.serving.test_kubernetes import newest_minors
+from serving.deploy import manifests
+from serving.deploy.manifests import UnpinnedModelURI, base_files, render
+from serving.deploy.settings import DeploySettings
+from tests.k8s_schemas import newest_minors
 
 URI = "models:/regression-model/7"
 TRACKING = "http://mlflow.mlflow.svc.cluster.local:5000"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BASE = REPO / "docker" / "k8s" / "base"
 # What docker/k8s/base/ was generated with (see the GENERATED_HEADER in its files).
 BASE_ARGS = {"model_uri": "models:/regression-model/1", "version": "1", "tracking_uri": TRACKING}
@@ -232,7 +232,7 @@ def test_pinned_model_uri(objects, settings):
     dep = one(objects, "Deployment")
     container = dep["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
-    from serving.server import MODEL_URI_ENV
+    from serving.server.contract import MODEL_URI_ENV
 
     assert manifests.MODEL_URI_ENV == MODEL_URI_ENV, "the variable the server reads"
     assert env[MODEL_URI_ENV] == URI
@@ -274,7 +274,7 @@ def test_rolling_update_never_drops_below_ready(objects):
 
 
 def test_probes_are_sized_from_the_measured_start_time(objects):
-    from serving.server import _GET_ROUTES
+    from serving.server.app import _GET_ROUTES
 
     spec = one(objects, "Deployment")["spec"]
     container = spec["template"]["spec"]["containers"][0]
@@ -452,7 +452,7 @@ def test_rbac_covers_the_rollout_clients_calls():
     """Each KubeClient method maps to one granted (resource, verb): keep them in step."""
     import inspect
 
-    from serving.rollout import KubeClient
+    from serving.deploy.kubernetes import KubeClient
 
     source = inspect.getsource(KubeClient)
     calls = set(re.findall(r"self\.(?:apps|core)\.(\w+)\(", source))
@@ -468,7 +468,7 @@ def test_rbac_covers_the_rollout_clients_calls():
 
 
 def test_service_monitor_scrapes_the_metrics_route(objects, settings):
-    from serving.server import _GET_ROUTES
+    from serving.server.app import _GET_ROUTES
 
     monitor = one(objects, "ServiceMonitor")
     (endpoint,) = monitor["spec"]["endpoints"]
@@ -482,7 +482,7 @@ def test_service_monitor_scrapes_the_metrics_route(objects, settings):
 
 
 def test_alerts(objects):
-    from serving.metrics import ServerMetrics
+    from serving.server.metrics import ServerMetrics
 
     rules = one(objects, "PrometheusRule")["spec"]["groups"][0]["rules"]
     alerts = {r["alert"]: r for r in rules}
@@ -537,7 +537,7 @@ def test_committed_base_matches_render(clean_env):
     assert committed.keys() == expected.keys()
     for name, text in expected.items():
         assert committed[name] == text, (
-            f"docker/k8s/base/{name} is stale: regenerate with `python -m serving render "
+            f"docker/k8s/base/{name} is stale: regenerate with `python -m serving.deploy render "
             "--model-uri models:/regression-model/1 --version 1 --tracking-uri "
             f"{TRACKING} --out-dir docker/k8s/base`"
         )
@@ -552,7 +552,7 @@ def test_base_is_a_kustomization_of_all_files():
 
 
 def test_render_cli_prints_the_same_objects(clean_env, capsys):
-    from serving.__main__ import main
+    from serving.deploy.__main__ import main
 
     assert main(["render", "--model-uri", URI, "--version", "7", "--tracking-uri", TRACKING]) == 0
     printed = list(yaml.safe_load_all(io.StringIO(capsys.readouterr().out)))
@@ -560,7 +560,7 @@ def test_render_cli_prints_the_same_objects(clean_env, capsys):
 
 
 def test_render_cli_refuses_an_alias(clean_env, capsys):
-    from serving.__main__ import main
+    from serving.deploy.__main__ import main
 
     code = main(["render", "--model-uri", "models:/regression-model@champion", "--version", "7"])
     assert code == 2
@@ -569,7 +569,7 @@ def test_render_cli_refuses_an_alias(clean_env, capsys):
 
 def test_rollout_applies_the_rendered_deployment(settings):
     """The rollout pod applies exactly render()'s Deployment: one source of truth."""
-    from serving.rollout import Rollout
+    from serving.deploy.kubernetes import Rollout
 
     rollout = Rollout(
         kube=None,  # type: ignore[arg-type]

@@ -12,8 +12,9 @@ import os
 
 import pytest
 
-from ml.settings import DeploySettings, RegistrySettings
-from serving import promotion
+from ml.settings import RegistrySettings
+from serving.deploy import promotion
+from serving.deploy.settings import DeploySettings
 
 MODEL = "promo-unit-model"
 

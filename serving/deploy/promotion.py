@@ -30,8 +30,9 @@ from urllib.parse import quote
 
 import httpx
 
-from ml.settings import DeploySettings, RegistrySettings
-from serving.deploy import ROLLOUT_FAILED_TAG, restore_version, withdraw
+from ml.settings import RegistrySettings
+from serving.deploy.settings import DeploySettings
+from serving.deploy.steps import ROLLOUT_FAILED_TAG, restore_version, withdraw
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,10 @@ def live_version(deploy: DeploySettings, *, tracking_uri: str) -> str | None:
     (``GET /v1/model`` / the ``X-Model-Version`` header, ``serving.rollout.served_version``).
     """
     if deploy.target == "local":
-        from serving.local import LocalTarget
+        from serving.deploy.local import LocalTarget
 
         return LocalTarget(deploy, tracking_uri).active_version()
-    from serving.rollout import served_version
+    from serving.deploy.kubernetes import served_version
 
     try:
         return served_version(deploy.endpoint_url)

@@ -1,10 +1,11 @@
-"""The pipeline's pods as KubernetesPodOperator keyword arguments, and the training pod.
+"""Every KubernetesPodOperator pod of the pipeline, as keyword arguments (one module).
 
 Two kinds of pod run the pipeline's own code in the pipeline image (docker/pipeline.Dockerfile):
-the training pod here (``python -m ml train``) and the rollout pod
-(:func:`serving.kubernetes.rollout_pod_kwargs`). Both are built from :func:`pipeline_pod_kwargs`:
-the restricted Pod Security Standard, a writable ``/tmp`` and nothing else writable, the
-settings carried over as env vars, and optional credentials from a Secret.
+the training pod (``python -m ml train``, :func:`training_pod_kwargs`) and the rollout pod
+(``python -m serving.deploy rollout``, :func:`rollout_pod_kwargs`). Both are built from
+:func:`pipeline_pod_kwargs`: the restricted Pod Security Standard, a writable ``/tmp`` and
+nothing else writable, the settings carried over as env vars, and optional credentials from a
+Secret.
 
 Nothing here imports Airflow: the DAG file builds the operator, this module only describes it.
 """
@@ -19,15 +20,13 @@ from typing import Any
 from kubernetes.client import models as k8s
 from pydantic_settings import BaseSettings
 
-from ml.settings import DataSettings, DeploySettings, TrainingSettings
+from ml.settings import DataSettings, TrainingSettings
+from serving.deploy.manifests import RUN_AS_USER, label_value, parse_pinned_uri
+from serving.deploy.settings import DeploySettings
 
-# The restricted Pod Security Standard wants a non-root, fixed uid. 10001 is the `app` user both
-# images are built with (docker/*.Dockerfile); it is outside the range of host system users.
-RUN_AS_USER = 10001
 # KubernetesPodOperator's XCom contract: with do_xcom_push=True it reads this file through its
 # sidecar after the main container ends (PodDefaults.XCOM_MOUNT_PATH + "/return.json").
 XCOM_RETURN_PATH = "/airflow/xcom/return.json"
-_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
 _CPU = re.compile(r"^(?P<number>\d+(\.\d+)?)(?P<milli>m?)$")
 
 
@@ -235,7 +234,77 @@ def settings_env(
     return env
 
 
-def label_value(value: str) -> str:
-    """A valid label value: <= 63 chars of [A-Za-z0-9._-], alphanumeric at both ends."""
-    cleaned = _LABEL_VALUE.sub("-", value)[:63].strip("-._")
-    return cleaned or "unknown"
+def rollout_pod_kwargs(
+    settings: DeploySettings, *, model_uri: str, version: str, tracking_uri: str
+) -> dict[str, Any]:
+    """Keyword arguments for ``KubernetesPodOperator(task_id=..., **rollout_pod_kwargs(...))``.
+
+    ``model_uri`` must be pinned (``models:/<name>/<version>``) and agree with ``version``. In a
+    DAG both are usually Jinja templates resolved at run time (the version comes from XCom); then
+    the check is left to ``python -m serving.deploy rollout``, which refuses an unpinned URI too.
+    """
+    version = str(version)
+    templated = _is_template(model_uri) or _is_template(version)
+    if not templated:
+        parse_pinned_uri(model_uri, version)  # UnpinnedModelURI (a ValueError) otherwise
+
+    kwargs = pipeline_pod_kwargs(
+        settings,
+        name="model-rollout",
+        component="rollout",
+        instance=settings.deployment_name,
+        # The pod's DeploySettings() rebuilds the serving Deployment from these, so every
+        # setting travels (a hand-picked subset would silently reset the others).
+        env=deploy_settings_env(settings.model_copy(update={"target": "kubernetes"})),
+        tracking_uri=tracking_uri,
+    )
+    if not templated:  # labels are not templated fields: a label cannot carry a Jinja expression
+        # The model version being rolled out: `kubectl get pods -l app.kubernetes.io/version=7`.
+        kwargs["labels"]["app.kubernetes.io/version"] = label_value(version)
+    kwargs.update(
+        namespace=settings.namespace,
+        # The pod runs with the rollout ServiceAccount: RBAC limited to get/patch the serving
+        # Deployment and read its ReplicaSets/Pods in this namespace (docker/k8s/).
+        service_account_name=settings.service_account,
+        # It talks to the API server, so it needs its token (restricted PSS allows this).
+        automount_service_account_token=True,
+        cmds=["python", "-m", "serving.deploy"],
+        arguments=[
+            "rollout",
+            *("--model-uri", model_uri),
+            *("--version", version),
+            *("--namespace", settings.namespace),
+            *("--deployment", settings.deployment_name),
+        ],
+        # A rollout is I/O-bound (API calls, waiting): small requests; limits keep a runaway
+        # client from hurting the node. Memory requests == limits: no OOM-kill surprises
+        # under node pressure for a pod that must not die half-way through a rollout.
+        container_resources=k8s.V1ResourceRequirements(
+            requests={"cpu": "100m", "memory": "512Mi", "ephemeral-storage": "64Mi"},
+            limits={"cpu": "500m", "memory": "512Mi", "ephemeral-storage": "256Mi"},
+        ),
+        # Hard stop for a wedged rollout: the Deployment's own wait (health_timeout_s) plus
+        # slack for smoke test and a possible rollback.
+        active_deadline_seconds=int(settings.health_timeout_s) * 2 + 300,
+        # Not deferrable: a rollout takes a few minutes and we want its log streamed live;
+        # deferring would free the worker slot but needs a triggerer and delays logs. The
+        # nightly DAG runs one at a time (max_active_runs=1), so one held slot is cheap.
+        deferrable=False,
+        # The rollout's result is in its log and the registry aliases; no XCom sidecar.
+        do_xcom_push=False,
+    )
+    return kwargs
+
+
+def deploy_settings_env(settings: DeploySettings) -> dict[str, str]:
+    """``DeploySettings`` as the ``PIPELINE_DEPLOY_*`` env vars that reproduce it in a pod.
+
+    Local-target fields are left out: they mean nothing inside the cluster. So is
+    ``service_url``: it is how Airflow workers reach the endpoint (an ingress, a tunnel),
+    while the rollout pod smoke-tests the new pods through the in-cluster Service.
+    """
+    return settings_env(settings, skip_prefix="local_", exclude=frozenset({"service_url"}))
+
+
+def _is_template(value: str) -> bool:
+    return "{{" in value

@@ -3,7 +3,7 @@
 Layout of ``DeploySettings.local_state_dir``::
 
     proxy.pid / proxy.log     the front proxy (serving.proxy), one per state dir
-    slot-<port>.pid / .log    a model server (`python -m serving serve`) on a slot port
+    slot-<port>.pid / .log    a model server (`python -m serving.server`) on a slot port
     active.json               what the proxy serves: {version, model_uri, port, pid, deployed_at}
     deploy.lock               serialises deploys (nightly run vs. a manual deploy_model)
 
@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ml.settings import DeploySettings
-from serving.proxy import ACTIVE_FILE, PROXY_LOG, PROXY_PIDFILE, UPSTREAM_HOST
+from serving.deploy.proxy import ACTIVE_FILE, PROXY_LOG, PROXY_PIDFILE, UPSTREAM_HOST
+from serving.deploy.settings import DeploySettings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -219,7 +219,7 @@ class LocalTarget:
         return UPSTREAM_HOST if host in ("", "0.0.0.0", "::") else host
 
     def _proxy_pid(self) -> int | None:
-        return _live_pid(self.state_dir / PROXY_PIDFILE, "serving", "proxy")
+        return _live_pid(self.state_dir / PROXY_PIDFILE, "serving.deploy", "proxy")
 
     def _ensure_proxy(self) -> None:
         host, port = self._front_host, self.settings.local_port
@@ -232,7 +232,7 @@ class LocalTarget:
         logfile = self.state_dir / PROXY_LOG
         with open(logfile, "ab") as out:
             proc = _spawn(
-                [sys.executable, "-m", "serving", "proxy"],
+                [sys.executable, "-m", "serving.deploy", "proxy"],
                 env=self._child_env(),
                 stdout=out,
             )
@@ -268,7 +268,7 @@ class LocalTarget:
         return slots[0]
 
     def _stop_slot(self, port: int) -> int | None:
-        pid = _live_pid(self._slot_pidfile(port), "serving", "serve")
+        pid = _live_pid(self._slot_pidfile(port), "serving.server")
         if pid is not None:
             log.info("stopping model server pid %s on slot port %s", pid, port)
             _stop_group(pid)
@@ -277,7 +277,7 @@ class LocalTarget:
 
     def _start_slot(self, model_uri: str, port: int) -> subprocess.Popen[bytes]:
         cmd = [
-            sys.executable, "-m", "serving", "serve",
+            sys.executable, "-m", "serving.server",
             "--model-uri", model_uri,
             "--host", UPSTREAM_HOST,
             "--port", str(port),
@@ -345,7 +345,7 @@ class LocalTarget:
         from mlflow.artifacts import download_artifacts
         from mlflow.models import Model
 
-        from serving.mlflow_uris import use_mlflow
+        from ml.registry import use_mlflow
 
         use_mlflow(self.tracking_uri)  # models:/ resolution ignores registry_uri= below
         uris = {"tracking_uri": self.tracking_uri, "registry_uri": self.tracking_uri}

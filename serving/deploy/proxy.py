@@ -24,7 +24,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from ml.settings import DeploySettings
+from serving.deploy.settings import DeploySettings
 
 log = logging.getLogger("serving.proxy")
 

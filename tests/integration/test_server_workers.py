@@ -18,9 +18,9 @@ import time
 import httpx
 import pytest
 
-from serving.metrics import MULTIPROCESS_DIR_ENV
+from serving.server.metrics import MULTIPROCESS_DIR_ENV
 from tests.conftest import free_port
-from tests.serving.test_server_protocol import (
+from tests.integration.test_server_protocol import (
     FEATURES,
     ServerProcess,
     child_env,
@@ -29,7 +29,7 @@ from tests.serving.test_server_protocol import (
     synthetic_frame,
     train_and_register,
 )
-from tests.serving.test_server_runtime import metric
+from tests.integration.test_server_runtime import metric
 
 pytestmark = pytest.mark.integration
 

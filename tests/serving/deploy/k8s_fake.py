@@ -46,7 +46,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from serving.manifests import CONTAINER_NAME, MODEL_URI_ENV
+from serving.deploy.manifests import CONTAINER_NAME, MODEL_URI_ENV
 
 REVISION = "deployment.kubernetes.io/revision"
 WRONG_VERSION = "999"

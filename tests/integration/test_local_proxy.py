@@ -1,4 +1,5 @@
-"""The local front proxy: a real `python -m serving proxy` in front of two tiny HTTP servers."""
+"""The local front proxy: a real `python -m serving.deploy proxy` in front of two tiny HTTP
+servers."""
 
 from __future__ import annotations
 
@@ -67,7 +68,10 @@ def proxy(tmp_path, free_ports):
     )
     log = open(tmp_path / "proxy.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving", "proxy"], env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "serving.deploy", "proxy"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 20
     while not (state / "proxy.pid").exists():

@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.batching import MicroBatcher
+from serving.server.batching import MicroBatcher
 from tests.conftest import free_port
-from tests.serving.test_server_protocol import (
+from tests.integration.test_server_protocol import (
     FEATURES,
     ServerProcess,
     child_env,

@@ -179,7 +179,7 @@ class ServerProcess:
 
 def our_server_cmd(model_uri: str, port: int, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "serving", "serve",
+        sys.executable, "-m", "serving.server",
         "--model-uri", model_uri, "--host", "127.0.0.1", "--port", str(port), *extra,
     ]  # fmt: skip
 
@@ -521,7 +521,7 @@ def test_registry_uris_are_pinned_to_the_version_they_resolve_to(registry):
     """What /v1/model and X-Model-Version report for alias and run URIs (no server needed)."""
     import mlflow
 
-    from serving.loader import resolve_identity
+    from serving.server.loader import resolve_identity
 
     client = mlflow.MlflowClient(registry.tracking_uri)
     client.set_registered_model_alias(MODEL_NAME, "champion", registry.version)

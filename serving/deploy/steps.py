@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ml.settings import DataSettings, DeploySettings, RegistrySettings
-from serving.mlflow_uris import use_mlflow
+from ml.registry import use_mlflow
+from ml.settings import DataSettings, RegistrySettings
+from serving.deploy.settings import DeploySettings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -31,7 +32,7 @@ def deploy_local(
     version: Mapping[str, Any], settings: DeploySettings, *, tracking_uri: str
 ) -> dict[str, Any]:
     """Start the pinned version behind the local front port; the old one stays until healthy."""
-    from serving.local import LocalTarget
+    from serving.deploy.local import LocalTarget
 
     result = LocalTarget(settings, tracking_uri).deploy(version["model_uri"], version["version"])
     log.info("Local target now serves %s at %s", version["model_uri"], result.get("endpoint"))
@@ -50,7 +51,7 @@ def verify_or_roll_back(
     """Smoke + parity check of the live endpoint; on failure roll back to ``@champion``."""
     from ml.pipeline import holdout_frame
     from ml.registry import Registry
-    from serving.verify import VerificationError
+    from serving.deploy.verify import VerificationError
 
     use_mlflow(tracking_uri)
     schema, holdout = holdout_frame(window, data_settings)
@@ -107,8 +108,8 @@ def verify_live(
     tracking_uri: str,
 ) -> dict[str, Any]:
     """Smoke + parity check of the live endpoint on ``frame``; raises ``VerificationError``."""
-    from serving.rollout import served_version
-    from serving.verify import VerificationError, verify_endpoint
+    from serving.deploy.kubernetes import served_version
+    from serving.deploy.verify import VerificationError, verify_endpoint
 
     use_mlflow(tracking_uri)
     endpoint = deploy.endpoint_url
@@ -144,7 +145,7 @@ def verify_on_input_example(
 def withdraw(deploy: DeploySettings, *, tracking_uri: str) -> None:
     """Take the endpoint down after a failed first rollout (there is nothing to go back to)."""
     if deploy.target == "local":
-        from serving.local import LocalTarget
+        from serving.deploy.local import LocalTarget
 
         LocalTarget(deploy, tracking_uri).stop_all()
     else:

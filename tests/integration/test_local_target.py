@@ -12,9 +12,9 @@ import httpx
 import pandas as pd
 import pytest
 
-from ml.settings import DeploySettings
-from serving.local import DeployError, LocalTarget, _alive
-from serving.verify import VerificationError, verify_endpoint
+from serving.deploy.local import DeployError, LocalTarget, _alive
+from serving.deploy.settings import DeploySettings
+from serving.deploy.verify import VerificationError, verify_endpoint
 
 pytestmark = pytest.mark.integration
 
@@ -182,12 +182,12 @@ def test_deploy_switch_redeploy_fail_and_verify(target, tmp_path):
 
 
 def test_a_pidfile_counts_only_for_a_process_with_our_arguments(tmp_path):
-    """Pid reuse guard: the proxy (`python -m serving proxy`) never passes for a slot server
+    """Pid reuse guard: the proxy (`python -m serving.deploy proxy`) never passes for a slot server
     (`... serving serve`), though `serve` is a substring of `serving`."""
     import subprocess
     import sys
 
-    from serving.local import _live_pid
+    from serving.deploy.local import _live_pid
 
     proxy_like = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)", "serving", "proxy"]

@@ -1,6 +1,6 @@
 """A model server that speaks MLflow's scoring protocol, faster, with metrics.
 
-``python -m serving serve --model-uri models:/regression-model/3 [--host] [--port] [--workers]``
+``python -m serving.server --model-uri models:/regression-model/3 [--host] [--port] [--workers]``
 
 Routes (a client of ``mlflow models serve`` must not notice the switch):
 
@@ -10,15 +10,15 @@ Routes (a client of ``mlflow models serve`` must not notice the switch):
 - ``GET /ping``, ``GET /health``   200 once ready, 503 before (MLflow: 200 once loaded)
 - ``GET /version``   the MLflow version, like MLflow
 - ``GET /v1/model``  what is served: ``{name, version, uri, run_id, model_id, flavor, ...}``
-- ``GET /metrics``   Prometheus text format (see ``serving.metrics``); with ``--workers N`` any
+- ``GET /metrics``   Prometheus text format (``serving.server.metrics``); with ``--workers N`` any
   worker answers for all of them (each publishes its numbers in a shared temporary directory)
 
 Every response carries ``X-Model-Version`` when the model came from the registry.
 
-How a request is answered. The fast path (the project's Keras pyfunc, see ``serving.loader``)
+How a request is answered. The fast path (the project's Keras pyfunc, see ``serving.server.loader``)
 parses the common JSON shapes straight into a float32 matrix (a small ``dataframe_split``
 request of plain numbers is checked in pure Python and handed over as is), and the model runs
-on it through the micro-batcher (``serving.batching``). The request path itself only appends
+on it through the micro-batcher (``serving.server.batching``). The request path itself only appends
 one tuple per finished request to a list; access-log lines and metric updates are made from
 those records in batches (at least every 0.25 s, every 256 requests, before every
 ``/metrics`` answer and at shutdown). Anything the fast path does not recognise with
@@ -67,14 +67,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving.batching import DEFAULT_MAX_BATCH_ROWS, MicroBatcher
-from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from serving.metrics import MULTIPROCESS_DIR_ENV, ServerMetrics, clear_worker_files
+from serving.server.batching import DEFAULT_MAX_BATCH_ROWS, MicroBatcher
+from serving.server.contract import NUMERIC_INPUT_TYPES, VERSION_HEADER
+from serving.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serving.server.metrics import MULTIPROCESS_DIR_ENV, ServerMetrics, clear_worker_files
 
 if TYPE_CHECKING:
-    from serving.loader import LoadedModel
+    from serving.server.loader import LoadedModel
 
-NUMERIC_TYPES = frozenset({"double", "float", "long", "integer"})
 
 try:  # optional: ~3x faster JSON for the hot path
     import orjson
@@ -105,7 +105,6 @@ _perf_counter = time.perf_counter
 warnings.filterwarnings("ignore", message="overflow encountered in cast", category=RuntimeWarning)
 
 CONFIG_ENV = "SERVING_SERVER_CONFIG"
-MODEL_URI_ENV = "SERVING_MODEL_URI"
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_ERROR_MESSAGE_CHARS = 1000
 WARMUP_ATOL = 1e-5
@@ -730,7 +729,7 @@ _METHOD_NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 class ScoringApp:
     """Raw ASGI app (no framework on the hot path). One instance per worker process.
 
-    Every finished request is recorded as one tuple (``serving.metrics.R_*`` layout); the
+    Every finished request is recorded as one tuple (``serving.server.metrics.R_*`` layout); the
     records become access-log lines and metric updates in batches (:meth:`flush_records`),
     at least every 0.25 s, every 256 requests, before each ``/metrics`` answer and at shutdown.
     """
@@ -1026,7 +1025,7 @@ class ScoringApp:
 
     def _load_and_warm(self) -> None:
         """Runs in a thread: load, warm up, then flip to ready on the event loop."""
-        from serving.loader import load_model
+        from serving.server.loader import load_model
 
         cfg = self.config
         loop = self._loop
@@ -1103,7 +1102,7 @@ class ScoringApp:
             )
         identity = model.identity
         if identity.version is not None:
-            self._common_headers = ((b"x-model-version", identity.version.encode()),)
+            self._common_headers = ((VERSION_HEADER.lower().encode(), identity.version.encode()),)
             self._json_headers = {}
         self._one_prediction = b'{"predictions":[{' + _dumps(self._output_name) + b":"
         description = {**model.describe(), "mlflow_version": self._mlflow_version.decode()}
@@ -1151,7 +1150,7 @@ def _synthetic_example(model: LoadedModel) -> str | None:
     if schema is None or not schema.has_input_names():
         return None
     specs = schema.inputs
-    if any(str(getattr(s.type, "name", s.type)) not in NUMERIC_TYPES for s in specs):
+    if any(str(getattr(s.type, "name", s.type)) not in NUMERIC_INPUT_TYPES for s in specs):
         return None
     names = schema.input_names()
     return json.dumps({"dataframe_split": {"columns": names, "data": [[0] * len(names)]}})
@@ -1216,7 +1215,7 @@ def run(config: ServerConfig) -> int:
     )
     if config.workers > 1:
         # Every worker publishes its metrics in one directory, and any worker's /metrics
-        # answers for all of them (see serving.metrics): $SERVING_METRICS_DIR (emptied of
+        # answers for all of them (see serving.server.metrics): $SERVING_METRICS_DIR (emptied of
         # old worker files first) or a temporary directory, removed at exit.
         given = os.environ.get(MULTIPROCESS_DIR_ENV)
         metrics_dir = given or tempfile.mkdtemp(prefix="model-server-metrics-")
@@ -1227,7 +1226,7 @@ def run(config: ServerConfig) -> int:
         os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
         try:
             uvicorn.run(
-                "serving.server:app_from_env", factory=True, workers=config.workers, **common
+                "serving.server.app:app_from_env", factory=True, workers=config.workers, **common
             )
         finally:
             if not given:

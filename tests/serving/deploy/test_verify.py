@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.verify import VerificationError, _as_array, verify_endpoint
+from serving.deploy.verify import VerificationError, _as_array, verify_endpoint
 
 FRAME = pd.DataFrame({"a": [0.1, 2.0, -3.5], "b": [0.2, 0.0, 1e-7], "extra": ["x", "y", "z"]})
 EXPECTED = (FRAME["a"] + FRAME["b"]).tolist()

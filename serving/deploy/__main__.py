@@ -1,13 +1,13 @@
-"""``python -m serving ...``: the serving side as a CLI, for pods, the local target and people.
+"""``python -m serving.deploy ...``: the deploy side as a CLI, for rollout pods, the local target
+and people.
 
-    python -m serving serve --model-uri models:/regression-model/3 [--port 8080]  # model server
-    python -m serving proxy                       # the local front proxy (blocking)
-    python -m serving deploy-local --model-uri models:/regression-model/3 --version 3
-    python -m serving status                      # exit 0 if something healthy is live
-    python -m serving stop                        # stop proxy + model servers
-    python -m serving verify --model-uri models:/regression-model/3 [--data holdout.parquet]
-    python -m serving rollout --model-uri models:/regression-model/3 --version 3   # kubernetes
-    python -m serving render --model-uri models:/regression-model/3 --version 3    # manifests
+    python -m serving.deploy proxy                       # the local front proxy (blocking)
+    python -m serving.deploy deploy-local --model-uri models:/regression-model/3 --version 3
+    python -m serving.deploy status                      # exit 0 if something healthy is live
+    python -m serving.deploy stop                        # stop proxy + model servers
+    python -m serving.deploy verify --model-uri models:/regression-model/3 [--data holdout.parquet]
+    python -m serving.deploy rollout --model-uri models:/regression-model/3 --version 3  # k8s
+    python -m serving.deploy render --model-uri models:/regression-model/3 --version 3   # YAML
 
 Settings come from ``DeploySettings`` (``PIPELINE_DEPLOY_*`` env vars); the MLflow tracking URI
 from ``MLFLOW_TRACKING_URI``. Results are printed as JSON on stdout, logs go to stderr.
@@ -22,7 +22,8 @@ import logging
 import sys
 from typing import Any
 
-from ml.settings import DeploySettings, tracking_uri, with_overrides
+from ml.settings import tracking_uri, with_overrides
+from serving.deploy.settings import DeploySettings
 
 
 def _print(obj: Any) -> None:
@@ -39,14 +40,14 @@ def _settings(args: argparse.Namespace) -> DeploySettings:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from serving.proxy import run_proxy
+    from serving.deploy.proxy import run_proxy
 
     run_proxy(_settings(args))
     return 0
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    from serving.local import DeployError, LocalTarget
+    from serving.deploy.local import DeployError, LocalTarget
 
     target = LocalTarget(_settings(args), tracking_uri())
     try:
@@ -58,7 +59,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from serving.local import LocalTarget
+    from serving.deploy.local import LocalTarget
 
     status = LocalTarget(_settings(args), tracking_uri()).status()
     _print(status)
@@ -66,7 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from serving.local import LocalTarget
+    from serving.deploy.local import LocalTarget
 
     _print({"stopped": LocalTarget(_settings(args), tracking_uri()).stop_all()})
     return 0
@@ -76,7 +77,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import mlflow
     import pandas as pd
 
-    from serving.verify import VerificationError, verify_endpoint
+    from serving.deploy.verify import VerificationError, verify_endpoint
 
     mlflow.set_tracking_uri(tracking_uri())
     model = mlflow.models.Model.load(args.model_uri)
@@ -107,35 +108,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
-    from serving.server import MODEL_URI_ENV, ServerConfig, run
-
-    model_uri = args.model_uri or os.environ.get(MODEL_URI_ENV)
-    if not model_uri:
-        logging.getLogger("serving").error("--model-uri (or %s) is required", MODEL_URI_ENV)
-        return 2
-    config = ServerConfig(
-        model_uri=model_uri,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        max_request_bytes=args.max_request_bytes,
-        max_batch_rows=args.max_batch_rows,
-        batch_wait_ms=args.batch_wait_ms,
-        batch_mode=args.batch_mode,
-        fast_path=not args.no_fast_path,
-        tf_threads=args.tf_threads,
-        access_log=not args.no_access_log,
-        request_timeout_s=args.request_timeout
-        or float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or 60),
-        graceful_timeout_s=args.graceful_timeout,
-        log_level="DEBUG" if args.verbose else "INFO",
-    )
-    return run(config)
-
-
 def _k8s_settings(args: argparse.Namespace) -> DeploySettings:
     return with_overrides(
         DeploySettings(),
@@ -148,8 +120,14 @@ def _k8s_settings(args: argparse.Namespace) -> DeploySettings:
 def cmd_rollout(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from serving.manifests import UnpinnedModelURI, parse_pinned_uri
-    from serving.rollout import EXIT_USAGE, KubeClient, Rollout, Smoke, mlflow_input_example
+    from serving.deploy.kubernetes import (
+        EXIT_USAGE,
+        KubeClient,
+        Rollout,
+        Smoke,
+        mlflow_input_example,
+    )
+    from serving.deploy.manifests import UnpinnedModelURI, parse_pinned_uri
 
     try:  # before any cluster I/O: an alias never reaches the Deployment
         parse_pinned_uri(args.model_uri, args.version)
@@ -185,7 +163,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from serving.manifests import UnpinnedModelURI, base_files, render, to_yaml
+    from serving.deploy.manifests import UnpinnedModelURI, base_files, render, to_yaml
 
     settings = _k8s_settings(args)
     try:
@@ -212,7 +190,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m serving", description="Model serving: local target, verification, rollout."
+        prog="python -m serving.deploy", description="Deploy: local target, verification, rollout."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,54 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, help="use only the first N rows")
     p.add_argument("--atol", type=float, default=1e-5)
     p.set_defaults(func=cmd_verify)
-
-    p = sub.add_parser("serve", help="serve a model over MLflow's scoring protocol (blocking)")
-    p.add_argument(
-        "--model-uri",
-        help="models:/name/version, models:/name@alias, runs:/... (default: $SERVING_MODEL_URI)",
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes (each loads the model; /metrics answers for all of them)",
-    )
-    p.add_argument(
-        "--max-request-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413"
-    )
-    p.add_argument("--max-batch-rows", type=int, default=256, help="micro-batch size cap")
-    p.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        default=0.0,
-        help="extra wait to fill a micro-batch (0: only what queued while the model was busy)",
-    )
-    p.add_argument(
-        "--batch-mode",
-        choices=("auto", "thread", "inline"),
-        default="auto",
-        help="where the model runs: auto = on the event loop for small batches, else a thread",
-    )
-    p.add_argument("--no-fast-path", action="store_true", help="always use the pyfunc")
-    p.add_argument(
-        "--tf-threads", type=int, default=1, help="TensorFlow op threads (0: TF default)"
-    )
-    p.add_argument("--no-access-log", action="store_true")
-    p.add_argument(
-        "--request-timeout",
-        type=float,
-        help="seconds per request, like MLflow's (default: $MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT "
-        "or 60)",
-    )
-    p.add_argument(
-        "--graceful-timeout",
-        type=float,
-        default=30.0,
-        help="seconds SIGTERM waits for in-flight requests",
-    )
-    p.set_defaults(func=cmd_serve)
 
     def k8s_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model-uri", required=True, help="pinned URI, e.g. models:/name/3")

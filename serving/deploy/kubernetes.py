@@ -1,11 +1,11 @@
 """Roll a pinned model version out to the serving Deployment, check it, roll back on failure.
 
-``python -m serving rollout --model-uri models:/regression-model/7 --version 7`` runs inside the
-KubernetesPodOperator pod (in-cluster config; ``KUBECONFIG`` elsewhere) and does, logging each
-step:
+``python -m serving.deploy rollout --model-uri models:/regression-model/7 --version 7`` runs inside
+the KubernetesPodOperator pod (in-cluster config; ``KUBECONFIG`` elsewhere) and does, logging
+each step:
 
 1. **read** the Deployment (it must exist: an administrator bootstraps it with
-   ``python -m serving render``). If it already runs this version (same pinned URI and image)
+   ``python -m serving.deploy render``). If it already runs this version (same pinned URI and image)
    and its rollout is complete, only the smoke test runs: a re-run is a no-op, no PATCH.
 2. **apply** the Deployment of ``serving.manifests`` by server-side apply (field manager
    ``train-and-deploy``, ``force=True``: the pipeline is the owner of what it declares, a
@@ -47,9 +47,9 @@ from typing import Any
 
 import httpx
 
-from ml.settings import DeploySettings
-from serving import manifests
-from serving.manifests import FIELD_MANAGER, MODEL_URI_ENV, parse_pinned_uri
+from serving.deploy import manifests
+from serving.deploy.manifests import FIELD_MANAGER, MODEL_URI_ENV, parse_pinned_uri
+from serving.deploy.settings import DeploySettings
 
 log = logging.getLogger("serving.rollout")
 
@@ -501,7 +501,7 @@ class Rollout:
                 if live is None:
                     raise NothingChanged(
                         f"deployment {name} does not exist: bootstrap the namespace once with "
-                        "`python -m serving render ... | kubectl apply --server-side -f -` "
+                        "`python -m serving.deploy render ... | kubectl apply --server-side -f -` "
                         "(the rollout's RBAC may change the Deployment, not create it)"
                     )
                 if (live.get("spec") or {}).get("paused"):

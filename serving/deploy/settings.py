@@ -1,0 +1,119 @@
+"""Typed settings of the deploy side: where and how a gated model version is rolled out.
+
+Deployment-wide defaults come from ``PIPELINE_DEPLOY_*`` environment variables; per-run knobs
+(the ``deploy_target`` Param, CLI flags) override them with :func:`ml.settings.with_overrides`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ml.settings import LOCAL_STATE_DIR, split_csv
+
+
+class DeploySettings(BaseSettings):
+    """Where and how a gated model version is rolled out."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_DEPLOY_", extra="forbid")
+
+    target: Literal["local", "kubernetes"] = "local"
+    # local target: a stable front port proxying to the healthy model-server process.
+    local_host: str = "127.0.0.1"
+    local_port: int = Field(5001, ge=1, le=65_535)
+    local_slot_ports: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [5011, 5012])
+    local_state_dir: str = str(LOCAL_STATE_DIR / "serving")
+    health_timeout_s: float = Field(180.0, gt=0)
+    # kubernetes target
+    kubernetes_conn_id: str = "kubernetes_default"
+    namespace: str = "ml-serving"
+    pipeline_image: str = "train-and-deploy/pipeline:latest"
+    serving_image: str = "train-and-deploy/serving:latest"
+    service_account: str = "model-rollout"
+    deployment_name: str = "model-server"
+    service_url: str | None = Field(
+        None,
+        description="Base URL of the live endpoint as Airflow workers reach it (verify, "
+        "reconcile); defaults to the local front port, or the in-cluster Service DNS name for "
+        "the kubernetes target. The rollout pod always smoke-tests through the in-cluster "
+        "Service.",
+    )
+    # kubernetes target: the serving Deployment (serving.manifests) and the rollout
+    # (serving.rollout). Defaults are sized from measurements: docs/operations.md.
+    min_replicas: int = Field(2, ge=1, description="HPA floor; 2 keeps one pod up in drains.")
+    max_replicas: int = Field(6, ge=1, description="HPA ceiling.")
+    serving_cpu: str = Field("500m", description="CPU request of a model-server pod.")
+    serving_memory: str = Field(
+        "1536Mi",
+        description="Memory request = limit of a model-server pod (~750 MiB RSS measured).",
+    )
+    allowed_client_namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["airflow", "monitoring"],
+        description="Namespaces (besides its own) whose pods may reach the model server "
+        "(NetworkPolicy); comma-separated in the env var.",
+    )
+    monitoring_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra labels on the ServiceMonitor and PrometheusRule so that the "
+        'cluster\'s Prometheus selects them (kube-prometheus-stack: {"release": "<name>"}).',
+    )
+    alert_error_ratio: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Alert when this share of /invocations fails (5xx)."
+    )
+    alert_p99_latency_s: float = Field(
+        0.25, gt=0.0, description="Alert when the p99 of /invocations exceeds this."
+    )
+    pod_tracking_uri: str | None = Field(
+        None,
+        description="MLflow as the pipeline's pods reach it, when that differs from the "
+        "Airflow Connection's URI (e.g. an in-cluster Service name); None: the same URI.",
+    )
+    pod_env_secret: str | None = Field(
+        None,
+        description="Secret whose keys become env vars of every pipeline pod (training and "
+        "rollout): MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, object-store credentials.",
+    )
+    smoke_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long the rollout's smoke test may take to see the new version "
+        "answer through the Service (old pods may still drain for a few seconds).",
+    )
+
+    @field_validator("local_slot_ports", mode="before")
+    @classmethod
+    def _split_ports(cls, value: Any) -> Any:
+        value = split_csv(value)
+        if isinstance(value, list):
+            return [int(v) for v in value]
+        return value
+
+    @field_validator("allowed_client_namespaces", mode="before")
+    @classmethod
+    def _split_namespaces(cls, value: Any) -> Any:
+        return split_csv(value)
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> DeploySettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+    @model_validator(mode="after")
+    def _two_distinct_slots(self) -> DeploySettings:
+        ports = self.local_slot_ports
+        if len(ports) != 2 or len(set(ports)) != 2 or self.local_port in ports:
+            raise ValueError(
+                "local_slot_ports needs two distinct ports, both different from local_port"
+            )
+        return self
+
+    @property
+    def endpoint_url(self) -> str:
+        if self.service_url:
+            return self.service_url.rstrip("/")
+        if self.target == "local":
+            return f"http://{self.local_host}:{self.local_port}"
+        return f"http://{self.deployment_name}.{self.namespace}.svc.cluster.local"

@@ -1,0 +1,104 @@
+"""``python -m serving.server``: the model server (what the serving image runs).
+
+    python -m serving.server --model-uri models:/regression-model/3 [--host] [--port] [--workers]
+
+The model URI may also come from ``$SERVING_MODEL_URI`` (how the Kubernetes Deployment pins
+it); the registry from ``$MLFLOW_TRACKING_URI``. Logs are JSON lines on stderr, access logs
+JSON lines on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from serving.server.contract import MODEL_URI_ENV
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m serving.server",
+        description="Serve an MLflow model over MLflow's scoring protocol (blocking).",
+    )
+    p.add_argument(
+        "--model-uri",
+        help=f"models:/name/version, models:/name@alias, runs:/... (default: ${MODEL_URI_ENV})",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes (each loads the model; /metrics answers for all of them)",
+    )
+    p.add_argument(
+        "--max-request-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413"
+    )
+    p.add_argument("--max-batch-rows", type=int, default=256, help="micro-batch size cap")
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="extra wait to fill a micro-batch (0: only what queued while the model was busy)",
+    )
+    p.add_argument(
+        "--batch-mode",
+        choices=("auto", "thread", "inline"),
+        default="auto",
+        help="where the model runs: auto = on the event loop for small batches, else a thread",
+    )
+    p.add_argument("--no-fast-path", action="store_true", help="always use the pyfunc")
+    p.add_argument(
+        "--tf-threads", type=int, default=1, help="TensorFlow op threads (0: TF default)"
+    )
+    p.add_argument("--no-access-log", action="store_true")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        help="seconds per request, like MLflow's (default: $MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT "
+        "or 60)",
+    )
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for in-flight requests",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from serving.server.app import ServerConfig, run
+
+    model_uri = args.model_uri or os.environ.get(MODEL_URI_ENV)
+    if not model_uri:
+        logging.basicConfig(stream=sys.stderr)
+        logging.getLogger("serving.server").error("--model-uri (or %s) is required", MODEL_URI_ENV)
+        return 2
+    config = ServerConfig(
+        model_uri=model_uri,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        max_request_bytes=args.max_request_bytes,
+        max_batch_rows=args.max_batch_rows,
+        batch_wait_ms=args.batch_wait_ms,
+        batch_mode=args.batch_mode,
+        fast_path=not args.no_fast_path,
+        tf_threads=args.tf_threads,
+        access_log=not args.no_access_log,
+        request_timeout_s=args.request_timeout
+        or float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or 60),
+        graceful_timeout_s=args.graceful_timeout,
+        log_level="DEBUG" if args.verbose else "INFO",
+    )
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

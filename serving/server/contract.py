@@ -1,0 +1,23 @@
+"""What the pipeline and the model server agree on, defined once.
+
+The server package imports nothing outside itself, so the agreement lives here and the
+pipeline (``ml``, ``serving.deploy``) imports it, never the other way round. The one copy that
+cannot import it is ``ml/keras_pyfunc.py``: MLflow runs that file on its own at load time
+(models from code), so it repeats ``PREDICTION_COLUMN`` and a unit test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+# The Keras regressor this pipeline logs (ml.train): a models-from-code pyfunc whose code file
+# and class the server recognises for its fast path, with the .keras file under this key.
+KERAS_ARTIFACT_KEY = "keras_model"
+KERAS_CODE_FILE = "keras_pyfunc.py"
+KERAS_PYTHON_MODEL_CLASS = "KerasRegressor"
+# The pyfunc's single output column.
+PREDICTION_COLUMN = "prediction"
+# MLflow signature column types the fast path accepts as float32 features.
+NUMERIC_INPUT_TYPES = frozenset({"double", "float", "long", "integer"})
+# The pinned model URI the serving image loads at start (Kubernetes sets it in the pod spec).
+MODEL_URI_ENV = "SERVING_MODEL_URI"
+# Every response names the registry version it came from.
+VERSION_HEADER = "X-Model-Version"

@@ -28,12 +28,13 @@ import pandas as pd
 
 from ml.model import build_model, set_global_determinism
 from ml.settings import TrainingSettings
+from serving.server.contract import KERAS_ARTIFACT_KEY, KERAS_CODE_FILE
 
 log = logging.getLogger(__name__)
 
-PYFUNC_CODE_PATH = Path(__file__).with_name("keras_pyfunc.py")
+# The code file and artifact key are what the model server recognises (serving.server.contract).
+PYFUNC_CODE_PATH = Path(__file__).with_name(KERAS_CODE_FILE)
 MODEL_NAME_IN_RUN = "model"
-KERAS_ARTIFACT_KEY = "keras_model"
 # Below this there is no meaningful train/validation split.
 MIN_TRAINING_ROWS = 10
 INPUT_EXAMPLE_ROWS = 5

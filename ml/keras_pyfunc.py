@@ -5,9 +5,10 @@ Logged with ``mlflow.pyfunc.log_model(python_model=<this file>, artifacts={"kera
 stay self-contained: only keras / tensorflow / numpy / pandas / mlflow, never ``ml``
 (``mlflow models serve`` and the serving image load it without this repository).
 
-Why not ``keras.Model.predict``: it builds a data pipeline per call (~60-75 ms for one row;
-an eager ``model(x)`` call is ~2.4 ms). One ``tf.function`` with a fixed input signature,
-traced once at load, costs ~0.15 ms per call.
+Why not ``keras.Model.predict``: it builds a data pipeline on every call, which dominates the
+cost of a small request; an eager ``model(x)`` call is cheaper, and one ``tf.function`` with a
+fixed input signature, traced once at load, cheaper still (the measured figures are in
+docs/benchmarks.md, "Figures cited by the code").
 """
 
 import keras
@@ -38,15 +39,17 @@ class KerasRegressor(mlflow.pyfunc.PythonModel):
 
         self._model = model  # keeps the variables alive for the traced graph
         # Tracing now means no first-request stall; calling the concrete function also skips
-        # tf.function's per-call argument matching (~0.1 ms of a ~0.25 ms call).
+        # tf.function's per-call argument matching (a large share of a small call; figures in
+        # docs/benchmarks.md).
         self._forward = forward.get_concrete_function()
 
     # No `from __future__ import annotations` here: MLflow reads this hint at runtime, and a
     # pd.DataFrame hint tells it to keep the DataFrame as is (no type-hint conversion).
     def predict(self, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        # Reindexing costs ~0.15 ms: skip it when the input already has the trained order (MLflow's
-        # schema enforcement reorders columns to the signature's order before calling us).
+        # Reindexing costs about as much as the call itself (docs/benchmarks.md): skip it when the
+        # input already has the trained order (MLflow's schema enforcement reorders columns to the
+        # signature's order before calling us).
         if self._feature_columns is not None and list(frame.columns) != self._feature_columns:
             missing = [c for c in self._feature_columns if c not in frame.columns]
             if missing:

@@ -7,19 +7,20 @@ gets near a batch), then hands its rows (a float32 matrix, or a few rows as Pyth
 Scheduling: requests wait while the model is busy (that is where batches come from under load),
 and otherwise at most ``max_wait_s``. The default, 0, means the next turn of the event loop (a
 lone request is never delayed by a timer), or the turn after that when the previous batch was
-shared by several requests: under concurrent load the requests of one burst arrive over a
-couple of loop turns, and that one extra turn (microseconds) lets them share one call instead
-of two or three (at 8 closed-loop clients: ~7 requests per call instead of ~3, which is most of
-the difference in throughput). A batch never exceeds ``max_batch_rows`` unless a single request
-is bigger, in which case that request runs alone. If a batched call raises, every request of the
-batch is re-run on its own, so only the request that really fails gets the error.
+shared by several requests: under concurrent load the requests of one burst arrive over a couple
+of loop turns, and that one extra turn (microseconds) lets them share one call instead of two or
+three, which is most of the difference in throughput at 8 closed-loop clients (requests per call
+with and without that turn: docs/benchmarks.md). A batch never exceeds ``max_batch_rows`` unless
+a single request is bigger, in which case that request runs alone. If a batched call raises,
+every request of the batch is re-run on its own, so only the request that really fails gets the
+error.
 
 Where the model runs (``mode``): ``"auto"`` (default) calls it on the event loop itself for
-batches of at most ``inline_max_rows`` rows (a small call of the fast Keras path takes
-0.01-0.05 ms, less than handing it to a thread and back) and in one dedicated model thread for
-bigger batches, so a large request never blocks the loop (TensorFlow releases the GIL while its
-kernels run, and the loop keeps reading and parsing meanwhile). ``"thread"`` always uses the
-thread, ``"inline"`` never does.
+batches of at most ``inline_max_rows`` rows (a small call of the fast Keras path costs less than
+handing it to a thread and back; figures in docs/benchmarks.md) and in one dedicated model
+thread for bigger batches, so a large request never blocks the loop (TensorFlow releases the GIL
+while its kernels run, and the loop keeps reading and parsing meanwhile). ``"thread"`` always
+uses the thread, ``"inline"`` never does.
 """
 
 from __future__ import annotations

@@ -78,15 +78,16 @@ class KerasFastPath:
     The function (``model(x, training=False)`` traced once for ``float32 [None, n_features]``)
     is frozen (variables become constants) and run by a ``tf.compat.v1.Session`` in the calling
     thread, with graph rewriting switched off: the same kernels compute the same numbers
-    (checked bit for bit against the function at load), while a one-row call costs ~0.01 ms
-    instead of ~0.15-0.3 ms of eager dispatch, and the GIL is released while the graph runs.
+    (checked bit for bit against the function at load), while a one-row call costs a small
+    fraction of eager dispatch, and the GIL is released while the graph runs.
     Two things cut the per-call cost further without changing a bit: the frozen graph is
     slimmed (``Identity``/``NoOp`` nodes dropped, constant subexpressions such as the
     normalization's ``sqrt(variance)`` computed once, by the same kernels; about a third fewer
     nodes to run per call), and it is called through ``Session::MakeCallable`` (feeds, fetches
-    and executor resolved once). Inside a busy server, where the caches are cold, a call costs
-    ~0.04 ms. ``engine="function"`` calls the concrete function itself (also the fallback
-    whenever the graph cannot be frozen or does not reproduce the function exactly).
+    and executor resolved once). Per-call figures, in a tight loop and inside a busy server
+    where the caches are cold, are in docs/benchmarks.md. ``engine="function"`` calls the
+    concrete function itself (also the fallback whenever the graph cannot be frozen or does not
+    reproduce the function exactly).
     """
 
     def __init__(
@@ -191,7 +192,7 @@ def _graph_session(tf, graph_def, threads: int):
     with graph.as_default():
         tf.compat.v1.import_graph_def(graph_def, name="")
     # inter_op < 0: the graph runs in the calling thread, no hand-off to a pool thread
-    # (a one-row call drops from ~0.16 to ~0.07 ms).
+    # (the hand-off more than doubles a one-row call; docs/benchmarks.md).
     config = tf.compat.v1.ConfigProto(
         intra_op_parallelism_threads=max(threads, 0), inter_op_parallelism_threads=-1
     )
@@ -207,8 +208,8 @@ def _graph_session(tf, graph_def, threads: int):
 
 def _direct_callable(tf, session, feed_name: str, fetch_name: str):
     """``rows -> output`` through the C++ ``Session::MakeCallable`` API: feeds, fetches and
-    the executor are resolved once, not on every call (~9 us instead of ~11 us for one row,
-    and far less than ``Session.run``'s Python bookkeeping)."""
+    the executor are resolved once, not on every call (a little cheaper per call, and far less
+    than ``Session.run``'s Python bookkeeping; figures in docs/benchmarks.md)."""
     from tensorflow.core.protobuf import config_pb2
     from tensorflow.python.client import pywrap_tf_session as c_api
 

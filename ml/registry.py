@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -336,22 +335,33 @@ class Registry:
 
     def _wait_ready(self, version: str, timeout_s: float = READY_TIMEOUT_S) -> VersionInfo:
         # SQL stores create READY versions; a remote registry may copy artifacts first.
-        deadline = time.monotonic() + timeout_s
-        while True:
+        # Polled while PENDING, every READY_POLL_S until timeout_s; any other status, and any
+        # error reaching the registry, ends the wait at once.
+        from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
+
+        def get_version() -> ModelVersion:
             with self._call(f"get version {version} of {self.name!r}") as client:
                 mv = client.get_model_version(self.name, version)
-            if mv.status == _READY:
-                return VersionInfo.from_mlflow(mv)
-            if mv.status != _PENDING:
+            if mv.status not in (_READY, _PENDING):
                 raise RuntimeError(
                     f"{self.name!r} version {version} failed to register: status {mv.status} "
                     f"({mv.status_message or 'no message'})"
                 )
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"{self.name!r} version {version} still {mv.status} after {timeout_s:.0f}s"
-                )
-            time.sleep(READY_POLL_S)
+            return mv
+
+        def timed_out(state) -> ModelVersion:
+            status = state.outcome.result().status
+            raise TimeoutError(
+                f"{self.name!r} version {version} still {status} after {timeout_s:.0f}s"
+            )
+
+        mv = Retrying(
+            retry=retry_if_result(lambda mv: mv.status == _PENDING),
+            stop=stop_after_delay(timeout_s),
+            wait=wait_fixed(READY_POLL_S),
+            retry_error_callback=timed_out,
+        )(get_version)
+        return VersionInfo.from_mlflow(mv)
 
     def _link_logged_model(self, model_id: str, version: str) -> None:
         # The logged model page then links to the version. An MLflow server already does this

@@ -150,3 +150,67 @@ def test_check_available_fails_fast_on_closed_port():
     # Ordinary calls probe first, so they fail the same way instead of retrying for minutes.
     with pytest.raises(RegistryUnavailableError, match=uri):
         registry.champion()
+
+
+class _PollingClient:
+    """get_model_version answers the given statuses in turn (the last one for ever after)."""
+
+    def __init__(self, *statuses: str) -> None:
+        self.statuses = list(statuses)
+        self.calls = 0
+
+    def get_model_version(self, name, version):
+        from types import SimpleNamespace
+
+        status = self.statuses[min(self.calls, len(self.statuses) - 1)]
+        self.calls += 1
+        return SimpleNamespace(
+            name=name,
+            version=version,
+            run_id="r1",
+            source="models:/m-1",
+            tags={},
+            aliases=[],
+            status=status,
+            status_message="copy failed" if status == "FAILED_REGISTRATION" else None,
+        )
+
+
+def _polling_registry(monkeypatch, *statuses: str) -> tuple[Registry, _PollingClient]:
+    import ml.registry
+
+    monkeypatch.setattr(ml.registry, "READY_POLL_S", 0.01)
+    registry = Registry("sqlite:///never-opened.db", SETTINGS)
+    registry._checked = True  # no probe: the fake client is the registry
+    client = _PollingClient(*statuses)
+    registry.__dict__["client"] = client  # the cached_property's slot
+    return registry, client
+
+
+def test_wait_ready_polls_while_pending(monkeypatch):
+    registry, client = _polling_registry(
+        monkeypatch, "PENDING_REGISTRATION", "PENDING_REGISTRATION", "READY"
+    )
+    info = registry._wait_ready("4")
+    assert (info.name, info.version, info.run_id) == ("test-model", "4", "r1")
+    assert client.calls == 3
+
+
+def test_wait_ready_fails_at_once_on_a_failed_registration(monkeypatch):
+    registry, client = _polling_registry(monkeypatch, "PENDING_REGISTRATION", "FAILED_REGISTRATION")
+    with pytest.raises(
+        RuntimeError,
+        match=r"'test-model' version 4 failed to register: "
+        r"status FAILED_REGISTRATION \(copy failed\)",
+    ):
+        registry._wait_ready("4")
+    assert client.calls == 2
+
+
+def test_wait_ready_gives_up_at_the_deadline(monkeypatch):
+    registry, client = _polling_registry(monkeypatch, "PENDING_REGISTRATION")
+    with pytest.raises(
+        TimeoutError, match=r"'test-model' version 4 still PENDING_REGISTRATION after 0s"
+    ):
+        registry._wait_ready("4", timeout_s=0.05)
+    assert client.calls >= 2

@@ -68,9 +68,17 @@ bench-serving: $(STAMP)
 bench-dag-parse: $(STAMP)
 	$(PY) scripts/bench_dag_parse.py
 
-## lock: re-pin constraints.txt from the current (tested) venv
+## lock: re-pin constraints.txt from the current (tested) venv, and requirements.txt from it
+# requirements.txt is for `pip install -r requirements.txt` without uv or this checkout:
+# pyproject.toml's runtime + dev dependencies resolved with every version fixed by
+# constraints.txt, so it is the tested set minus what nothing needs (pip). Its header and
+# annotations hold no date, path or index URL, so re-running on the same venv changes nothing;
+# tests/test_lock.py fails when the two files drift apart.
 lock:
 	$(VENV)/bin/uv pip freeze --python $(PY) --exclude-editable | grep -v '^uv==' > constraints.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --constraint constraints.txt \
+		--python $(PY) --custom-compile-command "make lock" --annotation-style line \
+		--quiet --output-file requirements.txt
 
 clean: stop
 	rm -rf .local

@@ -17,15 +17,48 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+@pytest.fixture(scope="session")
+def _mlflow_template_db(tmp_path_factory) -> str:
+    """An empty MLflow SQLite store, migrated once per session (migrating costs seconds)."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow-template")
+    path = root / "mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # the default experiment's artifact folder: never the repo's ./mlruns
+        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return str(path)
+
+
+def _copy_store(template: str, path: str, artifact_root: str) -> None:
+    """A copy of the template store whose default experiment keeps artifacts under
+    ``artifact_root`` (where a store created at ``path`` with that cwd would keep them)."""
+    import sqlite3
+
+    src, dst = sqlite3.connect(template), sqlite3.connect(path)
+    try:
+        src.backup(dst)
+        with dst:  # commits
+            dst.execute(
+                "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                (os.path.join(artifact_root, "0"),),
+            )
+    finally:
+        src.close()
+        dst.close()
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
+def mlflow_store(tmp_path, monkeypatch, _mlflow_template_db):
     """A real MLflow tracking + registry store (SQLite) with artifacts in a temp folder.
 
+    Every test gets its own store, copied from one migrated once per session.
     Returns the tracking URI; MLFLOW_TRACKING_URI is set to it for the test.
     """
     import mlflow
 
     monkeypatch.chdir(tmp_path)  # the SQLite store puts default artifacts under ./mlruns
+    _copy_store(_mlflow_template_db, str(tmp_path / "mlflow.db"), str(tmp_path / "mlruns"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)

@@ -1,4 +1,10 @@
-"""train_model and ml.evaluate against a real (SQLite) MLflow store, on a small easy problem."""
+"""train_model and ml.evaluate against a real (SQLite) MLflow store, on a small easy problem.
+
+The tests that train real Keras models and log them to MLflow (five trainings, each with a
+model logged, loaded and predicted through MLflow's pyfunc) are integration tests by nature and
+are marked ``integration``: `make test` runs them, `make test-unit` skips them. The argument
+checks, the metrics and ``log_evaluation`` stay unit tests.
+"""
 
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ def git_sha(monkeypatch):
     return "0123abcd"
 
 
+@pytest.mark.integration
 def test_run_records_params_epoch_curves_tags_and_dataset(mlflow_store, git_sha):
     from mlflow import MlflowClient
 
@@ -103,6 +110,7 @@ def test_run_records_params_epoch_curves_tags_and_dataset(mlflow_store, git_sha)
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
 
 
+@pytest.mark.integration
 def test_logged_model_is_self_describing_and_serves_the_keras_numbers(mlflow_store, tmp_path):
     import keras
     import mlflow
@@ -134,6 +142,7 @@ def test_logged_model_is_self_describing_and_serves_the_keras_numbers(mlflow_sto
     np.testing.assert_allclose(served["prediction"], reference.ravel(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_same_seed_trains_the_same_model(mlflow_store):
     frame = synthetic_frame(300, seed=2)
     settings = FAST.model_copy(update={"epochs": 3})
@@ -147,6 +156,7 @@ def test_same_seed_trains_the_same_model(mlflow_store):
     )
 
 
+@pytest.mark.integration
 def test_trained_model_beats_predicting_the_mean(mlflow_store):
     result = _train(synthetic_frame(600, seed=3))
     holdout = synthetic_frame(200, seed=4)

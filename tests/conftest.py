@@ -95,12 +95,14 @@ def repo_root() -> str:
 
 @pytest.fixture(scope="session")
 def airflow_db():
-    """A migrated Airflow metadata DB (SQLite) in the throwaway AIRFLOW_HOME."""
-    import subprocess
-    import sys
+    """A migrated Airflow metadata DB (SQLite) in the throwaway AIRFLOW_HOME.
 
-    airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
-    subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True, env=os.environ)
+    What `airflow db migrate` does, in this process: the tests that use the DB import Airflow
+    anyway, and a separate `airflow` process would pay that import a second time.
+    """
+    from airflow.utils import db
+
+    db.upgradedb()
     return os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
 
 

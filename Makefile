@@ -74,8 +74,12 @@ bench-dag-parse: $(STAMP)
 # constraints.txt, so it is the tested set minus what nothing needs (pip). Its header and
 # annotations hold no date, path or index URL, so re-running on the same venv changes nothing;
 # tests/test_lock.py fails when the two files drift apart.
+# constraints.txt keeps its header comment, and is replaced only once the freeze succeeded.
 lock:
-	$(VENV)/bin/uv pip freeze --python $(PY) --exclude-editable | grep -v '^uv==' > constraints.txt
+	set -o pipefail; { grep '^#' constraints.txt; \
+		$(VENV)/bin/uv pip freeze --python $(PY) --exclude-editable | grep -v '^uv=='; \
+	} > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --constraint constraints.txt \
 		--python $(PY) --custom-compile-command "make lock" --annotation-style line \
 		--quiet --output-file requirements.txt

@@ -71,5 +71,5 @@ def test_every_direct_dependency_is_pinned_in_requirements_within_its_range():
 def test_make_lock_writes_both_files():
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     recipe = makefile.split("\nlock:", 1)[1].split("\n\n", 1)[0]
-    assert "> constraints.txt" in recipe
+    assert "mv constraints.txt.tmp constraints.txt" in recipe
     assert "--output-file requirements.txt" in recipe

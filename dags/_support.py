@@ -8,8 +8,6 @@ Kept out of DAG parsing by ``.airflowignore``; imports nothing heavy.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date, timedelta
 from typing import Any
 
@@ -207,34 +205,94 @@ def run_tag_templates() -> dict[str, str]:
     return {"airflow_dag_id": "{{ dag.dag_id }}", "airflow_run_id": "{{ run_id }}"}
 
 
-# -- deploy_model / reconcile_deployment (registry promotions, rollbacks, drift) ------------------
+# -- the one rollout path, as tasks both deploying DAGs build --------------------------------------
+
+ROLLOUT_REQUEST_KEY = "rollout_request"
+
+
+def rollout_tasks(request_task_id: str) -> tuple[Any, Any]:
+    """``rollout_local`` and ``rollout_kubernetes``: the rollout path, per deploy target.
+
+    Both read the rollout request that ``request_task_id`` pushed (XCom ``rollout_request``),
+    run in the one-slot rollout pool (one rollout at a time across all DAGs) and do the whole
+    plan, deploy, verify, promote or restore (``serving.deploy.rollout.run``): the local one
+    in the worker, the Kubernetes one in a pod. A verdict (verification ran and failed) fails
+    the task without retries; anything else is retried and marks nothing.
+    """
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk import task
+
+    from serving.deploy.pods import rollout_pod_kwargs
+
+    deploy = DeploySettings()
+
+    @task(task_id="rollout_local", pool=deploy.rollout_pool)
+    def rollout_local(**context) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from serving.deploy.assets import LINKS_KEY
+        from serving.deploy.rollout import VerificationFailed, run_request
+
+        request = context["ti"].xcom_pull(task_ids=request_task_id, key=ROLLOUT_REQUEST_KEY)
+        uri = tracking_uri()
+        try:
+            outcome = run_request(
+                request, deploy_settings(context["params"]), registry_settings(), tracking_uri=uri
+            )
+        except VerificationFailed as exc:
+            raise AirflowFailException(f"verification failed: {exc}") from exc
+        for line in outcome["steps"]:
+            print(line)
+        return {**outcome, LINKS_KEY: _links(uri, outcome.get("version"))}
+
+    rollout_kubernetes = KubernetesPodOperator(
+        task_id="rollout_kubernetes",
+        pool=deploy.rollout_pool,
+        **rollout_pod_kwargs(
+            deploy,
+            registry=RegistrySettings(),
+            request=(
+                f"{{{{ ti.xcom_pull(task_ids='{request_task_id}', key='{ROLLOUT_REQUEST_KEY}')"
+                " | tojson }}"
+            ),
+            tracking_uri="{{ mlflow_tracking_uri() }}",
+        ),
+    )
+    return rollout_local(), rollout_kubernetes
+
+
+def _links(uri: str, version: str | None) -> dict[str, str]:
+    from ml.registry import Registry
+    from serving.deploy.assets import mlflow_ui_links
+
+    if not version:
+        return {}
+    try:
+        info = Registry(uri, registry_settings()).get(version)
+        run = info.run_id
+        experiment = Registry(uri, registry_settings()).client.get_run(run).info.experiment_id
+    except Exception:  # only links
+        return mlflow_ui_links(uri, registry_settings().model_name, version)
+    return mlflow_ui_links(
+        uri, registry_settings().model_name, version, run_id=run, experiment_id=experiment
+    )
+
+
+# -- deploy_model / reconcile_deployment (registry promotions, rollbacks, reconcile) ------------
 
 
 def deploy_model_params() -> dict[str, Param]:
     """The trigger form of ``deploy_model``; an asset-triggered run uses these defaults."""
     registry, deploy = RegistrySettings(), DeploySettings()
     return {
-        "model_name": Param(
-            registry.model_name,
-            type="string",
-            minLength=1,
-            title="Registered model",
-            description="Name of the model in the MLflow registry.",
-        ),
         "version": Param(
             None,
             type=["null", "integer"],
             minimum=1,
-            title="Version (rollback)",
-            description="Deploy exactly this version number, then point the deployment alias "
-            "at it: the rollback path. Empty: deploy what the alias below names now.",
-        ),
-        "alias": Param(
-            registry.champion_alias,
-            type="string",
-            pattern=r"^@?[A-Za-z0-9_\-]+$",
-            title="Alias",
-            description="Used when no version is given: its current version is deployed.",
+            title="Version (rollback / manual deploy)",
+            description="Deploy exactly this version number, then point @"
+            f"{registry.champion_alias} at it: the rollback path (also for a version whose "
+            f"rollout failed before). Empty: deploy what @{registry.champion_alias} names now.",
         ),
         "deploy_target": Param(
             deploy.target,
@@ -244,18 +302,22 @@ def deploy_model_params() -> dict[str, Param]:
             description="local: model server process on this machine. kubernetes: "
             "KubernetesPodOperator rollout to the cluster of the kubernetes_default Connection.",
         ),
+        "reason": Param(
+            "",
+            type="string",
+            maxLength=500,
+            title="Reason",
+            description="Why this run was started, in words (reconcile fills it in); shows "
+            "in the rollout log and the version's tags.",
+        ),
     }
-
-
-def promotion_registry_settings(params: dict[str, Any]) -> RegistrySettings:
-    return with_overrides(RegistrySettings(), model_name=params.get("model_name"))
 
 
 def promotion_asset():
     """The asset the registry-events plugin records alias moves on (deploy_model's schedule)."""
     from airflow.sdk import Asset
 
-    from serving.deploy.promotion import alias_asset
+    from serving.deploy.assets import alias_asset
 
     settings = RegistrySettings()
     return Asset(**alias_asset(settings.model_name, settings.champion_alias))
@@ -265,25 +327,6 @@ def triggering_events(context: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``extra`` of the asset events that triggered this run (empty for a manual run)."""
     events = context.get("triggering_asset_events") or {}
     return [dict(event.extra or {}) for per_asset in events.values() for event in per_asset]
-
-
-@contextmanager
-def failure_recorded(context: dict[str, Any]) -> Iterator[None]:
-    """Push the error of a failing step as XCom ``failure`` (read by a rollback task)."""
-    try:
-        yield
-    except Exception as exc:
-        context["ti"].xcom_push(key="failure", value=f"{context['ti'].task_id}: {exc}"[:4000])
-        raise
-
-
-def failure_reason(context: dict[str, Any], task_ids: list[str]) -> str:
-    """The first recorded ``failure`` of ``task_ids`` in this run, or a generic reason."""
-    for task_id in task_ids:
-        reason = context["ti"].xcom_pull(task_ids=task_id, key="failure")
-        if reason:
-            return str(reason)
-    return f"one of {', '.join(task_ids)} failed (see its log)"
 
 
 def active_runs(context: dict[str, Any], *dag_ids: str) -> dict[str, int]:

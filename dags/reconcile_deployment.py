@@ -1,31 +1,30 @@
 """
 ### reconcile_deployment
 
-Every 10 minutes: does the endpoint serve what the deployment alias (`@champion`) names?
+Every 10 minutes: does the endpoint serve what the deployment alias (`@champion`) names, and
+does it answer?
 
 `check → trigger_deploy_model` (the trigger is skipped when nothing needs doing).
 
-* **check** compares the alias's version with what is live (local target: the front proxy's
-  active version; kubernetes: the serving image's `/version`). They differ when a webhook was
-  missed, the alias was moved while Airflow was down, or someone changed what is live by hand.
-* When they differ, and no `deploy_model` or `train_and_deploy` run is queued or running (a
-  rollout under way: the next check looks again), **trigger_deploy_model** starts `deploy_model`,
-  which resolves the alias itself when it starts. `deploy_model` runs one at a time.
-* A version whose rollout already failed (`rollout.failed` tag) is not retried every 10 minutes:
-  promote it again, or trigger `deploy_model` by hand.
+* **check** compares the alias's version with what is live and asks the endpoint whether it
+  answers (local target: the front port; kubernetes: the endpoint's `/ping` and `/v1/model`).
+  They differ when a webhook was missed, the alias was moved while Airflow was down, someone
+  changed what is live by hand, or the endpoint is down (the local target restarts a crashed
+  server by itself within seconds; this catches what that cannot, e.g. its proxy gone).
+* Then **trigger_deploy_model** starts `deploy_model`, which decides again, inside the
+  rollout slot, what to do: a check that raced a rollout in flight costs one quick run.
+* A version whose verification failed (`rollout.failed` tag) is not retried every 10 minutes:
+  promote it again, or trigger `deploy_model` with its version by hand.
 """
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 
 import pendulum
-from _support import active_runs, deploy_settings, registry_settings, tracking_uri
+from _support import deploy_settings, registry_settings, tracking_uri
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import dag, task
-
-log = logging.getLogger(__name__)
 
 DEFAULT_ARGS = {
     "owner": "ml-platform",
@@ -33,7 +32,6 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(seconds=30),
     "execution_timeout": timedelta(minutes=5),
 }
-DEPLOYING_DAGS = ("deploy_model", "train_and_deploy")
 
 
 @dag(
@@ -51,21 +49,18 @@ DEPLOYING_DAGS = ("deploy_model", "train_and_deploy")
 def reconcile_deployment():
     @task.short_circuit
     def check(**context) -> bool:
-        from serving.deploy.promotion import drift
+        from serving.deploy.rollout import reconcile_report
 
-        report = drift(registry_settings(), deploy_settings({}), tracking_uri=tracking_uri())
+        report = reconcile_report(
+            registry_settings(), deploy_settings({}), tracking_uri=tracking_uri()
+        )
         context["ti"].xcom_push(key="report", value=report)
-        if not report["converge"]:
-            return False
-        busy = active_runs(context, *DEPLOYING_DAGS)
-        if busy:
-            log.info("A rollout may be under way (%s): the next check looks again", busy)
-            return False
-        return True
+        return bool(report["converge"])
 
     trigger_deploy_model = TriggerDagRunOperator(
         task_id="trigger_deploy_model",
         trigger_dag_id="deploy_model",
+        conf={"reason": "reconcile: {{ ti.xcom_pull(task_ids='check', key='report')['reason'] }}"},
         wait_for_completion=False,
     )
     check() >> trigger_deploy_model

@@ -4,7 +4,7 @@
 Nightly retraining of the regression model, tracked in MLflow, gated, rolled out.
 
 `load_window → validate_data → train → evaluate → register → gate →
-(deploy_local | deploy_kubernetes) → rolled_out → verify → promote`, or `gate → not_deployed`.
+(rollout_local | rollout_kubernetes)`, or `gate → not_deployed`.
 
 * **Window**: `data_window_days` days of partitions ending (exclusive) at the run's data
   interval end, or at the `data_end_date` Param.
@@ -14,9 +14,12 @@ Nightly retraining of the regression model, tracked in MLflow, gated, rolled out
 * **Train**: inside the Airflow task, or (`PIPELINE_TRAIN_RUNNER=kubernetes`, read when the
   file is parsed) in a KubernetesPodOperator pod running the same `python -m ml train` with
   requested resources; its result reaches `evaluate` through XCom either way.
-* **Deploy**: `deploy_target` picks the operator; the rest of the graph is the same.
-  `@champion` moves only after `verify` has checked the live endpoint; if verification fails,
-  the previous champion is rolled back in and the run fails.
+* **Rollout**: the one rollout path every trigger shares (`serving.deploy.rollout`), in the
+  one-slot `model_rollout` pool: it deploys the approved version unless `@champion` moved
+  since it was evaluated, verifies the live endpoint on the fixed rows logged at evaluation,
+  and only then moves `@champion`. A failed verification puts the previous version back, tags
+  the version `rollout.failed` and fails the run; any other failure is retried and marks
+  nothing. `deploy_target` picks where it runs (worker: local target; pod: Kubernetes).
 
 Every task is one call into `ml/` or `serving/`; see README.md for configuration.
 """
@@ -26,11 +29,13 @@ from __future__ import annotations
 import pendulum
 from _support import (
     IO_TASK_DEFAULTS,
+    ROLLOUT_REQUEST_KEY,
     data_settings,
     deploy_settings,
     gate_settings,
     pipeline_params,
     registry_settings,
+    rollout_tasks,
     run_tag_templates,
     run_tags,
     tracking_uri,
@@ -38,12 +43,11 @@ from _support import (
     window_end,
 )
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from ml.settings import DataSettings, TrainingSettings
-from serving.deploy.pods import rollout_pod_kwargs, training_pod_kwargs
+from serving.deploy.pods import training_pod_kwargs
 from serving.deploy.settings import DeploySettings
 
 
@@ -131,7 +135,17 @@ def train_and_deploy():
         context["ti"].xcom_push(key="decision", value=decision)
         if not decision["passed"]:
             return "not_deployed"
-        return f"deploy_{deploy_settings(params).target}"
+        # The rollout deploys this version only while @champion still names the version the
+        # gate compared it with: a promotion in between wins (decided when the rollout runs).
+        request = {
+            "kind": "candidate",
+            "version": version["version"],
+            "champion_at_eval": evaluation.get("champion_version"),
+            "reason": f"train_and_deploy run {context['run_id']}",
+            "run_id": context["run_id"],
+        }
+        context["ti"].xcom_push(key=ROLLOUT_REQUEST_KEY, value=request)
+        return f"rollout_{deploy_settings(params).target}"
 
     @task
     def not_deployed(version: dict, **context) -> str:
@@ -139,48 +153,6 @@ def train_and_deploy():
         message = f"Version {version['version']} not deployed: {decision['summary']}"
         print(message)
         return message
-
-    @task
-    def deploy_local(version: dict, **context) -> dict:
-        from serving.deploy.steps import deploy_local
-
-        return deploy_local(
-            version, deploy_settings(context["params"]), tracking_uri=tracking_uri()
-        )
-
-    # The parse-time settings give image, namespace and connection; the version comes from XCom.
-    deploy_kubernetes = KubernetesPodOperator(
-        task_id="deploy_kubernetes",
-        **rollout_pod_kwargs(
-            DeploySettings(),
-            model_uri="{{ ti.xcom_pull(task_ids='register')['model_uri'] }}",
-            version="{{ ti.xcom_pull(task_ids='register')['version'] }}",
-            tracking_uri="{{ mlflow_tracking_uri() }}",
-        ),
-    )
-
-    # Joins the two deploy branches: runs when either ran, is skipped when the gate rejected.
-    rolled_out = EmptyOperator(task_id="rolled_out", trigger_rule="none_failed_min_one_success")
-
-    @task(retries=0)
-    def verify(window: dict, version: dict, **context) -> dict:
-        from serving.deploy.steps import verify_or_roll_back
-
-        params = context["params"]
-        return verify_or_roll_back(
-            version,
-            window,
-            data_settings(params),
-            deploy_settings(params),
-            registry_settings(),
-            tracking_uri=tracking_uri(),
-        )
-
-    @task
-    def promote(version: dict, verified: dict) -> dict:
-        from ml.pipeline import promote
-
-        return promote(version, registry_settings(), tracking_uri=tracking_uri())
 
     window = load_window()
     checked = validate_data(window)
@@ -212,11 +184,7 @@ def train_and_deploy():
     evaluation = evaluate(window, trained)
     version = register(window, trained, evaluation)
     decision = gate(version, evaluation)
-    local = deploy_local(version)
-    decision >> [not_deployed(version), local, deploy_kubernetes]
-    verified = verify(window, version)
-    [local, deploy_kubernetes] >> rolled_out >> verified
-    promote(version, verified)
+    decision >> [not_deployed(version), *rollout_tasks("gate")]
 
 
 train_and_deploy()

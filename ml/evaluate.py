@@ -15,9 +15,14 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
-PREDICTION_COLUMN = "prediction"
+from serving.server.contract import PREDICTION_COLUMN
+
 PREDICTIONS_PLOT = "plots/predictions_vs_truth.png"
 RESIDUALS_PLOT = "plots/residuals.png"
+# The rows a rollout verifies the live endpoint on, with this model's own predictions for them:
+# chosen once, here, and logged with the training run (serving.deploy.verify reads them back).
+VERIFICATION_ROWS_ARTIFACT = "verification/rows.json"
+VERIFICATION_ROWS = 64
 
 
 def regression_metrics(y_true, y_pred) -> dict[str, float]:
@@ -103,11 +108,15 @@ def log_evaluation(
     metrics: Mapping[str, float],
     champion_metrics: Mapping[str, float] | None,
     champion_version: str | None,
+    *,
+    feature_columns: list[str] | None = None,
 ) -> None:
     """Record the holdout evaluation on the challenger's run.
 
     Metrics as ``holdout_<name>`` (and ``champion_holdout_<name>`` when a champion was
-    scored), the champion's version as a tag, and two diagnostic plots.
+    scored), the champion's version as a tag, two diagnostic plots and, given the feature
+    columns, the fixed rows every rollout of this model verifies the endpoint on
+    (:func:`verification_rows`).
     """
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
@@ -133,6 +142,32 @@ def log_evaluation(
     )
     client.log_figure(run_id, _predictions_vs_truth_figure(truth, predictions), PREDICTIONS_PLOT)
     client.log_figure(run_id, _residuals_figure(truth, predictions), RESIDUALS_PLOT)
+    if feature_columns:
+        client.log_dict(
+            run_id,
+            verification_rows(holdout, feature_columns, predictions),
+            VERIFICATION_ROWS_ARTIFACT,
+        )
+
+
+def verification_rows(
+    holdout: pd.DataFrame,
+    feature_columns: list[str],
+    predictions: np.ndarray,
+    rows: int = VERIFICATION_ROWS,
+) -> dict:
+    """The first ``rows`` holdout rows and the model's predictions for them, as JSON.
+
+    Fixed when the version is evaluated, so a rollout verifies on the same rows whenever it
+    runs (a later data window or changed settings cannot change them), and the verifier needs
+    no model load: it compares the endpoint's answers with these numbers.
+    """
+    head = holdout[list(feature_columns)].head(rows)
+    return {
+        "columns": [str(c) for c in feature_columns],
+        "data": head.astype("float64").to_numpy().tolist(),
+        "predictions": np.asarray(predictions, dtype="float64").reshape(-1)[: len(head)].tolist(),
+    }
 
 
 # Figures are built with the object-oriented API on an Agg canvas: no pyplot global state,

@@ -167,6 +167,7 @@ def evaluate(
         metrics,
         champion_metrics,
         champion.version if champion else None,
+        feature_columns=features,
     )
     return {
         "candidate": metrics,

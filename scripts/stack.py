@@ -195,9 +195,70 @@ def up() -> None:
         _start("airflow", [str(VENV_BIN / "airflow"), "standalone"], env)
     else:
         say("airflow already running")
+    # While Airflow boots: the local target serves again what it served before `make stop`.
+    _resume_serving(env)
     _wait_http(f"{AIRFLOW_URL}/api/v2/monitor/health", "Airflow", 300, "airflow")
     say(f"Airflow ready at {AIRFLOW_URL}")
+    _rollout_pool(env)
     _enable_promotions(secret)
+
+
+def _resume_serving(env: dict[str, str]) -> None:
+    """Start the local target's proxy, which starts the recorded model server again."""
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.deploy", "resume"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        live = json.loads(result.stdout)
+    except ValueError:
+        say(f"local target did not resume: {result.stderr.strip()[-500:]}")
+        return
+    if live.get("version"):
+        state = "answering" if live.get("healthy") else f"NOT answering ({live.get('detail')})"
+        say(f"local target: version {live['version']} {state}")
+
+
+def _rollout_pool(env: dict[str, str]) -> None:
+    """The one-slot pool every rollout task runs in (one rollout at a time, across DAGs)."""
+    from serving.deploy.settings import DeploySettings
+
+    pool = DeploySettings().rollout_pool
+    subprocess.run(
+        [str(VENV_BIN / "airflow"), "pools", "set", pool, "1", "one model rollout at a time"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    )
+    say(f"Airflow pool {pool}: 1 slot")
+
+
+def restore_champion(tracking_uri: str = MLFLOW_URL) -> dict[str, Any] | None:
+    """Serve what @champion names, through the rollout path, before a new run starts.
+
+    Usually the resumed local target already serves it and this ends in seconds as
+    "unchanged"; after a lost state folder, or a promotion the stack missed, it deploys.
+    """
+    from ml.settings import RegistrySettings
+    from serving.deploy.rollout import RolloutError, VerificationFailed, run_request
+    from serving.deploy.settings import DeploySettings
+
+    request = {"kind": "champion", "reason": "make run: serve @champion before the new run"}
+    try:
+        outcome = run_request(
+            request, DeploySettings(), RegistrySettings(), tracking_uri=tracking_uri
+        )
+    except (RolloutError, VerificationFailed) as exc:
+        say(f"could not restore @champion: {exc}")
+        return None
+    if outcome["status"] != "skipped":
+        say(f"@champion v{outcome['version']} is served ({outcome['status']})")
+    return outcome
 
 
 # --- registry promotions: MLflow webhook -> Airflow plugin -> deploy_model ------------------------
@@ -296,6 +357,7 @@ def _enable_promotions(secret: str) -> None:
 def down() -> None:
     env = stack_env()
     # Model servers and the local front proxy run in their own sessions (they outlive tasks).
+    # The local target keeps what it serves on disk: `make run` serves it again.
     subprocess.run([sys.executable, "-m", "serving.deploy", "stop"], env=env, cwd=ROOT, check=False)
     for name in ("airflow", "mlflow"):
         _stop_group(name)
@@ -346,6 +408,8 @@ def _wait_for_dag(api: httpx.Client, timeout_s: float = 240) -> dict:
 
 
 def run(conf: dict) -> int:
+    os.environ.update({k: v for k, v in stack_env().items() if k.startswith("PIPELINE_")})
+    restore_champion()
     api = _api()
     dag = _wait_for_dag(api)
     if dag["is_paused"]:
@@ -393,7 +457,7 @@ def _report(state: str, tasks: dict[str, str], run_id: str) -> int:
     if tasks.get("not_deployed") == "success":
         print("  The gate rejected the new version: not deployed (see the gate task's log).")
     endpoint = f"http://{HOST}:{os.environ.get('PIPELINE_DEPLOY_LOCAL_PORT', '5001')}"
-    if tasks.get("deploy_local") == "success" or tasks.get("not_deployed") == "success":
+    if tasks.get("rollout_local") == "success" or tasks.get("not_deployed") == "success":
         _print_prediction(endpoint)
     return 0
 

@@ -50,7 +50,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ml.settings import RegistrySettings
-from serving.deploy.promotion import alias_asset
+from serving.deploy.assets import alias_asset
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,21 @@
 """Operator extra links from Airflow task pages to the MLflow UI.
 
-The task that pins the version (``resolve`` in ``deploy_model``) returns a dict with
-``links: {"model_version": url, "run": url}`` (built by ``serving.promotion.mlflow_ui_links``).
-When a linked task finishes, Airflow's task runner calls :meth:`get_link` and stores the URL in
-XCom; the UI shows it as a button on the task page.
+A task that rolls a version out returns a dict with ``links: {"model_version": url, "run":
+url}`` (``serving.deploy.assets``: the key and the URLs are defined there, next to the asset
+both sides share). These links are registered for every operator (``global_operator_extra_links``)
+so that no DAG has to import this plugin; on a task whose return value has no such links they
+are empty, and the UI shows no button.
 """
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 from airflow.sdk import BaseOperatorLink
+
+from serving.deploy.assets import LINKS_KEY
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
@@ -19,43 +23,43 @@ if TYPE_CHECKING:
 
 
 @attrs.define()
-class _ResolvedVersionLink(BaseOperatorLink):
-    """A link read from the ``links`` of the version-pinning task's return value."""
+class _ReturnedLink(BaseOperatorLink):
+    """A link read from the ``links`` of the task's own return value."""
 
     link_key: ClassVar[str]
-    source_task_id: str = "resolve"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        from airflow.sdk.execution_time.xcom import XCom
+        # Global links are resolved by the API server, which reads XCom from the metadata DB.
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
 
-        value: Any = XCom.get_one(
-            key="return_value",
-            dag_id=ti_key.dag_id,
-            task_id=self.source_task_id,
-            run_id=ti_key.run_id,
-        )
-        links = value.get("links") if isinstance(value, dict) else None
+        with create_session() as session:
+            row = session.execute(
+                XComModel.get_many(
+                    key="return_value",
+                    run_id=ti_key.run_id,
+                    dag_ids=ti_key.dag_id,
+                    task_ids=ti_key.task_id,
+                    map_indexes=ti_key.map_index,
+                ).with_only_columns(XComModel.value)
+            ).first()
+        value: Any = row.value if row is not None else None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return ""
+        links = value.get(LINKS_KEY) if isinstance(value, dict) else None
         return str((links or {}).get(self.link_key) or "")
 
 
 @attrs.define()
-class MlflowModelVersionLink(_ResolvedVersionLink):
+class MlflowModelVersionLink(_ReturnedLink):
     name = "MLflow model version"
     link_key = "model_version"
 
 
 @attrs.define()
-class MlflowRunLink(_ResolvedVersionLink):
+class MlflowRunLink(_ReturnedLink):
     name = "MLflow training run"
     link_key = "run"
-
-
-def link_to_mlflow(*tasks: Any, source_task_id: str = "resolve") -> None:
-    """Add the MLflow model-version and run links to ``tasks`` (operators or ``@task`` results)."""
-    links = [
-        MlflowModelVersionLink(source_task_id=source_task_id),
-        MlflowRunLink(source_task_id=source_task_id),
-    ]
-    for task in tasks:
-        operator = getattr(task, "operator", task)
-        operator.operator_extra_links = [*operator.operator_extra_links, *links]

@@ -17,4 +17,5 @@ class RegistryEventsPlugin(AirflowPlugin):
     fastapi_apps = [
         {"app": app, "url_prefix": URL_PREFIX, "name": "MLflow registry events"},
     ]
-    operator_extra_links = [MlflowModelVersionLink(), MlflowRunLink()]
+    # On every operator: no DAG imports this plugin (see registry_events.links).
+    global_operator_extra_links = [MlflowModelVersionLink(), MlflowRunLink()]

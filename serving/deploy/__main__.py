@@ -5,6 +5,8 @@ and people.
     python -m serving.deploy deploy-local --model-uri models:/regression-model/3 --version 3
     python -m serving.deploy status                      # exit 0 if something healthy is live
     python -m serving.deploy stop                        # stop proxy + model servers
+    python -m serving.deploy resume                      # start them again, same version
+    python -m serving.deploy rollout --request '{"kind": "champion"}' --target local
     python -m serving.deploy verify --model-uri models:/regression-model/3 [--data holdout.parquet]
     python -m serving.deploy rollout --model-uri models:/regression-model/3 --version 3  # k8s
     python -m serving.deploy render --model-uri models:/regression-model/3 --version 3   # YAML
@@ -69,8 +71,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from serving.deploy.local import LocalTarget
 
-    _print({"stopped": LocalTarget(_settings(args), tracking_uri()).stop_all()})
+    stopped = LocalTarget(_settings(args), tracking_uri()).stop_all(forget=args.forget)
+    _print({"stopped": stopped, "forgotten": args.forget})
     return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from serving.deploy.local import LocalTarget
+
+    live = LocalTarget(_settings(args), tracking_uri()).resume()
+    _print({"version": live.version, "healthy": live.healthy, "detail": live.detail})
+    return 0 if live.healthy or live.version is None else 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -118,6 +129,50 @@ def _k8s_settings(args: argparse.Namespace) -> DeploySettings:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
+    if args.request:
+        return _rollout_request(args)
+    if not (args.model_uri and args.version):
+        logging.getLogger("serving").error("rollout needs --request, or --model-uri and --version")
+        return 2
+    return _apply_version(args)
+
+
+def _rollout_request(args: argparse.Namespace) -> int:
+    """The whole rollout path (plan, deploy, verify, promote or restore) for one request."""
+    from pathlib import Path
+
+    from ml.settings import RegistrySettings
+    from serving.deploy.rollout import Request, RolloutError, VerificationFailed, run_request
+
+    log = logging.getLogger("serving")
+    try:
+        request = Request.from_dict(args.request)
+    except (ValueError, TypeError) as exc:
+        log.error("bad --request: %s", exc)
+        return 2
+    settings = with_overrides(_k8s_settings(args), target=args.target)
+    try:
+        result = run_request(
+            request,
+            settings,
+            RegistrySettings(),
+            tracking_uri=args.tracking_uri or tracking_uri(),
+        )
+    except VerificationFailed as exc:
+        log.error("verification failed (the previous version was put back): %s", exc)
+        return 1
+    except RolloutError as exc:
+        log.error("rollout not completed (nothing marked bad; retry): %s", exc)
+        return 3
+    _print(result)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, default=str))
+    return 0
+
+
+def _apply_version(args: argparse.Namespace) -> int:
+    """Apply one pinned version to the Deployment (wait, smoke, roll back): no registry moves."""
     from pathlib import Path
 
     from serving.deploy.kubernetes import (
@@ -214,9 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     local_opts(p)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("stop", help="stop the local proxy and model servers")
+    p = sub.add_parser(
+        "stop", help="stop the local proxy and model servers (`resume` serves the same again)"
+    )
     local_opts(p)
+    p.add_argument("--forget", action="store_true", help="also forget what was deployed")
     p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser(
+        "resume", help="start the local target again with what it served before it stopped"
+    )
+    local_opts(p)
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("verify", help="smoke + parity test a live endpoint against a model")
     local_opts(p)
@@ -241,11 +305,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "rollout",
-        help="roll a model version out to the Kubernetes Deployment; roll back on failure",
-        description="Exit 0: live (or already was); 1: failed and rolled back; 2: bad "
-        "arguments; 3: failed and not rolled back (a person has to look).",
+        help="the rollout path for a request (--request), or apply one pinned version to the "
+        "Kubernetes Deployment (--model-uri/--version)",
+        description="--request: plan, deploy, verify, promote or restore on --target. Exit 0: "
+        "live (or unchanged, or nothing to do); 1: verification failed and the previous "
+        "version was put back; 2: bad arguments; 3: not completed, nothing marked bad (retry). "
+        "--model-uri/--version (Kubernetes only, no registry moves): 0 rolled out; 1 failed and "
+        "rolled back; 3 failed and not rolled back.",
     )
-    k8s_opts(p)
+    p.add_argument(
+        "--request",
+        help='JSON, e.g. {"kind": "champion"} or {"kind": "version", "version": "5"} '
+        "(serving.deploy.rollout.Request)",
+    )
+    p.add_argument(
+        "--target",
+        choices=("local", "kubernetes"),
+        default="kubernetes",
+        help="with --request: where to roll out (default kubernetes: this is the rollout pod)",
+    )
+    p.add_argument("--output", help="with --request: also write the result JSON here (XCom)")
+    p.add_argument("--model-uri", help="pinned URI, e.g. models:/name/3")
+    p.add_argument("--version", help="the version the URI pins")
+    p.add_argument("--namespace", help="override PIPELINE_DEPLOY_NAMESPACE")
+    p.add_argument("--deployment", help="override PIPELINE_DEPLOY_DEPLOYMENT_NAME")
+    p.add_argument("--serving-image", help="override PIPELINE_DEPLOY_SERVING_IMAGE")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow URI the model servers load from (default: $MLFLOW_TRACKING_URI)",
+    )
     p.add_argument(
         "--service-url",
         help="base URL for the smoke test (default: http://<deployment>.<namespace>"

@@ -50,6 +50,7 @@ import httpx
 from serving.deploy import manifests
 from serving.deploy.manifests import FIELD_MANAGER, MODEL_URI_ENV, parse_pinned_uri
 from serving.deploy.settings import DeploySettings
+from serving.server.contract import VERSION_HEADER
 
 log = logging.getLogger("serving.rollout")
 
@@ -59,7 +60,6 @@ EXIT_USAGE = 2
 EXIT_FAILED = 3
 
 REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
-VERSION_HEADER = "X-Model-Version"
 # Waiting reasons of a new pod's container that will not go away by waiting longer.
 FATAL_WAITING_REASONS = frozenset(
     {
@@ -248,29 +248,27 @@ class Smoke:
             time.sleep(self.interval_s)
 
     def once(self, base: str, payload: str | None, expected_version: str) -> str:
-        headers = {"Connection": "close"}  # a new connection, so possibly another pod
+        from serving.deploy.verify import Endpoint, EndpointUnreachable
+
+        # A new connection per request, so possibly another pod behind the Service.
         try:
-            with httpx.Client(timeout=self.request_timeout_s, headers=headers) as client:
+            with Endpoint(
+                base, timeout_s=self.request_timeout_s, fresh_connections=True
+            ) as endpoint:
                 if payload is None:
-                    version = served_version(base, client=client)
+                    version = endpoint.served_version()
                     rows = 0
                 else:
-                    resp = client.post(
-                        f"{base}/invocations",
-                        content=payload,
-                        headers={"Content-Type": "application/json"},
-                    )
+                    resp = endpoint.invoke(payload)
                     if resp.status_code != 200:
                         raise RolloutFailed(
                             f"POST {base}/invocations answered {resp.status_code}: "
                             f"{resp.text[:300]!r}"
                         )
                     rows = _prediction_count(resp)
-                    version = resp.headers.get(VERSION_HEADER) or served_version(
-                        base, client=client
-                    )
-        except httpx.HTTPError as exc:
-            raise RolloutFailed(f"{base} is not reachable: {exc!r}") from exc
+                    version = resp.headers.get(VERSION_HEADER) or endpoint.served_version()
+        except EndpointUnreachable as exc:
+            raise RolloutFailed(f"{base} is not reachable: {exc}") from exc
         if version is None:
             raise RolloutFailed(f"{base} does not report which model version it serves")
         if str(version) != str(expected_version):
@@ -281,31 +279,11 @@ class Smoke:
         return f"{base} serves version {version}: {what}"
 
 
-def served_version(base_url: str, *, client: httpx.Client | None = None) -> str | None:
-    """The model version a live endpoint reports (``GET /v1/model``), or None if it does not.
+def served_version(base_url: str) -> str | None:
+    """The model version a live endpoint reports (``GET /v1/model``), or None if it does not."""
+    from serving.deploy.verify import served_version as _served
 
-    Usable by a DAG's verify task: ``served_version(settings.endpoint_url) == version``.
-    """
-    base = base_url.rstrip("/")
-    own = client is None
-    client = client or httpx.Client(timeout=10.0)
-    try:
-        resp = client.get(f"{base}/v1/model")
-        if resp.status_code == 200:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = {}
-            if isinstance(body, dict) and body.get("version") is not None:
-                return str(body["version"])
-        header = resp.headers.get(VERSION_HEADER)
-        if header:
-            return header
-        ping = client.get(f"{base}/ping")
-        return ping.headers.get(VERSION_HEADER)
-    finally:
-        if own:
-            client.close()
+    return _served(base_url)
 
 
 def _prediction_count(resp: httpx.Response) -> int:
@@ -911,3 +889,94 @@ def mlflow_input_example(model_uri: str) -> str | None:
     if example is None:
         return None
     return example if isinstance(example, str) else json.dumps(example)
+
+
+# -- the target ------------------------------------------------------------------------------
+
+
+class KubernetesTarget:
+    """The serving Deployment as a rollout target (:class:`serving.deploy.rollout.Target`).
+
+    ``deploy`` is one :class:`Rollout` (apply, wait, smoke, and its own rollback to the
+    previous pod template when the new pods never get ready or answer); verification and the
+    alias moves are the shared rollout path's. One rollout at a time is Airflow's
+    ``model_rollout`` pool: every rollout pod of every DAG runs in its one slot.
+    """
+
+    name = "kubernetes"
+
+    def __init__(
+        self,
+        kube: KubeClient,
+        settings: DeploySettings,
+        *,
+        tracking_uri: str,
+        service_url: str | None = None,
+        input_example: Callable[[str], str | None] | None = None,
+        **rollout_options: Any,
+    ) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.tracking_uri = tracking_uri
+        self.service_url = service_url
+        self.input_example = input_example or mlflow_input_example_or_none
+        self.rollout_options = rollout_options
+
+    @property
+    def endpoint(self) -> str:
+        return (
+            self.service_url
+            or self.settings.service_url
+            or (
+                f"http://{self.settings.deployment_name}.{self.settings.namespace}"
+                f".svc.cluster.local:{manifests.SERVICE_PORT}"
+            )
+        ).rstrip("/")
+
+    @contextmanager
+    def lock(self, holder: str) -> Iterator[None]:
+        log.info("rollout by %s (one at a time: Airflow's rollout pool)", holder)
+        yield
+
+    def live(self) -> Any:
+        from serving.deploy.rollout import Live
+
+        dep = self.kube.get_deployment()
+        if dep is None:
+            return Live(None, False, "the Deployment does not exist (bootstrap it first)")
+        uri = template_model_uri((dep.get("spec") or {}).get("template") or {})
+        state = RolloutState.of(dep)
+        healthy = state.complete and state.available > 0
+        return Live(_version_of(uri), healthy, state.summary())
+
+    def deploy(self, model_uri: str, version: str) -> dict[str, Any]:
+        from serving.deploy.rollout import DeployFailed
+
+        result = Rollout(
+            self.kube,
+            self.settings,
+            model_uri=model_uri,
+            version=version,
+            tracking_uri=self.tracking_uri,
+            service_url=self.endpoint,
+            input_example=self.input_example,
+            **self.rollout_options,
+        ).run()
+        if result.exit_code != EXIT_OK:
+            raise DeployFailed(result.message)
+        return result.to_dict()
+
+    def withdraw(self) -> None:
+        # The namespace always has a Deployment (the bootstrap made it); scaling it away would
+        # fight the HPA. The previous version keeps serving; a person decides.
+        log.error(
+            "kubernetes target: nothing to withdraw to; the Deployment keeps its current pods"
+        )
+
+
+def mlflow_input_example_or_none(model_uri: str) -> str | None:
+    try:
+        return mlflow_input_example(model_uri)
+    except Exception as exc:  # the smoke test then checks the version only
+        log.warning("no serving input example for %s: %s", model_uri, exc)
+        return None

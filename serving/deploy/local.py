@@ -2,10 +2,13 @@
 
 Layout of ``DeploySettings.local_state_dir``::
 
-    proxy.pid / proxy.log     the front proxy (serving.proxy), one per state dir
+    proxy.pid / proxy.log     the front proxy (serving.deploy.proxy), one per state dir
     slot-<port>.pid / .log    a model server (`python -m serving.server`) on a slot port
-    active.json               what the proxy serves: {version, model_uri, port, pid, deployed_at}
-    deploy.lock               serialises deploys (nightly run vs. a manual deploy_model)
+    active.json               what the proxy serves, and how to start it again:
+                              {version, model_uri, port, pid, cmd, tracking_uri, restarts, ...}
+    deploy.lock               serialises process changes (a deploy vs. the proxy's restarts)
+    rollout.lock / .holder    the rollout slot (serving.deploy.rollout holds it for a whole
+                              deploy-verify-promote) and who holds it
 
 A deploy starts the new version on the slot that is not active, waits until it answers
 ``/ping`` and a real ``/invocations`` call with the model's input example, then atomically
@@ -15,12 +18,16 @@ active slot is left untouched, so a failed deploy never takes the endpoint down.
 
 Every process is started in its own session (``start_new_session=True``), so it outlives the
 Airflow task that started it and is stopped as a whole process group.
+
+It heals like a Deployment: the proxy also watches the active model server and starts it again
+(same command, same port) within seconds when it dies, and after ``make stop`` the state stays
+behind (``stop_all()`` keeps ``active.json``), so the next start (:meth:`LocalTarget.resume`)
+serves the same version again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -30,23 +37,35 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
+import psutil
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
-from serving.deploy.proxy import ACTIVE_FILE, PROXY_LOG, PROXY_PIDFILE, UPSTREAM_HOST
+from serving.deploy.proxy import (
+    ACTIVE_FILE,
+    DEPLOY_LOCK,
+    PROXY_LOG,
+    PROXY_PIDFILE,
+    UPSTREAM_HOST,
+)
+from serving.deploy.rollout import DeployFailed, Live
 from serving.deploy.settings import DeploySettings
+from serving.deploy.verify import Endpoint, EndpointUnreachable
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_LOCK_FILE = "deploy.lock"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ROLLOUT_LOCK = "rollout.lock"
+ROLLOUT_HOLDER = "rollout.holder"
+# The argv marker of a slot's model server (pid-reuse guard, restarts).
+SERVER_MODULE = "serving.server"
 _LOG_TAIL_LINES = 30
 _PROXY_START_TIMEOUT_S = 20.0
 _STOP_TIMEOUT_S = 10.0
@@ -55,12 +74,14 @@ _STOP_TIMEOUT_S = 10.0
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
-class DeployError(RuntimeError):
+class DeployError(DeployFailed):
     """A local deploy failed; the previously active version (if any) is still serving."""
 
 
 class LocalTarget:
     """Deploy a registered model version as a local process behind the front proxy."""
+
+    name = "local"
 
     def __init__(
         self, settings: DeploySettings, tracking_uri: str, *, drain_s: float = 2.0
@@ -101,6 +122,7 @@ class LocalTarget:
                 active
                 and active.get("model_uri") == model_uri
                 and str(active.get("version")) == version
+                and process_is(active.get("pid"), SERVER_MODULE)
                 and _ping(active["port"])
             ):
                 log.info("version %s (%s) is already live: nothing to do", version, model_uri)
@@ -144,6 +166,11 @@ class LocalTarget:
                 "port": port,
                 "pid": proc.pid,
                 "deployed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                # What the proxy needs to start this server again if it dies (and after a
+                # restart of the whole stack).
+                "cmd": self._slot_command(model_uri, port),
+                "tracking_uri": self.tracking_uri,
+                "restarts": 0,
             }
             _atomic_write_json(self.state_dir / ACTIVE_FILE, record)
             log.info(
@@ -183,8 +210,78 @@ class LocalTarget:
         active = self.read_active()
         return str(active["version"]) if active and "version" in active else None
 
-    def stop_all(self) -> dict[str, Any]:
-        """Stop the proxy and every slot server (by pidfile) and forget what was active."""
+    def live(self) -> Live:
+        """What the front port serves now and whether it answers (through the proxy)."""
+        active = self.read_active()
+        if active is None:
+            return Live(None, False, "nothing deployed")
+        version = str(active.get("version"))
+        if not _accepting(self._front_host, self.settings.local_port):
+            return Live(version, False, "the front proxy is not running")
+        try:
+            with Endpoint(self.endpoint, timeout_s=5.0) as endpoint:
+                served = endpoint.served_version() if endpoint.ping() else None
+        except EndpointUnreachable as exc:
+            return Live(version, False, str(exc))
+        if served is None:
+            return Live(version, False, f"the model server on port {active.get('port')} is down")
+        return Live(served, True, f"port {active.get('port')}, pid {active.get('pid')}")
+
+    @contextlib.contextmanager
+    def lock(self, holder: str) -> Iterator[None]:
+        """The rollout slot of this target: one rollout (deploy, verify, promote) at a time.
+
+        A second rollout waits here (Airflow's ``model_rollout`` pool normally keeps it from
+        even starting); the holder file says who has it.
+        """
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        wait_s = self.settings.rollout_lock_timeout_s
+        with open(self.state_dir / ROLLOUT_LOCK, "a+") as fh:
+            if not _try_flock(fh):
+                log.info("waiting for the rollout slot, held by: %s", self._holder())
+                if not wait_for(lambda: _try_flock(fh), wait_s, 0.5):
+                    raise DeployError(
+                        f"the rollout slot ({fh.name}) is held by {self._holder()} for more "
+                        f"than {wait_s:.0f}s"
+                    )
+            _atomic_write_text(
+                self.state_dir / ROLLOUT_HOLDER,
+                f"{holder} (pid {os.getpid()}, since {datetime.now(UTC).isoformat()})\n",
+            )
+            try:
+                yield
+            finally:
+                _unlink(self.state_dir / ROLLOUT_HOLDER)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _holder(self) -> str:
+        try:
+            return (self.state_dir / ROLLOUT_HOLDER).read_text().strip()
+        except OSError:
+            return "unknown"
+
+    def withdraw(self) -> None:
+        """Stop serving and forget the version (nothing good to go back to)."""
+        self.stop_all(forget=True)
+
+    def resume(self, *, wait_s: float | None = None) -> Live:
+        """After a restart: start the proxy, which starts the recorded version again.
+
+        Waits until the endpoint answers (at most ``wait_s``, default the health timeout).
+        """
+        if self.read_active() is None:
+            return Live(None, False, "nothing deployed")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_proxy()
+        wait_for(lambda: self.live().healthy, wait_s or self.settings.health_timeout_s, 0.5)
+        return self.live()
+
+    def stop_all(self, *, forget: bool = False) -> dict[str, Any]:
+        """Stop the proxy and every slot server (by pidfile).
+
+        ``active.json`` stays unless ``forget``: it is the desired state, and the next
+        :meth:`resume` (``make run`` after ``make stop``) serves the same version again.
+        """
         stopped: dict[str, Any] = {}
         pid = self._proxy_pid()
         if pid is not None:
@@ -199,7 +296,11 @@ class LocalTarget:
             slot_pid = self._stop_slot(port)
             if slot_pid is not None:
                 stopped[f"slot-{port}"] = slot_pid
-        _unlink(self.state_dir / ACTIVE_FILE)
+        if active and active.get("pid") and process_is(active["pid"], SERVER_MODULE):
+            _stop_group(int(active["pid"]))  # restarted by the proxy: not in a slot pidfile
+            stopped.setdefault(f"slot-{active['port']}", active["pid"])
+        if forget:
+            _unlink(self.state_dir / ACTIVE_FILE)
         return stopped
 
     def read_active(self) -> dict[str, Any] | None:
@@ -268,21 +369,24 @@ class LocalTarget:
         return slots[0]
 
     def _stop_slot(self, port: int) -> int | None:
-        pid = _live_pid(self._slot_pidfile(port), "serving.server")
+        pid = _live_pid(self._slot_pidfile(port), SERVER_MODULE)
         if pid is not None:
             log.info("stopping model server pid %s on slot port %s", pid, port)
             _stop_group(pid)
         _unlink(self._slot_pidfile(port))
         return pid
 
-    def _start_slot(self, model_uri: str, port: int) -> subprocess.Popen[bytes]:
-        cmd = [
-            sys.executable, "-m", "serving.server",
+    def _slot_command(self, model_uri: str, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", SERVER_MODULE,
             "--model-uri", model_uri,
             "--host", UPSTREAM_HOST,
             "--port", str(port),
             "--workers", "1",
         ]  # fmt: skip
+
+    def _start_slot(self, model_uri: str, port: int) -> subprocess.Popen[bytes]:
+        cmd = self._slot_command(model_uri, port)
         env = self._child_env()
         env["MLFLOW_TRACKING_URI"] = self.tracking_uri
         logfile = self._slot_log(port)
@@ -295,33 +399,22 @@ class LocalTarget:
         return proc
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], port: int, payload: str | None) -> None:
-        deadline = time.monotonic() + self.settings.health_timeout_s
-        base = f"http://{UPSTREAM_HOST}:{port}"
-        with httpx.Client(timeout=10.0) as client:
-            while True:
+        timeout_s = self.settings.health_timeout_s
+        with Endpoint(f"http://{UPSTREAM_HOST}:{port}", timeout_s=10.0) as server:
+
+            def ready() -> bool:
                 if proc.poll() is not None:
                     raise DeployError(f"the server exited with code {proc.returncode}")
-                if time.monotonic() > deadline:
-                    raise DeployError(
-                        f"no healthy /ping within {self.settings.health_timeout_s:.0f}s"
-                    )
-                try:
-                    if client.get(f"{base}/ping", timeout=2.0).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.25)
+                return server.ping()
+
+            if not wait_for(ready, timeout_s, 0.25):
+                raise DeployError(f"no healthy /ping within {timeout_s:.0f}s")
             if payload is None:
                 return
             try:
-                resp = client.post(
-                    f"{base}/invocations",
-                    content=payload,
-                    headers={"Content-Type": "application/json"},
-                    timeout=max(5.0, deadline - time.monotonic()),
-                )
-            except httpx.HTTPError as exc:
-                raise DeployError(f"smoke request failed: {exc!r}") from None
+                resp = server.invoke(payload)
+            except EndpointUnreachable as exc:
+                raise DeployError(f"smoke request failed: {exc}") from None
             if resp.status_code != 200:
                 raise DeployError(
                     f"smoke request with the input example returned {resp.status_code}: "
@@ -386,20 +479,9 @@ class LocalTarget:
     @contextlib.contextmanager
     def _deploy_lock(self) -> Iterator[None]:
         wait_s = self.settings.health_timeout_s + 60
-        with open(self.state_dir / _LOCK_FILE, "a+") as fh:
-            deadline = time.monotonic() + wait_s
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise DeployError(
-                            f"another deploy holds {fh.name} for more than {wait_s:.0f}s"
-                        ) from None
-                    time.sleep(0.5)
+        with open(self.state_dir / DEPLOY_LOCK, "a+") as fh:
+            if not wait_for(lambda: _try_flock(fh), wait_s, 0.25):
+                raise DeployError(f"another deploy holds {fh.name} for more than {wait_s:.0f}s")
             try:
                 yield
             finally:
@@ -409,18 +491,31 @@ class LocalTarget:
 # -- process and file helpers (module level: no state) -------------------------------------------
 
 
-def _spawn(cmd: list[str], *, env: dict[str, str], stdout: Any) -> subprocess.Popen[bytes]:
+def _try_flock(fh: Any) -> bool:
+    """Take the exclusive lock on an open file if it is free (never blocks)."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def spawn(cmd: list[str], *, env: dict[str, str], stdout: Any) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own session: it outlives its starter and stops as a group."""
     proc = subprocess.Popen(
         cmd,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=stdout,
         stderr=subprocess.STDOUT,
-        start_new_session=True,  # own session + process group: survives us, stopped as a group
+        start_new_session=True,
         close_fds=True,
     )
     _CHILDREN[proc.pid] = proc
     return proc
+
+
+_spawn = spawn
 
 
 def _alive(pid: int) -> bool:
@@ -431,35 +526,24 @@ def _alive(pid: int) -> bool:
         _CHILDREN.pop(pid, None)
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return _proc_state(pid) not in ("Z", "X")
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (state is [0], pgrp is [2])."""
+def process_is(pid: int | None, *markers: str) -> bool:
+    """``pid`` is alive and its argv holds every marker as a whole argument (pid-reuse guard)."""
+    if not pid or pid <= 1 or not _alive(pid):
+        return False
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()
-
-
-def _proc_state(pid: int) -> str | None:
-    fields = _proc_stat(pid)
-    return fields[0] if fields else None
-
-
-def _cmdline(pid: int) -> list[str] | None:
-    """The process's argv, or None where there is no /proc (macOS: trust the pidfile)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return raw.decode(errors="replace").rstrip("\0").split("\0")
+        argv = psutil.Process(pid).cmdline()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # someone else's process: trust the pidfile
+    return all(m in argv for m in markers)
 
 
 def _live_pid(pidfile: Path, *markers: str) -> int | None:
@@ -467,84 +551,78 @@ def _live_pid(pidfile: Path, *markers: str) -> int | None:
 
     The marker check guards against pid reuse: a stale pidfile must never make us signal an
     unrelated process that happens to have the same pid now. Markers are whole arguments
-    (``serve`` must not match the proxy's ``serving``).
+    (``serve`` must not match ``serving``).
     """
     try:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
         return None
-    if pid <= 1 or not _alive(pid):
+    if not _alive(pid):
         return None
-    cmdline = _cmdline(pid)
-    if cmdline is not None and not all(m in cmdline for m in markers):  # argv elements
-        log.warning(
-            "%s names pid %s, which is not ours (%s); ignoring it", pidfile, pid, " ".join(cmdline)
-        )
+    if not process_is(pid, *markers):
+        log.warning("%s names pid %s, which is not ours; ignoring it", pidfile, pid)
         return None
     return pid
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is left in the process group."""
-    if not Path("/proc/self/stat").exists():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        fields = _proc_stat(int(entry.name))
-        if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            return True
-    return False
-
-
-def _stop_group(pid: int, timeout_s: float = _STOP_TIMEOUT_S) -> None:
+def stop_group(pid: int, timeout_s: float = _STOP_TIMEOUT_S) -> None:
     """SIGTERM the process group led by ``pid`` (or just ``pid``), wait, then SIGKILL."""
     try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        _CHILDREN.pop(pid, None)
+        leader = psutil.Process(pid)
+        group = os.getpgid(pid) == pid  # only signal a whole group we lead
+        members = [leader, *leader.children(recursive=True)]
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        _reap(pid)
         return
-    # Only signal a whole group we lead (we started it with start_new_session=True).
-    group = pgid == pid
 
     def send(sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if group:
-                os.killpg(pgid, sig)
+                os.killpg(pid, sig)
             else:
                 os.kill(pid, sig)
 
-    def gone() -> bool:
-        child = _CHILDREN.get(pid)
-        if child is not None:
-            child.poll()  # reap our own child so it does not linger as a zombie
-        return not (_group_alive(pgid) if group else _alive(pid))
-
     send(signal.SIGTERM)
-    if not _wait_for(gone, timeout_s):
+    _reap(pid, wait=False)
+    _, alive = psutil.wait_procs(members, timeout=timeout_s)
+    if alive:
         log.warning("pid %s did not stop on SIGTERM within %.0fs: SIGKILL", pid, timeout_s)
         send(signal.SIGKILL)
-        _wait_for(gone, 5.0)
-    child = _CHILDREN.pop(pid, None)
-    if child is not None:
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5.0)
+    _reap(pid)
+
+
+_stop_group = stop_group
+
+
+def _reap(pid: int, *, wait: bool = True) -> None:
+    """Collect our own child's exit status, so it does not linger as a zombie."""
+    child = _CHILDREN.get(pid)
+    if child is None:
+        return
+    if wait:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=1.0)
+        _CHILDREN.pop(pid, None)
+    else:
+        child.poll()
 
 
-def _wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval_s)
+def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout_s`` passed (False)."""
+    retrying = Retrying(
+        stop=stop_after_delay(timeout_s),
+        wait=wait_fixed(interval_s),
+        retry=retry_if_result(lambda ok: not ok),
+        retry_error_callback=lambda state: False,
+    )
+    return retrying(lambda: bool(predicate()))
+
+
+_wait_for = wait_for
 
 
 def _accepting(host: str, port: int) -> bool:
@@ -555,11 +633,9 @@ def _accepting(host: str, port: int) -> bool:
         return False
 
 
-def _ping(port: int) -> bool:
-    try:
-        return httpx.get(f"http://{UPSTREAM_HOST}:{port}/ping", timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
+def _ping(port: int, host: str = UPSTREAM_HOST) -> bool:
+    with Endpoint(f"http://{host}:{port}", timeout_s=2.0) as endpoint:
+        return endpoint.ping()
 
 
 def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
@@ -570,17 +646,22 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_json(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as fh:
-        fh.write(text)
+        fh.write(json.dumps(record, indent=2) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
-def _atomic_write_json(path: Path, record: dict[str, Any]) -> None:
-    _atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+_atomic_write_json = atomic_write_json
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _unlink(path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from kubernetes.client import models as k8s
 from pydantic_settings import BaseSettings
 
-from ml.settings import DataSettings, TrainingSettings
+from ml.settings import DataSettings, RegistrySettings, TrainingSettings
 from serving.deploy.manifests import RUN_AS_USER, label_value, parse_pinned_uri
 from serving.deploy.settings import DeploySettings
 
@@ -235,18 +235,38 @@ def settings_env(
 
 
 def rollout_pod_kwargs(
-    settings: DeploySettings, *, model_uri: str, version: str, tracking_uri: str
+    settings: DeploySettings,
+    *,
+    tracking_uri: str,
+    request: str | None = None,
+    registry: RegistrySettings | None = None,
+    model_uri: str | None = None,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``KubernetesPodOperator(task_id=..., **rollout_pod_kwargs(...))``.
 
-    ``model_uri`` must be pinned (``models:/<name>/<version>``) and agree with ``version``. In a
-    DAG both are usually Jinja templates resolved at run time (the version comes from XCom); then
-    the check is left to ``python -m serving.deploy rollout``, which refuses an unpinned URI too.
+    The DAGs pass ``request``: a rollout request as JSON (usually a Jinja template reading
+    XCom); the pod runs the whole rollout path (``python -m serving.deploy rollout --request``:
+    plan, deploy, verify, promote or restore) with the registry settings of ``registry``.
+    Without a request, ``model_uri``/``version`` make the pod apply that one pinned version
+    (no registry moves): ``model_uri`` must be pinned and agree with ``version``; templated
+    values are checked by the pod itself.
     """
-    version = str(version)
-    templated = _is_template(model_uri) or _is_template(version)
-    if not templated:
-        parse_pinned_uri(model_uri, version)  # UnpinnedModelURI (a ValueError) otherwise
+    if request is None:
+        if model_uri is None or version is None:
+            raise ValueError("rollout_pod_kwargs needs a request, or a model_uri and a version")
+        version = str(version)
+        templated = _is_template(model_uri) or _is_template(version)
+        if not templated:
+            parse_pinned_uri(model_uri, version)  # UnpinnedModelURI (a ValueError) otherwise
+        what = ["--model-uri", model_uri, "--version", version]
+    else:
+        templated = True
+        what = ["--request", request, "--target", "kubernetes"]
+    env = deploy_settings_env(settings.model_copy(update={"target": "kubernetes"}))
+    if request is not None:
+        # The pod moves aliases and tags versions: it needs the same registry settings.
+        env |= settings_env(registry or RegistrySettings())
 
     kwargs = pipeline_pod_kwargs(
         settings,
@@ -255,7 +275,7 @@ def rollout_pod_kwargs(
         instance=settings.deployment_name,
         # The pod's DeploySettings() rebuilds the serving Deployment from these, so every
         # setting travels (a hand-picked subset would silently reset the others).
-        env=deploy_settings_env(settings.model_copy(update={"target": "kubernetes"})),
+        env=env,
         tracking_uri=tracking_uri,
     )
     if not templated:  # labels are not templated fields: a label cannot carry a Jinja expression
@@ -271,8 +291,7 @@ def rollout_pod_kwargs(
         cmds=["python", "-m", "serving.deploy"],
         arguments=[
             "rollout",
-            *("--model-uri", model_uri),
-            *("--version", version),
+            *what,
             *("--namespace", settings.namespace),
             *("--deployment", settings.deployment_name),
         ],
@@ -280,12 +299,14 @@ def rollout_pod_kwargs(
         # client from hurting the node. Memory requests == limits: no OOM-kill surprises
         # under node pressure for a pod that must not die half-way through a rollout.
         container_resources=k8s.V1ResourceRequirements(
-            requests={"cpu": "100m", "memory": "512Mi", "ephemeral-storage": "64Mi"},
-            limits={"cpu": "500m", "memory": "512Mi", "ephemeral-storage": "256Mi"},
+            # 1Gi: a version without logged verification rows is verified against a local
+            # load of the model (its input example), which may be a TensorFlow model.
+            requests={"cpu": "100m", "memory": "1Gi", "ephemeral-storage": "64Mi"},
+            limits={"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "256Mi"},
         ),
-        # Hard stop for a wedged rollout: the Deployment's own wait (health_timeout_s) plus
-        # slack for smoke test and a possible rollback.
-        active_deadline_seconds=int(settings.health_timeout_s) * 2 + 300,
+        # Hard stop for a wedged rollout: the new version's rollout and, after a failed
+        # verification, the previous one's (each health_timeout_s), plus slack.
+        active_deadline_seconds=int(settings.health_timeout_s) * 3 + 300,
         # Not deferrable: a rollout takes a few minutes and we want its log streamed live;
         # deferring would free the worker slot but needs a triggerer and delays logs. The
         # nightly DAG runs one at a time (max_active_runs=1), so one held slot is cheap.

@@ -26,6 +26,17 @@ class DeploySettings(BaseSettings):
     local_slot_ports: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [5011, 5012])
     local_state_dir: str = str(LOCAL_STATE_DIR / "serving")
     health_timeout_s: float = Field(180.0, gt=0)
+    rollout_pool: str = Field(
+        "model_rollout",
+        description="Airflow pool (one slot) every rollout task of every DAG runs in: one "
+        "rollout at a time. `make run` creates it; create it in your Airflow too.",
+    )
+    rollout_lock_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="How long a rollout waits for the target's rollout lock (held by another "
+        "rollout for its whole deploy-verify-promote) before it fails and is retried.",
+    )
     # kubernetes target
     kubernetes_conn_id: str = "kubernetes_default"
     namespace: str = "ml-serving"

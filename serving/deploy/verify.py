@@ -1,25 +1,262 @@
-"""Verify a live endpoint: it answers, and it serves *this* model (parity with a local load).
+"""Talk to a live model endpoint: which version it serves, and whether it answers *this* model.
 
-The parity check sends real rows (the holdout) through the MLflow scoring protocol and compares
-the answers with ``mlflow.pyfunc.load_model(model_uri).predict`` on the same rows, so a rollout
-that left the old version running, or a server that mangles inputs, fails loudly.
+One HTTP client for every check the deploy side makes (the local target's readiness, the
+Kubernetes rollout's smoke test, a rollout's verification, reconcile's health check):
+:class:`Endpoint`.
+
+Verification sends fixed rows through the MLflow scoring protocol and compares the answers with
+the numbers the model itself gave for those rows. The rows and numbers are chosen when the
+version is evaluated and logged with its training run (``ml.evaluate.verification_rows``), so
+a rollout verifies on the same rows whenever and wherever it runs, without loading the model.
+A version without them (one not trained by this pipeline) is verified on its logged input
+example, with predictions from a local load of the model.
+
+Two kinds of failure, kept apart on purpose:
+
+* :class:`VerificationFailed` - the endpoint answered, and the answer is wrong (an error status
+  for valid rows, a prediction that differs): a verdict on the version.
+* :class:`EndpointUnreachable` - no answer at all (refused, timed out): says nothing about the
+  version, so it never marks it bad; the caller retries.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 
+from serving.server.contract import VERSION_HEADER
+
 if TYPE_CHECKING:
     import pandas as pd
 
+ATOL = 1e-5
 
-class VerificationError(RuntimeError):
-    """The endpoint is down, or does not serve the expected model."""
+
+class VerificationFailed(RuntimeError):
+    """The endpoint answered, and not what the version answers: a verdict on the version."""
+
+
+# Kept for callers of the old name (the CLI's ``verify`` command, the tests).
+VerificationError = VerificationFailed
+
+
+class EndpointUnreachable(RuntimeError):
+    """The endpoint did not answer (refused, reset, timed out): not a verdict on any version."""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Feature rows to send and the predictions the version itself gives for them."""
+
+    columns: list[str]
+    data: list[list[Any]]
+    expected: np.ndarray
+    source: str
+
+    def payload(self) -> str:
+        """``{"dataframe_split": ...}`` with exact floats (repr round-trips) and NaN as null."""
+        return json.dumps(
+            {"dataframe_split": {"columns": self.columns, "data": self.data}},
+            default=_json_default,
+            allow_nan=False,
+        )
+
+
+class Endpoint:
+    """HTTP to one model endpoint (MLflow scoring protocol plus the server's ``/v1/model``).
+
+    ``fresh_connections`` closes the connection after every request, so that behind a
+    Service each call may reach another pod (a smoke test must see the new pods, not one
+    kept-alive old one).
+    """
+
+    def __init__(
+        self, base_url: str, *, timeout_s: float = 30.0, fresh_connections: bool = False
+    ) -> None:
+        self.base = base_url.rstrip("/")
+        headers = {"Connection": "close"} if fresh_connections else {}
+        self._client = httpx.Client(timeout=timeout_s, headers=headers)
+
+    def __enter__(self) -> Endpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._client.request(method, f"{self.base}{path}", **kwargs)
+        except httpx.HTTPError as exc:
+            raise EndpointUnreachable(f"{method} {self.base}{path} failed: {exc!r}") from exc
+
+    def ping(self) -> bool:
+        """``/ping`` answers 200 (the server loaded the model and a warm-up prediction worked)."""
+        try:
+            return self._request("GET", "/ping").status_code == 200
+        except EndpointUnreachable:
+            return False
+
+    def served_version(self) -> str | None:
+        """The registry version the endpoint reports (``/v1/model``, else the header)."""
+        resp = self._request("GET", "/v1/model")
+        if resp.status_code == 200:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = {}
+            if isinstance(body, dict) and body.get("version") is not None:
+                return str(body["version"])
+        header = resp.headers.get(VERSION_HEADER)
+        if header:
+            return header
+        return self._request("GET", "/ping").headers.get(VERSION_HEADER)
+
+    def invoke(self, payload: str) -> httpx.Response:
+        """POST a JSON scoring request; any HTTP answer is returned, no answer raises."""
+        return self._request(
+            "POST", "/invocations", content=payload, headers={"Content-Type": "application/json"}
+        )
+
+
+def served_version(base_url: str) -> str | None:
+    """The version ``base_url`` serves; raises :class:`EndpointUnreachable` without an answer."""
+    with Endpoint(base_url, timeout_s=10.0) as endpoint:
+        return endpoint.served_version()
+
+
+def verify(
+    endpoint_url: str, version: str, rows: Rows, *, atol: float = ATOL, timeout_s: float = 30.0
+) -> dict[str, Any]:
+    """Check that ``endpoint_url`` serves ``version`` and answers ``rows`` as it should.
+
+    Returns ``{"endpoint", "version", "rows", "max_abs_diff", "rows_from"}``. Raises
+    :class:`VerificationFailed` naming the status code, or the first mismatching row, and
+    :class:`EndpointUnreachable` when nothing answers.
+    """
+    with Endpoint(endpoint_url, timeout_s=timeout_s) as endpoint:
+        served = endpoint.served_version()
+        if served != str(version):
+            # Not the version's fault: what is behind the endpoint is not what was deployed.
+            raise EndpointUnreachable(
+                f"{endpoint.base} serves version {served or 'unknown'}, expected {version}"
+            )
+        resp = endpoint.invoke(rows.payload())
+    if resp.status_code != 200:
+        raise VerificationFailed(
+            f"POST {endpoint_url}/invocations with {len(rows.data)} verification rows "
+            f"({rows.source}) answered {resp.status_code}: {_excerpt(resp.text)}"
+        )
+    try:
+        body = resp.json()
+        remote = as_array(body["predictions"] if isinstance(body, dict) else body)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VerificationFailed(
+            f"unexpected /invocations answer ({exc}): {_excerpt(resp.text)}"
+        ) from exc
+    max_abs_diff = compare(remote, rows.expected, atol=atol, what=f"version {version}")
+    return {
+        "endpoint": endpoint_url,
+        "version": str(version),
+        "rows": len(rows.data),
+        "max_abs_diff": max_abs_diff,
+        "rows_from": rows.source,
+    }
+
+
+def compare(remote: np.ndarray, expected: np.ndarray, *, atol: float, what: str) -> float:
+    """Max abs difference; raises :class:`VerificationFailed` at the first row off by > atol."""
+    if remote.shape != expected.shape:
+        raise VerificationFailed(
+            f"the endpoint answered predictions of shape {remote.shape} for "
+            f"{expected.shape[0]} rows; {what} gives shape {expected.shape}"
+        )
+    diff = np.abs(remote - expected)
+    # NaN on exactly one side is a mismatch; NaN on both sides agrees.
+    diff = np.where(np.isnan(remote) & np.isnan(expected), 0.0, diff)
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    max_abs_diff = float(diff.max()) if diff.size else 0.0
+    if max_abs_diff > atol:
+        bad = np.argwhere(diff > atol)
+        first = tuple(int(i) for i in bad[0])
+        raise VerificationFailed(
+            f"{len(bad)} of {diff.size} predictions differ from {what}'s by more than "
+            f"atol={atol:g}; max abs diff {max_abs_diff:.6g}; first mismatch at row {first[0]}: "
+            f"endpoint {float(remote[first])!r}, expected {float(expected[first])!r}"
+        )
+    return max_abs_diff
+
+
+# -- where the rows come from -------------------------------------------------------------------
+
+
+def load_rows(version: Mapping[str, Any], *, tracking_uri: str) -> Rows:
+    """The verification rows of a registered version (a ``VersionInfo.to_dict()``).
+
+    Those logged with its training run when it was evaluated; for a version without them, its
+    input example with predictions from a local load of the model.
+    """
+    from mlflow.artifacts import load_dict
+    from mlflow.exceptions import MlflowException
+
+    from ml.evaluate import VERIFICATION_ROWS_ARTIFACT
+    from ml.registry import use_mlflow
+
+    use_mlflow(tracking_uri)
+    run_id = version.get("run_id")
+    if run_id:
+        try:
+            logged = load_dict(f"runs:/{run_id}/{VERIFICATION_ROWS_ARTIFACT}")
+        except (MlflowException, OSError):
+            logged = None
+        if logged:
+            return Rows(
+                columns=[str(c) for c in logged["columns"]],
+                data=logged["data"],
+                expected=np.asarray(logged["predictions"], dtype="float64"),
+                source=f"logged with run {run_id}",
+            )
+    frame, columns = input_example_rows(version["model_uri"])
+    return local_rows(version["model_uri"], frame, columns, source="its input example")
+
+
+def input_example_rows(model_uri: str) -> tuple[pd.DataFrame, list[str]]:
+    """The rows a model was logged with (its input example) and its feature columns."""
+    import pandas as pd
+    from mlflow.models import Model
+
+    model = Model.load(model_uri)
+    example = model.load_input_example()
+    if example is None:
+        raise ValueError(f"{model_uri} has neither verification rows nor an input example")
+    frame = example if isinstance(example, pd.DataFrame) else pd.DataFrame(example)
+    columns: list[str] = []
+    if model.signature is not None and model.signature.inputs is not None:
+        columns = [c for c in model.signature.inputs.input_names() if c in frame.columns]
+    return frame, columns or [str(c) for c in frame.columns]
+
+
+def local_rows(model_uri: str, frame: pd.DataFrame, columns: list[str], *, source: str) -> Rows:
+    """``frame[columns]`` with predictions from ``mlflow.pyfunc.load_model(model_uri)``."""
+    import mlflow.pyfunc
+
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks feature columns {missing}")
+    features = frame[list(columns)]
+    if features.empty:
+        raise ValueError("verification needs at least one row")
+    expected = as_array(mlflow.pyfunc.load_model(model_uri).predict(features))
+    data = features.astype(object).where(features.notna(), None).to_numpy().tolist()
+    return Rows(columns=[str(c) for c in columns], data=data, expected=expected, source=source)
 
 
 def verify_endpoint(
@@ -28,85 +265,40 @@ def verify_endpoint(
     frame: pd.DataFrame,
     feature_columns: list[str],
     *,
-    atol: float = 1e-5,
+    atol: float = ATOL,
     timeout_s: float = 30,
 ) -> dict[str, Any]:
-    """Smoke + parity test ``endpoint`` against ``model_uri`` on ``frame[feature_columns]``.
+    """Parity of ``endpoint`` with a local load of ``model_uri`` on ``frame`` (the CLI's check).
 
-    Returns ``{"endpoint", "rows", "max_abs_diff"}``; raises :class:`VerificationError` saying
-    what differed (status and body excerpt, prediction count, max abs diff and first mismatch).
+    Unlike :func:`verify` it does not ask which version is served: it compares answers only.
     """
-    import mlflow.pyfunc
-
-    base = endpoint.rstrip("/")
-    missing = [c for c in feature_columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"frame lacks feature columns {missing}")
-    features = frame[list(feature_columns)]
-    if features.empty:
-        raise ValueError("verify_endpoint needs at least one row")
-
-    with httpx.Client(timeout=timeout_s) as client:
+    rows = local_rows(model_uri, frame, feature_columns, source="the given rows")
+    with Endpoint(endpoint, timeout_s=timeout_s) as client:
         try:
-            ping = client.get(f"{base}/ping")
-        except httpx.HTTPError as exc:
-            raise VerificationError(f"GET {base}/ping failed: {exc!r}") from exc
+            ping = client._request("GET", "/ping")
+        except EndpointUnreachable as exc:
+            raise VerificationFailed(f"GET {client.base}/ping failed: {exc}") from exc
         if ping.status_code != 200:
-            raise VerificationError(
-                f"GET {base}/ping returned {ping.status_code}: {_excerpt(ping.text)}"
+            raise VerificationFailed(
+                f"GET {client.base}/ping returned {ping.status_code}: {_excerpt(ping.text)}"
             )
         try:
-            resp = client.post(
-                f"{base}/invocations",
-                content=_dataframe_split_payload(features),
-                headers={"Content-Type": "application/json"},
-            )
-        except httpx.HTTPError as exc:
-            raise VerificationError(f"POST {base}/invocations failed: {exc!r}") from exc
+            resp = client.invoke(rows.payload())
+        except EndpointUnreachable as exc:
+            raise VerificationFailed(str(exc)) from exc
     if resp.status_code != 200:
-        raise VerificationError(
-            f"POST {base}/invocations returned {resp.status_code}: {_excerpt(resp.text)}"
+        raise VerificationFailed(
+            f"POST {endpoint}/invocations returned {resp.status_code}: {_excerpt(resp.text)}"
         )
     try:
         body = resp.json()
-        remote = _as_array(body["predictions"] if isinstance(body, dict) else body)
+        remote = as_array(body["predictions"] if isinstance(body, dict) else body)
     except (ValueError, KeyError, TypeError) as exc:
-        raise VerificationError(
+        raise VerificationFailed(
             f"unexpected /invocations response ({exc}): {_excerpt(resp.text)}"
         ) from exc
-
-    local = _as_array(mlflow.pyfunc.load_model(model_uri).predict(features))
-
-    rows = len(features)
-    if remote.shape != local.shape:
-        raise VerificationError(
-            f"{base} returned predictions of shape {remote.shape} for {rows} rows; "
-            f"{model_uri} locally gives shape {local.shape}"
-        )
-    diff = np.abs(remote - local)
-    # NaN on exactly one side is a mismatch; NaN on both sides agrees.
-    both_nan = np.isnan(remote) & np.isnan(local)
-    diff = np.where(both_nan, 0.0, diff)
-    diff = np.where(np.isnan(diff), np.inf, diff)
-    max_abs_diff = float(diff.max()) if diff.size else 0.0
-    if max_abs_diff > atol:
-        bad = np.argwhere(diff > atol)
-        first = tuple(int(i) for i in bad[0])
-        row = first[0]
-        raise VerificationError(
-            f"{base} does not serve {model_uri}: {len(bad)} of {diff.size} predictions differ "
-            f"by more than atol={atol:g}; max abs diff {max_abs_diff:.6g}; first mismatch at "
-            f"row {row} (frame index {frame.index[row]!r}): endpoint {remote[first]!r} vs "
-            f"local {local[first]!r}"
-        )
-    return {"endpoint": base, "rows": rows, "max_abs_diff": max_abs_diff}
-
-
-def _dataframe_split_payload(features: pd.DataFrame) -> str:
-    """``{"dataframe_split": ...}`` with exact floats (repr round-trips) and NaN as null."""
-    data = features.astype(object).where(features.notna(), None).to_numpy().tolist()
-    payload = {"dataframe_split": {"columns": [str(c) for c in features.columns], "data": data}}
-    return json.dumps(payload, default=_json_default, allow_nan=False)
+    max_abs_diff = compare(remote, rows.expected, atol=atol, what=model_uri)
+    return {"endpoint": endpoint.rstrip("/"), "rows": len(rows.data), "max_abs_diff": max_abs_diff}
 
 
 def _json_default(value: Any) -> Any:
@@ -120,7 +312,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
 
 
-def _as_array(predictions: Any) -> np.ndarray:
+def as_array(predictions: Any) -> np.ndarray:
     """Predictions as floats, shape (n,) for one output, (n, k) for k outputs.
 
     Accepts what pyfunc returns locally (ndarray, Series, DataFrame, list) and what the scoring
@@ -144,6 +336,9 @@ def _as_array(predictions: Any) -> np.ndarray:
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     return arr
+
+
+_as_array = as_array  # the tests' name
 
 
 def _item(value: Any) -> Any:

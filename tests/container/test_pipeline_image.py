@@ -296,6 +296,13 @@ def test_training_pod_logs_the_run_and_hands_it_over(
 def test_rollout_pod_rolls_the_registered_version_out(
     pipeline_image, registered, trained_in_pod, mlflow_server, host_dirs
 ):
+    """The rollout pod as the DAG builds it: the whole rollout path for the gate's request
+    (deploy through the API test double, verify on the rows logged at evaluation, move
+    @champion), in the pipeline image."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow import MlflowClient
+
     from serving.deploy import manifests
     from serving.deploy.pods import rollout_pod_kwargs
     from tests.serving.deploy.k8s_fake import FakeCluster, FakeModelServer
@@ -303,8 +310,22 @@ def test_rollout_pod_rolls_the_registered_version_out(
     _, _, deploy = trained_in_pod["settings"]
     live_uri = f"models:/{MODEL}/{registered['live']}"
     new = registered["version"]
+    # Both versions hold the model the pod trained: the fake pods answer with its predictions.
+    model = mlflow.pyfunc.load_model(trained_in_pod["trained"]["model_uri"])
+
+    def predict(version: str, split: dict) -> list[float]:
+        frame = pd.DataFrame(split["data"], columns=split["columns"])
+        return [float(v) for v in pd.DataFrame(model.predict(frame)).iloc[:, 0]]
+
     cluster = FakeCluster(namespace=NAMESPACE).start()
-    model_server = FakeModelServer(cluster)
+    model_server = FakeModelServer(cluster, predictor=predict)
+    request = {
+        "kind": "candidate",
+        "version": str(new["version"]),
+        "champion_at_eval": registered["evaluation"]["champion_version"],
+        "reason": "container test",
+        "run_id": "container__1",
+    }
     name = f"tad-rollout-{os.getpid()}"
     try:
         deploy = deploy.model_copy(update={"service_url": model_server.url})
@@ -316,11 +337,11 @@ def test_rollout_pod_rolls_the_registered_version_out(
         pod = _pod(
             rollout_pod_kwargs(
                 deploy,
-                model_uri=new["model_uri"],
-                version=str(new["version"]),
+                registry=RegistrySettings(model_name=MODEL),
+                request=json.dumps(request),
                 tracking_uri=mlflow_server,
             ),
-            "deploy_kubernetes",
+            "rollout_kubernetes",
         )
         assert pod["spec"]["automountServiceAccountToken"] is True
         # Outside a cluster the client falls back from in-cluster config to KUBECONFIG.
@@ -342,9 +363,14 @@ def test_rollout_pod_rolls_the_registered_version_out(
         result = json.loads(run.stdout)
         assert result["status"] == "rolled_out", result
         assert result["version"] == str(new["version"])
+        assert result["verification"]["rows_from"].startswith("logged with run")
         assert cluster.live_model_uri(DEPLOYMENT) == new["model_uri"]
         (patch,) = cluster.patches
         assert patch.model_uri == new["model_uri"]
+        champion = MlflowClient(mlflow_server, mlflow_server).get_model_version_by_alias(
+            MODEL, "champion"
+        )
+        assert str(champion.version) == str(new["version"])
     except BaseException:
         print(f"rollout pod logs:\n{_logs(name)}")
         raise

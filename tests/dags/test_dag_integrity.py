@@ -48,7 +48,6 @@ def test_train_and_deploy_graph(dagbag):
         ("load_window", "train"),
         ("load_window", "evaluate"),
         ("load_window", "register"),
-        ("load_window", "verify"),
         ("validate_data", "train"),
         ("train", "evaluate"),
         ("train", "register"),
@@ -56,30 +55,76 @@ def test_train_and_deploy_graph(dagbag):
         ("evaluate", "gate"),
         ("register", "gate"),
         ("register", "not_deployed"),
-        ("register", "deploy_local"),
-        ("register", "verify"),
-        ("register", "promote"),
         ("gate", "not_deployed"),
-        ("gate", "deploy_local"),
-        ("gate", "deploy_kubernetes"),
-        ("deploy_local", "rolled_out"),
-        ("deploy_kubernetes", "rolled_out"),
-        ("rolled_out", "verify"),
-        ("verify", "promote"),
+        ("gate", "rollout_local"),
+        ("gate", "rollout_kubernetes"),
     }
 
 
 def test_io_steps_retry_with_backoff_and_bad_data_fails_fast(dagbag):
     dag = dagbag.dags["train_and_deploy"]
-    for task_id in ("load_window", "evaluate", "register", "gate", "deploy_local", "promote"):
+    for task_id in ("load_window", "evaluate", "register", "gate", "rollout_local"):
         task = dag.get_task(task_id)
         assert task.retries >= 1 and task.retry_exponential_backoff, task_id
         assert task.retry_delay >= timedelta(seconds=10), task_id
     assert dag.get_task("validate_data").retries == 0
-    # The join after the deploy branches runs when either ran; verify itself needs all upstream.
-    assert dag.get_task("rolled_out").trigger_rule == "none_failed_min_one_success"
-    assert dag.get_task("rolled_out").upstream_task_ids == {"deploy_local", "deploy_kubernetes"}
-    assert dag.get_task("verify").trigger_rule == "all_success"
+
+
+def test_every_rollout_task_of_every_dag_runs_in_the_one_rollout_pool(dagbag):
+    """One rollout at a time across DAGs: the same pool (make run creates it with 1 slot)."""
+    from serving.deploy.settings import DeploySettings
+
+    pool = DeploySettings().rollout_pool
+    rollout_tasks = {
+        (dag.dag_id, task.task_id): task
+        for dag in dagbag.dags.values()
+        for task in dag.tasks
+        if task.task_id.startswith("rollout_")
+    }
+    assert set(rollout_tasks) == {
+        ("train_and_deploy", "rollout_local"),
+        ("train_and_deploy", "rollout_kubernetes"),
+        ("deploy_model", "rollout_local"),
+        ("deploy_model", "rollout_kubernetes"),
+    }
+    for key, task in rollout_tasks.items():
+        assert task.pool == pool, key
+        # Retried (a task that could not start marks nothing); a verdict fails without retry.
+        assert task.retries >= 1, key
+    # Nothing in any DAG runs because another task failed: no rollback-on-failure task that
+    # could take an infrastructure hiccup for a verdict on a model.
+    for dag in dagbag.dags.values():
+        for task in dag.tasks:
+            assert task.trigger_rule in ("all_success", "none_failed_min_one_success"), (
+                dag.dag_id,
+                task.task_id,
+                task.trigger_rule,
+            )
+
+
+def test_the_rollout_pod_receives_the_request_the_deciding_task_pushed(dagbag, monkeypatch):
+    """Render rollout_kubernetes's templates as a run does: the pod's CLI gets the request."""
+    from serving.deploy.__main__ import build_parser
+    from serving.deploy.rollout import Request
+
+    request = {"kind": "candidate", "version": "7", "champion_at_eval": "6", "run_id": "r 'x'"}
+    for dag_id, source in (("train_and_deploy", "gate"), ("deploy_model", "request")):
+        dag = dagbag.dags[dag_id]
+        task = copy.deepcopy(dag.get_task("rollout_kubernetes"))
+
+        class RunningTaskInstance:  # what a template sees as `ti`: only xcom_pull is used
+            def xcom_pull(self, task_ids, key="return_value"):
+                assert (task_ids, key) == (source, "rollout_request")  # noqa: B023
+                return request
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+        params = {name: dag.params[name] for name in dag.params}
+        task.render_template_fields({"ti": RunningTaskInstance(), "params": params, "dag": dag})
+        args = build_parser().parse_args(task.arguments)
+        assert args.command == "rollout" and args.target == "kubernetes"
+        assert Request.from_dict(args.request) == Request.from_dict(request)
+        env = {var.name: var.value for var in task.env_vars}
+        assert env["PIPELINE_REGISTRY_MODEL_NAME"]  # the pod moves aliases: it needs them
 
 
 def test_trigger_form_params_are_typed_and_documented(dagbag):
@@ -233,8 +278,8 @@ def test_every_pod_of_every_dag_validates_for_three_kubernetes_minors(
                     pods[(dag.dag_id, task.task_id)] = ApiClient().sanitize_for_serialization(pod)
     assert {
         ("train_and_deploy", "train"),
-        ("train_and_deploy", "deploy_kubernetes"),
-        ("deploy_model", "deploy_kubernetes"),
+        ("train_and_deploy", "rollout_kubernetes"),
+        ("deploy_model", "rollout_kubernetes"),
     } <= set(pods)
     for key, pod in pods.items():
         for version in newest_minors():

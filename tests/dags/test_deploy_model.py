@@ -30,26 +30,11 @@ def _edges(dag) -> set[tuple[str, str]]:
 def test_deploy_model_graph(dags):
     dag = dags["deploy_model"]
     assert _edges(dag) == {
-        ("resolve", "choose_target"),
-        ("resolve", "deploy_local"),
-        ("resolve", "verify"),
-        ("resolve", "promote"),
-        ("choose_target", "deploy_local"),
-        ("choose_target", "deploy_kubernetes"),
-        ("deploy_local", "rolled_out"),
-        ("deploy_kubernetes", "rolled_out"),
-        ("deploy_local", "roll_back"),
-        ("deploy_kubernetes", "roll_back"),
-        ("rolled_out", "verify"),
-        ("verify", "promote"),
-        ("verify", "roll_back"),
+        ("request", "in_sync"),
+        ("request", "rollout_local"),
+        ("request", "rollout_kubernetes"),
     }
-    # Same join as train_and_deploy; the rollback runs only when a rollout step failed.
-    assert dag.get_task("rolled_out").trigger_rule == "none_failed_min_one_success"
-    assert dag.get_task("roll_back").trigger_rule == "one_failed"
-    assert dag.get_task("verify").trigger_rule == "all_success"
-    assert dag.get_task("verify").retries == 0  # a wrong answer is not transient
-    for task_id in ("resolve", "deploy_local", "promote", "roll_back"):
+    for task_id in ("request", "rollout_local"):
         task = dag.get_task(task_id)
         assert task.retries >= 1 and task.retry_delay >= timedelta(seconds=10), task_id
 
@@ -57,7 +42,7 @@ def test_deploy_model_graph(dags):
 def test_deploy_model_is_scheduled_on_the_promotion_asset_and_runs_one_at_a_time(dags):
     from airflow.sdk import Asset
 
-    from serving.deploy.promotion import alias_asset
+    from serving.deploy.assets import alias_asset
 
     dag = dags["deploy_model"]
     assert dag.max_active_runs == 1
@@ -74,7 +59,7 @@ def test_the_plugin_and_the_dag_agree_on_the_asset(dags, monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
     from airflow.sdk import Asset
 
-    from serving.deploy.promotion import alias_asset
+    from serving.deploy.assets import alias_asset
 
     monkeypatch.setenv("PIPELINE_REGISTRY_MODEL_NAME", "sales forecast/v2")
     monkeypatch.setenv("PIPELINE_REGISTRY_CHAMPION_ALIAS", "prod")
@@ -86,26 +71,18 @@ def test_the_plugin_and_the_dag_agree_on_the_asset(dags, monkeypatch):
 
 def test_deploy_model_params_are_typed_and_documented(dags):
     params = dags["deploy_model"].params
-    expected = {
-        "model_name": "string",
-        "version": ["null", "integer"],
-        "alias": "string",
-        "deploy_target": "string",
-    }
+    expected = {"version": ["null", "integer"], "deploy_target": "string", "reason": "string"}
     assert set(params.keys()) == set(expected)
     for name, type_ in expected.items():
         schema = params.get_param(name).schema
         assert schema["type"] == type_, name
         assert schema.get("title") and params.get_param(name).description, name
-    # An asset-triggered run gets the defaults: no version, so the alias's current target.
+    # An asset-triggered run gets the defaults: no version, so what @champion names.
     assert params["version"] is None
-    assert params["alias"] == "champion"
-    assert params["model_name"] == "regression-model"
 
 
 @pytest.mark.parametrize(
-    ("name", "value"),
-    [("version", 0), ("version", "three"), ("alias", "not an alias!"), ("deploy_target", "moon")],
+    ("name", "value"), [("version", 0), ("version", "three"), ("deploy_target", "moon")]
 )
 def test_deploy_model_form_rejects_bad_values(dags, name, value):
     from airflow.sdk.exceptions import ParamValidationError
@@ -118,19 +95,20 @@ def test_deploy_model_form_rejects_bad_values(dags, name, value):
 def test_deploy_model_form_accepts_a_rollback_version(dags):
     params = dags["deploy_model"].params
     assert copy.deepcopy(params.get_param("version")).resolve(3) == 3
-    assert copy.deepcopy(params.get_param("alias")).resolve("@champion") == "@champion"
 
 
-def test_rollout_tasks_link_to_mlflow(dags):
-    dag = dags["deploy_model"]
-    for task_id in ("resolve", "deploy_local", "deploy_kubernetes", "verify", "promote"):
-        names = {link.name for link in dag.get_task(task_id).operator_extra_links}
-        assert {"MLflow model version", "MLflow training run"} <= names, task_id
+def test_mlflow_links_are_global_so_no_dag_imports_the_plugin():
+    """The plugin adds its MLflow links to every operator; the DAG files never import it."""
+    import importlib
 
+    importlib.import_module("tests.plugins.conftest")  # puts the plugins folder on sys.path
+    plugin = importlib.import_module("registry_events.registry_events_plugin")
+    RegistryEventsPlugin = plugin.RegistryEventsPlugin
 
-def test_kubernetes_rollout_pins_the_resolved_version(dags):
-    pod = dags["deploy_model"].get_task("deploy_kubernetes")
-    assert "xcom_pull(task_ids='resolve')['model_uri']" in " ".join(pod.arguments)
+    names = {link.name for link in RegistryEventsPlugin.global_operator_extra_links}
+    assert names == {"MLflow model version", "MLflow training run"}
+    for path in DAGS_DIR.glob("*.py"):
+        assert "registry_events" not in path.read_text().replace("`registry_events`", ""), path
 
 
 def test_reconcile_graph_and_schedule(dags):

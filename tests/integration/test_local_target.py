@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import textwrap
 import threading
@@ -114,7 +116,7 @@ def target(mlflow_store, tmp_path, free_ports):
     )
     target = LocalTarget(settings, mlflow_store, drain_s=0.5)
     yield target
-    stopped = target.stop_all()
+    stopped = target.stop_all(forget=True)
     assert not accepting(port)
     for pid in stopped.values():
         assert not _alive(pid)
@@ -173,8 +175,35 @@ def test_deploy_switch_redeploy_fail_and_verify(target, tmp_path):
         verify_endpoint(endpoint, v1, FRAME, FEATURES)
     assert "first mismatch at row 0" in str(err.value)
 
-    # -- stop_all: nothing left ----------------------------------------------------------------
+    # -- a killed server answers again, without anyone deploying (the proxy restarts it) ------
+    killed = target.read_active()["pid"]
+    os.kill(killed, signal.SIGKILL)
+    started = time.monotonic()
+    while time.monotonic() - started < 60:
+        try:
+            if predict(endpoint, FRAME) == pytest.approx((FRAME.sum(axis=1) * 2).tolist()):
+                break
+        except AssertionError:
+            pass  # 502 while it starts again
+        time.sleep(0.2)
+    healed_s = time.monotonic() - started
+    print(f"killed model server answered again after {healed_s:.1f}s")
+    restarted = target.read_active()
+    assert restarted["pid"] != killed and restarted["restarts"] == 1
+    assert restarted["version"] == "2" and target.live().healthy
+    assert "started it again" in (target.state_dir / "proxy.log").read_text()
+
+    # -- stop, then resume: the same version serves again (make stop; make run) -------------
     target.stop_all()
+    assert not accepting(target.settings.local_port)
+    assert not _alive(restarted["pid"])
+    assert target.active_version() == "2", "the desired state survives a stop"
+    live = target.resume(wait_s=60)
+    assert (live.version, live.healthy) == ("2", True), live
+    assert predict(endpoint, FRAME) == pytest.approx((FRAME.sum(axis=1) * 2).tolist())
+
+    # -- stop_all(forget=True): nothing left ---------------------------------------------------
+    target.stop_all(forget=True)
     assert target.status() is None
     assert not accepting(second["port"])
     assert not accepting(target.settings.local_port)

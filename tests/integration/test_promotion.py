@@ -258,6 +258,21 @@ def _served_predictions_match(stack, version: str) -> None:
 # -- scenarios (in order, on one registry and one endpoint) ------------------------------------
 
 
+def _active_record() -> dict:
+    """The local target's record of what it serves (a new one per deployed server)."""
+    from serving.deploy.local import LocalTarget
+    from serving.deploy.settings import DeploySettings
+
+    return LocalTarget(DeploySettings(), os.environ["MLFLOW_TRACKING_URI"]).read_active()
+
+
+def _link(dag_run, task_id: str, link_cls):
+    from airflow.models.taskinstancekey import TaskInstanceKey
+
+    key = TaskInstanceKey(dag_run.dag_id, task_id, dag_run.run_id, 1, -1)
+    return link_cls().get_link(None, ti_key=key)
+
+
 def test_setting_the_alias_in_mlflow_deploys_that_version(stack):
     before = len(asset_events(ASSET_URI))
     stack["client"].set_registered_model_alias(MODEL, "champion", "1")
@@ -270,26 +285,38 @@ def test_setting_the_alias_in_mlflow_deploys_that_version(stack):
     dag_run = _dag("deploy_model").test()  # default Params: what an asset-triggered run gets
     states = _states(dag_run)
     assert str(dag_run.state) == "success", states
-    assert states["deploy_local"] == "success" and states["deploy_kubernetes"] == "skipped"
-    assert states["roll_back"] == "skipped"
-    resolution = _xcom(dag_run, "resolve")
-    assert resolution["version"] == event["version"] == "1"
-    assert resolution["model_uri"] == f"models:/{MODEL}/1"
-
+    assert states["rollout_local"] == "success" and states["rollout_kubernetes"] == "skipped"
+    assert states["in_sync"] == "skipped"
+    outcome = _xcom(dag_run, "rollout_local")
+    assert outcome["status"] == "rolled_out" and outcome["version"] == "1"
     assert _live() == "1"
     _served_predictions_match(stack, "1")
     assert _champion(stack) == "1"
-    # The alias already named v1: promote wrote nothing, so no new webhook (no feedback loop).
-    assert _xcom(dag_run, "promote")["moved"] is False
+    # The alias already named v1: nothing was written, so no new webhook (no feedback loop).
     time.sleep(1.5)
     assert [e["version"] for e in asset_events(ASSET_URI)[before:]] == ["1"]
 
-    # The task pages link to MLflow: the links Airflow stored for the UI.
-    model_link = _xcom(dag_run, "deploy_local", key="_link_MlflowModelVersionLink")
-    assert model_link == f"{stack['mlflow']}/#/models/{MODEL}/versions/1"
-    run_link = _xcom(dag_run, "verify", key="_link_MlflowRunLink")
-    assert run_link.startswith(f"{stack['mlflow']}/#/experiments/") and "/runs/" in run_link
+    # The task page links to MLflow (what the API server computes for the UI).
+    from registry_events.links import MlflowModelVersionLink, MlflowRunLink
+
+    assert _link(dag_run, "rollout_local", MlflowModelVersionLink) == (
+        f"{stack['mlflow']}/#/models/{MODEL}/versions/1"
+    )
+    assert "/runs/" in _link(dag_run, "rollout_local", MlflowRunLink)
+    assert _link(dag_run, "request", MlflowRunLink) == ""  # no links there: no button
     clear_queue()
+
+
+def test_the_echo_of_a_promotion_ends_in_seconds_without_a_rollout(stack):
+    """What the scheduler starts for the pipeline's own alias write: nothing to do."""
+    serving = _active_record()
+    started = time.monotonic()
+    dag_run = _dag("deploy_model").test()
+    states = _states(dag_run)
+    assert str(dag_run.state) == "success", states
+    assert states["in_sync"] == "success" and states["rollout_local"] == "skipped"
+    assert _active_record() == serving, "the same server, untouched"
+    print(f"in-sync deploy_model run took {time.monotonic() - started:.1f}s")
 
 
 def test_two_quick_promotions_end_with_the_last_one_live(stack):
@@ -303,21 +330,51 @@ def test_two_quick_promotions_end_with_the_last_one_live(stack):
     dag = _dag("deploy_model")
     assert dag.max_active_runs == 1
 
-    # ...and each run, one at a time, deploys what the alias names when it starts: v3.
+    # ...which deploys what the alias names when its rollout runs: v3.
     first = dag.test()
     assert str(first.state) == "success", _states(first)
-    assert _xcom(first, "resolve")["version"] == "3"
+    assert _xcom(first, "rollout_local")["version"] == "3"
     assert _live() == "3"
     _served_predictions_match(stack, "3")
     # Had the scheduler started a second run, it finds v3 live and changes nothing.
     second = dag.test()
-    assert str(second.state) == "success", _states(second)
-    assert _xcom(second, "deploy_local")["unchanged"] is True
+    assert _states(second)["in_sync"] == "success"
     assert _live() == "3" and _champion(stack) == "3"
     clear_queue()
 
 
-def test_a_failed_rollout_returns_production_and_the_alias_to_the_previous_version(stack):
+def test_a_task_that_crashes_leaves_the_version_and_the_alias_alone(stack, monkeypatch, tmp_path):
+    """Fault: the rollout task dies before it verified anything (here its state folder is
+    unusable, as on a worker that cannot start it). Nothing is marked bad, the promotion
+    stands, the old version keeps serving; the next run (retry, reconcile) completes it."""
+    before = len(asset_events(ASSET_URI))
+    stack["client"].set_registered_model_alias(MODEL, "champion", "2")
+    _wait_for_event("2", before)
+
+    dag = _dag("deploy_model")
+    dag.get_task("rollout_local").retries = 0  # the retries themselves: test_dag_integrity
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("PIPELINE_DEPLOY_LOCAL_STATE_DIR", str(blocker / "serving"))
+    crashed = dag.test()
+    assert str(crashed.state) == "failed", _states(crashed)
+    assert _states(crashed)["rollout_local"] == "failed"
+    monkeypatch.undo()
+
+    version = stack["client"].get_model_version(MODEL, "2")
+    assert "rollout.failed" not in version.tags
+    assert _champion(stack) == "2", "a crash must not undo the user's promotion"
+    assert _live() == "3"
+    _served_predictions_match(stack, "3")
+
+    healed = _dag("deploy_model").test()
+    assert str(healed.state) == "success", _states(healed)
+    assert _live() == "2" and _champion(stack) == "2"
+    _served_predictions_match(stack, "2")
+    clear_queue()
+
+
+def test_a_failed_verification_returns_production_and_the_alias_to_the_previous_version(stack):
     before = len(asset_events(ASSET_URI))
     stack["client"].set_registered_model_alias(MODEL, "champion", "4")  # serves, but wrong
     _wait_for_event("4", before)
@@ -325,19 +382,18 @@ def test_a_failed_rollout_returns_production_and_the_alias_to_the_previous_versi
     dag_run = _dag("deploy_model").test()
     states = _states(dag_run)
     assert str(dag_run.state) == "failed", states
-    assert states["deploy_local"] == "success"
-    assert states["verify"] == "failed"
-    assert states["roll_back"] == "success"
-    assert states["promote"] == "upstream_failed"
+    assert states["rollout_local"] == "failed"
 
-    assert _live() == "3"
-    _served_predictions_match(stack, "3")
-    assert _champion(stack) == "3"
+    assert _live() == "2"
+    _served_predictions_match(stack, "2")
+    assert _champion(stack) == "2"
     failed = stack["client"].get_model_version(MODEL, "4")
-    assert "does not serve" in failed.tags["rollout.failed"]
-    assert failed.tags["rollout.failed"].startswith("verify: ")
-    # Moving the alias back is a promotion too: its run would find v3 live and do nothing.
-    _wait_for_event("3", before)
+    reason = failed.tags["rollout.failed"]
+    assert "differ from version 4" in reason and "first mismatch at row" in reason, reason
+    assert failed.tags["rollout.failed_by"] == dag_run.run_id
+    # Moving the alias back is a promotion too: its run finds v2 live and does nothing.
+    _wait_for_event("2", before + 1)
+    assert _states(_dag("deploy_model").test())["in_sync"] == "success"
     clear_queue()
 
 
@@ -346,8 +402,8 @@ def test_manual_trigger_with_a_version_is_the_rollback(stack):
     assert str(dag_run.state) == "success", _states(dag_run)
     assert _live() == "1"
     _served_predictions_match(stack, "1")
-    promoted = _xcom(dag_run, "promote")
-    assert promoted["moved"] is True and _champion(stack) == "1"
+    assert _xcom(dag_run, "rollout_local")["champion"] == "1"
+    assert _champion(stack) == "1"
     clear_queue()
 
 
@@ -355,21 +411,21 @@ def test_reconcile_converges_after_a_change_behind_the_pipelines_back(stack):
     from serving.deploy.local import LocalTarget
     from serving.deploy.settings import DeploySettings
 
-    # Someone deploys v2 by hand; @champion still names v1.
-    LocalTarget(DeploySettings(), stack["mlflow"]).deploy(f"models:/{MODEL}/2", "2")
-    assert _live() == "2" and _champion(stack) == "1"
+    # Someone deploys v3 by hand; @champion still names v1.
+    LocalTarget(DeploySettings(), stack["mlflow"]).deploy(f"models:/{MODEL}/3", "3")
+    assert _live() == "3" and _champion(stack) == "1"
 
     reconcile = _dag("reconcile_deployment")
     check_run = reconcile.test()
     states = _states(check_run)
     assert str(check_run.state) == "success", states
     assert states["trigger_deploy_model"] == "success"
-    assert _xcom(check_run, "check", key="report")["live_version"] == "2"
+    assert _xcom(check_run, "check", key="report")["live_version"] == "3"
     triggered = _xcom(check_run, "trigger_deploy_model", key="trigger_run_id")
     assert _run_state("deploy_model", triggered) == "queued"
 
     # That queued run, executed: the alias's version is live again.
-    dag_run = _dag("deploy_model").test()
+    dag_run = _dag("deploy_model").test(run_conf={"reason": "reconcile: test"})
     assert str(dag_run.state) == "success", _states(dag_run)
     assert _live() == "1"
     _served_predictions_match(stack, "1")
@@ -378,6 +434,71 @@ def test_reconcile_converges_after_a_change_behind_the_pipelines_back(stack):
     again = reconcile.test()
     assert _states(again)["trigger_deploy_model"] == "skipped"
     assert _xcom(again, "check", key="report")["reason"] == "in sync"
+
+
+def test_reconcile_sees_a_dead_endpoint_and_redeploys(stack):
+    """The health half of reconcile: the proxy itself is gone (the supervisor with it)."""
+    from serving.deploy.local import LocalTarget
+    from serving.deploy.settings import DeploySettings
+
+    LocalTarget(DeploySettings(), stack["mlflow"]).stop_all()
+    report_run = _dag("reconcile_deployment").test()
+    report = _xcom(report_run, "check", key="report")
+    assert report["converge"] is True and report["healthy"] is False, report
+    dag_run = _dag("deploy_model").test(run_conf={"reason": "reconcile: endpoint down"})
+    assert str(dag_run.state) == "success", _states(dag_run)
+    _served_predictions_match(stack, "1")
+
+
+def test_a_promotion_and_a_nightly_rollout_at_once_leave_champion_equal_to_live(stack):
+    """Fault: two triggers at once. A nightly candidate (v3, evaluated against @champion v1)
+    and a promotion of v2 made while it waits: two real rollout processes racing for the
+    slot, in both orders. Whatever the order, @champion names what is served afterwards."""
+    from serving.deploy.local import LocalTarget
+    from serving.deploy.settings import DeploySettings
+
+    def rollout(request: dict) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "serving.deploy", "rollout", "--target", "local",
+             "--request", json.dumps(request)],
+            env={**os.environ},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+
+    target = LocalTarget(DeploySettings(), stack["mlflow"])
+    for first_kind in ("candidate", "champion"):
+        stack["client"].set_registered_model_alias(MODEL, "champion", "1")
+        LocalTarget(DeploySettings(), stack["mlflow"]).deploy(f"models:/{MODEL}/1", "1")
+        candidate = {"kind": "candidate", "version": "3", "champion_at_eval": "1",
+                     "reason": "nightly", "run_id": f"nightly-{first_kind}"}  # fmt: skip
+        promotion = {"kind": "champion", "retry_failed": True, "reason": "promotion of v2"}
+        with target.lock("the test, holding the slot so both queue up"):
+            if first_kind == "candidate":
+                procs = [rollout(candidate)]
+                time.sleep(1.0)
+                stack["client"].set_registered_model_alias(MODEL, "champion", "2")
+                procs.append(rollout(promotion))
+            else:
+                stack["client"].set_registered_model_alias(MODEL, "champion", "2")
+                procs = [rollout(promotion)]
+                time.sleep(1.0)
+                procs.append(rollout(candidate))
+            time.sleep(1.0)  # both are waiting for the slot now
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+        assert all(proc.returncode == 0 for proc in procs), logs
+        # The promotion happened after the candidate's evaluation: it wins in both orders.
+        assert _champion(stack) == "2", logs
+        assert _live() == "2", logs
+        assert _served_version(stack) == "2"
+        _served_predictions_match(stack, "2")
+        assert any("superseded" in log for log in logs), logs
+    clear_queue()
+
+
+def _served_version(stack) -> str | None:
+    return httpx.get(f"{stack['endpoint']}/v1/model", timeout=10).json().get("version")
 
 
 def _run_state(dag_id: str, run_id: str) -> str | None:

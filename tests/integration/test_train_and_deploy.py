@@ -69,6 +69,48 @@ def _states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
 
 
+def _xcom(dag_run, task_id: str, key: str = "return_value"):
+    import json
+
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.execute(
+            XComModel.get_many(
+                key=key, run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=task_id
+            ).with_only_columns(XComModel.value)
+        ).first()
+    if row is None:
+        return None
+    return json.loads(row.value) if isinstance(row.value, str | bytes) else row.value
+
+
+def test_one_nightly_run_causes_exactly_one_rollout(stack, first_run):
+    """The run's own promotion fires the registry webhook, and the scheduler starts
+    deploy_model for it: that run finds @champion live and healthy and deploys nothing."""
+    from serving.deploy.local import LocalTarget
+    from serving.deploy.settings import DeploySettings
+
+    target = LocalTarget(DeploySettings(), stack["tracking_uri"])
+    serving = target.read_active()
+    assert serving["version"] == "1" and serving["restarts"] == 0
+    echo = _deploy_model().test()
+    assert str(echo.state) == "success"
+    assert _states(echo)["in_sync"] == "success"
+    assert target.read_active() == serving  # the same server: no second rollout
+
+
+def _deploy_model():
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.dags.test_dag_integrity import DAGS_DIR
+
+    bag = DagBag(dag_folder=str(DAGS_DIR / "deploy_model.py"))
+    assert bag.import_errors == {}
+    return bag.dags["deploy_model"]
+
+
 def _client(tracking_uri):
     from mlflow import MlflowClient
 
@@ -84,10 +126,9 @@ def first_run(stack):
 def test_first_run_trains_registers_deploys_and_promotes(stack, first_run):
     states = _states(first_run)
     assert str(first_run.state) == "success", states
-    assert states["deploy_local"] == "success"
-    assert states["deploy_kubernetes"] == "skipped"
+    assert states["rollout_local"] == "success"
+    assert states["rollout_kubernetes"] == "skipped"
     assert states["not_deployed"] == "skipped"
-    assert states["promote"] == "success"
 
     client = _client(stack["tracking_uri"])
     version = client.get_model_version_by_alias(MODEL, "champion")
@@ -100,6 +141,15 @@ def test_first_run_trains_registers_deploys_and_promotes(stack, first_run):
     assert run.data.params["epochs"] == "25"
     assert "holdout_rmse" in run.data.metrics
     assert run.inputs.dataset_inputs, "training dataset logged as a run input"
+    # Verified on the fixed rows logged at evaluation, then promoted, in one rollout.
+    import mlflow
+
+    rows = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/verification/rows.json")
+    assert len(rows["data"]) == len(rows["predictions"]) == 64
+    outcome = _xcom(first_run, "rollout_local")
+    assert outcome["status"] == "rolled_out" and outcome["champion"] == "1"
+    assert outcome["verification"]["rows_from"] == f"logged with run {version.run_id}"
+    assert version.tags["rollout.verified"]
 
     from mlflow.models import Model
 
@@ -130,10 +180,7 @@ def test_gate_rejection_registers_but_deploys_nothing(stack, first_run):
     states = _states(dag_run)
     assert str(dag_run.state) == "success", states  # "not deployed" is an outcome, not a crash
     assert states["not_deployed"] == "success"
-    assert states["deploy_local"] == "skipped"
-    assert states["rolled_out"] == "skipped"
-    assert states["verify"] == "skipped"
-    assert states["promote"] == "skipped"
+    assert states["rollout_local"] == "skipped"
 
     client = _client(stack["tracking_uri"])
     rejected = client.get_model_version(MODEL, "2")

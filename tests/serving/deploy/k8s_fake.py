@@ -467,9 +467,18 @@ class _KubeHandler(BaseHTTPRequestHandler):
 class FakeModelServer:
     """What ``http://<service>`` answers, from the fake cluster's ready pods (round robin)."""
 
-    def __init__(self, cluster: FakeCluster, *, version_header: bool = True) -> None:
+    def __init__(
+        self,
+        cluster: FakeCluster,
+        *,
+        version_header: bool = True,
+        predictor: Any = None,
+    ) -> None:
+        """``predictor(version, dataframe_split) -> list[float]``: what a pod of that version
+        answers (default: 0.5 for every row)."""
         self.cluster = cluster
         self.version_header = version_header
+        self.predictor = predictor
         self.invocations: list[dict[str, Any]] = []
         self._next = itertools.count()
         server = self
@@ -506,8 +515,12 @@ class FakeModelServer:
             if path == "/invocations" and body is not None:
                 payload = json.loads(body)
                 self.invocations.append(payload)
-                rows = len(payload["dataframe_split"]["data"])
-                status, obj = 200, {"predictions": [{"prediction": 0.5}] * rows}
+                split = payload["dataframe_split"]
+                if self.predictor is None:
+                    values = [0.5] * len(split["data"])
+                else:
+                    values = self.predictor(version, split)
+                status, obj = 200, {"predictions": [{"prediction": v} for v in values]}
             elif path == "/v1/model":
                 status, obj = 200, {"name": "regression-model", "version": version}
             elif path in ("/ping", "/health"):

@@ -1,0 +1,611 @@
+"""The one rollout path: every way a version goes live goes through :func:`run`.
+
+Who asks, and with which :class:`Request`:
+
+=====================================  =====================================================
+nightly / UI run of train_and_deploy   ``candidate``: the version the gate approved, valid
+                                       only while ``@champion`` still names the version it
+                                       was compared against
+promotion in the MLflow registry       ``champion``: whatever ``@champion`` names *now*
+reconcile, ``make run`` after restart  ``champion`` (does not retry a version that failed)
+manual deploy / rollback (deploy_model ``version``: exactly that version, even one that
+with a version number)                 failed before; ``@champion`` moves to it once verified
+=====================================  =====================================================
+
+What :func:`run` does, holding the target's rollout lock the whole time (and, in Airflow, the
+one slot of the ``model_rollout`` pool), so that two rollouts never interleave and the
+decision is always taken on the state it acts on:
+
+1. read ``@champion`` and what the target serves (version, healthy or not);
+2. :func:`plan` (pure): skip, check what is live, or deploy;
+3. deploy (the target keeps the old version serving until the new one is ready), then
+   verify the endpoint on the version's fixed rows (:mod:`serving.deploy.verify`);
+4. verified: move ``@champion`` to it when the request says so (only if nobody moved the
+   alias meanwhile), drop ``@challenger``;
+5. verification ran and failed: that is a verdict. Tag the version ``rollout.failed`` with the
+   reason, put back what was live before (or withdraw the endpoint if nothing was), move
+   ``@champion`` back if it names the failed version, raise :class:`VerificationFailed`.
+
+Anything else that goes wrong (the target cannot start a server, the registry or the
+endpoint does not answer, the task dies) is not a verdict: nothing is tagged, no alias moves,
+the old version keeps serving, and the caller retries. A version that already answers right
+ends the run in seconds as ``unchanged``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+from ml.settings import RegistrySettings
+from serving.deploy.verify import EndpointUnreachable, Rows, VerificationFailed
+
+log = logging.getLogger("serving.deploy.rollout")
+
+# Version tags written by a rollout. The reason of a failed verification, and which run found
+# it (a retry of that run does not deploy it again; a new explicit deploy does).
+FAILED_TAG = "rollout.failed"
+FAILED_BY_TAG = "rollout.failed_by"
+VERIFIED_TAG = "rollout.verified"
+
+Kind = Literal["candidate", "champion", "version"]
+
+
+class RolloutError(RuntimeError):
+    """The rollout could not be completed, and it says nothing about the version: retry."""
+
+
+class DeployFailed(RolloutError):
+    """The target could not put the version live; what served before still serves."""
+
+
+class Target(Protocol):
+    """Where models are served: the local target or a Kubernetes Deployment."""
+
+    name: str
+
+    @property
+    def endpoint(self) -> str:
+        """Base URL the rollout verifies through."""
+
+    def lock(self, holder: str) -> AbstractContextManager[None]:
+        """Held for a whole rollout: one rollout at a time on this target."""
+
+    def live(self) -> Live:
+        """The version served now, and whether it is healthy."""
+
+    def deploy(self, model_uri: str, version: str) -> dict[str, Any]:
+        """Put the pinned version live; raises :class:`DeployFailed` (old one still serves)."""
+
+    def withdraw(self) -> None:
+        """Stop serving (after a failed first rollout: nothing good to go back to)."""
+
+
+@dataclass(frozen=True)
+class Live:
+    version: str | None
+    healthy: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: Kind
+    version: str | None = None
+    # candidate: the @champion its gate compared against (None: there was none).
+    champion_at_eval: str | None = None
+    # Who asked, in words: logged, and written into tags.
+    reason: str = ""
+    # The Airflow run (or other caller) that asked: a retry of it does not redo a verdict.
+    run_id: str | None = None
+    # champion requests: deploy @champion even if it failed verification before (a person
+    # promoted it again). Reconcile and restarts leave it False.
+    retry_failed: bool = False
+    # champion requests: what @champion named when the request was made. If this run's own
+    # verification already failed it (a retried rollout pod), the retry fails again instead
+    # of finding the restored version live and reporting success.
+    champion_at_request: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("candidate", "champion", "version"):
+            raise ValueError(f"unknown rollout request kind {self.kind!r}")
+        if self.kind != "champion" and not str(self.version or "").isdigit():
+            raise ValueError(f"a {self.kind} request needs a version number, got {self.version!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | str) -> Request:
+        if isinstance(data, str):
+            data = json.loads(data)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown rollout request field(s) {sorted(unknown)}")
+        values = dict(data)
+        for key in ("version", "champion_at_eval", "champion_at_request"):
+            if values.get(key) is not None:
+                values[key] = str(values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Plan:
+    action: Literal["skip", "fail", "check", "deploy"]
+    version: str | None
+    reason: str
+    promote: bool = False
+
+
+def plan(
+    request: Request,
+    *,
+    champion: str | None,
+    live: Live,
+    failed: Mapping[str, str] | None = None,
+    judged_here: tuple[str, str] | None = None,
+) -> Plan:
+    """What to do, from the request and the state read while holding the rollout lock.
+
+    ``failed`` holds the target version's ``rollout.failed``/``rollout.failed_by`` tags, if
+    any; ``judged_here`` a (version, reason) this very run already failed verification of.
+    Pure: every rule of the rollout path's decision is here and tested as a table.
+    """
+    failed = failed or {}
+    if judged_here is not None:
+        return Plan(
+            "fail",
+            judged_here[0],
+            f"this run already failed verification of v{judged_here[0]}: {judged_here[1][:300]}",
+        )
+    if request.kind == "candidate":
+        if champion != request.champion_at_eval:
+            return Plan(
+                "skip",
+                request.version,
+                f"superseded: @champion moved from {_v(request.champion_at_eval)} to "
+                f"{_v(champion)} after v{request.version} was evaluated against it; "
+                "not deploying a decision taken on another champion",
+            )
+        target, promote = request.version, True
+    elif request.kind == "version":
+        target, promote = request.version, True
+    else:
+        if champion is None:
+            return Plan("skip", None, "no @champion: nothing to deploy")
+        target, promote = champion, False
+    if FAILED_TAG in failed:
+        same_run = request.run_id is not None and failed.get(FAILED_BY_TAG) == request.run_id
+        explicit = request.kind == "version" or (
+            request.kind == "champion" and request.retry_failed
+        )
+        if same_run or not explicit:
+            return Plan(
+                "fail",
+                target,
+                f"v{target} failed verification before ({failed[FAILED_TAG][:300]}); not "
+                "deploying it again automatically (deploy it by hand with its version number, "
+                "or promote it again)",
+            )
+    if live.version == target and live.healthy:
+        return Plan("check", target, f"v{target} is live and healthy: verifying it", promote)
+    now = (
+        f"v{live.version} ({'healthy' if live.healthy else 'unhealthy'})"
+        if live.version
+        else ("nothing")
+    )
+    return Plan("deploy", target, f"deploying v{target}; live now: {now}", promote)
+
+
+@dataclass
+class Outcome:
+    status: Literal["rolled_out", "unchanged", "skipped"]
+    version: str | None
+    reason: str
+    target: str
+    seconds: float = 0.0
+    verification: dict[str, Any] | None = None
+    champion: str | None = None
+    previous: str | None = None
+    steps: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run(
+    request: Request,
+    target: Target,
+    registry: RegistrySettings,
+    *,
+    tracking_uri: str,
+    lock_holder: str | None = None,
+) -> Outcome:
+    """Roll out what ``request`` asks for on ``target``; see the module docstring.
+
+    Raises :class:`VerificationFailed` (a verdict: tagged, restored) or :class:`RolloutError`
+    (anything else: nothing tagged; retry).
+    """
+    from ml.registry import Registry
+
+    started = time.monotonic()
+    steps: list[str] = []
+
+    def step(message: str) -> None:
+        steps.append(f"{time.monotonic() - started:6.1f}s {message}")
+        log.info("%s", message)
+
+    reg = Registry(tracking_uri, registry)
+    holder = lock_holder or request.reason or request.kind
+    with target.lock(holder):
+        step(f"rollout slot held on the {target.name} target ({holder})")
+        try:
+            champion_info = reg.champion()
+        except Exception as exc:  # the registry is down: not a verdict
+            raise RolloutError(f"cannot read @{registry.champion_alias}: {exc}") from exc
+        champion = champion_info.version if champion_info else None
+        live = target.live()
+        target_info = None
+        wanted = request.version if request.kind != "champion" else champion
+        if wanted is not None:
+            target_info = champion_info if wanted == champion else reg.get(wanted)
+        failed = _failure_tags(target_info.tags if target_info else {})
+        decision = plan(
+            request,
+            champion=champion,
+            live=live,
+            failed=failed,
+            judged_here=_judged_here(reg, request),
+        )
+        step(
+            f"plan: {decision.action} ({decision.reason}); @champion {_v(champion)}, live "
+            f"{_v(live.version)}{'' if live.healthy else ' (not healthy)'}"
+        )
+        outcome = Outcome(
+            status="skipped",
+            version=decision.version,
+            reason=decision.reason,
+            target=target.name,
+            champion=champion,
+            previous=live.version,
+            steps=steps,
+        )
+        if decision.action == "skip":
+            if request.kind == "candidate":
+                _drop_challenger(reg, registry, request.version)
+            outcome.seconds = round(time.monotonic() - started, 1)
+            return outcome
+        if decision.action == "fail":
+            raise VerificationFailed(decision.reason)
+        assert target_info is not None and decision.version is not None
+        version, model_uri = decision.version, target_info.model_uri
+        rows = _rows(target_info, tracking_uri)
+        step(f"verification rows: {len(rows.data)} ({rows.source})")
+
+        if decision.action == "check":
+            try:
+                outcome.verification = _verify(target, version, rows)
+                outcome.status = "unchanged"
+                step(f"v{version} answers its verification rows: unchanged")
+            except VerificationFailed as exc:
+                step(f"live v{version} answers wrongly ({exc}): deploying it afresh")
+                decision = Plan("deploy", version, "redeploy", decision.promote)
+        if decision.action == "deploy":
+            # What to go back to if the new version fails verification: what served before.
+            restore_to = live.version if live.healthy and live.version != version else None
+            if restore_to is None and champion not in (None, version):
+                restore_to = champion
+            try:
+                detail = target.deploy(model_uri, version)
+            except DeployFailed:
+                raise
+            except Exception as exc:
+                raise DeployFailed(f"deploying v{version} failed: {exc}") from exc
+            step(f"v{version} deployed ({_brief(detail)})")
+            try:
+                outcome.verification = _verify(target, version, rows)
+            except VerificationFailed as exc:
+                _verdict(reg, registry, target, request, version, str(exc), restore_to, step)
+                raise
+            step(
+                f"v{version} verified: {outcome.verification['rows']} rows, max |diff| "
+                f"{outcome.verification['max_abs_diff']:.2g}"
+            )
+            outcome.status = "rolled_out"
+
+        reg.tag_version(version, {VERIFIED_TAG: _stamp(request, target)})
+        if FAILED_TAG in failed:
+            _clear_failure(reg, version)
+        if decision.promote:
+            outcome.champion = _promote(reg, registry, version, expected=champion, step=step)
+        _drop_challenger(reg, registry, version)
+        outcome.seconds = round(time.monotonic() - started, 1)
+        step(f"done: {outcome.status} v{version} in {outcome.seconds:.1f}s")
+        return outcome
+
+
+# -- steps -------------------------------------------------------------------------------------
+
+
+def _rows(version_info: Any, tracking_uri: str) -> Rows:
+    from serving.deploy.verify import load_rows
+
+    try:
+        return load_rows(version_info.to_dict(), tracking_uri=tracking_uri)
+    except Exception as exc:  # the registry or artifact store did not answer: not a verdict
+        raise RolloutError(
+            f"cannot read the verification rows of v{version_info.version}: {exc}"
+        ) from exc
+
+
+def _verify(target: Target, version: str, rows: Rows) -> dict[str, Any]:
+    from serving.deploy.verify import verify
+
+    try:
+        return verify(target.endpoint, version, rows)
+    except EndpointUnreachable as exc:
+        raise RolloutError(f"cannot verify v{version}: {exc}") from exc
+
+
+def _verdict(
+    reg: Any,
+    registry: RegistrySettings,
+    target: Target,
+    request: Request,
+    version: str,
+    reason: str,
+    restore_to: str | None,
+    step: Any,
+) -> None:
+    """Verification ran and failed: tag, put back what served before, move the alias back."""
+    step(f"VERIFICATION FAILED for v{version}: {reason}")
+    reg.tag_version(
+        version,
+        {FAILED_TAG: reason[:4000], FAILED_BY_TAG: request.run_id or request.reason or "?"},
+    )
+    if restore_to is not None:
+        try:
+            target.deploy(f"models:/{reg.name}/{restore_to}", restore_to)
+            step(f"v{restore_to} restored")
+        except Exception as exc:
+            # A bad version must not stay live: withdraw; reconcile brings @champion back.
+            step(f"restoring v{restore_to} failed ({exc}); withdrawing v{version}")
+            target.withdraw()
+    else:
+        target.withdraw()
+        step(f"nothing served before v{version}: endpoint withdrawn")
+    _drop_challenger(reg, registry, version)
+    current = reg.champion()
+    if current is not None and current.version == version:
+        if restore_to is not None:
+            reg.set_alias(registry.champion_alias, restore_to)
+            step(f"@{registry.champion_alias} moved back: v{version} -> v{restore_to}")
+        else:
+            reg.delete_alias(registry.champion_alias)
+            step(f"@{registry.champion_alias} removed: nothing served before v{version}")
+
+
+def _promote(
+    reg: Any, registry: RegistrySettings, version: str, *, expected: str | None, step: Any
+) -> str | None:
+    """Move @champion to ``version`` unless someone moved it while this rollout ran."""
+    alias = registry.champion_alias
+    current = reg.champion()
+    now = current.version if current else None
+    if now == version:
+        step(f"@{alias} already names v{version}")
+        return now
+    if now != expected:
+        # A promotion happened during this rollout: its own run (queued behind this one)
+        # deploys what the alias names; overwriting it would undo a person's decision.
+        step(f"@{alias} moved to {_v(now)} during this rollout: left as it is")
+        return now
+    reg.set_alias(alias, version)
+    step(f"@{alias}: {_v(now)} -> v{version}")
+    return version
+
+
+def _drop_challenger(reg: Any, registry: RegistrySettings, version: str | None) -> None:
+    try:
+        challenger = reg.get(f"@{registry.challenger_alias}")
+    except LookupError:
+        return
+    if version is not None and challenger.version == str(version):
+        reg.delete_alias(registry.challenger_alias)
+
+
+def _clear_failure(reg: Any, version: str) -> None:
+    for key in (FAILED_TAG, FAILED_BY_TAG):
+        try:
+            reg.client.delete_model_version_tag(reg.name, version, key)
+        except Exception as exc:  # only bookkeeping
+            log.warning("could not delete tag %s of v%s: %s", key, version, exc)
+
+
+def _judged_here(reg: Any, request: Request) -> tuple[str, str] | None:
+    """(version, reason) if this request's run already failed verification of it."""
+    if not request.run_id:
+        return None
+    for version in {request.version, request.champion_at_request} - {None}:
+        try:
+            tags = reg.get(version).tags
+        except LookupError:
+            continue
+        if tags.get(FAILED_BY_TAG) == request.run_id and FAILED_TAG in tags:
+            return str(version), tags[FAILED_TAG]
+    return None
+
+
+def _failure_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in tags.items() if k in (FAILED_TAG, FAILED_BY_TAG)}
+
+
+def _stamp(request: Request, target: Target) -> str:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return f"{when} on {target.name} ({request.reason or request.kind})"
+
+
+def _brief(detail: Mapping[str, Any] | None) -> str:
+    if not detail:
+        return "-"
+    keys = ("endpoint", "port", "ready_s", "status", "message")
+    return ", ".join(f"{k}={detail[k]}" for k in keys if detail.get(k) is not None)
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "none"
+
+
+def make_target(settings: Any, *, tracking_uri: str) -> Target:
+    """The target ``settings.target`` names (in a pod: in-cluster credentials)."""
+    if settings.target == "local":
+        from serving.deploy.local import LocalTarget
+
+        return LocalTarget(settings, tracking_uri)
+    from serving.deploy.kubernetes import KubeClient, KubernetesTarget
+
+    kube = KubeClient.from_environment(settings.namespace, settings.deployment_name)
+    return KubernetesTarget(kube, settings, tracking_uri=tracking_uri)
+
+
+def run_request(
+    request: Mapping[str, Any] | str | Request,
+    deploy: Any,
+    registry: RegistrySettings,
+    *,
+    tracking_uri: str,
+) -> dict[str, Any]:
+    """:func:`run` for a JSON-able request on the target of ``deploy`` (tasks, pods, CLI)."""
+    if not isinstance(request, Request):
+        request = Request.from_dict(request)
+    target = make_target(deploy, tracking_uri=tracking_uri)
+    return run(request, target, registry, tracking_uri=tracking_uri).to_dict()
+
+
+# -- observing (reconcile, deploy_model's quick check) -------------------------------------------
+
+
+def observe_live(deploy: Any, *, tracking_uri: str) -> Live:
+    """What is live, seen from an Airflow worker (local: the target; kubernetes: HTTP)."""
+    if deploy.target == "local":
+        from serving.deploy.local import LocalTarget
+
+        return LocalTarget(deploy, tracking_uri).live()
+    from serving.deploy.verify import Endpoint, EndpointUnreachable
+
+    try:
+        with Endpoint(deploy.endpoint_url, timeout_s=10.0) as endpoint:
+            healthy = endpoint.ping()
+            return Live(endpoint.served_version(), healthy, deploy.endpoint_url)
+    except EndpointUnreachable as exc:
+        return Live(None, False, str(exc))
+
+
+def reconcile_report(
+    registry: RegistrySettings, deploy: Any, *, tracking_uri: str
+) -> dict[str, Any]:
+    """Does the endpoint serve what ``@champion`` names, and does it answer?
+
+    ``converge`` is True when a rollout of ``@champion`` should run: the alias exists, and
+    what is live is another version or not healthy, and the version has not already failed
+    verification (that one waits for a person: promote it again or deploy it by hand).
+    """
+    from ml.registry import Registry
+
+    champion = Registry(tracking_uri, registry).champion()
+    live = observe_live(deploy, tracking_uri=tracking_uri)
+    alias = registry.champion_alias
+    report: dict[str, Any] = {
+        "alias": alias,
+        "alias_version": champion.version if champion else None,
+        "live_version": live.version,
+        "healthy": live.healthy,
+        "detail": live.detail,
+        "converge": False,
+    }
+    if champion is None:
+        report["reason"] = f"no @{alias}: nothing to converge to"
+    elif FAILED_TAG in champion.tags:
+        report["reason"] = (
+            f"@{alias} names v{champion.version}, which failed verification "
+            f"({champion.tags[FAILED_TAG][:200]}); not retrying automatically"
+        )
+    elif live.version == champion.version and live.healthy:
+        report["reason"] = "in sync"
+    else:
+        report["converge"] = True
+        state = "healthy" if live.healthy else f"not healthy: {live.detail}"
+        report["reason"] = f"@{alias} names v{champion.version}; live: {_v(live.version)} ({state})"
+    log.info("Reconcile: %s", report["reason"])
+    return report
+
+
+def request_for_deploy_model(
+    *,
+    version: int | str | None,
+    reason: str,
+    events: list[Mapping[str, Any]],
+    run_id: str | None,
+    deploy: Any,
+    registry: RegistrySettings,
+    tracking_uri: str,
+) -> dict[str, Any]:
+    """``deploy_model``'s first step: the rollout request, or None when all is in sync.
+
+    A manual version is always rolled out. Otherwise the request is "whatever @champion names
+    when the rollout runs"; only the one cheap case is settled here, outside the rollout slot:
+    @champion already live and healthy (the echo of the pipeline's own promotion, or a
+    reconcile that raced a rollout). Skipping then is safe: nothing would change.
+    """
+    from ml.registry import Registry
+
+    for event in events:
+        log.info(
+            "Triggered by %s: @%s -> v%s (delivery %s)",
+            event.get("source", "an asset event"),
+            event.get("alias"),
+            event.get("version"),
+            event.get("delivery_id"),
+        )
+    if version is not None and str(version).strip():
+        request = Request(
+            kind="version",
+            version=str(version).strip(),
+            reason=reason or f"deploy_model run {run_id}: version {version} by hand",
+            run_id=run_id,
+        )
+        return {"request": request.to_dict(), "why": "a version was given"}
+    promoted = bool(events)
+    request = Request(
+        kind="champion",
+        reason=reason
+        or (f"promotion in the registry ({len(events)} event(s))" if promoted else "by hand"),
+        run_id=run_id,
+        # A person moving the alias (or triggering by hand) asks again; reconcile does not.
+        retry_failed=not reason.startswith("reconcile"),
+    )
+    champion = Registry(tracking_uri, registry).champion()
+    if champion is not None:
+        request = Request(**{**request.to_dict(), "champion_at_request": champion.version})
+    live = observe_live(deploy, tracking_uri=tracking_uri)
+    if champion is not None and live.version == champion.version and live.healthy:
+        log.info(
+            "@%s v%s is live and healthy: nothing to roll out",
+            registry.champion_alias,
+            champion.version,
+        )
+        return {"request": None, "why": "in sync"}
+    log.info(
+        "@%s names %s; live: %s (%s): rolling out",
+        registry.champion_alias,
+        _v(champion.version if champion else None),
+        _v(live.version),
+        "healthy" if live.healthy else live.detail,
+    )
+    return {"request": request.to_dict(), "why": "out of sync"}

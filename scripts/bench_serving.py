@@ -618,7 +618,8 @@ def build_report(
             "- **stock-tensorflow**: the same network logged with `mlflow.tensorflow.log_model` "
             "(served through `keras.Model.predict`).",
             "- **this-server**: `python -m serving.server` on the same pyfunc version, default "
-            "settings (access log on, micro-batching on, fast Keras path).",
+            "settings (access log on, micro-batching on, fast Keras path, metrics kept by "
+            "`prometheus_client` from per-request records applied in batches).",
             "- CPU us/req: user + system CPU time of the server's whole process tree during a "
             "cell, divided by the requests answered (from `/proc`; it excludes the load "
             "generator, and moves less with machine load than req/s does).",

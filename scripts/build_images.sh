@@ -56,9 +56,10 @@ BASE_PACKAGES=python3,python3.11,ca-certificates
 # serving: only what `python -m serving.server` imports: mlflow-skinny (MLflow's own client-only
 # distribution: the pyfunc loader and the registry client, without the tracking server, Flask,
 # SQLAlchemy, scikit-learn, scipy, matplotlib), TensorFlow (CPU), pandas, pyarrow (Parquet
-# input), uvicorn with uvloop/httptools (the fast HTTP path), orjson.
+# input), uvicorn with uvloop/httptools (the fast HTTP path), orjson, prometheus-client
+# (/metrics).
 SERVING_REQUIREMENTS="mlflow-skinny tensorflow-cpu pandas numpy pyarrow
-uvicorn uvloop httptools orjson"
+uvicorn uvloop httptools orjson prometheus-client"
 # pipeline: what training, evaluation and the Kubernetes rollout pods run (`python -m ml ...`,
 # `python -m serving.deploy rollout`): the project's dependencies without Airflow.
 pipeline_requirements() {

@@ -10,8 +10,9 @@ Routes (a client of ``mlflow models serve`` must not notice the switch):
 - ``GET /ping``, ``GET /health``   200 once ready, 503 before (MLflow: 200 once loaded)
 - ``GET /version``   the MLflow version, like MLflow
 - ``GET /v1/model``  what is served: ``{name, version, uri, run_id, model_id, flavor, ...}``
-- ``GET /metrics``   Prometheus text format (``serving.server.metrics``); with ``--workers N`` any
-  worker answers for all of them (each publishes its numbers in a shared temporary directory)
+- ``GET /metrics``   Prometheus text format (``serving.server.metrics``, ``prometheus_client``);
+  with ``--workers N`` any worker answers for all of them (``prometheus_client``'s multiprocess
+  mode: each worker keeps its numbers in files in ``$PROMETHEUS_MULTIPROC_DIR``)
 
 Every response carries ``X-Model-Version`` when the model came from the registry.
 
@@ -70,7 +71,7 @@ import numpy as np
 from serving.server.batching import DEFAULT_MAX_BATCH_ROWS, MicroBatcher
 from serving.server.contract import NUMERIC_INPUT_TYPES, VERSION_HEADER
 from serving.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from serving.server.metrics import MULTIPROCESS_DIR_ENV, ServerMetrics, clear_worker_files
+from serving.server.metrics import MULTIPROCESS_DIR_ENV, ServerMetrics, clear_directory
 
 if TYPE_CHECKING:
     from serving.server.loader import LoadedModel
@@ -848,11 +849,7 @@ class ScoringApp:
         batches = self._batches
         if batches:
             self._batches = []
-            metrics = self.metrics
-            for rows, requests, fell_back in batches:
-                metrics.observe_batch(rows, requests)
-                if fell_back:
-                    metrics.batch_fallbacks += 1
+            self.metrics.observe_batches(batches)
         records = self._records
         if not records:
             return
@@ -874,7 +871,7 @@ class ScoringApp:
             self.flush_records()
             metrics = self.metrics
             # With --workers N, which worker answered (the numbers are the whole server's).
-            worker = ((b"x-worker-pid", b"%d" % os.getpid()),) if metrics.store else ()
+            worker = ((b"x-worker-pid", b"%d" % os.getpid()),) if metrics.multiprocess else ()
             return Reply(200, metrics.render(), METRICS_CONTENT_TYPE.encode(), headers=worker)
         # /v1/model
         if self.model is None:
@@ -977,7 +974,7 @@ class ScoringApp:
     async def _reference(self, body: bytes, content_type: bytes | None) -> Reply:
         model = self.model
         assert model is not None
-        self.metrics.model_calls["pyfunc"] += 1
+        self.metrics.count_pyfunc_call()
         ctype = content_type.decode("latin-1") if content_type is not None else None
         try:
             return await asyncio.wait_for(
@@ -996,7 +993,7 @@ class ScoringApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._loop = asyncio.get_running_loop()
-                if self.metrics.store is not None:
+                if self.metrics.multiprocess:
                     self._tick()
                 threading.Thread(
                     target=self._load_and_warm, name="model-loader", daemon=True
@@ -1011,15 +1008,14 @@ class ScoringApp:
                     self._tick_handle.cancel()
                     self._tick_handle = None
                 self.flush_records()
-                self.metrics.ready = 0
-                self.metrics.persist()
+                self.metrics.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
     def _tick(self) -> None:
-        """With --workers N: publish this worker's numbers for the others' /metrics."""
+        """With --workers N: bring this worker's numbers up to date for the others' /metrics."""
         self.flush_records()
-        self.metrics.persist()
+        self.metrics.publish()
         assert self._loop is not None
         self._tick_handle = self._loop.call_later(RECORDS_FLUSH_S, self._tick)
 
@@ -1119,7 +1115,7 @@ class ScoringApp:
         )
         self.metrics.ready = 1
         self.ready = True
-        self.metrics.persist()
+        self.metrics.publish()
         log.info("ready: %s", json.dumps(description))
 
     def _on_batch(self, rows: int, requests: int, fell_back: bool) -> None:
@@ -1213,15 +1209,16 @@ def run(config: ServerConfig) -> int:
         config.workers,
         common["http"] + "/" + common["loop"],
     )
+    # prometheus_client's multiprocess mode (see serving.server.metrics): every worker keeps its
+    # metrics in files in one directory, and any worker's /metrics answers for all of them:
+    # $PROMETHEUS_MULTIPROC_DIR (emptied of old files first) or a temporary directory, removed
+    # at exit. The variable must be set before the workers import prometheus_client.
+    given = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if given:
+        os.makedirs(given, exist_ok=True)
+        clear_directory(given)
     if config.workers > 1:
-        # Every worker publishes its metrics in one directory, and any worker's /metrics
-        # answers for all of them (see serving.server.metrics): $SERVING_METRICS_DIR (emptied of
-        # old worker files first) or a temporary directory, removed at exit.
-        given = os.environ.get(MULTIPROCESS_DIR_ENV)
         metrics_dir = given or tempfile.mkdtemp(prefix="model-server-metrics-")
-        if given:
-            os.makedirs(given, exist_ok=True)
-            clear_worker_files(given)
         os.environ[CONFIG_ENV] = config.to_json()
         os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
         try:
@@ -1232,7 +1229,7 @@ def run(config: ServerConfig) -> int:
             if not given:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
-    app = ScoringApp(config)
+    app = ScoringApp(config, metrics_dir=given)  # $PROMETHEUS_MULTIPROC_DIR set: files there
     server = uvicorn.Server(uvicorn.Config(app, **common))
 
     def fatal() -> None:

@@ -1,11 +1,14 @@
-"""Prometheus metrics for the model server, in the text exposition format (version 0.0.4).
+"""Prometheus metrics for the model server, kept and exposed with ``prometheus_client``.
 
-Hand-rolled instead of ``prometheus_client``: the server is single-threaded on its hot path
-(one asyncio event loop per process), so plain integer counters need no locks, and there is no
-dependency to pin. The request path does not even touch them: it appends one tuple per finished
-request to a list that the server turns into access-log lines and metric updates in batches,
-at least every 0.25 s, and before every ``/metrics`` answer (:meth:`ServerMetrics.observe_records`);
-an observation is then one ``bisect`` on precomputed bounds and a few additions.
+The request path does not touch any metric object: it appends one tuple per finished request
+to a list (and counts requests in flight in a plain integer), and the server turns those records
+into metric updates in batches, every 256 requests or 0.25 s and before every ``/metrics``
+answer (:meth:`ServerMetrics.observe_records`, :meth:`ServerMetrics.observe_batches`). A batch
+is first summed up in plain dicts (one ``bisect`` per latency), then applied with one ``inc``
+per distinct label set and histogram bucket, so a batch of 256 requests costs a few dozen
+``prometheus_client`` calls instead of ~700 (each is a lock plus, with several workers, an
+mmap write: ~2-4 us). ``prometheus_client`` keeps the values, renders the text exposition
+(``generate_latest``) and adds up the workers.
 
 Exposed series (all prefixed ``model_server_``):
 
@@ -19,43 +22,59 @@ Exposed series (all prefixed ``model_server_``):
 - ``batch_fallbacks_total``                        counter: batches re-run one request at a time
 - ``ready``                                        gauge: 1 once the warm-up prediction succeeded
 - ``model_info{name,version,uri,flavor,fast_path}`` gauge, always 1 (labels carry the data)
-- ``model_load_seconds``                           gauge
+- ``model_load_seconds``                           gauge (once the model is loaded)
 - ``workers``                                      gauge: live worker processes
 - ``start_time_seconds``                           gauge
 
 With ``--workers N`` (several processes behind one port), every worker answers ``/metrics`` for
-the whole server, like ``prometheus_client``'s multiprocess mode. The parent names a directory
-in ``SERVING_METRICS_DIR``: a new temporary one (removed at exit), or the one the variable
-already names (old worker files in it are removed first). Each worker writes its own numbers
-there as one JSON file (``worker-<pid>-<start>.json``, replaced atomically) at most every
-0.25 s while something changed, and at shutdown; a ``/metrics`` request in any worker reads
-every file and adds them up. Counters and histograms add up over every worker that ever ran,
-dead or restarted ones included (a dead worker's file stays, so totals never go down; only what
-a worker counted in its last 0.25 s before a SIGKILL is lost). Gauges count live workers only:
-``requests_in_flight`` is their sum, ``ready`` their minimum (1 when every live worker is
-ready), ``model_load_seconds`` their maximum, ``start_time_seconds`` the earliest, ``workers``
-their number; ``model_info`` appears once per distinct model (so once). Other workers' numbers
-can be up to 0.25 s old; the answering worker adds its current ones, writes them to its file
-first (so a later scrape answered by another worker never shows less: counters never appear
-to go down between scrapes), and names itself in an ``X-Worker-Pid`` response header. With
-one worker (the default) nothing is written anywhere.
+the whole server through ``prometheus_client``'s multiprocess mode: the parent names the
+directory in ``PROMETHEUS_MULTIPROC_DIR`` (a new temporary one, removed at exit, or the one the
+variable already names, emptied of old ``*.db`` files first) before the workers start, so each
+worker's metric values live in its own memory-mapped files there (``counter_<pid>.db``, ...),
+and a ``/metrics`` request in any worker reads every file (``MultiProcessCollector``).
+Counters and histograms add up over every worker that ever ran, dead or restarted ones
+included (their files stay, so totals never go down); only what a worker recorded but had not
+yet turned into metric updates (at most 0.25 s of requests) is lost when it is SIGKILLed.
+Gauges count live workers only (``live*`` multiprocess modes): ``requests_in_flight`` is their
+sum, ``ready`` their minimum (1 when every live worker is ready), ``model_load_seconds`` their
+maximum, ``start_time_seconds`` the earliest, ``workers`` their number; ``model_info`` appears
+once per distinct model (so once). A worker removes its live-gauge files when it stops
+(``mark_process_dead``), and the answering worker does it for workers that died without
+stopping (SIGKILL: the pid no longer runs, or is a zombie). Other workers' numbers can be up to
+0.25 s old; the answering worker writes its own first, so what it shows is what the files hold
+afterwards (a later scrape answered by another worker never shows less: counters never appear
+to go down between scrapes), and it names itself in an ``X-Worker-Pid`` response header.
+With one worker (the default) the metrics live in memory, in a registry of their own.
+
+The exposition is the text format 0.0.4 (what ``generate_latest`` writes, and the content type
+``prometheus_client``'s own handlers send with it), without ``_created`` series.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-PREFIX = "model_server_"
-MULTIPROCESS_DIR_ENV = "SERVING_METRICS_DIR"
-STATE_VERSION = 1
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    values,
+)
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MODEL_INFO_LABELS = ("name", "version", "uri", "flavor", "fast_path")
 
 # Request latency: the server answers in ~0.2-5 ms; the long tail is for big or slow models.
 LATENCY_BUCKETS = (
@@ -70,340 +89,268 @@ R_END, R_SECONDS, R_METHOD, R_PATH, R_STATUS, R_BYTES_IN, R_BYTES_OUT, R_CLIENT,
     range(10)
 )
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: Sequence[str], values: Sequence[str]) -> str:
-    if not names:
-        return ""
-    inner = ",".join(f'{n}="{_escape(str(v))}"' for n, v in zip(names, values, strict=True))
-    return "{" + inner + "}"
+# The server's series were never exposed with ``_created`` samples; the process is the server's.
+disable_created_metrics()
 
 
-def _num(value: float) -> str:
-    if value == float("inf"):
-        return "+Inf"
-    if isinstance(value, int) or float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
+class _Tally:
+    """Observations of one histogram summed up in plain Python, applied in one go."""
 
+    __slots__ = ("bounds", "counts", "total")
 
-class Histogram:
-    """A fixed-bucket histogram; ``observe`` is O(log buckets)."""
-
-    __slots__ = ("_bounds", "_counts", "count", "sum")
-
-    def __init__(self, bounds: Iterable[float]) -> None:
-        self._bounds = tuple(sorted(bounds))
-        self._counts = [0] * (len(self._bounds) + 1)  # the last slot is +Inf only
-        self.count = 0
-        self.sum = 0.0
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf only
+        self.total = 0.0
 
     def observe(self, value: float) -> None:
-        self._counts[bisect.bisect_left(self._bounds, value)] += 1
-        self.count += 1
-        self.sum += value
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.total += value
 
-    def state(self) -> list[Any]:
-        return [list(self._counts), self.sum]
+    def apply(self, histogram: Any) -> None:
+        """Add to one ``prometheus_client`` histogram (no labels, or one ``.labels()`` child),
+        as that many ``observe`` calls would: one ``inc`` per non-empty bucket, one on the sum.
 
-    def add_state(self, state: Sequence[Any]) -> None:
-        counts, total = state
-        if len(counts) != len(self._counts):  # another version's buckets: cannot be merged
-            return
-        for i, c in enumerate(counts):
-            self._counts[i] += c
-        self.count += sum(counts)
-        self.sum += total
+        Uses the child's value slots (``_buckets``, one per upper bound, not cumulative, and
+        ``_sum``): ``prometheus_client`` has no public call to add several observations at
+        once. tests/serving/server/test_metrics.py checks this against ``observe``."""
+        for slot, count in zip(histogram._buckets, self.counts, strict=True):
+            if count:
+                slot.inc(count)
+        histogram._sum.inc(self.total)
 
-    def lines(
-        self, name: str, label_names: Sequence[str], label_values: Sequence[str]
-    ) -> list[str]:
-        out = []
-        cumulative = 0
-        for bound, count in zip((*self._bounds, float("inf")), self._counts, strict=True):
-            cumulative += count
-            labels = _labels((*label_names, "le"), (*label_values, _num(bound)))
-            out.append(f"{name}_bucket{labels} {cumulative}")
-        labels = _labels(label_names, label_values)
-        out.append(f"{name}_sum{labels} {_num(self.sum)}")
-        out.append(f"{name}_count{labels} {self.count}")
-        return out
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie does not)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): the pid exists and is ours
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    return raw[raw.rfind(")") + 2 :][:1] not in ("Z", "X", "x")
+
+
+def clear_directory(directory: str) -> None:
+    """Remove the value files a previous server left in a multiprocess directory."""
+    for path in Path(directory).glob("*.db"):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 class ServerMetrics:
-    """All metrics of one server process. Not thread-safe: update from the event loop only.
+    """All metrics of one server process. Update from the event loop only.
 
     ``routes`` maps request paths to their ``route`` label (others are ``"other"``);
-    ``multiprocess_dir``: see the module docstring (None: this process is the whole server).
+    ``multiprocess_dir``: this process is one of several workers, and ``prometheus_client``
+    must have been imported with ``PROMETHEUS_MULTIPROC_DIR`` naming that directory (see the
+    module docstring); None: this process is the whole server.
     """
 
     def __init__(
         self, routes: Mapping[str, str] | None = None, multiprocess_dir: str | None = None
     ) -> None:
-        self.routes = dict(routes) if routes is not None else None
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.latency: dict[str, Histogram] = {}
-        self.in_flight = 0
-        self.predictions = 0
-        self.model_calls: dict[str, int] = {"fast": 0, "pyfunc": 0}
-        self.batch_rows = Histogram(BATCH_ROW_BUCKETS)
-        self.batch_requests = Histogram(BATCH_REQUEST_BUCKETS)
-        self.batch_fallbacks = 0
-        self.ready = 0
-        self.model_labels: dict[str, str] | None = None
-        self.model_load_seconds: float | None = None
+        self.routes = dict(routes) if routes is not None else {}
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            in_mode = getattr(values.ValueClass, "_multiprocess", False)
+            if not in_mode or os.environ.get(MULTIPROCESS_DIR_ENV) != multiprocess_dir:
+                raise RuntimeError(
+                    f"multiprocess metrics need {MULTIPROCESS_DIR_ENV}={multiprocess_dir} in "
+                    "the environment before prometheus_client is imported"
+                )
+            own = None  # values live in the directory's files, not in a registry
+            self._exposed = CollectorRegistry(auto_describe=False)
+            MultiProcessCollector(self._exposed, path=multiprocess_dir)
+        else:
+            own = self._exposed = CollectorRegistry(auto_describe=False)
+        self._registry = own
+        self.pid = os.getpid()
+        self.in_flight = 0  # the request path counts here; published to the gauge in batches
+        self._ready = 0
         self.started = time.time()
-        self.store = WorkerFiles(multiprocess_dir) if multiprocess_dir else None
+
+        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+            return Counter(f"model_server_{name}", doc, labels, registry=own)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float], labels=()) -> Histogram:
+            return Histogram(f"model_server_{name}", doc, labels, registry=own, buckets=buckets)
+
+        def gauge(name: str, doc: str, mode: str, labels: Sequence[str] = ()) -> Gauge:
+            return Gauge(f"model_server_{name}", doc, labels, registry=own, multiprocess_mode=mode)
+
+        self._requests = counter(
+            "requests",
+            "HTTP requests by route, method and status code.",
+            ("route", "method", "status"),
+        )
+        self._latency = histogram(
+            "request_duration_seconds",
+            "Request latency in seconds by route.",
+            LATENCY_BUCKETS,
+            ("route",),
+        )
+        self._in_flight = gauge("requests_in_flight", "Requests being processed now.", "livesum")
+        self._predictions = counter("predictions", "Rows answered with a prediction.")
+        calls = counter("model_calls", "Model invocations by inference path.", ("path",))
+        self._fast_calls = calls.labels(path="fast")
+        self._pyfunc_calls = calls.labels(path="pyfunc")
+        self._batch_rows = histogram(
+            "batch_rows", "Rows per fast-path model call (micro-batching).", BATCH_ROW_BUCKETS
+        )
+        self._batch_requests = histogram(
+            "batch_requests",
+            "Requests coalesced into one fast-path model call.",
+            BATCH_REQUEST_BUCKETS,
+        )
+        self._fallbacks = counter(
+            "batch_fallbacks", "Batches whose call failed and were re-run per request."
+        )
+        self._ready_gauge = gauge(
+            "ready", "1 once the model is loaded and a warm-up prediction succeeded.", "livemin"
+        )
+        self._model_info = gauge(
+            "model_info", "The served model (labels); always 1.", "livemax", MODEL_INFO_LABELS
+        )
+        self._load_seconds: Gauge | None = None  # exposed once the model is loaded
+        workers = gauge("workers", "Live worker processes of this server.", "livesum")
+        workers.set(1)
+        start = gauge("start_time_seconds", "Unix time the server process started.", "livemin")
+        start.set(round(self.started, 3))
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+
+    @property
+    def multiprocess(self) -> bool:
+        return self.multiprocess_dir is not None
 
     # -- updates ----------------------------------------------------------------------------
 
+    @property
+    def ready(self) -> int:
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: int) -> None:
+        self._ready = value
+        self._ready_gauge.set(value)
+
+    def _request_child(self, key: tuple[str, str, int]) -> Any:
+        child = self._request_children.get(key)
+        if child is None:
+            route, method, status = key
+            child = self._request_children[key] = self._requests.labels(route, method, status)
+        return child
+
+    def _latency_child(self, route: str) -> Any:
+        child = self._latency_children.get(route)
+        if child is None:
+            child = self._latency_children[route] = self._latency.labels(route)
+        return child
+
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        hist = self.latency.get(route)
-        if hist is None:
-            hist = self.latency[route] = Histogram(LATENCY_BUCKETS)
-        hist.observe(seconds)
+        """One request, counted directly (the server records tuples instead)."""
+        self._request_child((route, method, status)).inc()
+        self._latency_child(route).observe(seconds)
 
     def observe_records(self, records: Iterable[Sequence[Any]]) -> None:
         """Count finished requests recorded as tuples (layout: the ``R_*`` indexes)."""
-        routes = self.routes or {}
-        requests = self.requests
-        latency = self.latency
+        routes = self.routes
+        bounds = LATENCY_BUCKETS
+        bisect_left = bisect.bisect_left
+        requests: dict[tuple[str, str, int], int] = {}
+        latency: dict[str, _Tally] = {}
         predictions = 0
-        for record in records:
+        for record in records:  # _Tally.observe inlined: this loop runs once per request
             route = routes.get(record[R_PATH], "other")
             status = record[R_STATUS]
             key = (route, record[R_METHOD], status)
             requests[key] = requests.get(key, 0) + 1
-            hist = latency.get(route)
-            if hist is None:
-                hist = latency[route] = Histogram(LATENCY_BUCKETS)
-            hist.observe(record[R_SECONDS])
+            tally = latency.get(route)
+            if tally is None:
+                tally = latency[route] = _Tally(bounds)
+            seconds = record[R_SECONDS]
+            tally.counts[bisect_left(bounds, seconds)] += 1
+            tally.total += seconds
             if status == 200 and record[R_ROWS]:
                 predictions += record[R_ROWS]
-        self.predictions += predictions
+        for key, count in requests.items():
+            self._request_child(key).inc(count)
+        for route, tally in latency.items():
+            tally.apply(self._latency_child(route))
+        if predictions:
+            self._predictions.inc(predictions)
 
-    def observe_batch(self, rows: int, requests: int) -> None:
-        self.model_calls["fast"] += 1
-        self.batch_rows.observe(rows)
-        self.batch_requests.observe(requests)
+    def observe_batches(self, batches: Iterable[tuple[int, int, bool]]) -> None:
+        """Count fast-path model calls, as ``(rows, requests, fell_back)`` tuples."""
+        rows, requests = _Tally(BATCH_ROW_BUCKETS), _Tally(BATCH_REQUEST_BUCKETS)
+        calls = fallbacks = 0
+        for n_rows, n_requests, fell_back in batches:
+            calls += 1
+            rows.observe(n_rows)
+            requests.observe(n_requests)
+            fallbacks += fell_back
+        if calls:
+            self._fast_calls.inc(calls)
+            rows.apply(self._batch_rows)
+            requests.apply(self._batch_requests)
+        if fallbacks:
+            self._fallbacks.inc(fallbacks)
+
+    def count_pyfunc_call(self) -> None:
+        self._pyfunc_calls.inc()
 
     def set_model(self, labels: Mapping[str, str | None], load_seconds: float) -> None:
-        self.model_labels = {k: "" if v is None else str(v) for k, v in labels.items()}
-        self.model_load_seconds = load_seconds
+        """The served model (once per process); ``labels``: :data:`MODEL_INFO_LABELS`."""
+        info = {n: "" if labels.get(n) is None else str(labels.get(n)) for n in MODEL_INFO_LABELS}
+        self._model_info.labels(**info).set(1)
+        if self._load_seconds is None:
+            self._load_seconds = Gauge(
+                "model_server_model_load_seconds",
+                "Seconds spent loading and warming the model.",
+                registry=self._registry,
+                multiprocess_mode="livemax",
+            )
+        self._load_seconds.set(round(load_seconds, 3))
 
-    # -- state (for --workers N) ------------------------------------------------------------
+    def publish(self) -> None:
+        """Bring the in-flight gauge up to date (with several workers: for the others)."""
+        self._in_flight.set(self.in_flight)
 
-    def snapshot(self) -> dict[str, Any]:
-        """This process's numbers as plain JSON-able data."""
-        return {
-            "v": STATE_VERSION,
-            "requests": [[*key, count] for key, count in sorted(self.requests.items())],
-            "latency": {route: h.state() for route, h in sorted(self.latency.items())},
-            "in_flight": self.in_flight,
-            "predictions": self.predictions,
-            "model_calls": dict(self.model_calls),
-            "batch_rows": self.batch_rows.state(),
-            "batch_requests": self.batch_requests.state(),
-            "batch_fallbacks": self.batch_fallbacks,
-            "ready": self.ready,
-            "model_labels": self.model_labels,
-            "model_load_seconds": self.model_load_seconds,
-            "started": self.started,
-        }
-
-    def persist(self) -> None:
-        """Write this worker's file (multiprocess mode only; skipped when nothing changed)."""
-        if self.store is not None:
-            self.store.write(self.snapshot())
+    def close(self) -> None:
+        """At shutdown: not ready; with several workers, no longer counted as live."""
+        self.ready = 0
+        self.publish()
+        if self.multiprocess_dir is not None:
+            with contextlib.suppress(OSError):
+                mark_process_dead(self.pid, self.multiprocess_dir)
 
     # -- exposition -------------------------------------------------------------------------
 
     def render(self) -> bytes:
-        own = self.snapshot()
-        if self.store is None:
-            return render_states([own], [own])
-        # Publish what this answer shows of this worker first: a later scrape answered by
-        # another worker then reads at least these numbers, so no counter ever appears to go
-        # down between two scrapes (Prometheus would take that for a restart).
-        # Without the /metrics request being answered: it ends right after this.
-        self.store.write({**own, "in_flight": max(0, own["in_flight"] - 1)})
-        every, live = self.store.read_all(own)
-        return render_states(every, live)
-
-
-def render_states(every: Sequence[Mapping[str, Any]], live: Sequence[Mapping[str, Any]]) -> bytes:
-    """The exposition for a whole server: counters summed over ``every`` worker's snapshot,
-    gauges over the ``live`` ones."""
-    requests: dict[tuple[str, str, int], int] = {}
-    latency: dict[str, Histogram] = {}
-    model_calls: dict[str, int] = {"fast": 0, "pyfunc": 0}
-    batch_rows = Histogram(BATCH_ROW_BUCKETS)
-    batch_requests = Histogram(BATCH_REQUEST_BUCKETS)
-    predictions = fallbacks = 0
-    for state in every:
-        for route, method, status, count in state["requests"]:
-            key = (route, method, int(status))
-            requests[key] = requests.get(key, 0) + count
-        for route, hist_state in state["latency"].items():
-            hist = latency.get(route)
-            if hist is None:
-                hist = latency[route] = Histogram(LATENCY_BUCKETS)
-            hist.add_state(hist_state)
-        for path, count in state["model_calls"].items():
-            model_calls[path] = model_calls.get(path, 0) + count
-        batch_rows.add_state(state["batch_rows"])
-        batch_requests.add_state(state["batch_requests"])
-        predictions += state["predictions"]
-        fallbacks += state["batch_fallbacks"]
-    in_flight = sum(s["in_flight"] for s in live)
-    ready = min((s["ready"] for s in live), default=0)
-    infos: list[dict[str, str]] = []
-    for s in live:
-        if s["model_labels"] is not None and s["model_labels"] not in infos:
-            infos.append(s["model_labels"])
-    loads = [s["model_load_seconds"] for s in live if s["model_load_seconds"] is not None]
-    started = min((s["started"] for s in live), default=None)
-
-    p = PREFIX
-    lines: list[str] = []
-
-    def header(name: str, kind: str, help_text: str) -> None:
-        lines.append(f"# HELP {p}{name} {help_text}")
-        lines.append(f"# TYPE {p}{name} {kind}")
-
-    header("requests_total", "counter", "HTTP requests by route, method and status code.")
-    for (route, method, status), count in sorted(requests.items()):
-        labels = _labels(("route", "method", "status"), (route, method, str(status)))
-        lines.append(f"{p}requests_total{labels} {count}")
-
-    header("request_duration_seconds", "histogram", "Request latency in seconds by route.")
-    for route, hist in sorted(latency.items()):
-        lines.extend(hist.lines(f"{p}request_duration_seconds", ("route",), (route,)))
-
-    header("requests_in_flight", "gauge", "Requests being processed now.")
-    lines.append(f"{p}requests_in_flight {in_flight}")
-
-    header("predictions_total", "counter", "Rows answered with a prediction.")
-    lines.append(f"{p}predictions_total {predictions}")
-
-    header("model_calls_total", "counter", "Model invocations by inference path.")
-    for path, count in sorted(model_calls.items()):
-        lines.append(f'{p}model_calls_total{{path="{_escape(path)}"}} {count}')
-
-    header("batch_rows", "histogram", "Rows per fast-path model call (micro-batching).")
-    lines.extend(batch_rows.lines(f"{p}batch_rows", (), ()))
-    header("batch_requests", "histogram", "Requests coalesced into one fast-path model call.")
-    lines.extend(batch_requests.lines(f"{p}batch_requests", (), ()))
-    header(
-        "batch_fallbacks_total",
-        "counter",
-        "Batches whose call failed and were re-run per request.",
-    )
-    lines.append(f"{p}batch_fallbacks_total {fallbacks}")
-
-    header("ready", "gauge", "1 once the model is loaded and a warm-up prediction succeeded.")
-    lines.append(f"{p}ready {ready}")
-
-    if infos:
-        header("model_info", "gauge", "The served model (labels); always 1.")
-        for info in infos:
-            names = tuple(info)
-            values = tuple(info[n] for n in names)
-            lines.append(f"{p}model_info{_labels(names, values)} 1")
-    if loads:
-        header("model_load_seconds", "gauge", "Seconds spent loading and warming the model.")
-        lines.append(f"{p}model_load_seconds {_num(round(max(loads), 3))}")
-
-    header("workers", "gauge", "Live worker processes of this server.")
-    lines.append(f"{p}workers {len(live)}")
-    if started is not None:
-        header("start_time_seconds", "gauge", "Unix time the server process started.")
-        lines.append(f"{p}start_time_seconds {_num(round(started, 3))}")
-    lines.append("")
-    return "\n".join(lines).encode()
-
-
-# -- one file per worker (--workers N) -----------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of ``/proc/<pid>/stat`` after the command name (Linux), or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return fields if len(fields) > 19 else None
-
-
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid``, to tell a live worker from a reused pid."""
-    fields = _proc_stat(pid)
-    return fields[19] if fields else None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    """Whether the worker that wrote a file still runs (not a zombie, not a reused pid)."""
-    fields = _proc_stat(pid)
-    if fields is not None:
-        return fields[0] not in ("Z", "X", "x") and (start is None or fields[19] == start)
-    try:  # no /proc (macOS): the pid exists and is ours
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
-def clear_worker_files(directory: str) -> None:
-    """Remove the worker files a previous server left in ``directory``."""
-    for path in Path(directory).glob("worker-*"):
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-class WorkerFiles:
-    """This worker's metrics file in the shared directory, and reading everybody's."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = Path(directory)
-        self.pid = os.getpid()
-        self.start = _process_start(self.pid)
-        self.path = self.directory / f"worker-{self.pid}-{self.start or time.time_ns()}.json"
-        self._last: bytes | None = None
-
-    def write(self, state: dict[str, Any]) -> None:
-        data = json.dumps({**state, "pid": self.pid, "pstart": self.start}).encode()
-        if data == self._last:
-            return
-        tmp = self.path.with_suffix(".tmp")
+        """The exposition for the whole server (called while answering ``/metrics``)."""
+        self.publish()
+        if self.multiprocess_dir is None:
+            return generate_latest(self._exposed)
+        self._forget_dead_workers()
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.path)
-        except OSError:  # the directory went away (the server is stopping): keep serving
-            return
-        self._last = data
+            return generate_latest(self._exposed)
+        finally:
+            # The /metrics request being answered ends right after this.
+            self._in_flight.set(max(0, self.in_flight - 1))
 
-    def read_all(self, own: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(every worker's state, the live workers' states); ``own`` stands for this worker."""
-        every, live = [own], [own]
-        try:
-            paths = sorted(self.directory.glob("worker-*.json"))
-        except OSError:
-            paths = []
-        for path in paths:
-            if path == self.path:
-                continue
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                state = json.loads(path.read_bytes())
-                if state.get("v") != STATE_VERSION:
-                    continue
-                every.append(state)
-                if _alive(int(state["pid"]), state.get("pstart")):
-                    live.append(state)
-        return every, live
+    def _forget_dead_workers(self) -> None:
+        """``mark_process_dead`` for workers that stopped without doing it (SIGKILL)."""
+        assert self.multiprocess_dir is not None
+        pids = set()
+        for path in Path(self.multiprocess_dir).glob("gauge_live*_*.db"):
+            with contextlib.suppress(ValueError):
+                pids.add(int(path.stem.rsplit("_", 1)[1]))
+        for pid in pids - {self.pid}:
+            if not _alive(pid):
+                with contextlib.suppress(OSError):  # another worker may be removing them too
+                    mark_process_dead(pid, self.multiprocess_dir)

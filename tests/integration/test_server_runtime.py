@@ -216,7 +216,7 @@ def test_metrics_count_requests_predictions_and_name_the_model(keras_server, reg
     # The /metrics request itself is in flight while it renders.
     assert metric(after, "model_server_requests_in_flight") == 1
     assert metric(after, "model_server_ready") == 1
-    info = re.search(r"^model_server_model_info\{(.*)\} 1$", after, re.M)
+    info = re.search(r"^model_server_model_info\{(.*)\} 1\.0$", after, re.M)
     assert info, after
     labels = dict(re.findall(r'(\w+)="([^"]*)"', info.group(1)))
     assert labels["name"] == KERAS_MODEL

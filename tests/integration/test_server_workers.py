@@ -1,15 +1,15 @@
 """The model server with ``--workers 2``, over real HTTP: ``/metrics`` answers for the server.
 
 Each worker process keeps its own numbers; any worker's ``/metrics`` must add up all of them
-(``serving.metrics``, multiprocess mode). The requests and the scrapes each use a new
-connection, so the kernel hands them to either worker; the ``X-Worker-Pid`` header of each
-scrape and the per-worker files in ``SERVING_METRICS_DIR`` show that both workers took part.
+(``serving.server.metrics``: ``prometheus_client``'s multiprocess mode). The requests and the
+scrapes each use a new connection, so the kernel hands them to either worker; the
+``X-Worker-Pid`` header of each scrape and the per-worker value files in
+``PROMETHEUS_MULTIPROC_DIR`` show that both workers took part.
 A worker killed with SIGKILL (uvicorn starts a new one) must not take its counts with it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,6 +17,8 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from serving.server.metrics import MULTIPROCESS_DIR_ENV
 from tests.conftest import free_port
@@ -49,7 +51,18 @@ def registry(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(registry, tmp_path_factory):
     metrics_dir = tmp_path_factory.mktemp("worker-metrics")
-    (metrics_dir / "worker-1-1.json").write_text("{}")  # a previous run's leftover: removed
+    # A previous run's leftover (pid 1 counted 5 /invocations requests): removed at start.
+    leftover = MmapedDict(str(metrics_dir / "counter_1.db"))
+    labels = ("method", "route", "status")
+    key = mmap_key(
+        "model_server_requests",
+        "model_server_requests_total",
+        labels,
+        ("POST", "/invocations", "200"),
+        "HTTP requests by route, method and status code.",
+    )
+    leftover.write_value(key, 5.0, 0.0)
+    leftover.close()
     port = free_port()
     env = {**child_env(registry.tracking_uri), MULTIPROCESS_DIR_ENV: str(metrics_dir)}
     proc = ServerProcess.start(
@@ -87,16 +100,25 @@ def wait_for(url: str, condition, timeout_s: float = 120.0) -> str:
         time.sleep(0.1)
 
 
-def worker_states(metrics_dir) -> dict[int, dict]:
+def worker_states(metrics_dir) -> dict[int, list]:
+    """Each worker's counters, from its own value file (``counter_<pid>.db``)."""
     states = {}
-    for path in metrics_dir.glob("worker-*.json"):
-        state = json.loads(path.read_text())
-        states[state["pid"]] = state
+    for path in metrics_dir.glob("counter_*.db"):
+        pid = int(path.stem.split("_")[1])
+        states[pid] = list(MultiProcessCollector.merge([str(path)]))
     return states
 
 
-def invocations_in(state: dict) -> int:
-    return sum(c for route, _, status, c in state["requests"] if route == "/invocations")
+def invocations_in(state: list) -> int:
+    return int(
+        sum(
+            sample.value
+            for family in state
+            for sample in family.samples
+            if sample.name == "model_server_requests_total"
+            and sample.labels["route"] == "/invocations"
+        )
+    )
 
 
 def check_totals(text: str, n_requests: int, n_rows: int) -> None:
@@ -106,7 +128,7 @@ def check_totals(text: str, n_requests: int, n_rows: int) -> None:
         metric(text, "model_server_request_duration_seconds_count", route="/invocations")
         == n_requests
     )
-    infos = re.findall(r"^model_server_model_info\{.*\} 1$", text, re.M)
+    infos = re.findall(r"^model_server_model_info\{.*\} 1\.0$", text, re.M)
     assert len(infos) == 1, infos
     assert f'name="{MODEL_NAME}"' in infos[0]
     assert text.count("# TYPE model_server_requests_total counter") == 1
@@ -114,7 +136,7 @@ def check_totals(text: str, n_requests: int, n_rows: int) -> None:
 
 def test_metrics_add_up_over_all_workers(server):
     url = server.url
-    assert not (server.metrics_dir / "worker-1-1.json").exists()
+    assert not (server.metrics_dir / "counter_1.db").exists()
     assert metric(scrape(url).text, "model_server_requests_total", **INVOCATIONS_OK) == 0
     n_rows = 0
     for i in range(N_REQUESTS):

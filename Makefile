@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: run up stop status test test-unit lint format install lock clean k8s-e2e bench-dag-parse \
-	container-tools images test-container bench-serving
+	container-tools images test-container bench-serving bench-promotion
 
 ## run: install, start MLflow + Airflow locally, train and deploy once, print where things are
 run: $(STAMP) up
@@ -64,6 +64,10 @@ k8s-e2e: $(STAMP)
 bench-serving: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) scripts/bench_serving.py
+
+## bench-promotion: on a running stack (make run), time @champion moves until they are live
+bench-promotion: $(STAMP)
+	$(PY) scripts/bench_promotion.py
 
 bench-dag-parse: $(STAMP)
 	$(PY) scripts/bench_dag_parse.py

@@ -150,10 +150,23 @@ def verify(
                 f"{endpoint.base} serves version {served or 'unknown'}, expected {version}"
             )
         resp = endpoint.invoke(rows.payload())
+    max_abs_diff = check_answer(resp, rows, atol=atol, what=f"version {version}")
+    return {
+        "endpoint": endpoint_url,
+        "version": str(version),
+        "rows": len(rows.data),
+        "max_abs_diff": max_abs_diff,
+        "rows_from": rows.source,
+    }
+
+
+def check_answer(resp: httpx.Response, rows: Rows, *, atol: float, what: str) -> float:
+    """The max abs difference of an ``/invocations`` answer to ``rows``' expected predictions;
+    raises :class:`VerificationFailed` with the status code, or the first mismatching row."""
     if resp.status_code != 200:
         raise VerificationFailed(
-            f"POST {endpoint_url}/invocations with {len(rows.data)} verification rows "
-            f"({rows.source}) answered {resp.status_code}: {_excerpt(resp.text)}"
+            f"POST {resp.request.url} with {len(rows.data)} rows ({rows.source}) returned "
+            f"{resp.status_code}: {_excerpt(resp.text)}"
         )
     try:
         body = resp.json()
@@ -162,14 +175,7 @@ def verify(
         raise VerificationFailed(
             f"unexpected /invocations answer ({exc}): {_excerpt(resp.text)}"
         ) from exc
-    max_abs_diff = compare(remote, rows.expected, atol=atol, what=f"version {version}")
-    return {
-        "endpoint": endpoint_url,
-        "version": str(version),
-        "rows": len(rows.data),
-        "max_abs_diff": max_abs_diff,
-        "rows_from": rows.source,
-    }
+    return compare(remote, rows.expected, atol=atol, what=what)
 
 
 def compare(remote: np.ndarray, expected: np.ndarray, *, atol: float, what: str) -> float:
@@ -286,18 +292,7 @@ def verify_endpoint(
             resp = client.invoke(rows.payload())
         except EndpointUnreachable as exc:
             raise VerificationFailed(str(exc)) from exc
-    if resp.status_code != 200:
-        raise VerificationFailed(
-            f"POST {endpoint}/invocations returned {resp.status_code}: {_excerpt(resp.text)}"
-        )
-    try:
-        body = resp.json()
-        remote = as_array(body["predictions"] if isinstance(body, dict) else body)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise VerificationFailed(
-            f"unexpected /invocations response ({exc}): {_excerpt(resp.text)}"
-        ) from exc
-    max_abs_diff = compare(remote, rows.expected, atol=atol, what=model_uri)
+    max_abs_diff = check_answer(resp, rows, atol=atol, what=model_uri)
     return {"endpoint": endpoint.rstrip("/"), "rows": len(rows.data), "max_abs_diff": max_abs_diff}
 
 

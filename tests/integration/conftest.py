@@ -70,3 +70,24 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+
+
+def xcom(dag_run, task_id: str, key: str = "return_value"):
+    """What ``task_id`` of ``dag_run`` pushed under ``key`` (as the metadata DB holds it)."""
+    import json
+
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.execute(
+            XComModel.get_many(
+                key=key, run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=task_id
+            ).with_only_columns(XComModel.value)
+        ).first()
+    if row is None:
+        return None
+    try:
+        return json.loads(row.value) if isinstance(row.value, str | bytes) else row.value
+    except ValueError:
+        return row.value  # a plain string (operator links are stored unserialised)

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import free_port
+from tests.integration.conftest import xcom as _xcom
 from tests.plugins.conftest import asset_events, clear_queue, queued_for, sync_dags_to_db
 
 pytestmark = pytest.mark.integration
@@ -194,24 +195,6 @@ def _dag(dag_id: str):
 
 def _states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
-
-
-def _xcom(dag_run, task_id: str, key: str = "return_value"):
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        row = session.execute(
-            XComModel.get_many(
-                key=key, run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=task_id
-            ).with_only_columns(XComModel.value)
-        ).first()
-    if row is None:
-        return None
-    try:
-        return json.loads(row.value)
-    except (TypeError, ValueError):
-        return row.value  # a plain string (operator links are stored unserialised)
 
 
 def _wait_for_event(version: str, after: int, timeout_s: float = 30) -> dict:

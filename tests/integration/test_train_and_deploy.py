@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import free_port
+from tests.integration.conftest import xcom as _xcom
 
 pytestmark = pytest.mark.integration
 
@@ -67,23 +68,6 @@ def _dag():
 
 def _states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
-
-
-def _xcom(dag_run, task_id: str, key: str = "return_value"):
-    import json
-
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        row = session.execute(
-            XComModel.get_many(
-                key=key, run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=task_id
-            ).with_only_columns(XComModel.value)
-        ).first()
-    if row is None:
-        return None
-    return json.loads(row.value) if isinstance(row.value, str | bytes) else row.value
 
 
 def test_one_nightly_run_causes_exactly_one_rollout(stack, first_run):

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -84,15 +82,14 @@ def stack_env() -> dict[str, str]:
 
 
 def _pid(name: str) -> int | None:
+    """The pid of a service we started, if that process is still there (not a zombie)."""
+    from serving.deploy.local import process_is
+
     try:
         pid = int((PIDS / f"{name}.pid").read_text())
     except (FileNotFoundError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    return pid
+    return pid if process_is(pid) else None
 
 
 def _start(name: str, argv: list[str], env: dict[str, str]) -> int:
@@ -114,29 +111,16 @@ def _start(name: str, argv: list[str], env: dict[str, str]) -> int:
 
 
 def _stop_group(name: str, grace_s: float = 20.0) -> None:
+    """SIGTERM the service's whole process group and every child (Airflow's scheduler and
+    workers, MLflow's uvicorn worker), wait, then SIGKILL what is left."""
+    from serving.deploy.local import stop_group
+
     pid = _pid(name)
     pidfile = PIDS / f"{name}.pid"
-    if pid is None:
-        pidfile.unlink(missing_ok=True)
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _group_alive(pid):
-        time.sleep(0.3)
-    if _group_alive(pid):
-        say(f"{name} did not stop in {grace_s:.0f}s: SIGKILL")
-        os.killpg(pid, signal.SIGKILL)
+    if pid is not None:
+        stop_group(pid, timeout_s=grace_s)
+        say(f"stopped {name}")
     pidfile.unlink(missing_ok=True)
-    say(f"stopped {name}")
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _wait_http(url: str, what: str, timeout_s: float, pid_name: str) -> None:

@@ -19,16 +19,15 @@ multi-document YAML; ``--out-dir docker/k8s/base`` writes the committed kustomiz
 
 Who applies what. An administrator applies the whole set once (it contains the RBAC, which the
 rollout pod must not be able to grant itself). After that, the rollout pod
-(``serving.rollout``) server-side-applies only :func:`deployment`: a new model version is a
-new pinned URI in the pod template, so every rollout and every rollback is an ordinary rolling
-update. Its Role has no ``create`` (an apply that would create an object is authorised as
-``create``): the rollout can change the one Deployment and nothing else.
+(``serving.deploy.kubernetes``) server-side-applies only :func:`deployment`: a new model
+version is a new pinned URI in the pod template, so every rollout and every rollback is an
+ordinary rolling update. Its Role has no ``create`` (an apply that would create an object is
+authorised as ``create``): the rollout can change the one Deployment and nothing else.
 
-Probe sizing comes from a measurement (docs/operations.md has the command): ``python -m
-serving serve --model-uri models:/regression-model/3`` against the local MLflow server became
-ready (``/ping`` 200, after the model load and a warm-up prediction) in 13.6 s, 14.2 s and
-16.4 s on a 2-vCPU machine, at ~745 MiB RSS. In a cluster the artifact download crosses the
-network and nodes may be busier, so the startup probe allows ~5x the worst measured time.
+Probe sizing comes from a measurement of the server's start (model load and warm-up
+prediction; docs/operations.md has the numbers and the command). In a cluster the artifact
+download crosses the network and nodes may be busier, so the startup probe allows ~5x the
+slowest measured start.
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ MODEL_URI_ANNOTATION = f"{ANNOTATION_PREFIX}/model-uri"
 MODEL_VERSION_ANNOTATION = f"{ANNOTATION_PREFIX}/model-version"
 VERSION_LABEL = "app.kubernetes.io/version"
 
-# Measured: ready 13.6 / 14.2 / 16.4 s after start (see the module docstring).
+# The slowest measured start (docs/operations.md, "Probes"): what the budgets below scale.
 MEASURED_READY_S = 16.4
 # Startup probe: every 2 s (a ready pod is noticed within 2 s), up to 45 failures = 90 s.
 STARTUP_PERIOD_S = 2

@@ -303,6 +303,7 @@ def test_rollout_pod_rolls_the_registered_version_out(
     import pandas as pd
     from mlflow import MlflowClient
 
+    from ml.registry import use_mlflow
     from serving.deploy import manifests
     from serving.deploy.pods import rollout_pod_kwargs
     from tests.serving.deploy.k8s_fake import FakeCluster, FakeModelServer
@@ -311,7 +312,12 @@ def test_rollout_pod_rolls_the_registered_version_out(
     live_uri = f"models:/{MODEL}/{registered['live']}"
     new = registered["version"]
     # Both versions hold the model the pod trained: the fake pods answer with its predictions.
-    model = mlflow.pyfunc.load_model(trained_in_pod["trained"]["model_uri"])
+    use_mlflow(mlflow_server)
+    try:
+        model = mlflow.pyfunc.load_model(trained_in_pod["trained"]["model_uri"])
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
 
     def predict(version: str, split: dict) -> list[float]:
         frame = pd.DataFrame(split["data"], columns=split["columns"])

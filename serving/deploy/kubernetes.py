@@ -46,6 +46,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_incrementing,
+)
 
 from serving.deploy import manifests
 from serving.deploy.manifests import FIELD_MANAGER, MODEL_URI_ENV, parse_pinned_uri
@@ -132,23 +140,30 @@ class KubeClient:
         return cls(api_client, namespace, deployment)
 
     def _read(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()``'s JSON, retrying transient API answers and dropped connections."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        for attempt in range(1, self.read_retries + 1):
-            try:
-                return json.loads(call().data)
-            except ApiException as exc:
-                if exc.status not in TRANSIENT_STATUSES or attempt == self.read_retries:
-                    raise
-                problem = f"{exc.status} {exc.reason}"
-            except HTTPError as exc:
-                if attempt == self.read_retries:
-                    raise
-                problem = repr(exc)
-            log.warning("%s: %s; retrying (%d/%d)", what, problem, attempt, self.read_retries)
-            time.sleep(self.retry_delay_s * attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+        def transient(exc: BaseException) -> bool:
+            if isinstance(exc, ApiException):
+                return exc.status in TRANSIENT_STATUSES
+            return isinstance(exc, HTTPError)
+
+        def warn(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            problem = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else repr(exc)
+            log.warning(
+                "%s: %s; retrying (%d/%d)", what, problem, state.attempt_number, self.read_retries
+            )
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.read_retries),
+            wait=wait_incrementing(start=self.retry_delay_s, increment=self.retry_delay_s),
+            retry=retry_if_exception(transient),
+            before_sleep=warn,
+            reraise=True,
+        )
+        return retrying(lambda: json.loads(call().data))
 
     def get_deployment(self) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
@@ -559,7 +574,10 @@ class Rollout:
         """Apply the new Deployment; on 409 re-read, so ``previous`` is what got replaced."""
         from kubernetes.client.exceptions import ApiException
 
-        for attempt in range(1, self.conflict_retries + 1):
+        current = {"live": live}
+
+        def attempt() -> Previous:
+            live = current["live"]
             previous = Previous(
                 template=live["spec"]["template"],
                 model_uri=template_model_uri(live["spec"]["template"]),
@@ -573,22 +591,16 @@ class Rollout:
             try:
                 applied = self.kube.apply_deployment(body)
             except ApiException as exc:
-                if exc.status != 409 or attempt == self.conflict_retries:
-                    raise NothingChanged(f"apply failed: {_api_error(exc)}") from exc
-                delay = self.backoff_s * 2 ** (attempt - 1)
-                log.warning(
-                    "apply conflict (409, attempt %d/%d): %s; re-reading and retrying in %.1fs",
-                    attempt,
-                    self.conflict_retries,
-                    _api_error(exc),
-                    delay,
-                )
-                self.sleep(delay)
-                reread = self.kube.get_deployment()
-                if reread is None:
-                    raise NothingChanged("the Deployment was deleted during the rollout") from exc
-                live = reread
-                continue
+                if exc.status == 409:
+                    # Someone changed it since we read it: re-read, so that the revision to roll
+                    # back to is really the one this apply replaces.
+                    reread = self.kube.get_deployment()
+                    if reread is None:
+                        raise NothingChanged(
+                            "the Deployment was deleted during the rollout"
+                        ) from exc
+                    current["live"] = reread
+                raise
             log.info(
                 "applied %s (generation %s, field manager %s); replaces %s",
                 self.model_uri,
@@ -597,7 +609,11 @@ class Rollout:
                 previous.model_uri,
             )
             return previous
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        try:
+            return self._on_conflict("apply")(attempt)
+        except ApiException as exc:
+            raise NothingChanged(f"apply failed: {_api_error(exc)}") from exc
 
     def _log_other_managers(self, live: dict[str, Any]) -> None:
         others = sorted(
@@ -801,16 +817,10 @@ class Rollout:
         body = self._rollback_body(previous)
         try:
             with self._step("rollback"):
-                for attempt in range(1, self.conflict_retries + 1):
-                    try:
-                        self.kube.apply_deployment(body)
-                        break
-                    except ApiException as exc:
-                        if exc.status != 409 or attempt == self.conflict_retries:
-                            raise RolloutFailed(f"apply failed: {_api_error(exc)}") from exc
-                        delay = self.backoff_s * 2 ** (attempt - 1)
-                        log.warning("rollback apply conflict (409); retrying in %.1fs", delay)
-                        self.sleep(delay)
+                try:
+                    self._on_conflict("rollback apply")(self.kube.apply_deployment, body)
+                except ApiException as exc:
+                    raise RolloutFailed(f"apply failed: {_api_error(exc)}") from exc
                 if previous.model_uri:
                     self._wait(previous.model_uri)
             smoke = self._smoke(previous.version, previous.model_uri)
@@ -829,6 +839,29 @@ class Rollout:
             f"{previous.model_uri}, which serves again",
             smoke,
             previous=previous,
+        )
+
+    def _on_conflict(self, what: str) -> Retrying:
+        """Retry a call on 409 Conflict with exponential backoff (0.5 s, 1 s, 2 s, ...)."""
+
+        def warn(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s conflict (409, attempt %d/%d): %s; retrying in %.1fs",
+                what,
+                state.attempt_number,
+                self.conflict_retries,
+                _api_error(exc) if exc else "?",
+                state.next_action.sleep if state.next_action else 0.0,
+            )
+
+        return Retrying(
+            stop=stop_after_attempt(self.conflict_retries),
+            wait=wait_exponential(multiplier=self.backoff_s, max=60),
+            retry=retry_if_exception(lambda exc: getattr(exc, "status", None) == 409),
+            sleep=self.sleep,
+            before_sleep=warn,
+            reraise=True,
         )
 
     def _result(

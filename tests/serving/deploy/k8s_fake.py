@@ -92,6 +92,8 @@ class FakeCluster:
     deadline_ticks: int = 3
     behaviour: dict[str, str] = field(default_factory=dict)
     conflicts_to_inject: int = 0
+    # GETs of the Deployment answered 503 before the real answer (an API server hiccup).
+    unavailable_to_inject: int = 0
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
     replica_sets: list[dict[str, Any]] = field(default_factory=list)
     pods: list[dict[str, Any]] = field(default_factory=list)
@@ -213,6 +215,9 @@ class FakeCluster:
             if m := _DEPLOYMENT.match(path):
                 if m["ns"] != self.namespace:
                     return _status(404, "NotFound", f'namespaces "{m["ns"]}" not found')
+                if method == "GET" and self.unavailable_to_inject > 0:
+                    self.unavailable_to_inject -= 1
+                    return _status(503, "ServiceUnavailable", "the server is shutting down")
                 if method == "GET":
                     return self._get_deployment(m["name"])
                 if method == "PATCH":

@@ -221,6 +221,21 @@ def test_rollback_that_fails_too_exits_3(cluster, model_server, settings, seeded
 # -- conflicts, resumption, preconditions -----------------------------------------------------
 
 
+def test_reads_retry_an_unavailable_api_server_then_give_up(cluster, seeded, caplog):
+    from kubernetes.client.exceptions import ApiException
+
+    caplog.set_level(logging.WARNING, logger="serving.rollout")
+    kube = KubeClient(cluster.api_client(), NS, NAME, retry_delay_s=0.01)
+    cluster.unavailable_to_inject = 2
+    assert kube.get_deployment()["metadata"]["name"] == NAME
+    assert "503 Service Unavailable; retrying (1/3)" in caplog.text
+    assert "retrying (2/3)" in caplog.text
+    cluster.unavailable_to_inject = 3
+    with pytest.raises(ApiException) as failed:
+        kube.get_deployment()
+    assert failed.value.status == 503
+
+
 def test_conflict_once_is_retried(cluster, model_server, settings, seeded, caplog):
     caplog.set_level(logging.INFO, logger="serving.rollout")
     cluster.conflicts_to_inject = 1

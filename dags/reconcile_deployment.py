@@ -60,7 +60,11 @@ def reconcile_deployment():
     trigger_deploy_model = TriggerDagRunOperator(
         task_id="trigger_deploy_model",
         trigger_dag_id="deploy_model",
-        conf={"reason": "reconcile: {{ ti.xcom_pull(task_ids='check', key='report')['reason'] }}"},
+        # deploy_model's `reason` Param takes at most 500 characters.
+        conf={
+            "reason": "reconcile: "
+            "{{ ti.xcom_pull(task_ids='check', key='report')['reason'][:400] }}"
+        },
         wait_for_completion=False,
     )
     check() >> trigger_deploy_model

@@ -51,6 +51,8 @@ from serving.deploy.proxy import (
     PROXY_LOG,
     PROXY_PIDFILE,
     UPSTREAM_HOST,
+    atomic_write_json,
+    start_detached,
 )
 from serving.deploy.rollout import DeployFailed, Live
 from serving.deploy.settings import DeploySettings
@@ -150,7 +152,7 @@ class LocalTarget:
             try:
                 self._wait_ready(proc, port, payload)
             except DeployError as exc:
-                _stop_group(proc.pid)
+                stop_group(proc.pid)
                 _unlink(self._slot_pidfile(port))
                 tail = _tail(self._slot_log(port))
                 raise DeployError(
@@ -172,7 +174,7 @@ class LocalTarget:
                 "tracking_uri": self.tracking_uri,
                 "restarts": 0,
             }
-            _atomic_write_json(self.state_dir / ACTIVE_FILE, record)
+            atomic_write_json(self.state_dir / ACTIVE_FILE, record)
             log.info(
                 "version %s live on %s (slot port %s, ready in %.1fs); previous: %s",
                 version,
@@ -285,7 +287,7 @@ class LocalTarget:
         stopped: dict[str, Any] = {}
         pid = self._proxy_pid()
         if pid is not None:
-            _stop_group(pid)
+            stop_group(pid)
             stopped["proxy"] = pid
         _unlink(self.state_dir / PROXY_PIDFILE)
         ports = set(self.settings.local_slot_ports)
@@ -297,7 +299,7 @@ class LocalTarget:
             if slot_pid is not None:
                 stopped[f"slot-{port}"] = slot_pid
         if active and active.get("pid") and process_is(active["pid"], SERVER_MODULE):
-            _stop_group(int(active["pid"]))  # restarted by the proxy: not in a slot pidfile
+            stop_group(int(active["pid"]))  # restarted by the proxy: not in a slot pidfile
             stopped.setdefault(f"slot-{active['port']}", active["pid"])
         if forget:
             _unlink(self.state_dir / ACTIVE_FILE)
@@ -326,13 +328,13 @@ class LocalTarget:
         host, port = self._front_host, self.settings.local_port
         pid = self._proxy_pid()
         if pid is not None:
-            if _wait_for(lambda: _accepting(host, port), 5.0):
+            if wait_for(lambda: _accepting(host, port), 5.0):
                 return
             log.warning("proxy pid %s is not accepting on %s:%s; restarting it", pid, host, port)
-            _stop_group(pid)
+            stop_group(pid)
         logfile = self.state_dir / PROXY_LOG
         with open(logfile, "ab") as out:
-            proc = _spawn(
+            proc = spawn(
                 [sys.executable, "-m", "serving.deploy", "proxy"],
                 env=self._child_env(),
                 stdout=out,
@@ -347,8 +349,8 @@ class LocalTarget:
                 )
             return _accepting(host, port)
 
-        if not _wait_for(up, _PROXY_START_TIMEOUT_S):
-            _stop_group(proc.pid)
+        if not wait_for(up, _PROXY_START_TIMEOUT_S):
+            stop_group(proc.pid)
             raise DeployError(
                 f"the proxy did not listen on {host}:{port} within {_PROXY_START_TIMEOUT_S:.0f}s"
                 f"\n--- last lines of {logfile} ---\n{_tail(logfile)}"
@@ -372,7 +374,7 @@ class LocalTarget:
         pid = _live_pid(self._slot_pidfile(port), SERVER_MODULE)
         if pid is not None:
             log.info("stopping model server pid %s on slot port %s", pid, port)
-            _stop_group(pid)
+            stop_group(pid)
         _unlink(self._slot_pidfile(port))
         return pid
 
@@ -393,7 +395,7 @@ class LocalTarget:
         with open(logfile, "wb") as out:
             out.write(f"# {datetime.now(UTC).isoformat()} {' '.join(cmd)}\n".encode())
             out.flush()
-            proc = _spawn(cmd, env=env, stdout=out)
+            proc = spawn(cmd, env=env, stdout=out)
         _atomic_write_text(self._slot_pidfile(port), f"{proc.pid}\n")
         log.info("starting model server pid %s for %s on slot port %s", proc.pid, model_uri, port)
         return proc
@@ -501,21 +503,10 @@ def _try_flock(fh: Any) -> bool:
 
 
 def spawn(cmd: list[str], *, env: dict[str, str], stdout: Any) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in its own session: it outlives its starter and stops as a group."""
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        close_fds=True,
-    )
+    """:func:`start_detached`, kept referenced so it is reaped and ``poll()`` works."""
+    proc = start_detached(cmd, env=env, stdout=stdout)
     _CHILDREN[proc.pid] = proc
     return proc
-
-
-_spawn = spawn
 
 
 def _alive(pid: int) -> bool:
@@ -595,9 +586,6 @@ def stop_group(pid: int, timeout_s: float = _STOP_TIMEOUT_S) -> None:
     _reap(pid)
 
 
-_stop_group = stop_group
-
-
 def _reap(pid: int, *, wait: bool = True) -> None:
     """Collect our own child's exit status, so it does not linger as a zombie."""
     child = _CHILDREN.get(pid)
@@ -622,9 +610,6 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float 
     return retrying(lambda: bool(predicate()))
 
 
-_wait_for = wait_for
-
-
 def _accepting(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -644,18 +629,6 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def atomic_write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(record, indent=2) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-_atomic_write_json = atomic_write_json
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -325,15 +325,7 @@ class Supervisor:
             stamp = datetime.now(UTC).isoformat()
             out.write(f"# {stamp} restart: {' '.join(active['cmd'])}\n".encode())
             out.flush()
-            proc = subprocess.Popen(
-                active["cmd"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
+            proc = start_detached(active["cmd"], env=env, stdout=out)
         self._children[proc.pid] = proc
         delay = RESTART_BACKOFF_S[min(self._failures, len(RESTART_BACKOFF_S) - 1)]
         self._failures += 1
@@ -345,9 +337,7 @@ class Supervisor:
             "restarts": int(active.get("restarts") or 0) + 1,
             "restarted_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        tmp = self.active_path.with_name(f".{self.active_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, self.active_path)
+        atomic_write_json(self.active_path, record)
         (self.state_dir / f"slot-{active['port']}.pid").write_text(f"{proc.pid}\n")
         log.warning(
             "model server of version %s (port %s, pid %s) was not running: started it again as "
@@ -359,6 +349,29 @@ class Supervisor:
             record["restarts"],
             delay,
         )
+
+
+def start_detached(cmd: list[str], *, env: dict[str, str], stdout: Any) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own session: it outlives its starter and stops as a group."""
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
+def atomic_write_json(path: Path, record: dict[str, Any]) -> None:
+    """Replace ``path`` in one step: a reader sees the old record or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(record, indent=2) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _is_server(pid: Any, active: dict[str, Any]) -> bool:

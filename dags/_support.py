@@ -231,7 +231,7 @@ def rollout_tasks(request_task_id: str) -> tuple[Any, Any]:
         from airflow.sdk.exceptions import AirflowFailException
 
         from serving.deploy.assets import LINKS_KEY
-        from serving.deploy.rollout import VerificationFailed, run_request
+        from serving.deploy.rollout import RequestRejected, VerificationFailed, run_request
 
         request = context["ti"].xcom_pull(task_ids=request_task_id, key=ROLLOUT_REQUEST_KEY)
         uri = tracking_uri()
@@ -241,6 +241,8 @@ def rollout_tasks(request_task_id: str) -> tuple[Any, Any]:
             )
         except VerificationFailed as exc:
             raise AirflowFailException(f"verification failed: {exc}") from exc
+        except RequestRejected as exc:  # a version that does not exist stays missing
+            raise AirflowFailException(str(exc)) from exc
         for line in outcome["steps"]:
             print(line)
         return {**outcome, LINKS_KEY: _links(uri, outcome.get("version"))}

@@ -142,7 +142,13 @@ def _rollout_request(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ml.settings import RegistrySettings
-    from serving.deploy.rollout import Request, RolloutError, VerificationFailed, run_request
+    from serving.deploy.rollout import (
+        Request,
+        RequestRejected,
+        RolloutError,
+        VerificationFailed,
+        run_request,
+    )
 
     log = logging.getLogger("serving")
     try:
@@ -161,6 +167,9 @@ def _rollout_request(args: argparse.Namespace) -> int:
     except VerificationFailed as exc:
         log.error("verification failed (the previous version was put back): %s", exc)
         return 1
+    except RequestRejected as exc:
+        log.error("%s", exc)
+        return 2
     except RolloutError as exc:
         log.error("rollout not completed (nothing marked bad; retry): %s", exc)
         return 3

@@ -60,6 +60,10 @@ class RolloutError(RuntimeError):
     """The rollout could not be completed, and it says nothing about the version: retry."""
 
 
+class RequestRejected(ValueError):
+    """The request names a version the registry does not have: retrying will not help."""
+
+
 class DeployFailed(RolloutError):
     """The target could not put the version live; what served before still serves."""
 
@@ -253,8 +257,13 @@ def run(
         live = target.live()
         target_info = None
         wanted = request.version if request.kind != "champion" else champion
-        if wanted is not None:
-            target_info = champion_info if wanted == champion else reg.get(wanted)
+        if wanted is not None and wanted == champion:
+            target_info = champion_info
+        elif wanted is not None:
+            try:
+                target_info = reg.get(wanted)
+            except LookupError as exc:
+                raise RequestRejected(f"cannot roll out v{wanted}: {exc}") from exc
         failed = _failure_tags(target_info.tags if target_info else {})
         decision = plan(
             request,

@@ -167,3 +167,15 @@ def test_a_failed_verification_rolls_back_in_the_same_run(cluster, registry, mlf
             _registry(),
             tracking_uri=mlflow_store,
         )
+
+
+def test_a_version_the_registry_does_not_have_is_refused_without_touching_the_cluster(
+    cluster, registry, mlflow_store
+):
+    from serving.deploy.rollout import RequestRejected
+
+    fake = cluster[0]
+    with pytest.raises(RequestRejected, match="v99"):
+        run(Request("version", "99"), _target(cluster, mlflow_store), _registry(),
+            tracking_uri=mlflow_store)  # fmt: skip
+    assert fake.applied() == []

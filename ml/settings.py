@@ -28,6 +28,14 @@ def split_csv(value: Any) -> Any:
     return value
 
 
+def split_csv_ints(value: Any) -> Any:
+    """:func:`split_csv`, then each item as an int (ports, layer sizes)."""
+    value = split_csv(value)
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    return value
+
+
 class DataSettings(BaseSettings):
     """Where training data comes from and what it must look like."""
 
@@ -120,10 +128,7 @@ class TrainingSettings(BaseSettings):
     @field_validator("hidden_units", mode="before")
     @classmethod
     def _split_units(cls, value: Any) -> Any:
-        value = split_csv(value)
-        if isinstance(value, list):
-            return [int(v) for v in value]
-        return value
+        return split_csv_ints(value)
 
     @field_validator("hidden_units")
     @classmethod

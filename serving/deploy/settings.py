@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ml.settings import LOCAL_STATE_DIR, split_csv
+from ml.settings import LOCAL_STATE_DIR, split_csv, split_csv_ints
 
 
 class DeploySettings(BaseSettings):
@@ -96,10 +96,7 @@ class DeploySettings(BaseSettings):
     @field_validator("local_slot_ports", mode="before")
     @classmethod
     def _split_ports(cls, value: Any) -> Any:
-        value = split_csv(value)
-        if isinstance(value, list):
-            return [int(v) for v in value]
-        return value
+        return split_csv_ints(value)
 
     @field_validator("allowed_client_namespaces", mode="before")
     @classmethod

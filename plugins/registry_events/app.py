@@ -11,7 +11,9 @@
 What this endpoint does with a request, in order:
 
 1. no secret configured (``PIPELINE_WEBHOOK_SECRET``)      -> 503, nothing recorded
-2. missing/garbled headers, body too large                  -> 400 / 413
+2. body too large, garbled Content-Length, missing headers  -> 413 / 400
+   (a declared Content-Length over the limit is refused unread; a chunked body is read
+   only until it passes the limit)
 3. timestamp more than 5 minutes off                         -> 401 (a replay of an old delivery)
 4. signature does not match                                  -> 401
 5. body not JSON / not an MLflow webhook payload             -> 400
@@ -153,6 +155,31 @@ def parse(body: bytes) -> dict[str, Any]:
     return payload
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) once it is known to exceed ``limit`` bytes.
+
+    A declared ``Content-Length`` over the limit is refused before a byte is read; a body
+    without one (chunked) is read only until it passes the limit. Raises ``Rejected``.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise Rejected(400, f"Content-Length must be a byte count, got {declared[:40]!r}")
+        if int(declared) > limit:
+            raise Rejected(
+                413, f"body is larger than {limit} bytes (Content-Length: {int(declared)})"
+            )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            how = "more than declared" if declared is not None else "no Content-Length"
+            raise Rejected(413, f"body is larger than {limit} bytes (read while streaming, {how})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _ignored(reason: str, **extra: Any) -> JSONResponse:
     log.info("Webhook ignored: %s", reason)
     return JSONResponse({"status": "ignored", "reason": reason, **extra}, status_code=200)
@@ -179,10 +206,8 @@ async def mlflow_webhook(request: Request) -> JSONResponse:
             {"error": f"no webhook secret configured ({SECRET_ENV}): refusing all deliveries"},
             status_code=503,
         )
-    body = await request.body()
     try:
-        if len(body) > MAX_BODY_BYTES:
-            raise Rejected(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+        body = await read_body(request, MAX_BODY_BYTES)
         delivery_id, timestamp = authenticate(request.headers, body, secret)
         payload = parse(body)
     except Rejected as exc:

@@ -253,3 +253,91 @@ def test_describe_names_what_is_watched_and_no_secret(client):
     assert body["asset"]["uri"] == ASSET_URI
     assert body["secret_configured"] is True
     assert SECRET not in json.dumps(body)
+
+
+# -- body size: decided by the declared length, or while streaming, never after reading it all --
+
+CHUNK = 16 * 1024
+TEN_MB = 10 * 1024 * 1024
+
+
+class CountingBody:
+    """A request body sent in chunks that records how much of it the server consumed."""
+
+    def __init__(self, data: bytes = b"", *, size: int = 0) -> None:
+        self.data = data or b"x" * size
+        self.consumed = 0
+
+    async def __aiter__(self):
+        for start in range(0, len(self.data), CHUNK):
+            chunk = self.data[start : start + CHUNK]
+            self.consumed += len(chunk)
+            yield chunk
+
+
+@pytest.fixture
+def asgi_post(monkeypatch):
+    """POST to the app in-process over httpx's ASGI transport, which hands the app the body
+    only as fast as the app asks for it (``receive``): what the app reads is what it consumed."""
+    import asyncio
+
+    import httpx
+    from registry_events.app import app
+
+    monkeypatch.setenv("PIPELINE_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("PIPELINE_REGISTRY_MODEL_NAME", MODEL)
+
+    def post_(body: CountingBody, headers: dict) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://airflow") as c:
+                return await c.post("/mlflow-webhook", content=body, headers=headers)
+
+        return asyncio.run(go())
+
+    return post_
+
+
+def test_a_body_declared_too_large_is_refused_before_any_of_it_is_read(asgi_post):
+    from registry_events.app import MAX_BODY_BYTES
+
+    body = CountingBody(size=TEN_MB)
+    headers = {**signed_headers(b"{}"), "Content-Length": str(TEN_MB)}
+    response = asgi_post(body, headers)
+    assert response.status_code == 413, response.text
+    assert body.consumed == 0
+    assert response.json()["error"] == (
+        f"body is larger than {MAX_BODY_BYTES} bytes (Content-Length: {TEN_MB})"
+    )
+
+
+def test_a_chunked_body_is_read_only_until_it_passes_the_limit(asgi_post):
+    from registry_events.app import MAX_BODY_BYTES
+
+    body = CountingBody(size=TEN_MB)
+    headers = signed_headers(b"{}")  # no Content-Length: httpx sends it chunked
+    response = asgi_post(body, headers)
+    assert response.status_code == 413, response.text
+    assert MAX_BODY_BYTES < body.consumed <= MAX_BODY_BYTES + CHUNK
+    assert response.json()["error"] == (
+        f"body is larger than {MAX_BODY_BYTES} bytes (read while streaming, no Content-Length)"
+    )
+
+
+def test_a_chunked_body_within_the_limit_is_read_whole_and_authenticated(asgi_post):
+    data = payload(alias="challenger") + b" " * (3 * CHUNK)  # several chunks, still JSON
+    body = CountingBody(data)
+    response = asgi_post(body, signed_headers(data))
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "ignored" and "not watched" in response.json()["reason"]
+    assert body.consumed == len(data)
+
+
+@pytest.mark.parametrize("declared", ["lots", "-1", "1e9"])
+def test_a_garbled_content_length_is_refused_unread(asgi_post, declared):
+    data = payload(alias="challenger")  # even unfixed, nothing would be recorded
+    body = CountingBody(data)
+    response = asgi_post(body, {**signed_headers(data), "Content-Length": declared})
+    assert response.status_code == 400, response.text
+    assert "Content-Length" in response.json()["error"]
+    assert body.consumed == 0

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
-DAG_FILES = sorted(p for p in DAGS_DIR.glob("*.py") if not p.name.startswith("_"))
+from tests.dags.conftest import DAG_FILES, DAGS_DIR
 
 
 @pytest.fixture(scope="module")
@@ -168,27 +163,14 @@ def test_trigger_form_rejects_bad_values(dagbag):
     assert copy.deepcopy(dag.params.get_param("data_end_date")).resolve("2026-03-01")
 
 
-def test_dag_parse_imports_nothing_heavy():
+def test_dag_parse_imports_nothing_heavy(dag_parse_report):
     """Parsing runs often in the DAG processor: no TensorFlow, MLflow or pandas at module level.
 
     One fresh interpreter parses every DAG file in turn and reports, after each, which heavy
     modules are loaded: once one appears, the file that pulled it in is the first one listed.
     """
-    heavy = ("tensorflow", "keras", "mlflow", "pandas", "matplotlib", "sklearn")
-    code = (
-        "import importlib.util, json, sys\n"
-        f"sys.path.insert(0, {str(DAGS_DIR)!r})\n"
-        f"for path in {[str(f) for f in DAG_FILES]!r}:\n"
-        "    spec = importlib.util.spec_from_file_location('dag_under_test', path)\n"
-        "    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        f"    print(json.dumps([path, sorted(m for m in {heavy!r} if m in sys.modules)]))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True
-    )
-    reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('["')]
-    assert [path for path, _ in reports] == [str(f) for f in DAG_FILES]
-    assert [(path, loaded) for path, loaded in reports if loaded] == []
+    assert [path for path, _ in dag_parse_report] == [str(f) for f in DAG_FILES]
+    assert [(path, loaded) for path, loaded in dag_parse_report if loaded] == []
 
 
 @pytest.fixture(scope="module")

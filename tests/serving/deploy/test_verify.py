@@ -39,7 +39,8 @@ def model_uri(tmp_path_factory) -> str:
     code = root / "sum_model.py"
     code.write_text(textwrap.dedent(MODEL_CODE))
     path = root / "model"
-    mlflow.pyfunc.save_model(path, python_model=str(code))
+    # Declared requirements: inferring them would load the model in a subprocess (seconds).
+    mlflow.pyfunc.save_model(path, python_model=str(code), pip_requirements=["mlflow"])
     return str(path)
 
 
@@ -78,7 +79,8 @@ def server():
             pass
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    # A short poll interval: shutdown() waits up to one interval, at every test's teardown.
+    threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", script
     httpd.shutdown()
     httpd.server_close()

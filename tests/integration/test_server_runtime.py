@@ -23,11 +23,9 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pandas as pd
 import pytest
 
-from serving.server.batching import MicroBatcher
 from tests.conftest import free_port
 from tests.integration.test_server_protocol import (
     FEATURES,
@@ -304,32 +302,6 @@ def test_concurrent_bad_requests_never_fail_their_batch_neighbours(
             break
     # Concurrent requests really shared model calls (else this test proved nothing).
     assert batched > 1
-
-
-def test_a_failing_batch_is_retried_request_by_request():
-    """The batcher's own guarantee, with a model that fails on one poisoned row."""
-
-    def model(rows: np.ndarray) -> np.ndarray:
-        if np.any(rows < 0):
-            raise ValueError("negative input")
-        return rows.sum(axis=1)
-
-    async def scenario():
-        observed = []
-        batcher = MicroBatcher(
-            model, max_wait_s=0.005, mode="thread", on_batch=lambda *a: observed.append(a)
-        )
-        inputs = [np.full((1, 2), float(i)) for i in range(5)] + [np.full((2, 2), -1.0)]
-        results = await asyncio.gather(
-            *(batcher.predict(x) for x in inputs), return_exceptions=True
-        )
-        await batcher.close()
-        return results, observed
-
-    results, observed = asyncio.run(scenario())
-    assert [float(r[0]) for r in results[:5]] == [0.0, 2.0, 4.0, 6.0, 8.0]
-    assert isinstance(results[5], ValueError)
-    assert observed == [(7, 6, True)]  # one batch of 6 requests (7 rows), re-run one by one
 
 
 # -- readiness and shutdown (the slow generic pyfunc) ---------------------------------------------

@@ -1,0 +1,148 @@
+"""MicroBatcher on plain Python models: who shares a call, and who gets which answer or error."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from serving.server.batching import MicroBatcher
+
+
+class Model:
+    """Sums each row; records every call's row count and thread; fails on negative input."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.threads: list[str] = []
+
+    def __call__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=float)
+        self.calls.append(len(rows))
+        self.threads.append(threading.current_thread().name)
+        if np.any(rows < 0):
+            raise ValueError("negative input")
+        return rows.sum(axis=1)
+
+
+def run_together(batcher: MicroBatcher, inputs: list) -> list:
+    """Submit every input in the same loop turn (what a burst of requests does), then close."""
+
+    async def scenario():
+        results = await asyncio.gather(
+            *(batcher.predict(x) for x in inputs), return_exceptions=True
+        )
+        await batcher.close()
+        return results
+
+    return asyncio.run(scenario())
+
+
+def test_concurrent_requests_share_one_call_and_each_gets_its_own_rows():
+    model = Model()
+    inputs = [np.full((n, 2), float(n)) for n in (1, 3, 2)]
+    results = run_together(MicroBatcher(model), inputs)
+    assert model.calls == [6]
+    assert [r.tolist() for r in results] == [[2.0], [6.0, 6.0, 6.0], [4.0, 4.0]]
+
+
+def test_rows_given_as_lists_are_merged_into_one_array():
+    model = Model()
+    results = run_together(MicroBatcher(model), [[[1.0, 2.0]], [[3.0, 4.0], [5.0, 6.0]]])
+    assert model.calls == [3]
+    assert [r.tolist() for r in results] == [[3.0], [7.0, 11.0]]
+
+
+def test_a_lone_request_is_one_call_of_its_own():
+    model = Model()
+    [result] = run_together(MicroBatcher(model), [np.ones((4, 3))])
+    assert model.calls == [4] and result.tolist() == [3.0] * 4
+
+
+def test_batches_stop_at_max_batch_rows_and_a_bigger_request_runs_alone():
+    model = Model()
+    inputs = [np.ones((2, 1))] * 3 + [np.ones((9, 1))] + [np.ones((1, 1))]
+    results = run_together(MicroBatcher(model, max_batch_rows=4), inputs)
+    assert sum(model.calls) == 16 and 9 in model.calls  # the big one ran alone
+    assert all(c <= 4 for c in model.calls if c != 9)
+    assert [len(r) for r in results] == [2, 2, 2, 9, 1]
+
+
+def test_a_failing_batch_is_retried_request_by_request():
+    model = Model()
+    observed = []
+    batcher = MicroBatcher(
+        model, max_wait_s=0.005, mode="thread", on_batch=lambda *a: observed.append(a)
+    )
+    inputs = [np.full((1, 2), float(i)) for i in range(5)] + [np.full((2, 2), -1.0)]
+    results = run_together(batcher, inputs)
+    assert [float(r[0]) for r in results[:5]] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert isinstance(results[5], ValueError)
+    assert observed == [(7, 6, True)]  # one batch of 6 requests (7 rows), re-run one by one
+
+
+def test_a_model_that_answers_the_wrong_number_of_rows_fails_only_that_request():
+    def short(rows):
+        rows = np.asarray(rows)
+        return rows.sum(axis=1)[: max(1, len(rows) - 1)]  # drops the last row when it can
+
+    results = run_together(MicroBatcher(short), [np.ones((1, 2)), np.ones((2, 2))])
+    assert results[0].tolist() == [2.0]
+    assert isinstance(results[1], ValueError) and "rows for 2" in str(results[1])
+
+
+def test_auto_mode_runs_small_batches_inline_and_big_ones_in_the_model_thread():
+    model = Model()
+    batcher = MicroBatcher(model, inline_max_rows=4)
+
+    async def scenario():
+        await batcher.predict(np.ones((2, 1)))
+        await batcher.predict(np.ones((10, 1)))
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert model.calls == [2, 10]
+    assert model.threads[0] == threading.main_thread().name
+    assert model.threads[1].startswith("model")
+
+
+def test_a_cancelled_request_is_dropped_before_its_batch_runs():
+    model = Model()
+
+    async def scenario():
+        batcher = MicroBatcher(model)
+        gone = batcher.submit(np.ones((5, 1)))
+        kept = batcher.submit(np.ones((1, 1)))
+        gone.cancel()
+        result = await kept
+        await batcher.close()
+        return result
+
+    assert asyncio.run(scenario()).tolist() == [1.0]
+    assert model.calls == [1]
+
+
+def test_a_closed_batcher_refuses_new_work():
+    async def scenario():
+        batcher = MicroBatcher(Model())
+        await batcher.predict(np.ones((1, 1)))
+        await batcher.close()
+        batcher.submit(np.ones((1, 1)))
+
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch_rows": 0}, "max_batch_rows"),
+        ({"max_wait_s": 1.0}, "max_wait_s"),
+        ({"mode": "gpu"}, "unknown mode"),
+    ],
+)
+def test_bad_settings_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MicroBatcher(Model(), **kwargs)

@@ -8,6 +8,7 @@ Kept out of DAG parsing by ``.airflowignore``; imports nothing heavy.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from datetime import date, timedelta
 from typing import Any
 
@@ -121,6 +122,30 @@ def pipeline_params() -> dict[str, Param]:
             "KubernetesPodOperator rollout to the cluster of the kubernetes_default Connection.",
         ),
     }
+
+
+def unknown_conf_keys(conf: Mapping[str, Any] | None, accepted: Iterable[str]) -> list[str]:
+    """The keys of a trigger conf that name no Param, sorted (none for an empty conf)."""
+    return sorted(set(conf or {}) - set(accepted))
+
+
+def reject_unknown_conf(context: Mapping[str, Any]) -> None:
+    """Fail the run (no retries) when its conf has keys the DAG has no Param for.
+
+    Airflow validates the values of known keys when the run is created, but keeps an unknown
+    key as an extra Param: a typo (``epoch``) would silently run with the default. Called
+    first by each DAG's first task; a run without conf (scheduled, asset-triggered) passes.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = context["dag"]
+    accepted = sorted(dag.params.keys())
+    unknown = unknown_conf_keys(getattr(context["dag_run"], "conf", None), accepted)
+    if unknown:
+        raise AirflowFailException(
+            f"unknown key(s) in the run's conf: {', '.join(map(repr, unknown))}; "
+            f"{dag.dag_id} accepts: {', '.join(accepted)}"
+        )
 
 
 def data_settings(params: dict[str, Any]) -> DataSettings:

@@ -22,6 +22,8 @@ on a failed verification, put the previous version back.
   one slot of the `model_rollout` pool: one rollout at a time across all DAGs.
 * A failed verification tags the version `rollout.failed` with the reason; a task that
   could not start or crashed is retried and marks nothing.
+* A trigger conf key that names no Param fails the run at `request`, without retries,
+  naming the Params it accepts (asset-triggered runs carry no conf).
 
 The rollout task links to the MLflow model version and its training run.
 """
@@ -36,6 +38,7 @@ from _support import (
     deploy_settings,
     promotion_asset,
     registry_settings,
+    reject_unknown_conf,
     rollout_tasks,
     tracking_uri,
     triggering_events,
@@ -61,6 +64,7 @@ from airflow.sdk import dag, task
 def deploy_model():
     @task.branch
     def request(**context) -> str:
+        reject_unknown_conf(context)  # asset-triggered runs have no conf: they pass
         from serving.deploy.rollout import request_for_deploy_model
 
         params = context["params"]

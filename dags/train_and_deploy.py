@@ -20,6 +20,8 @@ Nightly retraining of the regression model, tracked in MLflow, gated, rolled out
   and only then moves `@champion`. A failed verification puts the previous version back, tags
   the version `rollout.failed` and fails the run; any other failure is retried and marks
   nothing. `deploy_target` picks where it runs (worker: local target; pod: Kubernetes).
+* **Conf**: a trigger conf key that names no Param (a typo such as `epoch`) fails the run
+  at `load_window`, without retries, naming the Params it accepts.
 
 Every task is one call into `ml/` or `serving/`; see README.md for configuration.
 """
@@ -35,6 +37,7 @@ from _support import (
     gate_settings,
     pipeline_params,
     registry_settings,
+    reject_unknown_conf,
     rollout_tasks,
     run_tag_templates,
     run_tags,
@@ -66,6 +69,7 @@ from serving.deploy.settings import DeploySettings
 def train_and_deploy():
     @task
     def load_window(**context) -> dict:
+        reject_unknown_conf(context)  # a mistyped Param must not run with the default
         from ml.pipeline import load_window
 
         return load_window(data_settings(context["params"]), window_end(context))

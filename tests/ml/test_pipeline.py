@@ -1,0 +1,113 @@
+"""The pipeline's steps chained as the DAG chains them, on a real MLflow store and tiny data.
+
+Each step takes and returns JSON-able references only: the test passes every result through
+``json`` (what XCom does) before the next step sees it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+
+import pytest
+
+from ml import pipeline
+from ml.settings import DataSettings, GateSettings, RegistrySettings, TrainingSettings
+
+END = date(2026, 3, 10)
+REGISTRY = RegistrySettings(model_name="pipeline-test", experiment_name="pipeline-test")
+TRAINING = TrainingSettings(epochs=2, hidden_units=[8], early_stopping_patience=1, threads=1)
+
+
+def xcom(value):
+    return json.loads(json.dumps(value))
+
+
+@pytest.fixture
+def data(tmp_path) -> DataSettings:
+    return DataSettings(path=str(tmp_path / "data"), window_days=2, synthetic_rows_per_day=150)
+
+
+def test_load_window_writes_once_and_its_digest_follows_the_data(data):
+    first = xcom(pipeline.load_window(data, END))
+    assert [p["day"] for p in first["partitions"]] == ["2026-03-08", "2026-03-09"]
+    assert (first["start"], first["end"], first["source"]) == (
+        "2026-03-08",
+        "2026-03-10",
+        "synthetic",
+    )
+    assert xcom(pipeline.load_window(data, END)) == first  # same files, same digest
+
+    later = xcom(pipeline.load_window(data, date(2026, 3, 11)))
+    assert later["digest"] != first["digest"]
+
+
+def test_validate_window_counts_rows_and_names_a_bad_partition(data):
+    import pandas as pd
+
+    from ml.data import DataValidationError
+
+    window = xcom(pipeline.load_window(data, END))
+    assert pipeline.validate_window(window, data)["total_rows"] == 300
+
+    uri = window["partitions"][0]["uri"]
+    frame = pd.read_parquet(uri)
+    frame.loc[3, "target"] = None
+    frame.to_parquet(uri)
+    with pytest.raises(DataValidationError) as err:
+        pipeline.validate_window(window, data)
+    assert "2026-03-08" in str(err.value) and "target" in str(err.value)
+
+
+def test_holdout_is_the_same_rows_every_time(data):
+    window = xcom(pipeline.load_window(data, END))
+    _, first = pipeline.holdout_frame(window, data)
+    _, again = pipeline.holdout_frame(window, data)
+    assert len(first) == 60  # holdout_fraction 0.2 of 300
+    assert first.equals(again)
+
+
+def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(data, mlflow_store):
+    from ml.registry import Registry
+
+    window = xcom(pipeline.load_window(data, END))
+    trained = xcom(pipeline.train(window, data, TRAINING, REGISTRY, tracking_uri=mlflow_store))
+    evaluation = xcom(pipeline.evaluate(window, trained, data, REGISTRY, tracking_uri=mlflow_store))
+    assert evaluation["champion"] is None and evaluation["holdout_rows"] == 60
+    version = xcom(
+        pipeline.register(window, trained, evaluation, REGISTRY, tracking_uri=mlflow_store)
+    )
+    lenient = GateSettings(max_rmse=1e6, min_r2=-1e6)
+    decision = xcom(
+        pipeline.gate(version, evaluation, lenient, REGISTRY, tracking_uri=mlflow_store)
+    )
+    assert decision["passed"] and not decision["has_champion"]
+
+    registry = Registry(mlflow_store, REGISTRY)
+    registered = registry.get(version["version"])
+    assert registered.tags["data_digest"] == window["digest"]
+    assert registered.tags["gate.passed"] == "true"
+    assert registry.get(REGISTRY.challenger_alias).version == version["version"]
+    assert pipeline.promote(version, REGISTRY, tracking_uri=mlflow_store) == {
+        "version": version["version"],
+        "previous": None,
+    }
+
+    # The next run compares against that champion on its own holdout, and a strict gate holds.
+    evaluation2 = xcom(
+        pipeline.evaluate(window, trained, data, REGISTRY, tracking_uri=mlflow_store)
+    )
+    assert evaluation2["champion_version"] == version["version"]
+    assert evaluation2["champion"] == pytest.approx(evaluation2["candidate"])  # the same model
+    version2 = xcom(
+        pipeline.register(window, trained, evaluation2, REGISTRY, tracking_uri=mlflow_store)
+    )
+    strict = GateSettings(max_rmse=1e-9)
+    decision2 = xcom(
+        pipeline.gate(version2, evaluation2, strict, REGISTRY, tracking_uri=mlflow_store)
+    )
+    assert not decision2["passed"]
+    assert registry.get(version2["version"]).tags["gate.passed"] == "false"
+    with pytest.raises(LookupError):  # promotion retired @challenger; a rejection sets none
+        registry.get(REGISTRY.challenger_alias)
+    assert registry.champion().version == version["version"]

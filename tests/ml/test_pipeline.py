@@ -1,7 +1,8 @@
 """The pipeline's steps chained as the DAG chains them, on a real MLflow store and tiny data.
 
 Each step takes and returns JSON-able references only: the test passes every result through
-``json`` (what XCom does) before the next step sees it.
+``json`` (what XCom does) before the next step sees it. The chain trains and logs a real Keras
+model, so like the other training tests it is marked ``integration``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def test_holdout_is_the_same_rows_every_time(data):
     assert first.equals(again)
 
 
+@pytest.mark.integration
 def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(data, mlflow_store):
     from ml.registry import Registry
 

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: run up stop status test test-unit lint format install lock clean k8s-e2e bench-dag-parse \
-	container-tools images test-container bench-serving bench-promotion
+	container-tools prometheus-tools images test-container bench-serving bench-promotion
 
 ## run: install, start MLflow + Airflow locally, train and deploy once, print where things are
 run: $(STAMP) up
@@ -23,13 +23,18 @@ status: $(STAMP)
 	$(PY) scripts/stack.py status
 
 ## test: lint, then unit, DAG, integration and container tests (real MLflow, Airflow, HTTP, podman)
-test: $(STAMP) lint container-tools
+test: $(STAMP) lint container-tools prometheus-tools
 	$(VENV)/bin/pytest
 
 # podman, runc, debootstrap from apt (needs root). Without them the container test prints
 # one SKIPPED line with the reason instead of failing.
 container-tools:
 	@scripts/install_container_tools.sh || echo "container tools not installed: the container test will say SKIPPED and why"
+
+# promtool (Debian's prometheus package, no service started) for the alert-rule and dashboard
+# tests. Without it they print one SKIPPED line with the reason instead of failing.
+prometheus-tools:
+	@scripts/install_prometheus.sh || echo "promtool not installed: the alert-rule tests will say SKIPPED and why"
 
 ## images: build the serving + pipeline images with podman, offline (docs/containers.md)
 images: $(STAMP)

@@ -165,6 +165,35 @@ class RegistrySettings(BaseSettings):
     challenger_alias: str = Field("challenger", description="Passed the gate, rolling out.")
 
 
+class DriftSettings(BaseSettings):
+    """What the drift monitor compares, and when a shift is big enough to retrain."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_DRIFT_", extra="forbid")
+
+    window_days: int = Field(
+        3,
+        ge=1,
+        le=366,
+        description="Newest days of partitions compared with @champion's training profile.",
+    )
+    bins: int = Field(10, ge=2, le=100, description="Quantile bins per column in a profile.")
+    feature_psi: float = Field(0.25, gt=0.0, description="PSI above which a feature drifted.")
+    target_psi: float = Field(0.25, gt=0.0, description="PSI above which the target drifted.")
+    prediction_psi: float = Field(
+        0.25, gt=0.0, description="PSI above which @champion's predictions drifted."
+    )
+    max_null_share_increase: float = Field(0.1, ge=0.0, le=1.0)
+    trigger_on: Annotated[list[Literal["target", "features", "prediction"]], NoDecode] = Field(
+        default_factory=lambda: ["target"],
+        description="Which drifts start a retraining (comma-separated in the env var); the "
+        "others are reported, logged and alerted on. Default: the target only. Inputs follow "
+        "the weather and the season day to day, and the nightly run retrains on them anyway; "
+        "a shift in what the model predicts for (the target) is what a retrain fixes.",
+    )
+
+    _split_trigger = field_validator("trigger_on", mode="before")(split_csv)
+
+
 S = TypeVar("S", bound=BaseSettings)
 
 

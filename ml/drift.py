@@ -1,0 +1,243 @@
+"""Data drift: a profile of the data a model was trained on, and a per-column score against it.
+
+Pure functions, no MLflow and no I/O: ``ml.pipeline`` logs the profile with the training run and
+scores the newest data against the champion's profile.
+
+- :func:`profile_frame` keeps, per numeric column, the bin edges of its quantiles (deciles by
+  default) and the share of rows in each bin, the share of nulls and a few summary numbers.
+  Discrete columns (hour of day, weekend flag) collapse to fewer, unique edges.
+- :func:`score_frame` computes the population stability index (PSI) of each profiled column
+  on new rows: ``sum((actual - expected) * ln(actual / expected))`` over the profile's bins,
+  with empty bins floored at ``EPSILON``. 0 means the same distribution; by the usual reading
+  below 0.1 is stable, 0.1 to 0.25 moderate, above 0.25 a real shift.
+- A column that is missing, all null, or holds values that are not numbers is not scored (no
+  number would mean anything); it is reported as an issue and counts as drifted, never crashes.
+- :func:`decide` turns the scores into a verdict with reasons, given ``DriftSettings``: which
+  columns drifted, and whether any of them is of a kind that starts a retrain (``trigger_on``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ml.settings import DriftSettings
+
+PROFILE_VERSION = 1
+EPSILON = 1e-4
+# Pseudo-columns profiled next to the features.
+TARGET_KEY = "__target__"
+PREDICTION_KEY = "__prediction__"
+
+
+@dataclass(frozen=True)
+class ColumnProfile:
+    """One column of the reference data: bins, shares, nulls, summary."""
+
+    edges: list[float]  # inner bin edges, increasing; the outer bins are open-ended
+    shares: list[float]  # len(edges) + 1 shares, summing to 1
+    null_share: float
+    rows: int
+    summary: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "edges": self.edges,
+            "shares": self.shares,
+            "null_share": self.null_share,
+            "rows": self.rows,
+            "summary": self.summary,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ColumnProfile:
+        return cls(
+            edges=[float(x) for x in data["edges"]],
+            shares=[float(x) for x in data["shares"]],
+            null_share=float(data["null_share"]),
+            rows=int(data["rows"]),
+            summary={k: float(v) for k, v in data.get("summary", {}).items()},
+        )
+
+
+def _numeric(values: pd.Series) -> np.ndarray | None:
+    """The non-null values as float64, or None when any of them is not a number."""
+    present = values.dropna()
+    if present.dtype == bool:
+        return None
+    if pd.api.types.is_numeric_dtype(present.dtype):
+        return present.to_numpy(dtype="float64")
+    converted = pd.to_numeric(present, errors="coerce")
+    if converted.isna().any():
+        return None
+    return converted.to_numpy(dtype="float64")
+
+
+def profile_column(values: pd.Series, bins: int = 10) -> ColumnProfile:
+    """The bins (quantile edges) and shares of one numeric column."""
+    numbers = _numeric(values)
+    if numbers is None:
+        raise ValueError(f"column {values.name!r} holds values that are not numbers")
+    if numbers.size == 0:
+        raise ValueError(f"column {values.name!r} has no values to profile")
+    quantiles = np.quantile(numbers, np.linspace(0, 1, bins + 1)[1:-1])
+    edges = sorted({float(q) for q in quantiles})
+    return ColumnProfile(
+        edges=edges,
+        shares=_shares(numbers, edges).tolist(),
+        null_share=1.0 - numbers.size / max(len(values), 1),
+        rows=len(values),
+        summary={
+            "min": float(numbers.min()),
+            "p01": float(np.quantile(numbers, 0.01)),
+            "p50": float(np.quantile(numbers, 0.5)),
+            "p99": float(np.quantile(numbers, 0.99)),
+            "max": float(numbers.max()),
+            "mean": float(numbers.mean()),
+            "std": float(numbers.std()),
+        },
+    )
+
+
+def _shares(numbers: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    # side="right": a value equal to an edge falls in the bin above it, for the reference and
+    # the new data alike (discrete columns put each value on an edge).
+    index = np.searchsorted(np.asarray(edges, dtype="float64"), numbers, side="right")
+    counts = np.bincount(index, minlength=len(edges) + 1).astype("float64")
+    return counts / max(numbers.size, 1)
+
+
+def profile_frame(frame: pd.DataFrame, columns: Iterable[str], bins: int = 10) -> dict[str, Any]:
+    """The profile of ``columns`` of ``frame`` (JSON-able; what the training run logs)."""
+    return {
+        "version": PROFILE_VERSION,
+        "bins": bins,
+        "rows": len(frame),
+        "columns": {c: profile_column(frame[c], bins).to_dict() for c in columns},
+    }
+
+
+def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
+    """Population stability index of two share vectors over the same bins."""
+    e = np.maximum(np.asarray(expected, dtype="float64"), EPSILON)
+    a = np.maximum(np.asarray(actual, dtype="float64"), EPSILON)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+@dataclass(frozen=True)
+class ColumnScore:
+    column: str
+    psi: float | None  # None when the column could not be scored (see ``issue``)
+    null_share: float
+    reference_null_share: float
+    issue: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "column": self.column,
+            "psi": self.psi,
+            "null_share": self.null_share,
+            "reference_null_share": self.reference_null_share,
+            "issue": self.issue,
+        }
+
+
+def score_column(reference: ColumnProfile, values: pd.Series | None, name: str) -> ColumnScore:
+    if values is None:
+        return ColumnScore(name, None, 1.0, reference.null_share, "column is missing")
+    null_share = float(values.isna().mean()) if len(values) else 1.0
+    numbers = _numeric(values)
+    if numbers is None:
+        bad = _first_non_number(values)
+        return ColumnScore(
+            name, None, null_share, reference.null_share, f"value {bad!r} is not a number"
+        )
+    if numbers.size == 0:
+        return ColumnScore(name, None, null_share, reference.null_share, "every value is null")
+    value = psi(reference.shares, _shares(numbers, reference.edges))
+    return ColumnScore(name, round(value, 6), null_share, reference.null_share)
+
+
+def _first_non_number(values: pd.Series) -> Any:
+    present = values.dropna()
+    if present.dtype == bool:
+        return present.iloc[0].item()
+    converted = pd.to_numeric(present, errors="coerce")
+    return present[converted.isna()].iloc[0]
+
+
+def score_frame(
+    profile: Mapping[str, Any], frame: pd.DataFrame, extra: Mapping[str, pd.Series] | None = None
+) -> dict[str, ColumnScore]:
+    """Score every profiled column found in ``frame`` or ``extra`` (e.g. predictions)."""
+    columns = {**{c: frame[c] for c in frame.columns}, **(extra or {})}
+    return {
+        name: score_column(ColumnProfile.from_dict(ref), columns.get(name), name)
+        for name, ref in profile["columns"].items()
+    }
+
+
+def kind_of(column: str) -> str:
+    """``target``, ``prediction`` or ``features``: the groups ``trigger_on`` names."""
+    if column == TARGET_KEY:
+        return "target"
+    if column == PREDICTION_KEY:
+        return "prediction"
+    return "features"
+
+
+def threshold_for(column: str, settings: DriftSettings) -> float:
+    return {
+        "target": settings.target_psi,
+        "prediction": settings.prediction_psi,
+        "features": settings.feature_psi,
+    }[kind_of(column)]
+
+
+@dataclass(frozen=True)
+class DriftVerdict:
+    """``drifted``: column -> why (every column past its threshold, or with an issue).
+    ``retrain``: whether any of them is of a kind ``trigger_on`` names."""
+
+    drifted: dict[str, str] = field(default_factory=dict)
+    retrain: bool = False
+    trigger_on: tuple[str, ...] = ()
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{column}: {why}" for column, why in self.drifted.items()]
+
+    def summary(self) -> str:
+        if not self.drifted:
+            return "no drift"
+        verdict = (
+            "retrain"
+            if self.retrain
+            else f"reported only (retrains on {', '.join(self.trigger_on)})"
+        )
+        return f"{verdict}: " + "; ".join(self.reasons)
+
+
+def decide(scores: Mapping[str, ColumnScore], settings: DriftSettings) -> DriftVerdict:
+    """Which columns drifted (PSI past the threshold, nulls grew, or an issue) and whether that
+    calls for a retrain."""
+    drifted: dict[str, str] = {}
+    for name, s in scores.items():
+        if s.issue is not None:
+            drifted[name] = s.issue
+            continue
+        limit = threshold_for(name, settings)
+        why = []
+        if s.psi is not None and s.psi > limit:
+            why.append(f"PSI {s.psi:.3f} > {limit:g}")
+        if s.null_share - s.reference_null_share > settings.max_null_share_increase:
+            why.append(f"null share {s.null_share:.1%} (was {s.reference_null_share:.1%})")
+        if why:
+            drifted[name] = ", ".join(why)
+    trigger_on = tuple(settings.trigger_on)
+    retrain = any(kind_of(name) in trigger_on for name in drifted)
+    return DriftVerdict(drifted=drifted, retrain=retrain, trigger_on=trigger_on)

@@ -1,0 +1,127 @@
+"""Drift scores on real synthetic partitions: zero for the same data, a retrain for a drifted
+target, nothing for an ordinary week, and bad columns reported instead of crashing."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml import drift
+from ml.data import SYNTHETIC_FEATURES, split_holdout, synthetic_partition
+from ml.settings import DataSettings, DriftSettings
+
+# The champion's window ends (exclusive) here; the monitor looks at the 3 days after it.
+TRAINED_UNTIL = date(2026, 11, 29)
+SETTINGS = DriftSettings()
+
+
+def days(first: date, n: int, data: DataSettings) -> pd.DataFrame:
+    return pd.concat(
+        [synthetic_partition(first + timedelta(days=i), data) for i in range(n)], ignore_index=True
+    )
+
+
+def as_scored(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.rename(columns={"target": drift.TARGET_KEY})
+
+
+@pytest.fixture(scope="module")
+def champion_profile() -> dict:
+    """Profiled like the pipeline does: the holdout of the 7-day training window."""
+    window = days(TRAINED_UNTIL - timedelta(days=7), 7, DataSettings())
+    _, holdout = split_holdout(window, 0.2, 42)
+    return drift.profile_frame(as_scored(holdout), [*SYNTHETIC_FEATURES, drift.TARGET_KEY])
+
+
+def test_the_same_data_scores_zero(champion_profile):
+    window = days(TRAINED_UNTIL - timedelta(days=7), 7, DataSettings())
+    _, holdout = split_holdout(window, 0.2, 42)
+    scores = drift.score_frame(champion_profile, as_scored(holdout))
+    assert {s.psi for s in scores.values()} == {0.0}
+    assert not drift.decide(scores, SETTINGS).drifted
+
+
+def test_an_ordinary_next_few_days_do_not_call_for_a_retrain(champion_profile):
+    newest = days(TRAINED_UNTIL, SETTINGS.window_days, DataSettings())
+    scores = drift.score_frame(champion_profile, as_scored(newest))
+    verdict = drift.decide(scores, SETTINGS)
+    assert scores[drift.TARGET_KEY].psi < SETTINGS.target_psi
+    assert not verdict.retrain, verdict.summary()
+
+
+def test_a_drifted_target_calls_for_a_retrain_and_says_why(champion_profile):
+    drifted = DataSettings(synthetic_drift_start=TRAINED_UNTIL, synthetic_drift_strength=1.0)
+    newest = days(TRAINED_UNTIL, SETTINGS.window_days, drifted)
+    verdict = drift.decide(drift.score_frame(champion_profile, as_scored(newest)), SETTINGS)
+    assert verdict.retrain
+    assert drift.TARGET_KEY in verdict.drifted
+    assert verdict.drifted[drift.TARGET_KEY].startswith("PSI ")
+    assert verdict.summary().startswith("retrain: ")
+
+
+def test_feature_drift_is_reported_and_retrains_only_when_asked(champion_profile):
+    shifted = as_scored(days(TRAINED_UNTIL, 3, DataSettings()))
+    shifted["temperature_c"] += 15.0  # a heat wave: inputs move, nothing else does
+    scores = drift.score_frame(champion_profile, shifted)
+    default = drift.decide(scores, SETTINGS)
+    assert "temperature_c" in default.drifted and not default.retrain
+    assert "reported only" in default.summary()
+    asked = drift.decide(scores, DriftSettings(trigger_on="target,features"))
+    assert asked.retrain
+
+
+def test_a_new_category_an_all_null_or_a_missing_column_is_reported_not_crashed_on(
+    champion_profile,
+):
+    frame = as_scored(days(TRAINED_UNTIL, 1, DataSettings()))
+    frame["hour_of_day"] = frame["hour_of_day"].astype(object)
+    frame.loc[5, "hour_of_day"] = "noon"
+    frame["wind_speed_ms"] = np.nan
+    frame = frame.drop(columns=["solar_wm2"])
+    scores = drift.score_frame(champion_profile, frame)
+    assert scores["hour_of_day"].issue == "value 'noon' is not a number"
+    assert scores["wind_speed_ms"].issue == "every value is null"
+    assert scores["solar_wm2"].issue == "column is missing"
+    assert scores["temperature_c"].psi is not None  # the rest is still scored
+    verdict = drift.decide(scores, SETTINGS)
+    assert {"hour_of_day", "wind_speed_ms", "solar_wm2"} <= set(verdict.drifted)
+
+
+def test_growing_nulls_count_as_drift(champion_profile):
+    frame = as_scored(days(TRAINED_UNTIL, 1, DataSettings()))
+    frame.loc[: len(frame) // 2, "humidity_pct"] = np.nan
+    verdict = drift.decide(drift.score_frame(champion_profile, frame), SETTINGS)
+    assert "null share" in verdict.drifted["humidity_pct"]
+
+
+def test_discrete_columns_get_unique_edges_and_values_on_an_edge_land_alike():
+    values = pd.Series([0.0, 0.0, 0.0, 1.0] * 25, name="is_weekend")
+    profile = drift.profile_column(values)
+    assert profile.edges == [0.0, 1.0]
+    assert profile.shares == [0.0, 0.75, 0.25]  # below 0, [0, 1), 1 and above
+    same = drift.score_column(profile, values.sample(frac=1.0, random_state=1), "is_weekend")
+    assert same.psi == 0.0
+    weekend_only = drift.score_column(profile, pd.Series([1.0] * 40), "is_weekend")
+    assert weekend_only.psi > 1.0
+
+
+def test_psi_of_known_shares():
+    assert drift.psi([0.5, 0.5], [0.5, 0.5]) == 0.0
+    expected = (0.9 - 0.5) * np.log(0.9 / 0.5) + (0.1 - 0.5) * np.log(0.1 / 0.5)
+    assert drift.psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(expected)
+
+
+def test_a_profile_round_trips_through_json(champion_profile):
+    import json
+
+    again = json.loads(json.dumps(champion_profile))
+    column = drift.ColumnProfile.from_dict(again["columns"]["temperature_c"])
+    assert column.to_dict() == champion_profile["columns"]["temperature_c"]
+
+
+def test_a_column_that_is_not_numeric_cannot_be_profiled():
+    with pytest.raises(ValueError, match="not numbers"):
+        drift.profile_column(pd.Series(["a", "b"], name="city"))

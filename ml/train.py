@@ -43,6 +43,10 @@ SERVING_PACKAGES = ("tensorflow-cpu", "keras", "mlflow", "pandas", "numpy")
 # MLflow stores a dataset input's digest in a 36-char column; the full digest goes in a tag.
 MAX_DATASET_DIGEST_CHARS = 36
 MAX_PARAM_VALUE_CHARS = 6000
+# Names the pipeline step a training run is an attempt of (Airflow: "<dag>/<run>/<task>").
+RUN_KEY_TAG = "pipeline_run_key"
+SUPERSEDED_BY_TAG = "superseded_by_run_id"
+FAILURE_REASON_TAG = "failure_reason"
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,11 @@ def train_model(
     A seeded ``settings.validation_fraction`` of the rows is held out for early stopping
     (best weights restored). Returns references only: the run id and the logged model's
     URI (``models:/<model_id>``, accepted by ``mlflow.register_model``).
+
+    ``tags`` are on the run from its creation. With ``tags[RUN_KEY_TAG]`` (the pipeline step
+    this run is an attempt of), the experiment's RUNNING runs with the same key are earlier
+    attempts that died without ending their run (MLflow down, process killed): they are
+    marked FAILED, see :func:`fail_dead_attempts`.
     """
     _check_training_frame(train_frame, feature_columns, target_column)
     feature_columns = list(feature_columns)
@@ -98,7 +107,13 @@ def train_model(
     y_val = target.to_numpy(dtype="float32")[val_idx]
 
     mlflow.set_experiment(experiment_name)
-    with mlflow.start_run(run_name=run_name) as run:
+    run_tags = dict(tags or {})
+    with mlflow.start_run(run_name=run_name, tags=run_tags) as run:
+        if run_key := run_tags.get(RUN_KEY_TAG):
+            try:
+                fail_dead_attempts(run.info.experiment_id, run_key, superseded_by=run.info.run_id)
+            except Exception as exc:  # bookkeeping of the dead attempt: never stops training
+                log.warning("Could not mark earlier attempts of %s FAILED: %s", run_key, exc)
         with warnings.catch_warnings():
             # MLflow registers the local-file source twice and warns about the "ambiguity".
             warnings.filterwarnings("ignore", message="The specified dataset source can be")
@@ -112,7 +127,7 @@ def train_model(
         mlflow.log_input(dataset, context="training")
         mlflow.set_tags(
             {
-                **dict(tags or {}),
+                **run_tags,
                 "code_version": code_version(),
                 "data_digest": dataset_digest or dataset.digest,
             }
@@ -132,6 +147,51 @@ def train_model(
         epochs_run=epochs_run,
         best_val_rmse=best_val_rmse,
     )
+
+
+def fail_dead_attempts(experiment_id: str, run_key: str, *, superseded_by: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of ``experiment_id`` tagged ``RUN_KEY_TAG=run_key``
+    (except ``superseded_by``, the new attempt's run); returns their run ids.
+
+    Only one attempt of a pipeline step runs at a time (Airflow starts a retry once the
+    previous attempt is over), so such a run belongs to an attempt that ended without ending
+    its run. Each is tagged with the run that superseded it and why.
+    """
+    client = mlflow.MlflowClient()
+    quote = '"' if "'" in run_key else "'"
+    if quote in run_key:
+        raise ValueError(f"{RUN_KEY_TAG} must not contain both quote characters: {run_key!r}")
+    found, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=(
+                f"tags.{RUN_KEY_TAG} = {quote}{run_key}{quote} and attributes.status = 'RUNNING'"
+            ),
+            max_results=100,
+            page_token=token,
+        )
+        found += [r.info.run_id for r in page if r.info.run_id != superseded_by]
+        token = page.token
+        if not token:
+            break
+    for run_id in found:
+        client.set_tag(run_id, SUPERSEDED_BY_TAG, superseded_by)
+        client.set_tag(
+            run_id,
+            FAILURE_REASON_TAG,
+            f"the attempt died without ending this run; run {superseded_by} is the retry of "
+            f"the same pipeline step ({RUN_KEY_TAG}={run_key})",
+        )
+        client.set_terminated(run_id, status="FAILED")
+        log.warning(
+            "Marked run %s FAILED: an earlier attempt of %s that died without ending it "
+            "(superseded by run %s)",
+            run_id,
+            run_key,
+            superseded_by,
+        )
+    return found
 
 
 def split_indices(

@@ -241,3 +241,26 @@ def decide(scores: Mapping[str, ColumnScore], settings: DriftSettings) -> DriftV
     trigger_on = tuple(settings.trigger_on)
     retrain = any(kind_of(name) in trigger_on for name in drifted)
     return DriftVerdict(drifted=drifted, retrain=retrain, trigger_on=trigger_on)
+
+
+def psi_figure(scores: Mapping[str, ColumnScore], settings: DriftSettings):
+    """Bars of each column's PSI, its threshold as a tick, unscored columns marked."""
+    from ml.evaluate import new_figure
+
+    names = list(scores)
+    values = [scores[n].psi if scores[n].psi is not None else 0.0 for n in names]
+    figure = new_figure(max(6.0, 0.9 * len(names)), 4.0)
+    ax = figure.add_subplot()
+    bars = ax.bar(range(len(names)), values)
+    for i, name in enumerate(names):
+        limit = threshold_for(name, settings)
+        ax.hlines(limit, i - 0.4, i + 0.4, colors="black", linewidth=1)
+        if scores[name].issue is not None:
+            bars[i].set_hatch("//")
+            ax.annotate("not scored", (i, 0), ha="center", va="bottom", rotation=90, fontsize=8)
+        elif scores[name].psi is not None and scores[name].psi > limit:
+            bars[i].set_color("tab:red")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("PSI")
+    ax.set_title("Drift against @champion's training data (line: threshold)")
+    return figure

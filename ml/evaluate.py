@@ -22,6 +22,8 @@ RESIDUALS_PLOT = "plots/residuals.png"
 # The rows a rollout verifies the live endpoint on, with this model's own predictions for them:
 # chosen once, here, and logged with the training run (serving.deploy.verify reads them back).
 VERIFICATION_ROWS_ARTIFACT = "verification/rows.json"
+# The training data's profile (ml.drift), which monitor_drift scores newer partitions against.
+DRIFT_PROFILE_ARTIFACT = "drift/profile.json"
 VERIFICATION_ROWS = 64
 
 
@@ -148,6 +150,27 @@ def log_evaluation(
             verification_rows(holdout, feature_columns, predictions),
             VERIFICATION_ROWS_ARTIFACT,
         )
+        client.log_dict(
+            run_id,
+            drift_profile(holdout, feature_columns, target_column, predictions),
+            DRIFT_PROFILE_ARTIFACT,
+        )
+
+
+def drift_profile(
+    holdout: pd.DataFrame,
+    feature_columns: list[str],
+    target_column: str,
+    predictions: np.ndarray,
+) -> dict:
+    """What the drift monitor compares new data with: the holdout's features, target and this
+    model's predictions on it (the holdout is a seeded sample of the whole training window)."""
+    from ml import drift
+
+    frame = holdout[list(feature_columns)].copy()
+    frame[drift.TARGET_KEY] = holdout[target_column].to_numpy()
+    frame[drift.PREDICTION_KEY] = np.asarray(predictions, dtype="float64").reshape(-1)
+    return drift.profile_frame(frame, [*feature_columns, drift.TARGET_KEY, drift.PREDICTION_KEY])
 
 
 def verification_rows(
@@ -172,7 +195,7 @@ def verification_rows(
 
 # Figures are built with the object-oriented API on an Agg canvas: no pyplot global state,
 # no GUI backend, safe inside Airflow workers and threads.
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -182,7 +205,7 @@ def _new_figure(width: float, height: float):
 
 
 def _predictions_vs_truth_figure(truth: np.ndarray, predictions: np.ndarray):
-    figure = _new_figure(5.5, 5.0)
+    figure = new_figure(5.5, 5.0)
     ax = figure.add_subplot()
     ax.scatter(truth, predictions, s=8, alpha=0.5)
     low = float(min(truth.min(), predictions.min()))
@@ -197,7 +220,7 @@ def _predictions_vs_truth_figure(truth: np.ndarray, predictions: np.ndarray):
 
 def _residuals_figure(truth: np.ndarray, predictions: np.ndarray):
     residuals = truth - predictions
-    figure = _new_figure(10.0, 4.0)
+    figure = new_figure(10.0, 4.0)
     vs_prediction, histogram = figure.subplots(1, 2)
     vs_prediction.scatter(predictions, residuals, s=8, alpha=0.5)
     vs_prediction.axhline(0.0, color="black", linewidth=1)

@@ -13,7 +13,13 @@ from collections.abc import Mapping
 from datetime import date
 from typing import Any
 
-from ml.settings import DataSettings, GateSettings, RegistrySettings, TrainingSettings
+from ml.settings import (
+    DataSettings,
+    DriftSettings,
+    GateSettings,
+    RegistrySettings,
+    TrainingSettings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +113,7 @@ def train(
         "data_window_start": window["start"],
         "data_window_end": window["end"],
         "data_digest": window["digest"],
+        **_trigger_tag(window),
         **(tags or {}),
     }
     result = train_model(
@@ -197,6 +204,7 @@ def register(
         "holdout_mae": f"{evaluation['candidate']['mae']:.6g}",
         "holdout_r2": f"{evaluation['candidate']['r2']:.6g}",
         "champion_version_at_eval": str(evaluation.get("champion_version") or "none"),
+        **_trigger_tag(window),
         **(tags or {}),
     }
     info = Registry(tracking_uri, registry).register(
@@ -243,6 +251,173 @@ def promote(version: Mapping[str, Any], registry: RegistrySettings, *, tracking_
     previous = Registry(tracking_uri, registry).promote_champion(version["version"])
     log.info("@%s: %s -> %s", registry.champion_alias, previous or "none", version["version"])
     return {"version": version["version"], "previous": previous}
+
+
+def monitor_drift(
+    window: Mapping[str, Any],
+    data_settings: DataSettings,
+    drift_settings: DriftSettings,
+    registry: RegistrySettings,
+    *,
+    tracking_uri: str,
+) -> dict[str, Any]:
+    """Score the window's partitions against ``@champion``'s training profile; log a report.
+
+    Partitions are read as they are, without the training-time validation: a column that
+    went missing, all null or non-numeric is a finding of the report, not a crash. The
+    champion's predictions on the rows are scored too when the features allow a prediction.
+    The result is logged as a run of the ``<experiment>-drift`` experiment (one ``psi.<column>``
+    metric per column, the report as JSON, a bar plot) and returned: ``retrain`` says whether
+    the drift is of a kind that ``drift_settings.trigger_on`` retrains on.
+    """
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from ml import data, drift
+    from ml.evaluate import DRIFT_PROFILE_ARTIFACT
+    from ml.registry import Registry
+
+    result: dict[str, Any] = {
+        "window_start": window["start"],
+        "window_end": window["end"],
+        "data_digest": window["digest"],
+        "retrain": False,
+        "drifted": {},
+        "scores": {},
+    }
+    champion = Registry(tracking_uri, registry).champion()
+    if champion is None:
+        log.info("No @%s yet: nothing to compare the data with", registry.champion_alias)
+        return result | {"skipped": f"no @{registry.champion_alias}"}
+    result["champion_version"] = champion.version
+    # Asked first, so that a registry that is down fails the task (and it is retried) instead
+    # of reading as "this version has no profile".
+    logged = {
+        a.path
+        for a in MlflowClient(tracking_uri).list_artifacts(
+            champion.run_id, DRIFT_PROFILE_ARTIFACT.rsplit("/", 1)[0]
+        )
+    }
+    if DRIFT_PROFILE_ARTIFACT not in logged:
+        log.warning("Champion v%s has no drift profile: not scored", champion.version)
+        return result | {
+            "skipped": f"@{registry.champion_alias} v{champion.version} has no drift profile"
+        }
+    mlflow.set_tracking_uri(tracking_uri)
+    profile = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/{DRIFT_PROFILE_ARTIFACT}")
+
+    frame = pd.concat(
+        [data.read_partition(p, data_settings) for p in _partitions(window)], ignore_index=True
+    )
+    target = data_settings.target_column
+    scored = frame.drop(columns=[target], errors="ignore")
+    if target in frame:
+        scored[drift.TARGET_KEY] = frame[target]
+    features = [c for c in profile["columns"] if c not in (drift.TARGET_KEY, drift.PREDICTION_KEY)]
+    extra = {}
+    predictions, why_not = _champion_predictions(champion.model_uri, frame, features)
+    if predictions is not None:
+        extra[drift.PREDICTION_KEY] = predictions
+    else:
+        log.info("Predictions not scored: %s", why_not)
+        profile = {
+            **profile,
+            "columns": {k: v for k, v in profile["columns"].items() if k != drift.PREDICTION_KEY},
+        }
+    scores = drift.score_frame(profile, scored, extra)
+    verdict = drift.decide(scores, drift_settings)
+    result |= {
+        "rows": len(frame),
+        "retrain": verdict.retrain,
+        "drifted": verdict.drifted,
+        "summary": verdict.summary(),
+        "scores": {name: s.psi for name, s in scores.items()},
+        "issues": {name: s.issue for name, s in scores.items() if s.issue},
+        "predictions_scored": predictions is not None,
+    }
+    result["run_id"] = _log_drift_run(result, scores, drift_settings, registry, tracking_uri)
+    (log.warning if verdict.drifted else log.info)(
+        "Drift of %s..%s (%d rows) against @%s v%s: %s",
+        window["start"],
+        window["end"],
+        len(frame),
+        registry.champion_alias,
+        champion.version,
+        verdict.summary(),
+    )
+    return result
+
+
+def _champion_predictions(model_uri: str, frame, features: list[str]):
+    """The champion's predictions on ``frame`` as a Series, or (None, why) when the rows
+    cannot be predicted on (a feature missing, null or not a number: the report says which)."""
+    import pandas as pd
+
+    from ml import evaluate as ev
+
+    missing = [c for c in features if c not in frame]
+    if missing:
+        return None, f"missing feature(s) {missing}"
+    numeric = frame[features].apply(pd.to_numeric, errors="coerce")
+    if numeric.isna().any().any():
+        return None, "a feature holds nulls or values that are not numbers"
+    try:
+        return pd.Series(ev.predict(model_uri, numeric, features)), None
+    except Exception as exc:  # a report, not a verdict on the model
+        return None, f"prediction failed: {exc}"
+
+
+def _log_drift_run(
+    result, scores, settings: DriftSettings, registry: RegistrySettings, tracking_uri
+):
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.time import get_current_time_millis
+
+    from ml import drift
+
+    client = MlflowClient(tracking_uri)
+    name = f"{registry.experiment_name}-drift"
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    run = client.create_run(
+        experiment_id,
+        run_name=f"drift {result['window_start']}..{result['window_end']}",
+        tags={
+            "champion_version": str(result["champion_version"]),
+            "drift.retrain": str(result["retrain"]).lower(),
+            "drift.summary": result["summary"][:5000],
+        },
+    )
+    now = get_current_time_millis()
+    metrics = [Metric(f"psi.{k}", v, now, 0) for k, v in result["scores"].items() if v is not None]
+    metrics.append(Metric("drifted_columns", float(len(result["drifted"])), now, 0))
+    params = [
+        Param("window_start", result["window_start"]),
+        Param("window_end", result["window_end"]),
+        Param("trigger_on", ",".join(settings.trigger_on)),
+        Param("feature_psi", str(settings.feature_psi)),
+        Param("target_psi", str(settings.target_psi)),
+        Param("prediction_psi", str(settings.prediction_psi)),
+    ]
+    client.log_batch(
+        run.info.run_id, metrics=metrics, params=params, tags=[RunTag("rows", str(result["rows"]))]
+    )
+    client.log_dict(
+        run.info.run_id,
+        {**result, "columns": {k: s.to_dict() for k, s in scores.items()}},
+        "drift/report.json",
+    )
+    client.log_figure(run.info.run_id, drift.psi_figure(scores, settings), "drift/psi.png")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _trigger_tag(window: Mapping[str, Any]) -> dict[str, str]:
+    """Why the run that trains on ``window`` started (set by the DAG: drift, schedule, ...)."""
+    reason = window.get("trigger_reason")
+    return {"trigger_reason": str(reason)[:5000]} if reason else {}
 
 
 def _fmt(metrics: Mapping[str, float]) -> str:

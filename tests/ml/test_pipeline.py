@@ -13,9 +13,16 @@ from datetime import date
 import pytest
 
 from ml import pipeline
-from ml.settings import DataSettings, GateSettings, RegistrySettings, TrainingSettings
+from ml.settings import (
+    DataSettings,
+    DriftSettings,
+    GateSettings,
+    RegistrySettings,
+    TrainingSettings,
+)
 
-END = date(2026, 3, 10)
+END = date(2026, 11, 29)
+NEXT = date(2026, 12, 2)  # the monitor's 3-day window right after the training window
 REGISTRY = RegistrySettings(model_name="pipeline-test", experiment_name="pipeline-test")
 TRAINING = TrainingSettings(epochs=2, hidden_units=[8], early_stopping_patience=1, threads=1)
 
@@ -26,20 +33,20 @@ def xcom(value):
 
 @pytest.fixture
 def data(tmp_path) -> DataSettings:
-    return DataSettings(path=str(tmp_path / "data"), window_days=2, synthetic_rows_per_day=150)
+    return DataSettings(path=str(tmp_path / "data"), window_days=7, synthetic_rows_per_day=150)
 
 
 def test_load_window_writes_once_and_its_digest_follows_the_data(data):
     first = xcom(pipeline.load_window(data, END))
-    assert [p["day"] for p in first["partitions"]] == ["2026-03-08", "2026-03-09"]
+    assert [p["day"] for p in first["partitions"]] == [f"2026-11-{d}" for d in range(22, 29)]
     assert (first["start"], first["end"], first["source"]) == (
-        "2026-03-08",
-        "2026-03-10",
+        "2026-11-22",
+        "2026-11-29",
         "synthetic",
     )
     assert xcom(pipeline.load_window(data, END)) == first  # same files, same digest
 
-    later = xcom(pipeline.load_window(data, date(2026, 3, 11)))
+    later = xcom(pipeline.load_window(data, date(2026, 11, 30)))
     assert later["digest"] != first["digest"]
 
 
@@ -49,7 +56,7 @@ def test_validate_window_counts_rows_and_names_a_bad_partition(data):
     from ml.data import DataValidationError
 
     window = xcom(pipeline.load_window(data, END))
-    assert pipeline.validate_window(window, data)["total_rows"] == 300
+    assert pipeline.validate_window(window, data)["total_rows"] == 1050
 
     uri = window["partitions"][0]["uri"]
     frame = pd.read_parquet(uri)
@@ -57,14 +64,14 @@ def test_validate_window_counts_rows_and_names_a_bad_partition(data):
     frame.to_parquet(uri)
     with pytest.raises(DataValidationError) as err:
         pipeline.validate_window(window, data)
-    assert "2026-03-08" in str(err.value) and "target" in str(err.value)
+    assert "2026-11-22" in str(err.value) and "target" in str(err.value)
 
 
 def test_holdout_is_the_same_rows_every_time(data):
     window = xcom(pipeline.load_window(data, END))
     _, first = pipeline.holdout_frame(window, data)
     _, again = pipeline.holdout_frame(window, data)
-    assert len(first) == 60  # holdout_fraction 0.2 of 300
+    assert len(first) == 210  # holdout_fraction 0.2 of 1050
     assert first.equals(again)
 
 
@@ -75,7 +82,7 @@ def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(data, mlf
     window = xcom(pipeline.load_window(data, END))
     trained = xcom(pipeline.train(window, data, TRAINING, REGISTRY, tracking_uri=mlflow_store))
     evaluation = xcom(pipeline.evaluate(window, trained, data, REGISTRY, tracking_uri=mlflow_store))
-    assert evaluation["champion"] is None and evaluation["holdout_rows"] == 60
+    assert evaluation["champion"] is None and evaluation["holdout_rows"] == 210
     version = xcom(
         pipeline.register(window, trained, evaluation, REGISTRY, tracking_uri=mlflow_store)
     )
@@ -113,3 +120,39 @@ def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(data, mlf
     with pytest.raises(LookupError):  # promotion retired @challenger; a rejection sets none
         registry.get(REGISTRY.challenger_alias)
     assert registry.champion().version == version["version"]
+
+    # monitor_drift: the champion's profile was logged at evaluation; the next days score
+    # against it. An ordinary few days do not retrain; a drifted target does, and says why.
+    import mlflow
+
+    from ml.evaluate import DRIFT_PROFILE_ARTIFACT
+
+    profile = mlflow.artifacts.load_dict(f"runs:/{trained['run_id']}/{DRIFT_PROFILE_ARTIFACT}")
+    assert set(profile["columns"]) >= {"temperature_c", "__target__", "__prediction__"}
+    drift_settings = DriftSettings()
+    newest = xcom(pipeline.load_window(data.model_copy(update={"window_days": 3}), NEXT))
+    calm = xcom(
+        pipeline.monitor_drift(newest, data, drift_settings, REGISTRY, tracking_uri=mlflow_store)
+    )
+    assert calm["champion_version"] == version["version"] and calm["predictions_scored"]
+    assert calm["retrain"] is False, calm["summary"]
+    assert set(calm["scores"]) == set(profile["columns"])
+
+    moved = data.model_copy(
+        update={
+            "path": data.path + "-drifted",
+            "synthetic_drift_start": END,
+            "synthetic_drift_strength": 2.0,
+        }
+    )
+    drifted_window = xcom(pipeline.load_window(moved.model_copy(update={"window_days": 3}), NEXT))
+    drifted = xcom(
+        pipeline.monitor_drift(
+            drifted_window, moved, drift_settings, REGISTRY, tracking_uri=mlflow_store
+        )
+    )
+    assert drifted["retrain"] is True and "__target__" in drifted["drifted"]
+    report_run = mlflow.get_run(drifted["run_id"])
+    assert report_run.data.tags["drift.retrain"] == "true"
+    assert report_run.data.metrics["psi.__target__"] == drifted["scores"]["__target__"]
+    assert mlflow.artifacts.load_dict(f"runs:/{drifted['run_id']}/drift/report.json")["retrain"]

@@ -17,6 +17,9 @@ import pytest
 
 from tests.dags.test_dag_integrity import DAGS_DIR
 
+# dag.test() imports Starlette's TestClient, which warns that it will move to httpx2.
+pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+
 TRAIN_PARAMS = (
     "batch_size, data_end_date, data_window_days, deploy_target, epochs, force_deploy, "
     "learning_rate, max_regression, max_rmse, min_r2"

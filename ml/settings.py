@@ -209,3 +209,16 @@ def with_overrides(settings: S, **overrides: Any) -> S:
 def tracking_uri() -> str:
     """The MLflow tracking URI outside Airflow (inside, the DAG passes the Connection's)."""
     return os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+
+
+def connection_tracking_uri(
+    host: str, port: int | None = None, conn_type: str | None = None
+) -> str:
+    """The MLflow URI an Airflow Connection names: its host (with or without a scheme) and
+    port; a bare host gets ``http`` unless the Connection's type is ``https``."""
+    if "://" in host:
+        base = host.rstrip("/")
+    else:
+        scheme = conn_type if conn_type in ("http", "https") else "http"
+        base = f"{scheme}://{host}"
+    return f"{base}:{port}" if port else base

@@ -31,6 +31,10 @@ with several API server replicas. The check and the insert run in one transactio
 The watched model and alias are the deployment's ``RegistrySettings`` (``PIPELINE_REGISTRY_*``);
 the endpoint is not behind Airflow's login (MLflow cannot log in): the signature is the
 authentication, so without a secret it accepts nothing.
+
+``GET /registry-events/metrics`` exports the registry's aliases and the newest drift check for
+Prometheus (``registry_events.exporter``); it holds nothing secret and is not behind the login
+either, like any ``/metrics``.
 """
 
 from __future__ import annotations
@@ -48,16 +52,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from ml.settings import RegistrySettings
+from registry_events.exporter import CachedExposition
 from serving.deploy.assets import alias_asset
 
 log = logging.getLogger(__name__)
 
 URL_PREFIX = "/registry-events"
 WEBHOOK_PATH = "/mlflow-webhook"
+METRICS_PATH = "/metrics"
 SECRET_ENV = "PIPELINE_WEBHOOK_SECRET"
 SIGNATURE_HEADER = "X-MLflow-Signature"
 TIMESTAMP_HEADER = "X-MLflow-Timestamp"
@@ -70,6 +77,8 @@ WATCHED_EVENT = ("model_version_alias", "created")
 _REPLAY_LOOKBACK = timedelta(seconds=3 * TOLERANCE_S)
 # One writer at a time in this process (SQLite has no row locks; PostgreSQL gets FOR UPDATE).
 _record_lock = threading.Lock()
+
+_exposition = CachedExposition()
 
 app = FastAPI(
     title="Registry events",
@@ -196,6 +205,13 @@ def describe() -> dict[str, Any]:
         "asset": alias_asset(settings.model_name, settings.champion_alias),
         "secret_configured": bool(os.environ.get(SECRET_ENV)),
     }
+
+
+@app.get(METRICS_PATH)
+async def metrics() -> Response:
+    """Registry aliases and the newest drift check, for Prometheus (see ``exporter``)."""
+    body = await run_in_threadpool(_exposition.get)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @app.post(WEBHOOK_PATH)

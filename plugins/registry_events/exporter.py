@@ -1,0 +1,183 @@
+"""Prometheus metrics of the registry and of the latest drift check, for alerts and dashboards.
+
+``GET /registry-events/metrics`` (this plugin's app) answers, from MLflow:
+
+- ``mlflow_registry_up``: 1 when the registry answered the last read, else 0;
+- ``mlflow_registry_alias_version{model,alias}``: the version each alias of the watched model
+  names (``@champion``: what must be live; the ``ModelServedVersionNotChampion`` alert compares
+  it with the servers' ``model_server_model_version``);
+- ``pipeline_feature_drift_score{model,feature}``: PSI per column from the newest
+  ``monitor_drift`` check (``__target__`` and ``__prediction__`` included), with
+  ``pipeline_drift_threshold{model,feature}`` next to it, ``pipeline_drift_retrain{model}`` and
+  ``pipeline_drift_check_timestamp_seconds{model}``.
+
+Reads are cached for ``CACHE_S`` seconds, so any number of Prometheus replicas scraping costs
+MLflow two requests per interval. The MLflow endpoint is ``MLFLOW_TRACKING_URI``, else the
+``mlflow_default`` Connection's host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from ml.settings import DriftSettings, RegistrySettings, connection_tracking_uri
+
+log = logging.getLogger(__name__)
+
+CACHE_S = 15.0
+PSI_PREFIX = "psi."
+
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    """What the exporter read from MLflow (``up`` False: the read failed, nothing else known)."""
+
+    up: bool
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    drift_scores: Mapping[str, float] = field(default_factory=dict)
+    drift_retrain: bool | None = None
+    drift_checked_at_s: float | None = None
+
+
+def render(snapshot: RegistrySnapshot, model: str, drift: DriftSettings) -> bytes:
+    """The Prometheus text exposition of ``snapshot`` (pure)."""
+    from ml.drift import threshold_for  # numpy and pandas: not at plugin import time
+
+    families = [GaugeMetricFamily("mlflow_registry_up", "1: the registry answered the read.")]
+    families[0].add_metric([], 1.0 if snapshot.up else 0.0)
+    aliases = GaugeMetricFamily(
+        "mlflow_registry_alias_version",
+        "Version the alias of the registered model names.",
+        labels=["model", "alias"],
+    )
+    for alias, version in sorted(snapshot.aliases.items()):
+        if str(version).isdigit():
+            aliases.add_metric([model, alias], float(version))
+    families.append(aliases)
+    scores = GaugeMetricFamily(
+        "pipeline_feature_drift_score",
+        "PSI of a column in the newest monitor_drift check against @champion's training data.",
+        labels=["model", "feature"],
+    )
+    thresholds = GaugeMetricFamily(
+        "pipeline_drift_threshold",
+        "PSI above which the column counts as drifted.",
+        labels=["model", "feature"],
+    )
+    for column, value in sorted(snapshot.drift_scores.items()):
+        scores.add_metric([model, column], value)
+        thresholds.add_metric([model, column], threshold_for(column, drift))
+    families += [scores, thresholds]
+    if snapshot.drift_retrain is not None:
+        retrain = GaugeMetricFamily(
+            "pipeline_drift_retrain",
+            "1: the newest drift check asked train_and_deploy for a run.",
+            labels=["model"],
+        )
+        retrain.add_metric([model], 1.0 if snapshot.drift_retrain else 0.0)
+        families.append(retrain)
+    if snapshot.drift_checked_at_s is not None:
+        checked = GaugeMetricFamily(
+            "pipeline_drift_check_timestamp_seconds",
+            "Unix time of the newest drift check.",
+            labels=["model"],
+        )
+        checked.add_metric([model], snapshot.drift_checked_at_s)
+        families.append(checked)
+
+    class _Snapshot:
+        def collect(self):
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot())
+    return generate_latest(registry)
+
+
+def read_snapshot(tracking_uri: str, settings: RegistrySettings) -> RegistrySnapshot:
+    """Aliases of the watched model and the newest drift run, from MLflow."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        model = client.get_registered_model(settings.model_name)
+        aliases = {str(k): str(v) for k, v in (model.aliases or {}).items()}
+    except Exception as exc:
+        if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            log.warning("Registry read failed: %s", exc)
+            return RegistrySnapshot(up=False)
+        aliases = {}  # nothing registered yet: up, no aliases
+    snapshot = RegistrySnapshot(up=True, aliases=aliases)
+    try:
+        experiment = client.get_experiment_by_name(f"{settings.experiment_name}-drift")
+        runs = (
+            client.search_runs(
+                [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+            )
+            if experiment is not None
+            else []
+        )
+    except Exception as exc:
+        log.warning("Drift runs could not be read: %s", exc)
+        return snapshot
+    if not runs:
+        return snapshot
+    run = runs[0]
+    return RegistrySnapshot(
+        up=True,
+        aliases=aliases,
+        drift_scores={
+            k.removeprefix(PSI_PREFIX): v
+            for k, v in run.data.metrics.items()
+            if k.startswith(PSI_PREFIX)
+        },
+        drift_retrain=run.data.tags.get("drift.retrain") == "true",
+        drift_checked_at_s=run.info.start_time / 1000.0,
+    )
+
+
+def tracking_uri() -> str | None:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    try:
+        from airflow.models.connection import Connection
+
+        conn = Connection.get_connection_from_secrets(
+            os.environ.get("PIPELINE_MLFLOW_CONN_ID", "mlflow_default")
+        )
+    except Exception:
+        return None
+    return connection_tracking_uri(conn.host, conn.port, conn.conn_type) if conn.host else None
+
+
+class CachedExposition:
+    """The rendered metrics, read from MLflow at most once per ``ttl_s`` (thread-safe)."""
+
+    def __init__(self, ttl_s: float = CACHE_S) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._at = -float("inf")
+        self._body = b""
+
+    def get(self) -> bytes:
+        with self._lock:
+            if time.monotonic() - self._at >= self.ttl_s:
+                self._body = self._read()
+                self._at = time.monotonic()
+            return self._body
+
+    @staticmethod
+    def _read() -> bytes:
+        settings = RegistrySettings()
+        uri = tracking_uri()
+        snapshot = read_snapshot(uri, settings) if uri else RegistrySnapshot(up=False)
+        return render(snapshot, settings.model_name, DriftSettings())

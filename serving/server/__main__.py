@@ -3,8 +3,9 @@
     python -m serving.server --model-uri models:/regression-model/3 [--host] [--port] [--workers]
 
 The model URI may also come from ``$SERVING_MODEL_URI`` (how the Kubernetes Deployment pins
-it); the registry from ``$MLFLOW_TRACKING_URI``. Logs are JSON lines on stderr, access logs
-JSON lines on stdout.
+it); the registry from ``$MLFLOW_TRACKING_URI``; ``--body-timeout-s`` from
+``$SERVING_BODY_TIMEOUT_S`` and ``--strict`` from ``$SERVING_STRICT`` (1/true/yes/on). Logs
+are JSON lines on stderr, access logs JSON lines on stdout.
 """
 
 from __future__ import annotations
@@ -15,6 +16,29 @@ import os
 import sys
 
 from serving.server.contract import MODEL_URI_ENV
+
+BODY_TIMEOUT_ENV = "SERVING_BODY_TIMEOUT_S"
+STRICT_ENV = "SERVING_STRICT"
+DEFAULT_BODY_TIMEOUT_S = 10.0  # = serving.server.app.DEFAULT_BODY_TIMEOUT_S (not imported: slow)
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _env_flag(name: str) -> bool:
+    text = os.environ.get(name, "").strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise SystemExit(f"${name} must be one of {', '.join(_TRUE + _FALSE[1:])}: {text!r}")
+    return text in _TRUE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds SIGTERM waits for in-flight requests",
     )
+    p.add_argument(
+        "--body-timeout-s",
+        type=_positive_seconds,
+        default=os.environ.get(BODY_TIMEOUT_ENV) or DEFAULT_BODY_TIMEOUT_S,
+        help="seconds a request's whole body may take to arrive; after that 408 and the "
+        f"connection closes (default: ${BODY_TIMEOUT_ENV} or {DEFAULT_BODY_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=_env_flag(STRICT_ENV),
+        help="400 for columns not in the model's input schema and non-numbers in numeric "
+        f"columns, which MLflow drops or converts (default: ${STRICT_ENV}, else off)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -95,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout_s=args.request_timeout
         or float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or 60),
         graceful_timeout_s=args.graceful_timeout,
+        body_timeout_s=args.body_timeout_s,
+        strict=args.strict,
         log_level="DEBUG" if args.verbose else "INFO",
     )
     return run(config)

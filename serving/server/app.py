@@ -32,6 +32,16 @@ own decision (same status, same ``error_code``).
 Where this server deliberately differs from MLflow:
 
 - bodies over ``--max-request-bytes`` get 413 (MLflow reads any size);
+- a body must have arrived whole within ``--body-timeout-s`` (default 10 s, from when the
+  server starts reading it, however it trickles in), else 408 and the connection is closed
+  (MLflow sets no limit: a client that sends less than its ``Content-Length`` holds a
+  connection for as long as it likes);
+- with ``--strict`` (off by default; the Kubernetes Deployment turns it on), requests that
+  MLflow accepts only by quietly changing them are a 400 naming the column: a column not in
+  the model's input schema (MLflow drops it) and, for a numeric column, a value that is not
+  a JSON number (MLflow turns ``true`` into 1.0 and ``"2.5"`` into 2.5). JSON requests are
+  checked as decoded, before the fast path or MLflow's parsing runs; CSV and Parquet after
+  MLflow's parsing, before the model runs (``StrictInputs``);
 - error responses carry no ``stack_trace`` and never echo the request body or the parsed frame;
 - ``NaN``/``Infinity`` literals (not JSON) are rejected with a clear 400, and for the Keras
   model missing or non-finite feature values too (MLflow answers ``NaN`` predictions, which is
@@ -50,6 +60,7 @@ import functools
 import gc
 import inspect
 import io
+import itertools
 import json
 import logging
 import math
@@ -61,6 +72,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -107,6 +119,7 @@ warnings.filterwarnings("ignore", message="overflow encountered in cast", catego
 
 CONFIG_ENV = "SERVING_SERVER_CONFIG"
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 10.0
 MAX_ERROR_MESSAGE_CHARS = 1000
 WARMUP_ATOL = 1e-5
 
@@ -148,6 +161,10 @@ class ServerConfig:
     access_log: bool = True
     request_timeout_s: float = 60.0
     graceful_timeout_s: float = 30.0
+    # The whole request body must have arrived this long after the app starts reading it.
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    # Reject what MLflow quietly coerces or drops (see StrictInputs).
+    strict: bool = False
     log_level: str = "INFO"
 
     def to_json(self) -> str:
@@ -428,6 +445,169 @@ def _all_finite(rows: np.ndarray) -> bool:
     return math.isfinite(rows.sum(dtype=np.float64))
 
 
+# -- strict mode: what MLflow quietly coerces or drops is a 400 ----------------------------------
+
+_NUMBER_TYPES = (int, float)  # exact types: type(True) is bool, not int
+_NUMBER_OR_NULL = frozenset({int, float, type(None)})
+_MAX_NAMED = 5
+_MAX_LISTED = 20
+
+
+def _label(column: Any) -> str:
+    text = repr(column)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _kind_of(value: Any) -> str:
+    return {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+class StrictInputs:
+    """Strict mode (``--strict``): requests that MLflow accepts only by quietly changing them.
+
+    Stock MLflow drops columns that are not in the model's input schema and converts what it
+    can to the schema's types: a JSON ``true`` in a numeric column becomes 1.0, ``"2.5"`` 2.5.
+    Strict mode answers 400 instead, naming the column: for a column not in the schema, and
+    for a value of a numeric schema column that is not a JSON number (a boolean, a string, a
+    list, an object; ``null`` is a missing value, judged as without strict mode). Only a
+    schema of named columns can be checked against; a payload whose shape MLflow rejects
+    anyway is left to MLflow (and its error).
+    """
+
+    __slots__ = ("_all_numeric", "_expected", "_order", "columns", "numeric")
+
+    def __init__(self, columns: list[str], numeric: list[str]) -> None:
+        self.columns = frozenset(columns)
+        self.numeric = frozenset(numeric)
+        self._order = list(columns)
+        self._all_numeric = self.numeric == self.columns  # the Keras model's case
+        shown = columns[:_MAX_LISTED]
+        self._expected = ", ".join(shown) + (", ..." if len(columns) > len(shown) else "")
+
+    @classmethod
+    def from_schema(cls, schema: Any) -> StrictInputs | None:
+        """From an MLflow input schema; None without one or without column names."""
+        if schema is None or not schema.has_input_names():
+            return None
+        specs = schema.inputs
+        numeric = [s.name for s in specs if _type_name(s) in NUMERIC_INPUT_TYPES]
+        return cls([s.name for s in specs], numeric)
+
+    def payload_problem(self, payload: Any) -> str | None:
+        """What is wrong with a decoded JSON request, or None (also: MLflow decides)."""
+        if type(payload) is not dict:
+            return None
+        fmt = None
+        for key in payload:
+            if key in _FORMAT_KEYS:
+                if fmt is not None:
+                    return None
+                fmt = key
+        if fmt is None:
+            return None
+        value = payload[fmt]
+        if fmt == "dataframe_split":
+            return self._split_problem(value) if type(value) is dict else None
+        if type(value) is list:  # records (instances/inputs as a list of objects, too)
+            return self._records_problem(value)
+        if type(value) is dict and fmt != "dataframe_records":  # columns: {name: values}
+            return self._columns_problem(value)
+        return None
+
+    def frame_problem(self, frame: Any) -> str | None:
+        """What is wrong with a parsed CSV or Parquet request (a DataFrame), or None."""
+        columns = list(getattr(frame, "columns", ()))
+        if problem := self._unknown(columns):
+            return problem
+        for column, dtype in frame.dtypes.items():
+            if column in self.numeric and dtype.kind not in "iuf":
+                got = "booleans" if dtype.kind == "b" else f"non-numeric values ({dtype})"
+                return self._not_a_number(column, got)
+        return None
+
+    def _split_problem(self, split: dict) -> str | None:
+        columns, data = split.get("columns"), split.get("data")
+        if type(columns) is not list:
+            return None
+        if columns != self._order and (problem := self._unknown(columns)):
+            return problem
+        if type(data) is not list:
+            return None
+        if self._all_numeric:  # the common case, in one pass in C; below: which column
+            try:
+                if _NUMBER_OR_NULL.issuperset(map(type, itertools.chain.from_iterable(data))):
+                    return None
+            except TypeError:  # a row that is not a list
+                pass
+        numeric = self.numeric
+        checks = [(i, column) for i, column in enumerate(columns) if column in numeric]
+        for row in data:
+            if type(row) is not list:
+                return None
+            for i, column in checks:
+                if i < len(row):
+                    value = row[i]
+                    if type(value) not in _NUMBER_TYPES and value is not None:
+                        return self._not_a_number(column, _kind_of(value))
+        return None
+
+    def _records_problem(self, records: list) -> str | None:
+        columns, numeric, all_numeric = self.columns, self.numeric, self._all_numeric
+        for record in records:
+            if type(record) is not dict:
+                return None
+            if not columns.issuperset(record):
+                return self._unknown(list(record))
+            if all_numeric and _NUMBER_OR_NULL.issuperset(map(type, record.values())):
+                continue
+            for column in numeric:
+                value = record.get(column)
+                if type(value) not in _NUMBER_TYPES and value is not None:
+                    return self._not_a_number(column, _kind_of(value))
+        return None
+
+    def _columns_problem(self, values_by_column: dict) -> str | None:
+        if not self.columns.issuperset(values_by_column):
+            return self._unknown(list(values_by_column))
+        for column in self.numeric:
+            values = values_by_column.get(column)
+            for value in values if type(values) is list else (values,):
+                if type(value) not in _NUMBER_TYPES and value is not None:
+                    return self._not_a_number(column, _kind_of(value))
+        return None
+
+    def _unknown(self, names: list) -> str | None:
+        columns = self.columns
+        unknown = [n for n in names if type(n) is not str or n not in columns]
+        if not unknown:
+            return None
+        listed = ", ".join(_label(n) for n in unknown[:_MAX_NAMED])
+        if len(unknown) > _MAX_NAMED:
+            listed += f" and {len(unknown) - _MAX_NAMED} more"
+        which = f"columns {listed} are" if len(unknown) > 1 else f"column {listed} is"
+        return (
+            f"Invalid input (strict mode): {which} not in the model's input schema "
+            f"({self._expected}). Send only the schema's columns."
+        )
+
+    @staticmethod
+    def _not_a_number(column: str, got: str) -> str:
+        return (
+            f"Invalid input (strict mode): column {_label(column)} takes numbers, got {got}. "
+            "Booleans and strings are not converted to numbers."
+        )
+
+
+def strict_reply(problem: str) -> Reply:
+    return error_reply(400, "BAD_REQUEST", problem, extra=_invalid_input_fields())
+
+
+def _type_name(spec: Any) -> str:
+    return str(getattr(spec.type, "name", spec.type))
+
+
 # -- the reference path: MLflow's parsing and PyFuncModel.predict ---------------------------------
 
 
@@ -493,12 +673,19 @@ def _check_finite(data: Any, features: list[str]) -> None:
 
 
 def reference_invocations(
-    model: LoadedModel, body: bytes, content_type: str | None, *, strict: bool
+    model: LoadedModel,
+    body: bytes,
+    content_type: str | None,
+    *,
+    finite: bool,
+    inputs: StrictInputs | None = None,
 ) -> Reply:
     """``mlflow.pyfunc.scoring_server.invocations``, with sanitized errors (no stack traces).
 
-    ``strict``: also reject missing/non-finite feature values and non-finite predictions (for
-    the Keras model, where they can only mean garbage in, garbage out).
+    ``finite``: also reject missing/non-finite feature values and non-finite predictions (for
+    the Keras model, where they can only mean garbage in, garbage out). ``inputs``: strict
+    mode, checked on the request before MLflow converts it (JSON) or before the model runs
+    (CSV, Parquet).
     """
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import BAD_REQUEST
@@ -544,6 +731,8 @@ def reference_invocations(
                 raise MlflowInvalidInputException(
                     f"{ss.REQUIRED_INPUT_FORMAT}. Received unexpected input type '{type(decoded)}."
                 )
+            if inputs is not None and (problem := inputs.payload_problem(decoded)):
+                return strict_reply(problem)
             parsed = ss._parse_json_data(decoded, model.metadata, schema)
             data, params, unified_llm = parsed.data, parsed.params, parsed.is_unified_llm_input
         elif mime_type == CONTENT_TYPE_PARQUET:
@@ -555,7 +744,13 @@ def reference_invocations(
                 "This predictor only supports the following content types:"
                 f" Types: {ss.CONTENT_TYPES}. Got '{content_type}'.",
             )
-        if strict and model.fast is not None:
+        if (
+            inputs is not None
+            and mime_type != CONTENT_TYPE_JSON
+            and (problem := inputs.frame_problem(data))
+        ):
+            return strict_reply(problem)
+        if finite and model.fast is not None:
             _check_finite(data, model.fast.feature_columns)
 
         predict = model.pyfunc.predict
@@ -587,7 +782,7 @@ def reference_invocations(
             extra=_classification(exc),
         )
 
-    if strict and _has_non_finite(raw):
+    if finite and _has_non_finite(raw):
         return error_reply(
             400,
             "BAD_REQUEST",
@@ -725,6 +920,32 @@ class AccessLog:
 RECORDS_FLUSH_S = 0.25
 RECORDS_MAX = 256
 _METHOD_NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
+_CONNECTION_CLOSE = ((b"connection", b"close"),)
+
+
+@types.coroutine
+def _finish_await(waiter, waiting_on):
+    """The rest of an ``await`` begun by hand.
+
+    ``waiter`` is an awaitable's ``__await__()`` iterator, stepped once with ``send(None)``,
+    which yielded ``waiting_on`` (the future it waits for). Stepping it by hand first tells
+    whether it completes without suspending, so that a timer is only set when it does not
+    (``asyncio.timeout`` costs ~10 us, more than the rest of a small request's reading). This
+    generator then does what ``await`` would have done from there, cancellation included.
+    """
+    while True:
+        try:
+            sent = yield waiting_on
+        except BaseException as exc:  # CancelledError (the deadline): waiter cleans up, re-raises
+            try:
+                waiting_on = waiter.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                waiting_on = waiter.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 class ScoringApp:
@@ -752,6 +973,7 @@ class ScoringApp:
         self.batcher: MicroBatcher | None = None
         self.access = AccessLog(config.access_log)
         self._features: tuple[str, ...] = ()
+        self._strict: StrictInputs | None = None
         self._allow_params = False
         self._output_name = "prediction"
         self._one_prediction = b""
@@ -878,22 +1100,39 @@ class ScoringApp:
             return error_reply(503, "TEMPORARILY_UNAVAILABLE", "The model is not loaded yet.")
         return Reply(200, self._model_json)
 
-    async def _read_more(self, receive, first: bytes) -> bytes | Reply:
-        """The rest of a body that came in several messages."""
+    async def _read_more(self, receive, first: bytes, deadline: float | None) -> bytes | Reply:
+        """The rest of a body that came in several messages, all of it by ``deadline``
+        (loop time; None: ``body_timeout_s`` from now)."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.config.body_timeout_s
         limit = self.config.max_request_bytes
         chunks = [first]
         size = len(first)
         message: dict[str, Any] = {"more_body": True}
-        while message.get("more_body", False):
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return self._too_large()
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout_at(deadline):
+                while message.get("more_body", False):
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        break
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        return self._too_large()
+                    chunks.append(chunk)
+        except TimeoutError:
+            return self._body_timeout()
         return b"".join(chunks)
+
+    def _body_timeout(self) -> Reply:
+        reply = error_reply(
+            408,
+            "BAD_REQUEST",
+            f"The request body did not arrive within {self.config.body_timeout_s:g} s "
+            "(send the whole body promptly, and no less than its Content-Length).",
+        )
+        reply.headers = _CONNECTION_CLOSE  # what is left of the body never gets read
+        return reply
 
     def _too_large(self) -> Reply:
         return error_reply(
@@ -917,10 +1156,25 @@ class ScoringApp:
                 return error_reply(400, "BAD_REQUEST", "Invalid Content-Length header."), 0
             if declared > self.config.max_request_bytes:
                 return self._too_large(), 0
-        message = await receive()
+        # The body's first message. When it is there already (the common case: the whole
+        # body came with the headers), receive() answers without suspending and no timer is
+        # set; when it would wait, it waits under the body deadline.
+        waiter = receive().__await__()
+        deadline = None
+        try:
+            waiting_on = waiter.send(None)
+        except StopIteration as done:
+            message = done.value
+        else:
+            deadline = asyncio.get_running_loop().time() + self.config.body_timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await _finish_await(waiter, waiting_on)
+            except TimeoutError:
+                return self._body_timeout(), 0
         body = message.get("body", b"")
         if message.get("more_body", False):
-            more = await self._read_more(receive, body)
+            more = await self._read_more(receive, body, deadline)
             if isinstance(more, Reply):
                 return more, 0
             body = more
@@ -929,6 +1183,7 @@ class ScoringApp:
         if not self.ready:
             reply = error_reply(503, "TEMPORARILY_UNAVAILABLE", "The model is not ready yet.")
             return reply, len(body)
+        strict = self._strict
         batcher = self.batcher
         if batcher is not None and content_type in _FAST_CONTENT_TYPES:
             try:
@@ -936,6 +1191,10 @@ class ScoringApp:
             except _FastDecodeError:
                 payload = None
             if payload is not None:
+                if strict is not None:
+                    if problem := strict.payload_problem(payload):
+                        return strict_reply(problem), len(body)
+                    strict = None  # checked: the reference path need not do it again
                 try:
                     rows = fast_rows(payload, self._features, self._allow_params)
                 except RequestError as exc:
@@ -950,7 +1209,7 @@ class ScoringApp:
                         )
                     else:
                         return self._predictions_reply(outputs), len(body)
-        return await self._reference(body, content_type), len(body)
+        return await self._reference(body, content_type, strict), len(body)
 
     def _predictions_reply(self, outputs: np.ndarray) -> Reply:
         values = outputs.tolist()
@@ -971,7 +1230,9 @@ class ScoringApp:
             "within float32 range.",
         )
 
-    async def _reference(self, body: bytes, content_type: bytes | None) -> Reply:
+    async def _reference(
+        self, body: bytes, content_type: bytes | None, inputs: StrictInputs | None
+    ) -> Reply:
         model = self.model
         assert model is not None
         self.metrics.count_pyfunc_call()
@@ -979,7 +1240,12 @@ class ScoringApp:
         try:
             return await asyncio.wait_for(
                 asyncio.to_thread(
-                    reference_invocations, model, body, ctype, strict=model.fast is not None
+                    reference_invocations,
+                    model,
+                    body,
+                    ctype,
+                    finite=model.fast is not None,
+                    inputs=inputs,
                 ),
                 timeout=self.config.request_timeout_s,
             )
@@ -1053,7 +1319,7 @@ class ScoringApp:
             log.warning("no input example and no numeric signature: warm-up skipped")
             return
         reference = reference_invocations(
-            model, example.encode(), CONTENT_TYPE_JSON, strict=model.fast is not None
+            model, example.encode(), CONTENT_TYPE_JSON, finite=model.fast is not None
         )
         if reference.status != 200:
             raise RuntimeError(
@@ -1085,6 +1351,10 @@ class ScoringApp:
 
     def _set_ready(self, model: LoadedModel) -> None:
         self.model = model
+        if self.config.strict:
+            self._strict = StrictInputs.from_schema(model.input_schema)
+            if self._strict is None:
+                log.warning("strict mode: the model's input schema names no columns to check")
         if model.fast is not None:
             self._features = tuple(model.fast.feature_columns)
             self._output_name = model.fast.output_name
@@ -1146,7 +1416,7 @@ def _synthetic_example(model: LoadedModel) -> str | None:
     if schema is None or not schema.has_input_names():
         return None
     specs = schema.inputs
-    if any(str(getattr(s.type, "name", s.type)) not in NUMERIC_INPUT_TYPES for s in specs):
+    if any(_type_name(s) not in NUMERIC_INPUT_TYPES for s in specs):
         return None
     names = schema.input_names()
     return json.dumps({"dataframe_split": {"columns": names, "data": [[0] * len(names)]}})

@@ -9,20 +9,35 @@ All state lives under .local/ (or $PIPELINE_STATE_DIR): SQLite databases, MLflow
 Airflow home, data partitions, logs and pid files. Each service runs in its own process group
 so that `down` stops its children too (Airflow standalone forks a scheduler, a DAG processor,
 a triggerer, an API server and LocalExecutor workers).
+
+PIPELINE_DB=postgres puts Airflow's metadata DB and MLflow's backend store on PostgreSQL: a
+private server (data directory, unix socket and generated passwords under .local/postgres/,
+port $PIPELINE_PG_PORT, default 15432) with one database and one login role for each, or
+an existing server named by PIPELINE_AIRFLOW_DB_URL / PIPELINE_MLFLOW_DB_URL.
+
+What the stack writes is readable by its owner only (umask 077: logs, pid files, the generated
+Airflow admin password, secrets); `run` prints the admin password once.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
+import pwd
 import secrets
+import shutil
+import signal
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+from urllib.parse import quote
 
 import httpx
 
@@ -38,6 +53,11 @@ AIRFLOW_URL = f"http://{HOST}:{AIRFLOW_PORT}"
 AIRFLOW_HOME = STATE / "airflow"
 PIDS = STATE / "pids"
 LOGS = STATE / "logs"
+AIRFLOW_PASSWORDS = AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated"
+# What the stack's processes create is their owner's only (0600 files, 0700 directories).
+PRIVATE_UMASK = 0o077
+PG_ROOT = STATE / "postgres"
+PG_PORT = int(os.environ.get("PIPELINE_PG_PORT", "15432"))
 
 
 def say(message: str) -> None:
@@ -68,6 +88,9 @@ def stack_env() -> dict[str, str]:
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__API__BASE_URL": AIRFLOW_URL,
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            # Task logs: the owner's only, like the rest of the state (Airflow's default is 0o664).
+            "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS": "0o600",
+            "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS": "0o700",
             "AIRFLOW_CONN_MLFLOW_DEFAULT": env.get("AIRFLOW_CONN_MLFLOW_DEFAULT", MLFLOW_URL),
             "TF_CPP_MIN_LOG_LEVEL": "2",
             # MLflow 3 starts ~7 job-runner processes (GenAI jobs) by default; unused here.
@@ -75,7 +98,358 @@ def stack_env() -> dict[str, str]:
             "NO_PROXY": "127.0.0.1,localhost",
         }
     )
+    env.update(airflow_db_env(database_urls()["airflow"]))
     return env
+
+
+def airflow_db_env(url: str | None) -> dict[str, str]:
+    """Airflow's settings for its metadata DB at ``url`` (None: its default, SQLite in
+    AIRFLOW_HOME). On PostgreSQL, Airflow's async engine gets the same psycopg 3 URL (SQLAlchemy
+    picks psycopg's async mode for it); derived, it would ask for asyncpg, which is not here."""
+    if url is None:
+        return {}
+    env = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url}
+    if url.startswith("postgresql+psycopg://"):
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] = url
+    return env
+
+
+# --- where the two servers keep their data: SQLite (default) or PostgreSQL ------------------
+
+
+def db_kind() -> str:
+    """``sqlite`` (the default) or ``postgres``, from PIPELINE_DB."""
+    kind = os.environ.get("PIPELINE_DB", "").strip().lower() or "sqlite"
+    if kind == "postgresql":
+        kind = "postgres"
+    if kind not in ("sqlite", "postgres"):
+        raise SystemExit(f"PIPELINE_DB={kind!r}: use sqlite (the default) or postgres")
+    return kind
+
+
+def with_psycopg(url: str) -> str:
+    """A PostgreSQL URL with the installed driver (psycopg 3): SQLAlchemy would pick psycopg2
+    for a bare ``postgresql://``, and that is not installed."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
+def database_urls() -> dict[str, str | None]:
+    """Airflow's metadata DB and MLflow's backend store, as SQLAlchemy URLs.
+
+    PIPELINE_AIRFLOW_DB_URL / PIPELINE_MLFLOW_DB_URL name an existing database; otherwise
+    PIPELINE_DB=postgres means the stack's own server, and the default is SQLite under the
+    state dir (Airflow: None, its default file in AIRFLOW_HOME).
+    """
+    given = {
+        "airflow": os.environ.get("PIPELINE_AIRFLOW_DB_URL"),
+        "mlflow": os.environ.get("PIPELINE_MLFLOW_DB_URL"),
+    }
+    local = local_postgres()
+    urls: dict[str, str | None] = {}
+    for name, url in given.items():
+        if url:
+            urls[name] = with_psycopg(url)
+        elif local is not None:
+            urls[name] = local.url(name)
+        else:
+            urls[name] = (
+                None if name == "airflow" else f"sqlite:///{STATE / 'mlflow' / 'mlflow.db'}"
+            )
+    return urls
+
+
+def local_postgres() -> LocalPostgres | None:
+    """The stack's own PostgreSQL server, when PIPELINE_DB=postgres needs one."""
+    if db_kind() != "postgres":
+        return None
+    if os.environ.get("PIPELINE_AIRFLOW_DB_URL") and os.environ.get("PIPELINE_MLFLOW_DB_URL"):
+        return None  # both on an existing server
+    return LocalPostgres(PG_ROOT, PG_PORT)
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in name.split(".") if part.isdigit())
+
+
+class LocalPostgres:
+    """A private PostgreSQL server: data directory, unix socket and passwords under ``root``.
+
+    It runs as the ``postgres`` system user when started by root (PostgreSQL refuses to run as
+    root; the Debian package creates that user), as the current user otherwise. It listens on
+    ``host:port`` (password auth, SCRAM) and on a socket in ``root/run``. Each client gets its
+    own database and login role of the same name, with a generated password in a 0600 file
+    under ``root/secrets`` (so is the superuser's).
+    """
+
+    SUPERUSER = "postgres"
+
+    def __init__(
+        self,
+        root: Path,
+        port: int,
+        host: str = HOST,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.port = port
+        self.host = host
+        self.data = self.root / "data"
+        self.sockets = self.root / "run"
+        self.secrets = self.root / "secrets"
+        # Server settings (-c name=value) on top of the defaults below.
+        self.settings = {"max_connections": "200", **(settings or {})}
+
+    # -- what it needs --------------------------------------------------------------------
+
+    @staticmethod
+    def bin_dir() -> Path | None:
+        """Where initdb, postgres and pg_ctl are: $PIPELINE_PG_BIN_DIR, the newest Debian
+        /usr/lib/postgresql/<major>/bin, or next to a `postgres` on PATH."""
+        configured = os.environ.get("PIPELINE_PG_BIN_DIR")
+        if configured:
+            candidates = [Path(configured)]
+        else:
+            candidates = sorted(
+                Path("/usr/lib/postgresql").glob("*/bin"),
+                key=lambda path: _version_key(path.parent.name),
+                reverse=True,
+            )
+            on_path = shutil.which("postgres")
+            if on_path:
+                candidates.append(Path(on_path).parent)
+        for candidate in candidates:
+            if all(
+                os.access(candidate / tool, os.X_OK) for tool in ("initdb", "postgres", "pg_ctl")
+            ):
+                return candidate
+        return None
+
+    @staticmethod
+    def os_user() -> pwd.struct_passwd | None:
+        """The user the server runs as: ``postgres`` when we are root, else None (ourselves).
+        Raises KeyError when root and there is no such user."""
+        if os.geteuid() != 0:
+            return None
+        return pwd.getpwnam(os.environ.get("PIPELINE_PG_OS_USER", "postgres"))
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why a server cannot be started on this machine, or None when it can."""
+        if cls.bin_dir() is None:
+            return (
+                "no PostgreSQL server binaries (initdb, postgres, pg_ctl) under "
+                "/usr/lib/postgresql/*/bin or on PATH: run scripts/install_postgres.sh "
+                "(apt-get install postgresql)"
+            )
+        try:
+            cls.os_user()
+        except KeyError:
+            return (
+                "running as root and there is no `postgres` system user to run PostgreSQL as "
+                "(it refuses to run as root); `apt-get install postgresql` creates it"
+            )
+        return None
+
+    def _bin(self, tool: str) -> str:
+        found = self.bin_dir()
+        if found is None:
+            raise SystemExit(f"PostgreSQL: {self.unavailable()}")
+        return str(found / tool)
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        """How to run its programs: as the server's user, in ``root``, with a small env."""
+        kwargs: dict[str, Any] = {
+            "cwd": self.root,
+            "env": {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"},
+            "umask": PRIVATE_UMASK,
+        }
+        user = self.os_user()
+        if user is not None:
+            kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+        return kwargs
+
+    # -- passwords and URLs --------------------------------------------------------------
+
+    def password(self, role: str) -> str:
+        return _secret_file(self.secrets / f"{role}.password", lambda: secrets.token_urlsafe(24))
+
+    def url(self, name: str) -> str:
+        """SQLAlchemy URL of database ``name`` as its own role (psycopg 3 driver)."""
+        return (
+            f"postgresql+psycopg://{quote(name, safe='')}:{quote(self.password(name), safe='')}"
+            f"@{self.host}:{self.port}/{quote(name, safe='')}"
+        )
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Directories owned by the server's user, reachable by it; initdb on first use."""
+        user = self.os_user()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.secrets.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.secrets, 0o700)
+        for path in (self.data, self.sockets):
+            path.mkdir(mode=0o700, exist_ok=True)
+            if user is not None:
+                os.chown(path, user.pw_uid, user.pw_gid)
+            os.chmod(path, 0o700)
+        if user is not None:
+            os.chmod(self.root, 0o711)  # it may enter, not list (secrets/ stays ours)
+            _check_reachable(self.root, user)
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+
+    def _initdb(self) -> None:
+        user = self.os_user()
+        # The superuser's password, in a file the server's user can read, only during initdb.
+        pwfile = self.root / ".initdb-password"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self.password(self.SUPERUSER) + "\n")
+        if user is not None:
+            os.chown(pwfile, user.pw_uid, user.pw_gid)
+        try:
+            result = subprocess.run(
+                [
+                    self._bin("initdb"),
+                    "--pgdata",
+                    str(self.data),
+                    "--username",
+                    self.SUPERUSER,
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth",
+                    "scram-sha-256",
+                    "--encoding",
+                    "UTF8",
+                    "--no-locale",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+                **self.popen_kwargs(),
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"initdb {self.data} failed ({result.returncode}); remove that directory to "
+                f"start over:\n{(result.stdout + result.stderr)[-2000:]}"
+            )
+
+    def server_argv(self) -> list[str]:
+        """The server in the foreground (its process group is what the stack stops)."""
+        argv = [
+            self._bin("postgres"),
+            "-D",
+            str(self.data),
+            "-p",
+            str(self.port),
+            "-c",
+            f"listen_addresses={self.host}",
+            "-c",
+            f"unix_socket_directories={self.sockets}",
+        ]
+        for name, value in self.settings.items():
+            argv += ["-c", f"{name}={value}"]
+        return argv
+
+    def _connect(self, dbname: str = "postgres", timeout_s: int = 5) -> Any:
+        import psycopg
+
+        return psycopg.connect(
+            host=self.host,
+            port=self.port,
+            user=self.SUPERUSER,
+            password=self.password(self.SUPERUSER),
+            dbname=dbname,
+            connect_timeout=timeout_s,
+            autocommit=True,
+        )
+
+    def wait_ready(self, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
+        """Until the superuser can log in; RuntimeError if the server died or took too long."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with self._connect(timeout_s=2) as conn:
+                    conn.execute("SELECT 1")
+                return
+            except psycopg.OperationalError as exc:
+                error = exc
+            if not alive():
+                raise RuntimeError(f"PostgreSQL exited during start-up ({error})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not accept logins in {timeout_s:.0f}s: {error}")
+            time.sleep(0.5)
+
+    def ensure_database(self, name: str) -> str:
+        """Role ``name`` (password from its secret file, set again on every call) owning
+        database ``name``; returns its URL."""
+        from psycopg import sql
+
+        with self._connect() as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+            conn.execute(
+                sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(
+                    sql.SQL("ALTER" if exists else "CREATE"),
+                    sql.Identifier(name),
+                    sql.Literal(self.password(name)),
+                )
+            )
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                        sql.Identifier(name), sql.Identifier(name)
+                    )
+                )
+        return self.url(name)
+
+    def stop(self, timeout_s: int = 60) -> None:
+        """Fast shutdown (`pg_ctl stop -m fast`): sessions are ended, then a checkpoint."""
+        if not (self.data / "postmaster.pid").exists():
+            return
+        subprocess.run(
+            [
+                self._bin("pg_ctl"),
+                "stop",
+                "-D",
+                str(self.data),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                f"{timeout_s}",
+            ],
+            capture_output=True,
+            check=False,
+            **self.popen_kwargs(),
+        )
+
+
+def _check_reachable(path: Path, user: pwd.struct_passwd) -> None:
+    """``user`` may enter ``path`` and every directory above it, or PermissionError saying
+    where not."""
+    groups = {user.pw_gid, *os.getgrouplist(user.pw_name, user.pw_gid)}
+    for directory in [path, *path.parents]:
+        st = directory.stat()
+        if st.st_uid == user.pw_uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            raise PermissionError(
+                f"PostgreSQL runs as {user.pw_name}, which cannot enter {directory} "
+                f"(mode {stat.S_IMODE(st.st_mode):o}): `chmod o+x {directory}`, or set "
+                "PIPELINE_STATE_DIR to a directory it can reach"
+            )
 
 
 # --- process groups ------------------------------------------------------------------------
@@ -92,40 +466,130 @@ def _pid(name: str) -> int | None:
     return pid if process_is(pid) else None
 
 
-def _start(name: str, argv: list[str], env: dict[str, str]) -> int:
-    PIDS.mkdir(parents=True, exist_ok=True)
-    LOGS.mkdir(parents=True, exist_ok=True)
-    log_file = open(LOGS / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        argv,
-        env=env,
-        cwd=ROOT,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
+def open_private(path: Path, mode: str = "ab") -> IO[Any]:
+    """Open ``path`` (created if missing) readable and writable by its owner only: 0600, also
+    when it existed with a wider mode (the Airflow log holds the admin password)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, mode)
+
+
+def make_private(*paths: Path) -> None:
+    """chmod what exists of ``paths``: files 0600, directories 0700 (not recursive)."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)
+
+
+def _tighten_state() -> None:
+    """State written before the stack made its files private (0644 logs, password file)."""
+    make_private(
+        STATE,
+        LOGS,
+        PIDS,
+        AIRFLOW_HOME,
+        STATE / "mlflow",
+        *(LOGS.glob("*") if LOGS.is_dir() else ()),
+        *(PIDS.glob("*") if PIDS.is_dir() else ()),
+        AIRFLOW_PASSWORDS,
+        AIRFLOW_HOME / "airflow.cfg",
+        AIRFLOW_HOME / "airflow.db",
+        STATE / "mlflow" / "mlflow.db",
+        STATE / "webhook-secret",
     )
-    (PIDS / f"{name}.pid").write_text(str(proc.pid))
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path, **popen: Any) -> subprocess.Popen:
+    """Start ``argv`` in its own session (so it stops as a group), output appended to ``log``
+    (0600), with umask 077 so that what it writes is private too."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    popen.setdefault("cwd", ROOT)
+    popen.setdefault("umask", PRIVATE_UMASK)
+    with open_private(log) as log_file:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            **popen,
+        )
+
+
+def _start(name: str, argv: list[str], env: dict[str, str], **popen: Any) -> int:
+    PIDS.mkdir(parents=True, exist_ok=True)
+    proc = spawn(argv, env, LOGS / f"{name}.log", **popen)
+    with open_private(PIDS / f"{name}.pid", "w") as fh:
+        fh.write(str(proc.pid))
     say(f"started {name} (pid {proc.pid}, log {LOGS / f'{name}.log'})")
     return proc.pid
 
 
+def _recorded_pid(name: str) -> int | None:
+    try:
+        return int((PIDS / f"{name}.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _leftovers(leader: int) -> list[Any]:
+    """Live processes still in the session and process group ``leader`` started (each
+    service's own: start_new_session), once ``leader`` itself is gone."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == leader:
+            continue
+        with contextlib.suppress(psutil.Error, OSError):
+            if (
+                os.getpgid(proc.pid) == leader
+                and os.getsid(proc.pid) == leader
+                and proc.status() != psutil.STATUS_ZOMBIE
+            ):
+                found.append(proc)
+    return found
+
+
 def _stop_group(name: str, grace_s: float = 20.0) -> None:
     """SIGTERM the service's whole process group and every child (Airflow's scheduler and
-    workers, MLflow's uvicorn worker), wait, then SIGKILL what is left."""
+    workers, MLflow's uvicorn worker), wait, then SIGKILL what is left.
+
+    Also when the process we started is already gone (killed by its pid alone, or crashed):
+    its children may still hold the port (MLflow's uvicorn worker did), so what is left of
+    its group is stopped too.
+    """
+    import psutil
+
     from serving.deploy.local import stop_group
 
     pid = _pid(name)
-    pidfile = PIDS / f"{name}.pid"
     if pid is not None:
         stop_group(pid, timeout_s=grace_s)
         say(f"stopped {name}")
-    pidfile.unlink(missing_ok=True)
+    recorded = _recorded_pid(name)
+    left = _leftovers(recorded) if recorded is not None else []
+    if left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(recorded, signal.SIGTERM)
+        _, alive = psutil.wait_procs(left, timeout=grace_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        say(f"stopped what was left of {name}'s process group (pids {[p.pid for p in left]})")
+    (PIDS / f"{name}.pid").unlink(missing_ok=True)
 
 
-def _wait_http(url: str, what: str, timeout_s: float, pid_name: str) -> None:
+def _wait_http(
+    url: str, what: str, timeout_s: float, pid_name: str, each: Callable[[], None] | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if each is not None:
+            each()
         if _pid(pid_name) is None:
             raise SystemExit(f"{what} exited during start-up; see {LOGS / f'{pid_name}.log'}")
         try:
@@ -140,51 +604,111 @@ def _wait_http(url: str, what: str, timeout_s: float, pid_name: str) -> None:
 # --- services ------------------------------------------------------------------------------
 
 
+def mlflow_server_argv(artifacts: Path, port: int, host: str = HOST, workers: int = 1) -> list[str]:
+    """`mlflow server` as the stack runs it. The backend store comes from the environment
+    (MLFLOW_BACKEND_STORE_URI), so that a database password is not on the command line."""
+    return [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--artifacts-destination",
+        str(artifacts),
+        "--serve-artifacts",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+
+
+def _postgres_up() -> None:
+    """Start the stack's own PostgreSQL (initdb on first use) and its two databases."""
+    pg = local_postgres()
+    if pg is None:
+        return
+    reason = pg.unavailable()
+    if reason is not None:
+        raise SystemExit(f"PIPELINE_DB=postgres: {reason}")
+    if pg.os_user() is not None:
+        os.chmod(STATE, 0o711)  # the server's user must reach .local/postgres (not list .local)
+    try:
+        if _pid("postgres") is None:
+            _stop_group("postgres")
+            pg.prepare()
+            popen = pg.popen_kwargs()
+            _start("postgres", pg.server_argv(), popen.pop("env"), **popen)
+        else:
+            say("postgres already running")
+        pg.wait_ready(60, alive=lambda: _pid("postgres") is not None)
+        for name in ("airflow", "mlflow"):
+            pg.ensure_database(name)
+    except (RuntimeError, PermissionError) as exc:
+        raise SystemExit(f"PostgreSQL: {exc}; see {LOGS / 'postgres.log'}") from None
+    say(f"PostgreSQL ready at {pg.host}:{pg.port} (databases airflow, mlflow; data {pg.data})")
+
+
+def _protect_airflow_passwords() -> None:
+    """The generated admin password file, 0600 as soon as it appears."""
+    make_private(AIRFLOW_PASSWORDS)
+
+
 def up() -> None:
-    env = stack_env()
     STATE.mkdir(parents=True, exist_ok=True)
+    _tighten_state()
+    _postgres_up()
+    env = stack_env()
     # Registry promotions: MLflow may deliver webhooks to the local Airflow API server, and both
     # sides share a generated secret (.local/webhook-secret unless PIPELINE_WEBHOOK_SECRET is set).
     env.update(mlflow_webhook_env(STATE))
     secret = env.get("PIPELINE_WEBHOOK_SECRET") or webhook_secret(STATE)
     env["PIPELINE_WEBHOOK_SECRET"] = secret
+    urls = database_urls()
+    say("databases: " + ", ".join(f"{name} on {_describe_db(url)}" for name, url in urls.items()))
     if _pid("mlflow") is None:
+        _stop_group("mlflow")  # what a crashed server left behind would hold the port
         (STATE / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
+        mlflow_env = {**env, "MLFLOW_BACKEND_STORE_URI": str(urls["mlflow"])}
         _start(
-            "mlflow",
-            [
-                str(VENV_BIN / "mlflow"),
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{STATE / 'mlflow' / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(STATE / "mlflow" / "artifacts"),
-                "--serve-artifacts",
-                "--host",
-                HOST,
-                "--port",
-                str(MLFLOW_PORT),
-                "--workers",
-                "1",
-            ],
-            env,
+            "mlflow", mlflow_server_argv(STATE / "mlflow" / "artifacts", MLFLOW_PORT), mlflow_env
         )
     else:
         say("mlflow already running")
-    _wait_http(f"{MLFLOW_URL}/health", "MLflow server", 120, "mlflow")
+    # A first start on PostgreSQL creates MLflow's schema (a few dozen migrations).
+    _wait_http(f"{MLFLOW_URL}/health", "MLflow server", 240, "mlflow")
     say(f"MLflow ready at {MLFLOW_URL}")
 
     if _pid("airflow") is None:
+        _stop_group("airflow")
         AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
+        _protect_airflow_passwords()
         _start("airflow", [str(VENV_BIN / "airflow"), "standalone"], env)
     else:
         say("airflow already running")
     # While Airflow boots: the local target serves again what it served before `make stop`.
     _resume_serving(env)
-    _wait_http(f"{AIRFLOW_URL}/api/v2/monitor/health", "Airflow", 300, "airflow")
+    _wait_http(
+        f"{AIRFLOW_URL}/api/v2/monitor/health",
+        "Airflow",
+        300,
+        "airflow",
+        each=_protect_airflow_passwords,
+    )
+    _protect_airflow_passwords()
     say(f"Airflow ready at {AIRFLOW_URL}")
     _rollout_pool(env)
     _enable_promotions(secret)
+
+
+def _describe_db(url: str | None) -> str:
+    """Where a database is, without its password."""
+    if url is None:
+        return f"SQLite ({AIRFLOW_HOME / 'airflow.db'})"
+    if url.startswith("sqlite:"):
+        return f"SQLite ({url.split(':///', 1)[-1]})"
+    from sqlalchemy.engine import make_url
+
+    return f"PostgreSQL ({make_url(url).render_as_string(hide_password=True)})"
 
 
 def _resume_serving(env: dict[str, str]) -> None:
@@ -345,12 +869,26 @@ def down() -> None:
     subprocess.run([sys.executable, "-m", "serving.deploy", "stop"], env=env, cwd=ROOT, check=False)
     for name in ("airflow", "mlflow"):
         _stop_group(name)
+    # Last, once its clients are gone; whatever PIPELINE_DB says now (it may differ from `up`).
+    if _pid("postgres") is not None:
+        LocalPostgres(PG_ROOT, PG_PORT).stop()
+        say("stopped postgres (fast shutdown)")
+    _stop_group("postgres")  # what pg_ctl did not stop, and a pid file left behind
 
 
 def status() -> None:
-    for name in ("mlflow", "airflow"):
+    for name in ("postgres", "mlflow", "airflow"):
         pid = _pid(name)
-        say(f"{name}: {'running, pid ' + str(pid) if pid else 'stopped'}")
+        if name == "postgres" and pid is None and not (PG_ROOT / "data").exists():
+            continue  # never used
+        recorded = _recorded_pid(name)
+        left = _leftovers(recorded) if pid is None and recorded is not None else []
+        if pid:
+            say(f"{name}: running, pid {pid}")
+        elif left:
+            say(f"{name}: stopped, but {len(left)} process(es) of its group are left: make stop")
+        else:
+            say(f"{name}: stopped")
     subprocess.run([sys.executable, "-m", "serving.deploy", "status"], env=stack_env(), check=False)
 
 
@@ -358,10 +896,11 @@ def status() -> None:
 
 
 def _airflow_password() -> str:
-    path = AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated"
+    path = AIRFLOW_PASSWORDS
     deadline = time.monotonic() + 60
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(1)
+    _protect_airflow_passwords()
     return json.loads(path.read_text())["admin"]
 
 
@@ -485,6 +1024,8 @@ def main() -> int:
     run_parser = sub.add_parser("run")
     run_parser.add_argument("--conf", default="{}", help="JSON conf (Params) for the run")
     args = parser.parse_args()
+    # Everything the stack writes (and every process it starts writes) is the owner's only.
+    os.umask(PRIVATE_UMASK)
     if args.command == "up":
         up()
     elif args.command == "down":

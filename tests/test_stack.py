@@ -1,0 +1,190 @@
+"""scripts/stack.py without servers: private state files, and where the databases are."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def stack(tmp_path, monkeypatch):
+    """scripts/stack.py with its state under ``tmp_path`` and no database settings."""
+    from scripts import stack
+
+    state = tmp_path / "state"
+    for name, path in {
+        "STATE": state,
+        "PIDS": state / "pids",
+        "LOGS": state / "logs",
+        "AIRFLOW_HOME": state / "airflow",
+        "AIRFLOW_PASSWORDS": state / "airflow" / "simple_auth_manager_passwords.json.generated",
+        "PG_ROOT": state / "postgres",
+    }.items():
+        monkeypatch.setattr(stack, name, path)
+    for var in ("PIPELINE_DB", "PIPELINE_AIRFLOW_DB_URL", "PIPELINE_MLFLOW_DB_URL"):
+        monkeypatch.delenv(var, raising=False)
+    return stack
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_open_private_makes_new_and_existing_files_owner_only(stack, tmp_path):
+    old = tmp_path / "old.log"
+    old.write_text("before\n")
+    old.chmod(0o644)
+    with stack.open_private(old) as fh:
+        fh.write(b"after\n")
+    assert _mode(old) == 0o600
+    assert old.read_text() == "before\nafter\n"  # appended
+    with stack.open_private(tmp_path / "new.log") as fh:
+        fh.write(b"x")
+    assert _mode(tmp_path / "new.log") == 0o600
+
+
+def test_make_private_files_and_directories_and_skips_missing(stack, tmp_path):
+    folder, file = tmp_path / "folder", tmp_path / "file"
+    folder.mkdir(mode=0o755)
+    file.write_text("secret")
+    file.chmod(0o644)
+    stack.make_private(folder, file, tmp_path / "missing")
+    assert (_mode(folder), _mode(file)) == (0o700, 0o600)
+
+
+def test_tighten_state_fixes_what_an_older_stack_left_world_readable(stack):
+    """Logs (Airflow's holds the admin password) and the generated password file were 0644."""
+    for path in (stack.LOGS / "airflow.log", stack.PIDS / "airflow.pid", stack.AIRFLOW_PASSWORDS):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+        path.chmod(0o644)
+    stack._tighten_state()
+    for path in (stack.LOGS / "airflow.log", stack.PIDS / "airflow.pid", stack.AIRFLOW_PASSWORDS):
+        assert _mode(path) == 0o600, path
+    for folder in (stack.STATE, stack.LOGS, stack.PIDS, stack.AIRFLOW_HOME):
+        assert _mode(folder) == 0o700, folder
+
+
+def test_started_processes_log_privately_and_write_private_files(stack, tmp_path):
+    """What a service writes (Airflow's generated password file) is 0600 via the umask, and
+    its log (where `airflow standalone` prints that password) is 0600 too."""
+    written = tmp_path / "written.json"
+    code = (
+        f"import json; json.dump({{'admin': 's3cret'}}, open({str(written)!r}, 'w')); "
+        "print('Login with username: admin  password: s3cret', flush=True)"
+    )
+    pid = stack._start("probe", [sys.executable, "-c", code], dict(os.environ))
+    deadline = time.monotonic() + 30
+    while stack._pid("probe") is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.waitpid(pid, 0)
+    assert json.loads(written.read_text()) == {"admin": "s3cret"}
+    assert _mode(written) == 0o600
+    log = stack.LOGS / "probe.log"
+    assert "password: s3cret" in log.read_text()
+    assert _mode(log) == 0o600
+    assert _mode(stack.PIDS / "probe.pid") == 0o600
+
+
+def test_the_generated_password_file_is_made_private_and_still_read(stack):
+    stack.AIRFLOW_PASSWORDS.parent.mkdir(parents=True)
+    stack.AIRFLOW_PASSWORDS.write_text(json.dumps({"admin": "pw"}))
+    stack.AIRFLOW_PASSWORDS.chmod(0o644)
+    assert stack._airflow_password() == "pw"  # what `make run` prints once
+    assert _mode(stack.AIRFLOW_PASSWORDS) == 0o600
+
+
+# -- where the databases are ----------------------------------------------------------------
+
+
+def test_sqlite_is_the_default(stack, monkeypatch):
+    monkeypatch.delenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", raising=False)  # the tests' own
+    urls = stack.database_urls()
+    assert urls == {"airflow": None, "mlflow": f"sqlite:///{stack.STATE / 'mlflow' / 'mlflow.db'}"}
+    env = stack.stack_env()
+    assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in env
+    assert "MLFLOW_BACKEND_STORE_URI" not in env
+
+
+def test_postgres_switch_gives_each_server_its_own_database_role_and_password(stack, monkeypatch):
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.setenv("PIPELINE_DB", "postgres")
+    monkeypatch.setattr(stack, "PG_PORT", 15999)
+    urls = stack.database_urls()
+    parsed = {name: make_url(url) for name, url in urls.items()}
+    for name, url in parsed.items():
+        assert url.drivername == "postgresql+psycopg"
+        assert (url.host, url.port, url.username, url.database) == ("127.0.0.1", 15999, name, name)
+        secret = stack.PG_ROOT / "secrets" / f"{name}.password"
+        assert url.password == secret.read_text().strip()
+        assert _mode(secret) == 0o600
+    assert parsed["airflow"].password != parsed["mlflow"].password
+    assert stack.database_urls() == urls  # stable: read back, not generated again
+    env = stack.stack_env()
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == urls["airflow"]
+    # Airflow's async engine on the same driver (derived, it would want asyncpg).
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] == urls["airflow"]
+    # MLflow's database password is given to the MLflow server only, not to every task.
+    assert urls["mlflow"] not in env.values()
+    assert "MLFLOW_BACKEND_STORE_URI" not in env
+    # Logged without the password.
+    assert parsed["mlflow"].password not in stack._describe_db(urls["mlflow"])
+
+
+def test_existing_postgres_urls_win_and_get_the_installed_driver(stack, monkeypatch):
+    monkeypatch.setenv("PIPELINE_DB", "postgres")
+    monkeypatch.setenv("PIPELINE_AIRFLOW_DB_URL", "postgresql://af:pw@db.internal:5432/airflow")
+    monkeypatch.setenv("PIPELINE_MLFLOW_DB_URL", "postgres://ml:pw@db.internal/mlflow")
+    assert stack.local_postgres() is None  # no server of our own
+    assert stack.database_urls() == {
+        "airflow": "postgresql+psycopg://af:pw@db.internal:5432/airflow",
+        "mlflow": "postgresql+psycopg://ml:pw@db.internal/mlflow",
+    }
+    assert not stack.PG_ROOT.exists()
+
+
+def test_one_existing_url_and_the_local_server_for_the_other(stack, monkeypatch):
+    monkeypatch.setenv("PIPELINE_DB", "postgres")
+    monkeypatch.setenv("PIPELINE_MLFLOW_DB_URL", "postgresql+psycopg://ml:pw@db.internal/mlflow")
+    urls = stack.database_urls()
+    assert urls["mlflow"] == "postgresql+psycopg://ml:pw@db.internal/mlflow"
+    assert urls["airflow"].startswith("postgresql+psycopg://airflow:")
+
+
+def test_an_unknown_database_kind_is_refused(stack, monkeypatch):
+    monkeypatch.setenv("PIPELINE_DB", "mysql")
+    with pytest.raises(SystemExit, match="PIPELINE_DB='mysql'"):
+        stack.database_urls()
+
+
+def test_postgres_unavailable_says_why(stack, monkeypatch, tmp_path):
+    monkeypatch.setenv("PIPELINE_PG_BIN_DIR", str(tmp_path))  # no initdb/postgres/pg_ctl here
+    reason = stack.LocalPostgres.unavailable()
+    assert reason is not None and "scripts/install_postgres.sh" in reason
+    if os.geteuid() == 0:
+        monkeypatch.delenv("PIPELINE_PG_BIN_DIR")
+        monkeypatch.setenv("PIPELINE_PG_OS_USER", "no-such-user-here")
+        if stack.LocalPostgres.bin_dir() is not None:
+            assert "postgres` system user" in stack.LocalPostgres.unavailable()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another user only for root")
+def test_a_directory_the_server_user_cannot_enter_is_named(stack, tmp_path):
+    import pwd
+
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("no postgres system user")
+    closed = tmp_path / "closed"
+    (closed / "pg").mkdir(parents=True)
+    closed.chmod(0o700)
+    with pytest.raises(PermissionError, match=str(closed)):
+        stack._check_reachable(closed / "pg", user)

@@ -10,6 +10,8 @@ and people.
     python -m serving.deploy verify --model-uri models:/regression-model/3 [--data holdout.parquet]
     python -m serving.deploy rollout --model-uri models:/regression-model/3 --version 3  # k8s
     python -m serving.deploy render --model-uri models:/regression-model/3 --version 3   # YAML
+        [--out-dir docker/k8s/base] [--prometheus-rules docker/prometheus/rules.yml]
+        [--grafana-dashboard docker/grafana/model-server-dashboard.json]      # write files
 
 Settings come from ``DeploySettings`` (``PIPELINE_DEPLOY_*`` env vars); the MLflow tracking URI
 from ``MLFLOW_TRACKING_URI``. Results are printed as JSON on stdout, logs go to stderr.
@@ -241,13 +243,22 @@ def cmd_render(args: argparse.Namespace) -> int:
     except UnpinnedModelURI as exc:
         logging.getLogger("serving").error("%s", exc)
         return 2
+    files: dict[Path, str] = {}
     if args.out_dir:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, text in base_files(objects).items():
-            (out / name).write_text(text)
-            logging.getLogger("serving").info("wrote %s", out / name)
-    else:
+        files.update({Path(args.out_dir) / n: t for n, t in base_files(objects).items()})
+    if args.prometheus_rules:
+        from serving.deploy.manifests import prometheus_rules_file
+
+        files[Path(args.prometheus_rules)] = prometheus_rules_file(settings)
+    if args.grafana_dashboard:
+        from serving.deploy.dashboard import dashboard_json
+
+        files[Path(args.grafana_dashboard)] = dashboard_json(settings)
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        logging.getLogger("serving").info("wrote %s", path)
+    if not files:
         sys.stdout.write(to_yaml(objects))
     return 0
 
@@ -365,6 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k8s_opts(p)
     p.add_argument("--out-dir", help="write a kustomize base there instead of printing")
+    p.add_argument(
+        "--prometheus-rules",
+        metavar="FILE",
+        help="also write the alerts as a plain Prometheus rule file (docker/prometheus/rules.yml)",
+    )
+    p.add_argument(
+        "--grafana-dashboard",
+        metavar="FILE",
+        help="also write the Grafana dashboard JSON (docker/grafana/model-server-dashboard.json)",
+    )
     p.add_argument("--no-namespace", action="store_true", help="leave out the Namespace object")
     p.set_defaults(func=cmd_render)
     return parser

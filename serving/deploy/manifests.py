@@ -263,6 +263,9 @@ def deployment(
             *("--host", "0.0.0.0"),
             *("--port", str(CONTAINER_PORT)),
             *("--graceful-timeout", str(GRACEFUL_S)),
+            # 400 for columns not in the model's input schema and non-numbers in numeric
+            # columns, where stock MLflow drops or converts them (serving/server/app.py).
+            "--strict",
         ],
         "env": [
             {"name": MODEL_URI_ENV, "value": model_uri},

@@ -248,6 +248,19 @@ def test_pinned_model_uri(objects, settings):
     assert "@" not in yaml.safe_dump(dep)
 
 
+def test_the_server_runs_in_strict_mode_with_args_it_accepts(objects):
+    from serving.server.__main__ import build_parser
+    from serving.server.contract import MODEL_URI_ENV
+
+    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "serving.server"]
+    assert "--strict" in container["args"]
+    args = [URI if a == f"$({MODEL_URI_ENV})" else a for a in container["args"]]
+    parsed = build_parser().parse_args(args)  # exits on an argument the server does not know
+    assert parsed.strict is True
+    assert parsed.model_uri == URI
+
+
 @pytest.mark.parametrize(
     ("uri", "version"),
     [

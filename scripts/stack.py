@@ -483,12 +483,20 @@ def make_private(*paths: Path) -> None:
 
 
 def _tighten_state() -> None:
-    """State written before the stack made its files private (0644 logs, password file)."""
+    """State written before the stack made its files private (0644 logs, password file).
+
+    Every folder directly under the state dir becomes 0700 (task logs, model-server logs and
+    data below them with it), except the PostgreSQL folder, which its server's user must reach:
+    with PIPELINE_DB=postgres the state dir itself is 0711 (entered, not listed).
+    """
+    folders = [p for p in STATE.iterdir() if p.is_dir() and p != PG_ROOT] if STATE.is_dir() else []
     make_private(
         STATE,
+        *folders,
         LOGS,
         PIDS,
         AIRFLOW_HOME,
+        AIRFLOW_HOME / "logs",
         STATE / "mlflow",
         *(LOGS.glob("*") if LOGS.is_dir() else ()),
         *(PIDS.glob("*") if PIDS.is_dir() else ()),

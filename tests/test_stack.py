@@ -64,11 +64,23 @@ def test_tighten_state_fixes_what_an_older_stack_left_world_readable(stack):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
         path.chmod(0o644)
+    task_logs = stack.AIRFLOW_HOME / "logs" / "dag_id=x"
+    task_logs.mkdir(parents=True)
+    (stack.STATE / "serving").mkdir(mode=0o755)
+    stack.PG_ROOT.mkdir(mode=0o711)  # its server's user must enter it
     stack._tighten_state()
     for path in (stack.LOGS / "airflow.log", stack.PIDS / "airflow.pid", stack.AIRFLOW_PASSWORDS):
         assert _mode(path) == 0o600, path
-    for folder in (stack.STATE, stack.LOGS, stack.PIDS, stack.AIRFLOW_HOME):
+    for folder in (
+        stack.STATE,
+        stack.LOGS,
+        stack.PIDS,
+        stack.AIRFLOW_HOME,
+        stack.AIRFLOW_HOME / "logs",
+        stack.STATE / "serving",
+    ):
         assert _mode(folder) == 0o700, folder
+    assert _mode(stack.PG_ROOT) == 0o711
 
 
 def test_started_processes_log_privately_and_write_private_files(stack, tmp_path):

@@ -4,7 +4,8 @@ The server is the stack's own (``scripts/stack.py``'s ``LocalPostgres``, as
 ``PIPELINE_DB=postgres make run`` starts it): initdb in a temp dir, run as the ``postgres``
 system user when the tests run as root, on a free port. Where it cannot start (no server
 binaries, or root without a ``postgres`` user) every test of the tier is skipped with that one
-reason; ``scripts/install_postgres.sh`` (run by ``make test``) installs what it needs.
+reason, which ``pytest -ra`` shows as one SKIPPED line; ``scripts/install_postgres.sh`` (run by
+``make test``) installs what it needs. A server that should start and does not is a failure.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tests.conftest import free_port
 BIN = Path(sys.executable).parent
 # A throwaway server: durability is not what these tests are about.
 FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+CANNOT_START = "PostgreSQL cannot start here"
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -35,15 +37,32 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Report every test of the tier skipped for that reason at one place, so that
+    `pytest -ra` folds them into one SKIPPED line (it folds by location and reason)."""
+    report = yield
+    if report.skipped and isinstance(report.longrepr, tuple) and CANNOT_START in report.longrepr[2]:
+        gate = _skip_unless_postgres_can_start.__code__
+        report.longrepr = (gate.co_filename, gate.co_firstlineno, report.longrepr[2])
+    return report
+
+
+def _skip_unless_postgres_can_start() -> None:
+    from scripts.stack import LocalPostgres
+
+    reason = LocalPostgres.unavailable()
+    if reason is not None:
+        pytest.skip(f"{CANNOT_START}: {reason}")
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator:
     """A running throwaway PostgreSQL server (``LocalPostgres``); removed at the end."""
     from scripts.stack import LocalPostgres, spawn
     from serving.deploy.local import stop_group
 
-    reason = LocalPostgres.unavailable()
-    if reason is not None:
-        pytest.skip(f"PostgreSQL cannot start here: {reason}")
+    _skip_unless_postgres_can_start()
     # Not pytest's tmp_path: its folders are 0700, and the server's user must reach its own.
     root = Path(tempfile.mkdtemp(prefix="pipeline-pg-test-"))
     os.chmod(root, 0o711)

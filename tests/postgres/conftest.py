@@ -63,8 +63,9 @@ def postgres() -> Iterator:
     from serving.deploy.local import stop_group
 
     _skip_unless_postgres_can_start()
-    # Not pytest's tmp_path: its folders are 0700, and the server's user must reach its own.
-    root = Path(tempfile.mkdtemp(prefix="pipeline-pg-test-"))
+    # Not pytest's tmp_path: its folders are 0700, and the server's user must reach its own;
+    # /tmp (sticky, world-enterable) rather than $TMPDIR, which may be a private folder.
+    root = Path(tempfile.mkdtemp(prefix="pipeline-pg-test-", dir="/tmp"))
     os.chmod(root, 0o711)
     pg = LocalPostgres(root / "pg", free_port(), settings=FAST)
     log = root / "postgres.log"

@@ -16,9 +16,11 @@ from airflow.sdk import Connection, Param
 
 from ml.settings import (
     DataSettings,
+    DriftSettings,
     GateSettings,
     RegistrySettings,
     TrainingSettings,
+    connection_tracking_uri,
     with_overrides,
 )
 from serving.deploy.settings import DeploySettings
@@ -209,12 +211,7 @@ def tracking_uri() -> str:
     if conn.login:
         os.environ["MLFLOW_TRACKING_USERNAME"] = conn.login
         os.environ["MLFLOW_TRACKING_PASSWORD"] = conn.password or ""
-    if "://" in conn.host:
-        base = conn.host.rstrip("/")
-    else:
-        scheme = conn.conn_type if conn.conn_type in ("http", "https") else "http"
-        base = f"{scheme}://{conn.host}"
-    return f"{base}:{conn.port}" if conn.port else base
+    return connection_tracking_uri(conn.host, conn.port, conn.conn_type)
 
 
 def run_tags(context: dict[str, Any]) -> dict[str, str]:
@@ -228,6 +225,26 @@ def run_tags(context: dict[str, Any]) -> dict[str, str]:
 def run_tag_templates() -> dict[str, str]:
     """:func:`run_tags` as Jinja templates, for operators that run outside the task (pods)."""
     return {"airflow_dag_id": "{{ dag.dag_id }}", "airflow_run_id": "{{ run_id }}"}
+
+
+# ml.train.RUN_KEY_TAG (not imported: ml.train loads MLflow, too heavy for parsing).
+TRAINING_RUN_KEY_TAG = "pipeline_run_key"
+
+
+def training_run_tags(context: dict[str, Any]) -> dict[str, str]:
+    """:func:`run_tags` plus the key naming the step a training run is an attempt of.
+
+    A retry of the task tags its run with the same key, so it finds the run of an attempt
+    that died without ending it and marks it FAILED (``ml.train.fail_dead_attempts``).
+    """
+    key = f"{context['dag'].dag_id}/{context['run_id']}/{context['task'].task_id}"
+    return {**run_tags(context), TRAINING_RUN_KEY_TAG: key}
+
+
+def training_run_tag_templates() -> dict[str, str]:
+    """:func:`training_run_tags` as Jinja templates, for the training pod."""
+    key = "{{ dag.dag_id }}/{{ run_id }}/{{ task.task_id }}"
+    return {**run_tag_templates(), TRAINING_RUN_KEY_TAG: key}
 
 
 # -- the one rollout path, as tasks both deploying DAGs build --------------------------------------
@@ -363,3 +380,28 @@ def active_runs(context: dict[str, Any], *dag_ids: str) -> dict[str, int]:
         dag_id: ti.get_dr_count(dag_id=dag_id, states=["queued", "running"]) for dag_id in dag_ids
     }
     return {dag_id: n for dag_id, n in counts.items() if n}
+
+
+def drift_asset():
+    """The asset ``monitor_drift`` emits on when the data moved enough to retrain
+    (``train_and_deploy`` is scheduled on it as well as on its cron)."""
+    from airflow.sdk import Asset
+
+    model = RegistrySettings().model_name
+    return Asset(name=f"data-drift/{model}", uri=f"pipeline://drift/{model}")
+
+
+def drift_settings() -> DriftSettings:
+    return DriftSettings()
+
+
+def trigger_reason(context: dict[str, Any]) -> str:
+    """Why this run started, in words: the drift report that asked for it, else the schedule
+    or a person. Recorded on the training run and on the version it produces."""
+    for extra in triggering_events(context):
+        if extra.get("reason"):
+            return str(extra["reason"])[:500]
+    run_type = str(getattr(context["dag_run"], "run_type", "") or "")
+    return {"scheduled": "schedule", "manual": "manual trigger"}.get(
+        run_type.split(".")[-1].lower(), run_type or "unknown"
+    )

@@ -6,6 +6,10 @@ Nightly retraining of the regression model, tracked in MLflow, gated, rolled out
 `load_window → validate_data → train → evaluate → register → gate →
 (rollout_local | rollout_kubernetes)`, or `gate → not_deployed`.
 
+* **Schedule**: nightly at 02:00 UTC, and on every event of the `data-drift/<model>` asset
+  (`monitor_drift` emits one when the data moved enough to retrain). Why a run started (the
+  drift report, the schedule, a person) is tagged `trigger_reason` on its training run and on
+  the version it registers.
 * **Window**: `data_window_days` days of partitions ending (exclusive) at the run's data
   interval end, or at the `data_end_date` Param.
 * **Gate**: absolute bars (`max_rmse`, `min_r2`) and at most `max_regression` relative RMSE
@@ -13,7 +17,9 @@ Nightly retraining of the regression model, tracked in MLflow, gated, rolled out
   no alias moves and the run ends through `not_deployed`.
 * **Train**: inside the Airflow task, or (`PIPELINE_TRAIN_RUNNER=kubernetes`, read when the
   file is parsed) in a KubernetesPodOperator pod running the same `python -m ml train` with
-  requested resources; its result reaches `evaluate` through XCom either way.
+  requested resources; its result reaches `evaluate` through XCom either way. Its MLflow run
+  is tagged `pipeline_run_key` = `<dag>/<run>/train`: a retry marks the run of an attempt
+  that died without ending it (MLflow down, worker or pod killed) FAILED.
 * **Rollout**: the one rollout path every trigger shares (`serving.deploy.rollout`), in the
   one-slot `model_rollout` pool: it deploys the approved version unless `@champion` moved
   since it was evaluated, verifies the live endpoint on the fixed rows logged at evaluation,
@@ -34,19 +40,22 @@ from _support import (
     ROLLOUT_REQUEST_KEY,
     data_settings,
     deploy_settings,
+    drift_asset,
     gate_settings,
     pipeline_params,
     registry_settings,
     reject_unknown_conf,
     rollout_tasks,
-    run_tag_templates,
     run_tags,
     tracking_uri,
+    training_run_tag_templates,
+    training_run_tags,
     training_settings,
+    trigger_reason,
     window_end,
 )
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from airflow.sdk import dag, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from ml.settings import DataSettings, TrainingSettings
@@ -56,7 +65,10 @@ from serving.deploy.settings import DeploySettings
 
 @dag(
     dag_id="train_and_deploy",
-    schedule="0 2 * * *",
+    # Nightly, and whenever monitor_drift finds the data moved enough to retrain.
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"), assets=[drift_asset()]
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -72,7 +84,11 @@ def train_and_deploy():
         reject_unknown_conf(context)  # a mistyped Param must not run with the default
         from ml.pipeline import load_window
 
-        return load_window(data_settings(context["params"]), window_end(context))
+        window = load_window(data_settings(context["params"]), window_end(context))
+        # Why this run trains: tagged on the training run and on the version (ml.pipeline).
+        window["trigger_reason"] = trigger_reason(context)
+        print(f"Run started by: {window['trigger_reason']}")
+        return window
 
     # Bad data is not transient: fail at once, no retries, nothing trained.
     @task(retries=0)
@@ -96,7 +112,7 @@ def train_and_deploy():
             training_settings(params),
             registry_settings(),
             tracking_uri=tracking_uri(),
-            tags=run_tags(context),
+            tags=training_run_tags(context),
         )
 
     @task
@@ -176,7 +192,7 @@ def train_and_deploy():
                 epochs="{{ params.epochs }}",
                 learning_rate="{{ params.learning_rate }}",
                 batch_size="{{ params.batch_size }}",
-                tags=run_tag_templates(),
+                tags=training_run_tag_templates(),
                 execution_timeout_s=int(IO_TASK_DEFAULTS["execution_timeout"].total_seconds()),
             ),
         )

@@ -36,7 +36,7 @@ def test_dags_have_tags_retries_schedule_and_docs(dagbag):
 
 def test_train_and_deploy_graph(dagbag):
     dag = dagbag.dags["train_and_deploy"]
-    assert dag.schedule == "0 2 * * *"
+    assert dag.timetable.timetable.expression == "0 2 * * *"  # + drift asset: test_monitor_drift
     edges = {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
     assert edges == {
         ("load_window", "validate_data"),
@@ -233,14 +233,25 @@ def test_training_pod_gets_window_params_and_run_through_templates(
     params.update(epochs=7, learning_rate=0.02, batch_size=16)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     task.render_template_fields(
-        {"ti": RunningTaskInstance(), "params": params, "dag": dag, "run_id": "manual__7"}
+        {
+            "ti": RunningTaskInstance(),
+            "params": params,
+            "dag": dag,
+            "task": task,
+            "run_id": "manual__7",
+        }
     )
 
     args = _parser().parse_args(task.arguments)
     assert args.step == "train"
     assert _read(args.window) == window
     assert (args.epochs, args.learning_rate, args.batch_size) == (7, 0.02, 16)
-    assert args.tag == ["airflow_dag_id=train_and_deploy", "airflow_run_id=manual__7"]
+    assert args.tag == [
+        "airflow_dag_id=train_and_deploy",
+        "airflow_run_id=manual__7",
+        # A retry's pod finds the run of an attempt that died by this key (ml.train).
+        "pipeline_run_key=train_and_deploy/manual__7/train",
+    ]
     assert args.output == "/airflow/xcom/return.json"
     env = {var.name: var.value for var in task.env_vars}
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"

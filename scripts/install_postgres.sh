@@ -8,8 +8,7 @@
 # Idempotent and quick the second time: apt runs only when no server binaries (initdb, postgres,
 # pg_ctl) are found. The package also creates the `postgres` system user, which the server runs
 # as when the stack runs as root (PostgreSQL refuses to run as root). Its maintainer scripts
-# would start the package's own cluster (port 5432): a policy-rc.d that answers 101 ("action
-# forbidden") is put in place for the install where none exists, and removed afterwards.
+# would start the package's own cluster (port 5432): scripts/lib/apt_install.sh keeps them from it.
 # Debian/Ubuntu (apt) only; needs root or sudo. Exits non-zero when it could not install; CI
 # tolerates that (the postgres tests then report one SKIPPED line with the reason).
 set -euo pipefail
@@ -30,33 +29,10 @@ if bin=$(have_server); then
     exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-        echo "install_postgres: needs root (or sudo)" >&2
-        exit 1
-    fi
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install_postgres: no apt-get here: install the PostgreSQL server (15+) by hand" >&2
-    exit 1
-fi
-policy=/usr/sbin/policy-rc.d
-ours=""
-if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# scripts/install_postgres.sh: start no service while installing.\nexit 101\n' |
-        $SUDO tee "$policy" >/dev/null
-    $SUDO chmod 755 "$policy"
-    ours=1
-fi
-cleanup() { if [ -n "$ours" ]; then $SUDO rm -f "$policy"; fi; }
-trap cleanup EXIT
-
-echo "install_postgres: apt-get install postgresql"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
+# shellcheck source=lib/apt_install.sh
+. "$(dirname "$0")/lib/apt_install.sh"
 # Debian's `postgresql` is the distribution's supported major version (15 on bookworm).
-$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+apt_install install_postgres postgresql
 bin=$(have_server) || {
     echo "install_postgres: installed, but no server binaries under /usr/lib/postgresql" >&2
     exit 1

@@ -38,6 +38,17 @@ IO_TASK_DEFAULTS = {
 MLFLOW_CONN_ID = os.environ.get("PIPELINE_MLFLOW_CONN_ID", "mlflow_default")
 
 
+def window_end_param() -> Param:
+    """The ``data_end_date`` Param (read by :func:`window_end`)."""
+    return Param(
+        None,
+        type=["null", "string"],
+        format="date",
+        title="Window end (exclusive)",
+        description="Leave empty to use the run's data interval end (nightly: today).",
+    )
+
+
 def pipeline_params() -> dict[str, Param]:
     """The trigger form of ``train_and_deploy``: defaults come from the deployment's settings."""
     data, training, gate, deploy = (
@@ -55,13 +66,7 @@ def pipeline_params() -> dict[str, Param]:
             title="Data window (days)",
             description="How many days of partitions to train on, ending at the window end.",
         ),
-        "data_end_date": Param(
-            None,
-            type=["null", "string"],
-            format="date",
-            title="Window end (exclusive)",
-            description="Leave empty to use the run's data interval end (nightly: today).",
-        ),
+        "data_end_date": window_end_param(),
         "epochs": Param(
             training.epochs,
             type="integer",

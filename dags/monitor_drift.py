@@ -33,8 +33,9 @@ from _support import (
     reject_unknown_conf,
     tracking_uri,
     window_end,
+    window_end_param,
 )
-from airflow.sdk import Param, dag, task
+from airflow.sdk import dag, task
 
 DRIFT = drift_asset()
 
@@ -49,15 +50,7 @@ DRIFT = drift_asset()
     # enables it, as `make run` does) for a run.
     is_paused_upon_creation=False,
     default_args=IO_TASK_DEFAULTS,
-    params={
-        "data_end_date": Param(
-            None,
-            type=["null", "string"],
-            format="date",
-            title="Window end (exclusive)",
-            description="Empty: the run's data interval end.",
-        ),
-    },
+    params={"data_end_date": window_end_param()},
     tags=["ml", "monitoring", "drift", "mlflow"],
     doc_md=__doc__,
 )

@@ -52,3 +52,17 @@ def dag_parse_report() -> list[tuple[str, list[str]]]:
     out, err = probe.communicate(timeout=300)
     assert probe.returncode == 0, err
     return [tuple(json.loads(line)) for line in out.splitlines() if line.startswith('["')]
+
+
+def load_dag(dag_id: str):
+    """The DAG ``dag_id`` parsed from its file (``dags/<dag_id>.py``), with no import errors."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS_DIR / f"{dag_id}.py"))
+    assert bag.import_errors == {}
+    return bag.dags[dag_id]
+
+
+def task_states(dag_run) -> dict[str, str]:
+    """``{task_id: state}`` of a finished ``dag.test()`` run."""
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}

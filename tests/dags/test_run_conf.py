@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.dags.test_dag_integrity import DAGS_DIR
+from tests.dags.conftest import load_dag, task_states
 
 # dag.test() imports Starlette's TestClient, which warns that it will move to httpx2.
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -25,18 +25,6 @@ TRAIN_PARAMS = (
     "learning_rate, max_regression, max_rmse, min_r2"
 )
 DEPLOY_PARAMS = "deploy_target, reason, version"
-
-
-def _dag(dag_id: str):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(DAGS_DIR / f"{dag_id}.py"))
-    assert bag.import_errors == {}
-    return bag.dags[dag_id]
-
-
-def _states(dag_run) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
 
 
 @pytest.fixture
@@ -79,18 +67,18 @@ def test_unknown_conf_keys_fail_the_first_task_naming_them_and_the_accepted_ones
     from airflow.sdk.exceptions import AirflowFailException
 
     with pytest.raises(AirflowFailException) as raised:
-        _first_task(_dag(dag_id), first, conf)
+        _first_task(load_dag(dag_id), first, conf)
     assert str(raised.value) == (
         f"unknown key(s) in the run's conf: {unknown}; {dag_id} accepts: {accepted}"
     )
 
 
 def test_unknown_conf_key_fails_deploy_model_at_once_and_deploys_nothing(env):
-    dag_run = _dag("deploy_model").test(
+    dag_run = load_dag("deploy_model").test(
         run_conf={"version": 2, "unknown_param": 1}, mark_success_pattern="rollout_.*"
     )
     assert str(dag_run.state) == "failed"
-    states = _states(dag_run)
+    states = task_states(dag_run)
     assert states["request"] == "failed"
     assert {states[t] for t in ("in_sync", "rollout_local", "rollout_kubernetes")} == {
         "upstream_failed"
@@ -100,32 +88,32 @@ def test_unknown_conf_key_fails_deploy_model_at_once_and_deploys_nothing(env):
 
 
 def test_known_conf_keys_pass_the_check(env):
-    dag_run = _dag("deploy_model").test(
+    dag_run = load_dag("deploy_model").test(
         run_conf={"version": 2, "reason": "rollback by hand", "deploy_target": "local"},
         mark_success_pattern="rollout_.*",
     )
-    states = _states(dag_run)
+    states = task_states(dag_run)
     assert states["request"] == "success"
     assert states["rollout_local"] == "success"  # marked: the request chose it
 
 
 def test_unknown_conf_key_fails_train_and_deploy_before_loading_anything(env):
-    dag_run = _dag("train_and_deploy").test(
+    dag_run = load_dag("train_and_deploy").test(
         run_conf={"epochs": 2, "unknown_param": 1}, mark_success_pattern="(?!load_window$).*"
     )
     assert str(dag_run.state) == "failed"
-    states = _states(dag_run)
+    states = task_states(dag_run)
     assert states["load_window"] == "failed"
     assert states["train"] == "upstream_failed"
     assert not (env / "data").exists()  # the synthetic source wrote no partition
 
 
 def test_known_conf_keys_run_train_and_deploy_s_first_task(env):
-    dag_run = _dag("train_and_deploy").test(
+    dag_run = load_dag("train_and_deploy").test(
         run_conf={"epochs": 2, "data_window_days": 2, "data_end_date": "2026-03-10"},
         mark_success_pattern="(?!load_window$).*",
     )
-    assert _states(dag_run)["load_window"] == "success"
+    assert task_states(dag_run)["load_window"] == "success"
     assert sorted(p.name for p in (env / "data").iterdir()) == [
         "date=2026-03-08",
         "date=2026-03-09",
@@ -140,6 +128,6 @@ def test_a_run_without_conf_passes_the_check(conf):
     from airflow.sdk.exceptions import AirflowFailException
 
     for dag_id in ("train_and_deploy", "deploy_model"):
-        reject_unknown_conf({"dag": _dag(dag_id), "dag_run": _DagRun(conf)})  # no raise
+        reject_unknown_conf({"dag": load_dag(dag_id), "dag_run": _DagRun(conf)})  # no raise
     with pytest.raises(AirflowFailException):
-        reject_unknown_conf({"dag": _dag("deploy_model"), "dag_run": _DagRun({"x": 1})})
+        reject_unknown_conf({"dag": load_dag("deploy_model"), "dag_run": _DagRun({"x": 1})})

@@ -14,7 +14,7 @@ from datetime import date
 
 import pytest
 
-from tests.dags.test_dag_integrity import DAGS_DIR
+from tests.dags.conftest import load_dag, task_states
 from tests.plugins.conftest import asset_events, clear_queue, queued_for, sync_dags_to_db
 
 pytestmark = [
@@ -65,25 +65,13 @@ def _unpause(dag_id: str) -> None:
         session.execute(update(DagModel).where(DagModel.dag_id == dag_id).values(is_paused=False))
 
 
-def _monitor_drift():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(DAGS_DIR / "monitor_drift.py"))
-    assert bag.import_errors == {}
-    return bag.dags["monitor_drift"]
-
-
-def _states(dag_run) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
-
-
 def test_a_drifted_window_queues_train_and_deploy_and_an_ordinary_one_does_not(
     champion, tmp_path, monkeypatch
 ):
-    dag = _monitor_drift()
+    dag = load_dag("monitor_drift")
 
     calm = dag.test(run_conf={"data_end_date": MONITOR_END})
-    assert _states(calm) == {
+    assert task_states(calm) == {
         "load_window": "success",
         "score": "success",
         "no_drift": "success",
@@ -97,7 +85,7 @@ def test_a_drifted_window_queues_train_and_deploy_and_an_ordinary_one_does_not(
     monkeypatch.setenv("PIPELINE_DATA_SYNTHETIC_DRIFT_START", TRAINED_UNTIL.isoformat())
     monkeypatch.setenv("PIPELINE_DATA_SYNTHETIC_DRIFT_STRENGTH", "2.0")
     drifted = dag.test(run_conf={"data_end_date": MONITOR_END})
-    assert _states(drifted) == {
+    assert task_states(drifted) == {
         "load_window": "success",
         "score": "success",
         "retrain": "success",

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import free_port
+from tests.dags.conftest import load_dag, task_states
 from tests.integration.conftest import xcom as _xcom
 
 pytestmark = pytest.mark.integration
@@ -57,17 +58,7 @@ def stack(mlflow_server, airflow_db, tmp_path_factory):
 
 
 def _dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    from tests.dags.test_dag_integrity import DAGS_DIR
-
-    bag = DagBag(dag_folder=str(DAGS_DIR / "train_and_deploy.py"))
-    assert bag.import_errors == {}
-    return bag.dags["train_and_deploy"]
-
-
-def _states(dag_run) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    return load_dag("train_and_deploy")
 
 
 def test_one_nightly_run_causes_exactly_one_rollout(stack, first_run):
@@ -81,18 +72,12 @@ def test_one_nightly_run_causes_exactly_one_rollout(stack, first_run):
     assert serving["version"] == "1" and serving["restarts"] == 0
     echo = _deploy_model().test()
     assert str(echo.state) == "success"
-    assert _states(echo)["in_sync"] == "success"
+    assert task_states(echo)["in_sync"] == "success"
     assert target.read_active() == serving  # the same server: no second rollout
 
 
 def _deploy_model():
-    from airflow.dag_processing.dagbag import DagBag
-
-    from tests.dags.test_dag_integrity import DAGS_DIR
-
-    bag = DagBag(dag_folder=str(DAGS_DIR / "deploy_model.py"))
-    assert bag.import_errors == {}
-    return bag.dags["deploy_model"]
+    return load_dag("deploy_model")
 
 
 def _client(tracking_uri):
@@ -108,7 +93,7 @@ def first_run(stack):
 
 
 def test_first_run_trains_registers_deploys_and_promotes(stack, first_run):
-    states = _states(first_run)
+    states = task_states(first_run)
     assert str(first_run.state) == "success", states
     assert states["rollout_local"] == "success"
     assert states["rollout_kubernetes"] == "skipped"
@@ -161,7 +146,7 @@ def test_gate_rejection_registers_but_deploys_nothing(stack, first_run):
     from serving.deploy.settings import DeploySettings
 
     dag_run = _dag().test(run_conf={**FAST, "max_rmse": 1e-6})
-    states = _states(dag_run)
+    states = task_states(dag_run)
     assert str(dag_run.state) == "success", states  # "not deployed" is an outcome, not a crash
     assert states["not_deployed"] == "success"
     assert states["rollout_local"] == "skipped"
@@ -189,7 +174,7 @@ def test_corrupt_partition_fails_validation_and_registers_nothing(stack, first_r
     versions_before = len(client.search_model_versions(f"name='{MODEL}'"))
 
     dag_run = _dag().test(run_conf=FAST)
-    states = _states(dag_run)
+    states = task_states(dag_run)
     assert str(dag_run.state) == "failed"
     assert states["validate_data"] == "failed"
     assert states["train"] == "upstream_failed"

@@ -4,8 +4,9 @@
 
 The model URI may also come from ``$SERVING_MODEL_URI`` (how the Kubernetes Deployment pins
 it); the registry from ``$MLFLOW_TRACKING_URI``; ``--body-timeout-s`` from
-``$SERVING_BODY_TIMEOUT_S`` and ``--strict`` from ``$SERVING_STRICT`` (1/true/yes/on). Logs
-are JSON lines on stderr, access logs JSON lines on stdout.
+``$SERVING_BODY_TIMEOUT_S``, ``--strict`` from ``$SERVING_STRICT`` (1/true/yes/on) and
+``--max-feature-histograms`` from ``$SERVING_MAX_FEATURE_HISTOGRAMS``. Logs are JSON lines on
+stderr, access logs JSON lines on stdout.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from serving.server.contract import MODEL_URI_ENV
 
 BODY_TIMEOUT_ENV = "SERVING_BODY_TIMEOUT_S"
 STRICT_ENV = "SERVING_STRICT"
+MAX_FEATURE_HISTOGRAMS_ENV = "SERVING_MAX_FEATURE_HISTOGRAMS"
 DEFAULT_BODY_TIMEOUT_S = 10.0  # = serving.server.app.DEFAULT_BODY_TIMEOUT_S (not imported: slow)
+DEFAULT_MAX_FEATURE_HISTOGRAMS = 32  # = serving.server.metrics.DEFAULT_MAX_FEATURE_HISTOGRAMS
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -31,6 +34,16 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
     return value
 
 
@@ -105,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="400 for columns not in the model's input schema and non-numbers in numeric "
         f"columns, which MLflow drops or converts (default: ${STRICT_ENV}, else off)",
     )
+    p.add_argument(
+        "--max-feature-histograms",
+        type=_count,
+        default=os.environ.get(MAX_FEATURE_HISTOGRAMS_ENV) or DEFAULT_MAX_FEATURE_HISTOGRAMS,
+        help="input columns (the first N) that get a model_server_feature_value histogram; "
+        f"0: none (default: ${MAX_FEATURE_HISTOGRAMS_ENV} or {DEFAULT_MAX_FEATURE_HISTOGRAMS})",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -135,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         graceful_timeout_s=args.graceful_timeout,
         body_timeout_s=args.body_timeout_s,
         strict=args.strict,
+        max_feature_histograms=args.max_feature_histograms,
         log_level="DEBUG" if args.verbose else "INFO",
     )
     return run(config)

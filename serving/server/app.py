@@ -20,8 +20,9 @@ How a request is answered. The fast path (the project's Keras pyfunc, see ``serv
 parses the common JSON shapes straight into a float32 matrix (a small ``dataframe_split``
 request of plain numbers is checked in pure Python and handed over as is), and the model runs
 on it through the micro-batcher (``serving.server.batching``). The request path itself only appends
-one tuple per finished request to a list; access-log lines and metric updates are made from
-those records in batches (at least every 0.25 s, every 256 requests, before every
+one tuple per finished request to a list (and, for an answered request, its rows and predictions
+by reference, for the feature and prediction histograms); access-log lines and metric updates
+are made from those records in batches (at least every 0.25 s, every 256 requests, before every
 ``/metrics`` answer and at shutdown). Anything the fast path does not recognise with
 certainty (CSV, Parquet, unusual shapes, bad input of any kind) goes through the reference
 path, which is MLflow's own parsing and ``PyFuncModel.predict`` (schema enforcement included),
@@ -83,7 +84,12 @@ import numpy as np
 from serving.server.batching import DEFAULT_MAX_BATCH_ROWS, MicroBatcher
 from serving.server.contract import NUMERIC_INPUT_TYPES, VERSION_HEADER
 from serving.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from serving.server.metrics import MULTIPROCESS_DIR_ENV, ServerMetrics, clear_directory
+from serving.server.metrics import (
+    DEFAULT_MAX_FEATURE_HISTOGRAMS,
+    MULTIPROCESS_DIR_ENV,
+    ServerMetrics,
+    clear_directory,
+)
 
 if TYPE_CHECKING:
     from serving.server.loader import LoadedModel
@@ -165,6 +171,8 @@ class ServerConfig:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     # Reject what MLflow quietly coerces or drops (see StrictInputs).
     strict: bool = False
+    # Input columns that get a model_server_feature_value histogram (the first N).
+    max_feature_histograms: int = DEFAULT_MAX_FEATURE_HISTOGRAMS
     log_level: str = "INFO"
 
     def to_json(self) -> str:
@@ -186,6 +194,8 @@ class Reply:
     rows: int = 0
     error_code: str | None = None
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    # (rows, predictions) answered by the reference path, for the distribution histograms.
+    observed: tuple[np.ndarray | None, np.ndarray | None] | None = None
 
 
 class RequestError(Exception):
@@ -679,13 +689,15 @@ def reference_invocations(
     *,
     finite: bool,
     inputs: StrictInputs | None = None,
+    observe: tuple[str, ...] = (),
 ) -> Reply:
     """``mlflow.pyfunc.scoring_server.invocations``, with sanitized errors (no stack traces).
 
     ``finite``: also reject missing/non-finite feature values and non-finite predictions (for
     the Keras model, where they can only mean garbage in, garbage out). ``inputs``: strict
     mode, checked on the request before MLflow converts it (JSON) or before the model runs
-    (CSV, Parquet).
+    (CSV, Parquet). ``observe``: columns whose values (and the predictions) an answer carries
+    in ``Reply.observed``, for the distribution histograms.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import BAD_REQUEST
@@ -798,7 +810,45 @@ def reference_invocations(
         rows = len(raw)
     except TypeError:
         rows = 1
-    return Reply(200, out.getvalue().encode(), _JSON, rows=rows)
+    reply = Reply(200, out.getvalue().encode(), _JSON, rows=rows)
+    if observe:
+        reply.observed = _observed(data, raw, observe)
+    return reply
+
+
+def _observed(
+    data: Any, raw: Any, columns: tuple[str, ...]
+) -> tuple[np.ndarray | None, np.ndarray | None] | None:
+    """What the reference path answered, for the histograms: the parsed frame's ``columns``
+    as a float64 matrix (NaN where a column is missing or not numeric: not counted) and the
+    predictions when they are one number per row. Never raises."""
+    import pandas as pd
+
+    try:
+        matrix = None
+        if isinstance(data, pd.DataFrame) and len(data):
+            matrix = np.full((len(data), len(columns)), np.nan)
+            for j, column in enumerate(columns):
+                values = data[column] if column in data.columns else None
+                if isinstance(values, pd.Series) and values.dtype.kind in "iuf":
+                    matrix[:, j] = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        predictions = None
+        if isinstance(raw, pd.DataFrame):
+            raw = raw.iloc[:, 0] if raw.shape[1] == 1 else None
+        if isinstance(raw, pd.Series):
+            raw = raw.to_numpy() if raw.dtype.kind in "iuf" else None
+        if raw is not None:
+            arr = np.asarray(raw)
+            if arr.dtype.kind in "iuf" and (arr.ndim == 1 or arr.shape[1:] == (1,)):
+                predictions = arr.astype(np.float64).reshape(-1)
+                if matrix is not None and len(predictions) != len(matrix):
+                    predictions = None
+        if matrix is None and predictions is None:
+            return None
+        return matrix, predictions
+    except Exception:
+        log.debug("reference path: nothing recorded for the histograms", exc_info=True)
+        return None
 
 
 def _has_non_finite(raw: Any) -> bool:
@@ -951,9 +1001,10 @@ def _finish_await(waiter, waiting_on):
 class ScoringApp:
     """Raw ASGI app (no framework on the hot path). One instance per worker process.
 
-    Every finished request is recorded as one tuple (``serving.server.metrics.R_*`` layout); the
-    records become access-log lines and metric updates in batches (:meth:`flush_records`),
-    at least every 0.25 s, every 256 requests, before each ``/metrics`` answer and at shutdown.
+    Every finished request is recorded as one tuple (``serving.server.metrics.R_*`` layout), an
+    answered one also as its ``(rows, predictions)``; the records become access-log lines and
+    metric updates in batches (:meth:`flush_records`), at least every 0.25 s, every 256
+    requests, before each ``/metrics`` answer and at shutdown.
     """
 
     def __init__(
@@ -984,6 +1035,9 @@ class ScoringApp:
         self._mlflow_version = _mlflow_version().encode()
         self._records: list[tuple] = []
         self._batches: list[tuple[int, int, bool]] = []
+        # (rows, predictions) of answered requests, by reference (the feature histograms).
+        self._observed: list[tuple[Any, Any]] = []
+        self._observe_columns: tuple[str, ...] = ()
         self._flush_handle: asyncio.TimerHandle | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
 
@@ -1072,6 +1126,10 @@ class ScoringApp:
         if batches:
             self._batches = []
             self.metrics.observe_batches(batches)
+        observed = self._observed
+        if observed:
+            self._observed = []
+            self.metrics.observe_rows(observed)
         records = self._records
         if not records:
             return
@@ -1208,18 +1266,25 @@ class ScoringApp:
                             exc_info=True,
                         )
                     else:
-                        return self._predictions_reply(outputs), len(body)
-        return await self._reference(body, content_type, strict), len(body)
+                        return self._predictions_reply(outputs, rows), len(body)
+        reply = await self._reference(body, content_type, strict)
+        if reply.observed is not None:
+            self._observed.append(reply.observed)
+        return reply, len(body)
 
-    def _predictions_reply(self, outputs: np.ndarray) -> Reply:
+    def _predictions_reply(self, outputs: np.ndarray, rows: Any) -> Reply:
+        """The fast path's answer; the rows and predictions of a 200 are recorded (by
+        reference: histograms are updated from them in batches, see flush_records)."""
         values = outputs.tolist()
         if len(values) == 1:
             value = values[0]
             if -math.inf < value < math.inf:
+                self._observed.append((rows, values))
                 # = _dumps({"predictions": [{name: value}]}), the common one-row answer
                 body = self._one_prediction + _dumps(value) + b"}]}"
                 return Reply(200, body, _JSON, rows=1)
         elif all(map(math.isfinite, values)):
+            self._observed.append((rows, values))
             name = self._output_name
             body = _dumps({"predictions": [{name: v} for v in values]})
             return Reply(200, body, _JSON, rows=len(values))
@@ -1246,6 +1311,7 @@ class ScoringApp:
                     ctype,
                     finite=model.fast is not None,
                     inputs=inputs,
+                    observe=self._observe_columns,
                 ),
                 timeout=self.config.request_timeout_s,
             )
@@ -1287,7 +1353,7 @@ class ScoringApp:
 
     def _load_and_warm(self) -> None:
         """Runs in a thread: load, warm up, then flip to ready on the event loop."""
-        from serving.server.loader import load_model
+        from serving.server.loader import load_drift_profile, load_model
 
         cfg = self.config
         loop = self._loop
@@ -1298,6 +1364,7 @@ class ScoringApp:
             os.environ["_MLFLOW_IS_IN_SERVING_ENVIRONMENT"] = "true"
             started = time.monotonic()
             self._warm_up(model)
+            profile = load_drift_profile(model.identity)
             # What loading left behind lives as long as the process: out of the collector's
             # sight, so that a full collection while serving scans only what came after
             # (otherwise ~0.1 s with TensorFlow and MLflow loaded, all requests waiting).
@@ -1308,7 +1375,7 @@ class ScoringApp:
             log.error("the model could not be served: %s", exc, exc_info=True)
             loop.call_soon_threadsafe(self._fail, str(exc))
             return
-        loop.call_soon_threadsafe(self._set_ready, model)
+        loop.call_soon_threadsafe(self._set_ready, model, profile)
 
     def _warm_up(self, model: LoadedModel) -> None:
         """A real prediction through both paths; the fast path must agree with the pyfunc."""
@@ -1349,8 +1416,11 @@ class ScoringApp:
         else:
             log.info("warm-up prediction ok: fast path agrees with the pyfunc")
 
-    def _set_ready(self, model: LoadedModel) -> None:
+    def _set_ready(self, model: LoadedModel, profile: dict[str, Any] | None = None) -> None:
         self.model = model
+        self._observe_columns = self.metrics.set_distributions(
+            _input_columns(model), profile, self.config.max_feature_histograms
+        )
         if self.config.strict:
             self._strict = StrictInputs.from_schema(model.input_schema)
             if self._strict is None:
@@ -1408,6 +1478,17 @@ def _mlflow_version() -> str:
         from mlflow.version import VERSION
 
         return VERSION
+
+
+def _input_columns(model: LoadedModel) -> list[str]:
+    """The columns the feature histograms are for: the fast path's, in its row order, else
+    the input schema's numeric named columns."""
+    if model.fast is not None:
+        return list(model.fast.feature_columns)
+    schema = model.input_schema
+    if schema is None or not schema.has_input_names():
+        return []
+    return [s.name for s in schema.inputs if _type_name(s) in NUMERIC_INPUT_TYPES]
 
 
 def _synthetic_example(model: LoadedModel) -> str | None:

@@ -21,3 +21,8 @@ NUMERIC_INPUT_TYPES = frozenset({"double", "float", "long", "integer"})
 MODEL_URI_ENV = "SERVING_MODEL_URI"
 # Every response names the registry version it came from.
 VERSION_HEADER = "X-Model-Version"
+# The drift profile the pipeline logs with each training run (ml.evaluate), in that run's
+# artifacts: {"columns": {<column>: {"edges": [...], ...}, ...}}. The server takes its feature
+# and prediction histogram buckets from it; the predictions' column is this pseudo-column.
+DRIFT_PROFILE_ARTIFACT = "drift/profile.json"
+DRIFT_PROFILE_PREDICTION = "__prediction__"

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from serving.server.contract import (
+    DRIFT_PROFILE_ARTIFACT,
     KERAS_ARTIFACT_KEY,
     KERAS_CODE_FILE,
     KERAS_PYTHON_MODEL_CLASS,
@@ -372,6 +373,36 @@ def resolve_identity(uri: str) -> ModelIdentity:
         run_id = uri[len("runs:/") :].split("/", 1)[0] or None
         return ModelIdentity(uri=uri, run_id=run_id, download_uri=uri)
     return ModelIdentity(uri=uri, download_uri=uri)
+
+
+def load_drift_profile(identity: ModelIdentity) -> dict[str, Any] | None:
+    """The drift profile logged with the model's training run (``drift/profile.json``), for
+    the histogram buckets; None when the model has no run, the run has no profile, or it
+    cannot be read (then the server uses generic buckets: never an error)."""
+    if not identity.run_id:
+        return None
+    folder, _, _ = DRIFT_PROFILE_ARTIFACT.rpartition("/")
+    try:
+        from mlflow import MlflowClient
+        from mlflow.artifacts import load_dict
+
+        logged = {a.path for a in MlflowClient().list_artifacts(identity.run_id, folder)}
+        if DRIFT_PROFILE_ARTIFACT not in logged:
+            log.info(
+                "run %s has no %s: generic histogram buckets",
+                identity.run_id,
+                DRIFT_PROFILE_ARTIFACT,
+            )
+            return None
+        profile = load_dict(f"runs:/{identity.run_id}/{DRIFT_PROFILE_ARTIFACT}")
+    except Exception as exc:
+        log.warning(
+            "cannot read the drift profile of run %s (%s): generic histogram buckets",
+            identity.run_id,
+            exc,
+        )
+        return None
+    return profile if isinstance(profile, dict) else None
 
 
 def load_model(

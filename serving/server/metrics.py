@@ -22,9 +22,42 @@ Exposed series (all prefixed ``model_server_``):
 - ``batch_fallbacks_total``                        counter: batches re-run one request at a time
 - ``ready``                                        gauge: 1 once the warm-up prediction succeeded
 - ``model_info{name,version,uri,flavor,fast_path}`` gauge, always 1 (labels carry the data)
+- ``model_version``                                gauge: the registry version served, as a
+  number; absent for a model not from the registry (a ``runs:/`` URI, a path, a model id)
 - ``model_load_seconds``                           gauge (once the model is loaded)
+- ``feature_value{feature}``                       histogram: input values of answered rows
+- ``prediction_value``                             histogram: predictions of answered rows
 - ``workers``                                      gauge: live worker processes
 - ``start_time_seconds``                           gauge
+
+Input and prediction distributions (``feature_value``, ``prediction_value``). Every row
+answered with a 200 counts once in the histogram of each of the model's input columns (the
+fast path's feature columns, else the input schema's numeric named columns) and its prediction
+once in ``prediction_value``, so each feature's ``_count`` and ``prediction_value_count`` are
+the rows answered (values that are not finite, e.g. a generic model's missing values, are not
+counted). Cardinality is bounded: one ``feature`` label value per input column, the first
+``--max-feature-histograms`` (default 32; 0: none) only, a warning naming the others at start;
+at most :data:`MAX_HISTOGRAM_BUCKETS` bounds per series. Buckets are fixed when the model is
+loaded: the bin edges of the drift profile the pipeline logs with the model's training run
+(``drift/profile.json``, the holdout's deciles per column, ``__prediction__`` for the
+predictions; ``serving.server.loader.load_drift_profile``), which makes the heatmaps directly
+comparable with the drift monitor's bins (its bins put a value equal to an edge above it, a
+Prometheus bucket ``le`` at or below it: only values exactly on an edge differ); for a model
+or a column without a profile, :data:`GENERIC_VALUE_BUCKETS` (symmetric, roughly logarithmic,
+from +-0.1 to +-1000 and 0: a generic model's scale is unknown, and a one-row input example
+has no useful quantiles). Each series may thus have its own bounds, which
+``prometheus_client``'s ``Histogram`` cannot do: :class:`_Distribution` keeps the values in
+``prometheus_client``'s own value objects and exposes standard ``_bucket``/``_count``/``_sum``
+series (with several workers, ``MultiProcessCollector`` adds them up like any histogram's).
+Every worker reads the profile itself; one that could not (MLflow unreachable at that moment)
+uses the generic buckets, and the merged series then has both sets of bounds: counts and sums
+stay right, the cumulative count at a bound that only some workers have is too low.
+Cost: the request path appends the request's rows and predictions, by reference (the float32
+matrix or the small list of rows the fast path already has, the predictions as answered; the
+reference path: its parsed frame's columns as float64, computed in its thread); every flush
+converts them at once and counts them with numpy (one ``searchsorted`` per column and one
+``bincount``), then one ``inc`` per non-empty bucket: ~1 us per single-row request, no
+sampling (docs/benchmarks.md).
 
 With ``--workers N`` (several processes behind one port), every worker answers ``/metrics`` for
 the whole server through ``prometheus_client``'s multiprocess mode: the parent names the
@@ -36,14 +69,15 @@ Counters and histograms add up over every worker that ever ran, dead or restarte
 included (their files stay, so totals never go down); only what a worker recorded but had not
 yet turned into metric updates (at most 0.25 s of requests) is lost when it is SIGKILLed.
 Gauges count live workers only (``live*`` multiprocess modes): ``requests_in_flight`` is their
-sum, ``ready`` their minimum (1 when every live worker is ready), ``model_load_seconds`` their
-maximum, ``start_time_seconds`` the earliest, ``workers`` their number; ``model_info`` appears
-once per distinct model (so once). A worker removes its live-gauge files when it stops
-(``mark_process_dead``), and the answering worker does it for workers that died without
-stopping (SIGKILL: the pid no longer runs, or is a zombie). Other workers' numbers can be up to
-0.25 s old; the answering worker writes its own first, so what it shows is what the files hold
-afterwards (a later scrape answered by another worker never shows less: counters never appear
-to go down between scrapes), and it names itself in an ``X-Worker-Pid`` response header.
+sum, ``ready`` their minimum (1 when every live worker is ready), ``model_load_seconds`` and
+``model_version`` their maximum, ``start_time_seconds`` the earliest, ``workers`` their number;
+``model_info`` appears once per distinct model (so once). A worker removes its live-gauge files
+when it stops (``mark_process_dead``), and the answering worker does it for workers that died
+without stopping (SIGKILL: the pid no longer runs, or is a zombie). Other workers' numbers can
+be up to 0.25 s old; the answering worker writes its own first, so what it shows is what the
+files hold afterwards (a later scrape answered by another worker never shows less: counters
+never appear to go down between scrapes), and it names itself in an ``X-Worker-Pid`` response
+header.
 With one worker (the default) the metrics live in memory, in a registry of their own.
 
 The exposition is the text format 0.0.4 (what ``generate_latest`` writes, and the content type
@@ -54,12 +88,15 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
@@ -70,7 +107,13 @@ from prometheus_client import (
     generate_latest,
     values,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.utils import floatToGoString
+
+from serving.server.contract import DRIFT_PROFILE_PREDICTION
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -82,6 +125,20 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 BATCH_REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+# Input and prediction distributions (see the module docstring).
+FEATURE_VALUE = "model_server_feature_value"
+PREDICTION_VALUE = "model_server_prediction_value"
+# At most this many input columns get a feature histogram (--max-feature-histograms).
+DEFAULT_MAX_FEATURE_HISTOGRAMS = 32
+# At most this many bucket bounds per histogram (+Inf besides): more edges are thinned evenly.
+MAX_HISTOGRAM_BUCKETS = 32
+# Buckets of a column the model's drift profile does not cover (or a model without one):
+# symmetric, roughly logarithmic, for values of any sign and scale.
+GENERIC_VALUE_BUCKETS = (
+    -1000.0, -100.0, -10.0, -5.0, -2.0, -1.0, -0.5, -0.1,
+    0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0,
+)  # fmt: skip
 
 # One finished request, as the server records it (see ServerMetrics.observe_records):
 # (end perf_counter, seconds, method, path, status, bytes_in, bytes_out, client, rows, error_code)
@@ -118,6 +175,129 @@ class _Tally:
             if count:
                 slot.inc(count)
         histogram._sum.inc(self.total)
+
+
+def bucket_bounds(edges: Any) -> tuple[float, ...] | None:
+    """A drift profile column's ``edges`` as histogram bounds: the finite numbers, sorted,
+    without duplicates, thinned evenly (first and last kept) to ``MAX_HISTOGRAM_BUCKETS``;
+    None when that leaves nothing (or ``edges`` is not a list of numbers)."""
+    if not isinstance(edges, list | tuple):
+        return None
+    try:
+        numbers = sorted({float(e) for e in edges if not isinstance(e, bool)})
+    except (TypeError, ValueError):
+        return None
+    bounds = [b for b in numbers if math.isfinite(b)]
+    if len(bounds) > MAX_HISTOGRAM_BUCKETS:
+        keep = np.unique(np.linspace(0, len(bounds) - 1, MAX_HISTOGRAM_BUCKETS).round().astype(int))
+        bounds = [bounds[i] for i in keep.tolist()]
+    return tuple(bounds) or None
+
+
+class _Distribution:
+    """One histogram family whose series (one per label value) each have their own fixed
+    bounds, fed whole columns of values at once (numpy: one ``searchsorted`` per column, one
+    ``bincount``), then one ``inc`` per non-empty bucket and one per sum.
+
+    The values are ``prometheus_client``'s own value objects (``values.ValueClass``, as its
+    ``Histogram`` makes them): in memory with one process, in the worker's memory-mapped
+    ``histogram_<pid>.db`` file with several, where ``MultiProcessCollector`` adds them up
+    and makes the ``_bucket`` series cumulative and ``_count`` like any histogram's (it
+    merges per label set, so each series may have its own bounds). With one process
+    :meth:`collect` does the same for the registry. ``prometheus_client``'s ``Histogram``
+    cannot be used: its buckets are the same for every label value.
+    """
+
+    def __init__(
+        self, name: str, doc: str, label: str | None, series: Sequence[tuple[str, Sequence[float]]]
+    ) -> None:
+        self.name = name
+        self.doc = doc
+        self._labelnames: tuple[str, ...] = (label,) if label else ()
+        make = values.ValueClass
+        self._series: list[tuple[dict[str, str], list[str], list[Any], Any]] = []
+        self._bounds: list[np.ndarray] = []
+        self._offsets: list[int] = []
+        self._slots: list[Any] = []  # every bucket of every series, series after series
+        self._sums: list[Any] = []
+        for value, bounds in series:
+            labelvalues = (value,) if label else ()
+            les = [*(floatToGoString(b) for b in bounds), "+Inf"]
+            slots = [
+                make(
+                    "histogram",
+                    name,
+                    f"{name}_bucket",
+                    (*self._labelnames, "le"),
+                    (*labelvalues, le),
+                    doc,
+                )
+                for le in les
+            ]
+            total = make("histogram", name, f"{name}_sum", self._labelnames, labelvalues, doc)
+            labels = dict(zip(self._labelnames, labelvalues, strict=True))
+            self._series.append((labels, les, slots, total))
+            self._offsets.append(len(self._slots))
+            self._bounds.append(np.asarray(bounds, dtype=np.float64))
+            self._slots += slots
+            self._sums.append(total)
+
+    def observe(self, matrix: np.ndarray) -> None:
+        """``matrix``: one row per observation, column ``j`` for series ``j``. Values that are
+        not finite (NaN: missing) are left out."""
+        if not matrix.shape[0]:
+            return
+        n_slots = len(self._slots)
+        index = np.empty(matrix.shape, dtype=np.intp)
+        for j, (bounds, offset) in enumerate(zip(self._bounds, self._offsets, strict=True)):
+            # side="left": a value equal to a bound is in that bound's bucket (le: <=)
+            np.add(np.searchsorted(bounds, matrix[:, j]), offset, out=index[:, j])
+        finite = np.isfinite(matrix)
+        if finite.all():
+            counts = np.bincount(index.ravel(), minlength=n_slots)
+            sums = matrix.sum(axis=0, dtype=np.float64)
+        else:
+            index[~finite] = n_slots  # an extra slot, dropped
+            counts = np.bincount(index.ravel(), minlength=n_slots + 1)[:n_slots]
+            sums = np.where(finite, matrix, 0.0).sum(axis=0, dtype=np.float64)
+        slots = self._slots
+        filled = np.flatnonzero(counts)
+        for i, count in zip(filled.tolist(), counts[filled].tolist(), strict=True):
+            slots[i].inc(count)
+        for slot, total in zip(self._sums, sums.tolist(), strict=True):
+            if total:
+                slot.inc(total)
+
+    def collect(self) -> Metric:
+        """The family as ``prometheus_client``'s ``Histogram`` exposes one (one process)."""
+        family = Metric(self.name, self.doc, "histogram")
+        for labels, les, slots, total in self._series:
+            cumulative = 0.0
+            for le, slot in zip(les, slots, strict=True):
+                cumulative += slot.get()
+                family.add_sample(f"{self.name}_bucket", {**labels, "le": le}, cumulative)
+            family.add_sample(f"{self.name}_count", labels, cumulative)
+            family.add_sample(f"{self.name}_sum", labels, total.get())
+        return family
+
+
+class _DistributionCollector:
+    """Exposes the distributions in a one-process registry (none until they are set)."""
+
+    def __init__(self) -> None:
+        self.families: list[_Distribution] = []
+
+    def collect(self) -> Iterable[Metric]:
+        return [family.collect() for family in self.families]
+
+
+def _registry_version(version: str | None) -> float | None:
+    """A registry version (``"3"``) as a number; None for anything else."""
+    try:
+        number = float(version) if version is not None else math.nan
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _alive(pid: int) -> bool:
@@ -217,6 +397,15 @@ class ServerMetrics:
             "model_info", "The served model (labels); always 1.", "livemax", MODEL_INFO_LABELS
         )
         self._load_seconds: Gauge | None = None  # exposed once the model is loaded
+        self._version: Gauge | None = None  # exposed for a model from the registry
+        # The input and prediction distributions, set once the model is known.
+        self._distributions = _DistributionCollector()
+        if own is not None:
+            own.register(self._distributions)  # type: ignore[arg-type]
+        self.features: tuple[str, ...] | None = None
+        self._feature_values: _Distribution | None = None
+        self._prediction_values: _Distribution | None = None
+        self._distribution_errors = 0
         workers = gauge("workers", "Live worker processes of this server.", "livesum")
         workers.set(1)
         start = gauge("start_time_seconds", "Unix time the server process started.", "livemin")
@@ -304,10 +493,129 @@ class ServerMetrics:
     def count_pyfunc_call(self) -> None:
         self._pyfunc_calls.inc()
 
+    def set_distributions(
+        self,
+        features: Sequence[str],
+        profile: Mapping[str, Any] | None = None,
+        max_features: int = DEFAULT_MAX_FEATURE_HISTOGRAMS,
+    ) -> tuple[str, ...]:
+        """Start the feature and prediction histograms (once per process).
+
+        ``features``: the model's input columns, in the order of the rows given to
+        :meth:`observe_rows`; the first ``max_features`` get a histogram (a warning names the
+        others). ``profile``: the training run's drift profile; a column's ``edges`` are its
+        bucket bounds (the predictions': ``__prediction__``'s), :data:`GENERIC_VALUE_BUCKETS`
+        for a column it lacks. Returns the features that have a histogram.
+        """
+        if self.features is not None:
+            raise RuntimeError("the distributions are set once per process")
+        features = tuple(features)
+        kept = features[: max(0, max_features)]
+        if len(kept) < len(features):
+            left = features[len(kept) :]
+            log.warning(
+                "the model has %d input columns: feature histograms for the first %d only "
+                "(--max-feature-histograms), none for %s%s",
+                len(features),
+                len(kept),
+                ", ".join(left[:5]),
+                f" and {len(left) - 5} more" if len(left) > 5 else "",
+            )
+        columns = profile.get("columns") if isinstance(profile, Mapping) else None
+        columns = columns if isinstance(columns, Mapping) else {}
+        profiled = []
+
+        def bounds_of(column: str) -> tuple[float, ...]:
+            entry = columns.get(column)
+            bounds = bucket_bounds(entry.get("edges")) if isinstance(entry, Mapping) else None
+            if bounds is None:
+                return GENERIC_VALUE_BUCKETS
+            profiled.append(column)
+            return bounds
+
+        families = []
+        if kept:
+            self._feature_values = _Distribution(
+                FEATURE_VALUE,
+                "Values of the model's input features in answered requests, per feature.",
+                "feature",
+                [(f, bounds_of(f)) for f in kept],
+            )
+            families.append(self._feature_values)
+        self._prediction_values = _Distribution(
+            PREDICTION_VALUE,
+            "The model's predictions in answered requests.",
+            None,
+            [("", bounds_of(DRIFT_PROFILE_PREDICTION))],
+        )
+        families.append(self._prediction_values)
+        self._distributions.families = families
+        self.features = kept
+        log.info(
+            "histograms of %d features and the predictions; buckets from the drift profile "
+            "for %d of them (%s), generic for %d",
+            len(kept),
+            len(profiled),
+            ", ".join(profiled) or "none",
+            len(kept) + 1 - len(profiled),
+        )
+        return kept
+
+    def observe_rows(self, samples: Iterable[tuple[Any, Any]]) -> None:
+        """Answered rows and their predictions, as ``(rows, predictions)`` pairs (either may
+        be None): ``rows`` a matrix (a float32 or float64 array) or a list of rows (lists of
+        numbers) whose first columns are :attr:`features` in order, ``predictions`` a 1-D
+        array or a list of numbers. Nothing happens before :meth:`set_distributions`."""
+        predict = self._prediction_values
+        if predict is None:
+            return
+        width = len(self.features or ())
+        matrices: list[np.ndarray] = []
+        listed: list[Any] = []
+        arrays: list[np.ndarray] = []
+        numbers: list[Any] = []
+        for rows, outputs in samples:  # the lists are joined here, converted once below
+            if rows is not None and width:
+                if type(rows) is list:
+                    listed += rows
+                else:
+                    matrices.append(rows)
+            if outputs is not None:
+                if type(outputs) is list:
+                    numbers += outputs
+                else:
+                    arrays.append(outputs)
+        try:
+            features = self._feature_values
+            if features is not None and (listed or matrices):
+                if listed:
+                    matrices.append(np.array(listed, dtype=np.float32))
+                matrices = [m if m.shape[1] == width else m[:, :width] for m in matrices]
+                features.observe(matrices[0] if len(matrices) == 1 else np.concatenate(matrices))
+            if numbers:
+                arrays.append(np.array(numbers, dtype=np.float64))
+            if arrays:
+                values = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+                predict.observe(values.reshape(-1, 1))
+        except Exception:  # never let a bad sample stop the other metrics and the access log
+            self._distribution_errors += 1
+            if self._distribution_errors == 1:
+                log.warning("could not record input distributions", exc_info=True)
+
     def set_model(self, labels: Mapping[str, str | None], load_seconds: float) -> None:
         """The served model (once per process); ``labels``: :data:`MODEL_INFO_LABELS`."""
         info = {n: "" if labels.get(n) is None else str(labels.get(n)) for n in MODEL_INFO_LABELS}
         self._model_info.labels(**info).set(1)
+        version = _registry_version(labels.get("version"))
+        if version is not None:
+            if self._version is None:
+                self._version = Gauge(
+                    "model_server_model_version",
+                    "The registry version of the served model, as a number.",
+                    registry=self._registry,
+                    multiprocess_mode="livemax",
+                )
+            self._version.set(version)
         if self._load_seconds is None:
             self._load_seconds = Gauge(
                 "model_server_model_load_seconds",

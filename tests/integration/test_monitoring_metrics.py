@@ -34,12 +34,6 @@ pytestmark = pytest.mark.integration
 MODEL_NAME = "serving-monitoring"
 # Labels Prometheus adds at scrape time (job, instance) or the Prometheus Operator (namespace).
 SCRAPE_LABELS = {"job", "instance", "namespace"}
-# The server's side of issue 12, landing separately: until it has, their absence is an xfail.
-PENDING = {
-    "model_server_model_version",
-    "model_server_feature_value_bucket",
-    "model_server_prediction_value_bucket",
-}
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +111,13 @@ def test_every_series_of_the_dashboard_and_the_alerts_is_exported(scraped):
             if unknown:
                 wrong_labels.append(f"{where}: {name} has no label {sorted(unknown)}")
     assert not wrong_labels, wrong_labels
-    if missing and set(missing) <= PENDING:
-        pytest.xfail(
-            f"the model server does not export {sorted(missing)} yet (issue 12's server side)"
-        )
     assert not missing, missing
 
 
 def test_feature_histograms_are_labelled_with_the_models_input_columns(scraped, metrics_text):
     """The dashboard's feature variable lists the ``feature`` label's values: the model's
     input columns."""
-    if "model_server_feature_value_bucket" not in scraped:
-        pytest.xfail("the model server does not export model_server_feature_value_bucket yet")
+    assert "model_server_feature_value_bucket" in scraped
     values = set(
         re.findall(
             r'^model_server_feature_value_bucket\{[^}]*feature="([^"]*)"', metrics_text, re.M

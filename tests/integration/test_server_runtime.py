@@ -84,6 +84,26 @@ def split_payload(rows) -> dict:
     return {"dataframe_split": {"columns": FEATURES, "data": rows}}
 
 
+def _drift_profile() -> dict:
+    from ml import drift
+
+    frame = synthetic_frame(500, seed=11)
+    frame[drift.PREDICTION_KEY] = frame["target"]
+    return drift.profile_frame(frame, [*FEATURES, drift.PREDICTION_KEY])
+
+
+def histogram_series(text: str, name: str, **labels: str) -> tuple[list[float], float]:
+    """(the ``le`` bounds in order, ``_count``) of one histogram series in Prometheus text."""
+    bounds = []
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.rpartition(" ")[0]))
+            le = found.pop("le")
+            if found == labels:
+                bounds.append(float(le))
+    return bounds, metric(text, name + "_count", **labels)
+
+
 # -- fixtures ------------------------------------------------------------------------------------
 
 
@@ -95,6 +115,11 @@ def registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving-runtime")
     with sqlite_registry(root):
         keras = train_and_register(root, KERAS_MODEL)
+        # The drift profile the pipeline logs with a training run (ml.evaluate.drift_profile):
+        # the server's feature and prediction histograms take their buckets from it.
+        profile = _drift_profile()
+        run_id = mlflow.MlflowClient().get_model_version(KERAS_MODEL, keras.version).run_id
+        mlflow.MlflowClient().log_dict(run_id, profile, "drift/profile.json")
         code = root / "slow_model.py"
         code.write_text(textwrap.dedent(SLOW_MODEL_CODE))
         example = pd.DataFrame({"x": [1.0, 2.5]})
@@ -112,6 +137,7 @@ def registry(tmp_path_factory):
             )
         yield {
             "keras": keras,
+            "profile": profile,
             "slow_uri": f"models:/{SLOW_MODEL}/{info.registered_model_version}",
         }
 
@@ -220,6 +246,37 @@ def test_metrics_count_requests_predictions_and_name_the_model(keras_server, reg
     assert labels["name"] == KERAS_MODEL
     assert labels["version"] == version
     assert labels["fast_path"] == "true"
+
+
+def test_metrics_show_the_distributions_of_the_rows_answered(keras_server, registry):
+    """Every answered row, fast path (plain lists and a numpy matrix) and reference path (CSV),
+    lands once in each feature's histogram and the prediction histogram, whose buckets are
+    the training run's drift profile edges; the served version is a number."""
+    profile = registry["profile"]["columns"]
+    sent = 0
+    with httpx.Client(base_url=keras_server.url, timeout=30) as client:
+        before = client.get("/metrics").text
+        for n_rows in (1, 5, 40):
+            rows = synthetic_frame(n_rows, seed=20 + n_rows)[FEATURES].to_numpy().tolist()
+            assert client.post("/invocations", json=split_payload(rows)).status_code == 200
+            sent += n_rows
+        csv = synthetic_frame(4, seed=99)[FEATURES].to_csv(index=False)
+        answer = client.post("/invocations", content=csv, headers={"content-type": "text/csv"})
+        assert answer.status_code == 200, answer.text
+        sent += 4
+        bad = {"dataframe_split": {"columns": FEATURES[:2], "data": [[1.0, 2.0]]}}
+        assert client.post("/invocations", json=bad).status_code == 400
+        after = client.get("/metrics").text
+
+    for feature in FEATURES:
+        bounds, count = histogram_series(after, "model_server_feature_value", feature=feature)
+        assert bounds == [*profile[feature]["edges"], float("inf")], feature
+        _, count_before = histogram_series(before, "model_server_feature_value", feature=feature)
+        assert count - count_before == sent, feature
+    bounds, count = histogram_series(after, "model_server_prediction_value")
+    assert bounds == [*profile["__prediction__"]["edges"], float("inf")]
+    assert count - histogram_series(before, "model_server_prediction_value")[1] == sent
+    assert metric(after, "model_server_model_version") == float(registry["keras"].version)
 
 
 def test_access_log_is_one_json_object_per_request(keras_server):

@@ -132,6 +132,11 @@ def check_totals(text: str, n_requests: int, n_rows: int) -> None:
     assert len(infos) == 1, infos
     assert f'name="{MODEL_NAME}"' in infos[0]
     assert text.count("# TYPE model_server_requests_total counter") == 1
+    # every answered row once in each feature's histogram and the predictions' (all workers)
+    for feature in FEATURES:
+        assert metric(text, "model_server_feature_value_count", feature=feature) == n_rows
+    assert metric(text, "model_server_prediction_value_count") == n_rows
+    assert metric(text, "model_server_model_version") == 1.0  # the model's first version
 
 
 def test_metrics_add_up_over_all_workers(server):

@@ -579,10 +579,7 @@ def test_alerts(objects):
                     continue
                 assert re.search(rf"^{series}\{{[^}}]*\b{label}=", exported, re.M), label
     assert 'route="/invocations"' in exported
-    if missing:
-        # The server's side of issue 12 (the served version as a number) lands separately.
-        assert missing == {"model_server_model_version"}, missing
-        pytest.xfail(f"the model server does not export {sorted(missing)} yet")
+    assert not missing, missing
 
 
 def test_runbook_anchors_exist():

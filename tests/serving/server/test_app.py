@@ -443,3 +443,75 @@ def test_strict_mode_still_answers_good_requests_on_the_fast_path():
     status, _, answer = _run(scenario())
     assert status == 200
     assert answer == {"predictions": [{"prediction": 6.0}]}
+
+
+# -- distributions: the rows the fast path answered, recorded by reference -------------------------
+
+
+def test_answered_rows_reach_the_feature_and_prediction_histograms():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    many = _split(data=[[float(i), 2.0, -1.0] for i in range(20)])  # the numpy path (> 16 rows)
+    bodies = [
+        GOOD_SPLIT.encode(),  # [[1, 2, 3]]: the plain-list path
+        json.dumps(many).encode(),
+        b'{"dataframe_split": {"columns": ["a", "b", "c"], "data": [[NaN, 1, 2]]}}',  # 400
+    ]
+
+    async def scenario():
+        app = _app()
+        statuses = [(await _post(app, [(0, body)]))[0] for body in bodies]
+        app.flush_records()
+        return statuses, app.metrics.render().decode()
+
+    statuses, text = _run(scenario())
+    assert statuses == [200, 200, 400]
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("model_server_feature_value_count", (("feature", "a"),))] == 21
+    assert samples[("model_server_feature_value_sum", (("feature", "a"),))] == 1 + sum(range(20))
+    assert samples[("model_server_feature_value_sum", (("feature", "c"),))] == 3 - 20
+    assert samples[("model_server_prediction_value_count", ())] == 21
+    assert samples[("model_server_prediction_value_sum", ())] == 6 + sum(range(1, 21))
+    assert samples[("model_server_model_version", ())] == 1.0
+
+
+def test_max_feature_histograms_comes_from_the_command_line_or_the_environment(monkeypatch):
+    from serving.server import app, metrics
+    from serving.server.__main__ import DEFAULT_MAX_FEATURE_HISTOGRAMS, build_parser
+
+    assert (
+        DEFAULT_MAX_FEATURE_HISTOGRAMS
+        == metrics.DEFAULT_MAX_FEATURE_HISTOGRAMS
+        == app.ServerConfig("m").max_feature_histograms
+        == 32
+    )
+    monkeypatch.delenv("SERVING_MAX_FEATURE_HISTOGRAMS", raising=False)
+    assert build_parser().parse_args([]).max_feature_histograms == 32
+    assert build_parser().parse_args(["--max-feature-histograms", "0"]).max_feature_histograms == 0
+    monkeypatch.setenv("SERVING_MAX_FEATURE_HISTOGRAMS", "8")
+    assert build_parser().parse_args([]).max_feature_histograms == 8
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--max-feature-histograms", "-1"])
+
+
+def test_the_reference_path_records_the_columns_it_parsed_and_one_prediction_per_row():
+    import pandas as pd
+
+    from serving.server.app import _observed
+
+    frame = pd.DataFrame({"a": [1.0, None], "c": ["x", "y"], "b": [3, 4]})
+    matrix, predictions = _observed(frame, pd.DataFrame({"p": [0.5, 1.5]}), ("a", "b", "c", "d"))
+    # a: a missing value; c: not numbers; d: absent. NaN is not counted.
+    assert np.array_equal(
+        matrix, [[1.0, 3.0, np.nan, np.nan], [np.nan, 4.0, np.nan, np.nan]], equal_nan=True
+    )
+    assert predictions.tolist() == [0.5, 1.5]
+    _, predictions = _observed(frame, pd.DataFrame({"p": [1, 2], "q": [3, 4]}), ("a",))
+    assert predictions is None  # not one number per row
+    _, predictions = _observed(frame, np.array([[1.0], [2.0]]), ("a",))
+    assert predictions.tolist() == [1.0, 2.0]
+    assert _observed({"tensor": [1, 2]}, ["text", "more"], ("a",)) is None

@@ -18,12 +18,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from serving.server.metrics import (
     CONTENT_TYPE,
+    DEFAULT_MAX_FEATURE_HISTOGRAMS,
+    GENERIC_VALUE_BUCKETS,
     LATENCY_BUCKETS,
+    MAX_HISTOGRAM_BUCKETS,
     MULTIPROCESS_DIR_ENV,
     ServerMetrics,
     _Tally,
@@ -190,3 +194,239 @@ def test_workers_add_up_counters_of_all_and_gauges_of_the_live(tmp_path):
     assert not list(tmp_path.glob(f"gauge_live*_{own}.db"))
     assert not list(tmp_path.glob(f"gauge_live*_{later}.db"))
     assert len(list(tmp_path.glob("counter_*.db"))) == 3
+
+
+# -- the served version as a number, and the input and prediction distributions -----------------
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """``{(sample name, labels): value}`` of an exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _histogram(
+    samples: dict, name: str, **labels: str
+) -> tuple[list[tuple[str, float]], float, float]:
+    """(cumulative ``(le, count)`` in order, count, sum) of one histogram series."""
+    want = set(labels.items())
+    buckets = [
+        (dict(k[1])["le"], v)
+        for k, v in samples.items()
+        if k[0] == f"{name}_bucket" and set(k[1]) - {("le", dict(k[1])["le"])} == want
+    ]
+    buckets.sort(key=lambda b: float(b[0]))
+    return (
+        buckets,
+        samples[(f"{name}_count", frozenset(want))],
+        samples[(f"{name}_sum", frozenset(want))],
+    )
+
+
+def test_model_version_is_a_gauge_when_the_model_came_from_the_registry():
+    metrics = ServerMetrics(routes=ROUTES)
+    assert "model_server_model_version" not in metrics.render().decode()
+    metrics.set_model({"name": "m", "version": "12", "uri": "models:/m/12"}, 1.0)
+    lines = metrics.render().decode().splitlines()
+    assert "model_server_model_version 12.0" in lines
+    assert "# TYPE model_server_model_version gauge" in lines
+    for labels in ({"uri": "runs:/abc/model"}, {"name": "m", "version": "not-a-number"}):
+        other = ServerMetrics(routes=ROUTES)
+        other.set_model(labels, 1.0)
+        text = other.render().decode()
+        assert "model_server_model_version" not in text
+        assert "model_server_model_info{" in text
+
+
+PROFILE = {
+    "version": 1,
+    "columns": {
+        "a": {"edges": [-1.0, 0.0, 0.5, 2.0], "shares": [0.2] * 5},
+        "b": {"edges": [1.0, 1.0, float("nan"), 0.25, float("inf")]},  # tidied: 0.25, 1.0
+        "__target__": {"edges": [5.0]},
+        "__prediction__": {"edges": [8.0, 10.0, 12.0]},
+    },
+}
+
+
+def test_histogram_buckets_are_the_drift_profiles_edges():
+    from serving.server.contract import DRIFT_PROFILE_PREDICTION
+
+    assert DRIFT_PROFILE_PREDICTION == "__prediction__"
+    metrics = ServerMetrics(routes=ROUTES)
+    assert metrics.set_distributions(["a", "b", "c"], PROFILE) == ("a", "b", "c")
+    samples = _samples(metrics.render().decode())
+    a, count, total = _histogram(samples, "model_server_feature_value", feature="a")
+    assert [le for le, _ in a] == ["-1.0", "0.0", "0.5", "2.0", "+Inf"]
+    assert (count, total) == (0.0, 0.0)
+    b, _, _ = _histogram(samples, "model_server_feature_value", feature="b")
+    assert [le for le, _ in b] == ["0.25", "1.0", "+Inf"]
+    c, _, _ = _histogram(samples, "model_server_feature_value", feature="c")  # not profiled
+    assert [float(le) for le, _ in c] == [*GENERIC_VALUE_BUCKETS, float("inf")]
+    p, _, _ = _histogram(samples, "model_server_prediction_value")
+    assert [le for le, _ in p] == ["8.0", "10.0", "12.0", "+Inf"]
+    assert not any("__target__" in str(key) for key in samples)
+
+
+def test_without_a_profile_every_histogram_has_the_generic_buckets():
+    metrics = ServerMetrics(routes=ROUTES)
+    metrics.set_distributions(["x0", "x1"], None)
+    samples = _samples(metrics.render().decode())
+    for labels in ({"feature": "x0"}, {"feature": "x1"}):
+        buckets, _, _ = _histogram(samples, "model_server_feature_value", **labels)
+        assert [float(le) for le, _ in buckets] == [*GENERIC_VALUE_BUCKETS, float("inf")]
+    buckets, _, _ = _histogram(samples, "model_server_prediction_value")
+    assert [float(le) for le, _ in buckets] == [*GENERIC_VALUE_BUCKETS, float("inf")]
+    assert list(GENERIC_VALUE_BUCKETS) == sorted(set(GENERIC_VALUE_BUCKETS))
+
+
+def test_a_profile_with_many_edges_is_thinned_to_a_bounded_bucket_count():
+    edges = [i / 10 for i in range(1000)]
+    metrics = ServerMetrics(routes=ROUTES)
+    metrics.set_distributions(["a"], {"columns": {"a": {"edges": edges}}})
+    buckets, _, _ = _histogram(
+        _samples(metrics.render().decode()), "model_server_feature_value", feature="a"
+    )
+    assert len(buckets) <= MAX_HISTOGRAM_BUCKETS + 1
+    assert buckets[0][0] == "0.0" and buckets[-2][0] == "99.9"
+
+
+def test_rows_recorded_in_batches_count_like_one_observe_per_value():
+    """The vectorized path against prometheus_client's own Histogram.observe, value by value
+    (binary fractions: sums are exact in any order; some values sit exactly on an edge)."""
+    rng = np.random.default_rng(7)
+    features = ["a", "b", "c"]
+    matrix = (np.round(rng.normal(scale=2.0, size=(300, 3)) * 64) / 64).astype(np.float32)
+    matrix[:4, 0] = [-1.0, 0.0, 0.5, 2.0]
+    as_lists = [[float(v) for v in row] for row in matrix[:7]]
+    predictions = np.round(rng.normal(loc=10.0, scale=3.0, size=307) * 64) / 64
+    metrics = ServerMetrics(routes=ROUTES)
+    metrics.set_distributions(features, PROFILE)
+    metrics.observe_rows([(matrix[:100], predictions[:100])])
+    metrics.observe_rows(
+        [(matrix[100:], predictions[100:300]), (as_lists, predictions[300:]), (None, None)]
+    )
+    got = _samples(metrics.render().decode())
+
+    bounds = {"a": [-1.0, 0.0, 0.5, 2.0], "b": [0.25, 1.0], "c": list(GENERIC_VALUE_BUCKETS)}
+    values = np.concatenate([matrix, np.asarray(as_lists, dtype=np.float32)])
+    for j, feature in enumerate(features):
+        registry = CollectorRegistry()
+        one = Histogram(
+            "model_server_feature_value", "doc", ("feature",), registry=registry,
+            buckets=bounds[feature],
+        )  # fmt: skip
+        for value in values[:, j]:
+            one.labels(feature).observe(float(value))
+        for key, value in _samples(generate_latest(registry).decode()).items():
+            if key[0].endswith(("_bucket", "_count", "_sum")):
+                assert got[key] == value, key
+    expected_registry = CollectorRegistry()
+    prediction = Histogram(
+        "model_server_prediction_value",
+        "doc",
+        registry=expected_registry,
+        buckets=[8.0, 10.0, 12.0],
+    )
+    for value in predictions:
+        prediction.observe(float(value))
+    for key, value in _samples(generate_latest(expected_registry).decode()).items():
+        if key[0].endswith(("_bucket", "_count", "_sum")):
+            assert got[key] == value, key
+    _, count, _ = _histogram(got, "model_server_feature_value", feature="a")
+    assert count == 307
+
+
+def test_values_that_are_not_finite_are_left_out():
+    """The reference path of a generic model may carry NaN (missing) values: not counted."""
+    metrics = ServerMetrics(routes=ROUTES)
+    metrics.set_distributions(["a", "b"], None)
+    rows = np.array([[1.0, np.nan], [np.inf, 2.0], [3.0, 4.0]])
+    metrics.observe_rows([(rows, np.array([1.0, np.nan, 2.0]))])
+    samples = _samples(metrics.render().decode())
+    _, count_a, sum_a = _histogram(samples, "model_server_feature_value", feature="a")
+    _, count_b, sum_b = _histogram(samples, "model_server_feature_value", feature="b")
+    _, count_p, sum_p = _histogram(samples, "model_server_prediction_value")
+    assert (count_a, sum_a, count_b, sum_b, count_p, sum_p) == (2, 4.0, 2, 6.0, 2, 3.0)
+
+
+def test_feature_histograms_are_capped_and_the_cap_logged_once(caplog):
+    features = [f"f{i:02d}" for i in range(40)]
+    metrics = ServerMetrics(routes=ROUTES)
+    with caplog.at_level("WARNING"):
+        kept = metrics.set_distributions(
+            features, None, max_features=DEFAULT_MAX_FEATURE_HISTOGRAMS
+        )
+    assert DEFAULT_MAX_FEATURE_HISTOGRAMS == 32
+    assert kept == tuple(features[:32])
+    warnings = [r for r in caplog.records if "f32" in r.getMessage() or "40" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    metrics.observe_rows([(np.ones((5, 40), dtype=np.float32), np.ones(5))])
+    samples = _samples(metrics.render().decode())
+    labelled = {
+        dict(k[1])["feature"] for k in samples if k[0] == "model_server_feature_value_count"
+    }
+    assert labelled == set(features[:32])
+    _, count, _ = _histogram(samples, "model_server_feature_value", feature="f31")
+    assert count == 5
+    assert ServerMetrics(routes=ROUTES).set_distributions(features, None, max_features=0) == ()
+
+
+def test_the_profile_names_agree_with_the_pipelines():
+    from ml.drift import PREDICTION_KEY
+    from ml.evaluate import DRIFT_PROFILE_ARTIFACT
+    from serving.server import contract
+
+    assert contract.DRIFT_PROFILE_ARTIFACT == DRIFT_PROFILE_ARTIFACT
+    assert contract.DRIFT_PROFILE_PREDICTION == PREDICTION_KEY
+
+
+# Two workers record rows into the multiprocess directory; the later one renders for both.
+DIST_WORKER = """
+import json, os, sys
+import numpy as np
+from serving.server.metrics import ServerMetrics
+
+spec = json.loads(sys.argv[1])
+m = ServerMetrics(multiprocess_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"])
+m.set_model({"name": "m", "version": "7"}, 1.0)
+m.set_distributions(spec["features"], spec["profile"])
+m.observe_rows([(np.asarray(spec["rows"], dtype=np.float32), np.asarray(spec["predictions"]))])
+print(json.dumps({"text": m.render().decode() if spec["render"] else ""}))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_workers_add_up_feature_and_prediction_histograms(tmp_path):
+    env = {**os.environ, MULTIPROCESS_DIR_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
+    profile = {"columns": {"a": {"edges": [0.0, 1.0]}, "__prediction__": {"edges": [5.0]}}}
+
+    def worker(rows, predictions, render):
+        spec = {"features": ["a", "b"], "profile": profile, "rows": rows,
+                "predictions": predictions, "render": render}  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", DIST_WORKER, json.dumps(spec)],
+            capture_output=True, text=True, check=True, env=env, cwd=REPO,
+        )  # fmt: skip
+        return json.loads(out.stdout)["text"]
+
+    worker([[-1.0, 3.0], [0.5, 4.0], [2.0, 0.5]], [1.0, 6.0, 7.0], render=False)
+    text = worker([[1.0, -3.0], [0.0, 0.0]], [5.0, 4.0], render=True)
+    samples = _samples(text)
+    a, count, total = _histogram(samples, "model_server_feature_value", feature="a")
+    assert a == [("0.0", 2.0), ("1.0", 4.0), ("+Inf", 5.0)]
+    assert (count, total) == (5.0, 2.5)
+    b, count, total = _histogram(samples, "model_server_feature_value", feature="b")
+    assert [float(le) for le, _ in b] == [*GENERIC_VALUE_BUCKETS, float("inf")]
+    assert (count, total) == (5.0, 4.5)
+    p, count, total = _histogram(samples, "model_server_prediction_value")
+    assert p == [("5.0", 3.0), ("+Inf", 5.0)]
+    assert (count, total) == (5.0, 23.0)
+    assert samples[("model_server_model_version", frozenset())] == 7.0
+    assert text.count("# TYPE model_server_feature_value histogram") == 1

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 	container-tools prometheus-tools postgres-tools images test-container test-postgres \
 	bench-serving bench-promotion
 
-## run: install, start MLflow + Airflow locally, train and deploy once, print where things are
+## run: install, start MLflow + Airflow (+ Prometheus) locally, train and deploy once, print where things are
 # PIPELINE_DB=postgres make run: both on a local PostgreSQL server instead of SQLite (README).
 run: $(STAMP) up
 	$(PY) scripts/stack.py run
@@ -17,9 +17,10 @@ run: $(STAMP) up
 up: $(STAMP)
 	@if [ "$(PIPELINE_DB)" = postgres ] || [ "$(PIPELINE_DB)" = postgresql ]; then \
 		scripts/install_postgres.sh || echo "PostgreSQL not installed: see scripts/install_postgres.sh"; fi
+	@scripts/install_prometheus.sh || echo "Prometheus not installed: the stack runs without it (see scripts/install_prometheus.sh)"
 	$(PY) scripts/stack.py up
 
-## stop: stop every process `make run` started (children included, and its PostgreSQL)
+## stop: stop every process `make run` started (children included, its PostgreSQL and Prometheus)
 stop:
 	@if [ -x $(PY) ]; then $(PY) scripts/stack.py down; fi
 
@@ -36,7 +37,8 @@ container-tools:
 	@scripts/install_container_tools.sh || echo "container tools not installed: the container test will say SKIPPED and why"
 
 # promtool (Debian's prometheus package, no service started) for the alert-rule and dashboard
-# tests. Without it they print one SKIPPED line with the reason instead of failing.
+# tests. Without it they print one SKIPPED line with the reason instead of failing. `up` runs
+# it too: the stack starts the package's `prometheus` binary itself (scripts/stack.py).
 prometheus-tools:
 	@scripts/install_prometheus.sh || echo "promtool not installed: the alert-rule tests will say SKIPPED and why"
 

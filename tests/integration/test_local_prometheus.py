@@ -1,0 +1,322 @@
+"""The local stack's Prometheus, for real: it scrapes a model server and the registry exporter
+and evaluates the project's alert rules.
+
+A tiny pyfunc model is registered in a throwaway SQLite registry, with @champion on it;
+``python -m serving.server`` serves it, and the registry_events plugin's FastAPI app is served
+by uvicorn under its Airflow prefix (``/registry-events``), reading that registry. Then
+``scripts/stack.py``'s own ``_prometheus_up()`` writes prometheus.yml for them (1 s intervals)
+and starts ``prometheus`` as a stack service. Prometheus' HTTP API must then show both targets
+up, the champion alias and the served version, equal, and every alert rule of
+docker/prometheus/rules.yml evaluated without error and quiet (nothing is wrong). Last, the
+stack's stop frees the port. About 20 s, most of it starting the two Python servers.
+
+Needs Debian's prometheus package (`make prometheus-tools`); skipped with that reason without.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import free_port
+from tests.integration.test_server_protocol import (
+    REPO,
+    Registry,
+    ServerProcess,
+    child_env,
+    our_server_cmd,
+    sqlite_registry,
+)
+
+pytestmark = pytest.mark.integration
+
+MODEL_NAME = "prometheus-local"
+RULES = REPO / "docker" / "prometheus" / "rules.yml"
+WAIT_S = 60.0
+
+# A model from code: the server process imports this file, never the test module.
+MODEL_CODE = """
+import mlflow
+import pandas as pd
+
+
+class Doubler(mlflow.pyfunc.PythonModel):
+    def predict(self, model_input: pd.DataFrame, params=None):
+        return pd.DataFrame({"doubled": model_input["x"].to_numpy() * 2.0})
+
+
+mlflow.models.set_model(Doubler())
+"""
+
+# The plugin's app mounted where Airflow mounts it (url_prefix), so the stack's metrics_path
+# is the one scraped here too.
+EXPORTER = """
+import sys
+
+import uvicorn
+from fastapi import FastAPI
+
+sys.path.insert(0, sys.argv[2])
+from registry_events.app import URL_PREFIX, app
+
+outer = FastAPI()
+outer.mount(URL_PREFIX, app)
+uvicorn.run(outer, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+@pytest.fixture(scope="module")
+def prometheus_bin() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        pytest.skip(
+            "prometheus not installed: `make prometheus-tools` (scripts/install_prometheus.sh, "
+            "Debian's prometheus package) installs it"
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, prometheus_bin):
+    """A tiny pyfunc (no TensorFlow: quick to log and to serve), registered, @champion on it."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    root = tmp_path_factory.mktemp("prometheus-local")
+    code = root / "model.py"
+    code.write_text(MODEL_CODE)
+    example = pd.DataFrame({"x": [1.0, 2.5]})
+    with sqlite_registry(root) as uri:
+        experiment = mlflow.create_experiment(
+            f"{MODEL_NAME}-experiment", artifact_location=(root / "artifacts").as_uri()
+        )
+        with mlflow.start_run(experiment_id=experiment):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(code),
+                signature=infer_signature(example, pd.DataFrame({"doubled": [2.0, 5.0]})),
+                input_example=example,
+                registered_model_name=MODEL_NAME,
+            )
+        version = str(info.registered_model_version)
+        MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
+    return Registry(uri, f"models:/{MODEL_NAME}/{version}", version, root)
+
+
+@pytest.fixture(scope="module")
+def servers(registry):
+    """The model server and the exporter, started together (each imports MLflow: seconds)."""
+    server_port, exporter_port = free_port(), free_port()
+    env = child_env(registry.tracking_uri)
+    model_server = ServerProcess.start(
+        "model-server", our_server_cmd(registry.model_uri, server_port), server_port, env,
+        registry.root,
+    )  # fmt: skip
+    # The registry_events app on a free port, at /registry-events, reading the registry.
+    exporter = ServerProcess.start(
+        "exporter",
+        [sys.executable, "-c", EXPORTER, str(exporter_port), str(REPO / "plugins")],
+        exporter_port,
+        {**env, "PIPELINE_REGISTRY_MODEL_NAME": MODEL_NAME},
+        registry.root,
+    )
+    try:
+        model_server.wait_ready()
+        url = f"{exporter.url}/registry-events/metrics"
+        _wait(
+            lambda: _get_ok(url) and f'model="{MODEL_NAME}"' in httpx.get(url).text,
+            f"the exporter at {url}",
+            exporter.log_tail,
+        )
+        yield model_server, exporter
+    finally:
+        model_server.stop()
+        exporter.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory, servers):
+    """The stack's Prometheus (``_prometheus_up``) with its state in a temp folder, scraping
+    the model server as the front port and the exporter as the Airflow API server."""
+    from scripts import stack
+
+    model_server, exporter = servers
+    state = tmp_path_factory.mktemp("stack-state")
+    port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {
+            "STATE": state,
+            "PIDS": state / "pids",
+            "LOGS": state / "logs",
+            "PROMETHEUS_ROOT": state / "prometheus",
+            "PROMETHEUS_PORT": port,
+            "PROMETHEUS_URL": f"http://127.0.0.1:{port}",
+            "PROMETHEUS_INTERVAL_S": 1,
+            "AIRFLOW_PORT": exporter.port,
+            "AIRFLOW_URL": exporter.url,
+        }.items():
+            mp.setattr(stack, name, value)
+        mp.setenv("PIPELINE_DEPLOY_LOCAL_PORT", str(model_server.port))
+        mp.setenv("PIPELINE_DEPLOY_LOCAL_HOST", "127.0.0.1")
+        mp.delenv("PROMETHEUS_BIN", raising=False)
+        started = time.monotonic()
+        try:
+            assert stack._prometheus_up() is True, (state / "logs" / "prometheus.log").read_text()
+            yield {
+                "stack": stack,
+                "url": stack.PROMETHEUS_URL,
+                "port": port,
+                "state": state,
+                "ready_s": time.monotonic() - started,
+            }
+        finally:
+            stack._stop_group("prometheus")
+
+
+def _get_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait(predicate: Callable[[], object], what: str, detail: Callable[[], str] = str) -> object:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            value = predicate()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {WAIT_S:.0f}s\n{detail()}")
+        time.sleep(0.5)
+
+
+def _query(url: str, promql: str) -> list[dict]:
+    response = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=5)
+    response.raise_for_status()
+    return response.json()["data"]["result"]
+
+
+def _targets(url: str) -> str:
+    return httpx.get(f"{url}/api/v1/targets", timeout=5).text[:3000]
+
+
+def test_the_stack_starts_prometheus_as_a_private_service(prometheus):
+    state = prometheus["state"]
+    config = yaml.safe_load((state / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == [str(RULES)]
+    for path, mode in (
+        (state / "prometheus" / "prometheus.yml", 0o600),
+        (state / "prometheus", 0o700),
+        (state / "prometheus" / "data", 0o700),
+        (state / "logs" / "prometheus.log", 0o600),
+        (state / "pids" / "prometheus.pid", 0o600),
+    ):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+    assert prometheus["stack"]._pid("prometheus") is not None
+    assert prometheus["ready_s"] < 30
+
+
+def test_both_targets_are_scraped_and_up(prometheus):
+    url = prometheus["url"]
+    for job in ("model-server", "registry"):
+        _wait(
+            lambda job=job: _query(url, f'up{{job="{job}"}} == 1'),
+            f"up{{job={job!r}}} == 1",
+            lambda: _targets(url),
+        )
+
+
+def test_the_champion_and_the_served_version_show_and_agree(prometheus, registry):
+    url = prometheus["url"]
+    version = float(registry.version)
+    champion = _wait(
+        lambda: _query(url, 'mlflow_registry_alias_version{alias="champion"}'),
+        "mlflow_registry_alias_version{alias='champion'}",
+        lambda: _targets(url),
+    )
+    assert [(s["metric"]["model"], float(s["value"][1])) for s in champion] == [
+        (MODEL_NAME, version)
+    ]
+    assert champion[0]["metric"]["job"] == "registry"
+
+    served = _wait(
+        lambda: _query(url, 'model_server_model_version{job="model-server"}'),
+        "model_server_model_version",
+        lambda: _targets(url),
+    )
+    assert [float(s["value"][1]) for s in served] == [version]
+    info = _query(url, 'model_server_model_info{job="model-server"}')
+    assert [(s["metric"]["name"], s["metric"]["version"]) for s in info] == [
+        (MODEL_NAME, registry.version)
+    ]
+    # The join ModelServedVersionNotChampion makes, with == instead of !=: the series of the
+    # two jobs line up on the model's name.
+    agreeing = _query(
+        url,
+        'max by (model) (label_replace(model_server_model_version{job="model-server"}'
+        " * on (instance, job) group_left (name) max by (instance, job, name)"
+        ' (model_server_model_info{job="model-server"}), "model", "$1", "name", "(.+)"))'
+        ' == on (model) max by (model) (mlflow_registry_alias_version{alias="champion"})',
+    )
+    assert [(s["metric"]["model"], float(s["value"][1])) for s in agreeing] == [
+        (MODEL_NAME, version)
+    ]
+
+
+def test_the_project_alert_rules_are_evaluated_and_quiet(prometheus):
+    """Every group and alert of the rule file is loaded; once both targets were scraped, every
+    rule evaluates without error, and none is pending or firing (the server is up and serves
+    @champion; no drift check ran)."""
+    url = prometheus["url"]
+    expected = yaml.safe_load(RULES.read_text())["groups"]
+    _wait(lambda: _query(url, 'up{job="model-server"} == 1'), "model-server up")
+    _wait(lambda: _query(url, 'mlflow_registry_alias_version{alias="champion"}'), "champion")
+    time.sleep(2.5)  # two evaluations with both scrapes in
+
+    def rules() -> list[dict]:
+        response = httpx.get(f"{url}/api/v1/rules", timeout=5)
+        response.raise_for_status()
+        return response.json()["data"]["groups"]
+
+    def settled() -> list[dict] | None:
+        groups = rules()
+        states = [r for g in groups for r in g["rules"]]
+        ok = all(
+            r["health"] == "ok"
+            and r["state"] == "inactive"
+            and not r["lastEvaluation"].startswith("0001")  # the zero time: not yet
+            for r in states
+        )
+        return groups if ok else None
+
+    groups = _wait(settled, "every rule evaluated, healthy and inactive", lambda: str(rules()))
+    assert [g["name"] for g in groups] == [g["name"] for g in expected]
+    assert [g["file"] for g in groups] == [str(RULES)] * len(expected)
+    assert [[r["name"] for r in g["rules"]] for g in groups] == [
+        [r["alert"] for r in g["rules"]] for g in expected
+    ]
+
+
+def test_the_stack_stop_frees_the_port(prometheus):
+    """Last in the module: the fixture's teardown would do the same."""
+    stack = prometheus["stack"]
+    stack._stop_group("prometheus")
+    assert stack._pid("prometheus") is None
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", prometheus["port"])) != 0
+    assert not os.path.exists(prometheus["state"] / "pids" / "prometheus.pid")

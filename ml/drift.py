@@ -4,7 +4,8 @@ Pure functions, no MLflow and no I/O: ``ml.pipeline`` logs the profile with the 
 scores the newest data against the champion's profile.
 
 - :func:`profile_frame` keeps, per numeric column, the bin edges of its quantiles (deciles by
-  default) and the share of rows in each bin, the share of nulls and a few summary numbers.
+  default) and the share of rows in each bin (bin ``i`` is ``(edges[i-1], edges[i]]``, as a
+  Prometheus histogram's buckets), the share of nulls and a few summary numbers.
   Discrete columns (hour of day, weekend flag) collapse to fewer, unique edges.
 - :func:`score_frame` computes the population stability index (PSI) of each profiled column
   on new rows: ``sum((actual - expected) * ln(actual / expected))`` over the profile's bins,
@@ -18,6 +19,7 @@ scores the newest data against the champion's profile.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,8 @@ EPSILON = 1e-4
 # Pseudo-columns profiled next to the features.
 TARGET_KEY = "__target__"
 PREDICTION_KEY = "__prediction__"
+# Scores of what the model server answered (its Prometheus histograms) are named served:<column>.
+SERVED_PREFIX = "served:"
 
 
 @dataclass(frozen=True)
@@ -104,9 +108,11 @@ def profile_column(values: pd.Series, bins: int = 10) -> ColumnProfile:
 
 
 def _shares(numbers: np.ndarray, edges: Sequence[float]) -> np.ndarray:
-    # side="right": a value equal to an edge falls in the bin above it, for the reference and
-    # the new data alike (discrete columns put each value on an edge).
-    index = np.searchsorted(np.asarray(edges, dtype="float64"), numbers, side="right")
+    # Bin i holds (edges[i-1], edges[i]]: a value equal to an edge falls in the bin it closes,
+    # as in a Prometheus histogram's `le` buckets, so the model server's histograms (whose
+    # bounds are these edges) count served inputs in the same bins (discrete columns put each
+    # value on an edge).
+    index = np.searchsorted(np.asarray(edges, dtype="float64"), numbers, side="left")
     counts = np.bincount(index, minlength=len(edges) + 1).astype("float64")
     return counts / max(numbers.size, 1)
 
@@ -170,6 +176,27 @@ def _first_non_number(values: pd.Series) -> Any:
     return present[converted.isna()].iloc[0]
 
 
+def score_served(
+    reference: ColumnProfile, buckets: Sequence[tuple[float, float]], name: str
+) -> ColumnScore | None:
+    """PSI of what a model server answered, from its Prometheus histogram of the column.
+
+    ``buckets``: ``(le, cumulative count)`` pairs (``le`` may be ``inf``), e.g. the
+    ``increase(model_server_feature_value_bucket[...])`` of one column over the window. The
+    server's bucket bounds are the profile's edges, so the bins line up one to one; None when
+    they do not (another version's profile, thinned buckets) or nothing was served.
+    """
+    finite = sorted((le, count) for le, count in buckets if math.isfinite(le))
+    total = max((count for le, count in buckets if math.isinf(le)), default=None)
+    if total is None or total <= 0:
+        return None
+    if not np.allclose([le for le, _ in finite], reference.edges, rtol=1e-9, atol=1e-12):
+        return None
+    cumulative = np.array([count for _, count in finite] + [total], dtype="float64")
+    shares = np.diff(cumulative, prepend=0.0).clip(min=0.0) / total
+    return ColumnScore(name, round(psi(reference.shares, shares), 6), 0.0, reference.null_share)
+
+
 def score_frame(
     profile: Mapping[str, Any], frame: pd.DataFrame, extra: Mapping[str, pd.Series] | None = None
 ) -> dict[str, ColumnScore]:
@@ -182,7 +209,9 @@ def score_frame(
 
 
 def kind_of(column: str) -> str:
-    """``target``, ``prediction`` or ``features``: the groups ``trigger_on`` names."""
+    """``target``, ``prediction`` or ``features``: the groups ``trigger_on`` names (a served
+    column, ``served:<column>``, is of its column's kind)."""
+    column = column.removeprefix(SERVED_PREFIX)
     if column == TARGET_KEY:
         return "target"
     if column == PREDICTION_KEY:

@@ -9,8 +9,9 @@ Nothing here imports Airflow.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 
 from ml.settings import (
@@ -326,6 +327,8 @@ def monitor_drift(
             "columns": {k: v for k, v in profile["columns"].items() if k != drift.PREDICTION_KEY},
         }
     scores = drift.score_frame(profile, scored, extra)
+    if drift_settings.prometheus_url:
+        scores |= _served_scores(profile, window, drift_settings)
     verdict = drift.decide(scores, drift_settings)
     result |= {
         "rows": len(frame),
@@ -347,6 +350,63 @@ def monitor_drift(
         verdict.summary(),
     )
     return result
+
+
+SERVED_QUERIES = {
+    "features": "sum by (feature, le) "
+    '(increase(model_server_feature_value_bucket{{job="model-server"}}[{range}]))',
+    "prediction": "sum by (le) "
+    '(increase(model_server_prediction_value_bucket{{job="model-server"}}[{range}]))',
+}
+
+
+def _served_scores(profile, window: Mapping[str, Any], settings: DriftSettings) -> dict:
+    """``served:<column>`` scores of what the model server answered during the window, from
+    the Prometheus histograms it exports (bucket bounds = the profile's edges). Prometheus
+    down, too few rows served, or buckets that do not match the profile (another version
+    served): nothing scored, and the log says which."""
+    import httpx
+
+    from ml import drift
+
+    start, end = date.fromisoformat(window["start"]), date.fromisoformat(window["end"])
+    days = max((end - start).days, 1)
+    # The window's days, not "the last N days": ends at the window end (or now, if sooner).
+    at = min(datetime(end.year, end.month, end.day, tzinfo=UTC).timestamp(), time.time())
+    series: dict[str, list[tuple[float, float]]] = {}
+    try:
+        for kind, query in SERVED_QUERIES.items():
+            resp = httpx.get(
+                f"{settings.prometheus_url.rstrip('/')}/api/v1/query",
+                params={"query": query.format(range=f"{days}d"), "time": at},
+                timeout=10,
+            )
+            resp.raise_for_status()
+            for item in resp.json()["data"]["result"]:
+                column = (
+                    item["metric"].get("feature", "")
+                    if kind == "features"
+                    else drift.PREDICTION_KEY
+                )
+                le = float(item["metric"]["le"])
+                series.setdefault(column, []).append((le, float(item["value"][1])))
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        log.warning("Served inputs not scored: Prometheus at %s: %s", settings.prometheus_url, exc)
+        return {}
+    scores = {}
+    for column, buckets in sorted(series.items()):
+        reference = profile["columns"].get(column)
+        served_rows = max((count for le, count in buckets if le == float("inf")), default=0.0)
+        if reference is None or served_rows < settings.served_min_rows:
+            log.info("Served %s not scored: %.0f rows served", column, served_rows)
+            continue
+        name = f"{drift.SERVED_PREFIX}{column}"
+        score = drift.score_served(drift.ColumnProfile.from_dict(reference), buckets, name)
+        if score is None:
+            log.info("Served %s not scored: its buckets are not @champion's bins", column)
+            continue
+        scores[name] = score
+    return scores
 
 
 def _champion_predictions(model_uri: str, frame, features: list[str]):

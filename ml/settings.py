@@ -183,6 +183,15 @@ class DriftSettings(BaseSettings):
         0.25, gt=0.0, description="PSI above which @champion's predictions drifted."
     )
     max_null_share_increase: float = Field(0.1, ge=0.0, le=1.0)
+    prometheus_url: str | None = Field(
+        None,
+        description="Prometheus that scrapes the model server: when set, what the server "
+        "answered over the window (its feature and prediction histograms) is scored too, as "
+        "served:<column>. The local stack sets it to its own Prometheus.",
+    )
+    served_min_rows: int = Field(
+        200, ge=1, description="Fewer served rows in the window than this: not scored."
+    )
     trigger_on: Annotated[list[Literal["target", "features", "prediction"]], NoDecode] = Field(
         default_factory=lambda: ["target"],
         description="Which drifts start a retraining (comma-separated in the env var); the "

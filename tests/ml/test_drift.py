@@ -101,7 +101,7 @@ def test_discrete_columns_get_unique_edges_and_values_on_an_edge_land_alike():
     values = pd.Series([0.0, 0.0, 0.0, 1.0] * 25, name="is_weekend")
     profile = drift.profile_column(values)
     assert profile.edges == [0.0, 1.0]
-    assert profile.shares == [0.0, 0.75, 0.25]  # below 0, [0, 1), 1 and above
+    assert profile.shares == [0.75, 0.25, 0.0]  # up to 0, (0, 1], above 1: Prometheus' `le`
     same = drift.score_column(profile, values.sample(frac=1.0, random_state=1), "is_weekend")
     assert same.psi == 0.0
     weekend_only = drift.score_column(profile, pd.Series([1.0] * 40), "is_weekend")
@@ -125,3 +125,29 @@ def test_a_profile_round_trips_through_json(champion_profile):
 def test_a_column_that_is_not_numeric_cannot_be_profiled():
     with pytest.raises(ValueError, match="not numbers"):
         drift.profile_column(pd.Series(["a", "b"], name="city"))
+
+
+def _prometheus_buckets(values: np.ndarray, edges: list[float]) -> list[tuple[float, float]]:
+    """What a Prometheus histogram with these bounds reports: cumulative counts per `le`."""
+    return [(le, float(np.sum(values <= le))) for le in edges] + [(float("inf"), len(values))]
+
+
+def test_served_histograms_score_like_the_rows_they_counted(champion_profile):
+    column = drift.ColumnProfile.from_dict(champion_profile["columns"]["temperature_c"])
+    newest = days(TRAINED_UNTIL, 3, DataSettings())["temperature_c"]
+    from_rows = drift.score_column(column, newest, "temperature_c").psi
+    served = drift.score_served(column, _prometheus_buckets(newest.to_numpy(), column.edges), "s")
+    assert served.psi == pytest.approx(from_rows, abs=1e-6)
+
+
+def test_served_histograms_with_other_bounds_or_nothing_served_are_not_scored(champion_profile):
+    column = drift.ColumnProfile.from_dict(champion_profile["columns"]["temperature_c"])
+    values = np.array([1.0, 2.0, 3.0])
+    other_bounds = _prometheus_buckets(values, [e + 0.5 for e in column.edges])
+    assert drift.score_served(column, other_bounds, "s") is None
+    assert drift.score_served(column, _prometheus_buckets(values[:0], column.edges), "s") is None
+
+
+def test_served_columns_count_as_their_columns_kind():
+    assert drift.kind_of("served:temperature_c") == "features"
+    assert drift.kind_of("served:__prediction__") == "prediction"

@@ -107,6 +107,7 @@ def registry(tmp_path_factory, prometheus_bin):
                 python_model=str(code),
                 signature=infer_signature(example, pd.DataFrame({"doubled": [2.0, 5.0]})),
                 input_example=example,
+                pip_requirements=["mlflow", "pandas"],  # no inference (a subprocess: seconds)
                 registered_model_name=MODEL_NAME,
             )
         version = str(info.registered_model_version)
@@ -310,6 +311,25 @@ def test_the_project_alert_rules_are_evaluated_and_quiet(prometheus):
     assert [[r["name"] for r in g["rules"]] for g in groups] == [
         [r["alert"] for r in g["rules"]] for g in expected
     ]
+
+
+def test_make_run_again_reuses_it_and_reloads_a_changed_config(prometheus, capsys):
+    stack, url = prometheus["stack"], prometheus["url"]
+    pid = stack._pid("prometheus")
+    capsys.readouterr()
+    assert stack._prometheus_up() is True
+    assert "prometheus already running\n" in capsys.readouterr().out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stack, "PROMETHEUS_INTERVAL_S", 2)
+        assert stack._prometheus_up() is True
+    assert "configuration changed, reloaded" in capsys.readouterr().out
+    assert stack._pid("prometheus") == pid
+
+    def loaded() -> bool:
+        config = httpx.get(f"{url}/api/v1/status/config", timeout=5).json()["data"]["yaml"]
+        return yaml.safe_load(config)["global"]["scrape_interval"] == "2s"
+
+    _wait(loaded, "the reloaded config")
 
 
 def test_the_stack_stop_frees_the_port(prometheus):

@@ -109,6 +109,11 @@ def stack_env() -> dict[str, str]:
             "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS": "0o600",
             "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS": "0o700",
             "AIRFLOW_CONN_MLFLOW_DEFAULT": env.get("AIRFLOW_CONN_MLFLOW_DEFAULT", MLFLOW_URL),
+            # monitor_drift also scores what the model server answered, from the stack's own
+            # Prometheus (its histograms; not scored while Prometheus does not answer).
+            "PIPELINE_DRIFT_PROMETHEUS_URL": env.get(
+                "PIPELINE_DRIFT_PROMETHEUS_URL", PROMETHEUS_URL
+            ),
             "TF_CPP_MIN_LOG_LEVEL": "2",
             # MLflow 3 starts ~7 job-runner processes (GenAI jobs) by default; unused here.
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",

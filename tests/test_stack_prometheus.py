@@ -152,3 +152,11 @@ def test_promtool_notices_a_missing_rule_file(stack, tmp_path):
     )
     result = run_promtool(promtool, "check", "config", config)
     assert result.returncode != 0, result.stdout
+
+
+def test_the_drift_monitor_is_pointed_at_the_stacks_prometheus(stack, monkeypatch):
+    for var in ("PIPELINE_DRIFT_PROMETHEUS_URL", "PIPELINE_DB"):  # SQLite: no secret files
+        monkeypatch.delenv(var, raising=False)
+    assert stack.stack_env()["PIPELINE_DRIFT_PROMETHEUS_URL"] == stack.PROMETHEUS_URL
+    monkeypatch.setenv("PIPELINE_DRIFT_PROMETHEUS_URL", "http://prometheus.example:9090")
+    assert stack.stack_env()["PIPELINE_DRIFT_PROMETHEUS_URL"] == "http://prometheus.example:9090"

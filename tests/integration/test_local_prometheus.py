@@ -27,6 +27,7 @@ import httpx
 import pytest
 import yaml
 
+from ml.evaluate import DRIFT_PROFILE_ARTIFACT
 from tests.conftest import free_port
 from tests.integration.test_server_protocol import (
     REPO,
@@ -74,6 +75,20 @@ uvicorn.run(outer, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
 
+def _profile() -> dict:
+    import numpy as np
+    import pandas as pd
+
+    from ml import drift
+
+    x = np.random.default_rng(7).normal(10.0, 2.0, size=2000)
+    frame = pd.DataFrame({"x": x, drift.PREDICTION_KEY: 2.0 * x})
+    return drift.profile_frame(frame, ["x", drift.PREDICTION_KEY])
+
+
+PROFILE = _profile()
+
+
 @pytest.fixture(scope="module")
 def prometheus_bin() -> str:
     path = shutil.which("prometheus")
@@ -102,6 +117,9 @@ def registry(tmp_path_factory, prometheus_bin):
             f"{MODEL_NAME}-experiment", artifact_location=(root / "artifacts").as_uri()
         )
         with mlflow.start_run(experiment_id=experiment):
+            # The profile the pipeline logs at evaluation: the server takes its histogram
+            # buckets from it, and monitor_drift scores served rows against it.
+            mlflow.log_dict(PROFILE, DRIFT_PROFILE_ARTIFACT)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(code),
@@ -277,6 +295,44 @@ def test_the_champion_and_the_served_version_show_and_agree(prometheus, registry
     assert [(s["metric"]["model"], float(s["value"][1])) for s in agreeing] == [
         (MODEL_NAME, version)
     ]
+
+
+def test_monitor_drift_scores_what_the_server_answered_from_its_histograms(prometheus, servers):
+    """Rows like the training data's, sent to the real server, read back through Prometheus:
+    served:x and served:__prediction__ are scored against the profile, and score low."""
+    import numpy as np
+
+    from ml.pipeline import _served_scores
+    from ml.settings import DriftSettings
+
+    url, model_server = prometheus["url"], servers[0]
+    rng = np.random.default_rng(8)
+
+    def send(rows: int) -> None:
+        x = rng.normal(10.0, 2.0, size=rows).round(4).tolist()
+        body = {"dataframe_split": {"columns": ["x"], "data": [[v] for v in x]}}
+        assert httpx.post(f"{model_server.url}/invocations", json=body).status_code == 200
+
+    def scraped() -> float:
+        result = _query(url, 'sum(model_server_feature_value_count{job="model-server"})')
+        return float(result[0]["value"][1]) if result else 0.0
+
+    send(20)  # the series exist before the rows that count: increase() needs a first sample
+    _wait(lambda: scraped() >= 20, "the first rows scraped", lambda: _targets(url))
+    for _ in range(6):
+        send(100)
+    _wait(lambda: scraped() >= 620, "all rows scraped", lambda: _targets(url))
+    time.sleep(2.5)  # two more scrapes at 1 s: increase() sees the last value twice
+
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86400))
+    settings = DriftSettings(prometheus_url=url, served_min_rows=300)
+    scores = _served_scores(PROFILE, {"start": today, "end": tomorrow}, settings)
+    assert set(scores) == {"served:x", "served:__prediction__"}
+    assert all(s.issue is None and s.psi < 0.1 for s in scores.values()), scores
+
+    unreachable = DriftSettings(prometheus_url=f"http://127.0.0.1:{free_port()}")
+    assert _served_scores(PROFILE, {"start": today, "end": tomorrow}, unreachable) == {}
 
 
 def test_the_project_alert_rules_are_evaluated_and_quiet(prometheus):

@@ -4,7 +4,8 @@
 - readiness: ``/ping`` is 503 until the model is loaded and a warm-up prediction succeeded;
 - SIGTERM during a slow in-flight request lets that request finish, then the process exits 0;
 - micro-batching isolation: concurrent good and bad requests, good ones get their own right
-  predictions, bad ones their 400, whatever batch they shared.
+  predictions, bad ones their 400, whatever batch they shared;
+- every series the Grafana dashboard and the alert rules select is one this server exports.
 
 Two servers per module: the project's Keras model (fast path, micro-batching with a 2 ms wait
 so that concurrent requests really share batches), and a generic pyfunc that loads slowly and
@@ -26,6 +27,8 @@ import httpx
 import pandas as pd
 import pytest
 
+from serving.deploy import dashboard, manifests
+from serving.deploy.settings import DeploySettings
 from tests.conftest import free_port
 from tests.integration.test_server_protocol import (
     FEATURES,
@@ -36,6 +39,7 @@ from tests.integration.test_server_protocol import (
     synthetic_frame,
     train_and_register,
 )
+from tests.serving.deploy.promql import grafana_to_promql, selected_labels, series_names
 
 pytestmark = pytest.mark.integration
 
@@ -434,3 +438,87 @@ def test_sigterm_lets_the_in_flight_request_finish(slow_server):
     assert response.json() == {"predictions": [{"doubled": 42.0}]}
     assert refused
     assert slow_server.proc.wait(timeout=30) == 0
+
+
+# -- the dashboard and the alert rules against this server's /metrics ----------------------------
+# Every series a dashboard panel or an alert rule selects must be one the server exports, with
+# the labels the queries match on, unless serving/deploy/dashboard.py documents it as exported
+# elsewhere (Prometheus' ``up``, the plugin's registry and drift gauges, kube-state-metrics).
+
+# Labels Prometheus adds at scrape time (job, instance) or the Prometheus Operator (namespace).
+SCRAPE_LABELS = {"job", "instance", "namespace"}
+
+
+@pytest.fixture(scope="module")
+def metrics_text(keras_server) -> str:
+    """The Keras server's /metrics after a few predictions (every labelled series sampled)."""
+    with httpx.Client(base_url=keras_server.url, timeout=30) as client:
+        for n_rows in (1, 3):
+            rows = synthetic_frame(n_rows, seed=n_rows)[FEATURES].to_numpy().tolist()
+            body = {"dataframe_split": {"columns": FEATURES, "data": rows}}
+            assert client.post("/invocations", json=body).status_code == 200
+        return client.get("/metrics").text
+
+
+@pytest.fixture(scope="module")
+def scraped(metrics_text) -> dict[str, set[str]]:
+    """``{sample name: label names}`` of the scrape."""
+    samples: dict[str, set[str]] = {}
+    for line in metrics_text.splitlines():
+        match = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})? ", line)
+        if match:
+            labels = set(re.findall(r'(\w+)="', match.group(2) or ""))
+            samples.setdefault(match.group(1), set()).update(labels)
+    assert "model_server_requests_total" in samples, metrics_text[:2000]
+    return samples
+
+
+def _queries() -> list[tuple[str, str]]:
+    settings = DeploySettings()
+    board = dashboard.dashboard_dict(settings)
+    found = [
+        (f"panel {p['title']!r}", grafana_to_promql(t["expr"], {"$feature": "x0"}))
+        for p in board["panels"]
+        for t in p.get("targets", [])
+    ]
+    found += [  # label_values(<selector>, <label>)
+        (f"variable {v['name']!r}", re.fullmatch(r"label_values\((.+), *\w+\)", v["query"])[1])
+        for v in board["templating"]["list"]
+        if v["type"] == "query"
+    ]
+    found += [(f"alert {r['alert']}", r["expr"]) for r in manifests.alert_rules(settings)]
+    return found
+
+
+def _external(name: str) -> bool:
+    return name in dashboard.EXTERNAL_METRICS or name.startswith(dashboard.EXTERNAL_PREFIXES)
+
+
+def test_every_series_of_the_dashboard_and_the_alerts_is_exported(scraped):
+    missing: dict[str, list[str]] = {}
+    wrong_labels = []
+    for where, expr in _queries():
+        labels = selected_labels(expr)
+        for name in sorted(series_names(expr)):
+            if _external(name):
+                continue
+            if name not in scraped:
+                missing.setdefault(name, []).append(where)
+                continue
+            unknown = labels.get(name, set()) - SCRAPE_LABELS - scraped[name]
+            if unknown:
+                wrong_labels.append(f"{where}: {name} has no label {sorted(unknown)}")
+    assert not wrong_labels, wrong_labels
+    assert not missing, missing
+
+
+def test_feature_histograms_are_labelled_with_the_models_input_columns(scraped, metrics_text):
+    """The dashboard's feature variable lists the ``feature`` label's values: the model's
+    input columns."""
+    assert "model_server_feature_value_bucket" in scraped
+    values = set(
+        re.findall(
+            r'^model_server_feature_value_bucket\{[^}]*feature="([^"]*)"', metrics_text, re.M
+        )
+    )
+    assert values >= set(FEATURES), values

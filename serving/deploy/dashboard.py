@@ -5,7 +5,7 @@ docker/grafana/model-server-dashboard.json`` writes it as JSON (import it in Gra
 provision the file); ``render`` also puts it in a ConfigMap (docker/k8s/base/dashboards.yaml)
 that Grafana's dashboard sidecar loads in a cluster. Both are committed, and checked against
 this module by tests/serving/deploy/test_manifests.py; tests/serving/deploy/test_dashboard.py
-parses every query with promtool, and tests/integration/test_monitoring_metrics.py checks the
+parses every query with promtool, and tests/integration/test_server_runtime.py checks the
 series against a real model server's /metrics.
 
 Rows, top to bottom:

@@ -2,7 +2,7 @@
 
 Every panel query (and the feature variable's selector) parses: promtool checks them as
 recording rules, after Grafana's macros are substituted. Every series a panel uses is the
-model server's (``model_server_*``; tests/integration/test_monitoring_metrics.py scrapes a real
+model server's (``model_server_*``; tests/integration/test_server_runtime.py scrapes a real
 server for them) or one the module documents as exported elsewhere. The panels cover what the
 dashboard is for, and the JSON is one Grafana loads: unique panel ids, no overlapping panels,
 every query on the ``datasource`` variable, and the SDK reads it back. The committed JSON and

@@ -561,7 +561,7 @@ def test_alerts(objects):
     }
 
     # every model_server_* series and label the alerts use is one the server exports
-    # (tests/integration/test_monitoring_metrics.py checks it against a real server too)
+    # (tests/integration/test_server_runtime.py checks it against a real server too)
     metrics = ServerMetrics()
     metrics.observe_request("/invocations", "POST", 500, 0.01)
     model = {"name": "regression-model", "version": "4", "uri": "models:/regression-model/4"}

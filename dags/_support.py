@@ -120,6 +120,13 @@ def pipeline_params() -> dict[str, Param]:
             title="Force deploy",
             description="Deploy even if the gate rejects (the decision is still recorded).",
         ),
+        "force_retrain": Param(
+            False,
+            type="boolean",
+            title="Force retrain",
+            description="Train even when @champion was trained on the same data digest, code "
+            "version and parameters (otherwise the run ends at `unchanged`).",
+        ),
         "deploy_target": Param(
             deploy.target,
             type="string",

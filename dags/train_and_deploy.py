@@ -3,8 +3,9 @@
 
 Nightly retraining of the regression model, tracked in MLflow, gated, rolled out.
 
-`load_window → validate_data → train → evaluate → register → gate →
-(rollout_local | rollout_kubernetes)`, or `gate → not_deployed`.
+`load_window → unchanged_check → validate_data → train → evaluate → register → gate →
+(rollout_local | rollout_kubernetes)`, or `gate → not_deployed`, or
+`unchanged_check → unchanged`.
 
 * **Schedule**: nightly at 02:00 UTC, and on every event of the `data-drift/<model>` asset
   (`monitor_drift` emits one when the data moved enough to retrain). Why a run started (the
@@ -12,6 +13,11 @@ Nightly retraining of the regression model, tracked in MLflow, gated, rolled out
   the version it registers.
 * **Window**: `data_window_days` days of partitions ending (exclusive) at the run's data
   interval end, or at the `data_end_date` Param.
+* **Nothing to do**: when `@champion` was trained on the window's data digest, this code
+  version and the same training parameters (its version's `data_digest`, `code_version` and
+  `training_fingerprint` tags), training again would redo it: the run ends, successfully, at
+  `unchanged` (the log says which version). The `force_retrain` Param trains anyway; a
+  champion without these tags (older versions) or no champion at all means train.
 * **Gate**: absolute bars (`max_rmse`, `min_r2`) and at most `max_regression` relative RMSE
   increase over `@champion` on the same holdout. A rejected version is tagged with the reasons,
   no alias moves and the run ends through `not_deployed`.
@@ -89,6 +95,31 @@ def train_and_deploy():
         window["trigger_reason"] = trigger_reason(context)
         print(f"Run started by: {window['trigger_reason']}")
         return window
+
+    # Cheap (reads @champion's tags, no TensorFlow): same data, code and parameters as the
+    # live version means nothing to train.
+    @task.branch
+    def unchanged_check(window: dict, **context) -> str:
+        from ml.pipeline import unchanged_check
+
+        params = context["params"]
+        decision = unchanged_check(
+            window,
+            data_settings(params),
+            training_settings(params),
+            registry_settings(),
+            tracking_uri=tracking_uri(),
+            force=bool(params.get("force_retrain")),
+        )
+        context["ti"].xcom_push(key="decision", value=decision)
+        print(decision["reason"])
+        return "unchanged" if decision["unchanged"] else "validate_data"
+
+    @task
+    def unchanged(**context) -> str:
+        decision = context["ti"].xcom_pull(task_ids="unchanged_check", key="decision")
+        print(f"Nothing trained: {decision['reason']}")
+        return decision["reason"]
 
     # Bad data is not transient: fail at once, no retries, nothing trained.
     @task(retries=0)
@@ -175,7 +206,9 @@ def train_and_deploy():
         return message
 
     window = load_window()
+    check = unchanged_check(window)
     checked = validate_data(window)
+    check >> [unchanged(), checked]
     # Parse-time settings pick where training runs. Both variants are the task `train` and
     # return the same reference dict; Params and XCom reach the pod as templates.
     training = TrainingSettings()

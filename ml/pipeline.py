@@ -100,9 +100,14 @@ def train(
     tracking_uri: str,
     tags: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Fit on the training part of the window and log everything to MLflow."""
+    """Fit on the training part of the window and log everything to MLflow.
+
+    The run is tagged with the training's identity (data digest, code version, parameter
+    fingerprint: ``ml.lineage``); the result carries it on to :func:`register`.
+    """
     import mlflow
 
+    from ml import lineage
     from ml.registry import Registry
     from ml.train import train_model
 
@@ -110,10 +115,11 @@ def train(
     Registry(tracking_uri, registry).check_available()
     mlflow.set_tracking_uri(tracking_uri)
     schema, train_rows, _ = _frames(window, data_settings)
+    identity = lineage.training_identity(window["digest"], training, data_settings)
     run_tags = {
         "data_window_start": window["start"],
         "data_window_end": window["end"],
-        "data_digest": window["digest"],
+        **identity,
         **_trigger_tag(window),
         **(tags or {}),
     }
@@ -136,7 +142,39 @@ def train(
         result.epochs_run,
         result.best_val_rmse,
     )
-    return result.to_dict()
+    return {
+        **result.to_dict(),
+        lineage.CODE_VERSION_TAG: identity[lineage.CODE_VERSION_TAG],
+        lineage.FINGERPRINT_TAG: identity[lineage.FINGERPRINT_TAG],
+    }
+
+
+def unchanged_check(
+    window: Mapping[str, Any],
+    data_settings: DataSettings,
+    training: TrainingSettings,
+    registry: RegistrySettings,
+    *,
+    tracking_uri: str,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Whether ``@champion`` was trained on this window's data digest, this code version and
+    these parameters (then training again would redo it): ``ml.lineage.decide_unchanged``
+    on the champion version's tags. Reads the registry only; imports no TensorFlow."""
+    from ml import lineage
+    from ml.registry import Registry
+
+    candidate = lineage.training_identity(window["digest"], training, data_settings)
+    champion = None if force else Registry(tracking_uri, registry).champion()
+    decision = lineage.decide_unchanged(
+        candidate,
+        champion.version if champion else None,
+        champion.tags if champion else None,
+        force=force,
+        alias=registry.champion_alias,
+    )
+    log.info("%s", decision.reason)
+    return {**decision.to_dict(), "candidate": candidate}
 
 
 def evaluate(
@@ -194,13 +232,24 @@ def register(
     tracking_uri: str,
     tags: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Create the model version, tagged with what it was trained on and how it scored."""
+    """Create the model version, tagged with what it was trained on and how it scored.
+
+    The training's identity (data digest, and from ``trained`` the code version and parameter
+    fingerprint) is what :func:`unchanged_check` compares a later run with.
+    """
+    from ml import lineage
     from ml.registry import Registry
 
+    identity = {
+        tag: str(trained[tag])
+        for tag in (lineage.CODE_VERSION_TAG, lineage.FINGERPRINT_TAG)
+        if trained.get(tag)
+    }
     version_tags = {
         "data_window_start": window["start"],
         "data_window_end": window["end"],
-        "data_digest": window["digest"],
+        lineage.DATA_DIGEST_TAG: window["digest"],
+        **identity,
         "holdout_rmse": f"{evaluation['candidate']['rmse']:.6g}",
         "holdout_mae": f"{evaluation['candidate']['mae']:.6g}",
         "holdout_r2": f"{evaluation['candidate']['r2']:.6g}",

@@ -12,8 +12,6 @@ The tracking URI is the caller's business (``MLFLOW_TRACKING_URI`` or
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -26,6 +24,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from ml.lineage import code_version
 from ml.model import build_model, set_global_determinism
 from ml.settings import TrainingSettings
 from serving.server.contract import KERAS_ARTIFACT_KEY, KERAS_CODE_FILE
@@ -201,24 +200,6 @@ def split_indices(
     n_val = min(max(1, round(n_rows * validation_fraction)), n_rows - 1)
     order = np.random.default_rng(seed).permutation(n_rows)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def code_version() -> str:
-    """The git sha of the code that trains: GIT_SHA (set in images), else the checkout."""
-    if sha := os.environ.get("GIT_SHA", "").strip():
-        return sha
-    try:
-        completed = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return completed.stdout.strip() or "unknown"
 
 
 def pinned_requirements() -> list[str]:

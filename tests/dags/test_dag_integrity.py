@@ -39,6 +39,10 @@ def test_train_and_deploy_graph(dagbag):
     assert dag.timetable.timetable.expression == "0 2 * * *"  # + drift asset: test_monitor_drift
     edges = {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
     assert edges == {
+        # Same data digest, code version and parameters as @champion: ends at `unchanged`.
+        ("load_window", "unchanged_check"),
+        ("unchanged_check", "unchanged"),
+        ("unchanged_check", "validate_data"),
         ("load_window", "validate_data"),
         ("load_window", "train"),
         ("load_window", "evaluate"),
@@ -58,7 +62,14 @@ def test_train_and_deploy_graph(dagbag):
 
 def test_io_steps_retry_with_backoff_and_bad_data_fails_fast(dagbag):
     dag = dagbag.dags["train_and_deploy"]
-    for task_id in ("load_window", "evaluate", "register", "gate", "rollout_local"):
+    for task_id in (
+        "load_window",
+        "unchanged_check",
+        "evaluate",
+        "register",
+        "gate",
+        "rollout_local",
+    ):
         task = dag.get_task(task_id)
         assert task.retries >= 1 and task.retry_exponential_backoff, task_id
         assert task.retry_delay >= timedelta(seconds=10), task_id
@@ -135,6 +146,7 @@ def test_trigger_form_params_are_typed_and_documented(dagbag):
         "min_r2": "number",
         "max_regression": "number",
         "force_deploy": "boolean",
+        "force_retrain": "boolean",
         "deploy_target": "string",
     }
     assert set(params.keys()) == set(expected)

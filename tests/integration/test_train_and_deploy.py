@@ -145,7 +145,8 @@ def test_gate_rejection_registers_but_deploys_nothing(stack, first_run):
     from serving.deploy.local import LocalTarget
     from serving.deploy.settings import DeploySettings
 
-    dag_run = _dag().test(run_conf={**FAST, "max_rmse": 1e-6})
+    # Same data, code and parameters as @champion v1: only forced does it train again.
+    dag_run = _dag().test(run_conf={**FAST, "max_rmse": 1e-6, "force_retrain": True})
     states = task_states(dag_run)
     assert str(dag_run.state) == "success", states  # "not deployed" is an outcome, not a crash
     assert states["not_deployed"] == "success"

@@ -12,7 +12,7 @@ from datetime import date
 
 import pytest
 
-from ml import pipeline
+from ml import lineage, pipeline
 from ml.settings import (
     DataSettings,
     DriftSettings,
@@ -96,11 +96,23 @@ def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(data, mlf
     registered = registry.get(version["version"])
     assert registered.tags["data_digest"] == window["digest"]
     assert registered.tags["gate.passed"] == "true"
+    # The training's identity, on the run and on the version, as a later run compares it.
+    identity = lineage.training_identity(window["digest"], TRAINING, data)
+    run_tags = registry.client.get_run(trained["run_id"]).data.tags
+    for tag, value in identity.items():
+        assert registered.tags[tag] == run_tags[tag] == value, tag
     assert registry.get(REGISTRY.challenger_alias).version == version["version"]
     assert pipeline.promote(version, REGISTRY, tracking_uri=mlflow_store) == {
         "version": version["version"],
         "previous": None,
     }
+    # Same window, code and parameters as the champion: nothing to do, unless forced.
+    check = pipeline.unchanged_check(window, data, TRAINING, REGISTRY, tracking_uri=mlflow_store)
+    assert check["unchanged"] and check["champion_version"] == version["version"]
+    forced = pipeline.unchanged_check(
+        window, data, TRAINING, REGISTRY, tracking_uri=mlflow_store, force=True
+    )
+    assert not forced["unchanged"]
 
     # The next run compares against that champion on its own holdout, and a strict gate holds.
     evaluation2 = xcom(

@@ -1,0 +1,144 @@
+"""What a model is trained from, and whether the live one was trained from the same.
+
+A training is identified by three things: the content digest of its data window
+(``ml.pipeline.load_window``), the code version (git sha) and a fingerprint of the effective
+training parameters. The training run and the version it registers carry all three as tags;
+when the ``@champion`` version's tags equal the ones a new run would have, retraining would
+reproduce it, and the run ends early as "unchanged" (unless forced).
+
+Light on purpose: no TensorFlow, MLflow or pandas, so the check before training is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ml.settings import DataSettings, TrainingSettings
+
+DATA_DIGEST_TAG = "data_digest"
+CODE_VERSION_TAG = "code_version"
+FINGERPRINT_TAG = "training_fingerprint"
+# In the order the log names them.
+IDENTITY_TAGS = {
+    DATA_DIGEST_TAG: "data digest",
+    CODE_VERSION_TAG: "code version",
+    FINGERPRINT_TAG: "parameters",
+}
+UNKNOWN_CODE_VERSION = "unknown"
+# Where and how fast it ran is not what it learned: the runner and pod sizing, and the thread
+# count (training pods set it from their CPU limit, a worker leaves it to TensorFlow).
+_PLACEMENT_FIELDS = frozenset({"runner", "threads"})
+# The data settings that decide which rows train and how they are split; the rows' content
+# is the data digest.
+_DATA_FIELDS = ("feature_columns", "target_column", "holdout_fraction", "split_seed")
+
+
+def code_version() -> str:
+    """The git sha of the code that trains: GIT_SHA (set in images), else the checkout."""
+    if sha := os.environ.get("GIT_SHA", "").strip():
+        return sha
+    try:
+        completed = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return UNKNOWN_CODE_VERSION
+    return completed.stdout.strip() or UNKNOWN_CODE_VERSION
+
+
+def training_parameters(training: TrainingSettings, data: DataSettings) -> dict[str, Any]:
+    """The effective parameters a model is fitted with (placement fields left out)."""
+    fields = {
+        name: value
+        for name, value in training.model_dump(mode="json").items()
+        if name not in _PLACEMENT_FIELDS and not name.startswith("pod_")
+    }
+    split = data.model_dump(mode="json", include=set(_DATA_FIELDS))
+    return {"training": fields, "data": split}
+
+
+def training_fingerprint(training: TrainingSettings, data: DataSettings) -> str:
+    """``sha256:<hex>`` of :func:`training_parameters` as canonical JSON (sorted keys)."""
+    text = json.dumps(training_parameters(training, data), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def training_identity(
+    data_digest: str,
+    training: TrainingSettings,
+    data: DataSettings,
+    *,
+    code: str | None = None,
+) -> dict[str, str]:
+    """The tags that identify a training: data digest, code version, parameter fingerprint."""
+    return {
+        DATA_DIGEST_TAG: data_digest,
+        CODE_VERSION_TAG: code if code is not None else code_version(),
+        FINGERPRINT_TAG: training_fingerprint(training, data),
+    }
+
+
+@dataclass(frozen=True)
+class UnchangedDecision:
+    unchanged: bool
+    reason: str
+    champion_version: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide_unchanged(
+    candidate: Mapping[str, str],
+    champion_version: str | None,
+    champion_tags: Mapping[str, str] | None,
+    *,
+    force: bool = False,
+    alias: str = "champion",
+) -> UnchangedDecision:
+    """Whether training ``candidate`` (a :func:`training_identity`) would redo ``@alias``.
+
+    Unchanged only when the champion's tags hold the same data digest, code version and
+    parameter fingerprint. Anything less is "changed" (train): ``force``, no champion, a
+    champion without the tags (registered before they were recorded), an unknown code
+    version (on either side), or any of the three differing.
+    """
+    if force:
+        return UnchangedDecision(False, "changed: force_retrain is set, training anyway")
+    if champion_version is None:
+        return UnchangedDecision(False, f"changed: no @{alias} yet")
+    who = f"@{alias} v{champion_version}"
+    tags = champion_tags or {}
+    missing = [tag for tag in IDENTITY_TAGS if not tags.get(tag)]
+    if missing:
+        return UnchangedDecision(
+            False,
+            f"changed: {who} has no {', '.join(missing)} tag (registered before it was recorded)",
+            champion_version,
+        )
+    if UNKNOWN_CODE_VERSION in (candidate.get(CODE_VERSION_TAG), tags[CODE_VERSION_TAG]):
+        return UnchangedDecision(
+            False, f"changed: the code version is unknown, no match with {who}", champion_version
+        )
+    differing = [name for tag, name in IDENTITY_TAGS.items() if candidate.get(tag) != tags[tag]]
+    if differing:
+        return UnchangedDecision(
+            False, f"changed: not the same {', '.join(differing)} as {who}", champion_version
+        )
+    return UnchangedDecision(
+        True,
+        f"unchanged: {who} was trained on the same data digest, code version and parameters",
+        champion_version,
+    )

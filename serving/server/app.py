@@ -16,19 +16,20 @@ Routes (a client of ``mlflow models serve`` must not notice the switch):
 
 Every response carries ``X-Model-Version`` when the model came from the registry.
 
-How a request is answered. The fast path (the project's Keras pyfunc, see ``serving.server.loader``)
-parses the common JSON shapes straight into a float32 matrix (a small ``dataframe_split``
-request of plain numbers is checked in pure Python and handed over as is), and the model runs
-on it through the micro-batcher (``serving.server.batching``). The request path itself only appends
-one tuple per finished request to a list (and, for an answered request, its rows and predictions
-by reference, for the feature and prediction histograms); access-log lines and metric updates
-are made from those records in batches (at least every 0.25 s, every 256 requests, before every
-``/metrics`` answer and at shutdown). Anything the fast path does not recognise with
-certainty (CSV, Parquet, unusual shapes, bad input of any kind) goes through the reference
-path, which is MLflow's own parsing and ``PyFuncModel.predict`` (schema enforcement included),
-called the way ``mlflow.pyfunc.scoring_server.invocations`` calls it. So the fast path only
-ever accepts what MLflow accepts and answers the same numbers, and every rejection is MLflow's
-own decision (same status, same ``error_code``).
+How a request is answered. The fast path (the project's Keras pyfunc, see
+``serving.server.loader``) parses the common JSON shapes straight into a float32 matrix (a small
+``dataframe_split`` request of plain numbers is checked in pure Python and handed over as is),
+and the model runs on it through the micro-batcher (``serving.server.batching``). The request
+path itself only appends one tuple per finished request to a list (and the micro-batcher one
+reference to each model call's input rows and output array, for the feature and prediction
+histograms); access-log lines and metric updates are made from those records in batches (at
+least every 0.25 s, every 256 requests, before every ``/metrics`` answer and at shutdown).
+Anything the fast path does not recognise with certainty (CSV, Parquet, unusual shapes, bad
+input of any kind) goes through the reference path, which is MLflow's own parsing and
+``PyFuncModel.predict`` (schema enforcement included), called the way
+``mlflow.pyfunc.scoring_server.invocations`` calls it. So the fast path only ever accepts what
+MLflow accepts and answers the same numbers, and every rejection is MLflow's own decision (same
+status, same ``error_code``).
 
 Where this server deliberately differs from MLflow:
 
@@ -1001,10 +1002,10 @@ def _finish_await(waiter, waiting_on):
 class ScoringApp:
     """Raw ASGI app (no framework on the hot path). One instance per worker process.
 
-    Every finished request is recorded as one tuple (``serving.server.metrics.R_*`` layout), an
-    answered one also as its ``(rows, predictions)``; the records become access-log lines and
-    metric updates in batches (:meth:`flush_records`), at least every 0.25 s, every 256
-    requests, before each ``/metrics`` answer and at shutdown.
+    Every finished request is recorded as one tuple (``serving.server.metrics.R_*`` layout),
+    every fast-path model call (and reference-path answer) as its ``(rows, predictions)``; the
+    records become access-log lines and metric updates in batches (:meth:`flush_records`), at
+    least every 0.25 s, every 256 requests, before each ``/metrics`` answer and at shutdown.
     """
 
     def __init__(
@@ -1035,7 +1036,7 @@ class ScoringApp:
         self._mlflow_version = _mlflow_version().encode()
         self._records: list[tuple] = []
         self._batches: list[tuple[int, int, bool]] = []
-        # (rows, predictions) of answered requests, by reference (the feature histograms).
+        # (rows, predictions) of model calls, by reference (the feature histograms).
         self._observed: list[tuple[Any, Any]] = []
         self._observe_columns: tuple[str, ...] = ()
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -1266,25 +1267,21 @@ class ScoringApp:
                             exc_info=True,
                         )
                     else:
-                        return self._predictions_reply(outputs, rows), len(body)
+                        return self._predictions_reply(outputs), len(body)
         reply = await self._reference(body, content_type, strict)
         if reply.observed is not None:
             self._observed.append(reply.observed)
         return reply, len(body)
 
-    def _predictions_reply(self, outputs: np.ndarray, rows: Any) -> Reply:
-        """The fast path's answer; the rows and predictions of a 200 are recorded (by
-        reference: histograms are updated from them in batches, see flush_records)."""
+    def _predictions_reply(self, outputs: np.ndarray) -> Reply:
         values = outputs.tolist()
         if len(values) == 1:
             value = values[0]
             if -math.inf < value < math.inf:
-                self._observed.append((rows, values))
                 # = _dumps({"predictions": [{name: value}]}), the common one-row answer
                 body = self._one_prediction + _dumps(value) + b"}]}"
                 return Reply(200, body, _JSON, rows=1)
         elif all(map(math.isfinite, values)):
-            self._observed.append((rows, values))
             name = self._output_name
             body = _dumps({"predictions": [{name: v} for v in values]})
             return Reply(200, body, _JSON, rows=len(values))
@@ -1435,6 +1432,7 @@ class ScoringApp:
                 max_wait_s=self.config.batch_wait_ms / 1000.0,
                 mode=self.config.batch_mode,  # type: ignore[arg-type]
                 on_batch=self._on_batch,
+                on_outputs=self._on_outputs,
             )
         identity = model.identity
         if identity.version is not None:
@@ -1460,6 +1458,11 @@ class ScoringApp:
 
     def _on_batch(self, rows: int, requests: int, fell_back: bool) -> None:
         self._batches.append((rows, requests, fell_back))  # counted in flush_records
+
+    def _on_outputs(self, rows: Any, outputs: np.ndarray) -> None:
+        """A fast-path model call's input and outputs, by reference: the feature and
+        prediction histograms count them in flush_records."""
+        self._observed.append((rows, outputs))
 
     def _fail(self, message: str) -> None:
         self.load_error = message

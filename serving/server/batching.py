@@ -21,6 +21,13 @@ handing it to a thread and back; figures in docs/benchmarks.md) and in one dedic
 thread for bigger batches, so a large request never blocks the loop (TensorFlow releases the GIL
 while its kernels run, and the loop keeps reading and parsing meanwhile). ``"thread"`` always
 uses the thread, ``"inline"`` never does.
+
+Observers (called on the event loop, never allowed to fail a batch): ``on_batch(rows,
+requests, fell_back)`` once per batch, and ``on_outputs(rows, outputs)`` once per model call
+that succeeded, with the very input it ran on (the merged array of a shared batch, or one
+request's rows as given) and its output array, by reference (the server's feature and
+prediction histograms count them later, in bulk). After a failed shared call only the
+re-runs that succeeded are observed.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 Rows = np.ndarray | list
 PredictFn = Callable[[Rows], np.ndarray]
 BatchObserver = Callable[[int, int, bool], None]
+OutputsObserver = Callable[[Rows, np.ndarray], None]
 
 DEFAULT_MAX_BATCH_ROWS = 256
 DEFAULT_INLINE_MAX_ROWS = 64
@@ -63,6 +71,7 @@ class MicroBatcher:
         mode: Literal["auto", "thread", "inline"] = "auto",
         inline_max_rows: int = DEFAULT_INLINE_MAX_ROWS,
         on_batch: BatchObserver | None = None,
+        on_outputs: OutputsObserver | None = None,
     ) -> None:
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
@@ -76,6 +85,7 @@ class MicroBatcher:
         self.mode = mode
         self.inline_max_rows = inline_max_rows
         self._on_batch = on_batch
+        self._on_outputs = on_outputs
         self._pending: list[tuple[Rows, asyncio.Future[np.ndarray]]] = []
         self._pending_rows = 0
         self._busy = False
@@ -172,8 +182,8 @@ class MicroBatcher:
         if not batch:
             return
         if self.mode == "inline" or (self.mode == "auto" and rows <= self.inline_max_rows):
-            results, fell_back = _run_batch(self._predict_fn, [x for x, _ in batch], rows)
-            self._deliver(batch, rows, results, fell_back)
+            ran = _run_batch(self._predict_fn, [x for x, _ in batch], rows)
+            self._deliver(batch, rows, ran)
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -188,12 +198,13 @@ class MicroBatcher:
     def _on_done(self, batch, rows: int, done: asyncio.Future) -> None:
         self._busy = False
         try:
-            results, fell_back = done.result()
+            ran = done.result()
         except BaseException as exc:  # the executor itself failed: fail this batch only
-            results, fell_back = [exc] * len(batch), False
-        self._deliver(batch, rows, results, fell_back)
+            ran = [exc] * len(batch), False, []
+        self._deliver(batch, rows, ran)
 
-    def _deliver(self, batch, rows: int, results, fell_back: bool) -> None:
+    def _deliver(self, batch, rows: int, ran: _Ran) -> None:
+        results, fell_back, calls = ran
         self._last_batch_requests = len(batch)
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():
@@ -207,6 +218,12 @@ class MicroBatcher:
                 self._on_batch(rows, len(batch), fell_back)
             except Exception:  # an observer must never fail a batch
                 log.debug("batch observer failed", exc_info=True)
+        if self._on_outputs is not None:
+            try:
+                for inputs, outputs in calls:
+                    self._on_outputs(inputs, outputs)
+            except Exception:
+                log.debug("outputs observer failed", exc_info=True)
         if self._pending:
             # These requests arrived while the model was busy: they have waited already. After an
             # inline call, first let the loop read what arrived meanwhile (bigger next batch).
@@ -217,14 +234,17 @@ class MicroBatcher:
                 self._timer = self._loop.call_soon(self._flush)
 
 
-def _run_batch(
-    predict_fn: PredictFn, arrays: list[Rows], total: int
-) -> tuple[list[np.ndarray | BaseException], bool]:
-    """One call for all arrays (``total`` rows); if it fails, one call per array.
+# What a batch gave: one result (outputs or error) per request, whether it fell back to one
+# call per request, and each successful model call's (input, outputs).
+_Ran = tuple[list[np.ndarray | BaseException], bool, list[tuple[Rows, np.ndarray]]]
 
-    Returns (results, fell_back)."""
+
+def _run_batch(predict_fn: PredictFn, arrays: list[Rows], total: int) -> _Ran:
+    """One call for all arrays (``total`` rows); if it fails, one call per array."""
     if len(arrays) == 1:
-        return [_call_one(predict_fn, arrays[0])], False
+        result = _call_one(predict_fn, arrays[0])
+        calls = [] if isinstance(result, BaseException) else [(arrays[0], result)]
+        return [result], False, calls
     try:
         if all(type(a) is list for a in arrays):  # rows as lists (small server requests)
             merged = np.array([row for a in arrays for row in a])
@@ -238,10 +258,14 @@ def _run_batch(
         for a in arrays:
             results.append(outputs[start : start + len(a)])
             start += len(a)
-        return results, False
+        return results, False, [(merged, outputs)]
     except Exception:
         log.warning("a batched call of %d requests failed: re-running them one by one", len(arrays))
-        return [_call_one(predict_fn, a) for a in arrays], True
+        results = [_call_one(predict_fn, a) for a in arrays]
+        calls = [
+            (a, r) for a, r in zip(arrays, results, strict=True) if not isinstance(r, BaseException)
+        ]
+        return results, True, calls
 
 
 def _call_one(predict_fn: PredictFn, rows: Rows) -> np.ndarray | BaseException:

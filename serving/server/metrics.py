@@ -30,34 +30,36 @@ Exposed series (all prefixed ``model_server_``):
 - ``workers``                                      gauge: live worker processes
 - ``start_time_seconds``                           gauge
 
-Input and prediction distributions (``feature_value``, ``prediction_value``). Every row
-answered with a 200 counts once in the histogram of each of the model's input columns (the
-fast path's feature columns, else the input schema's numeric named columns) and its prediction
-once in ``prediction_value``, so each feature's ``_count`` and ``prediction_value_count`` are
-the rows answered (values that are not finite, e.g. a generic model's missing values, are not
-counted). Cardinality is bounded: one ``feature`` label value per input column, the first
-``--max-feature-histograms`` (default 32; 0: none) only, a warning naming the others at start;
-at most :data:`MAX_HISTOGRAM_BUCKETS` bounds per series. Buckets are fixed when the model is
-loaded: the bin edges of the drift profile the pipeline logs with the model's training run
-(``drift/profile.json``, the holdout's deciles per column, ``__prediction__`` for the
+Input and prediction distributions (``feature_value``, ``prediction_value``). Every row the fast
+path's model ran on (its calls succeed for whole batches, and the requests in them are
+answered), and every row the reference path answered, counts once in the histogram of each of
+the model's input columns (the fast path's feature columns, else the input schema's numeric
+named columns) and its prediction once in ``prediction_value``: each feature's ``_count`` and
+``prediction_value_count`` are the rows predicted. Values that are not finite are not counted (a
+generic model's missing values; a fast-path prediction that overflowed float32, which its
+request gets a 400 for). Cardinality is bounded: one ``feature`` label value per input column,
+the first ``--max-feature-histograms`` (default 32; 0: none) only, a warning naming the others
+at start; at most :data:`MAX_HISTOGRAM_BUCKETS` bounds per series. Buckets are fixed when the
+model is loaded: the bin edges of the drift profile the pipeline logs with the model's training
+run (``drift/profile.json``, the holdout's deciles per column, ``__prediction__`` for the
 predictions; ``serving.server.loader.load_drift_profile``), which makes the heatmaps directly
 comparable with the drift monitor's bins (its bins put a value equal to an edge above it, a
-Prometheus bucket ``le`` at or below it: only values exactly on an edge differ); for a model
-or a column without a profile, :data:`GENERIC_VALUE_BUCKETS` (symmetric, roughly logarithmic,
-from +-0.1 to +-1000 and 0: a generic model's scale is unknown, and a one-row input example
-has no useful quantiles). Each series may thus have its own bounds, which
-``prometheus_client``'s ``Histogram`` cannot do: :class:`_Distribution` keeps the values in
-``prometheus_client``'s own value objects and exposes standard ``_bucket``/``_count``/``_sum``
-series (with several workers, ``MultiProcessCollector`` adds them up like any histogram's).
-Every worker reads the profile itself; one that could not (MLflow unreachable at that moment)
-uses the generic buckets, and the merged series then has both sets of bounds: counts and sums
-stay right, the cumulative count at a bound that only some workers have is too low.
-Cost: the request path appends the request's rows and predictions, by reference (the float32
-matrix or the small list of rows the fast path already has, the predictions as answered; the
-reference path: its parsed frame's columns as float64, computed in its thread); every flush
-converts them at once and counts them with numpy (one ``searchsorted`` per column and one
-``bincount``), then one ``inc`` per non-empty bucket: ~1 us per single-row request, no
-sampling (docs/benchmarks.md).
+Prometheus bucket ``le`` at or below it: only values exactly on an edge differ); for a model or
+a column without a profile, :data:`GENERIC_VALUE_BUCKETS` (symmetric, roughly logarithmic, from
++-0.1 to +-1000 and 0: a generic model's scale is unknown, and a one-row input example has no
+useful quantiles). Each series may thus have its own bounds, which ``prometheus_client``'s
+``Histogram`` cannot do: :class:`_Distribution` keeps the values in ``prometheus_client``'s own
+value objects and exposes standard ``_bucket``/``_count``/``_sum`` series (with several workers,
+``MultiProcessCollector`` adds them up like any histogram's). Every worker reads the profile
+itself; one that could not (MLflow unreachable at that moment) uses the generic buckets, and the
+merged series then has both sets of bounds: counts and sums stay right, the cumulative count at
+a bound that only some workers have is too low. Cost: nothing is converted or counted on the
+request path. The micro-batcher appends one reference per model call to its input (the float32
+matrix or the few rows as lists that the fast path already has, or the batch's merged array) and
+its output array (the reference path: its parsed frame's columns as float64, made in its thread,
+and its predictions); every flush converts what it has at once and counts it with numpy (one
+``searchsorted`` per column and one ``bincount``), then one ``inc`` per non-empty bucket and per
+sum. No sampling; about 1 us per single-row request (docs/benchmarks.md).
 
 With ``--workers N`` (several processes behind one port), every worker answers ``/metrics`` for
 the whole server through ``prometheus_client``'s multiprocess mode: the parent names the

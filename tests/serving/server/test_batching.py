@@ -146,3 +146,32 @@ def test_a_closed_batcher_refuses_new_work():
 def test_bad_settings_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MicroBatcher(Model(), **kwargs)
+
+
+def test_every_successful_model_call_hands_its_rows_and_outputs_to_the_observer():
+    model = Model()
+    calls = []
+    batcher = MicroBatcher(model, on_outputs=lambda rows, out: calls.append((rows, out)))
+    run_together(batcher, [[[1.0, 2.0]], [[3.0, 4.0], [5.0, 6.0]]])
+    [(rows, outputs)] = calls  # one merged call: its input array and output array
+    assert np.asarray(rows).tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert outputs.tolist() == [3.0, 7.0, 11.0]
+
+    calls.clear()
+    lone = [[7.0, 8.0]]
+    run_together(MicroBatcher(model, on_outputs=lambda r, o: calls.append((r, o))), [lone])
+    assert calls[0][0] is lone and calls[0][1].tolist() == [15.0]  # by reference
+
+
+def test_after_a_failed_batch_only_the_calls_that_succeeded_are_observed():
+    calls = []
+    batcher = MicroBatcher(
+        Model(), max_wait_s=0.005, on_outputs=lambda rows, out: calls.append((rows, out))
+    )
+    inputs = [np.full((1, 2), 1.0), np.full((2, 2), -1.0), np.full((1, 2), 3.0)]
+    results = run_together(batcher, inputs)
+    assert isinstance(results[1], ValueError)
+    assert [(r.tolist(), o.tolist()) for r, o in calls] == [
+        ([[1.0, 1.0]], [2.0]),
+        ([[3.0, 3.0]], [6.0]),
+    ]

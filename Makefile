@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: run up stop status test test-unit lint format install lock clean k8s-e2e bench-dag-parse \
-	container-tools prometheus-tools postgres-tools images test-container test-postgres \
+	container-tools prometheus-tools postgres-tools images test-container test-postgres test-load \
 	bench-serving bench-promotion
 
 ## run: install, start MLflow + Airflow (+ Prometheus) locally, train and deploy once, print where things are
@@ -57,6 +57,10 @@ postgres-tools:
 ## test-postgres: MLflow's registry and webhooks, and Airflow's metadata DB, on a throwaway PostgreSQL
 test-postgres: $(STAMP) postgres-tools
 	$(VENV)/bin/pytest -m postgres -ra
+
+## test-load: the load scenarios the default run leaves out (the paced 50-promotion burst)
+test-load: $(STAMP) postgres-tools
+	$(VENV)/bin/pytest -m load -ra
 
 test-unit: $(STAMP)
 	$(VENV)/bin/pytest -m "not integration"

@@ -48,18 +48,19 @@ Prometheus bucket ``le`` at or below it: only values exactly on an edge differ);
 a column without a profile, :data:`GENERIC_VALUE_BUCKETS` (symmetric, roughly logarithmic, from
 +-0.1 to +-1000 and 0: a generic model's scale is unknown, and a one-row input example has no
 useful quantiles). Each series may thus have its own bounds, which ``prometheus_client``'s
-``Histogram`` cannot do: :class:`_Distribution` keeps the values in ``prometheus_client``'s own
-value objects and exposes standard ``_bucket``/``_count``/``_sum`` series (with several workers,
-``MultiProcessCollector`` adds them up like any histogram's). Every worker reads the profile
+``Histogram`` cannot do: :class:`_Distribution` counts into numpy arrays and exposes standard
+``_bucket``/``_count``/``_sum`` series; with several workers it adds its counts to
+``prometheus_client``'s own value objects in the worker's files every 0.25 s, where
+``MultiProcessCollector`` adds them up like any histogram's. Every worker reads the profile
 itself; one that could not (MLflow unreachable at that moment) uses the generic buckets, and the
 merged series then has both sets of bounds: counts and sums stay right, the cumulative count at
 a bound that only some workers have is too low. Cost: nothing is converted or counted on the
 request path. The micro-batcher appends one reference per model call to its input (the float32
-matrix or the few rows as lists that the fast path already has, or the batch's merged array) and
-its output array (the reference path: its parsed frame's columns as float64, made in its thread,
-and its predictions); every flush converts what it has at once and counts it with numpy (one
-``searchsorted`` per column and one ``bincount``), then one ``inc`` per non-empty bucket and per
-sum. No sampling; about 1 us per single-row request (docs/benchmarks.md).
+matrix or the few rows as lists that the fast path already has, or a shared batch's merged
+array) and its output array (the reference path: its parsed frame's columns as float64, made in
+its thread, and its predictions); every flush converts what it has at once and counts it with
+numpy (one ``searchsorted`` per column, one ``bincount``): ~0.1 ms per flush of 256 single-row
+requests at 8 clients (~0.4 us each), no sampling (docs/benchmarks.md).
 
 With ``--workers N`` (several processes behind one port), every worker answers ``/metrics`` for
 the whole server through ``prometheus_client``'s multiprocess mode: the parent names the
@@ -198,16 +199,20 @@ def bucket_bounds(edges: Any) -> tuple[float, ...] | None:
 
 class _Distribution:
     """One histogram family whose series (one per label value) each have their own fixed
-    bounds, fed whole columns of values at once (numpy: one ``searchsorted`` per column, one
-    ``bincount``), then one ``inc`` per non-empty bucket and one per sum.
+    bounds, fed whole columns of values at once: one ``searchsorted`` per column and one
+    ``bincount``, added to numpy arrays (the counts of every bucket of every series, series
+    after series, and the sums).
 
-    The values are ``prometheus_client``'s own value objects (``values.ValueClass``, as its
-    ``Histogram`` makes them): in memory with one process, in the worker's memory-mapped
-    ``histogram_<pid>.db`` file with several, where ``MultiProcessCollector`` adds them up
-    and makes the ``_bucket`` series cumulative and ``_count`` like any histogram's (it
-    merges per label set, so each series may have its own bounds). With one process
-    :meth:`collect` does the same for the registry. ``prometheus_client``'s ``Histogram``
-    cannot be used: its buckets are the same for every label value.
+    With one process those arrays are the histogram, and :meth:`collect` exposes it the way
+    ``prometheus_client``'s ``Histogram`` does (cumulative ``_bucket``, ``_count``, ``_sum``).
+    With several workers they hold what is not yet written, and :meth:`write` (from
+    ``ServerMetrics.publish``: every 0.25 s and before every ``/metrics`` answer) adds it to
+    ``prometheus_client``'s own value objects (``values.ValueClass``, as its ``Histogram``
+    makes them) in the worker's ``histogram_<pid>.db``: one ``inc`` per non-empty bucket and
+    per sum a few times a second, not per batch of rows. ``MultiProcessCollector`` then adds
+    the workers up and makes the ``_bucket`` series cumulative and ``_count`` like any
+    histogram's; it merges per label set, so each series may have its own bounds, which
+    ``prometheus_client``'s ``Histogram`` cannot do (the same buckets for every label value).
     """
 
     def __init__(
@@ -215,71 +220,75 @@ class _Distribution:
     ) -> None:
         self.name = name
         self.doc = doc
-        self._labelnames: tuple[str, ...] = (label,) if label else ()
-        make = values.ValueClass
-        self._series: list[tuple[dict[str, str], list[str], list[Any], Any]] = []
+        labelnames: tuple[str, ...] = (label,) if label else ()
+        self._series: list[tuple[dict[str, str], list[str], int]] = []  # labels, les, offset
         self._bounds: list[np.ndarray] = []
-        self._offsets: list[int] = []
-        self._slots: list[Any] = []  # every bucket of every series, series after series
-        self._sums: list[Any] = []
+        offset = 0
         for value, bounds in series:
-            labelvalues = (value,) if label else ()
+            labels = {label: value} if label else {}
             les = [*(floatToGoString(b) for b in bounds), "+Inf"]
-            slots = [
-                make(
-                    "histogram",
-                    name,
-                    f"{name}_bucket",
-                    (*self._labelnames, "le"),
-                    (*labelvalues, le),
-                    doc,
-                )
-                for le in les
-            ]
-            total = make("histogram", name, f"{name}_sum", self._labelnames, labelvalues, doc)
-            labels = dict(zip(self._labelnames, labelvalues, strict=True))
-            self._series.append((labels, les, slots, total))
-            self._offsets.append(len(self._slots))
+            self._series.append((labels, les, offset))
             self._bounds.append(np.asarray(bounds, dtype=np.float64))
-            self._slots += slots
-            self._sums.append(total)
+            offset += len(les)
+        self._counts = np.zeros(offset, dtype=np.int64)
+        self._sums = np.zeros(len(series), dtype=np.float64)
+        self._files: tuple[list[Any], list[Any]] | None = None
+        if getattr(values.ValueClass, "_multiprocess", False):
+            make = values.ValueClass
+            buckets, sums = [], []
+            for labels, les, _ in self._series:
+                labelvalues = tuple(labels.values())
+                buckets += [
+                    make("histogram", name, f"{name}_bucket", (*labels, "le"),
+                         (*labelvalues, le), doc)
+                    for le in les
+                ]  # fmt: skip
+                sums.append(make("histogram", name, f"{name}_sum", labelnames, labelvalues, doc))
+            self._files = buckets, sums
 
     def observe(self, matrix: np.ndarray) -> None:
         """``matrix``: one row per observation, column ``j`` for series ``j``. Values that are
         not finite (NaN: missing) are left out."""
         if not matrix.shape[0]:
             return
-        n_slots = len(self._slots)
+        n_slots = len(self._counts)
         index = np.empty(matrix.shape, dtype=np.intp)
-        for j, (bounds, offset) in enumerate(zip(self._bounds, self._offsets, strict=True)):
+        for j, (bounds, (_, _, offset)) in enumerate(zip(self._bounds, self._series, strict=True)):
             # side="left": a value equal to a bound is in that bound's bucket (le: <=)
-            np.add(np.searchsorted(bounds, matrix[:, j]), offset, out=index[:, j])
+            np.add(bounds.searchsorted(matrix[:, j]), offset, out=index[:, j])
         finite = np.isfinite(matrix)
         if finite.all():
-            counts = np.bincount(index.ravel(), minlength=n_slots)
-            sums = matrix.sum(axis=0, dtype=np.float64)
+            self._counts += np.bincount(index.ravel(), minlength=n_slots)
+            self._sums += matrix.sum(axis=0, dtype=np.float64)
         else:
             index[~finite] = n_slots  # an extra slot, dropped
-            counts = np.bincount(index.ravel(), minlength=n_slots + 1)[:n_slots]
-            sums = np.where(finite, matrix, 0.0).sum(axis=0, dtype=np.float64)
-        slots = self._slots
+            self._counts += np.bincount(index.ravel(), minlength=n_slots + 1)[:n_slots]
+            self._sums += np.where(finite, matrix, 0.0).sum(axis=0, dtype=np.float64)
+
+    def write(self) -> None:
+        """With several workers: add what was observed since the last call to the files."""
+        if self._files is None:
+            return
+        buckets, sums = self._files
+        counts = self._counts
         filled = np.flatnonzero(counts)
         for i, count in zip(filled.tolist(), counts[filled].tolist(), strict=True):
-            slots[i].inc(count)
-        for slot, total in zip(self._sums, sums.tolist(), strict=True):
+            buckets[i].inc(count)
+        for slot, total in zip(sums, self._sums.tolist(), strict=True):
             if total:
                 slot.inc(total)
+        counts[:] = 0
+        self._sums[:] = 0.0
 
     def collect(self) -> Metric:
         """The family as ``prometheus_client``'s ``Histogram`` exposes one (one process)."""
         family = Metric(self.name, self.doc, "histogram")
-        for labels, les, slots, total in self._series:
-            cumulative = 0.0
-            for le, slot in zip(les, slots, strict=True):
-                cumulative += slot.get()
-                family.add_sample(f"{self.name}_bucket", {**labels, "le": le}, cumulative)
-            family.add_sample(f"{self.name}_count", labels, cumulative)
-            family.add_sample(f"{self.name}_sum", labels, total.get())
+        for (labels, les, offset), total in zip(self._series, self._sums.tolist(), strict=True):
+            cumulative = np.cumsum(self._counts[offset : offset + len(les)]).tolist()
+            for le, count in zip(les, cumulative, strict=True):
+                family.add_sample(f"{self.name}_bucket", {**labels, "le": le}, float(count))
+            family.add_sample(f"{self.name}_count", labels, float(cumulative[-1]))
+            family.add_sample(f"{self.name}_sum", labels, total)
         return family
 
 
@@ -628,8 +637,11 @@ class ServerMetrics:
         self._load_seconds.set(round(load_seconds, 3))
 
     def publish(self) -> None:
-        """Bring the in-flight gauge up to date (with several workers: for the others)."""
+        """Bring the in-flight gauge and (with several workers) the distributions' files up
+        to date (with several workers: for the others)."""
         self._in_flight.set(self.in_flight)
+        for family in self._distributions.families:
+            family.write()
 
     def close(self) -> None:
         """At shutdown: not ready; with several workers, no longer counted as live."""

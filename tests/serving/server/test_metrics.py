@@ -397,6 +397,8 @@ m = ServerMetrics(multiprocess_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"])
 m.set_model({"name": "m", "version": "7"}, 1.0)
 m.set_distributions(spec["features"], spec["profile"])
 m.observe_rows([(np.asarray(spec["rows"], dtype=np.float32), np.asarray(spec["predictions"]))])
+if spec["publish"]:
+    m.publish()  # what the server does every 0.25 s with several workers
 print(json.dumps({"text": m.render().decode() if spec["render"] else ""}))
 sys.stdout.flush()
 os._exit(0)
@@ -407,9 +409,9 @@ def test_workers_add_up_feature_and_prediction_histograms(tmp_path):
     env = {**os.environ, MULTIPROCESS_DIR_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
     profile = {"columns": {"a": {"edges": [0.0, 1.0]}, "__prediction__": {"edges": [5.0]}}}
 
-    def worker(rows, predictions, render):
+    def worker(rows, predictions, render, publish=True):
         spec = {"features": ["a", "b"], "profile": profile, "rows": rows,
-                "predictions": predictions, "render": render}  # fmt: skip
+                "predictions": predictions, "render": render, "publish": publish}  # fmt: skip
         out = subprocess.run(
             [sys.executable, "-c", DIST_WORKER, json.dumps(spec)],
             capture_output=True, text=True, check=True, env=env, cwd=REPO,
@@ -417,7 +419,10 @@ def test_workers_add_up_feature_and_prediction_histograms(tmp_path):
         return json.loads(out.stdout)["text"]
 
     worker([[-1.0, 3.0], [0.5, 4.0], [2.0, 0.5]], [1.0, 6.0, 7.0], render=False)
-    text = worker([[1.0, -3.0], [0.0, 0.0]], [5.0, 4.0], render=True)
+    # killed before its next publish: what it observed since the last one is lost
+    worker([[9.0, 9.0]], [9.0], render=False, publish=False)
+    # the answering worker writes its own rows before reading the files
+    text = worker([[1.0, -3.0], [0.0, 0.0]], [5.0, 4.0], render=True, publish=False)
     samples = _samples(text)
     a, count, total = _histogram(samples, "model_server_feature_value", feature="a")
     assert a == [("0.0", 2.0), ("1.0", 4.0), ("+Inf", 5.0)]

@@ -106,7 +106,8 @@ def read_snapshot(tracking_uri: str, settings: RegistrySettings) -> RegistrySnap
     """Aliases of the watched model and the newest drift run, from MLflow."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    # The registry is the tracking server: never a registry URI some other code set globally.
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         model = client.get_registered_model(settings.model_name)
         aliases = {str(k): str(v) for k, v in (model.aliases or {}).items()}

@@ -42,7 +42,9 @@ def test_render_names_versions_scores_and_per_kind_thresholds():
     assert got[("pipeline_drift_check_timestamp_seconds", (("model", "m"),))] == 1.8e9
 
 
-def test_a_registry_that_is_down_exports_up_zero_and_nothing_else():
+def test_a_registry_that_is_down_exports_up_zero_and_nothing_else(mlflow_store):
+    # mlflow_store also sets a process-wide registry URI (as other code may): the exporter
+    # must still ask the tracking server it was given, not that registry.
     snapshot = read_snapshot(f"http://127.0.0.1:{free_port()}", SETTINGS)
     assert snapshot == RegistrySnapshot(up=False)
     got = samples(render(snapshot, "m", DriftSettings()))

@@ -62,6 +62,8 @@ TARGETS = {
     "vs_stock_tensorflow": 50.0,
     "p99_ms_8_clients": 25.0,
     "vs_echo": 0.40,
+    # Issue 12: with the feature and prediction histograms recorded, at 8 clients.
+    "vs_echo_8_clients": 0.55,
 }
 
 
@@ -564,7 +566,7 @@ def build_report(
         value = ratio("echo", c)
         if value is not None:
             name = f"{c} client(s): this server / echo throughput"
-            target = TARGETS["vs_echo"]
+            target = TARGETS["vs_echo_8_clients" if c >= 8 else "vs_echo"]
             checks.append((name, f"{value:.0%}", f">= {target:.0%}", value >= target))
     p99 = ours.results[top]["p99_ms"]
     p99_target = TARGETS["p99_ms_8_clients"]
@@ -619,7 +621,9 @@ def build_report(
             "(served through `keras.Model.predict`).",
             "- **this-server**: `python -m serving.server` on the same pyfunc version, default "
             "settings (access log on, micro-batching on, fast Keras path, metrics kept by "
-            "`prometheus_client` from per-request records applied in batches).",
+            "`prometheus_client` from per-request records applied in batches, the feature and "
+            "prediction histograms included: every answered row, with the generic buckets, the "
+            "benchmark's model having no drift profile).",
             "- CPU us/req: user + system CPU time of the server's whole process tree during a "
             "cell, divided by the requests answered (from `/proc`; it excludes the load "
             "generator, and moves less with machine load than req/s does).",

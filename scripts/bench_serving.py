@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_serving.py            # ~6 minutes; writes docs/benchmarks.md
     make bench-serving
     .venv/bin/python scripts/bench_serving.py --rounds 1 --duration 3 --no-write   # a quick look
+    .venv/bin/python scripts/bench_serving.py --baseline HEAD~3   # what a change costs
 
 What it does, all on 127.0.0.1 and bounded in time:
 
@@ -22,6 +23,13 @@ What it does, all on 127.0.0.1 and bounded in time:
    shared machine hits every server alike; keeps the median of each number, the CPU time the
    server's process tree used per request (from ``/proc``), the RSS of each server's process
    tree, and for ``this-server`` how many requests shared a model call (from its ``/metrics``).
+   With ``--baseline REV``, ``this-server@REV`` (the ``serving`` package as of git revision REV,
+   from ``git archive``, same model and settings) is measured in the same interleaved rounds:
+   on a shared machine the echo ceiling moves a lot between runs, and the throughput and CPU
+   per request of the same server as it was before a change, measured alongside, are what
+   tells what the change cost.
+   Each round starts one server further on in the list, so that no server is always measured
+   right after the same one.
 5. Prints a table with ratios and the targets, and rewrites the ``bench-serving`` section of
    ``docs/benchmarks.md`` (other sections are kept).
 
@@ -243,7 +251,7 @@ end
 
 def batch_counts(server: Server) -> tuple[float, float] | None:
     """(requests, model calls) of the micro-batcher so far, for this server only."""
-    if server.label != "this-server":
+    if not server.label.startswith("this-server"):
         return None
     import re
 
@@ -396,14 +404,22 @@ class Server:
 
 
 def start_server(
-    label: str, cmd: list[str], port: int, models: dict[str, Any], workdir: Path
+    label: str,
+    cmd: list[str],
+    port: int,
+    models: dict[str, Any],
+    workdir: Path,
+    pythonpath: str | None = None,
 ) -> Server:
     log_path = workdir / f"{label}.log"
     print(f"== start {label}: {' '.join(cmd)}", flush=True)
+    env = child_env(models["tracking_uri"])
+    if pythonpath:  # imported before the repository's own packages
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env["PYTHONPATH"]])
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             cmd,
-            env=child_env(models["tracking_uri"]),
+            env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -428,7 +444,10 @@ def run_benchmark(
         run_wrk(server.url, lua, 8, args.warmup)  # warm-up, not recorded
     for round_ in range(1, args.rounds + 1):
         print(f"\n-- round {round_}/{args.rounds}", flush=True)
-        for server in servers:
+        # Each round starts one server further on: no server always follows the same one
+        # (the one measured right after stock MLflow's heavy cells runs a little slower).
+        shift = (round_ - 1) % len(servers)
+        for server in servers[shift:] + servers[:shift]:
             for connections in args.connections:
                 before = batch_counts(server)
                 cpu_before = tree_cpu_s(server.proc.pid)
@@ -463,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-version", help="its version (with --model-name)")
     parser.add_argument("--skip-tensorflow-flavor", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure the server as of this git revision, in the same rounds",
+    )
     parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server:
@@ -501,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.skip_tensorflow_flavor:
         servers = [s for s in servers if s[0] != "stock-tensorflow"]
+    paths: dict[str, str] = {}
+    if args.baseline:
+        rev, tree = baseline_tree(args.baseline, workdir)
+        args.baseline_label = f"this-server@{rev}"
+        paths[args.baseline_label] = str(tree)
+        servers.append((args.baseline_label, lambda p: ours_cmd(models["pyfunc_uri"], p)))
 
     # Order matters: the echo app first, then stock on the pyfunc version (the reference
     # for the prediction check), then the others.
@@ -508,7 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for label, make_cmd in servers:
             port = free_port()
-            running.append(start_server(label, make_cmd(port), port, models, workdir))
+            running.append(
+                start_server(label, make_cmd(port), port, models, workdir, paths.get(label))
+            )
         cells = run_benchmark(running, models, lua, args)
     finally:
         for server in running:
@@ -521,6 +553,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {DOC.relative_to(REPO)}")
     shutil.rmtree(workdir, ignore_errors=True)
     return 0 if report["predictions_ok"] else 1
+
+
+def baseline_tree(rev: str, workdir: Path) -> tuple[str, Path]:
+    """The ``serving`` package as of git revision ``rev``, extracted under ``workdir``."""
+    import io
+    import tarfile
+
+    short = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", rev],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", short, "serving"],
+        capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    tree = workdir / f"baseline-{short}"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tree, filter="data")
+    return short, tree
 
 
 def build_report(
@@ -594,6 +645,9 @@ def build_report(
     check_rows = [[name, got, want, "met" if ok else "NOT met"] for name, got, want, ok in checks]
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     command = "make bench-serving   # = .venv/bin/python scripts/bench_serving.py"
+    baseline = getattr(args, "baseline_label", None)
+    if baseline:
+        command = f".venv/bin/python scripts/bench_serving.py --baseline {baseline.split('@')[1]}"
     md = "\n".join(
         [
             "## Model server (`python -m serving.server`) vs stock `mlflow models serve`",
@@ -602,8 +656,8 @@ def build_report(
             f"(1 thread) on the same machine; single-row `dataframe_split` JSON POSTs; one "
             f"worker per server. All servers are started first (an idle server uses no CPU), "
             f"then measured one at a time in {args.rounds} interleaved rounds of "
-            f"{args.duration} s per cell (after a {args.warmup} s warm-up each); the tables "
-            "show the median of the rounds.",
+            f"{args.duration} s per cell (after a {args.warmup} s warm-up each; each round "
+            "starts one server further on); the tables show the median of the rounds.",
             "",
             "```",
             command,
@@ -629,6 +683,7 @@ def build_report(
             "generator, and moves less with machine load than req/s does).",
             "- RSS is the resident memory of the server's whole process tree after the runs.",
             *batching_note(ours, conns),
+            *baseline_note(cells, baseline, conns),
             f"- Non-2xx or socket errors during the runs: {errors}.",
             f"- The load generator shares the {os.cpu_count()} CPUs with the server, and the "
             "machine may be shared with other jobs (1-minute load average "
@@ -640,6 +695,23 @@ def build_report(
     )
     text = table(header, rows) + "\n\n" + table(["target", "measured", "wanted", ""], check_rows)
     return {"markdown": md, "text": text, "predictions_ok": predictions_ok}
+
+
+def baseline_note(cells: dict[str, Cell], baseline: str | None, conns: list[int]) -> list[str]:
+    if not baseline or baseline not in cells:
+        return []
+    ours, before = cells["this-server"].results, cells[baseline].results
+    parts = [
+        f"{c} client(s): {ours[c]['rps'] / before[c]['rps']:.2f}x the throughput, "
+        f"{ours[c]['cpu_us']:.0f} vs {before[c]['cpu_us']:.0f} CPU us/req"
+        for c in conns
+        if c in ours and c in before
+    ]
+    return [
+        f"- **{baseline}**: the same server as of that revision, measured in the same rounds "
+        "(what this run's code costs or saves against it, whatever the echo ceiling did): "
+        "this-server at " + "; ".join(parts) + "."
+    ]
 
 
 def batching_note(ours: Cell, conns: list[int]) -> list[str]:

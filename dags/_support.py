@@ -8,7 +8,7 @@ Kept out of DAG parsing by ``.airflowignore``; imports nothing heavy.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date, timedelta
 from typing import Any
 
@@ -273,10 +273,7 @@ def rollout_tasks(request_task_id: str) -> tuple[Any, Any]:
     in the worker, the Kubernetes one in a pod. A verdict (verification ran and failed) fails
     the task without retries; anything else is retried and marks nothing.
     """
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk import task
-
-    from serving.deploy.pods import rollout_pod_kwargs
 
     deploy = DeploySettings()
 
@@ -301,10 +298,10 @@ def rollout_tasks(request_task_id: str) -> tuple[Any, Any]:
             print(line)
         return {**outcome, LINKS_KEY: _links(uri, outcome.get("version"))}
 
-    rollout_kubernetes = KubernetesPodOperator(
-        task_id="rollout_kubernetes",
-        pool=deploy.rollout_pool,
-        **rollout_pod_kwargs(
+    def rollout_pod() -> dict[str, Any]:
+        from serving.deploy.pods import rollout_pod_kwargs
+
+        return rollout_pod_kwargs(
             deploy,
             registry=RegistrySettings(),
             request=(
@@ -312,9 +309,32 @@ def rollout_tasks(request_task_id: str) -> tuple[Any, Any]:
                 " | tojson }}"
             ),
             tracking_uri="{{ mlflow_tracking_uri() }}",
-        ),
-    )
+        )
+
+    rollout_kubernetes = pod_task("rollout_kubernetes", rollout_pod, pool=deploy.rollout_pool)
     return rollout_local(), rollout_kubernetes
+
+
+def pod_task(task_id: str, pod_kwargs: Callable[[], dict[str, Any]], **task_kwargs: Any) -> Any:
+    """A KubernetesPodOperator task ``task_id`` (``pod_kwargs()`` gives the pod's arguments).
+
+    Airflow 3 parses the DAG file again in every task's own process. When that process runs
+    another task of the DAG (its parsing context names a different task), this returns an
+    ``EmptyOperator`` stand-in with the same id and task arguments instead: the graph the
+    running task sees (ids, edges, what a branch skips) is the same, but the kubernetes
+    clients (sync and asyncio, most of the provider's import time) are only imported where a
+    pod is started and where the DAG processor parses the file.
+    """
+    from airflow.sdk import get_parsing_context
+
+    running = get_parsing_context().task_id
+    if running is not None and running != task_id:
+        from airflow.providers.standard.operators.empty import EmptyOperator
+
+        return EmptyOperator(task_id=task_id, **task_kwargs)
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    return KubernetesPodOperator(task_id=task_id, **task_kwargs, **pod_kwargs())
 
 
 def _links(uri: str, version: str | None) -> dict[str, str]:

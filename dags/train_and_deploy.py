@@ -49,6 +49,7 @@ from _support import (
     drift_asset,
     gate_settings,
     pipeline_params,
+    pod_task,
     registry_settings,
     reject_unknown_conf,
     rollout_tasks,
@@ -60,12 +61,10 @@ from _support import (
     trigger_reason,
     window_end,
 )
-from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from ml.settings import DataSettings, TrainingSettings
-from serving.deploy.pods import training_pod_kwargs
 from serving.deploy.settings import DeploySettings
 
 
@@ -213,10 +212,11 @@ def train_and_deploy():
     # return the same reference dict; Params and XCom reach the pod as templates.
     training = TrainingSettings()
     if training.runner == "kubernetes":
-        train_in_pod = KubernetesPodOperator(  # noqa: AIR001 - same task_id in both variants
-            task_id="train",
-            retries=1,
-            **training_pod_kwargs(
+
+        def training_pod() -> dict:
+            from serving.deploy.pods import training_pod_kwargs
+
+            return training_pod_kwargs(
                 training,
                 DataSettings(),
                 DeploySettings(),
@@ -227,8 +227,10 @@ def train_and_deploy():
                 batch_size="{{ params.batch_size }}",
                 tags=training_run_tag_templates(),
                 execution_timeout_s=int(IO_TASK_DEFAULTS["execution_timeout"].total_seconds()),
-            ),
-        )
+            )
+
+        # Same task_id "train" in both variants.
+        train_in_pod = pod_task("train", training_pod, retries=1)
         window >> train_in_pod
         trained = train_in_pod.output
     else:

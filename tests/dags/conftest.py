@@ -16,13 +16,31 @@ DAG_FILES = sorted(p for p in DAGS_DIR.glob("*.py") if not p.name.startswith("_"
 HEAVY_MODULES = ("tensorflow", "keras", "mlflow", "pandas", "matplotlib", "sklearn")
 PROBE_TEST = "test_dag_parse_imports_nothing_heavy"
 
+# What a task's own process needs no more of: the kubernetes clients, unless it starts a pod.
+POD_ONLY_MODULES = ("kubernetes", "kubernetes_asyncio")
+# The task whose process parses each file first (one that starts no pod), as Airflow 3's task
+# runner does: with the parsing context naming it.
+TASK_PARSE_CONTEXT = "register"
+
 _PROBE_CODE = (
-    "import importlib.util, json, sys\n"
+    "import importlib.util, json, os, sys\n"
     f"sys.path.insert(0, {str(DAGS_DIR)!r})\n"
-    f"for path in {[str(f) for f in DAG_FILES]!r}:\n"
+    "def parse(path):\n"
     "    spec = importlib.util.spec_from_file_location('dag_under_test', path)\n"
     "    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-    f"    print(json.dumps([path, sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)]))\n"
+    # First as a task's process parses it, then (kubernetes then loads) as the DAG processor.
+    f"for path in {[str(f) for f in DAG_FILES]!r}:\n"
+    "    os.environ['_AIRFLOW_PARSING_CONTEXT_DAG_ID'] = os.path.basename(path)[:-3]\n"
+    f"    os.environ['_AIRFLOW_PARSING_CONTEXT_TASK_ID'] = {TASK_PARSE_CONTEXT!r}\n"
+    "    parse(path)\n"
+    f"    heavy = {(*HEAVY_MODULES, *POD_ONLY_MODULES)!r}\n"
+    "    print(json.dumps(['task', path, sorted(m for m in heavy if m in sys.modules)]))\n"
+    "del os.environ['_AIRFLOW_PARSING_CONTEXT_DAG_ID']\n"
+    "del os.environ['_AIRFLOW_PARSING_CONTEXT_TASK_ID']\n"
+    f"for path in {[str(f) for f in DAG_FILES]!r}:\n"
+    "    parse(path)\n"
+    f"    heavy = {HEAVY_MODULES!r}\n"
+    "    print(json.dumps(['dag', path, sorted(m for m in heavy if m in sys.modules)]))\n"
 )
 _probe: subprocess.Popen | None = None
 
@@ -39,19 +57,38 @@ def _start_probe() -> subprocess.Popen:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     global _probe
+    # Under pytest-xdist every worker collects every test: only the worker that runs this
+    # package starts the probe (below), when it reaches it.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     if any(item.name == PROBE_TEST for item in session.items):
         _probe = _start_probe()
 
 
-@pytest.fixture
-def dag_parse_report() -> list[tuple[str, list[str]]]:
-    """``[(dag file, heavy modules loaded after importing it)]`` from one fresh interpreter
-    that imported every DAG file in turn (started early; see the module docstring)."""
+@pytest.fixture(scope="package", autouse=True)
+def _probe_started_early(request):
+    global _probe
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and _probe is None and any(i.name == PROBE_TEST for i in request.session.items):
+        _probe = _start_probe()
+
+
+@pytest.fixture(scope="session")
+def dag_parse_report() -> dict[str, list[tuple[str, list[str]]]]:
+    """``{"task": [...], "dag": [...]}``: ``(dag file, heavy modules loaded after importing
+    it)`` from one fresh interpreter that imported every DAG file in turn, first as a task's
+    process does (parsing context: task ``register``), then as the DAG processor does
+    (started early; see the module docstring)."""
     global _probe
     probe, _probe = _probe or _start_probe(), None
     out, err = probe.communicate(timeout=300)
     assert probe.returncode == 0, err
-    return [tuple(json.loads(line)) for line in out.splitlines() if line.startswith('["')]
+    report: dict[str, list[tuple[str, list[str]]]] = {"task": [], "dag": []}
+    for line in out.splitlines():
+        if line.startswith('["'):
+            kind, path, loaded = json.loads(line)
+            report[kind].append((path, loaded))
+    return report
 
 
 def load_dag(dag_id: str):

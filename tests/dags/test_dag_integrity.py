@@ -181,8 +181,63 @@ def test_dag_parse_imports_nothing_heavy(dag_parse_report):
     One fresh interpreter parses every DAG file in turn and reports, after each, which heavy
     modules are loaded: once one appears, the file that pulled it in is the first one listed.
     """
-    assert [path for path, _ in dag_parse_report] == [str(f) for f in DAG_FILES]
-    assert [(path, loaded) for path, loaded in dag_parse_report if loaded] == []
+    report = dag_parse_report["dag"]
+    assert [path for path, _ in report] == [str(f) for f in DAG_FILES]
+    assert [(path, loaded) for path, loaded in report if loaded] == []
+
+
+def test_a_task_that_starts_no_pod_parses_without_the_kubernetes_clients(dag_parse_report):
+    """Airflow 3 parses the DAG file again in every task's process: a registry-only task
+    must not pay the kubernetes clients' imports (seconds per task) for a pod it never starts.
+    """
+    report = dag_parse_report["task"]
+    assert [path for path, _ in report] == [str(f) for f in DAG_FILES]
+    assert [(path, loaded) for path, loaded in report if loaded] == []
+
+
+@pytest.mark.parametrize("runner", ["worker", "kubernetes"])
+def test_a_task_s_own_parse_keeps_the_graph_and_the_pod_task_s_own_parse_has_the_pod(
+    runner, monkeypatch
+):
+    """The stand-in for a pod task (in another task's process) keeps every task id, edge,
+    trigger rule, pool and retry count; in its own process the pod task is the real one."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    if runner == "kubernetes":
+        monkeypatch.setenv("PIPELINE_TRAIN_RUNNER", "kubernetes")
+        monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", '{"conn_type": "kubernetes"}')
+
+    def parse(dag_id: str, task_id: str | None):
+        if task_id is None:
+            monkeypatch.delenv("_AIRFLOW_PARSING_CONTEXT_TASK_ID", raising=False)
+            monkeypatch.delenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", raising=False)
+        else:
+            monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", dag_id)
+            monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_TASK_ID", task_id)
+        bag = DagBag(dag_folder=str(DAGS_DIR / f"{dag_id}.py"))
+        assert bag.import_errors == {}
+        return bag.dags[dag_id]
+
+    def shape(dag):
+        return {
+            t.task_id: (sorted(t.downstream_task_ids), str(t.trigger_rule), t.pool, t.retries)
+            for t in dag.tasks
+        }
+
+    pod_tasks = {"train_and_deploy": ["rollout_kubernetes"], "deploy_model": ["rollout_kubernetes"]}
+    if runner == "kubernetes":
+        pod_tasks["train_and_deploy"].append("train")
+    for dag_id, other_task in (("train_and_deploy", "register"), ("deploy_model", "request")):
+        processor = parse(dag_id, None)
+        in_other_task = parse(dag_id, other_task)
+        assert shape(in_other_task) == shape(processor)
+        for pod_task in pod_tasks[dag_id]:
+            assert isinstance(processor.get_task(pod_task), KubernetesPodOperator)
+            assert not isinstance(in_other_task.get_task(pod_task), KubernetesPodOperator)
+            in_own_task = parse(dag_id, pod_task)
+            assert isinstance(in_own_task.get_task(pod_task), KubernetesPodOperator)
+            assert shape(in_own_task) == shape(processor)
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,7 @@ DAG_ID = "train_and_deploy"
 MLFLOW_URL = f"http://{HOST}:{MLFLOW_PORT}"
 AIRFLOW_URL = f"http://{HOST}:{AIRFLOW_PORT}"
 AIRFLOW_HOME = STATE / "airflow"
+AIRFLOW_SETTINGS_DIR = ROOT / "scripts" / "airflow_settings"
 PIDS = STATE / "pids"
 LOGS = STATE / "logs"
 AIRFLOW_PASSWORDS = AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated"
@@ -91,6 +92,11 @@ def stack_env() -> dict[str, str]:
             "PIPELINE_STATE_DIR": str(STATE),
             "MLFLOW_TRACKING_URI": MLFLOW_URL,
             "AIRFLOW_HOME": str(AIRFLOW_HOME),
+            # airflow_local_settings.py: the scheduler imports MLflow once, before it forks the
+            # LocalExecutor's workers, so tasks start with it loaded (see that file).
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(AIRFLOW_SETTINGS_DIR), env.get("PYTHONPATH", "")) if p
+            ),
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

@@ -107,3 +107,28 @@ def test_stop_ends_what_is_left_of_the_group_when_the_cli_already_died(stack, tm
         assert not _listening(port)
     finally:
         _cleanup(family)
+
+
+@pytest.mark.parametrize(("component", "preloaded"), [("scheduler", True), ("api-server", False)])
+def test_the_scheduler_and_so_every_task_it_forks_starts_with_mlflow_loaded(
+    stack, component, preloaded, tmp_path
+):
+    """The stack's airflow_local_settings.py, on the PYTHONPATH the stack gives Airflow: the
+    scheduler (parent of the LocalExecutor's workers and their tasks) imports MLflow when
+    Airflow loads its settings; the other components do not pay for it."""
+    import subprocess
+
+    code = (
+        "import sys, airflow.settings\n"
+        "print('airflow_local_settings' in sys.modules, 'mlflow' in sys.modules)\n"
+    )
+    env = {**stack.stack_env(), "AIRFLOW_HOME": str(tmp_path / "airflow")}
+    done = subprocess.run(
+        [sys.executable, "-c", code, component],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["True", str(preloaded)]

@@ -1167,7 +1167,52 @@ def run(conf: dict) -> int:
     run_id = response.json()["dag_run_id"]
     say(f"triggered {DAG_ID} run {run_id}; follow it at {AIRFLOW_URL}/dags/{DAG_ID}")
     state, tasks = _follow(api, run_id)
+    _print_timings(api, run_id)
     return _report(state, tasks, run_id)
+
+
+def task_timings(dag_run: dict, instances: list[dict]) -> list[tuple[str, str, float, float]]:
+    """``(task, state, start, seconds)`` of the tasks that ran, in start order; ``start`` is
+    seconds after the run was queued (the trigger)."""
+    from datetime import datetime
+
+    def at(stamp: str) -> float:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+    t0 = at(dag_run.get("queued_at") or dag_run["start_date"])
+    # Airflow stamps a skipped task's start and end too: it did not run.
+    ran = [
+        ti
+        for ti in instances
+        if ti.get("start_date") and ti.get("end_date") and ti.get("state") != "skipped"
+    ]
+    ran.sort(key=lambda ti: ti["start_date"])
+    return [
+        (
+            ti["task_id"],
+            ti["state"],
+            at(ti["start_date"]) - t0,
+            at(ti["end_date"]) - at(ti["start_date"]),
+        )
+        for ti in ran
+    ]
+
+
+def _print_timings(api: httpx.Client, run_id: str) -> None:
+    try:
+        dag_run = api.get(f"/dags/{DAG_ID}/dagRuns/{run_id}").json()
+        instances = api.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances").json()
+        rows = task_timings(dag_run, instances["task_instances"])
+    except Exception as exc:  # only a summary: the run's outcome is reported below anyway
+        say(f"task timings unavailable ({exc.__class__.__name__}: {exc})")
+        return
+    if not rows:
+        return
+    say("task timings (start: seconds after the trigger):")
+    for task_id, state, start, took in rows:
+        say(f"  {task_id:<18} {state:<8} start {start:6.1f} s  took {took:6.1f} s")
+    last = max(start + took for _, _, start, took in rows)
+    say(f"  trigger to the last task's end: {last:.1f} s")
 
 
 def _follow(api: httpx.Client, run_id: str, timeout_s: float = 3600) -> tuple[str, dict]:

@@ -200,3 +200,32 @@ def test_a_directory_the_server_user_cannot_enter_is_named(stack, tmp_path):
     closed.chmod(0o700)
     with pytest.raises(PermissionError, match=str(closed)):
         stack._check_reachable(closed / "pg", user)
+
+
+def test_task_timings_are_in_start_order_from_the_trigger_and_skip_tasks_that_never_ran(stack):
+    dag_run = {"queued_at": "2026-11-29T20:00:00Z", "start_date": "2026-11-29T20:00:01Z"}
+    instances = [
+        {
+            "task_id": "register",
+            "state": "success",
+            "start_date": "2026-11-29T20:01:10.5Z",
+            "end_date": "2026-11-29T20:01:11.5Z",
+        },
+        {
+            "task_id": "load_window",
+            "state": "success",
+            "start_date": "2026-11-29T20:00:02+00:00",
+            "end_date": "2026-11-29T20:00:03.25+00:00",
+        },
+        {"task_id": "not_deployed", "state": "skipped", "start_date": None, "end_date": None},
+        {
+            "task_id": "unchanged",
+            "state": "skipped",
+            "start_date": "2026-11-29T20:00:04Z",
+            "end_date": "2026-11-29T20:00:04Z",
+        },
+    ]
+    assert stack.task_timings(dag_run, instances) == [
+        ("load_window", "success", 2.0, 1.25),
+        ("register", "success", 70.5, 1.0),
+    ]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import pytest
 from tests.conftest import free_port
 from tests.integration.conftest import xcom as _xcom
 from tests.plugins.conftest import asset_events, clear_queue, queued_for, sync_dags_to_db
+from tests.processes import wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -45,37 +45,6 @@ WEIGHTS = {"1": [1.0, 2.0, 3.0], "2": [-1.0, 0.5, 2.0], "3": [0.25, 0.25, 4.0]}
 BIN = Path(sys.executable).parent
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    out = open(log, "wb")  # noqa: SIM115 - owned by the child
-    return subprocess.Popen(
-        argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up: {log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-
-
 CLIENT_MLFLOW_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
@@ -83,7 +52,7 @@ CLIENT_MLFLOW_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 def stack(airflow_db, tmp_path_factory):
     from mlflow import MlflowClient
 
-    from scripts.stack import WEBHOOK_PATH, mlflow_webhook_env, register_mlflow_webhook
+    from scripts.stack import WEBHOOK_PATH, mlflow_webhook_env, register_mlflow_webhook, spawn
 
     root = tmp_path_factory.mktemp("promotion")
     mlflow_port, api_port = free_port(), free_port()
@@ -126,16 +95,16 @@ def stack(airflow_db, tmp_path_factory):
     procs = []
     try:
         # Both servers boot in parallel; the plugin reads the DB per request, not at start.
-        procs.append(mlflow_proc := _spawn(server, env, root / "mlflow.log"))
+        procs.append(mlflow_proc := spawn(server, env, root / "mlflow.log"))
         api_cmd = [str(BIN / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(api_port)]
         api_env = {**os.environ, "AIRFLOW__API__WORKERS": "1"}
-        procs.append(api_proc := _spawn(api_cmd, api_env, root / "api-server.log"))
+        procs.append(api_proc := spawn(api_cmd, api_env, root / "api-server.log"))
         # What the DAG processor does: deploy_model (and its asset) into the metadata DB.
         sync_dags_to_db()
         clear_queue()
-        _wait_http(f"{mlflow_url}/health", mlflow_proc, root / "mlflow.log")
+        wait_http(f"{mlflow_url}/health", mlflow_proc, root / "mlflow.log")
         _register_versions(mlflow_url)
-        _wait_http(f"{api_url}/registry-events/", api_proc, root / "api-server.log")
+        wait_http(f"{api_url}/registry-events/", api_proc, root / "api-server.log")
         described = httpx.get(f"{api_url}/registry-events/").json()
         assert described["watching"] == {"model": MODEL, "alias": "champion"}
 
@@ -155,7 +124,7 @@ def stack(airflow_db, tmp_path_factory):
             "endpoint": f"http://127.0.0.1:{front}",
         }
     finally:
-        from serving.deploy.local import LocalTarget
+        from serving.deploy.local import LocalTarget, stop_group
         from serving.deploy.settings import DeploySettings
 
         LocalTarget(DeploySettings(), mlflow_url).stop_all()
@@ -165,7 +134,8 @@ def stack(airflow_db, tmp_path_factory):
         mlflow.set_registry_uri(None)
         mp.undo()
         for proc in reversed(procs):
-            _stop(proc)
+            stop_group(proc.pid, timeout_s=20)
+            proc.wait(timeout=10)
 
 
 def _register_versions(mlflow_url: str) -> None:

@@ -74,6 +74,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.processes import log_tail, wait_http
 
 pytestmark = [pytest.mark.postgres, pytest.mark.integration]
 
@@ -251,27 +252,6 @@ class Relay:
 # -- processes -------------------------------------------------------------------------------
 
 
-def _tail(path: Path, chars: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except FileNotFoundError:
-        return ""
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up:\n{_tail(log)}")
-
-
 class Db:
     """Reads of Airflow's metadata DB on PostgreSQL (the airflow_load role's own login)."""
 
@@ -412,7 +392,7 @@ def stack(postgres, request, tmp_path_factory) -> Iterator[dict[str, Any]]:
         client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
         _register_versions(mlflow_url)
         _progress(f"{len(WEIGHTS)} versions registered")
-        assert prepare.wait(timeout=600) == 0, _tail(prepare_log)
+        assert prepare.wait(timeout=600) == 0, log_tail(prepare_log)
         timings["airflow_db_ready_s"] = time.monotonic() - started
         _progress("Airflow DB migrated, deploy_model synced")
         env.update(
@@ -424,7 +404,7 @@ def stack(postgres, request, tmp_path_factory) -> Iterator[dict[str, Any]]:
         api_log = root / "api-server.log"
         api_argv = [str(BIN / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(api_port)]
         procs.append(api := spawn(api_argv, env, api_log, cwd=REPO))
-        _wait_http(f"{api_url}/registry-events/", api, api_log, timeout_s=180)
+        wait_http(f"{api_url}/registry-events/", api, api_log, timeout_s=180)
         described = httpx.get(f"{api_url}/registry-events/", timeout=10).json()
         assert described["watching"] == {"model": MODEL, "alias": "champion"}, described
         timings["api_server_ready_s"] = time.monotonic() - started
@@ -445,7 +425,7 @@ def stack(postgres, request, tmp_path_factory) -> Iterator[dict[str, Any]]:
                 argv = [str(BIN / "airflow"), "scheduler"]
                 scheduler.append(spawn(argv, env, root / "scheduler.log", cwd=REPO))
                 procs.append(scheduler[0])
-            assert scheduler[0].poll() is None, _tail(root / "scheduler.log")
+            assert scheduler[0].poll() is None, log_tail(root / "scheduler.log")
 
         yield {
             "root": root,
@@ -597,7 +577,7 @@ def _settle(stack, final: str, after_run: int, timeout_s: float = 150) -> tuple[
             raise AssertionError(
                 f"not settled in {timeout_s}s: served {_served(stack['endpoint'])}, want "
                 f"{final}; runs {runs}; queue {db.queued()}\n"
-                f"{_tail(stack['root'] / 'scheduler.log')}"
+                f"{log_tail(stack['root'] / 'scheduler.log')}"
             )
         time.sleep(0.25)
 

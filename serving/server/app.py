@@ -16,10 +16,13 @@ Routes (a client of ``mlflow models serve`` must not notice the switch):
 
 Every response carries ``X-Model-Version`` when the model came from the registry.
 
-How a request is answered. The fast path (the project's Keras pyfunc, see
-``serving.server.loader``) parses the common JSON shapes straight into a float32 matrix (a small
-``dataframe_split`` request of plain numbers is checked in pure Python and handed over as is),
-and the model runs on it through the micro-batcher (``serving.server.batching``). The request
+How a request is answered. The fast path (Keras networks: the project's pyfunc, and the
+``tensorflow``/``keras`` flavors, see ``serving.server.loader``) parses the common JSON shapes
+straight into a float32 matrix (named columns for the project's pyfunc, rows by position for a
+tensor signature; a small request of plain numbers is checked in pure Python and handed over as
+is), and the model runs on it through the micro-batcher (``serving.server.batching``); the
+answer is laid out as MLflow's scoring server lays out that flavor's (``[{name: v}]`` for the
+project's pyfunc, ``[[v]]`` for a ``(None, 1)`` network). The request
 path itself only appends one tuple per finished request to a list (and the micro-batcher one
 reference to each model call's input rows and output array, for the feature and prediction
 histograms); access-log lines and metric updates are made from those records in batches (at
@@ -380,7 +383,11 @@ def _plain_split(split: Any, features: tuple[str, ...]) -> list[list[float]] | N
         return None
     if tuple(columns) != features:
         return None
-    n = len(features)
+    return _plain_rows(data, len(features))
+
+
+def _plain_rows(data: list, n: int) -> list[list[float]] | None:
+    """``data`` if it is rows of ``n`` plain numbers, all finite as float32, else None."""
     for row in data:
         if type(row) is not list or len(row) != n:
             return None
@@ -437,6 +444,64 @@ def fast_rows(
     if arr.dtype is not _F64:
         arr = arr.astype(np.float64)
     rows = arr.astype(np.float32)  # overflow -> inf (the warning is filtered at import)
+    if not _all_finite(rows):
+        raise NonFiniteInput("A feature value is not finite as float32")
+    return rows
+
+
+def tensor_rows(
+    payload: Any, width: int, allow_params: bool
+) -> np.ndarray | list[list[float]] | None:
+    """``payload`` as rows x ``width`` for a model whose signature is one unnamed
+    ``float32 [-1, width]`` tensor (the keras/tensorflow flavors), or None if MLflow must decide.
+
+    MLflow feeds such a model its rows by position, whatever the column names: a
+    ``dataframe_split`` (without ``index``; ``columns``, if any, ``width`` distinct names) or
+    ``instances``/``inputs`` as a list of rows. The values become float32 as MLflow casts
+    them; anything else (records, strings, nulls, ragged rows) goes to MLflow. Raises
+    :class:`NonFiniteInput` for values that are not finite as float32.
+    """
+    if type(payload) is not dict:
+        return None
+    fmt = None
+    for key in payload:
+        if key in _FORMAT_KEYS:
+            if fmt is not None:
+                return None
+            fmt = key
+        elif key != "params" or not allow_params:
+            return None
+    if fmt is None:
+        return None
+    value = payload[fmt]
+    if fmt == "dataframe_split":
+        if type(value) is not dict or "data" not in value:
+            return None
+        columns = value.get("columns")
+        if len(value) != (1 if columns is None else 2):
+            return None
+        if columns is not None and (
+            type(columns) is not list
+            or len(columns) != width
+            or any(type(c) is not str for c in columns)
+            or len(set(columns)) != width
+        ):
+            return None
+        data = value["data"]
+    elif fmt in ("instances", "inputs"):
+        data = value
+    else:
+        return None
+    if type(data) is not list or not data:
+        return None
+    if len(data) <= _PLAIN_MAX_ROWS and _plain_rows(data, width) is not None:
+        return data
+    arr = _numeric_matrix(data)
+    if arr is None or arr.shape[0] == 0 or arr.shape[1] != width:
+        return None
+    if arr.dtype is not _F64:
+        arr = arr.astype(np.float64)
+    rows = arr.astype(np.float32)
     if not _all_finite(rows):
         raise NonFiniteInput("A feature value is not finite as float32")
     return rows
@@ -655,14 +720,23 @@ def strict_json(body: bytes) -> Any:
         ) from None
 
 
-def _check_finite(data: Any, features: list[str]) -> None:
-    """For the Keras model: no missing or non-finite values in the feature columns.
+def _check_finite(data: Any, features: list[str] | None) -> None:
+    """For the Keras model: no missing or non-finite values in the feature columns
+    (``features`` None: a tensor model, every column of a frame, or the whole array).
 
     Only float columns are looked at (MLflow has cast the schema columns already); anything
     else is left to MLflow's schema enforcement.
     """
     import pandas as pd
 
+    if features is None:
+        if isinstance(data, np.ndarray):
+            if data.dtype.kind == "f" and not np.isfinite(data).all():
+                raise NonFiniteInput("The input has missing or non-finite values")
+            return
+        if not isinstance(data, pd.DataFrame):
+            return
+        features = list(data.columns)
     for column in features:
         if isinstance(data, pd.DataFrame):
             values = data[column] if column in data.columns else None
@@ -764,7 +838,8 @@ def reference_invocations(
         ):
             return strict_reply(problem)
         if finite and model.fast is not None:
-            _check_finite(data, model.fast.feature_columns)
+            fast = model.fast
+            _check_finite(data, None if fast.tensor_input else fast.feature_columns)
 
         predict = model.pyfunc.predict
         try:
@@ -1028,7 +1103,10 @@ class ScoringApp:
         self._strict: StrictInputs | None = None
         self._allow_params = False
         self._output_name = "prediction"
+        self._output_layout = "records"
+        self._tensor_width = 0  # > 0: the fast path takes rows by position (tensor signature)
         self._one_prediction = b""
+        self._one_prediction_end = b"}]}"
         self._common_headers: tuple[tuple[bytes, bytes], ...] = ()
         self._json_headers: dict[int, tuple[tuple[bytes, bytes], ...]] = {}
         self._model_json = b""
@@ -1255,9 +1333,13 @@ class ScoringApp:
                         return strict_reply(problem), len(body)
                     strict = None  # checked: the reference path need not do it again
                 try:
-                    rows = fast_rows(payload, self._features, self._allow_params)
+                    if self._tensor_width:
+                        rows = tensor_rows(payload, self._tensor_width, self._allow_params)
+                    else:
+                        rows = fast_rows(payload, self._features, self._allow_params)
                 except RequestError as exc:
-                    return error_reply(exc.status, exc.error_code, exc.message), len(body)
+                    reply = error_reply(exc.status, exc.error_code, exc.message, extra=exc.extra)
+                    return reply, len(body)
                 if rows is not None:
                     try:
                         outputs = await batcher.submit(rows)
@@ -1278,12 +1360,19 @@ class ScoringApp:
         if len(values) == 1:
             value = values[0]
             if -math.inf < value < math.inf:
-                # = _dumps({"predictions": [{name: value}]}), the common one-row answer
-                body = self._one_prediction + _dumps(value) + b"}]}"
+                # = _dumps({"predictions": [{name: value}]}) (or [[value]], [value]): the
+                # common one-row answer
+                body = self._one_prediction + _dumps(value) + self._one_prediction_end
                 return Reply(200, body, _JSON, rows=1)
         elif all(map(math.isfinite, values)):
-            name = self._output_name
-            body = _dumps({"predictions": [{name: v} for v in values]})
+            layout = self._output_layout
+            if layout == "records":
+                name = self._output_name
+                body = _dumps({"predictions": [{name: v} for v in values]})
+            elif layout == "nested":
+                body = _dumps({"predictions": [[v] for v in values]})
+            else:
+                body = _dumps({"predictions": values})
             return Reply(200, body, _JSON, rows=len(values))
         return error_reply(
             400,
@@ -1375,12 +1464,21 @@ class ScoringApp:
         loop.call_soon_threadsafe(self._set_ready, model, profile)
 
     def _warm_up(self, model: LoadedModel) -> None:
-        """A real prediction through both paths; the fast path must agree with the pyfunc."""
+        """A real prediction through both paths; the fast path must agree with the pyfunc
+        (same layout, numbers within ``WARMUP_ATOL``), else the pyfunc serves. Ends with one
+        log line saying which path serves the model and why."""
         example = model.serving_input_example()
+        source = "the input example"
         if example is None:
             example = _synthetic_example(model)
+            source = "rows generated from the signature"
         if example is None:
             log.warning("no input example and no numeric signature: warm-up skipped")
+            if model.fast is not None:
+                model.fast = None
+                model.fast_path_note = "disabled: nothing to check it against at load"
+            model.batching_note = "no input example to check it on"
+            self._log_serving_path(model)
             return
         reference = reference_invocations(
             model, example.encode(), CONTENT_TYPE_JSON, finite=model.fast is not None
@@ -1390,28 +1488,25 @@ class ScoringApp:
                 f"the warm-up prediction on the model's input example failed "
                 f"({reference.status}): {reference.body[:500]!r}"
             )
-        if model.fast is None:
-            log.info("warm-up prediction ok (pyfunc path: %s)", model.fast_path_note)
-            return
-        rows = fast_rows(json.loads(example), model.fast.feature_columns, True)
-        expected = _prediction_values(reference.body, model.fast.output_name)
-        problem = None
-        if rows is None or expected is None:
-            problem = "the input example is not in a fast-path shape"
+        if model.fast is not None:
+            if problem := _fast_path_problem(model.fast, example, reference.body):
+                model.fast = None
+                model.fast_path_note = f"disabled at warm-up ({source}): {problem}"
+            else:
+                model.fast_path_note += f"; agrees with pyfunc.predict on {source}"
+        self._log_serving_path(model)
+
+    @staticmethod
+    def _log_serving_path(model: LoadedModel) -> None:
+        if model.fast is not None:
+            log.info("serving path: keras-fast-path (%s)", model.fast_path_note)
         else:
-            got = model.fast.predict(rows)
-            if got.shape != expected.shape or not np.allclose(
-                got, expected, rtol=0, atol=WARMUP_ATOL
-            ):
-                problem = (
-                    f"fast path and pyfunc disagree (max diff {np.max(np.abs(got - expected))})"
-                )
-        if problem:
-            log.warning("fast path disabled: %s", problem)
-            model.fast = None
-            model.fast_path_note = f"disabled at warm-up: {problem}"
-        else:
-            log.info("warm-up prediction ok: fast path agrees with the pyfunc")
+            log.info(
+                "serving path: %s (fast path: %s; batching: %s)",
+                model.serving_path,
+                model.fast_path_note,
+                model.batching_note,
+            )
 
     def _set_ready(self, model: LoadedModel, profile: dict[str, Any] | None = None) -> None:
         self.model = model
@@ -1425,6 +1520,8 @@ class ScoringApp:
         if model.fast is not None:
             self._features = tuple(model.fast.feature_columns)
             self._output_name = model.fast.output_name
+            self._output_layout = model.fast.output_layout
+            self._tensor_width = len(self._features) if model.fast.tensor_input else 0
             self._allow_params = not model.has_params_schema
             self.batcher = MicroBatcher(
                 model.fast.predict,
@@ -1438,7 +1535,11 @@ class ScoringApp:
         if identity.version is not None:
             self._common_headers = ((VERSION_HEADER.lower().encode(), identity.version.encode()),)
             self._json_headers = {}
-        self._one_prediction = b'{"predictions":[{' + _dumps(self._output_name) + b":"
+        self._one_prediction, self._one_prediction_end = {
+            "records": (b'{"predictions":[{' + _dumps(self._output_name) + b":", b"}]}"),
+            "nested": (b'{"predictions":[[', b"]]}"),
+            "flat": (b'{"predictions":[', b"]}"),
+        }[self._output_layout]
         description = {**model.describe(), "mlflow_version": self._mlflow_version.decode()}
         self._model_json = json.dumps(description).encode()
         self.metrics.set_model(
@@ -1495,9 +1596,19 @@ def _input_columns(model: LoadedModel) -> list[str]:
 
 
 def _synthetic_example(model: LoadedModel) -> str | None:
-    """A one-row all-zeros request when the model has no input example but numeric columns."""
+    """A request for a model without an input example: one all-zeros row for numeric
+    columns; for one ``[-1, n]`` tensor, a few seeded random rows (float32 values)."""
     schema = model.input_schema
-    if schema is None or not schema.has_input_names():
+    if schema is None:
+        return None
+    if schema.is_tensor_spec():
+        specs = schema.inputs
+        shape = tuple(specs[0].shape) if len(specs) == 1 else ()
+        if len(shape) != 2 or shape[0] != -1 or specs[0].name is not None:
+            return None
+        rows = np.random.default_rng(0).normal(size=(8, shape[1])).astype(np.float32)
+        return json.dumps({"inputs": rows.tolist()})
+    if not schema.has_input_names():
         return None
     specs = schema.inputs
     if any(_type_name(s) not in NUMERIC_INPUT_TYPES for s in specs):
@@ -1506,12 +1617,60 @@ def _synthetic_example(model: LoadedModel) -> str | None:
     return json.dumps({"dataframe_split": {"columns": names, "data": [[0] * len(names)]}})
 
 
-def _prediction_values(body: bytes, name: str) -> np.ndarray | None:
+def format_predictions(values: np.ndarray, layout: str, name: str) -> bytes:
+    """The scoring server's answer for one value per row, laid out as ``layout``."""
+    listed = np.asarray(values, dtype=np.float64).reshape(-1).tolist()
+    if layout == "records":
+        return _dumps({"predictions": [{name: v} for v in listed]})
+    if layout == "nested":
+        return _dumps({"predictions": [[v] for v in listed]})
+    return _dumps({"predictions": listed})
+
+
+def _skeleton(obj: Any) -> Any:
+    """``obj`` with every number replaced by 0: the layout of an answer."""
+    if isinstance(obj, dict):
+        return {k: _skeleton(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_skeleton(v) for v in obj]
+    if isinstance(obj, int | float) and not isinstance(obj, bool):
+        return 0
+    return obj
+
+
+def _numbers(obj: Any) -> list[float]:
+    if isinstance(obj, dict):
+        return [v for value in obj.values() for v in _numbers(value)]
+    if isinstance(obj, list):
+        return [v for value in obj for v in _numbers(value)]
+    if isinstance(obj, int | float) and not isinstance(obj, bool):
+        return [float(obj)]
+    return []
+
+
+def _fast_path_problem(fast: Any, example: str, reference_body: bytes) -> str | None:
+    """Why the fast path's answer to ``example`` is not the pyfunc's (None: it is)."""
+    payload = json.loads(example)
     try:
-        predictions = json.loads(body)["predictions"]
-        return np.asarray([float(p[name]) for p in predictions], dtype=np.float64)
-    except (KeyError, TypeError, ValueError):
-        return None
+        if fast.tensor_input:
+            rows = tensor_rows(payload, len(fast.feature_columns), True)
+        else:
+            rows = fast_rows(payload, fast.feature_columns, True)
+    except RequestError as exc:
+        return f"the input example is rejected by the fast path: {exc.message}"
+    if rows is None:
+        return "the input example is not in a fast-path shape"
+    got = json.loads(format_predictions(fast.predict(rows), fast.output_layout, fast.output_name))
+    expected = json.loads(reference_body)
+    if _skeleton(got) != _skeleton(expected):
+        return (
+            f"the answers differ in layout (fast path {json.dumps(got)[:120]}, "
+            f"pyfunc {json.dumps(expected)[:120]})"
+        )
+    diff = float(np.max(np.abs(np.subtract(_numbers(got), _numbers(expected))), initial=0.0))
+    if not diff <= WARMUP_ATOL:
+        return f"fast path and pyfunc disagree (max diff {diff:.3g} > {WARMUP_ATOL:g})"
+    return None
 
 
 # -- running it ----------------------------------------------------------------------------------

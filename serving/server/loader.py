@@ -1,4 +1,4 @@
-"""Load an MLflow model for serving, with a fast inference path for this project's Keras pyfunc.
+"""Load an MLflow model for serving, with a fast inference path for Keras models.
 
 Any MLflow pyfunc loads (``models:/name/version``, ``models:/name@alias``, ``models:/name/latest``,
 ``models:/<model id>``, ``runs:/<run id>/<path>``, a local path), from the tracking/registry
@@ -6,13 +6,25 @@ server named by ``MLFLOW_TRACKING_URI``. A registry URI is resolved to a concret
 and that pinned version is what gets downloaded and reported, so an alias moving later cannot
 make the server lie about what it serves.
 
-The fast path applies when the model is the Keras regressor logged by ``ml.train`` (a
-models-from-code pyfunc whose code file is ``keras_pyfunc.py``, whose python model class is
-``KerasRegressor``, with a ``keras_model`` artifact, numeric named input columns and one output
-column). For it, the ``.keras`` file is loaded here and wrapped in one TensorFlow concrete
-function with a fixed ``float32 [None, n_features]`` input signature; a prediction is a direct
-call of that function, with no DataFrame, no schema enforcement pass and no
-``keras.Model.predict``. Every other model is served through its pyfunc ``predict``.
+The fast path applies to
+
+- the Keras regressor logged by ``ml.train`` (a models-from-code pyfunc whose code file is
+  ``keras_pyfunc.py``, whose python model class is ``KerasRegressor``, with a ``keras_model``
+  artifact, numeric named input columns and one output column): its ``.keras`` file is loaded
+  here;
+- a Keras network logged with ``mlflow.tensorflow.log_model`` (flavor ``tensorflow``,
+  ``model_type: keras``) or ``mlflow.keras.log_model`` (flavor ``keras``, not
+  ``save_exported_model``). MLflow 3.17 requires a tensor signature for both; the fast path
+  takes one unnamed ``float32 [-1, n]`` tensor (what MLflow feeds ``keras.Model.predict``), and
+  the network is the one the flavor's pyfunc loaded (``get_raw_model``).
+
+Either way the network is wrapped in one TensorFlow concrete function with a fixed
+``float32 [None, n_features]`` input signature; a prediction is a direct call of that function,
+with no DataFrame, no schema enforcement pass and no ``keras.Model.predict``. The server checks
+its numbers against the flavor's own ``pyfunc.predict`` at load (warm-up) and serves through
+the pyfunc if they differ. Every other model is served through its pyfunc ``predict``
+(micro-batched when that is safe: ``serving.server.app``). :func:`choose_fast_path` is the one
+place that decides which path serves a model.
 
 TensorFlow is imported only for Keras/TensorFlow models. The fast path runs the frozen
 function in a ``tf.compat.v1.Session`` in the calling thread (see :class:`KerasFastPath`); its
@@ -93,19 +105,32 @@ class KerasFastPath:
 
     def __init__(
         self,
-        keras_file: str,
+        keras_model: Any,
         feature_columns: list[str],
         output_name: str,
         *,
         engine: str = "session",
         threads: int = 1,
+        tensor_input: bool = False,
     ) -> None:
-        import keras
+        """``keras_model``: a ``.keras`` file or a loaded ``keras.Model``. ``tensor_input``:
+        the model takes one unnamed tensor (the keras/tensorflow flavors): requests send rows
+        by position, and the answer is laid out as the network's output (``[[v], ...]`` for
+        ``(None, 1)``, ``[v, ...]`` for ``(None,)``), as MLflow's scoring server writes it;
+        otherwise named columns in, ``[{output_name: v}, ...]`` out."""
         import tensorflow as tf
 
-        model = keras.saving.load_model(keras_file, compile=False)
-        input_shape = tuple(model.input_shape)
-        output_shape = tuple(model.output_shape)
+        if isinstance(keras_model, str | os.PathLike):
+            import keras
+
+            model = keras.saving.load_model(keras_model, compile=False)
+        else:
+            model = keras_model
+        try:
+            input_shape = tuple(model.input_shape)
+            output_shape = tuple(model.output_shape)
+        except (AttributeError, ValueError) as exc:
+            raise ModelLoadError(f"the network has no single fixed input/output: {exc}") from exc
         if len(input_shape) != 2 or input_shape[1] != len(feature_columns):
             raise ModelLoadError(
                 f"the network takes input shape {input_shape}, "
@@ -114,6 +139,13 @@ class KerasFastPath:
         if output_shape not in ((None, 1), (None,)):
             raise ModelLoadError(f"the network's output shape {output_shape} is not one value")
         n_features = len(feature_columns)
+        self.tensor_input = tensor_input
+        # How the scoring server lays out the answer: "records" [{name: v}], "nested" [[v]],
+        # "flat" [v].
+        if not tensor_input:
+            self.output_layout = "records"
+        else:
+            self.output_layout = "nested" if output_shape == (None, 1) else "flat"
 
         @tf.function(input_signature=[tf.TensorSpec(shape=[None, n_features], dtype=tf.float32)])
         def forward(features):
@@ -305,6 +337,10 @@ class LoadedModel:
     fast: KerasFastPath | None
     fast_path_note: str
     load_seconds: float = 0.0
+    # Set at warm-up (serving.server.app): whether concurrent pyfunc requests share one
+    # predict call, and why (not).
+    batched_pyfunc: bool = False
+    batching_note: str = "not checked"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -331,12 +367,22 @@ class LoadedModel:
         except OSError:
             return None
 
+    @property
+    def serving_path(self) -> str:
+        """``keras-fast-path``, ``pyfunc-batched`` or ``pyfunc``."""
+        if self.fast is not None:
+            return "keras-fast-path"
+        return "pyfunc-batched" if self.batched_pyfunc else "pyfunc"
+
     def describe(self) -> dict[str, Any]:
         return {
             **self.identity.to_dict(),
             "flavor": self.flavor,
             "fast_path": self.fast is not None,
             "fast_path_note": self.fast_path_note,
+            "serving_path": self.serving_path,
+            "pyfunc_batching": self.batched_pyfunc,
+            "pyfunc_batching_note": self.batching_note,
             "load_seconds": round(self.load_seconds, 3),
         }
 
@@ -426,8 +472,8 @@ def load_model(
         identity = dataclasses.replace(identity, model_id=meta.model_id)
     flavors = meta.flavors or {}
     pyfunc_conf = flavors.get("python_function") or {}
-    keras_conf, why_not = _keras_pyfunc_config(meta) if fast_path else (None, "disabled")
-    uses_tf = keras_conf is not None or bool({"keras", "tensorflow"} & set(flavors))
+    plan, why_not = choose_fast_path(meta) if fast_path else (None, "disabled")
+    uses_tf = plan is not None or bool({"keras", "tensorflow"} & set(flavors))
     if uses_tf:
         _configure_tensorflow(tf_threads)
 
@@ -440,23 +486,10 @@ def load_model(
         raise ModelLoadError(f"cannot load {uri} as an MLflow pyfunc: {exc}") from exc
 
     fast = None
-    if keras_conf is not None:
-        cls = _python_model_class(pyfunc)
-        if cls != KERAS_PYTHON_MODEL_CLASS:
-            why_not = f"python model class is {cls}, not {KERAS_PYTHON_MODEL_CLASS}"
-        else:
-            try:
-                fast = KerasFastPath(
-                    str(Path(local_path) / keras_conf["keras_file"]),
-                    keras_conf["feature_columns"],
-                    keras_conf["output_name"],
-                    engine=engine,
-                    threads=tf_threads,
-                )
-                why_not = f"keras concrete function ({fast.engine})"
-            except Exception as exc:
-                log.warning("fast path unavailable for %s: %s", uri, exc)
-                why_not = f"fast path failed to build: {exc}"
+    if plan is not None:
+        fast, why_not = _build_fast_path(plan, pyfunc, local_path, engine, tf_threads)
+        if fast is None:
+            log.warning("fast path unavailable for %s: %s", uri, why_not)
 
     flavor = _flavor_name(flavors, pyfunc_conf)
     loaded = LoadedModel(
@@ -469,6 +502,106 @@ def load_model(
     )
     loaded.load_seconds = time.monotonic() - started
     return loaded
+
+
+@dataclass(frozen=True)
+class FastPathPlan:
+    """What :func:`choose_fast_path` found: which network to wrap, and its input columns."""
+
+    kind: str  # "project-pyfunc" (the .keras artifact) or "keras-flavor" (get_raw_model)
+    feature_columns: list[str]
+    output_name: str
+    keras_file: str | None = None
+    note: str = ""
+
+    @property
+    def tensor_input(self) -> bool:
+        return self.kind == "keras-flavor"
+
+
+def choose_fast_path(meta) -> tuple[FastPathPlan | None, str]:
+    """The one place that decides whether a fast path serves ``meta`` (an MLmodel), and
+    which: returns (plan, reason) or (None, why not). A new runtime adds its branch here."""
+    flavors = meta.flavors or {}
+    conf, project_why_not = _keras_pyfunc_config(meta)
+    if conf is not None:
+        return FastPathPlan(
+            kind="project-pyfunc",
+            feature_columns=conf["feature_columns"],
+            output_name=conf["output_name"],
+            keras_file=conf["keras_file"],
+            note="the project's Keras pyfunc",
+        ), "eligible"
+    if "tensorflow" in flavors or "keras" in flavors:
+        return _keras_flavor_plan(meta)
+    return None, project_why_not
+
+
+def _keras_flavor_plan(meta) -> tuple[FastPathPlan | None, str]:
+    """A network logged with ``mlflow.tensorflow`` / ``mlflow.keras``: eligible when it takes
+    one unnamed ``float32 [-1, n]`` tensor (then the pyfunc feeds it a float32 matrix)."""
+    flavors = meta.flavors or {}
+    if "keras" in flavors:
+        name, conf = "keras", flavors["keras"] or {}
+        if conf.get("save_exported_model"):
+            return None, "keras flavor saved as an exported model (no keras.Model to wrap)"
+    else:
+        name, conf = "tensorflow", flavors["tensorflow"] or {}
+        if conf.get("model_type", "keras") != "keras":
+            return None, f"tensorflow flavor of model_type {conf.get('model_type')!r}, not keras"
+    signature = meta.signature
+    if signature is None or signature.inputs is None:
+        return None, f"{name} flavor without a signature (input width unknown)"
+    if meta.get_params_schema() is not None:
+        return None, "the model declares params"
+    inputs = signature.inputs
+    if not inputs.is_tensor_spec():
+        return None, f"{name} flavor with a column signature"
+    specs = inputs.inputs
+    if len(specs) != 1 or specs[0].name is not None:
+        return None, "the signature is not one unnamed tensor"
+    spec = specs[0]
+    shape = tuple(spec.shape)
+    if np.dtype(spec.type) != np.float32:
+        return None, f"the input tensor is {np.dtype(spec.type)}, not float32"
+    if len(shape) != 2 or shape[0] != -1 or shape[1] < 1:
+        return None, f"the input tensor's shape {list(shape)} is not [-1, n]"
+    n = int(shape[1])
+    return FastPathPlan(
+        kind="keras-flavor",
+        feature_columns=[str(i) for i in range(n)],
+        output_name="0",
+        note=f"{name} flavor, float32 [-1, {n}] tensor",
+    ), "eligible"
+
+
+def _build_fast_path(
+    plan: FastPathPlan, pyfunc, local_path: str, engine: str, threads: int
+) -> tuple[KerasFastPath | None, str]:
+    """The fast path for ``plan`` over the loaded pyfunc, or (None, why not)."""
+    if plan.kind == "project-pyfunc":
+        cls = _python_model_class(pyfunc)
+        if cls != KERAS_PYTHON_MODEL_CLASS:
+            return None, f"python model class is {cls}, not {KERAS_PYTHON_MODEL_CLASS}"
+        assert plan.keras_file is not None
+        network: Any = str(Path(local_path) / plan.keras_file)
+    else:
+        try:
+            network = pyfunc.get_raw_model()
+        except Exception as exc:
+            return None, f"the flavor's pyfunc gives no raw model: {exc}"
+    try:
+        fast = KerasFastPath(
+            network,
+            plan.feature_columns,
+            plan.output_name,
+            engine=engine,
+            threads=threads,
+            tensor_input=plan.tensor_input,
+        )
+    except Exception as exc:
+        return None, f"fast path failed to build: {exc}"
+    return fast, f"keras concrete function ({fast.engine}); {plan.note}"
 
 
 def _configure_tensorflow(threads: int) -> None:

@@ -15,7 +15,14 @@ import time
 import numpy as np
 import pytest
 
-from serving.server.app import _ROUTES, NonFiniteInput, _split_matrix, fast_rows
+from serving.server.app import (
+    _ROUTES,
+    NonFiniteInput,
+    _split_matrix,
+    fast_rows,
+    format_predictions,
+    tensor_rows,
+)
 from serving.server.metrics import ServerMetrics
 
 FEATURES = ("a", "b", "c")
@@ -69,6 +76,61 @@ def test_values_that_overflow_float32_are_rejected():
     assert np.array_equal(fast_rows(reordered, FEATURES, True), [[2.0, 1.0, 3.0]])
 
 
+ROWS = [[0.5, -1.25, 2.0], [1, 2, 3]]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"inputs": ROWS},
+        {"instances": ROWS},
+        {"dataframe_split": {"data": ROWS}},
+        {"dataframe_split": {"columns": ["z", "y", "x"], "data": ROWS}},  # names: by position
+        {"inputs": ROWS, "params": {"anything": 1}},
+        {"inputs": ROWS * 20},  # the numpy path
+    ],
+)
+def test_a_tensor_model_takes_rows_by_position(payload):
+    rows = tensor_rows(payload, 3, True)
+    expected = np.asarray(ROWS * (20 if len(rows) > 2 else 1), dtype=np.float32)
+    assert np.array_equal(np.asarray(rows, dtype=np.float32), expected)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"inputs": ROWS[0]},  # one row, not a list of rows: MLflow's error
+        {"inputs": [[1.0, 2.0]]},  # too short
+        {"inputs": [["1", 2.0, 3.0]]},  # MLflow converts strings: let it
+        {"inputs": [[None, 2.0, 3.0]]},  # null: MLflow decides (the reference path checks)
+        {"inputs": {"x": ROWS}},
+        {"inputs": []},
+        {"dataframe_records": [{"a": 1.0, "b": 2.0, "c": 3.0}]},
+        {"dataframe_split": {"columns": ["a", "a", "b"], "data": ROWS}},
+        {"dataframe_split": {"data": ROWS, "index": [4, 5]}},
+        {"inputs": ROWS, "instances": ROWS},
+        {"inputs": ROWS, "client": "x"},
+    ],
+)
+def test_a_tensor_model_leaves_doubtful_requests_to_mlflow(payload):
+    assert tensor_rows(payload, 3, True) is None
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_a_tensor_model_rejects_values_that_overflow_float32():
+    with pytest.raises(NonFiniteInput):
+        tensor_rows({"inputs": [[3.5e38, 1.0, 2.0]] * 20}, 3, True)
+
+
+def test_answers_are_laid_out_like_the_scoring_server():
+    values = np.asarray([1.5, -2.0])
+    assert json.loads(format_predictions(values, "records", "p")) == {
+        "predictions": [{"p": 1.5}, {"p": -2.0}]
+    }
+    assert json.loads(format_predictions(values, "nested", "p")) == {"predictions": [[1.5], [-2.0]]}
+    assert json.loads(format_predictions(values, "flat", "p")) == {"predictions": [1.5, -2.0]}
+
+
 def _record(path: str, status: int, seconds: float, rows: int = 0, method: str = "POST"):
     return (0.0, seconds, method, path, status, 10, 20, ("127.0.0.1", 1), rows, None)
 
@@ -105,6 +167,8 @@ class _FakeFast:
 
     feature_columns = list(FEATURES)
     output_name = "prediction"
+    output_layout = "records"
+    tensor_input = False
 
     def __init__(self) -> None:
         self.calls = 0

@@ -111,3 +111,54 @@ def test_the_fast_path_can_be_turned_off(keras_model):
     uri, _ = keras_model
     loaded = load_model(uri, fast_path=False)
     assert loaded.fast is None and loaded.fast_path_note == "disabled"
+
+
+@pytest.fixture(scope="module")
+def keras_flavor_models(tmp_path_factory) -> dict[str, str]:
+    """One small Keras network, trained for a few epochs and saved with the ``tensorflow``
+    and ``keras`` flavors (tensor signature), plus variants the fast path must refuse."""
+    import keras
+    import mlflow.keras
+    import mlflow.tensorflow
+    from mlflow.models import infer_signature
+
+    root = tmp_path_factory.mktemp("keras-flavors")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(128, 3)).astype("float32")
+    y = x @ np.array([1.0, -2.0, 0.5], dtype="float32") + 3.0
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    network = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    network.compile(optimizer="adam", loss="mse")
+    network.fit(x, y, epochs=3, batch_size=32, verbose=0)
+    signature = infer_signature(x[:4], np.asarray(network(x[:4])))
+    paths = {name: str(root / name) for name in ("tensorflow", "keras", "tf-no-signature")}
+    mlflow.tensorflow.save_model(network, paths["tensorflow"], signature=signature)
+    mlflow.keras.save_model(network, paths["keras"], signature=signature)
+    mlflow.tensorflow.save_model(network, paths["tf-no-signature"], signature=False)
+    return {**paths, "rows": x}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("flavor", ["tensorflow", "keras"])
+def test_a_keras_network_logged_with_its_flavor_gets_the_fast_path(keras_flavor_models, flavor):
+    loaded = load_model(keras_flavor_models[flavor])
+    assert loaded.fast is not None, loaded.fast_path_note
+    assert loaded.flavor == flavor
+    assert f"{flavor} flavor, float32 [-1, 3] tensor" in loaded.fast_path_note
+    assert loaded.fast.tensor_input and loaded.fast.output_layout == "nested"
+    rows = keras_flavor_models["rows"]
+    reference = np.asarray(loaded.pyfunc.predict(rows)).reshape(-1)
+    np.testing.assert_allclose(loaded.fast.predict(rows), reference, rtol=0, atol=1e-5)
+    assert loaded.describe()["serving_path"] == "keras-fast-path"
+
+
+@pytest.mark.integration
+def test_a_keras_flavor_without_a_signature_is_served_by_its_pyfunc_and_says_why(
+    keras_flavor_models,
+):
+    loaded = load_model(keras_flavor_models["tf-no-signature"])
+    assert loaded.fast is None
+    assert loaded.fast_path_note == "tensorflow flavor without a signature (input width unknown)"
+    assert loaded.describe()["serving_path"] == "pyfunc"

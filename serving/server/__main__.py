@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-fast-path", action="store_true", help="always use the pyfunc")
     p.add_argument(
+        "--no-pyfunc-batching",
+        action="store_true",
+        help="one pyfunc predict per request (default: concurrent requests share one, where safe)",
+    )
+    p.add_argument(
         "--tf-threads", type=int, default=1, help="TensorFlow op threads (0: TF default)"
     )
     p.add_argument("--no-access-log", action="store_true")
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_wait_ms=args.batch_wait_ms,
         batch_mode=args.batch_mode,
         fast_path=not args.no_fast_path,
+        pyfunc_batching=not args.no_pyfunc_batching,
         tf_threads=args.tf_threads,
         access_log=not args.no_access_log,
         request_timeout_s=args.request_timeout

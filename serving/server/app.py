@@ -167,6 +167,8 @@ class ServerConfig:
     batch_wait_ms: float = 0.0
     batch_mode: str = "auto"
     fast_path: bool = True
+    # Concurrent requests to a pyfunc served without the fast path share predict calls.
+    pyfunc_batching: bool = True
     tf_threads: int = 1
     access_log: bool = True
     request_timeout_s: float = 60.0
@@ -765,6 +767,7 @@ def reference_invocations(
     finite: bool,
     inputs: StrictInputs | None = None,
     observe: tuple[str, ...] = (),
+    shared: Callable[[Any], Any] | None = None,
 ) -> Reply:
     """``mlflow.pyfunc.scoring_server.invocations``, with sanitized errors (no stack traces).
 
@@ -772,7 +775,9 @@ def reference_invocations(
     the Keras model, where they can only mean garbage in, garbage out). ``inputs``: strict
     mode, checked on the request before MLflow converts it (JSON) or before the model runs
     (CSV, Parquet). ``observe``: columns whose values (and the predictions) an answer carries
-    in ``Reply.observed``, for the distribution histograms.
+    in ``Reply.observed``, for the distribution histograms. ``shared``: predicts a request
+    without params in a call shared with concurrent requests (:class:`PyfuncBatching`), or
+    returns ``NOT_SHARED`` for input it does not batch.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import BAD_REQUEST
@@ -843,7 +848,12 @@ def reference_invocations(
 
         predict = model.pyfunc.predict
         try:
-            if "params" in inspect.signature(predict).parameters:
+            raw = NOT_SHARED
+            if shared is not None and not params:
+                raw = shared(data)
+            if raw is not NOT_SHARED:
+                pass
+            elif "params" in inspect.signature(predict).parameters:
                 raw = predict(data, params=params)
             else:
                 if params:
@@ -938,6 +948,199 @@ def _has_non_finite(raw: Any) -> bool:
         return arr.dtype.kind in "fc" and not np.isfinite(arr).all()
     except (TypeError, ValueError):
         return False
+
+
+# -- micro-batching for any pyfunc ----------------------------------------------------------------
+
+NOT_SHARED = object()
+
+
+class PyfuncBatching:
+    """Concurrent requests to a pyfunc served without the fast path share one ``predict``.
+
+    Each request is parsed by MLflow as before (in a worker thread); a parsed DataFrame with
+    exactly the columns and dtypes of the parsed input example (and the default index) then
+    goes to a :class:`MicroBatcher` that concatenates the frames of the requests waiting
+    together, calls ``pyfunc.predict`` once (schema enforcement included) in its model thread
+    and cuts each request's rows out of the result. If that call fails, each request runs on
+    its own (only the bad one fails). Anything else (other columns or dtypes, params, non-frame
+    input) is predicted on its own, as before.
+
+    Used only where :func:`batching_problem` found at load that the model answers one row per
+    input row and that a shared call answers each part as a call of its own would.
+    """
+
+    def __init__(
+        self, model: LoadedModel, key: tuple, loop: asyncio.AbstractEventLoop, **batcher: Any
+    ) -> None:
+        self.key = key
+        self.loop = loop
+        self.timeout_s = batcher.pop("timeout_s", 60.0)
+        # All-double input columns: small JSON requests skip MLflow's per-request parsing
+        # (column_rows); their rows become one float64 frame per shared call, the frame MLflow
+        # would have parsed them into.
+        self.columns: tuple[str, ...] | None = None
+        schema = model.input_schema
+        names, dtypes = key
+        if (
+            schema is not None
+            and not schema.is_tensor_spec()
+            and schema.has_input_names()
+            and tuple(schema.input_names()) == names
+            and all(_type_name(s) == "double" for s in schema.inputs)
+            and all(t == "float64" for t in dtypes)
+        ):
+            self.columns = names
+        self.batcher = MicroBatcher(
+            model.pyfunc.predict,
+            mode="thread",  # an arbitrary model may be slow: never on the event loop
+            merge=self._merge,
+            take=_take_rows,
+            count=_count_rows,
+            **batcher,
+        )
+
+    def _merge(self, parts: list) -> Any:
+        import pandas as pd
+
+        columns = list(self.key[0])
+        if len(parts) == 1 and type(parts[0]) is not list:
+            return parts[0]
+        if all(type(p) is list for p in parts):
+            rows = [row for p in parts for row in p]
+            return pd.DataFrame(np.array(rows, dtype=np.float64), columns=columns)
+        frames = [
+            pd.DataFrame(np.array(p, dtype=np.float64), columns=columns) if type(p) is list else p
+            for p in parts
+        ]
+        return pd.concat(frames, ignore_index=True)
+
+    def __call__(self, data: Any) -> Any:
+        """In a worker thread: ``data``'s predictions from a shared call, or NOT_SHARED."""
+        if _frame_key(data) != self.key:
+            return NOT_SHARED
+        done = asyncio.run_coroutine_threadsafe(self.batcher.predict(data), self.loop)
+        return done.result(timeout=self.timeout_s)
+
+
+_F64_EXACT_INT = 2**53
+_COLUMN_ROWS_MAX = 64
+
+
+def column_rows(payload: Any, columns: tuple[str, ...]) -> list[list[float]] | None:
+    """A small request for a pyfunc whose signature is the ``double`` columns ``columns``,
+    as its rows, when MLflow would parse it into exactly that frame: ``{"dataframe_split":
+    {"columns": <columns, in order>, "data": <1-64 rows of plain numbers>}}`` (ints exact as
+    float64, no booleans). Otherwise None (MLflow parses it)."""
+    if type(payload) is not dict or len(payload) != 1:
+        return None
+    split = payload.get("dataframe_split")
+    if type(split) is not dict or len(split) != 2:
+        return None
+    names, data = split.get("columns"), split.get("data")
+    if type(names) is not list or type(data) is not list or not 0 < len(data) <= _COLUMN_ROWS_MAX:
+        return None
+    if tuple(names) != columns:
+        return None
+    n = len(columns)
+    for row in data:
+        if type(row) is not list or len(row) != n:
+            return None
+        for value in row:
+            if type(value) is not float and (
+                type(value) is not int or not -_F64_EXACT_INT <= value <= _F64_EXACT_INT
+            ):
+                return None
+    return data
+
+
+def _predictions_json(raw: Any) -> bytes:
+    """``raw`` as MLflow's scoring server writes predictions."""
+    from mlflow.pyfunc import scoring_server as ss
+
+    out = io.StringIO()
+    ss.predictions_to_json(raw, out)
+    return out.getvalue().encode()
+
+
+def _frame_key(data: Any) -> tuple | None:
+    import pandas as pd
+
+    if type(data) is not pd.DataFrame or not len(data):
+        return None
+    index = data.index
+    if type(index) is not pd.RangeIndex or index.start != 0 or index.step != 1:
+        return None
+    return tuple(data.columns), tuple(str(t) for t in data.dtypes)
+
+
+def _concat_frames(frames: list) -> Any:
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
+def _take_rows(outputs: Any, start: int, stop: int) -> Any:
+    import pandas as pd
+
+    if isinstance(outputs, pd.DataFrame | pd.Series):
+        return outputs.iloc[start:stop]
+    if isinstance(outputs, np.ndarray | list):
+        return outputs[start:stop]
+    raise TypeError(f"cannot split a {type(outputs).__name__} by rows")
+
+
+def _count_rows(outputs: Any) -> int:
+    import pandas as pd
+
+    if isinstance(outputs, pd.DataFrame | pd.Series | np.ndarray | list):
+        return len(outputs)
+    raise TypeError(f"a {type(outputs).__name__} has no rows")
+
+
+def batching_problem(model: LoadedModel, example: str) -> tuple[tuple | None, str]:
+    """Whether concurrent requests to ``model``'s pyfunc may share a call, checked on the
+    parsed ``example``: returns (the request key, note) or (None, why not)."""
+    from mlflow.pyfunc import scoring_server as ss
+
+    try:
+        parsed = ss._parse_json_data(example, model.metadata, model.input_schema)
+    except Exception as exc:
+        return None, f"the input example does not parse: {exc}"
+    data = parsed.data
+    key = _frame_key(data)
+    if parsed.is_unified_llm_input or key is None:
+        return None, f"the model takes a {type(data).__name__}, not rows of a DataFrame"
+    predict = model.pyfunc.predict
+    first = data.reset_index(drop=True)
+    second = first.iloc[::-1].reset_index(drop=True)
+    if len(first) == 1:  # two different rows, where the example allows
+        second = first.copy()
+    try:
+        alone = [predict(first), predict(second)]
+        together = predict(_concat_frames([first, second]))
+        n = len(first)
+        if _count_rows(together) != 2 * n or any(_count_rows(a) != n for a in alone):
+            return None, "the model does not answer one row per input row"
+        parts = [_take_rows(together, 0, n), _take_rows(together, n, 2 * n)]
+    except Exception as exc:
+        return None, f"a shared call on the input example failed: {type(exc).__name__}: {exc}"
+    for part, own in zip(parts, alone, strict=True):
+        got, want = _as_json(part), _as_json(own)
+        if _skeleton(got) != _skeleton(want):
+            return None, "a shared call's answer is laid out differently"
+        diff = float(np.max(np.abs(np.subtract(_numbers(got), _numbers(want))), initial=0.0))
+        if not diff <= WARMUP_ATOL:
+            return None, f"a shared call answers differently (max diff {diff:.3g})"
+    return key, f"rows of {len(key[0])} columns share a predict call"
+
+
+def _as_json(raw: Any) -> Any:
+    from mlflow.pyfunc import scoring_server as ss
+
+    out = io.StringIO()
+    ss.predictions_to_json(raw, out)
+    return json.loads(out.getvalue())
 
 
 # -- logging -------------------------------------------------------------------------------------
@@ -1098,6 +1301,8 @@ class ScoringApp:
         self.exit_code = 0
         self.on_fatal = on_fatal
         self.batcher: MicroBatcher | None = None
+        self.pyfunc_batching: PyfuncBatching | None = None
+        self._batch_key: tuple | None = None
         self.access = AccessLog(config.access_log)
         self._features: tuple[str, ...] = ()
         self._strict: StrictInputs | None = None
@@ -1114,6 +1319,7 @@ class ScoringApp:
         self._mlflow_version = _mlflow_version().encode()
         self._records: list[tuple] = []
         self._batches: list[tuple[int, int, bool]] = []
+        self._pyfunc_batches: list[tuple[int, int, bool]] = []
         # (rows, predictions) of model calls, by reference (the feature histograms).
         self._observed: list[tuple[Any, Any]] = []
         self._observe_columns: tuple[str, ...] = ()
@@ -1205,6 +1411,10 @@ class ScoringApp:
         if batches:
             self._batches = []
             self.metrics.observe_batches(batches)
+        batches = self._pyfunc_batches
+        if batches:
+            self._pyfunc_batches = []
+            self.metrics.observe_batches(batches, fast=False)
         observed = self._observed
         if observed:
             self._observed = []
@@ -1350,10 +1560,51 @@ class ScoringApp:
                         )
                     else:
                         return self._predictions_reply(outputs), len(body)
+        elif (
+            (shared := self.pyfunc_batching) is not None
+            and shared.columns is not None
+            and content_type in _FAST_CONTENT_TYPES
+        ):
+            # the pyfunc's all-double columns: rows straight to the shared call
+            reply, strict = await self._shared_rows(shared, body, content_type, strict)
+            if reply is not None:
+                return reply, len(body)
         reply = await self._reference(body, content_type, strict)
         if reply.observed is not None:
             self._observed.append(reply.observed)
         return reply, len(body)
+
+    async def _shared_rows(
+        self,
+        shared: PyfuncBatching,
+        body: bytes,
+        content_type: bytes | None,
+        strict: StrictInputs | None,
+    ) -> tuple[Reply | None, StrictInputs | None]:
+        """A small request of plain numbers for a pyfunc of ``double`` columns, answered from
+        a shared predict call without MLflow's per-request parsing; (None, strict) when MLflow
+        must parse it (strict None: already checked)."""
+        try:
+            payload = _fast_loads(body)
+        except _FastDecodeError:
+            return None, strict
+        if strict is not None:
+            if problem := strict.payload_problem(payload):
+                return strict_reply(problem), None
+            strict = None
+        rows = column_rows(payload, shared.columns or ())
+        if rows is None:
+            return None, strict
+        self.metrics.count_pyfunc_call()
+        try:
+            raw = await asyncio.wait_for(shared.batcher.submit(rows), self.config.request_timeout_s)
+        except TimeoutError:
+            return Reply(504, b"Request processing time exceeded limit", _JSON), None
+        except Exception:  # the model's own error: answered as MLflow words it
+            return await self._reference(body, content_type, None), None
+        if self._observe_columns and (seen := _observed(None, raw, ())):
+            self._observed.append((rows, seen[1]))
+        return Reply(200, _predictions_json(raw), _JSON, rows=len(rows)), None
 
     def _predictions_reply(self, outputs: np.ndarray) -> Reply:
         values = outputs.tolist()
@@ -1398,6 +1649,7 @@ class ScoringApp:
                     finite=model.fast is not None,
                     inputs=inputs,
                     observe=self._observe_columns,
+                    shared=self.pyfunc_batching,
                 ),
                 timeout=self.config.request_timeout_s,
             )
@@ -1419,9 +1671,12 @@ class ScoringApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.ready = False
-                if self.batcher is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self.batcher.close(), timeout=10)
+                for batcher in (self.batcher, self.pyfunc_batching):
+                    if isinstance(batcher, PyfuncBatching):
+                        batcher = batcher.batcher
+                    if batcher is not None:
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(batcher.close(), timeout=10)
                 if self._tick_handle is not None:
                     self._tick_handle.cancel()
                     self._tick_handle = None
@@ -1494,6 +1749,13 @@ class ScoringApp:
                 model.fast_path_note = f"disabled at warm-up ({source}): {problem}"
             else:
                 model.fast_path_note += f"; agrees with pyfunc.predict on {source}"
+        if model.fast is not None:
+            model.batching_note = "the fast path batches"
+        elif not self.config.pyfunc_batching:
+            model.batching_note = "disabled"
+        else:
+            self._batch_key, model.batching_note = batching_problem(model, example)
+            model.batched_pyfunc = self._batch_key is not None
         self._log_serving_path(model)
 
     @staticmethod
@@ -1531,6 +1793,17 @@ class ScoringApp:
                 on_batch=self._on_batch,
                 on_outputs=self._on_outputs,
             )
+        elif getattr(model, "batched_pyfunc", False) and self._batch_key is not None:
+            assert self._loop is not None
+            self.pyfunc_batching = PyfuncBatching(
+                model,
+                self._batch_key,
+                self._loop,
+                max_batch_rows=self.config.max_batch_rows,
+                max_wait_s=self.config.batch_wait_ms / 1000.0,
+                on_batch=self._on_pyfunc_batch,
+                timeout_s=self.config.request_timeout_s,
+            )
         identity = model.identity
         if identity.version is not None:
             self._common_headers = ((VERSION_HEADER.lower().encode(), identity.version.encode()),)
@@ -1559,6 +1832,9 @@ class ScoringApp:
 
     def _on_batch(self, rows: int, requests: int, fell_back: bool) -> None:
         self._batches.append((rows, requests, fell_back))  # counted in flush_records
+
+    def _on_pyfunc_batch(self, rows: int, requests: int, fell_back: bool) -> None:
+        self._pyfunc_batches.append((rows, requests, fell_back))
 
     def _on_outputs(self, rows: Any, outputs: np.ndarray) -> None:
         """A fast-path model call's input and outputs, by reference: the feature and

@@ -22,6 +22,13 @@ thread for bigger batches, so a large request never blocks the loop (TensorFlow 
 while its kernels run, and the loop keeps reading and parsing meanwhile). ``"thread"`` always
 uses the thread, ``"inline"`` never does.
 
+Other inputs than rows of numbers (``merge``/``take``/``count``): a pyfunc served without the
+fast path is batched on the DataFrames MLflow parsed the requests into. ``merge`` makes one
+input of several (``pandas.concat``), ``take(outputs, start, stop)`` cuts one request's part of
+the outputs, ``count(outputs)`` says how many rows they have (it must equal the input's); the
+default is numpy arrays/lists. A merge that raises (e.g. inputs that cannot be concatenated)
+counts as a failed shared call: each request then runs on its own.
+
 Observers (called on the event loop, never allowed to fail a batch): ``on_batch(rows,
 requests, fell_back)`` once per batch, and ``on_outputs(rows, outputs)`` once per model call
 that succeeded, with the very input it ran on (the merged array of a shared batch, or one
@@ -36,7 +43,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -72,6 +79,9 @@ class MicroBatcher:
         inline_max_rows: int = DEFAULT_INLINE_MAX_ROWS,
         on_batch: BatchObserver | None = None,
         on_outputs: OutputsObserver | None = None,
+        merge: Callable[[list], Any] | None = None,
+        take: Callable[[Any, int, int], Any] | None = None,
+        count: Callable[[Any], int] | None = None,
     ) -> None:
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
@@ -86,6 +96,7 @@ class MicroBatcher:
         self.inline_max_rows = inline_max_rows
         self._on_batch = on_batch
         self._on_outputs = on_outputs
+        self._ops = None if merge is None else _Ops(merge, take or _slice, count or len)
         self._pending: list[tuple[Rows, asyncio.Future[np.ndarray]]] = []
         self._pending_rows = 0
         self._busy = False
@@ -182,7 +193,7 @@ class MicroBatcher:
         if not batch:
             return
         if self.mode == "inline" or (self.mode == "auto" and rows <= self.inline_max_rows):
-            ran = _run_batch(self._predict_fn, [x for x, _ in batch], rows)
+            ran = _run_batch(self._predict_fn, [x for x, _ in batch], rows, self._ops)
             self._deliver(batch, rows, ran)
             return
         if self._executor is None:
@@ -191,7 +202,7 @@ class MicroBatcher:
         assert self._loop is not None
         arrays = [x for x, _ in batch]
         done = self._loop.run_in_executor(
-            self._executor, _run_batch, self._predict_fn, arrays, rows
+            self._executor, _run_batch, self._predict_fn, arrays, rows, self._ops
         )
         done.add_done_callback(lambda f: self._on_done(batch, rows, f))
 
@@ -239,37 +250,59 @@ class MicroBatcher:
 _Ran = tuple[list[np.ndarray | BaseException], bool, list[tuple[Rows, np.ndarray]]]
 
 
-def _run_batch(predict_fn: PredictFn, arrays: list[Rows], total: int) -> _Ran:
+class _Ops(NamedTuple):
+    merge: Callable[[list], Any]
+    take: Callable[[Any, int, int], Any]
+    count: Callable[[Any], int]
+
+
+def _slice(outputs: Any, start: int, stop: int) -> Any:
+    return outputs[start:stop]
+
+
+def _run_batch(
+    predict_fn: PredictFn, arrays: list[Rows], total: int, ops: _Ops | None = None
+) -> _Ran:
     """One call for all arrays (``total`` rows); if it fails, one call per array."""
     if len(arrays) == 1:
-        result = _call_one(predict_fn, arrays[0])
+        result = _call_one(predict_fn, arrays[0], ops)
         calls = [] if isinstance(result, BaseException) else [(arrays[0], result)]
         return [result], False, calls
     try:
-        if all(type(a) is list for a in arrays):  # rows as lists (small server requests)
-            merged = np.array([row for a in arrays for row in a])
+        if ops is not None:
+            merged = ops.merge(arrays)
+            outputs = predict_fn(merged)
+            if (n := ops.count(outputs)) != total:
+                raise ValueError(f"model returned {n} rows for {total}")
+            take = ops.take
         else:
-            merged = np.concatenate(arrays)
-        outputs = np.asarray(predict_fn(merged))
-        if outputs.shape[:1] != (total,):
-            raise ValueError(f"model returned {outputs.shape[:1]} rows for {total}")
+            if all(type(a) is list for a in arrays):  # rows as lists (small server requests)
+                merged = np.array([row for a in arrays for row in a])
+            else:
+                merged = np.concatenate(arrays)
+            outputs = np.asarray(predict_fn(merged))
+            if outputs.shape[:1] != (total,):
+                raise ValueError(f"model returned {outputs.shape[:1]} rows for {total}")
+            take = _slice
         results: list[np.ndarray | BaseException] = []
         start = 0
         for a in arrays:
-            results.append(outputs[start : start + len(a)])
+            results.append(take(outputs, start, start + len(a)))
             start += len(a)
         return results, False, [(merged, outputs)]
     except Exception:
         log.warning("a batched call of %d requests failed: re-running them one by one", len(arrays))
-        results = [_call_one(predict_fn, a) for a in arrays]
+        results = [_call_one(predict_fn, a, ops) for a in arrays]
         calls = [
             (a, r) for a, r in zip(arrays, results, strict=True) if not isinstance(r, BaseException)
         ]
         return results, True, calls
 
 
-def _call_one(predict_fn: PredictFn, rows: Rows) -> np.ndarray | BaseException:
+def _call_one(predict_fn: PredictFn, rows: Rows, ops: _Ops | None = None) -> Any:
     try:
+        if ops is not None:  # a lone request's outputs are all its own: nothing to split
+            return predict_fn(ops.merge([rows]))
         outputs = np.asarray(predict_fn(rows))
         if outputs.shape[:1] != (len(rows),):
             raise ValueError(f"model returned {outputs.shape[:1]} rows for {len(rows)}")

@@ -17,7 +17,7 @@ Exposed series (all prefixed ``model_server_``):
 - ``requests_in_flight``                           gauge
 - ``predictions_total``                            counter: rows answered with a prediction
 - ``model_calls_total{path}``                      counter: model calls (``fast``, ``pyfunc``)
-- ``batch_rows``                                   histogram: rows per fast-path model call
+- ``batch_rows``                                   histogram: rows per batched model call
 - ``batch_requests``                               histogram: requests coalesced per model call
 - ``batch_fallbacks_total``                        counter: batches re-run one request at a time
 - ``ready``                                        gauge: 1 once the warm-up prediction succeeded
@@ -391,7 +391,7 @@ class ServerMetrics:
         self._fast_calls = calls.labels(path="fast")
         self._pyfunc_calls = calls.labels(path="pyfunc")
         self._batch_rows = histogram(
-            "batch_rows", "Rows per fast-path model call (micro-batching).", BATCH_ROW_BUCKETS
+            "batch_rows", "Rows per batched model call (micro-batching).", BATCH_ROW_BUCKETS
         )
         self._batch_requests = histogram(
             "batch_requests",
@@ -485,8 +485,10 @@ class ServerMetrics:
         if predictions:
             self._predictions.inc(predictions)
 
-    def observe_batches(self, batches: Iterable[tuple[int, int, bool]]) -> None:
-        """Count fast-path model calls, as ``(rows, requests, fell_back)`` tuples."""
+    def observe_batches(self, batches: Iterable[tuple[int, int, bool]], fast: bool = True) -> None:
+        """Count model calls, as ``(rows, requests, fell_back)`` tuples: the fast path's
+        (``fast``), or shared pyfunc calls (their requests count as ``pyfunc`` calls already:
+        only the batch histograms and fallbacks)."""
         rows, requests = _Tally(BATCH_ROW_BUCKETS), _Tally(BATCH_REQUEST_BUCKETS)
         calls = fallbacks = 0
         for n_rows, n_requests, fell_back in batches:
@@ -495,7 +497,8 @@ class ServerMetrics:
             requests.observe(n_requests)
             fallbacks += fell_back
         if calls:
-            self._fast_calls.inc(calls)
+            if fast:
+                self._fast_calls.inc(calls)
             rows.apply(self._batch_rows)
             requests.apply(self._batch_requests)
         if fallbacks:

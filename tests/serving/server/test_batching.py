@@ -175,3 +175,45 @@ def test_after_a_failed_batch_only_the_calls_that_succeeded_are_observed():
         ([[1.0, 1.0]], [2.0]),
         ([[3.0, 3.0]], [6.0]),
     ]
+
+
+def test_dataframes_share_one_call_through_merge_and_take_and_a_bad_one_fails_alone():
+    import pandas as pd
+
+    calls: list[int] = []
+
+    def predict(frame: pd.DataFrame) -> pd.DataFrame:
+        calls.append(len(frame))
+        if (frame["a"] < 0).any():
+            raise ValueError("negative input")
+        return pd.DataFrame({"twice": frame["a"] * 2})
+
+    batcher = MicroBatcher(
+        predict,
+        mode="thread",
+        merge=lambda frames: pd.concat(frames, ignore_index=True),
+        take=lambda out, start, stop: out.iloc[start:stop],
+        count=len,
+    )
+    frames = [
+        pd.DataFrame({"a": [1.0, 2.0]}),
+        pd.DataFrame({"a": [-1.0]}),
+        pd.DataFrame({"a": [5.0]}),
+    ]
+    good, bad, other = run_together(batcher, frames)
+    assert calls == [4, 2, 1, 1]  # the shared call failed: each request on its own
+    assert good["twice"].tolist() == [2.0, 4.0] and other["twice"].tolist() == [10.0]
+    assert isinstance(bad, ValueError)
+
+
+def test_a_merge_that_fails_counts_as_a_failed_shared_call():
+    def merge(parts):
+        if len(parts) > 1:
+            raise ValueError("cannot merge")
+        return parts[0]
+
+    model = Model()
+    batcher = MicroBatcher(model, merge=merge, take=lambda o, a, b: o[a:b], count=len)
+    results = run_together(batcher, [np.ones((1, 2)), np.ones((2, 2))])
+    assert model.calls == [1, 2]
+    assert [r.tolist() for r in results] == [[2.0], [2.0, 2.0]]

@@ -953,6 +953,9 @@ def _has_non_finite(raw: Any) -> bool:
 # -- micro-batching for any pyfunc ----------------------------------------------------------------
 
 NOT_SHARED = object()
+# A pyfunc whose predict on the input example takes at most this long runs on the event loop
+# for small batches (see PyfuncBatching).
+INLINE_PREDICT_S = 0.005
 
 
 class PyfuncBatching:
@@ -971,48 +974,57 @@ class PyfuncBatching:
     """
 
     def __init__(
-        self, model: LoadedModel, key: tuple, loop: asyncio.AbstractEventLoop, **batcher: Any
+        self,
+        model: LoadedModel,
+        key: tuple,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        inline: bool = False,
+        **batcher: Any,
     ) -> None:
         self.key = key
         self.loop = loop
         self.timeout_s = batcher.pop("timeout_s", 60.0)
-        # All-double input columns: small JSON requests skip MLflow's per-request parsing
-        # (column_rows); their rows become one float64 frame per shared call, the frame MLflow
-        # would have parsed them into.
+        # Numeric input columns: small JSON requests skip MLflow's per-request parsing
+        # (column_rows); the rows of a shared call become one frame the way MLflow parses a
+        # dataframe_split (dataframe_from_parsed_json: the frame, then the schema's types).
         self.columns: tuple[str, ...] | None = None
-        schema = model.input_schema
-        names, dtypes = key
+        self._schema = schema = model.input_schema
+        names, _ = key
         if (
             schema is not None
             and not schema.is_tensor_spec()
             and schema.has_input_names()
             and tuple(schema.input_names()) == names
-            and all(_type_name(s) == "double" for s in schema.inputs)
-            and all(t == "float64" for t in dtypes)
+            and all(_type_name(s) in NUMERIC_INPUT_TYPES for s in schema.inputs)
         ):
             self.columns = names
+        # A model that answers the example within INLINE_PREDICT_S runs on the event loop for
+        # small batches (no hand-off to the model thread and back); a slower one never does.
+        mode = "auto" if inline else "thread"
         self.batcher = MicroBatcher(
             model.pyfunc.predict,
-            mode="thread",  # an arbitrary model may be slow: never on the event loop
+            mode=mode,
             merge=self._merge,
             take=_take_rows,
             count=_count_rows,
             **batcher,
         )
 
+    def _frame(self, rows: list) -> Any:
+        from mlflow.utils.proto_json_utils import dataframe_from_parsed_json
+
+        split = {"columns": list(self.key[0]), "data": rows}
+        return dataframe_from_parsed_json(split, "split", self._schema)
+
     def _merge(self, parts: list) -> Any:
         import pandas as pd
 
-        columns = list(self.key[0])
         if len(parts) == 1 and type(parts[0]) is not list:
             return parts[0]
         if all(type(p) is list for p in parts):
-            rows = [row for p in parts for row in p]
-            return pd.DataFrame(np.array(rows, dtype=np.float64), columns=columns)
-        frames = [
-            pd.DataFrame(np.array(p, dtype=np.float64), columns=columns) if type(p) is list else p
-            for p in parts
-        ]
+            return self._frame([row for p in parts for row in p])
+        frames = [self._frame(p) if type(p) is list else p for p in parts]
         return pd.concat(frames, ignore_index=True)
 
     def __call__(self, data: Any) -> Any:
@@ -1028,10 +1040,10 @@ _COLUMN_ROWS_MAX = 64
 
 
 def column_rows(payload: Any, columns: tuple[str, ...]) -> list[list[float]] | None:
-    """A small request for a pyfunc whose signature is the ``double`` columns ``columns``,
-    as its rows, when MLflow would parse it into exactly that frame: ``{"dataframe_split":
-    {"columns": <columns, in order>, "data": <1-64 rows of plain numbers>}}`` (ints exact as
-    float64, no booleans). Otherwise None (MLflow parses it)."""
+    """A small request for a pyfunc whose signature is the numeric columns ``columns``, as
+    its rows: ``{"dataframe_split": {"columns": <columns, in order>, "data": <1-64 rows of
+    plain numbers>}}`` (ints exact as float64, no booleans), which MLflow would parse into a
+    frame of those columns cast to the schema's types. Otherwise None (MLflow parses it)."""
     if type(payload) is not dict or len(payload) != 1:
         return None
     split = payload.get("dataframe_split")
@@ -1061,6 +1073,11 @@ def _predictions_json(raw: Any) -> bytes:
     out = io.StringIO()
     ss.predictions_to_json(raw, out)
     return out.getvalue().encode()
+
+
+def _predicts_inline(model: Any) -> bool:
+    seconds = getattr(model, "predict_seconds", None)
+    return seconds is not None and seconds <= INLINE_PREDICT_S
 
 
 def _frame_key(data: Any) -> tuple | None:
@@ -1113,6 +1130,13 @@ def batching_problem(model: LoadedModel, example: str) -> tuple[tuple | None, st
         return None, f"the model takes a {type(data).__name__}, not rows of a DataFrame"
     predict = model.pyfunc.predict
     first = data.reset_index(drop=True)
+    try:
+        predict(first)  # warm
+        started = time.perf_counter()
+        predict(first)
+        model.predict_seconds = time.perf_counter() - started
+    except Exception as exc:
+        return None, f"predict on the input example failed: {type(exc).__name__}: {exc}"
     second = first.iloc[::-1].reset_index(drop=True)
     if len(first) == 1:  # two different rows, where the example allows
         second = first.copy()
@@ -1756,6 +1780,11 @@ class ScoringApp:
         else:
             self._batch_key, model.batching_note = batching_problem(model, example)
             model.batched_pyfunc = self._batch_key is not None
+            if model.batched_pyfunc:
+                where = "on the event loop" if _predicts_inline(model) else "in the model thread"
+                model.batching_note += (
+                    f", {where} (predict on the example: {model.predict_seconds * 1000:.1f} ms)"
+                )
         self._log_serving_path(model)
 
     @staticmethod
@@ -1803,6 +1832,7 @@ class ScoringApp:
                 max_wait_s=self.config.batch_wait_ms / 1000.0,
                 on_batch=self._on_pyfunc_batch,
                 timeout_s=self.config.request_timeout_s,
+                inline=_predicts_inline(model),
             )
         identity = model.identity
         if identity.version is not None:

@@ -341,6 +341,8 @@ class LoadedModel:
     # predict call, and why (not).
     batched_pyfunc: bool = False
     batching_note: str = "not checked"
+    # One pyfunc.predict on the input example, timed at warm-up (None: not measured).
+    predict_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -34,6 +34,14 @@ input of any kind) goes through the reference path, which is MLflow's own parsin
 MLflow accepts and answers the same numbers, and every rejection is MLflow's own decision (same
 status, same ``error_code``).
 
+A model without the fast path (a scikit-learn pyfunc, say) is micro-batched too where the
+warm-up shows it is safe (:class:`PyfuncBatching`, :func:`batching_problem`): concurrent
+requests that MLflow parses into frames with the input example's columns and dtypes share one
+``pyfunc.predict``, and small ``dataframe_split`` requests of plain numbers for a numeric column
+signature skip MLflow's per-request parsing (their rows become one frame per call, by MLflow's
+own parser). Each request gets its rows of the answer, written by MLflow's
+``predictions_to_json``; a failed shared call re-runs each request alone.
+
 Where this server deliberately differs from MLflow:
 
 - bodies over ``--max-request-bytes`` get 413 (MLflow reads any size);

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run up stop status test test-unit lint format install lock clean k8s-e2e bench-dag-parse \
 	container-tools prometheus-tools postgres-tools images test-container test-postgres test-load \
-	bench-serving bench-promotion
+	bench-serving bench-promotion bench-train
 
 ## run: install, start MLflow + Airflow (+ Prometheus) locally, train and deploy once, print where things are
 # PIPELINE_DB=postgres make run: both on a local PostgreSQL server instead of SQLite (README).
@@ -92,6 +92,10 @@ bench-serving: $(STAMP)
 ## bench-promotion: on a running stack (make run), time @champion moves until they are live
 bench-promotion: $(STAMP)
 	$(PY) scripts/bench_promotion.py
+
+## bench-train: validate/train/evaluate at 10k..50M synthetic rows vs a bare Keras loop; writes docs/benchmarks.md
+bench-train: $(STAMP)
+	$(PY) scripts/bench_train.py
 
 bench-dag-parse: $(STAMP)
 	$(PY) scripts/bench_dag_parse.py

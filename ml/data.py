@@ -368,81 +368,144 @@ class ValidationReport:
 
 def _structure_violations(uri: str, frame: pd.DataFrame, schema: DataSchema) -> list[Violation]:
     """Columns present and numeric: what building a float frame needs."""
+    return _dtype_violations(uri, {str(c): frame[c].dtype for c in frame.columns}, schema)
+
+
+def _dtype_violations(uri: str, dtypes: dict[str, Any], schema: DataSchema) -> list[Violation]:
     violations = []
     for spec in schema.columns:
-        if spec.name not in frame.columns:
-            present = ", ".join(map(str, frame.columns)) or "none"
+        if spec.name not in dtypes:
+            present = ", ".join(dtypes) or "none"
             violations.append(
                 Violation(uri, spec.name, "schema", f"missing (columns present: {present})")
             )
-        elif not pd.api.types.is_numeric_dtype(dtype := frame[spec.name].dtype):
+        elif not pd.api.types.is_numeric_dtype(dtype := dtypes[spec.name]):
             violations.append(Violation(uri, spec.name, "type", f"dtype {dtype}, expected numeric"))
     return violations
 
 
-def _value_violations(uri: str, frame: pd.DataFrame, spec: ColumnSpec) -> list[Violation]:
-    """Nulls and ranges of one present, numeric column."""
-    violations = []
-    values = frame[spec.name].astype("float64")
-    nulls = int(values.isna().sum())
-    if nulls and not spec.nullable:
-        violations.append(Violation(uri, spec.name, "nulls", f"{nulls} nulls"))
+def _arrow_dtype(arrow_type: Any) -> Any:
+    """The pandas dtype a column of ``arrow_type`` reads as (what the type rule judges)."""
+    try:
+        return np.dtype(arrow_type.to_pandas_dtype())
+    except (NotImplementedError, TypeError):
+        return np.dtype(object)
 
-    present = values.dropna()
-    infinite = int(np.isinf(present).sum())
-    if infinite:
-        # No range makes inf a usable training value, declared or not.
-        violations.append(Violation(uri, spec.name, "range", f"{infinite} infinite values"))
-    present = present[np.isfinite(present)]
-    if spec.min is not None:
-        below = present[present < spec.min]
-        if len(below):
-            violations.append(
+
+class _ColumnCheck:
+    """Nulls and ranges of one column, counted batch by batch."""
+
+    def __init__(self, spec: ColumnSpec):
+        self.spec = spec
+        self.nulls = self.infinite = self.below = self.above = 0
+        self.min_seen = math.inf
+        self.max_seen = -math.inf
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype="float64")
+        nan = np.isnan(values)
+        self.nulls += int(nan.sum())
+        infinite = np.isinf(values)
+        self.infinite += int(infinite.sum())
+        present = values[~(nan | infinite)]
+        if self.spec.min is not None:
+            below = present[present < self.spec.min]
+            if below.size:
+                self.below += below.size
+                self.min_seen = min(self.min_seen, float(below.min()))
+        if self.spec.max is not None:
+            above = present[present > self.spec.max]
+            if above.size:
+                self.above += above.size
+                self.max_seen = max(self.max_seen, float(above.max()))
+
+    def violations(self, uri: str) -> list[Violation]:
+        spec, found = self.spec, []
+        if self.nulls and not spec.nullable:
+            found.append(Violation(uri, spec.name, "nulls", f"{self.nulls} nulls"))
+        if self.infinite:
+            # No range makes inf a usable training value, declared or not.
+            found.append(Violation(uri, spec.name, "range", f"{self.infinite} infinite values"))
+        if self.below:
+            found.append(
                 Violation(
                     uri,
                     spec.name,
                     "range",
-                    f"{len(below)} values below min {spec.min} (min seen {below.min():g})",
+                    f"{self.below} values below min {spec.min} (min seen {self.min_seen:g})",
                 )
             )
-    if spec.max is not None:
-        above = present[present > spec.max]
-        if len(above):
-            violations.append(
+        if self.above:
+            found.append(
                 Violation(
                     uri,
                     spec.name,
                     "range",
-                    f"{len(above)} values above max {spec.max} (max seen {above.max():g})",
+                    f"{self.above} values above max {spec.max} (max seen {self.max_seen:g})",
                 )
             )
-    return violations
+        return found
 
 
 def _partition_violations(
-    uri: str, frame: pd.DataFrame, schema: DataSchema, settings: DataSettings
-) -> list[Violation]:
-    violations = _structure_violations(uri, frame, schema)
-    broken = {v.column for v in violations}
+    partition: Partition, schema: DataSchema, settings: DataSettings
+) -> tuple[int, list[Violation]]:
+    """(rows, violations) of one partition, read a record batch at a time."""
+    from ml.stream import READ_BATCH_ROWS, _open, _parquet
+
+    uri = partition.uri
+    rows = 0
+    broken: set[str] = set()
+    structure: list[Violation] = []
+    checks: dict[str, _ColumnCheck] = {}
+    with _open(uri) as handle:
+        if settings.format == "parquet":
+            reader = _parquet(handle)
+            arrow = reader.schema_arrow
+            dtypes = {name: _arrow_dtype(arrow.field(name).type) for name in arrow.names}
+            structure = _dtype_violations(uri, dtypes, schema)
+            broken = {v.column for v in structure}
+            checks = {s.name: _ColumnCheck(s) for s in schema.columns if s.name not in broken}
+            rows = reader.metadata.num_rows
+            if checks:
+                for batch in reader.iter_batches(batch_size=READ_BATCH_ROWS, columns=list(checks)):
+                    for name, check in checks.items():
+                        check.update(batch.column(name).to_numpy(zero_copy_only=False))
+        else:
+            for chunk in pd.read_csv(handle, chunksize=READ_BATCH_ROWS):
+                # A text value anywhere makes its chunk's column non-numeric: type violation.
+                for violation in _structure_violations(uri, chunk, schema):
+                    if violation.column not in broken:
+                        broken.add(violation.column)
+                        structure.append(violation)
+                for spec in schema.columns:
+                    if spec.name not in broken:
+                        check = checks.setdefault(spec.name, _ColumnCheck(spec))
+                        check.update(chunk[spec.name].to_numpy(dtype="float64"))
+                rows += len(chunk)
+            order = {spec.name: i for i, spec in enumerate(schema.columns)}
+            structure.sort(key=lambda v: order.get(v.column, len(order)))
+    violations = list(structure)
     for spec in schema.columns:
-        if spec.name not in broken:
-            violations.extend(_value_violations(uri, frame, spec))
-    if len(frame) < settings.min_rows_per_partition:
+        if spec.name not in broken and spec.name in checks:
+            violations.extend(checks[spec.name].violations(uri))
+    if rows < settings.min_rows_per_partition:
         violations.append(
             Violation(
                 uri,
                 ALL_COLUMNS,
                 "min_rows",
-                f"{len(frame)} rows, need at least {settings.min_rows_per_partition}",
+                f"{rows} rows, need at least {settings.min_rows_per_partition}",
             )
         )
-    return violations
+    return rows, violations
 
 
 def validate_partitions(
     partitions: list[Partition], schema: DataSchema, settings: DataSettings
 ) -> ValidationReport:
-    """Check every partition against ``schema`` and the row minimums.
+    """Check every partition against ``schema`` and the row minimums, streamed: a record
+    batch at a time, never a whole partition in memory.
 
     All violations across all partitions are collected first, so one run shows everything
     that is wrong; then :class:`DataValidationError` lists them.
@@ -451,12 +514,14 @@ def validate_partitions(
     rows: dict[str, int] = {}
     for partition in partitions:
         try:
-            frame = read_partition(partition, settings)
-        except DataValidationError as exc:
-            violations.extend(exc.violations)
+            count, found = _partition_violations(partition, schema, settings)
+        except Exception as exc:  # the readers raise many types; all mean "cannot read it"
+            violations.append(
+                Violation(partition.uri, ALL_COLUMNS, "readable", f"{type(exc).__name__}: {exc}")
+            )
             continue
-        rows[partition.uri] = len(frame)
-        violations.extend(_partition_violations(partition.uri, frame, schema, settings))
+        rows[partition.uri] = count
+        violations.extend(found)
 
     total = sum(rows.values())
     if total < settings.min_rows_total:
@@ -500,17 +565,39 @@ def read_frame(
 def split_holdout(
     frame: pd.DataFrame, holdout_fraction: float, seed: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, holdout) from a seeded shuffle; the same frame and seed give the same split,
-    so challenger and champion are scored on identical rows."""
+    """(train, holdout) of a frame in memory, by the same per-row hash as the streamed
+    window (``ml.stream.holdout_mask``): about ``holdout_fraction`` of the rows, the same
+    rows for the same seed however the rows are ordered or stored, so challenger and
+    champion are scored on identical rows."""
+    from ml.stream import holdout_mask, row_hash
+
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     if len(frame) < 2:
         raise ValueError(f"need at least 2 rows to split, got {len(frame)}")
-    order = np.random.default_rng(seed).permutation(len(frame))
-    holdout_rows = min(max(round(len(frame) * holdout_fraction), 1), len(frame) - 1)
-    holdout = frame.iloc[order[:holdout_rows]].reset_index(drop=True)
-    train = frame.iloc[order[holdout_rows:]].reset_index(drop=True)
-    return train, holdout
+    values = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype="float64")
+    holdout = holdout_mask(row_hash(values), holdout_fraction, seed)
+    if holdout.all() or not holdout.any():
+        raise ValueError(
+            f"{len(frame)} rows split by a holdout_fraction of {holdout_fraction} leave one "
+            "side empty: more rows are needed"
+        )
+    return (
+        frame[~holdout].reset_index(drop=True),
+        frame[holdout].reset_index(drop=True),
+    )
+
+
+def window_source(
+    partitions: list[Partition], schema: DataSchema, settings: DataSettings, part: str | None
+):
+    """The window's rows (``part``: "train", "holdout" or None for all) as an
+    ``ml.stream.WindowSource``: read a record batch at a time."""
+    from ml.stream import WindowSource
+
+    if not partitions:
+        raise DataNotFoundError("no partitions to read")
+    return WindowSource(partitions, schema, settings, part)
 
 
 # --------------------------------------------------------------------------- synthetic source
@@ -642,4 +729,5 @@ __all__ = [
     "synthetic_partition",
     "validate_partitions",
     "window_days",
+    "window_source",
 ]

@@ -8,12 +8,15 @@ matplotlib are imported only by the functions that do I/O.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from ml.stream import Source
 
 from serving.server.contract import PREDICTION_COLUMN
 
@@ -25,6 +28,11 @@ VERIFICATION_ROWS_ARTIFACT = "verification/rows.json"
 # The training data's profile (ml.drift), which monitor_drift scores newer partitions against.
 DRIFT_PROFILE_ARTIFACT = "drift/profile.json"
 VERIFICATION_ROWS = 64
+# A streamed evaluation keeps this many holdout rows (a uniform sample, by the holdout hash) for
+# the drift profile, the plots and the verification rows; smaller holdouts are kept whole.
+SAMPLE_ROWS = 100_000
+# Scatter plots draw at most this many of them.
+PLOT_ROWS = 10_000
 
 
 def regression_metrics(y_true, y_pred) -> dict[str, float]:
@@ -53,15 +61,51 @@ def regression_metrics(y_true, y_pred) -> dict[str, float]:
     }
 
 
+class MetricsAccumulator:
+    """:func:`regression_metrics` over a stream of (truth, prediction) batches."""
+
+    def __init__(self) -> None:
+        from ml.stream import RunningStats
+
+        self.squared = 0.0
+        self.absolute = 0.0
+        self.truth = RunningStats(1)
+
+    def update(self, y_true, y_pred) -> None:
+        truth = np.asarray(y_true, dtype="float64")
+        pred = np.asarray(y_pred, dtype="float64")
+        if truth.shape != pred.shape or truth.ndim != 1:
+            raise ValueError(f"shape mismatch: y_true {truth.shape} vs y_pred {pred.shape}")
+        if not (np.all(np.isfinite(truth)) and np.all(np.isfinite(pred))):
+            raise ValueError("y_true and y_pred must be finite")
+        residuals = truth - pred
+        self.squared += float(np.sum(residuals**2))
+        self.absolute += float(np.sum(np.abs(residuals)))
+        self.truth.update(truth.reshape(-1, 1))
+
+    def result(self) -> dict[str, float]:
+        n = self.truth.n
+        if n == 0:
+            raise ValueError("cannot compute metrics on zero rows")
+        ss_tot = float(self.truth.m2[0])
+        ss_res = self.squared
+        r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+        return {"rmse": float(np.sqrt(ss_res / n)), "mae": self.absolute / n, "r2": float(r2)}
+
+
 def predict(model_uri: str, frame: pd.DataFrame, feature_columns: list[str]) -> np.ndarray:
     """Predictions of the MLflow model at ``model_uri`` as a 1-D float64 array."""
     import mlflow.pyfunc
+
+    return _predict_with(mlflow.pyfunc.load_model(model_uri), frame, feature_columns)
+
+
+def _predict_with(model, frame: pd.DataFrame, feature_columns: list[str]) -> np.ndarray:
     import pandas as pd
 
     missing = [c for c in feature_columns if c not in frame.columns]
     if missing:
         raise ValueError(f"frame is missing feature columns: {missing}")
-    model = mlflow.pyfunc.load_model(model_uri)
     output = model.predict(_cast_to_signature_doubles(model, frame[list(feature_columns)]))
     # Our pyfunc returns a "prediction" column; tolerate other pyfuncs' shapes too.
     if isinstance(output, pd.DataFrame):
@@ -92,6 +136,67 @@ def _cast_to_signature_doubles(model, features: pd.DataFrame) -> pd.DataFrame:
     return features.astype(doubles) if doubles else features
 
 
+@dataclass
+class StreamedEvaluation:
+    """Metrics per model over every holdout row, and the rows kept (``sample``: features and
+    target, in stream order; the first model's ``predictions`` on them)."""
+
+    metrics: dict[str, dict[str, float]]
+    rows: int
+    sample: pd.DataFrame
+    predictions: np.ndarray
+
+
+def evaluate_stream(
+    model_uris: Mapping[str, str],
+    source: Source,
+    feature_columns: list[str],
+    target_column: str,
+    *,
+    seed: int,
+    sample_rows: int = SAMPLE_ROWS,
+) -> StreamedEvaluation:
+    """Score every model of ``model_uris`` on the rows of ``source`` in one pass, a record
+    batch at a time (each model loaded once); keep at most ``sample_rows`` rows, those with
+    the smallest holdout hash (``ml.stream.holdout_rank`` with ``seed``): all of them when
+    the holdout is smaller."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from ml.stream import BottomK, holdout_rank
+
+    if not model_uris:
+        raise ValueError("no model to evaluate")
+    models = {key: mlflow.pyfunc.load_model(uri) for key, uri in model_uris.items()}
+    first = next(iter(models))
+    metrics = {key: MetricsAccumulator() for key in models}
+    kept = BottomK(sample_rows)
+    rows = 0
+    for values, hashes in source.batches():
+        frame = pd.DataFrame(values[:, :-1], columns=list(feature_columns))
+        truth = values[:, -1]
+        predictions = {}
+        for key, model in models.items():
+            predictions[key] = _predict_with(model, frame, feature_columns)
+            metrics[key].update(truth, predictions[key])
+        positions = np.arange(rows, rows + len(values))
+        kept.add(
+            holdout_rank(hashes, seed), np.column_stack([values, predictions[first]]), positions
+        )
+        rows += len(values)
+    if rows == 0:
+        raise ValueError("the holdout has no rows: more data, or a larger holdout_fraction")
+    sample, _ = kept.result()
+    sample = sample.reshape(-1, len(feature_columns) + 2)
+    frame = pd.DataFrame(sample[:, :-1], columns=[*feature_columns, target_column])
+    return StreamedEvaluation(
+        metrics={key: accumulator.result() for key, accumulator in metrics.items()},
+        rows=rows,
+        sample=frame,
+        predictions=sample[:, -1],
+    )
+
+
 def evaluate_on_holdout(
     model_uri: str, holdout: pd.DataFrame, feature_columns: list[str], target_column: str
 ) -> dict[str, float]:
@@ -112,13 +217,15 @@ def log_evaluation(
     champion_version: str | None,
     *,
     feature_columns: list[str] | None = None,
+    holdout_rows: int | None = None,
 ) -> None:
     """Record the holdout evaluation on the challenger's run.
 
     Metrics as ``holdout_<name>`` (and ``champion_holdout_<name>`` when a champion was
     scored), the champion's version as a tag, two diagnostic plots and, given the feature
     columns, the fixed rows every rollout of this model verifies the endpoint on
-    (:func:`verification_rows`).
+    (:func:`verification_rows`) and the drift profile. ``holdout`` may be a sample of the
+    holdout (a streamed evaluation's): ``holdout_rows`` then says how many rows it had.
     """
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
@@ -131,7 +238,7 @@ def log_evaluation(
 
     now = get_current_time_millis()
     values = {f"holdout_{k}": float(v) for k, v in metrics.items()}
-    values["holdout_rows"] = float(len(truth))
+    values["holdout_rows"] = float(holdout_rows if holdout_rows is not None else len(truth))
     if champion_metrics is not None:
         values |= {f"champion_holdout_{k}": float(v) for k, v in champion_metrics.items()}
     tags = [RunTag("champion_version", str(champion_version))] if champion_version else []
@@ -142,19 +249,21 @@ def log_evaluation(
         metrics=[Metric(key, value, now, 0) for key, value in values.items()],
         tags=tags,
     )
-    client.log_figure(run_id, _predictions_vs_truth_figure(truth, predictions), PREDICTIONS_PLOT)
-    client.log_figure(run_id, _residuals_figure(truth, predictions), RESIDUALS_PLOT)
+    shown = slice(0, PLOT_ROWS)
+    client.log_figure(
+        run_id, _predictions_vs_truth_figure(truth[shown], predictions[shown]), PREDICTIONS_PLOT
+    )
+    client.log_figure(run_id, _residuals_figure(truth[shown], predictions[shown]), RESIDUALS_PLOT)
     if feature_columns:
         client.log_dict(
             run_id,
             verification_rows(holdout, feature_columns, predictions),
             VERIFICATION_ROWS_ARTIFACT,
         )
-        client.log_dict(
-            run_id,
-            drift_profile(holdout, feature_columns, target_column, predictions),
-            DRIFT_PROFILE_ARTIFACT,
-        )
+        profile = drift_profile(holdout, feature_columns, target_column, predictions)
+        if holdout_rows is not None:
+            profile["rows"] = int(holdout_rows)
+        client.log_dict(run_id, profile, DRIFT_PROFILE_ARTIFACT)
 
 
 def drift_profile(

@@ -76,19 +76,20 @@ def validate_window(window: Mapping[str, Any], settings: DataSettings) -> dict[s
     return result
 
 
-def _frames(window: Mapping[str, Any], settings: DataSettings):
+def holdout_frame(window: Mapping[str, Any], settings: DataSettings):
+    """The holdout rows of the window in memory (the same rows every step sees: a hash of each
+    row decides, ``ml.stream``). For small windows and tests; the steps stream them."""
+    import numpy as np
+    import pandas as pd
+
     from ml import data
 
     schema = data.load_schema(settings)
-    frame = data.read_frame(_partitions(window), schema, settings)
-    train, holdout = data.split_holdout(frame, settings.holdout_fraction, settings.split_seed)
-    return schema, train, holdout
-
-
-def holdout_frame(window: Mapping[str, Any], settings: DataSettings):
-    """The holdout rows of the window (the same rows every step sees: the split is seeded)."""
-    schema, _, holdout = _frames(window, settings)
-    return schema, holdout
+    source = data.window_source(_partitions(window), schema, settings, "holdout")
+    batches = [values for values, _ in source.batches()]
+    columns = [spec.name for spec in schema.columns]
+    rows = np.concatenate(batches) if batches else np.empty((0, len(columns)))
+    return schema, pd.DataFrame(rows, columns=columns)
 
 
 def train(
@@ -107,14 +108,16 @@ def train(
     """
     import mlflow
 
-    from ml import lineage
+    from ml import data, lineage
     from ml.registry import Registry
     from ml.train import train_model
 
     # Fail in seconds with a clear message, not after minutes of training and retries.
     Registry(tracking_uri, registry).check_available()
     mlflow.set_tracking_uri(tracking_uri)
-    schema, train_rows, _ = _frames(window, data_settings)
+    schema = data.load_schema(data_settings)
+    # The training side of the holdout split, streamed from the partitions.
+    train_rows = data.window_source(_partitions(window), schema, data_settings, "train")
     identity = lineage.training_identity(window["digest"], training, data_settings)
     run_tags = {
         "data_window_start": window["start"],
@@ -188,38 +191,42 @@ def evaluate(
     """Score the new model and the current champion on the same holdout rows."""
     import mlflow
 
+    from ml import data
     from ml import evaluate as ev
     from ml.registry import Registry
 
     mlflow.set_tracking_uri(tracking_uri)
-    schema, holdout = holdout_frame(window, data_settings)
+    schema = data.load_schema(data_settings)
     features, target = schema.feature_names, schema.target.name
-    predictions = ev.predict(trained["model_uri"], holdout, features)
-    metrics = ev.regression_metrics(holdout[target].to_numpy(), predictions)
-
     champion = Registry(tracking_uri, registry).champion()
-    champion_metrics = None
+    models = {"candidate": trained["model_uri"]}
     if champion is None:
         log.info("No @%s yet: nothing to compare against", registry.champion_alias)
     else:
-        champion_metrics = ev.evaluate_on_holdout(champion.model_uri, holdout, features, target)
+        models["champion"] = champion.model_uri
+    # One streamed pass over the holdout rows scores both models on the same rows.
+    holdout = data.window_source(_partitions(window), schema, data_settings, "holdout")
+    scored = ev.evaluate_stream(models, holdout, features, target, seed=data_settings.split_seed)
+    metrics, champion_metrics = scored.metrics["candidate"], scored.metrics.get("champion")
+    if champion is not None:
         log.info("Champion v%s on this holdout: %s", champion.version, _fmt(champion_metrics))
-    log.info("Challenger on this holdout (%d rows): %s", len(holdout), _fmt(metrics))
+    log.info("Challenger on this holdout (%d rows): %s", scored.rows, _fmt(metrics))
     ev.log_evaluation(
         trained["run_id"],
-        holdout,
+        scored.sample,
         target,
-        predictions,
+        scored.predictions,
         metrics,
         champion_metrics,
         champion.version if champion else None,
         feature_columns=features,
+        holdout_rows=scored.rows,
     )
     return {
         "candidate": metrics,
         "champion": champion_metrics,
         "champion_version": champion.version if champion else None,
-        "holdout_rows": len(holdout),
+        "holdout_rows": scored.rows,
     }
 
 

@@ -91,7 +91,28 @@ class TrainingSettings(BaseSettings):
 
     epochs: int = Field(40, ge=1, le=10_000)
     learning_rate: float = Field(0.005, gt=0.0, le=1.0)
-    batch_size: int = Field(64, ge=1, le=65_536)
+    batch_size: int = Field(
+        64,
+        ge=1,
+        le=65_536,
+        description="Rows per step for small windows; larger windows double it (see "
+        "max_batch_size).",
+    )
+    max_batch_size: int = Field(
+        8192,
+        ge=1,
+        le=65_536,
+        description="The batch doubles from batch_size while an epoch keeps at least "
+        "min_steps_per_epoch steps, up to this (at most batch_size: a fixed batch). Large "
+        "batches make large windows fast: a step costs about the same for 64 or 8192 rows.",
+    )
+    min_steps_per_epoch: int = Field(500, ge=1)
+    scale_learning_rate: bool = Field(
+        True,
+        description="A grown batch trains with learning_rate * sqrt(batch / batch_size), "
+        "capped at max_learning_rate (fewer, less noisy steps take larger ones).",
+    )
+    max_learning_rate: float = Field(0.02, gt=0.0, le=1.0)
     hidden_units: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [64, 32])
     early_stopping_patience: int = Field(5, ge=1)
     validation_fraction: float = Field(0.15, gt=0.0, lt=0.5)

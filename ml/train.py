@@ -12,6 +12,7 @@ The tracking URI is the caller's business (``MLFLOW_TRACKING_URI`` or
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 import warnings
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -29,6 +30,9 @@ from ml.lineage import code_version
 from ml.model import build_model, set_global_determinism
 from ml.settings import TrainingSettings
 from serving.server.contract import KERAS_ARTIFACT_KEY, KERAS_CODE_FILE
+
+if TYPE_CHECKING:
+    from ml.stream import Source, TrainingData
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ class TrainResult:
 
 
 def train_model(
-    train_frame: pd.DataFrame,
+    train_frame: pd.DataFrame | Source,
     feature_columns: list[str],
     target_column: str,
     settings: TrainingSettings,
@@ -76,18 +80,48 @@ def train_model(
 ) -> TrainResult:
     """Train on ``train_frame`` and log the run and the model to MLflow.
 
-    A seeded ``settings.validation_fraction`` of the rows is held out for early stopping
-    (best weights restored). Returns references only: the run id and the logged model's
-    URI (``models:/<model_id>``, accepted by ``mlflow.register_model``).
+    ``train_frame`` is a frame in memory, or an ``ml.stream.Source`` of the rows (the
+    pipeline streams the window's training rows: never the whole window in memory). A
+    seeded ``settings.validation_fraction`` of the rows (by a hash of each row,
+    ``ml.stream``) is held out for early stopping (best weights restored). Returns references
+    only: the run id and the logged model's URI (``models:/<model_id>``, accepted by
+    ``mlflow.register_model``).
 
     ``tags`` are on the run from its creation. With ``tags[RUN_KEY_TAG]`` (the pipeline step
     this run is an attempt of), the experiment's RUNNING runs with the same key are earlier
     attempts that died without ending their run (MLflow down, process killed): they are
     marked FAILED, see :func:`fail_dead_attempts`.
     """
-    _check_training_frame(train_frame, feature_columns, target_column)
+    from ml import stream
+
     feature_columns = list(feature_columns)
-    params = _training_params(settings, train_frame, feature_columns, target_column)
+    columns = [*feature_columns, target_column]
+    if isinstance(train_frame, pd.DataFrame):
+        _check_training_frame(train_frame, feature_columns, target_column)
+        source: Source = stream.FrameSource(train_frame, columns)
+    else:
+        source = train_frame
+        if not feature_columns:
+            raise ValueError("feature_columns is empty")
+        if list(source.columns) != columns:
+            raise ValueError(f"the source's columns {source.columns} are not {columns}")
+
+    # One streaming pass: counts, scaling statistics, the validation rows.
+    data = stream.prepare_training(
+        source, settings.validation_fraction, settings.seed, stream.MAX_VALIDATION_ROWS
+    )
+    total_rows = data.train_rows + data.validation_rows
+    if total_rows < MIN_TRAINING_ROWS:
+        raise ValueError(
+            f"training frame has {total_rows} rows; at least {MIN_TRAINING_ROWS} are needed"
+        )
+    batch_size, learning_rate = sized_to_data(data.train_rows, settings)
+    params = _training_params(settings, total_rows, feature_columns, target_column)
+    params.update(
+        effective_batch_size=batch_size,
+        effective_learning_rate=learning_rate,
+        validation_rows=data.validation_rows,
+    )
     clashes = sorted(set(params_extra or {}) & set(params))
     if clashes:
         raise ValueError(f"params_extra must not override training params: {clashes}")
@@ -96,15 +130,8 @@ def train_model(
     # float64 for the signature and example, so the signature says "double" for every
     # feature (JSON requests are cast to it by the scoring server; ml.evaluate.predict casts
     # in-process frames). The network itself runs in float32.
-    features = train_frame[feature_columns].astype("float64")
-    target = train_frame[target_column].astype("float64")
-    train_idx, val_idx = split_indices(
-        len(train_frame), settings.validation_fraction, settings.seed
-    )
-    x_train = features.to_numpy(dtype="float32")[train_idx]
-    y_train = target.to_numpy(dtype="float32")[train_idx]
-    x_val = features.to_numpy(dtype="float32")[val_idx]
-    y_val = target.to_numpy(dtype="float32")[val_idx]
+    head = _head(source, INPUT_EXAMPLE_ROWS)
+    example = pd.DataFrame(head[:, :-1], columns=feature_columns)
 
     mlflow.set_experiment(experiment_name)
     run_tags = dict(tags or {})
@@ -114,16 +141,15 @@ def train_model(
                 fail_dead_attempts(run.info.experiment_id, run_key, superseded_by=run.info.run_id)
             except Exception as exc:  # bookkeeping of the dead attempt: never stops training
                 log.warning("Could not mark earlier attempts of %s FAILED: %s", run_key, exc)
-        with warnings.catch_warnings():
-            # MLflow registers the local-file source twice and warns about the "ambiguity".
-            warnings.filterwarnings("ignore", message="The specified dataset source can be")
-            dataset = mlflow.data.from_pandas(
-                train_frame,
-                source=dataset_source,
-                targets=target_column,
-                name=dataset_name,
-                digest=dataset_digest[:MAX_DATASET_DIGEST_CHARS] if dataset_digest else None,
-            )
+        dataset = _dataset(
+            train_frame,
+            head,
+            columns,
+            target_column,
+            dataset_name,
+            dataset_source,
+            digest=dataset_digest[:MAX_DATASET_DIGEST_CHARS] if dataset_digest else None,
+        )
         mlflow.log_input(dataset, context="training")
         mlflow.set_tags(
             {
@@ -135,7 +161,7 @@ def train_model(
         mlflow.log_params(params)
 
         started = time.perf_counter()
-        model, history = _fit(x_train, y_train, x_val, y_val, settings)
+        model, history = _fit(source, data, settings, batch_size, learning_rate)
         fit_seconds = time.perf_counter() - started
         epochs_run = len(history["loss"])
         best_val_rmse = float(np.min(history["val_rmse"]))
@@ -145,11 +171,11 @@ def train_model(
                 "best_val_rmse": best_val_rmse,
                 "epochs_run": epochs_run,
                 "fit_seconds": fit_seconds,
-                "fit_rows": len(x_train),
+                "fit_rows": data.train_rows,
             }
         )
 
-        model_info = _log_pyfunc_model(model, features, feature_columns)
+        model_info = _log_pyfunc_model(model, example, feature_columns)
 
     return TrainResult(
         run_id=run.info.run_id,
@@ -157,6 +183,56 @@ def train_model(
         epochs_run=epochs_run,
         best_val_rmse=best_val_rmse,
     )
+
+
+def sized_to_data(train_rows: int, settings: TrainingSettings) -> tuple[int, float]:
+    """(batch size, learning rate) for ``train_rows`` training rows.
+
+    The batch doubles from ``batch_size`` while an epoch keeps at least
+    ``min_steps_per_epoch`` steps, up to ``max_batch_size``: a small window trains exactly as
+    configured, a large one in far fewer, larger steps (a step of this network costs about
+    the same for 64 rows as for thousands). With ``scale_learning_rate`` the learning rate
+    grows with the square root of the batch's growth, capped at ``max_learning_rate`` (never
+    below ``learning_rate``).
+    """
+    batch = settings.batch_size
+    while batch * 2 <= settings.max_batch_size and train_rows // (batch * 2) >= max(
+        settings.min_steps_per_epoch, 1
+    ):
+        batch *= 2
+    rate = settings.learning_rate
+    if settings.scale_learning_rate and batch > settings.batch_size:
+        grown = rate * math.sqrt(batch / settings.batch_size)
+        rate = max(rate, min(grown, settings.max_learning_rate))
+    return batch, rate
+
+
+def _head(source: Source, rows: int) -> np.ndarray:
+    """The first ``rows`` rows of ``source`` in stream order (the input example)."""
+    for values, _ in source.batches():
+        return values[:rows]
+    raise ValueError("the training data has no rows")
+
+
+def _dataset(frame, head, columns, target_column, name, source, digest=None):
+    with warnings.catch_warnings():
+        # MLflow registers the local-file source twice and warns about the "ambiguity".
+        warnings.filterwarnings("ignore", message="The specified dataset source can be")
+        if isinstance(frame, pd.DataFrame):
+            return mlflow.data.from_pandas(
+                frame, source=source, targets=target_column, name=name, digest=digest
+            )
+        # A stream has no frame to profile: its name, source, digest and schema.
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.types.utils import _infer_schema
+
+        return MetaDataset(
+            source=resolve_dataset_source(source or "unknown"),
+            name=name,
+            digest=digest,
+            schema=_infer_schema(pd.DataFrame(head, columns=columns)),
+        )
 
 
 def fail_dead_attempts(experiment_id: str, run_key: str, *, superseded_by: str) -> list[str]:
@@ -204,15 +280,6 @@ def fail_dead_attempts(experiment_id: str, run_key: str, *, superseded_by: str) 
     return found
 
 
-def split_indices(
-    n_rows: int, validation_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded shuffle of row positions into (train, validation); both non-empty."""
-    n_val = min(max(1, round(n_rows * validation_fraction)), n_rows - 1)
-    order = np.random.default_rng(seed).permutation(n_rows)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
 def pinned_requirements() -> list[str]:
     """``name==version`` for the serving packages installed here (missing ones skipped)."""
     pins = []
@@ -249,7 +316,7 @@ def _check_training_frame(
 
 
 def _training_params(
-    settings: TrainingSettings, frame: pd.DataFrame, feature_columns: list[str], target_column: str
+    settings: TrainingSettings, n_rows: int, feature_columns: list[str], target_column: str
 ) -> dict[str, Any]:
     # Where it ran (runner, pod sizing) is not a hyperparameter; threads stay (they can change
     # floating-point summation order).
@@ -257,7 +324,7 @@ def _training_params(
     params = {k: v for k, v in params.items() if not k.startswith("pod_")}
     params["hidden_units"] = ",".join(str(u) for u in settings.hidden_units)
     params.update(
-        n_rows=len(frame),
+        n_rows=n_rows,
         n_features=len(feature_columns),
         # Same text MLflow logs for the pyfunc's model_config["feature_columns"]: it logs
         # model_config as run params, and a differing value for the key would clash.
@@ -268,36 +335,51 @@ def _training_params(
 
 
 def _fit(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
+    source: Source,
+    data: TrainingData,
     settings: TrainingSettings,
+    batch_size: int,
+    learning_rate: float,
 ):
     import keras
+    import tensorflow as tf
+
+    from ml import stream
 
     set_global_determinism(settings.seed)
     if settings.threads:
         _limit_threads(settings.threads)
-    # Scaling statistics from the training split only, so validation stays unseen.
-    target_std = float(y_train.std())
+    # Scaling statistics from the training rows only (ml.stream), so validation stays unseen.
     model = build_model(
-        x_train.shape[1],
+        len(source.columns) - 1,
         settings.hidden_units,
-        settings.learning_rate,
-        feature_mean=x_train.mean(axis=0),
-        feature_variance=x_train.var(axis=0),
-        target_mean=float(y_train.mean()),
-        # A constant target would make the rescale a no-op; 1.0 keeps the net trainable.
-        target_std=target_std if target_std > 0 else 1.0,
+        learning_rate,
+        feature_mean=data.feature_mean,
+        feature_variance=data.feature_variance,
+        target_mean=data.target_mean,
+        target_std=data.target_std,
+    )
+    features = len(source.columns) - 1
+    # Batches come shuffled and sized from the stream; a Python generator feeds tf.data (one
+    # call per epoch) and prefetching overlaps reading the next batches with the step.
+    batches = (
+        tf.data.Dataset.from_generator(
+            stream.training_batches(source, data, settings.seed, batch_size),
+            output_signature=(
+                tf.TensorSpec(shape=(None, features), dtype=tf.float32),
+                tf.TensorSpec(shape=(None,), dtype=tf.float32),
+            ),
+        )
+        # Known steps per epoch (and a check that every epoch yields them all).
+        .apply(tf.data.experimental.assert_cardinality(-(-data.train_rows // batch_size)))
+        .prefetch(4)
     )
     history = model.fit(
-        x_train,
-        y_train,
-        validation_data=(x_val, y_val),
+        batches,
+        shuffle=False,
+        validation_data=(data.validation_x, data.validation_y),
+        validation_batch_size=max(batch_size, 4096),
         epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        shuffle=True,
         verbose=0,
         callbacks=[
             keras.callbacks.EarlyStopping(

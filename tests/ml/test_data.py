@@ -540,8 +540,10 @@ def test_split_holdout_is_deterministic_and_sized(tmp_path):
     again_train, again_holdout = split_holdout(frame, 0.2, seed=7)
     pd.testing.assert_frame_equal(train, again_train)
     pd.testing.assert_frame_equal(holdout, again_holdout)
-    assert (len(train), len(holdout)) == (800, 200)
-    assert train.index.equals(pd.RangeIndex(800))
+    # A hash per row decides: about the fraction (binomial, 1000 x 0.2: sd 12.6).
+    assert 150 <= len(holdout) <= 250
+    assert len(train) + len(holdout) == 1000
+    assert train.index.equals(pd.RangeIndex(len(train)))
     # A partition of the rows: nothing lost, nothing shared.
     together = pd.concat([train, holdout]).sort_values(list(frame.columns), ignore_index=True)
     pd.testing.assert_frame_equal(
@@ -552,11 +554,46 @@ def test_split_holdout_is_deterministic_and_sized(tmp_path):
     assert not other_holdout.equals(holdout)
 
 
-def test_split_holdout_keeps_both_parts_non_empty():
+def test_split_holdout_follows_row_content_not_position(tmp_path):
+    frame = synthetic_partition(DAY, make_settings(tmp_path, synthetic_rows_per_day=500))
+    _, holdout = split_holdout(frame, 0.3, seed=1)
+    shuffled = frame.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    _, shuffled_holdout = split_holdout(shuffled, 0.3, seed=1)
+    key = list(frame.columns)
+    pd.testing.assert_frame_equal(
+        holdout.sort_values(key, ignore_index=True),
+        shuffled_holdout.sort_values(key, ignore_index=True),
+    )
+    # Stored as integers or floats, the same values are the same rows.
+    as_ints = frame.assign(hour_of_day=frame["hour_of_day"].astype("int64"))
+    _, int_holdout = split_holdout(as_ints, 0.3, seed=1)
+    np.testing.assert_array_equal(int_holdout.to_numpy("float64"), holdout.to_numpy("float64"))
+
+
+def test_streamed_window_holds_out_the_rows_split_holdout_does(tmp_path):
+    from ml.data import window_source
+
+    for file_format in ("parquet", "csv"):
+        settings = make_settings(tmp_path, format=file_format, path=str(tmp_path / file_format))
+        days = window_days(date(2024, 3, 4), 3)
+        materialize_synthetic(settings, days)
+        partitions = discover_partitions(settings, days)
+        schema = load_schema(settings)
+        whole = read_frame(partitions, schema, settings)
+        train, holdout = split_holdout(whole, settings.holdout_fraction, settings.split_seed)
+
+        def rows(part, settings=settings, partitions=partitions, schema=schema):
+            source = window_source(partitions, schema, settings, part)
+            return np.concatenate([values for values, _ in source.batches()])
+
+        np.testing.assert_array_equal(rows("holdout"), holdout.to_numpy("float64"))
+        np.testing.assert_array_equal(rows("train"), train.to_numpy("float64"))
+        assert len(rows(None)) == 360
+
+
+def test_split_holdout_refuses_a_side_left_empty():
     frame = pd.DataFrame({"x": [1.0, 2.0, 3.0]})
-    train, holdout = split_holdout(frame, 0.01, seed=0)
-    assert (len(train), len(holdout)) == (2, 1)
-    train, holdout = split_holdout(frame, 0.99, seed=0)
-    assert (len(train), len(holdout)) == (1, 2)
+    with pytest.raises(ValueError, match="leave one side empty"):
+        split_holdout(frame, 0.01, seed=0)
     with pytest.raises(ValueError, match="at least 2 rows"):
         split_holdout(frame.head(1), 0.5, seed=0)

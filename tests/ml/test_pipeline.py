@@ -33,7 +33,9 @@ def xcom(value):
 
 @pytest.fixture
 def data(tmp_path) -> DataSettings:
-    return DataSettings(path=str(tmp_path / "data"), window_days=7, synthetic_rows_per_day=150)
+    # The default 400 rows a day: the drift profile is the holdout's (~560 rows); much smaller
+    # holdouts make its deciles noisy enough to read the season's change as drift.
+    return DataSettings(path=str(tmp_path / "data"), window_days=7, synthetic_rows_per_day=400)
 
 
 def test_load_window_writes_once_and_its_digest_follows_the_data(data):
@@ -56,7 +58,7 @@ def test_validate_window_counts_rows_and_names_a_bad_partition(data):
     from ml.data import DataValidationError
 
     window = xcom(pipeline.load_window(data, END))
-    assert pipeline.validate_window(window, data)["total_rows"] == 1050
+    assert pipeline.validate_window(window, data)["total_rows"] == 2800
 
     uri = window["partitions"][0]["uri"]
     frame = pd.read_parquet(uri)
@@ -68,11 +70,18 @@ def test_validate_window_counts_rows_and_names_a_bad_partition(data):
 
 
 def test_holdout_is_the_same_rows_every_time(data):
+    from ml.data import Partition, load_schema, read_frame, split_holdout
+
     window = xcom(pipeline.load_window(data, END))
     _, first = pipeline.holdout_frame(window, data)
     _, again = pipeline.holdout_frame(window, data)
-    assert len(first) == 210  # holdout_fraction 0.2 of 1050
+    assert 480 <= len(first) <= 640  # holdout_fraction 0.2 of 2800 rows, by a hash per row
     assert first.equals(again)
+    # The streamed holdout is the in-memory split's.
+    partitions = [Partition(date.fromisoformat(p["day"]), p["uri"]) for p in window["partitions"]]
+    whole = read_frame(partitions, load_schema(data), data)
+    _, in_memory = split_holdout(whole, data.holdout_fraction, data.split_seed)
+    assert first.equals(in_memory)
 
 
 @pytest.mark.integration
@@ -82,7 +91,8 @@ def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(data, mlf
     window = xcom(pipeline.load_window(data, END))
     trained = xcom(pipeline.train(window, data, TRAINING, REGISTRY, tracking_uri=mlflow_store))
     evaluation = xcom(pipeline.evaluate(window, trained, data, REGISTRY, tracking_uri=mlflow_store))
-    assert evaluation["champion"] is None and evaluation["holdout_rows"] == 210
+    _, holdout = pipeline.holdout_frame(window, data)
+    assert evaluation["champion"] is None and evaluation["holdout_rows"] == len(holdout)
     version = xcom(
         pipeline.register(window, trained, evaluation, REGISTRY, tracking_uri=mlflow_store)
     )

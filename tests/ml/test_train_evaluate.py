@@ -260,3 +260,19 @@ def test_log_evaluation_without_champion(mlflow_store):
     assert logged.metrics["holdout_rmse"] == 0.0
     assert not any(k.startswith("champion_") for k in logged.metrics)
     assert "champion_version" not in logged.tags
+
+
+def test_batch_and_learning_rate_grow_with_the_rows_only_for_large_windows():
+    from ml.train import sized_to_data
+
+    settings = TrainingSettings()  # batch 64, up to 8192; >= 500 steps an epoch
+    # The default window (2,800 rows, ~2,000 of them training) trains as configured.
+    assert sized_to_data(2_000, settings) == (64, settings.learning_rate)
+    assert sized_to_data(63_000, settings) == (64, settings.learning_rate)
+    batch, rate = sized_to_data(680_000, settings)
+    assert batch == 1024 and rate == pytest.approx(min(0.005 * 4, settings.max_learning_rate))
+    assert sized_to_data(50_000_000, settings) == (8192, settings.max_learning_rate)
+    fixed = settings.model_copy(update={"max_batch_size": 64})
+    assert sized_to_data(50_000_000, fixed) == (64, settings.learning_rate)
+    unscaled = settings.model_copy(update={"scale_learning_rate": False})
+    assert sized_to_data(680_000, unscaled) == (1024, settings.learning_rate)

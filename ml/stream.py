@@ -218,13 +218,27 @@ class Source:
     def fragments(self) -> list[Fragment]:
         raise NotImplementedError
 
-    def read(self, fragment: Fragment) -> Iterator[np.ndarray]:
+    def read_raw(self, fragment: Fragment, dtype: str = "float64") -> Iterator[np.ndarray]:
+        """Every row of the fragment (before :meth:`keep`), in the same batches every time."""
         raise NotImplementedError
+
+    def keep(self, hashes: np.ndarray) -> np.ndarray | None:
+        """Which of the rows with ``hashes`` belong to this source (None: all)."""
+        return None
+
+    def read(self, fragment: Fragment) -> Iterator[np.ndarray]:
+        for values, _ in self.hashed(fragment):
+            yield values
 
     def hashed(self, fragment: Fragment) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The fragment's rows as (values, row hashes)."""
-        for values in self.read(fragment):
-            yield values, row_hash(values)
+        for values in self.read_raw(fragment):
+            hashes = row_hash(values)
+            keep = self.keep(hashes)
+            if keep is not None:
+                values, hashes = values[keep], hashes[keep]
+            if len(values):
+                yield values, hashes
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every row in order, as (values, row hashes)."""
@@ -243,9 +257,9 @@ class FrameSource(Source):
         count = max(1, -(-len(self._values) // READ_BATCH_ROWS))
         return [Fragment("frame", i) for i in range(count)]
 
-    def read(self, fragment: Fragment) -> Iterator[np.ndarray]:
+    def read_raw(self, fragment: Fragment, dtype: str = "float64") -> Iterator[np.ndarray]:
         start = fragment.index * READ_BATCH_ROWS
-        yield self._values[start : start + READ_BATCH_ROWS]
+        yield self._values[start : start + READ_BATCH_ROWS].astype(dtype, copy=False)
 
 
 class WindowSource(Source):
@@ -279,21 +293,14 @@ class WindowSource(Source):
             self._fragments = found
         return self._fragments
 
-    def read(self, fragment: Fragment) -> Iterator[np.ndarray]:
-        for values, _ in self.hashed(fragment):
-            yield values
+    def read_raw(self, fragment: Fragment, dtype: str = "float64") -> Iterator[np.ndarray]:
+        return read_values(fragment, self.columns, self.settings.format, dtype)
 
-    def hashed(self, fragment: Fragment) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for values in read_values(fragment, self.columns, self.settings.format):
-            hashes = row_hash(values)
-            if self.part is not None:
-                holdout = holdout_mask(
-                    hashes, self.settings.holdout_fraction, self.settings.split_seed
-                )
-                keep = holdout if self.part == "holdout" else ~holdout
-                values, hashes = values[keep], hashes[keep]
-            if len(values):
-                yield values, hashes
+    def keep(self, hashes: np.ndarray) -> np.ndarray | None:
+        if self.part is None:
+            return None
+        holdout = holdout_mask(hashes, self.settings.holdout_fraction, self.settings.split_seed)
+        return holdout if self.part == "holdout" else ~holdout
 
 
 def _open(uri: str):
@@ -308,25 +315,27 @@ def _parquet(handle):
     return pq.ParquetFile(handle, pre_buffer=False)
 
 
-def read_values(fragment: Fragment, columns: list[str], file_format: str) -> Iterator[np.ndarray]:
-    """The fragment's ``columns`` as float64 matrices of at most ``READ_BATCH_ROWS`` rows."""
+def read_values(
+    fragment: Fragment, columns: list[str], file_format: str, dtype: str = "float64"
+) -> Iterator[np.ndarray]:
+    """The fragment's ``columns`` as ``dtype`` matrices of at most ``READ_BATCH_ROWS`` rows."""
     if file_format == "parquet":
         with _open(fragment.source) as handle:
             reader = _parquet(handle)
             for batch in reader.iter_batches(
                 batch_size=READ_BATCH_ROWS, row_groups=[fragment.index], columns=columns
             ):
-                yield _matrix([batch.column(name) for name in columns])
+                yield _matrix([batch.column(name) for name in columns], dtype)
         return
     import pandas as pd
 
     with _open(fragment.source) as handle:
         for chunk in pd.read_csv(handle, chunksize=READ_BATCH_ROWS, usecols=columns):
-            yield chunk[columns].to_numpy(dtype="float64")
+            yield chunk[columns].to_numpy(dtype=dtype)
 
 
-def _matrix(arrays: list[Any]) -> np.ndarray:
-    out = np.empty((len(arrays[0]) if arrays else 0, len(arrays)), dtype="float64")
+def _matrix(arrays: list[Any], dtype: str) -> np.ndarray:
+    out = np.empty((len(arrays[0]) if arrays else 0, len(arrays)), dtype=dtype)
     for i, array in enumerate(arrays):
         out[:, i] = array.to_numpy(zero_copy_only=False)
     return out
@@ -405,15 +414,34 @@ def training_batches(
     source: Source, data: TrainingData, seed: int, batch_size: int
 ) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
     """A generator function: each call is one epoch of shuffled (x, y) float32 batches of
-    ``batch_size`` rows (the last one smaller) over the training rows only."""
+    ``batch_size`` rows (the last one smaller) over the training rows only.
+
+    The first epoch hashes each row to tell training rows from holdout and validation ones
+    and keeps the answer as one bit per row; later epochs read float32 and reuse the bits.
+    """
     features = len(source.columns) - 1
     epoch = [0]
+    masks: dict[Fragment, list[np.ndarray]] = {}
 
     def _rows(fragment: Fragment) -> Iterator[np.ndarray]:
-        for values, hashes in source.hashed(fragment):
+        cached = masks.get(fragment)
+        if cached is not None:
+            for values, packed in zip(source.read_raw(fragment, "float32"), cached, strict=True):
+                train = np.unpackbits(packed, count=len(values)).view(bool)
+                if train.any():
+                    yield values[train]
+            return
+        bits = []
+        for values in source.read_raw(fragment):
+            hashes = row_hash(values)
             train = validation_rank(hashes, seed) >= data.validation_threshold
+            keep = source.keep(hashes)
+            if keep is not None:
+                train &= keep
+            bits.append(np.packbits(train))
             if train.any():
-                yield values[train]
+                yield values[train].astype("float32")
+        masks[fragment] = bits  # only once the fragment was read to its end
 
     def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         rng = np.random.default_rng([seed, epoch[0]])
@@ -445,16 +473,16 @@ def training_batches(
 
 
 def _emit(rows: np.ndarray, rng, batch_size: int, features: int, *, last: bool):
-    """Shuffle ``rows``, yield full batches (and with ``last`` the remainder); return what is
-    left over for the next pool."""
-    rows = rows[rng.permutation(len(rows))]
+    """Yield ``rows`` shuffled as full batches (and with ``last`` the remainder too); return
+    what is left over for the next pool."""
+    order = rng.permutation(len(rows))
     full = len(rows) - len(rows) % batch_size
-    x = np.ascontiguousarray(rows[:, :features], dtype="float32")
-    y = np.ascontiguousarray(rows[:, features], dtype="float32")
     for start in range(0, full, batch_size):
-        yield x[start : start + batch_size], y[start : start + batch_size]
+        batch = rows[order[start : start + batch_size]]
+        yield np.ascontiguousarray(batch[:, :features]), np.ascontiguousarray(batch[:, features])
+    rest = rows[order[full:]]
     if last:
-        if full < len(rows):
-            yield x[full:], y[full:]
-        return rows[:0]
-    return rows[full:]
+        if len(rest):
+            yield np.ascontiguousarray(rest[:, :features]), np.ascontiguousarray(rest[:, features])
+        return rest[:0]
+    return rest

@@ -42,6 +42,8 @@ WINDOW_DAYS = 7
 FILE_ROWS = 1_000_000  # rows per partition file at most (several files per day beyond)
 CEILING_ROWS = 1_000_000  # the bare loop's rows: its speed per row does not depend on more
 STEPS = ("window", "validate", "train", "evaluate")
+# Each size's result is appended here as soon as it is measured (--report-only renders them).
+RESULTS = CACHE / "results.jsonl"
 TARGET_RSS_MB = 2048
 TARGET_ROW_EPOCHS = 500_000
 TARGET_CEILING_SHARE = 0.70
@@ -401,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="pass --batch-size to the train step")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep each size's MLflow store")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help=f"measure nothing: render the results saved in {RESULTS.relative_to(REPO)} "
+        "(the last measurement of each size)",
+    )
     parser.add_argument("--ceiling-rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ceiling-batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -411,10 +419,32 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     started = time.perf_counter()
     results = []
-    for rows in sizes:
-        print(f"{label(rows)} rows (load average {os.getloadavg()[0]:.1f})", flush=True)
-        results.append(bench_size(rows, args))
-    section = report(results, args, (time.perf_counter() - started) / 60)
+    if args.report_only:
+        saved = {}
+        for line in RESULTS.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["epochs"] == args.epochs:
+                saved[entry["result"]["rows"]] = entry
+        results = [saved[rows]["result"] for rows in sizes if rows in saved]
+        minutes = sum(saved[rows]["minutes"] for rows in sizes if rows in saved)
+    else:
+        for rows in sizes:
+            print(f"{label(rows)} rows (load average {os.getloadavg()[0]:.1f})", flush=True)
+            size_started = time.perf_counter()
+            result = bench_size(rows, args)
+            results.append(result)
+            entry = {
+                "epochs": args.epochs,
+                "minutes": (time.perf_counter() - size_started) / 60,
+                "result": result,
+            }
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            with RESULTS.open("a") as out:
+                out.write(json.dumps(entry, default=str) + "\n")
+            if "train" in result:
+                print(f"    train: {json.dumps(result['train'])}", flush=True)
+        minutes = (time.perf_counter() - started) / 60
+    section = report(results, args, minutes)
     print()
     print(section)
     if not args.no_write:

@@ -107,18 +107,36 @@ def ensure_data(rows: int) -> Path:
 # --------------------------------------------------------------------------- steps
 
 
+# Forks and execs the step, waits for it and writes its peak RSS (KiB) to the file in argv[1].
+# A small process in between because Linux keeps the hiwater mark of the memory a process
+# had before exec: a step forked straight from this (larger) process would report at least
+# this process's size.
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_process(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict:
     """Run ``argv``; wall time, peak RSS (MB) of the process, exit code and stdout."""
     started = time.perf_counter()
+    rss_file = cwd / ".peak_rss"
+    launcher = [sys.executable, "-S", "-c", LAUNCHER, str(rss_file)]
     with open(log, "ab") as err:
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(
+            [*launcher, *argv], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=err
+        )
         out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.wait()
     return {
         "wall_s": time.perf_counter() - started,
-        # ru_maxrss: KiB on Linux; the process's own peak (children it waited for included).
-        "rss_mb": usage.ru_maxrss / 1024,
+        # ru_maxrss: KiB on Linux, the step process's own peak.
+        "rss_mb": int(rss_file.read_text()) / 1024 if rss_file.exists() else 0.0,
         "rc": proc.returncode,
         "stdout": out.decode(errors="replace"),
     }
@@ -161,7 +179,7 @@ def bench_size(rows: int, args: argparse.Namespace) -> dict:
         ],
     }
     result: dict = {"rows": rows, "load_before": os.getloadavg()[0], "steps": {}}
-    for step in STEPS:
+    for step in [s for s in STEPS if s == "window" or s in args.steps]:
         print(f"  {label(rows)} {step} ...", flush=True)
         measured = run_process(argv[step], env, work, log)
         if measured["rc"] != 0:
@@ -367,8 +385,8 @@ def report(results: list[dict], args, minutes: float) -> str:
         *targets(results),
         "",
         "- window / validate / train / evaluate s: wall time of the step's process (imports, "
-        "MLflow logging and model saving included); MB: its peak RSS (`wait4`'s high-water "
-        "mark).",
+        "MLflow logging and model saving included); MB: its peak RSS (the kernel's "
+        "high-water mark of the step's own process, `wait4` in a small launcher).",
         "- train row-epochs/s: rows fitted per epoch x epochs / seconds in the fit itself "
         "(the run's `fit_rows`, `epochs_run`, `fit_seconds`).",
         f"- bare loop: the same network (`ml.model.build_model`), `model.fit` on in-memory "
@@ -401,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
     parser.add_argument("--batch-size", type=int, help="pass --batch-size to the train step")
+    parser.add_argument(
+        "--steps",
+        default="validate,train,evaluate",
+        type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+        help="steps to measure after `window` (default %(default)s); the report keeps each "
+        "step's latest measurement per size",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep each size's MLflow store")
     parser.add_argument(
@@ -420,13 +445,21 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = []
     if args.report_only:
-        saved = {}
+        saved: dict[int, dict] = {}
+        minutes = 0.0
         for line in RESULTS.read_text().splitlines():
             entry = json.loads(line)
-            if entry["epochs"] == args.epochs:
-                saved[entry["result"]["rows"]] = entry
-        results = [saved[rows]["result"] for rows in sizes if rows in saved]
-        minutes = sum(saved[rows]["minutes"] for rows in sizes if rows in saved)
+            result = entry["result"]
+            if entry["epochs"] != args.epochs or result["rows"] not in sizes:
+                continue
+            merged = saved.setdefault(result["rows"], {"steps": {}})
+            # Each step's latest measurement; training figures with the train step's.
+            merged["steps"].update(result["steps"])
+            for key in ("rows", "load_before", "load_after", "train", "ceiling", "holdout"):
+                if key in result and ("train" in result or key not in merged):
+                    merged[key] = result[key]
+            minutes += entry["minutes"]
+        results = [saved[rows] for rows in sizes if rows in saved]
     else:
         for rows in sizes:
             print(f"{label(rows)} rows (load average {os.getloadavg()[0]:.1f})", flush=True)

@@ -49,16 +49,17 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from ml.settings import RegistrySettings
 from registry_events.exporter import CachedExposition
-from serving.deploy.assets import alias_asset
+
+if TYPE_CHECKING:
+    from ml.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +195,25 @@ def _ignored(reason: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"status": "ignored", "reason": reason, **extra}, status_code=200)
 
 
+def registry_settings() -> RegistrySettings:
+    """The deployment's registry settings, read per request.
+
+    The project's modules are imported here, not when the plugin loads: every Airflow
+    component loads the plugins at start, the scheduler too, and the LocalExecutor's task
+    processes are forked from the scheduler; a module it had imported would be the (possibly
+    outdated) copy every task inherits.
+    """
+    from ml.settings import RegistrySettings
+
+    return RegistrySettings()
+
+
 @app.get("/")
 def describe() -> dict[str, Any]:
     """What this endpoint watches (no secrets)."""
-    settings = RegistrySettings()
+    from serving.deploy.assets import alias_asset
+
+    settings = registry_settings()
     return {
         "webhook": f"{URL_PREFIX}{WEBHOOK_PATH}",
         "event": ".".join(WATCHED_EVENT),
@@ -234,7 +250,7 @@ async def mlflow_webhook(request: Request) -> JSONResponse:
     if event != WATCHED_EVENT:
         return _ignored(f"event {'.'.join(event)} is not watched", delivery_id=delivery_id)
     data = payload["data"]
-    settings = RegistrySettings()
+    settings = registry_settings()
     model, alias, version = str(data["name"]), str(data["alias"]), str(data["version"])
     if model != settings.model_name or alias != settings.champion_alias:
         return _ignored(
@@ -271,6 +287,8 @@ def record_promotion(extra: dict[str, Any]) -> dict[str, Any]:
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
+
+    from serving.deploy.assets import alias_asset
 
     ident = alias_asset(extra["model"], extra["alias"])
     with _record_lock, create_session() as session:

@@ -24,11 +24,13 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from ml.settings import DriftSettings, RegistrySettings, connection_tracking_uri
+if TYPE_CHECKING:  # imported where used: see registry_events.app.registry_settings
+    from ml.settings import DriftSettings, RegistrySettings
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,8 @@ def tracking_uri() -> str | None:
         )
     except Exception:
         return None
+    from ml.settings import connection_tracking_uri
+
     return connection_tracking_uri(conn.host, conn.port, conn.conn_type) if conn.host else None
 
 
@@ -178,6 +182,8 @@ class CachedExposition:
 
     @staticmethod
     def _read() -> bytes:
+        from ml.settings import DriftSettings, RegistrySettings
+
         settings = RegistrySettings()
         uri = tracking_uri()
         snapshot = read_snapshot(uri, settings) if uri else RegistrySnapshot(up=False)

@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 from airflow.sdk import BaseOperatorLink
 
-from serving.deploy.assets import LINKS_KEY
-
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
     from airflow.sdk.types import TaskInstanceKey
@@ -49,6 +47,9 @@ class _ReturnedLink(BaseOperatorLink):
                 value = json.loads(value)
             except ValueError:
                 return ""
+        # Imported here, not at plugin load (see registry_events.app.registry_settings).
+        from serving.deploy.assets import LINKS_KEY
+
         links = value.get(LINKS_KEY) if isinstance(value, dict) else None
         return str((links or {}).get(self.link_key) or "")
 

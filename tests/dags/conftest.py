@@ -22,8 +22,18 @@ POD_ONLY_MODULES = ("kubernetes", "kubernetes_asyncio")
 # runner does: with the parsing context naming it.
 TASK_PARSE_CONTEXT = "register"
 
+# The project's own packages: a scheduler that loaded one before forking its LocalExecutor
+# workers hands that (possibly outdated) copy to every task it runs.
+PROJECT_MODULES = ("ml", "serving", "_support")
+
 _PROBE_CODE = (
     "import importlib.util, json, os, sys\n"
+    # What every Airflow component (the scheduler too) does when it starts: load the plugins.
+    "from airflow import plugins_manager\n"
+    "plugins_manager.ensure_plugins_loaded()\n"
+    f"project = {PROJECT_MODULES!r}\n"
+    "loaded = sorted(m for m in sys.modules if m.split('.')[0] in project)\n"
+    "print(json.dumps(['plugins', 'plugins', loaded]))\n"
     f"sys.path.insert(0, {str(DAGS_DIR)!r})\n"
     "def parse(path):\n"
     "    spec = importlib.util.spec_from_file_location('dag_under_test', path)\n"
@@ -75,15 +85,16 @@ def _probe_started_early(request):
 
 @pytest.fixture(scope="session")
 def dag_parse_report() -> dict[str, list[tuple[str, list[str]]]]:
-    """``{"task": [...], "dag": [...]}``: ``(dag file, heavy modules loaded after importing
-    it)`` from one fresh interpreter that imported every DAG file in turn, first as a task's
-    process does (parsing context: task ``register``), then as the DAG processor does
-    (started early; see the module docstring)."""
+    """``{"plugins": [...], "task": [...], "dag": [...]}`` from one fresh interpreter
+    (started early; see the module docstring): the project modules loaded once the plugins
+    are (what every Airflow component does at start), then ``(dag file, heavy modules loaded
+    after importing it)`` for every DAG file in turn, first as a task's process parses it
+    (parsing context: task ``register``), then as the DAG processor does."""
     global _probe
     probe, _probe = _probe or _start_probe(), None
     out, err = probe.communicate(timeout=300)
     assert probe.returncode == 0, err
-    report: dict[str, list[tuple[str, list[str]]]] = {"task": [], "dag": []}
+    report: dict[str, list[tuple[str, list[str]]]] = {"plugins": [], "task": [], "dag": []}
     for line in out.splitlines():
         if line.startswith('["'):
             kind, path, loaded = json.loads(line)

@@ -186,6 +186,14 @@ def test_dag_parse_imports_nothing_heavy(dag_parse_report):
     assert [(path, loaded) for path, loaded in report if loaded] == []
 
 
+def test_loading_the_plugins_imports_no_project_module(dag_parse_report):
+    """The scheduler loads the plugins at start and forks the LocalExecutor's workers after:
+    a project module it imported then is the copy every task inherits, however the code
+    changed since (a running stack's nightly run after an update crashed on a TrainingSettings
+    without the new field). Tasks must import ml/serving themselves, fresh."""
+    assert dag_parse_report["plugins"] == [("plugins", [])]
+
+
 def test_a_task_that_starts_no_pod_parses_without_the_kubernetes_clients(dag_parse_report):
     """Airflow 3 parses the DAG file again in every task's process: a registry-only task
     must not pay the kubernetes clients' imports (seconds per task) for a pod it never starts.

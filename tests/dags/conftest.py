@@ -67,19 +67,7 @@ def _start_probe() -> subprocess.Popen:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     global _probe
-    # Under pytest-xdist every worker collects every test: only the worker that runs this
-    # package starts the probe (below), when it reaches it.
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        return
     if any(item.name == PROBE_TEST for item in session.items):
-        _probe = _start_probe()
-
-
-@pytest.fixture(scope="package", autouse=True)
-def _probe_started_early(request):
-    global _probe
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker and _probe is None and any(i.name == PROBE_TEST for i in request.session.items):
         _probe = _start_probe()
 
 

@@ -2,8 +2,10 @@
 
     .venv/bin/python scripts/bench_slim_runtime.py [--rows 10000] [--repeats 5]
 
-Trains a small regressor with ``ml.model.build_model`` (synthetic data, 8 features, the default
-hidden layers), converts it to (a) LiteRT with TensorFlow's own ``tf.lite.TFLiteConverter`` and
+Trains the project's regressor (``ml.model.build_model``, default hidden layers) twice: on the
+pipeline's synthetic electricity-load data (``project``) and on a harsher synthetic set with
+feature scales from 1 to 50 and targets up to ~300 (``wide``); converts each to (a) LiteRT
+with TensorFlow's own ``tf.lite.TFLiteConverter`` and
 (b) ONNX with ``tf2onnx``, then measures each runtime in a fresh interpreter of its own venv
 holding only the runtime and numpy (made with uv under ``.local/bench-slim/``, so the sizes are
 what a slim image would install and TensorFlow cannot sneak in): the largest difference from
@@ -32,7 +34,6 @@ RUNTIMES = {
     "onnxruntime": ["onnxruntime==1.31.1"],
 }
 CONVERTER = ["tf2onnx==1.17.0", "onnx==1.23.2"]
-N_FEATURES = 8
 
 # Runs in the runtime's own venv: runtime + numpy only.
 PROBE = r"""
@@ -138,19 +139,56 @@ def load1() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def train():
+def project_data(rows: int):
+    """The pipeline's own synthetic electricity-load data (ml.data): 30 days to train on,
+    ``rows`` rows of later days to compare on."""
+    from datetime import date, timedelta
+
+    import pandas as pd
+
+    from ml.data import SYNTHETIC_FEATURES, synthetic_partition
+    from ml.settings import DataSettings
+
+    settings = DataSettings()
+
+    def days(first: int, n: int):
+        start = date(2026, 1, 1)
+        frame = pd.concat(
+            [synthetic_partition(start + timedelta(days=first + d), settings) for d in range(n)]
+        )
+        return (
+            frame[SYNTHETIC_FEATURES].to_numpy("float32"),
+            frame["target"].to_numpy("float32"),
+        )
+
+    x, y = days(0, 30)
+    per_day = len(x) // 30
+    x_check, _ = days(30, -(-rows // per_day))
+    return x, y, x_check[:rows]
+
+
+def wide_data(rows: int):
+    """A harsher case: 8 features on scales from 1 to 50, targets up to ~300."""
     import numpy as np
 
+    rng = np.random.default_rng(0)
+    scale = np.asarray([1, 2, 5, 10, 1, 1, 3, 50], dtype="float32")
+    x = (rng.normal(size=(4000, 8)) * scale).astype("float32")
+    y = (x @ rng.normal(size=8) + 100 + np.sin(x[:, 0]) * 5).astype("float32")
+    x_check = (np.random.default_rng(1).normal(size=(rows, 8)) * scale).astype("float32")
+    return x, y, x_check
+
+
+DATASETS = {"project": project_data, "wide": wide_data}
+
+
+def train(x, y):
     from ml.model import build_model, set_global_determinism
 
     set_global_determinism(0)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(4000, N_FEATURES)).astype("float32") * [1, 2, 5, 10, 1, 1, 3, 50]
-    x = x.astype("float32")
-    y = (x @ rng.normal(size=N_FEATURES) + 100 + np.sin(x[:, 0]) * 5).astype("float32")
     model = build_model(
-        N_FEATURES,
-        [64, 32],
+        x.shape[1],
+        [64, 32],  # TrainingSettings' default
         0.01,
         feature_mean=x.mean(0),
         feature_variance=x.var(0),
@@ -175,7 +213,7 @@ def convert_onnx(model, out: Path) -> dict:
     sys.path.insert(0, str(converter_path()))
     import tf2onnx
 
-    spec = [tf.TensorSpec([None, N_FEATURES], tf.float32, name="features")]
+    spec = [tf.TensorSpec([None, model.input_shape[-1]], tf.float32, name="features")]
     t = time.perf_counter()
     try:
         tf2onnx.convert.from_keras(model, input_signature=spec, opset=17, output_path=str(out))
@@ -196,36 +234,42 @@ def main() -> int:
     import numpy as np
 
     pythons = {name: runtime_venv(name, np.__version__) for name in RUNTIMES}
-    model = train()
-    rng = np.random.default_rng(1)
-    x = (rng.normal(size=(args.rows, N_FEATURES)) * [1, 2, 5, 10, 1, 1, 3, 50]).astype("float32")
-    # The reference: the direct call the project's pyfunc and fast path make.
-    y = np.asarray(model(x, training=False)).reshape(-1).astype("float64")
-    data = WORK / "rows.npz"
-    np.savez(data, x=x, y=y)
-
-    files = {"litert": WORK / "model.tflite", "onnxruntime": WORK / "model.onnx"}
-    conversions = {
-        "litert": convert_litert(model, files["litert"]),
-        "onnxruntime": convert_onnx(model, files["onnxruntime"]),
-    }
     results = {}
+    ranges = {}
     tolerance = [str(SLIM_ATOL), str(SLIM_RTOL)]
-    for name, python in pythons.items():
-        result = {"conversion": conversions[name]}
-        if conversions[name]["ok"]:
-            probe = subprocess.run(
-                [python, "-c", PROBE, name, files[name], data, str(args.repeats), *tolerance],
-                capture_output=True,
-                text=True,
-                check=True,
+    for dataset, make in DATASETS.items():
+        x_train, y_train, x = make(args.rows)
+        model = train(x_train, y_train)
+        # The reference: the direct call the project's pyfunc and fast path make.
+        y = np.asarray(model(x, training=False)).reshape(-1).astype("float64")
+        ranges[dataset] = (float(y.min()), float(y.max()))
+        data = WORK / f"rows-{dataset}.npz"
+        np.savez(data, x=x, y=y)
+        files = {
+            "litert": WORK / f"{dataset}.tflite",
+            "onnxruntime": WORK / f"{dataset}.onnx",
+        }
+        conversions = {
+            "litert": convert_litert(model, files["litert"]),
+            "onnxruntime": convert_onnx(model, files["onnxruntime"]),
+        }
+        for name, python in pythons.items():
+            result = {"conversion": conversions[name]}
+            if conversions[name]["ok"]:
+                probe = subprocess.run(
+                    [python, "-c", PROBE, name, files[name], data, str(args.repeats), *tolerance],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                result.update(json.loads(probe.stdout.strip().splitlines()[-1]))
+            sizes = json.loads(
+                subprocess.run(
+                    [python, "-c", SIZES], capture_output=True, text=True, check=True
+                ).stdout
             )
-            result.update(json.loads(probe.stdout.strip().splitlines()[-1]))
-        sizes = json.loads(
-            subprocess.run([python, "-c", SIZES], capture_output=True, text=True, check=True).stdout
-        )
-        result["sizes_mb"] = {k: round(v / 1e6, 1) for k, v in sorted(sizes.items())}
-        results[name] = result
+            result["sizes_mb"] = {k: round(v / 1e6, 1) for k, v in sorted(sizes.items())}
+            results[(dataset, name)] = result
     load_after = load1()
 
     import keras
@@ -233,18 +277,19 @@ def main() -> int:
 
     print(f"keras {keras.__version__}, tensorflow {tf.__version__}, numpy {np.__version__}")
     print(
-        f"rows {args.rows}, Keras predictions in [{y.min():.1f}, {y.max():.1f}]; tolerance "
-        f"|diff| <= {SLIM_ATOL:g} + {SLIM_RTOL:g} x |keras|; max rel diff = max |diff| / "
-        "max(|keras|, 1)"
+        f"{args.rows} rows per model; Keras predictions in "
+        + ", ".join(f"{d}: [{lo:.1f}, {hi:.1f}]" for d, (lo, hi) in ranges.items())
+        + f"; tolerance |diff| <= {SLIM_ATOL:g} + {SLIM_RTOL:g} x |keras|; "
+        "max rel diff = max |diff| / max(|keras|, 1)"
     )
     print(
-        "| runtime | converts | max abs diff vs Keras | max rel diff | within tolerance "
+        "| model | runtime | converts | max abs diff vs Keras | max rel diff | within tolerance "
         "| 1 row ms | 256 rows ms "
         "| 1..16 rows ms | RSS after load MB | import+load s | installed MB (runtime / its deps"
         " / numpy) | TF in sys.modules |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (dataset, name), r in results.items():
         conv = r["conversion"]
         sizes = r["sizes_mb"]
         runtime = sum(v for k, v in sizes.items() if k.replace("_", "-") in _main_dist(name))
@@ -252,19 +297,20 @@ def main() -> int:
         deps = sum(sizes.values()) - runtime - numpy_mb
         if not conv["ok"]:
             print(
-                f"| {name} | no: {conv['error']} | | | | | | | | | {runtime:.0f} / {deps:.0f} / "
-                f"{numpy_mb:.0f} | |"
+                f"| {dataset} | {name} | no: {conv['error']} | | | | | | | | "
+                f"| {runtime:.0f} / {deps:.0f} / {numpy_mb:.0f} | |"
             )
             continue
         print(
-            f"| {name} | yes ({conv['convert_s']:.2f} s, {conv['bytes']} B) | {r['diff']:.1e} "
+            f"| {dataset} | {name} | yes ({conv['convert_s']:.2f} s, {conv['bytes']} B) "
+            f"| {r['diff']:.1e} "
             f"| {r['rel']:.1e} | {r['within']} "
             f"| {r['ms_1']:.4f} | {r['ms_256']:.4f} | {r['ms_mixed']:.4f} | {r['rss_mb']:.0f} "
             f"| {r['load_s']:.2f} | {runtime:.0f} / {deps:.0f} / {numpy_mb:.0f} "
             f"| {r['tensorflow_loaded']} |"
         )
-    for name, r in results.items():
-        print(f"{name} venv: {r['sizes_mb']}")
+    for name in RUNTIMES:
+        print(f"{name} venv: {results[('project', name)]['sizes_mb']}")
     print(f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after")
     return 0
 

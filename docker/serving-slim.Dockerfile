@@ -53,7 +53,10 @@ RUN --mount=type=bind,source=wheels,target=/wheels \
     && rm -rf numpy/_core/include pandas/tests numpy/tests numpy/*/tests \
     && echo /opt/app >train_and_deploy.pth \
     && PYTHONDONTWRITEBYTECODE= python -c "if True: \
-        import numpy, pandas, ai_edge_litert.interpreter; \
+        import numpy, pandas, pandas.core.methods.to_dict, ai_edge_litert.interpreter; \
+        import prometheus_client, prometheus_client.multiprocess, prometheus_client.asgi; \
+        import prometheus_client.openmetrics.exposition, prometheus_client.gc_collector; \
+        import prometheus_client.platform_collector, prometheus_client.process_collector; \
         import mlflow, mlflow.pyfunc, mlflow.models, mlflow.artifacts, mlflow.tracking; \
         import mlflow.pyfunc.scoring_server; \
         from mlflow.store.artifact import models_artifact_repo, http_artifact_repo; \

@@ -167,9 +167,12 @@ def load_slim(local_path: str, meta, *, threads: int = 1) -> SlimModel:
             f"the LiteRT model does not reproduce the Keras predictions of its check rows "
             f"({detail})"
         )
-    from mlflow.pyfunc import PyFuncModel
+    try:
+        from mlflow.pyfunc import PyFuncModel
 
-    pyfunc = PyFuncModel(model_meta=meta, model_impl=SlimPyfuncImpl(path))
+        pyfunc = PyFuncModel(model_meta=meta, model_impl=SlimPyfuncImpl(path))
+    except Exception as exc:
+        raise SlimUnavailable(f"MLflow cannot wrap the LiteRT model as a pyfunc: {exc}") from exc
     note = (
         f"litert runtime, no TensorFlow ({len(expected)} check rows within "
         f"{SLIM_ATOL:g} + {SLIM_RTOL:g} x |keras|, max diff {float(diff.max()):.2g})"

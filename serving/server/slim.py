@@ -50,6 +50,10 @@ class LiteRTPath:
     """
 
     engine = "litert"
+    # The fast-path interface the server reads (serving.server.loader.KerasFastPath): named
+    # feature columns in, [{output_name: value}, ...] out, like the pyfunc it stands in for.
+    tensor_input = False
+    output_layout = "records"
 
     def __init__(
         self, model_file: str, feature_columns: list[str], output_name: str, *, threads: int = 1

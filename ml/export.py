@@ -77,6 +77,20 @@ def run_litert(model_bytes: bytes, rows: np.ndarray) -> np.ndarray:
     return np.asarray(interpreter.get_tensor(output), dtype=np.float64).reshape(-1)
 
 
+def probe_rows(model, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` rows drawn from the training distribution the model itself carries (its
+    ``standardize`` layer's mean and variance, ``ml.model``): check rows when the trainer hands
+    over only a few real ones (it streams its data). Empty when the model has no such layer."""
+    try:
+        layer = model.get_layer("standardize")
+        mean = np.asarray(layer.mean, dtype=np.float64).reshape(-1)
+        std = np.sqrt(np.asarray(layer.variance, dtype=np.float64).reshape(-1))
+    except (ValueError, AttributeError):
+        return np.empty((0, 0), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, mean.size)) * std + mean).astype(np.float32)
+
+
 def prediction_mismatch(expected: np.ndarray, got: np.ndarray) -> str | None:
     """Why ``got`` does not reproduce ``expected`` (None when it does, within the tolerance)."""
     expected = np.asarray(expected, dtype=np.float64).reshape(-1)
@@ -123,11 +137,18 @@ def write_litert_artifact(
     example_rows: np.ndarray,
 ) -> float:
     """Convert ``model``, check it against Keras on ``check_rows`` (the first
-    ``MAX_CHECK_ROWS``) and ``example_rows``, and write ``model.tflite`` + ``check.json`` into
+    ``MAX_CHECK_ROWS``; fewer are topped up with :func:`probe_rows`) and ``example_rows``, and
+    write ``model.tflite`` + ``check.json`` into
     ``directory``. Returns the largest absolute difference from Keras; raises
     :class:`SlimExportError` (and writes nothing) when conversion or the check fails."""
     example = np.asarray(example_rows, dtype=np.float32)
-    rows = np.concatenate([np.asarray(check_rows, dtype=np.float32)[:MAX_CHECK_ROWS], example])
+    given = np.asarray(check_rows, dtype=np.float32)[:MAX_CHECK_ROWS]
+    parts = [given]
+    if len(given) < MAX_CHECK_ROWS:
+        probes = probe_rows(model, MAX_CHECK_ROWS - len(given))
+        if probes.size and probes.shape[1:] == given.shape[1:]:
+            parts.append(probes)
+    rows = np.concatenate([*parts, example])
     if rows.ndim != 2 or rows.shape[1] != len(feature_columns):
         raise SlimExportError(
             f"check rows have shape {rows.shape}, the model has {len(feature_columns)} features"

@@ -14,6 +14,7 @@ import pytest
 from ml.export import (
     SlimExportError,
     prediction_mismatch,
+    probe_rows,
     run_litert,
     write_litert_artifact,
 )
@@ -105,3 +106,10 @@ def test_the_tolerance_is_absolute_near_zero_and_relative_for_large_values():
     assert "row 1" in prediction_mismatch(np.array([0.0, 1000.0]), np.array([0.0, 1000.01]))
     assert prediction_mismatch(np.array([1.0]), np.array([np.nan])) == "non-finite predictions"
     assert "2 predictions for 1 rows" in prediction_mismatch(np.array([1.0]), np.ones(2))
+
+
+def test_probe_rows_follow_the_training_statistics_the_model_carries(model):
+    probes = probe_rows(model, 20_000)
+    assert probes.shape == (20_000, 3) and probes.dtype == np.float32
+    np.testing.assert_allclose(probes.mean(axis=0), [1.0, -2.0, 0.5], atol=0.1)
+    np.testing.assert_allclose(probes.var(axis=0), [4.0, 1.0, 9.0], rtol=0.05)

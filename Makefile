@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run up stop status test test-unit lint format install lock clean k8s-e2e bench-dag-parse \
 	container-tools prometheus-tools postgres-tools images test-container test-postgres test-load \
-	bench-serving bench-promotion bench-train
+	bench-serving bench-promotion bench-train bench-slim
 
 ## run: install, start MLflow + Airflow (+ Prometheus) locally, train and deploy once, print where things are
 # PIPELINE_DB=postgres make run: both on a local PostgreSQL server instead of SQLite (README).
@@ -99,6 +99,11 @@ bench-train: $(STAMP)
 
 bench-dag-parse: $(STAMP)
 	$(PY) scripts/bench_dag_parse.py
+
+## bench-slim: LiteRT vs ONNX Runtime for the Keras model, then the slim image's targets (podman)
+bench-slim: $(STAMP)
+	$(PY) scripts/bench_slim_runtime.py
+	$(PY) scripts/bench_slim_image.py
 
 ## lock: re-pin constraints.txt from the current (tested) venv, and requirements.txt from it
 # requirements.txt is for `pip install -r requirements.txt` without uv or this checkout:

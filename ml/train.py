@@ -26,10 +26,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from ml.export import SlimExportError, write_litert_artifact
 from ml.lineage import code_version
 from ml.model import build_model, set_global_determinism
 from ml.settings import TrainingSettings
-from serving.server.contract import KERAS_ARTIFACT_KEY, KERAS_CODE_FILE
+from serving.server.contract import (
+    KERAS_ARTIFACT_KEY,
+    KERAS_CODE_FILE,
+    LITERT_ARTIFACT_KEY,
+    PREDICTION_COLUMN,
+)
 
 if TYPE_CHECKING:
     from ml.stream import Source, TrainingData
@@ -51,6 +57,8 @@ MAX_PARAM_VALUE_CHARS = 6000
 RUN_KEY_TAG = "pipeline_run_key"
 SUPERSEDED_BY_TAG = "superseded_by_run_id"
 FAILURE_REASON_TAG = "failure_reason"
+# Whether the model has its TensorFlow-free runtime artifact (ml.export), or why not.
+SLIM_ARTIFACT_TAG = "slim_artifact"
 
 
 @dataclass(frozen=True)
@@ -427,10 +435,29 @@ def _log_pyfunc_model(model, features: pd.DataFrame, feature_columns: list[str])
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"
         model.save(keras_path)
+        artifacts = {KERAS_ARTIFACT_KEY: str(keras_path)}
+        # The TensorFlow-free copy for slim serving: optional, so a conversion problem only
+        # costs the slim path (the server serves the .keras model instead), never the run.
+        litert_dir = Path(tmp) / LITERT_ARTIFACT_KEY
+        try:
+            diff = write_litert_artifact(
+                model,
+                litert_dir,
+                feature_columns=feature_columns,
+                output_name=PREDICTION_COLUMN,
+                check_rows=features.to_numpy("float32"),
+                example_rows=example.to_numpy("float32"),
+            )
+        except SlimExportError as exc:
+            log.warning("model logged without the LiteRT artifact (no slim serving): %s", exc)
+            mlflow.set_tag(SLIM_ARTIFACT_TAG, f"skipped: {exc}"[:MAX_PARAM_VALUE_CHARS])
+        else:
+            artifacts[LITERT_ARTIFACT_KEY] = str(litert_dir)
+            mlflow.set_tag(SLIM_ARTIFACT_TAG, f"litert, max abs diff vs keras {diff:.2g}")
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
             python_model=str(PYFUNC_CODE_PATH),
-            artifacts={KERAS_ARTIFACT_KEY: str(keras_path)},
+            artifacts=artifacts,
             model_config={"feature_columns": feature_columns},
             signature=infer_signature(example, predictions),
             input_example=example,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the container images with podman, without pulling anything.
 #
-#   scripts/build_images.sh [serving|pipeline|all|base]      (default: serving)
+#   scripts/build_images.sh [serving|serving-slim|pipeline|all|base]      (default: serving)
 #
 # `base` builds only the base image and prints its name (the container tests use it to check
 # that this machine can run containers at all before building anything big).
@@ -14,7 +14,7 @@
 #      (host = linux x86_64, glibc 2.36, CPython 3.11: the same wheel tags as the image);
 #   3. the build context is staged under .local/images/context/<image>/: the lock file, the
 #      wheelhouse (hard links), the uv binary, and the code that image ships (serving image:
-#      serving/server only; pipeline image: ml/ and serving/).
+#      serving/server only, in both serving images; pipeline image: ml/ and serving/).
 # The Dockerfiles install the lock offline (uv, --no-index) in a layer that depends only on
 # the lock, then copy the code: a code change rebuilds only the last layers.
 #
@@ -28,6 +28,7 @@
 #                  scripts/install_container_tools.sh for the machine setup)
 #   IMAGES_CACHE   cache folder (default: .local/images)
 #   SERVING_IMAGE  tag of the serving image (default: train-and-deploy/serving:latest)
+#   SERVING_SLIM_IMAGE  tag of the slim serving image (default: train-and-deploy/serving-slim:latest)
 #   PIPELINE_IMAGE tag of the pipeline image (default: train-and-deploy/pipeline:latest)
 #   DEBIAN_MIRROR  debootstrap mirror (default: http://deb.debian.org/debian)
 #   VENV           the project venv whose uv and pip are used (default: .venv; `make install`)
@@ -36,8 +37,8 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 
 WHAT=${1:-serving}
-case "$WHAT" in serving | pipeline | all | base) ;; *)
-    echo "usage: $0 [serving|pipeline|all|base]" >&2
+case "$WHAT" in serving | serving-slim | pipeline | all | base) ;; *)
+    echo "usage: $0 [serving|serving-slim|pipeline|all|base]" >&2
     exit 2
     ;;
 esac
@@ -45,6 +46,7 @@ esac
 read -r -a PODMAN <<<"${PODMAN:-podman --runtime runc}"
 CACHE=${IMAGES_CACHE:-$REPO/.local/images}
 SERVING_IMAGE=${SERVING_IMAGE:-train-and-deploy/serving:latest}
+SERVING_SLIM_IMAGE=${SERVING_SLIM_IMAGE:-train-and-deploy/serving-slim:latest}
 PIPELINE_IMAGE=${PIPELINE_IMAGE:-train-and-deploy/pipeline:latest}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 VENV=${VENV:-$REPO/.venv}
@@ -59,6 +61,10 @@ BASE_PACKAGES=python3,python3.11,ca-certificates
 # input), uvicorn with uvloop/httptools (the fast HTTP path), orjson, prometheus-client
 # (/metrics).
 SERVING_REQUIREMENTS="mlflow-skinny tensorflow-cpu pandas numpy pyarrow
+uvicorn uvloop httptools orjson prometheus-client"
+# serving-slim: the same server for models with a LiteRT artifact (serving/server/slim.py): the
+# LiteRT runtime instead of TensorFlow, and no pyarrow (only Parquet request bodies need it).
+SLIM_REQUIREMENTS="mlflow-skinny ai-edge-litert pandas numpy
 uvicorn uvloop httptools orjson prometheus-client"
 # pipeline: what training, evaluation and the Kubernetes rollout pods run (`python -m ml ...`,
 # `python -m serving.deploy rollout`): the project's dependencies without Airflow.
@@ -164,16 +170,30 @@ wheelhouse() { # $1: image name; requirements on stdin. Prints the wheelhouse di
         # Lock: the full pinned closure, versions from constraints.txt.
         "$UV" pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
             --constraint constraints.txt --no-header --no-annotate \
-            -o "$dir/requirements.txt" "$dir/requirements.in"
-        # The host has the image's wheel tags, so pip picks the same files the image needs
-        # (and builds a wheel for any package that only has an sdist).
-        "$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps \
-            -r "$dir/requirements.txt" -w "$dir" 2> >(grep -v 'is ignored: it is neither' >&2)
+            -o "$dir/requirements.txt" "$dir/requirements.in" || return 1
+        # The host has the image's wheel tags, so pip picks the same files the image needs;
+        # a package that only has an sdist is built into a wheel here. --ignore-requires-python:
+        # uv ignores Requires-Python upper bounds when it resolves (and installs, in the image),
+        # so pip must fetch what uv chose (ai-edge-litert needs backports-strenum, whose 1.3.1
+        # says <3.11); `pip wheel` does not honour that flag (pip 23.2), `pip download` does.
+        # `|| return 1`: errexit does not apply here (command substitution), and a failed
+        # download must not leave a wheelhouse marked complete.
+        "$PY" -m pip download --quiet --disable-pip-version-check --no-deps \
+            --ignore-requires-python -r "$dir/requirements.txt" -d "$dir" \
+            2> >(grep -v 'is ignored: it is neither' >&2) || return 1
+        local sdist
+        for sdist in "$dir"/*.tar.gz "$dir"/*.zip; do
+            [ -e "$sdist" ] || continue
+            "$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps "$sdist" -w "$dir" \
+                2> >(grep -v 'is ignored: it is neither' >&2) || return 1
+            rm -f "$sdist"
+        done
         touch "$dir/.complete"
         log "$name: wheelhouse $(find "$dir" -name '*.whl' | wc -l) wheels," \
             "$(du -sh "$dir" | cut -f1) in $(elapsed "$t0")s"
         # Keep only the current wheelhouse of this image.
-        find "$CACHE/wheels" -maxdepth 1 -name "$name-*" ! -name "$name-$key" \
+        # (12 ?: the hash, so that "serving" never matches "serving-slim-<hash>".)
+        find "$CACHE/wheels" -maxdepth 1 -name "$name-????????????" ! -name "$name-$key" \
             -exec rm -rf {} +
     fi
     echo "$dir"
@@ -223,6 +243,10 @@ if [ "$WHAT" = serving ] || [ "$WHAT" = all ]; then
     dir=$(echo "$SERVING_REQUIREMENTS" | tr ' ' '\n' | sed '/^$/d' | wheelhouse serving)
     # The model server package and nothing else: no ml/, no serving/deploy/.
     build serving "$SERVING_IMAGE" "$dir" serving/__init__.py serving/server
+fi
+if [ "$WHAT" = serving-slim ] || [ "$WHAT" = all ]; then
+    dir=$(echo "$SLIM_REQUIREMENTS" | tr ' ' '\n' | sed '/^$/d' | wheelhouse serving-slim)
+    build serving-slim "$SERVING_SLIM_IMAGE" "$dir" serving/__init__.py serving/server
 fi
 if [ "$WHAT" = pipeline ] || [ "$WHAT" = all ]; then
     dir=$(pipeline_requirements | wheelhouse pipeline)

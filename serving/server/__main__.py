@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="one pyfunc predict per request (default: concurrent requests share one, where safe)",
     )
     p.add_argument(
+        "--no-slim",
+        action="store_true",
+        help="ignore a model's LiteRT artifact (serve it with TensorFlow)",
+    )
+    p.add_argument(
         "--tf-threads", type=int, default=1, help="TensorFlow op threads (0: TF default)"
     )
     p.add_argument("--no-access-log", action="store_true")
@@ -154,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_mode=args.batch_mode,
         fast_path=not args.no_fast_path,
         pyfunc_batching=not args.no_pyfunc_batching,
+        slim=not args.no_slim,
         tf_threads=args.tf_threads,
         access_log=not args.no_access_log,
         request_timeout_s=args.request_timeout

@@ -177,6 +177,8 @@ class ServerConfig:
     fast_path: bool = True
     # Concurrent requests to a pyfunc served without the fast path share predict calls.
     pyfunc_batching: bool = True
+    # A model's LiteRT artifact, when the runtime is installed (serving.server.slim).
+    slim: bool = True
     tf_threads: int = 1
     access_log: bool = True
     request_timeout_s: float = 60.0
@@ -1733,7 +1735,9 @@ class ScoringApp:
         assert loop is not None
         try:
             log.info("loading %s", cfg.model_uri)
-            model = load_model(cfg.model_uri, fast_path=cfg.fast_path, tf_threads=cfg.tf_threads)
+            model = load_model(
+                cfg.model_uri, fast_path=cfg.fast_path, tf_threads=cfg.tf_threads, slim=cfg.slim
+            )
             os.environ["_MLFLOW_IS_IN_SERVING_ENVIRONMENT"] = "true"
             started = time.monotonic()
             self._warm_up(model)

@@ -26,3 +26,14 @@ VERSION_HEADER = "X-Model-Version"
 # and prediction histogram buckets from it; the predictions' column is this pseudo-column.
 DRIFT_PROFILE_ARTIFACT = "drift/profile.json"
 DRIFT_PROFILE_PREDICTION = "__prediction__"
+# The TensorFlow-free runtime artifact logged next to the Keras model (ml.export): a pyfunc
+# artifact folder holding the LiteRT flatbuffer and the check the server runs at load (the
+# input example's rows, the Keras predictions for them, the feature and output columns).
+LITERT_ARTIFACT_KEY = "litert_model"
+LITERT_MODEL_FILE = "model.tflite"
+LITERT_CHECK_FILE = "check.json"
+# How close the runtime's predictions must be to Keras's, per row: |got - keras| <= ATOL +
+# RTOL * |keras|. The relative part is ~8 float32 ulps: a float32 network cannot promise 1e-5
+# absolute once predictions are in the hundreds (one ulp at 1000 is 6e-5).
+SLIM_ATOL = 1e-5
+SLIM_RTOL = 1e-6

@@ -52,6 +52,7 @@ from serving.server.contract import (
     KERAS_PYTHON_MODEL_CLASS,
     NUMERIC_INPUT_TYPES,
 )
+from serving.server.slim import SlimUnavailable, load_slim
 
 log = logging.getLogger(__name__)
 
@@ -454,9 +455,19 @@ def load_drift_profile(identity: ModelIdentity) -> dict[str, Any] | None:
 
 
 def load_model(
-    uri: str, *, fast_path: bool = True, tf_threads: int = 1, engine: str = "session"
+    uri: str,
+    *,
+    fast_path: bool = True,
+    tf_threads: int = 1,
+    engine: str = "session",
+    slim: bool = True,
 ) -> LoadedModel:
-    """Resolve, download and load ``uri``; build the Keras fast path when it applies."""
+    """Resolve, download and load ``uri``; build the Keras fast path when it applies.
+
+    With ``slim`` (and ``fast_path``), a model logged with a LiteRT artifact is served by the
+    LiteRT runtime when it is installed and reproduces the artifact's check predictions
+    (``serving.server.slim``): TensorFlow is then never imported. Otherwise the paths below.
+    """
     started = time.monotonic()
     try:
         import mlflow
@@ -472,6 +483,24 @@ def load_model(
 
     if identity.model_id is None and getattr(meta, "model_id", None):
         identity = dataclasses.replace(identity, model_id=meta.model_id)
+    if fast_path and slim:
+        try:
+            served = load_slim(local_path, meta, threads=tf_threads)
+        except SlimUnavailable as exc:
+            log.info("slim path not used for %s: %s", uri, exc)
+        else:
+            log.info("serving %s through the slim path: %s", uri, served.note)
+            conf = (meta.flavors or {}).get("python_function") or {}
+            loaded = LoadedModel(
+                identity=identity,
+                local_path=local_path,
+                pyfunc=served.pyfunc,
+                flavor=_flavor_name(meta.flavors or {}, conf),
+                fast=served.path,  # type: ignore[arg-type]  # same predict() interface
+                fast_path_note=served.note,
+            )
+            loaded.load_seconds = time.monotonic() - started
+            return loaded
     flavors = meta.flavors or {}
     pyfunc_conf = flavors.get("python_function") or {}
     plan, why_not = choose_fast_path(meta) if fast_path else (None, "disabled")

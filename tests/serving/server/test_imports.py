@@ -16,8 +16,8 @@ import sysconfig
 from pathlib import Path
 
 SERVER = Path(__file__).resolve().parents[3] / "serving" / "server"
-# What the serving image installs (scripts/build_images.sh: SERVING_REQUIREMENTS) and the
-# package itself.
+# What the serving images install (scripts/build_images.sh: SERVING_REQUIREMENTS and
+# SLIM_REQUIREMENTS) and the package itself.
 ALLOWED = {
     "serving",  # only serving.server, checked below
     "numpy",
@@ -26,6 +26,7 @@ ALLOWED = {
     "mlflow",
     "tensorflow",
     "keras",
+    "ai_edge_litert",  # the slim path's runtime (serving/server/slim.py)
     "uvicorn",
     "orjson",
     "prometheus_client",

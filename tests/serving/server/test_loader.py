@@ -95,7 +95,8 @@ def keras_model(tmp_path_factory) -> tuple[str, pd.DataFrame]:
 @pytest.mark.integration
 def test_the_project_keras_pyfunc_gets_the_fast_path_with_the_same_numbers(keras_model):
     uri, frame = keras_model
-    loaded = load_model(uri)
+    # The TensorFlow path: the model also has a LiteRT artifact (tests/serving/server/test_slim.py).
+    loaded = load_model(uri, slim=False)
     assert loaded.fast is not None, loaded.fast_path_note
     assert loaded.fast_path_note.startswith("keras concrete function")
     assert loaded.flavor == "pyfunc:keras_pyfunc.py"

@@ -745,7 +745,7 @@ def build_report(
             "columns, logged with `mlflow.sklearn.log_model`: stock, and this server "
             "(micro-batched `pyfunc.predict`, issue 14).",
             "- **this-server**: `python -m serving.server` on the same pyfunc version, default "
-            "settings (access log on, micro-batching on, fast Keras path, metrics kept by "
+            f"settings (access log on, micro-batching on, {_keras_path_note()}, metrics kept by "
             "`prometheus_client` from per-request records applied in batches, the feature and "
             "prediction histograms included: every answered row, with the generic buckets, the "
             "benchmark's model having no drift profile).",
@@ -766,6 +766,15 @@ def build_report(
     )
     text = table(header, rows) + "\n\n" + table(["target", "measured", "wanted", ""], check_rows)
     return {"markdown": md, "text": text, "predictions_ok": predictions_ok}
+
+
+def _keras_path_note() -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("ai_edge_litert") is not None:
+        # The pipeline's model carries a LiteRT artifact (ml/export.py): the slim path serves it.
+        return "the slim path: the model's LiteRT artifact, no TensorFlow (issue 14)"
+    return "the TensorFlow fast path (the LiteRT runtime is not installed)"
 
 
 def baseline_note(cells: dict[str, Cell], baseline: str | None, conns: list[int]) -> list[str]:

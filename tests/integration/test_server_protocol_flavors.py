@@ -7,7 +7,9 @@ require a tensor signature, ``float32 [-1, 4]``), a scikit-learn regression logg
 ``mlflow models serve`` and this server run as real processes, this server once on its
 default path (the Keras fast path for the networks, micro-batched ``pyfunc.predict`` for
 scikit-learn) and once on the fallback (``--no-fast-path``, and ``--no-pyfunc-batching`` for
-scikit-learn); the project's pyfunc on its fast path is test_server_protocol's. Every request
+scikit-learn); the project's pyfunc on its default path (the LiteRT slim path, where the
+runtime is installed) is test_server_protocol's, here on the TensorFlow fast path
+(``--no-slim``) and the plain pyfunc. Every request
 of test_server_protocol goes to both servers: the same status, the same ``error_code``, and
 for a 200 the same layout and the same numbers (atol 1e-5). Where this server deliberately
 differs (non-finite values: a 400), the request is left out here; test_server_protocol
@@ -50,8 +52,15 @@ PATHS = {
         ("batched", [], "pyfunc-batched"),
         ("fallback", ["--no-pyfunc-batching"], "pyfunc"),
     ],
-    "pyfunc": [("fallback", ["--no-fast-path"], "pyfunc-batched")],
+    # The project's pyfunc carries a LiteRT artifact: its default (slim) path is
+    # test_server_protocol's; here its TensorFlow fast path and the plain pyfunc.
+    "pyfunc": [
+        ("tensorflow", ["--no-slim"], "keras-fast-path"),
+        ("fallback", ["--no-fast-path"], "pyfunc-batched"),
+    ],
 }
+# Paths that must not be served by the LiteRT runtime.
+NOT_SLIM = {("pyfunc", "tensorflow"), ("pyfunc", "fallback")}
 # Requests for a tensor model: rows by position.
 ROWS = [[0.5, -1.25, 2.0, 0.0], [1.0, 2.0, 3.0, 4.0], [-0.75, 0.125, 10.5, -3.0]]
 TENSOR = [
@@ -179,6 +188,8 @@ def test_each_path_is_the_one_expected_and_says_why(servers):
         info = client.get("/v1/model").json()
         assert info["serving_path"] == expected, (kind, name, info)
         assert info["fast_path_note"] and info["pyfunc_batching_note"]
+        if (kind, name) in NOT_SLIM:
+            assert "litert" not in info["fast_path_note"].lower(), (kind, name, info)
         assert info["flavor"] == {"pyfunc": "pyfunc:keras_pyfunc.py"}.get(kind, kind)
 
 

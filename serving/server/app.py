@@ -427,14 +427,7 @@ def fast_rows(
         return None
     if type(features) is not tuple:
         features = tuple(features)
-    fmt = None
-    for key in payload:
-        if key in _FORMAT_KEYS:
-            if fmt is not None:
-                return None
-            fmt = key
-        elif key != "params" or not allow_params:
-            return None
+    fmt = _payload_format(payload, allow_params)
     if fmt is None:
         return None
     value = payload[fmt]
@@ -461,6 +454,20 @@ def fast_rows(
     return rows
 
 
+def _payload_format(payload: dict, allow_params: bool) -> str | None:
+    """The one input key of a JSON body (``dataframe_split``, ``inputs``, ...), or None when
+    there is none, more than one, or another key (``params`` only where allowed)."""
+    fmt = None
+    for key in payload:
+        if key in _FORMAT_KEYS:
+            if fmt is not None:
+                return None
+            fmt = key
+        elif key != "params" or not allow_params:
+            return None
+    return fmt
+
+
 def tensor_rows(
     payload: Any, width: int, allow_params: bool
 ) -> np.ndarray | list[list[float]] | None:
@@ -475,14 +482,7 @@ def tensor_rows(
     """
     if type(payload) is not dict:
         return None
-    fmt = None
-    for key in payload:
-        if key in _FORMAT_KEYS:
-            if fmt is not None:
-                return None
-            fmt = key
-        elif key != "params" or not allow_params:
-            return None
+    fmt = _payload_format(payload, allow_params)
     if fmt is None:
         return None
     value = payload[fmt]

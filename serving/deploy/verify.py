@@ -30,12 +30,15 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import numpy as np
 
-from serving.server.contract import VERSION_HEADER
+from serving.server.contract import SLIM_ATOL, SLIM_RTOL, VERSION_HEADER
 
 if TYPE_CHECKING:
     import pandas as pd
 
-ATOL = 1e-5
+# Per row, |endpoint - expected| <= ATOL + RTOL * |expected|: what the server's own load check
+# allows a runtime (LiteRT on the slim path differs from Keras by a float32 ulp, 7.6e-6 at 36).
+ATOL = SLIM_ATOL
+RTOL = SLIM_RTOL
 
 
 class VerificationFailed(RuntimeError):
@@ -134,7 +137,13 @@ def served_version(base_url: str) -> str | None:
 
 
 def verify(
-    endpoint_url: str, version: str, rows: Rows, *, atol: float = ATOL, timeout_s: float = 30.0
+    endpoint_url: str,
+    version: str,
+    rows: Rows,
+    *,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    timeout_s: float = 30.0,
 ) -> dict[str, Any]:
     """Check that ``endpoint_url`` serves ``version`` and answers ``rows`` as it should.
 
@@ -150,7 +159,7 @@ def verify(
                 f"{endpoint.base} serves version {served or 'unknown'}, expected {version}"
             )
         resp = endpoint.invoke(rows.payload())
-    max_abs_diff = check_answer(resp, rows, atol=atol, what=f"version {version}")
+    max_abs_diff = check_answer(resp, rows, atol=atol, rtol=rtol, what=f"version {version}")
     return {
         "endpoint": endpoint_url,
         "version": str(version),
@@ -160,7 +169,9 @@ def verify(
     }
 
 
-def check_answer(resp: httpx.Response, rows: Rows, *, atol: float, what: str) -> float:
+def check_answer(
+    resp: httpx.Response, rows: Rows, *, atol: float, what: str, rtol: float = RTOL
+) -> float:
     """The max abs difference of an ``/invocations`` answer to ``rows``' expected predictions;
     raises :class:`VerificationFailed` with the status code, or the first mismatching row."""
     if resp.status_code != 200:
@@ -175,11 +186,19 @@ def check_answer(resp: httpx.Response, rows: Rows, *, atol: float, what: str) ->
         raise VerificationFailed(
             f"unexpected /invocations answer ({exc}): {_excerpt(resp.text)}"
         ) from exc
-    return compare(remote, rows.expected, atol=atol, what=what)
+    return compare(remote, rows.expected, atol=atol, rtol=rtol, what=what)
 
 
-def compare(remote: np.ndarray, expected: np.ndarray, *, atol: float, what: str) -> float:
-    """Max abs difference; raises :class:`VerificationFailed` at the first row off by > atol."""
+def compare(
+    remote: np.ndarray,
+    expected: np.ndarray,
+    *,
+    what: str,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+) -> float:
+    """Max abs difference; raises :class:`VerificationFailed` at the first row off by more
+    than ``atol + rtol * |expected|``."""
     if remote.shape != expected.shape:
         raise VerificationFailed(
             f"the endpoint answered predictions of shape {remote.shape} for "
@@ -190,12 +209,14 @@ def compare(remote: np.ndarray, expected: np.ndarray, *, atol: float, what: str)
     diff = np.where(np.isnan(remote) & np.isnan(expected), 0.0, diff)
     diff = np.where(np.isnan(diff), np.inf, diff)
     max_abs_diff = float(diff.max()) if diff.size else 0.0
-    if max_abs_diff > atol:
-        bad = np.argwhere(diff > atol)
+    allowed = atol + rtol * np.abs(np.nan_to_num(expected, nan=0.0, posinf=0.0, neginf=0.0))
+    if np.any(diff > allowed):
+        bad = np.argwhere(diff > allowed)
         first = tuple(int(i) for i in bad[0])
         raise VerificationFailed(
             f"{len(bad)} of {diff.size} predictions differ from {what}'s by more than "
-            f"atol={atol:g}; max abs diff {max_abs_diff:.6g}; first mismatch at row {first[0]}: "
+            f"atol={atol:g} + rtol={rtol:g} x |expected|; max abs diff {max_abs_diff:.6g}; "
+            f"first mismatch at row {first[0]}: "
             f"endpoint {float(remote[first])!r}, expected {float(expected[first])!r}"
         )
     return max_abs_diff
@@ -272,6 +293,7 @@ def verify_endpoint(
     feature_columns: list[str],
     *,
     atol: float = ATOL,
+    rtol: float = RTOL,
     timeout_s: float = 30,
 ) -> dict[str, Any]:
     """Parity of ``endpoint`` with a local load of ``model_uri`` on ``frame`` (the CLI's check).
@@ -292,7 +314,7 @@ def verify_endpoint(
             resp = client.invoke(rows.payload())
         except EndpointUnreachable as exc:
             raise VerificationFailed(str(exc)) from exc
-    max_abs_diff = check_answer(resp, rows, atol=atol, what=model_uri)
+    max_abs_diff = check_answer(resp, rows, atol=atol, rtol=rtol, what=model_uri)
     return {"endpoint": endpoint.rstrip("/"), "rows": len(rows.data), "max_abs_diff": max_abs_diff}
 
 

@@ -99,3 +99,35 @@ def build_image(which: str, tag: str) -> str:
     assert build.returncode == 0, f"{which} image build failed:\n{tail(build.stderr, 60)}"
     print(f"{which} image built in {time.monotonic() - started:.1f}s:\n{tail(build.stderr, 5)}")
     return tag
+
+
+def run_server_like_a_pod(
+    image: str, name: str, port: int, model_uri: str, tracking_uri: str
+) -> subprocess.CompletedProcess:
+    """``podman run --detach`` a serving image as the Deployment runs it: read-only root
+    (writes go to the /tmp tmpfs), no capabilities, no privilege gain. Host network: the
+    container reaches the loopback MLflow server and listens on 127.0.0.1:``port`` only (the
+    --host/--port arguments override the image's defaults)."""
+    podman("rm", "--force", "--ignore", name)
+    return podman(
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--network",
+        "host",
+        "--env",
+        f"SERVING_MODEL_URI={model_uri}",
+        "--env",
+        f"MLFLOW_TRACKING_URI={tracking_uri}",
+        image,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    )

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import free_port
-from tests.container.conftest import build_image, podman, tail
+from tests.container.conftest import build_image, podman, run_server_like_a_pod, tail
 
 pytestmark = [pytest.mark.container, pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -80,32 +80,7 @@ def test_serving_image(serving_image, mlflow_server, registered_model):
     port = free_port()
     name = f"tad-serving-test-{os.getpid()}"
     endpoint = f"http://127.0.0.1:{port}"
-    podman("rm", "--force", "--ignore", name)
-    run = podman(
-        "run",
-        "--detach",
-        "--name",
-        name,
-        # Like the pod: read-only root (writes go to the /tmp tmpfs), no capabilities.
-        "--read-only",
-        "--cap-drop",
-        "ALL",
-        "--security-opt",
-        "no-new-privileges",
-        # Host network: the container reaches the loopback MLflow server; it listens on
-        # 127.0.0.1 only (a later --host/--port overrides the image's defaults).
-        "--network",
-        "host",
-        "--env",
-        f"SERVING_MODEL_URI={registered_model['uri']}",
-        "--env",
-        f"MLFLOW_TRACKING_URI={mlflow_server}",
-        serving_image,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    )
+    run = run_server_like_a_pod(serving_image, name, port, registered_model["uri"], mlflow_server)
     assert run.returncode == 0, f"podman run failed: {run.stderr}"
     try:
         _wait_ready(name, endpoint)

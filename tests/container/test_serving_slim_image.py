@@ -20,7 +20,7 @@ import pytest
 
 from serving.server.contract import SLIM_ATOL, SLIM_RTOL
 from tests.conftest import free_port
-from tests.container.conftest import build_image, podman
+from tests.container.conftest import build_image, podman, run_server_like_a_pod
 from tests.container.test_serving_image import (
     FEATURES,
     _logs,
@@ -43,30 +43,8 @@ def test_serving_slim_image(slim_image, mlflow_server, registered_model):  # noq
     port = free_port()
     name = f"tad-serving-slim-test-{os.getpid()}"
     endpoint = f"http://127.0.0.1:{port}"
-    podman("rm", "--force", "--ignore", name)
     started = time.monotonic()
-    run = podman(
-        "run",
-        "--detach",
-        "--name",
-        name,
-        "--read-only",
-        "--cap-drop",
-        "ALL",
-        "--security-opt",
-        "no-new-privileges",
-        "--network",
-        "host",
-        "--env",
-        f"SERVING_MODEL_URI={registered_model['uri']}",
-        "--env",
-        f"MLFLOW_TRACKING_URI={mlflow_server}",
-        slim_image,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    )
+    run = run_server_like_a_pod(slim_image, name, port, registered_model["uri"], mlflow_server)
     assert run.returncode == 0, f"podman run failed: {run.stderr}"
     try:
         _wait_ready(name, endpoint)

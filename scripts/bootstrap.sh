@@ -20,3 +20,11 @@ fi
 echo "bootstrap: installing pinned dependencies (constraints.txt) into $VENV"
 "$VENV/bin/uv" pip install --python "$VENV/bin/python" \
     --constraint constraints.txt --editable '.[dev]'
+# Compile every installed module to bytecode once, here. uv does not by default, and where
+# PYTHONDONTWRITEBYTECODE=1 is set (these machines set it) Python never caches bytecode
+# itself: every process then compiled each module it imported from source, every time
+# (TensorFlow's import 18 s instead of 6, MLflow's 5 s instead of 2; docs/benchmarks.md).
+# Up-to-date files are skipped, so a re-run costs seconds.
+echo "bootstrap: compiling the installed modules to bytecode"
+"$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null \
+    || echo "bootstrap: some installed files did not compile; their modules compile when imported" >&2

@@ -61,6 +61,7 @@ def picky_model(tmp_path_factory) -> str:
         root / "model",
         python_model=str(root / "picky.py"),
         input_example=example,
+        pip_requirements=["mlflow"],  # declared: inferring them starts a Python process
         signature=infer_signature(example, example["x0"].to_numpy()),
     )
     return str(root / "model")
@@ -83,6 +84,7 @@ def sklearn_model(tmp_path_factory) -> str:
         signature=infer_signature(frame, model.predict(frame)),
         input_example=frame.head(3),
         pyfunc_predict_fn="predict_proba",  # two numbers per row: the layout must survive
+        pip_requirements=["mlflow", "scikit-learn"],
     )
     return str(path)
 
@@ -95,7 +97,10 @@ def total_model(tmp_path_factory) -> str:
     (root / "total.py").write_text(textwrap.dedent(TOTAL_MODEL))
     example = pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]})
     mlflow.pyfunc.save_model(
-        root / "model", python_model=str(root / "total.py"), input_example=example
+        root / "model",
+        python_model=str(root / "total.py"),
+        input_example=example,
+        pip_requirements=["mlflow"],
     )
     return str(root / "model")
 
@@ -246,6 +251,7 @@ def mixed_model(tmp_path_factory) -> str:
         path,
         signature=infer_signature(frame, model.predict(frame)),
         input_example=frame.head(3),
+        pip_requirements=["mlflow", "scikit-learn"],
     )
     return str(path)
 

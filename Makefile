@@ -65,6 +65,11 @@ test-load: $(STAMP) postgres-tools
 test-unit: $(STAMP)
 	$(VENV)/bin/pytest -m "not integration"
 
+# Let pytest cache its rewritten test modules (and Python the project's bytecode) under the
+# gitignored __pycache__/ even where PYTHONDONTWRITEBYTECODE=1 is exported: collecting the
+# suite otherwise rewrites every test module again, every run (~4 s of the unit tier).
+test test-unit test-container test-postgres test-load: export PYTHONDONTWRITEBYTECODE :=
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

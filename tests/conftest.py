@@ -17,6 +17,30 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+# The unit tier (`make test-unit`, `-m "not integration"`) stays under a minute by never
+# importing what costs seconds per process: a test that needs TensorFlow is an integration test.
+UNIT_TIER_FORBIDDEN = ("tensorflow",)
+_first_forbidden: dict[str, str] = {}
+
+
+def _unit_tier(config: pytest.Config) -> bool:
+    return config.getoption("markexpr", "").replace(" ", "") == "notintegration"
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    if _unit_tier(item.config):
+        for module in UNIT_TIER_FORBIDDEN:
+            if module in sys.modules and module not in _first_forbidden:
+                _first_forbidden[module] = item.nodeid
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _first_forbidden and exitstatus == 0:
+        for module, nodeid in _first_forbidden.items():
+            print(f"\nthe unit tier imported {module} (first after {nodeid}): mark it integration")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def _mlflow_template_db(tmp_path_factory) -> str:
     """An empty MLflow SQLite store, migrated once per session (migrating costs seconds)."""

@@ -73,6 +73,7 @@ def test_unknown_conf_keys_fail_the_first_task_naming_them_and_the_accepted_ones
     )
 
 
+@pytest.mark.integration  # a whole dag.test() run
 def test_unknown_conf_key_fails_deploy_model_at_once_and_deploys_nothing(env):
     dag_run = load_dag("deploy_model").test(
         run_conf={"version": 2, "unknown_param": 1}, mark_success_pattern="rollout_.*"
@@ -87,6 +88,7 @@ def test_unknown_conf_key_fails_deploy_model_at_once_and_deploys_nothing(env):
     assert request.try_number == 1  # failed for good: not retried
 
 
+@pytest.mark.integration  # a whole dag.test() run
 def test_known_conf_keys_pass_the_check(env):
     dag_run = load_dag("deploy_model").test(
         run_conf={"version": 2, "reason": "rollback by hand", "deploy_target": "local"},
@@ -97,6 +99,7 @@ def test_known_conf_keys_pass_the_check(env):
     assert states["rollout_local"] == "success"  # marked: the request chose it
 
 
+@pytest.mark.integration  # a whole dag.test() run
 def test_unknown_conf_key_fails_train_and_deploy_before_loading_anything(env):
     dag_run = load_dag("train_and_deploy").test(
         run_conf={"epochs": 2, "unknown_param": 1}, mark_success_pattern="(?!load_window$).*"
@@ -108,6 +111,7 @@ def test_unknown_conf_key_fails_train_and_deploy_before_loading_anything(env):
     assert not (env / "data").exists()  # the synthetic source wrote no partition
 
 
+@pytest.mark.integration  # a whole dag.test() run
 def test_known_conf_keys_run_train_and_deploy_s_first_task(env):
     dag_run = load_dag("train_and_deploy").test(
         run_conf={"epochs": 2, "data_window_days": 2, "data_end_date": "2026-03-10"},

@@ -23,6 +23,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so a connection can outlive a switch
+    disable_nagle_algorithm = True  # headers and body are two writes: no delayed-ACK stall
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)

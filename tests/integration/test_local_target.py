@@ -55,6 +55,7 @@ def register(tmp_path: Path, factor: float) -> str:
             name="model",
             python_model=str(code),
             input_example=EXAMPLE,
+            pip_requirements=["mlflow"],  # no inference (a child interpreter: seconds)
             registered_model_name=MODEL_NAME,
         )
     return f"models:/{MODEL_NAME}/{info.registered_model_version}"

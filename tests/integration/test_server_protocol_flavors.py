@@ -111,16 +111,27 @@ def _log_models(root) -> dict[str, str]:
     with mlflow.start_run():
         logged = {
             "tensorflow": mlflow.tensorflow.log_model(
-                network, name="tf", signature=tensor_signature, input_example=x32[:3]
+                network,
+                name="tf",
+                signature=tensor_signature,
+                input_example=x32[:3],
+                # Declared: inferring them loads the model in a child interpreter (seconds).
+                pip_requirements=["mlflow", "tensorflow-cpu"],
             ),
             # MLflow 3.17's keras.log_model fails to write an input example (it saves it
             # before creating the model folder): the server generates rows from the signature.
-            "keras": mlflow.keras.log_model(network, name="keras", signature=tensor_signature),
+            "keras": mlflow.keras.log_model(
+                network,
+                name="keras",
+                signature=tensor_signature,
+                pip_requirements=["mlflow", "keras", "tensorflow-cpu"],
+            ),
             "sklearn": mlflow.sklearn.log_model(
                 regression,
                 name="sklearn",
                 signature=infer_signature(frame[FEATURES], regression.predict(frame[FEATURES])),
                 input_example=frame[FEATURES].head(3),
+                pip_requirements=["mlflow", "scikit-learn"],
             ),
         }
     for kind, info in logged.items():

@@ -137,6 +137,7 @@ def registry(tmp_path_factory):
                     example, pd.DataFrame({"doubled": [2.0, 5.0]}), params={"delay_s": 0.0}
                 ),
                 input_example=example,
+                pip_requirements=["mlflow", "pandas"],  # no inference (a child interpreter)
                 registered_model_name=SLOW_MODEL,
             )
         yield {

@@ -56,6 +56,7 @@ def ml_main(tmp_path, monkeypatch, capsys):
     return run
 
 
+@pytest.mark.integration  # real `python -m ml` processes
 def test_window_then_validate_pass_references_through_files(tmp_path):
     env = _env(tmp_path)
     out = _ml("window", "--end", END, "--output", str(tmp_path / "w.json"), env=env, cwd=tmp_path)

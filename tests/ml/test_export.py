@@ -42,6 +42,7 @@ def rows() -> np.ndarray:
     return (np.random.default_rng(3).normal(size=(400, 3)) * [2, 1, 3]).astype("float32")
 
 
+@pytest.mark.integration  # TensorFlow and LiteRT
 def test_the_artifact_reproduces_keras_and_carries_its_own_check(model, rows, tmp_path):
     diff = write_litert_artifact(
         model,
@@ -67,6 +68,7 @@ def test_the_artifact_reproduces_keras_and_carries_its_own_check(model, rows, tm
     assert np.array_equal(check["outputs"], keras_out[:5])
 
 
+@pytest.mark.integration  # TensorFlow and LiteRT
 def test_a_model_litert_cannot_convert_is_refused_and_nothing_is_written(rows, tmp_path):
     import keras
     import tensorflow as tf
@@ -87,6 +89,7 @@ def test_a_model_litert_cannot_convert_is_refused_and_nothing_is_written(rows, t
     assert not (tmp_path / "litert").exists()
 
 
+@pytest.mark.integration  # TensorFlow and LiteRT
 def test_check_rows_of_the_wrong_width_are_a_clear_error(model, rows, tmp_path):
     with pytest.raises(SlimExportError, match="2 features"):
         write_litert_artifact(
@@ -108,6 +111,7 @@ def test_the_tolerance_is_absolute_near_zero_and_relative_for_large_values():
     assert "2 predictions for 1 rows" in prediction_mismatch(np.array([1.0]), np.ones(2))
 
 
+@pytest.mark.integration  # TensorFlow and LiteRT
 def test_probe_rows_follow_the_training_statistics_the_model_carries(model):
     probes = probe_rows(model, 20_000)
     assert probes.shape == (20_000, 3) and probes.dtype == np.float32

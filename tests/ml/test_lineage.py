@@ -94,6 +94,7 @@ def test_the_fingerprint_follows_what_is_trained_not_where():
     assert training_fingerprint(TRAINING, with_overrides(DATA, window_days=3)) == base
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_the_check_imports_no_tensorflow(mlflow_store, tmp_path):
     """What the DAG's unchanged_check task calls, in a fresh interpreter, on an empty store
     (MLflow itself loads pandas; TensorFlow and Keras stay out)."""

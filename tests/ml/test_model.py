@@ -7,6 +7,8 @@ import pytest
 
 from ml.model import build_model, set_global_determinism
 
+pytestmark = pytest.mark.integration  # TensorFlow: the unit tier never imports it
+
 N_FEATURES = 3
 
 

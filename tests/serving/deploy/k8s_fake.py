@@ -444,6 +444,7 @@ class FakeCluster:
 
 class _KubeHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
     cluster: FakeCluster
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
@@ -490,6 +491,7 @@ class FakeModelServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

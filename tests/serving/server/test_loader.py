@@ -135,9 +135,17 @@ def keras_flavor_models(tmp_path_factory) -> dict[str, str]:
     network.fit(x, y, epochs=3, batch_size=32, verbose=0)
     signature = infer_signature(x[:4], np.asarray(network(x[:4])))
     paths = {name: str(root / name) for name in ("tensorflow", "keras", "tf-no-signature")}
-    mlflow.tensorflow.save_model(network, paths["tensorflow"], signature=signature)
-    mlflow.keras.save_model(network, paths["keras"], signature=signature)
-    mlflow.tensorflow.save_model(network, paths["tf-no-signature"], signature=False)
+    # Declared requirements: inferring them loads each model in a child interpreter (seconds).
+    requirements = ["mlflow", "tensorflow-cpu"]
+    mlflow.tensorflow.save_model(
+        network, paths["tensorflow"], signature=signature, pip_requirements=requirements
+    )
+    mlflow.keras.save_model(
+        network, paths["keras"], signature=signature, pip_requirements=requirements
+    )
+    mlflow.tensorflow.save_model(
+        network, paths["tf-no-signature"], signature=False, pip_requirements=requirements
+    )
     return {**paths, "rows": x}
 
 

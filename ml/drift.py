@@ -81,6 +81,42 @@ def _numeric(values: pd.Series) -> np.ndarray | None:
     return converted.to_numpy(dtype="float64")
 
 
+# What monitor_drift scores a window on: a uniform sample of at most this many rows (the size
+# of the holdout sample the champion's profile came from, ml.evaluate.SAMPLE_ROWS).
+SAMPLE_ROWS = 100_000
+SAMPLE_SEED = 0
+
+
+def sample_frames(
+    frames: Iterable[pd.DataFrame], k: int = SAMPLE_ROWS, seed: int = SAMPLE_SEED
+) -> tuple[pd.DataFrame, int]:
+    """A uniform sample of at most ``k`` rows of ``frames`` read one at a time, and their total
+    row count: memory holds the sample and one frame, never all of them.
+
+    Each row gets a seeded random key and the ``k`` smallest keys stay, in stream order; with
+    ``k`` rows or fewer in all, the sample is every row. Frames may disagree on columns or
+    types (a finding for the scores, not an error): they are combined as ``pd.concat`` does.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    rng = np.random.default_rng(seed)
+    kept: pd.DataFrame | None = None
+    keys = np.empty(0)
+    total = 0
+    for frame in frames:
+        total += len(frame)
+        frame_keys = rng.random(len(frame))
+        if kept is None:
+            kept, keys = frame.reset_index(drop=True), frame_keys
+        else:
+            kept = pd.concat([kept, frame], ignore_index=True)
+            keys = np.concatenate([keys, frame_keys])
+        if len(kept) > k:
+            chosen = np.sort(np.argpartition(keys, k)[:k])
+            kept, keys = kept.iloc[chosen].reset_index(drop=True), keys[chosen]
+    return (kept if kept is not None else pd.DataFrame()), total
+
+
 def profile_column(values: pd.Series, bins: int = 10) -> ColumnProfile:
     """The bins (quantile edges) and shares of one numeric column."""
     numbers = _numeric(values)

@@ -320,6 +320,8 @@ def monitor_drift(
 ) -> dict[str, Any]:
     """Score the window's partitions against ``@champion``'s training profile; log a report.
 
+    Partitions are read one at a time and the scores read a uniform sample of at most
+    ``drift.SAMPLE_ROWS`` rows of the window (``rows`` and ``rows_scored`` in the result).
     Partitions are read as they are, without the training-time validation: a column that
     went missing, all null or non-numeric is a finding of the report, not a crash. The
     champion's predictions on the rows are scored too when the features allow a prediction.
@@ -328,7 +330,6 @@ def monitor_drift(
     the drift is of a kind that ``drift_settings.trigger_on`` retrains on.
     """
     import mlflow
-    import pandas as pd
     from mlflow.tracking import MlflowClient
 
     from ml import data, drift
@@ -364,8 +365,9 @@ def monitor_drift(
     mlflow.set_tracking_uri(tracking_uri)
     profile = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/{DRIFT_PROFILE_ARTIFACT}")
 
-    frame = pd.concat(
-        [data.read_partition(p, data_settings) for p in _partitions(window)], ignore_index=True
+    # One partition in memory at a time; the scores read a uniform sample of the window.
+    frame, rows = drift.sample_frames(
+        (data.read_partition(p, data_settings) for p in _partitions(window)), k=drift.SAMPLE_ROWS
     )
     target = data_settings.target_column
     scored = frame.drop(columns=[target], errors="ignore")
@@ -387,7 +389,8 @@ def monitor_drift(
         scores |= _served_scores(profile, window, drift_settings)
     verdict = drift.decide(scores, drift_settings)
     result |= {
-        "rows": len(frame),
+        "rows": rows,
+        "rows_scored": len(frame),
         "retrain": verdict.retrain,
         "drifted": verdict.drifted,
         "summary": verdict.summary(),
@@ -397,9 +400,10 @@ def monitor_drift(
     }
     result["run_id"] = _log_drift_run(result, scores, drift_settings, registry, tracking_uri)
     (log.warning if verdict.drifted else log.info)(
-        "Drift of %s..%s (%d rows) against @%s v%s: %s",
+        "Drift of %s..%s (%d rows, %d scored) against @%s v%s: %s",
         window["start"],
         window["end"],
+        rows,
         len(frame),
         registry.champion_alias,
         champion.version,

@@ -151,3 +151,52 @@ def test_served_histograms_with_other_bounds_or_nothing_served_are_not_scored(ch
 def test_served_columns_count_as_their_columns_kind():
     assert drift.kind_of("served:temperature_c") == "features"
     assert drift.kind_of("served:__prediction__") == "prediction"
+
+
+# -- the window's sample ----------------------------------------------------------------------
+
+
+def _frames(sizes: list[int]) -> list[pd.DataFrame]:
+    start = 0
+    frames = []
+    for size in sizes:
+        frames.append(pd.DataFrame({"row": np.arange(start, start + size), "x": 1.0}))
+        start += size
+    return frames
+
+
+def test_a_window_within_the_sample_size_is_scored_whole_in_order():
+    frames = _frames([30, 0, 45])
+    sample, total = drift.sample_frames(iter(frames), k=100)
+    assert total == 75
+    assert sample["row"].tolist() == list(range(75))
+
+
+def test_a_larger_window_is_sampled_uniformly_deterministically_and_in_stream_order():
+    frames = _frames([4_000] * 10)  # rows 0..39,999 in ten partitions
+    sample, total = drift.sample_frames(iter(frames), k=2_000, seed=7)
+    assert total == 40_000 and len(sample) == 2_000
+    rows = sample["row"].to_numpy()
+    assert (np.diff(rows) > 0).all()  # stream order, no row twice
+    per_partition = np.bincount(rows // 4_000, minlength=10)
+    assert per_partition.min() > 150 and per_partition.max() < 250  # ~200 each, not the first
+    again, _ = drift.sample_frames(iter(_frames([4_000] * 10)), k=2_000, seed=7)
+    assert again["row"].tolist() == rows.tolist()
+    other, _ = drift.sample_frames(iter(_frames([4_000] * 10)), k=2_000, seed=8)
+    assert other["row"].tolist() != rows.tolist()
+
+
+def test_partitions_that_disagree_on_columns_are_combined_not_refused():
+    first = pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]})
+    second = pd.DataFrame({"a": ["x", "y"]})  # b went missing, a holds strings
+    sample, total = drift.sample_frames(iter([first, second]), k=10)
+    assert total == 4
+    assert sample["a"].tolist() == [1.0, 2.0, "x", "y"]
+    assert sample["b"].isna().tolist() == [False, False, True, True]
+
+
+def test_no_partition_is_an_empty_sample_and_a_bad_size_is_refused():
+    sample, total = drift.sample_frames(iter([]))
+    assert total == 0 and sample.empty
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        drift.sample_frames(iter([]), k=0)

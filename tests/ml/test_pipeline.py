@@ -85,7 +85,9 @@ def test_holdout_is_the_same_rows_every_time(data):
 
 
 @pytest.mark.integration
-def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(data, mlflow_store):
+def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(
+    data, mlflow_store, monkeypatch
+):
     from ml.registry import Registry
 
     window = xcom(pipeline.load_window(data, END))
@@ -159,6 +161,7 @@ def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(data, mlf
     assert calm["champion_version"] == version["version"] and calm["predictions_scored"]
     assert calm["retrain"] is False, calm["summary"]
     assert set(calm["scores"]) == set(profile["columns"])
+    assert calm["rows_scored"] == calm["rows"] > 0  # a window this small is scored whole
 
     moved = data.model_copy(
         update={
@@ -168,12 +171,17 @@ def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(data, mlf
         }
     )
     drifted_window = xcom(pipeline.load_window(moved.model_copy(update={"window_days": 3}), NEXT))
+    # A window larger than the sample: its partitions are read one by one and a sample scored.
+    from ml import drift
+
+    monkeypatch.setattr(drift, "SAMPLE_ROWS", calm["rows"] // 3)
     drifted = xcom(
         pipeline.monitor_drift(
             drifted_window, moved, drift_settings, REGISTRY, tracking_uri=mlflow_store
         )
     )
     assert drifted["retrain"] is True and "__target__" in drifted["drifted"]
+    assert (drifted["rows"], drifted["rows_scored"]) == (calm["rows"], calm["rows"] // 3)
     report_run = mlflow.get_run(drifted["run_id"])
     assert report_run.data.tags["drift.retrain"] == "true"
     assert report_run.data.metrics["psi.__target__"] == drifted["scores"]["__target__"]

@@ -381,6 +381,19 @@ _F32_EXACT_INT = 2**24
 _PLAIN_MAX_ROWS = 16
 
 
+def _split_data(split: Any, columns: tuple[str, ...], max_rows: int) -> list | None:
+    """``split["data"]`` when ``split`` is exactly ``{"columns": <columns, in order>, "data":
+    <a list of 1 to max_rows items>}`` (the rows are not looked at), else None."""
+    if type(split) is not dict or len(split) != 2:
+        return None
+    names, data = split.get("columns"), split.get("data")
+    if type(names) is not list or type(data) is not list or not 0 < len(data) <= max_rows:
+        return None
+    if tuple(names) != columns:
+        return None
+    return data
+
+
 def _plain_split(split: Any, features: tuple[str, ...]) -> list[list[float]] | None:
     """The common small request, checked without numpy: ``{"columns": <the signature's
     columns, in order>, "data": <a few rows of plain numbers, all finite as float32>}``.
@@ -388,14 +401,8 @@ def _plain_split(split: Any, features: tuple[str, ...]) -> list[list[float]] | N
     Returns ``data`` itself (the model converts it to float32 exactly like
     :func:`fast_rows`' matrix), or None: then the general path decides, errors included.
     """
-    if type(split) is not dict or len(split) != 2:
-        return None
-    columns, data = split.get("columns"), split.get("data")
-    if type(columns) is not list or type(data) is not list or not 0 < len(data) <= _PLAIN_MAX_ROWS:
-        return None
-    if tuple(columns) != features:
-        return None
-    return _plain_rows(data, len(features))
+    data = _split_data(split, features, _PLAIN_MAX_ROWS)
+    return None if data is None else _plain_rows(data, len(features))
 
 
 def _plain_rows(data: list, n: int) -> list[list[float]] | None:
@@ -1056,13 +1063,8 @@ def column_rows(payload: Any, columns: tuple[str, ...]) -> list[list[float]] | N
     frame of those columns cast to the schema's types. Otherwise None (MLflow parses it)."""
     if type(payload) is not dict or len(payload) != 1:
         return None
-    split = payload.get("dataframe_split")
-    if type(split) is not dict or len(split) != 2:
-        return None
-    names, data = split.get("columns"), split.get("data")
-    if type(names) is not list or type(data) is not list or not 0 < len(data) <= _COLUMN_ROWS_MAX:
-        return None
-    if tuple(names) != columns:
+    data = _split_data(payload.get("dataframe_split"), columns, _COLUMN_ROWS_MAX)
+    if data is None:
         return None
     n = len(columns)
     for row in data:

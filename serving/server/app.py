@@ -255,6 +255,31 @@ def _text_reply(status: int, text: str) -> Reply:
     return Reply(status, text.encode(), _TEXT, error_code=None)
 
 
+# Whether pandas can read a Parquet body in this process: the slim serving image leaves pyarrow
+# out. Found at the first Parquet request; None until then.
+_parquet_reader: bool | None = None
+NO_PARQUET_READER = (
+    "This server cannot read Parquet request bodies: neither pyarrow nor fastparquet is"
+    " installed in its image (the slim serving image leaves them out). Send JSON or CSV, or"
+    " serve the model from the full serving image."
+)
+
+
+def _can_read_parquet() -> bool:
+    global _parquet_reader
+    if _parquet_reader is None:
+        readable = False
+        for module in ("pyarrow.parquet", "fastparquet"):
+            try:
+                __import__(module)
+            except ImportError:
+                continue
+            readable = True
+            break
+        _parquet_reader = readable
+    return _parquet_reader
+
+
 _ECHO_PATTERNS = (
     # "Failed to predict data '<the whole frame>'. \nError: ..." (scoring_server.invocations)
     (
@@ -845,6 +870,8 @@ def reference_invocations(
             parsed = ss._parse_json_data(decoded, model.metadata, schema)
             data, params, unified_llm = parsed.data, parsed.params, parsed.is_unified_llm_input
         elif mime_type == CONTENT_TYPE_PARQUET:
+            if not _can_read_parquet():  # not the client's bad data: say what to send instead
+                return error_reply(415, "INVALID_PARAMETER_VALUE", NO_PARQUET_READER)
             data = ss.parse_parquet_input(parquet_input=io.BytesIO(body))
             params = None
         else:

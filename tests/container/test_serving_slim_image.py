@@ -11,6 +11,7 @@ scripts/bench_slim_image.py measures them for docs/benchmarks.md).
 
 from __future__ import annotations
 
+import io
 import os
 import time
 
@@ -64,6 +65,17 @@ def test_serving_slim_image(slim_image, mlflow_server, registered_model):  # noq
         diff = np.abs(got - expected)
         print(f"max |slim container - keras| = {diff.max():.3g}")
         assert np.all(diff <= SLIM_ATOL + SLIM_RTOL * np.abs(expected))
+        # No pyarrow in this image: a Parquet body is refused as such, not blamed on the data.
+        parquet = io.BytesIO()
+        rows.head(2).to_parquet(parquet)
+        refused = httpx.post(
+            f"{endpoint}/invocations",
+            content=parquet.getvalue(),
+            headers={"Content-Type": "application/vnd.apache.parquet"},
+            timeout=30,
+        )
+        assert refused.status_code == 415, refused.text
+        assert "JSON or CSV" in refused.json()["message"]
 
         rss = podman("exec", name, "grep", "VmRSS", "/proc/1/status").stdout.split()[1]
         size = podman("image", "inspect", "--format", "{{.Size}}", slim_image).stdout.strip()

@@ -268,6 +268,19 @@ def body(obj) -> bytes:
     return json.dumps(obj).encode()
 
 
+PARQUET = "application/vnd.apache.parquet"
+
+
+def parquet(columns=FEATURES, rows=ROWS) -> bytes:
+    import io
+
+    import pandas as pd
+
+    out = io.BytesIO()
+    pd.DataFrame(rows, columns=list(columns)).to_parquet(out)
+    return out.getvalue()
+
+
 # (id, body, content type): stock answers 200 to each; ours must answer the same predictions.
 GOOD = [
     ("split", body(split()), JSON),
@@ -300,6 +313,8 @@ GOOD = [
     ("charset-utf8", body(split()), "application/json; charset=utf-8"),
     ("csv", csv(), "text/csv"),
     ("csv-reordered", csv(FEATURES[::-1], [r[::-1] for r in ROWS]), "text/csv"),
+    ("parquet", parquet(), PARQUET),
+    ("parquet-reordered", parquet(FEATURES[::-1], [r[::-1] for r in ROWS]), PARQUET),
     (
         "many-rows",
         body(split(data=synthetic_frame(300, seed=5)[FEATURES].round(6).to_numpy().tolist())),
@@ -350,6 +365,8 @@ BAD = [
     ("csv-missing-column", csv(FEATURES[:3], [[S, 1, 2]]), "text/csv"),
     ("csv-text-value", csv(FEATURES, [["abc", S, 2, 3]]), "text/csv"),
     ("csv-empty", b"", "text/csv"),
+    ("parquet-not-parquet", csv(), PARQUET),
+    ("parquet-missing-column", parquet(FEATURES[:3], [r[:3] for r in ROWS]), PARQUET),
     ("content-type-text", body(split()), "text/plain"),
     ("content-type-xml", b"<rows/>", "application/xml"),
     ("content-type-uppercase", body(split()), "Application/JSON"),

@@ -579,3 +579,31 @@ def test_the_reference_path_records_the_columns_it_parsed_and_one_prediction_per
     _, predictions = _observed(frame, np.array([[1.0], [2.0]]), ("a",))
     assert predictions.tolist() == [1.0, 2.0]
     assert _observed({"tensor": [1, 2]}, ["text", "more"], ("a",)) is None
+
+
+def test_a_parquet_body_where_no_parquet_reader_is_installed_is_415_and_says_what_to_send(
+    monkeypatch,
+):
+    """The slim serving image has no pyarrow: a Parquet request is not the client's bad data."""
+    import io
+    import sys
+
+    import pandas as pd
+
+    from serving.server import app as app_module
+
+    body = io.BytesIO()
+    pd.DataFrame({name: [1.0] for name in FEATURES}).to_parquet(body)
+    for module in ("pyarrow", "pyarrow.parquet", "fastparquet"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    monkeypatch.setattr(app_module, "_parquet_reader", None, raising=False)  # ask again
+
+    async def scenario():
+        return await _post(
+            _app(fast=False), [(0, body.getvalue())], content_type=b"application/vnd.apache.parquet"
+        )
+
+    status, _, answer = _run(scenario())
+    assert status == 415
+    text = answer if isinstance(answer, str) else json.dumps(answer)
+    assert "Parquet" in text and "pyarrow" in text and "JSON or CSV" in text

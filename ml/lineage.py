@@ -40,22 +40,37 @@ _PLACEMENT_FIELDS = frozenset({"runner", "threads"})
 _DATA_FIELDS = ("feature_columns", "target_column", "holdout_fraction", "split_seed")
 
 
-def code_version() -> str:
-    """The git sha of the code that trains: GIT_SHA (set in images), else the checkout."""
+def code_version(package: Path | None = None) -> str:
+    """The version of the code that trains: GIT_SHA (set in images), else the checkout's commit.
+
+    Uncommitted changes under ``package`` (the ``ml`` package by default: what builds and fits
+    the model) make it ``<sha>+dirty.<digest of the changes>``: edited code is never read as
+    the champion's code, and the same edit gives the same version. Changes elsewhere in the
+    checkout do not count.
+    """
     if sha := os.environ.get("GIT_SHA", "").strip():
         return sha
+    root = package or Path(__file__).resolve().parent
     try:
-        completed = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
+        head = _git(root, "rev-parse", "HEAD").decode().strip()
+        changed = _git(root, "diff", "HEAD", "--binary", "--", ".")
+        untracked = _git(root, "ls-files", "-z", "--others", "--exclude-standard", "--", ".")
+        if not head:
+            return UNKNOWN_CODE_VERSION
+        if not changed and not untracked:
+            return head
+        digest = hashlib.sha256(changed)
+        for name in sorted(n for n in untracked.decode().split("\0") if n):
+            digest.update(name.encode() + b"\0" + (root / name).read_bytes())
     except (OSError, subprocess.SubprocessError):
         return UNKNOWN_CODE_VERSION
-    return completed.stdout.strip() or UNKNOWN_CODE_VERSION
+    return f"{head}+dirty.{digest.hexdigest()[:12]}"
+
+
+def _git(root: Path, *args: str) -> bytes:
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, timeout=5, check=True
+    ).stdout
 
 
 def training_parameters(training: TrainingSettings, data: DataSettings) -> dict[str, Any]:

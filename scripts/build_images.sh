@@ -216,7 +216,12 @@ build() { # $1: image name, $2: tag, $3: wheelhouse dir, $4...: code paths to sh
     # content, not mtime).
     tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -cf - "${code[@]}" | tar -C "$ctx" -xf -
     sha=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-    if [ -n "$(git status --porcelain -- "${code[@]}" 2>/dev/null)" ]; then sha="$sha-dirty"; fi
+    # Uncommitted changes: the version names their content, so two different edits never
+    # share one (the pipeline's unchanged check compares code versions).
+    if [ -n "$(git status --porcelain -- "${code[@]}" 2>/dev/null)" ]; then
+        sha="$sha-dirty.$(tar -C "$ctx" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
+            -cf - "${code[@]}" | sha256sum | cut -c1-12)"
+    fi
     log "$name: podman build -> $tag (code $sha)"
     # BUILD_VERBOSE=1 shows each step (and whether it came from the layer cache).
     "${PODMAN[@]}" build --layers --format docker \

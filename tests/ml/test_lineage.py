@@ -112,3 +112,70 @@ def test_the_check_imports_no_tensorflow(mlflow_store, tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# -- the code version -----------------------------------------------------------------------
+
+
+def _git(root, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    """A git checkout with a committed package folder; GIT_SHA unset (a laptop, not an image)."""
+    monkeypatch.delenv("GIT_SHA", raising=False)
+    package = tmp_path / "ml"
+    package.mkdir()
+    (package / "model.py").write_text("UNITS = 64\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    return package, _git(tmp_path, "rev-parse", "HEAD")
+
+
+def test_a_clean_checkout_is_its_commit(checkout):
+    from ml.lineage import code_version
+
+    package, sha = checkout
+    assert code_version(package) == sha
+
+
+def test_uncommitted_changes_to_the_code_are_another_version_and_the_same_change_the_same(
+    checkout,
+):
+    """Edited but not committed code must not read as the champion's code: else the nightly
+    run would end "unchanged" and the edit would never train."""
+    from ml.lineage import code_version
+
+    package, sha = checkout
+    (package / "model.py").write_text("UNITS = 128\n")
+    edited = code_version(package)
+    assert edited.startswith(f"{sha}+dirty.") and edited != sha
+    assert code_version(package) == edited  # the same edit: the same version (can be unchanged)
+    (package / "model.py").write_text("UNITS = 32\n")
+    assert code_version(package) not in (sha, edited)
+    (package / "model.py").write_text("UNITS = 64\n")
+    assert code_version(package) == sha  # back to the commit
+    (package / "extra.py").write_text("X = 1\n")  # a new file, not yet added
+    assert code_version(package).startswith(f"{sha}+dirty.")
+
+
+def test_changes_outside_the_package_do_not_change_its_version(checkout):
+    from ml.lineage import code_version
+
+    package, sha = checkout
+    (package.parent / "README.md").write_text("docs only\n")
+    assert code_version(package) == sha
+
+
+def test_an_image_s_git_sha_wins_and_no_checkout_is_unknown(tmp_path, monkeypatch):
+    from ml.lineage import UNKNOWN_CODE_VERSION, code_version
+
+    monkeypatch.setenv("GIT_SHA", "abc123")
+    assert code_version(tmp_path) == "abc123"
+    monkeypatch.delenv("GIT_SHA")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repo above tmp
+    assert code_version(tmp_path) == UNKNOWN_CODE_VERSION

@@ -494,6 +494,30 @@ def _pid(name: str) -> int | None:
     return pid if process_is(pid) else None
 
 
+# Written by `make install` (the Makefile's STAMP) each time the venv is (re)installed.
+INSTALL_STAMP = VENV_BIN.parent / ".installed"
+
+
+def stale_since_install(name: str, stamp: Path = INSTALL_STAMP) -> bool:
+    """Whether the running service ``name`` started before the venv was last installed.
+
+    Airflow's scheduler imports MLflow before it forks the LocalExecutor's task processes
+    (scripts/airflow_settings): after a reinstall they would run the old MLflow from memory
+    against the new files on disk. Such a service is restarted by ``up``.
+    """
+    import psutil
+
+    pid = _pid(name)
+    if pid is None:
+        return False
+    try:
+        installed = stamp.stat().st_mtime
+        started = psutil.Process(pid).create_time()
+    except (OSError, psutil.Error):
+        return False
+    return installed > started
+
+
 def open_private(path: Path, mode: str = "ab") -> IO[Any]:
     """Open ``path`` (created if missing) readable and writable by its owner only: 0600, also
     when it existed with a wider mode (the Airflow log holds the admin password)."""
@@ -892,6 +916,10 @@ def up() -> None:
     _wait_http(f"{MLFLOW_URL}/health", "MLflow server", 240, "mlflow")
     say(f"MLflow ready at {MLFLOW_URL}")
 
+    if stale_since_install("airflow"):
+        say("airflow started before the venv was reinstalled (its scheduler preloads MLflow):")
+        say("restarting it, so that its tasks run what is installed now")
+        _stop_group("airflow")
     if _pid("airflow") is None:
         _stop_group("airflow")
         AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)

@@ -229,3 +229,28 @@ def test_task_timings_are_in_start_order_from_the_trigger_and_skip_tasks_that_ne
         ("load_window", "success", 2.0, 1.25),
         ("register", "success", 70.5, 1.0),
     ]
+
+
+def test_a_service_started_before_the_venv_was_reinstalled_is_stale(stack, tmp_path):
+    """Airflow's scheduler preloads MLflow and forks every task from itself: after a reinstall
+    (`make install`, a new lock) tasks would run the old MLflow from memory against the new
+    files. `up` restarts such a service; one started after the install is left alone."""
+    import subprocess
+
+    stamp = tmp_path / ".installed"
+    service = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (stack.PIDS).mkdir(parents=True)
+        (stack.PIDS / "airflow.pid").write_text(str(service.pid))
+        started = time.time()
+        stamp.touch()
+        os.utime(stamp, (started - 60,) * 2)  # installed before the service started
+        assert stack.stale_since_install("airflow", stamp) is False
+        os.utime(stamp, (started + 5,) * 2)  # reinstalled after the service started
+        assert stack.stale_since_install("airflow", stamp) is True
+        assert stack.stale_since_install("mlflow", stamp) is False  # not running: nothing stale
+        stamp.unlink()
+        assert stack.stale_since_install("airflow", stamp) is False  # never installed by make
+    finally:
+        service.kill()
+        service.wait()

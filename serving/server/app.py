@@ -486,16 +486,19 @@ def fast_rows(
     return rows
 
 
-def _payload_format(payload: dict, allow_params: bool) -> str | None:
+def _payload_format(
+    payload: dict, allow_params: bool, *, ignore_other_keys: bool = False
+) -> str | None:
     """The one input key of a JSON body (``dataframe_split``, ``inputs``, ...), or None when
-    there is none, more than one, or another key (``params`` only where allowed)."""
+    there is none, more than one, or another key (``params`` only where allowed; any other key
+    with ``ignore_other_keys``, as MLflow's parser ignores them)."""
     fmt = None
     for key in payload:
         if key in _FORMAT_KEYS:
             if fmt is not None:
                 return None
             fmt = key
-        elif key != "params" or not allow_params:
+        elif not ignore_other_keys and (key != "params" or not allow_params):
             return None
     return fmt
 
@@ -619,12 +622,7 @@ class StrictInputs:
         """What is wrong with a decoded JSON request, or None (also: MLflow decides)."""
         if type(payload) is not dict:
             return None
-        fmt = None
-        for key in payload:
-            if key in _FORMAT_KEYS:
-                if fmt is not None:
-                    return None
-                fmt = key
+        fmt = _payload_format(payload, allow_params=True, ignore_other_keys=True)
         if fmt is None:
             return None
         value = payload[fmt]

@@ -255,9 +255,6 @@ def _text_reply(status: int, text: str) -> Reply:
     return Reply(status, text.encode(), _TEXT, error_code=None)
 
 
-# Whether pandas can read a Parquet body in this process: the slim serving image leaves pyarrow
-# out. Found at the first Parquet request; None until then.
-_parquet_reader: bool | None = None
 NO_PARQUET_READER = (
     "This server cannot read Parquet request bodies: neither pyarrow nor fastparquet is"
     " installed in its image (the slim serving image leaves them out). Send JSON or CSV, or"
@@ -265,19 +262,17 @@ NO_PARQUET_READER = (
 )
 
 
+@functools.cache
 def _can_read_parquet() -> bool:
-    global _parquet_reader
-    if _parquet_reader is None:
-        readable = False
-        for module in ("pyarrow.parquet", "fastparquet"):
-            try:
-                __import__(module)
-            except ImportError:
-                continue
-            readable = True
-            break
-        _parquet_reader = readable
-    return _parquet_reader
+    """Whether pandas can read a Parquet body in this process (the slim serving image leaves
+    pyarrow out); found at the first Parquet request."""
+    for module in ("pyarrow.parquet", "fastparquet"):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        return True
+    return False
 
 
 _ECHO_PATTERNS = (

@@ -582,7 +582,7 @@ def test_the_reference_path_records_the_columns_it_parsed_and_one_prediction_per
 
 
 def test_a_parquet_body_where_no_parquet_reader_is_installed_is_415_and_says_what_to_send(
-    monkeypatch,
+    monkeypatch, request
 ):
     """The slim serving image has no pyarrow: a Parquet request is not the client's bad data."""
     import io
@@ -596,7 +596,8 @@ def test_a_parquet_body_where_no_parquet_reader_is_installed_is_415_and_says_wha
     pd.DataFrame({name: [1.0] for name in FEATURES}).to_parquet(body)
     for module in ("pyarrow", "pyarrow.parquet", "fastparquet"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed
-    monkeypatch.setattr(app_module, "_parquet_reader", None, raising=False)  # ask again
+    app_module._can_read_parquet.cache_clear()  # ask again, here and after the test
+    request.addfinalizer(app_module._can_read_parquet.cache_clear)
 
     async def scenario():
         return await _post(

@@ -26,6 +26,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from ml import stream
 from ml.settings import DataSettings
 
 log = logging.getLogger(__name__)
@@ -451,16 +452,14 @@ def _partition_violations(
     partition: Partition, schema: DataSchema, settings: DataSettings
 ) -> tuple[int, list[Violation]]:
     """(rows, violations) of one partition, read a record batch at a time."""
-    from ml.stream import READ_BATCH_ROWS, _open, _parquet
-
     uri = partition.uri
     rows = 0
     broken: set[str] = set()
     structure: list[Violation] = []
     checks: dict[str, _ColumnCheck] = {}
-    with _open(uri) as handle:
+    with stream.open_binary(uri) as handle:
         if settings.format == "parquet":
-            reader = _parquet(handle)
+            reader = stream.parquet_file(handle)
             arrow = reader.schema_arrow
             dtypes = {name: _arrow_dtype(arrow.field(name).type) for name in arrow.names}
             structure = _dtype_violations(uri, dtypes, schema)
@@ -468,11 +467,13 @@ def _partition_violations(
             checks = {s.name: _ColumnCheck(s) for s in schema.columns if s.name not in broken}
             rows = reader.metadata.num_rows
             if checks:
-                for batch in reader.iter_batches(batch_size=READ_BATCH_ROWS, columns=list(checks)):
+                for batch in reader.iter_batches(
+                    batch_size=stream.READ_BATCH_ROWS, columns=list(checks)
+                ):
                     for name, check in checks.items():
                         check.update(batch.column(name).to_numpy(zero_copy_only=False))
         else:
-            for chunk in pd.read_csv(handle, chunksize=READ_BATCH_ROWS):
+            for chunk in pd.read_csv(handle, chunksize=stream.READ_BATCH_ROWS):
                 # A text value anywhere makes its chunk's column non-numeric: type violation.
                 for violation in _structure_violations(uri, chunk, schema):
                     if violation.column not in broken:
@@ -569,14 +570,12 @@ def split_holdout(
     window (``ml.stream.holdout_mask``): about ``holdout_fraction`` of the rows, the same
     rows for the same seed however the rows are ordered or stored, so challenger and
     champion are scored on identical rows."""
-    from ml.stream import holdout_mask, row_hash
-
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     if len(frame) < 2:
         raise ValueError(f"need at least 2 rows to split, got {len(frame)}")
     values = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype="float64")
-    holdout = holdout_mask(row_hash(values), holdout_fraction, seed)
+    holdout = stream.holdout_mask(stream.row_hash(values), holdout_fraction, seed)
     if holdout.all() or not holdout.any():
         raise ValueError(
             f"{len(frame)} rows split by a holdout_fraction of {holdout_fraction} leave one "
@@ -590,14 +589,13 @@ def split_holdout(
 
 def window_source(
     partitions: list[Partition], schema: DataSchema, settings: DataSettings, part: str | None
-):
+) -> stream.WindowSource:
     """The window's rows (``part``: "train", "holdout" or None for all) as an
     ``ml.stream.WindowSource``: read a record batch at a time."""
-    from ml.stream import WindowSource
-
     if not partitions:
         raise DataNotFoundError("no partitions to read")
-    return WindowSource(partitions, schema, settings, part)
+    columns = [spec.name for spec in schema.columns]
+    return stream.WindowSource([p.uri for p in partitions], columns, settings, part)
 
 
 # --------------------------------------------------------------------------- synthetic source

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ml.plotting import new_figure
 from ml.settings import DriftSettings
 
 PROFILE_VERSION = 1
@@ -310,8 +311,6 @@ def decide(scores: Mapping[str, ColumnScore], settings: DriftSettings) -> DriftV
 
 def psi_figure(scores: Mapping[str, ColumnScore], settings: DriftSettings):
     """Bars of each column's PSI, its threshold as a tick, unscored columns marked."""
-    from ml.evaluate import new_figure
-
     names = list(scores)
     values = [scores[n].psi if scores[n].psi is not None else 0.0 for n in names]
     figure = new_figure(max(6.0, 0.9 * len(names)), 4.0)

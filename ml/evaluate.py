@@ -1,23 +1,21 @@
 """Score models on the holdout and record the result on the training run.
 
 The challenger and the champion are scored by the same code on the same holdout, so the
-gate compares like with like. ``regression_metrics`` is pure NumPy; MLflow, pandas and
-matplotlib are imported only by the functions that do I/O.
+gate compares like with like. ``regression_metrics`` is pure NumPy; MLflow and matplotlib are
+imported only by the functions that do I/O.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from ml.stream import Source
-
+from ml import drift
+from ml.plotting import new_figure
+from ml.stream import BottomK, RunningStats, Source, holdout_rank
 from serving.server.contract import PREDICTION_COLUMN
 
 PREDICTIONS_PLOT = "plots/predictions_vs_truth.png"
@@ -65,8 +63,6 @@ class MetricsAccumulator:
     """:func:`regression_metrics` over a stream of (truth, prediction) batches."""
 
     def __init__(self) -> None:
-        from ml.stream import RunningStats
-
         self.squared = 0.0
         self.absolute = 0.0
         self.truth = RunningStats(1)
@@ -101,8 +97,6 @@ def predict(model_uri: str, frame: pd.DataFrame, feature_columns: list[str]) -> 
 
 
 def _predict_with(model, frame: pd.DataFrame, feature_columns: list[str]) -> np.ndarray:
-    import pandas as pd
-
     missing = [c for c in feature_columns if c not in frame.columns]
     if missing:
         raise ValueError(f"frame is missing feature columns: {missing}")
@@ -161,9 +155,6 @@ def evaluate_stream(
     the smallest holdout hash (``ml.stream.holdout_rank`` with ``seed``): all of them when
     the holdout is smaller."""
     import mlflow.pyfunc
-    import pandas as pd
-
-    from ml.stream import BottomK, holdout_rank
 
     if not model_uris:
         raise ValueError("no model to evaluate")
@@ -274,8 +265,6 @@ def drift_profile(
 ) -> dict:
     """What the drift monitor compares new data with: the holdout's features, target and this
     model's predictions on it (the holdout is a seeded sample of the whole training window)."""
-    from ml import drift
-
     frame = holdout[list(feature_columns)].copy()
     frame[drift.TARGET_KEY] = holdout[target_column].to_numpy()
     frame[drift.PREDICTION_KEY] = np.asarray(predictions, dtype="float64").reshape(-1)
@@ -300,17 +289,6 @@ def verification_rows(
         "data": head.astype("float64").to_numpy().tolist(),
         "predictions": np.asarray(predictions, dtype="float64").reshape(-1)[: len(head)].tolist(),
     }
-
-
-# Figures are built with the object-oriented API on an Agg canvas: no pyplot global state,
-# no GUI backend, safe inside Airflow workers and threads.
-def new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
 
 
 def _predictions_vs_truth_figure(truth: np.ndarray, predictions: np.ndarray):

@@ -31,11 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ml.settings import DataSettings
+
 if TYPE_CHECKING:
     import pandas as pd
-
-    from ml.data import DataSchema, Partition
-    from ml.settings import DataSettings
 
 log = logging.getLogger(__name__)
 
@@ -263,20 +262,21 @@ class FrameSource(Source):
 
 
 class WindowSource(Source):
-    """The window's partitions (parquet or CSV, local or any fsspec URL), streamed; with
-    ``part`` "train" or "holdout", only the rows on that side of the holdout split."""
+    """The ``columns`` of the window's files (``uris``: parquet or CSV, local or any fsspec
+    URL), streamed; with ``part`` "train" or "holdout", only the rows on that side of the
+    holdout split. (``ml.data.window_source`` makes one from partitions and a schema.)"""
 
     def __init__(
         self,
-        partitions: Sequence[Partition],
-        schema: DataSchema,
+        uris: Sequence[str],
+        columns: Sequence[str],
         settings: DataSettings,
         part: str | None = None,
     ):
         if part not in (None, "train", "holdout"):
             raise ValueError(f"part must be None, 'train' or 'holdout', got {part!r}")
-        self.partitions = list(partitions)
-        self.columns = [spec.name for spec in schema.columns]
+        self.uris = list(uris)
+        self.columns = list(columns)
         self.settings = settings
         self.part = part
         self._fragments: list[Fragment] | None = None
@@ -284,12 +284,12 @@ class WindowSource(Source):
     def fragments(self) -> list[Fragment]:
         if self._fragments is None:
             found = []
-            for partition in self.partitions:
+            for uri in self.uris:
                 groups = 1
                 if self.settings.format == "parquet":
-                    with _open(partition.uri) as handle:
-                        groups = _parquet(handle).metadata.num_row_groups
-                found += [Fragment(partition.uri, i) for i in range(max(groups, 1))]
+                    with open_binary(uri) as handle:
+                        groups = parquet_file(handle).metadata.num_row_groups
+                found += [Fragment(uri, i) for i in range(max(groups, 1))]
             self._fragments = found
         return self._fragments
 
@@ -303,13 +303,15 @@ class WindowSource(Source):
         return holdout if self.part == "holdout" else ~holdout
 
 
-def _open(uri: str):
+def open_binary(uri: str):
+    """``uri`` (a path or any fsspec URL) opened for reading bytes, as a context manager."""
     import fsspec
 
     return fsspec.open(uri, "rb")
 
 
-def _parquet(handle):
+def parquet_file(handle):
+    """A parquet reader on an open file that reads row groups and columns as asked."""
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(handle, pre_buffer=False)
@@ -320,8 +322,8 @@ def read_values(
 ) -> Iterator[np.ndarray]:
     """The fragment's ``columns`` as ``dtype`` matrices of at most ``READ_BATCH_ROWS`` rows."""
     if file_format == "parquet":
-        with _open(fragment.source) as handle:
-            reader = _parquet(handle)
+        with open_binary(fragment.source) as handle:
+            reader = parquet_file(handle)
             for batch in reader.iter_batches(
                 batch_size=READ_BATCH_ROWS, row_groups=[fragment.index], columns=columns
             ):
@@ -329,7 +331,7 @@ def read_values(
         return
     import pandas as pd
 
-    with _open(fragment.source) as handle:
+    with open_binary(fragment.source) as handle:
         for chunk in pd.read_csv(handle, chunksize=READ_BATCH_ROWS, usecols=columns):
             yield chunk[columns].to_numpy(dtype=dtype)
 

@@ -159,9 +159,6 @@ def project_edges() -> list[Edge]:
     return import_edges(discover_modules(ROOTS))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="ml.data <-> ml.stream and ml.drift <-> ml.evaluate: fixed next commit"
-)
 def test_no_import_cycles_beyond_the_known_ones(project_edges):
     new = [c for c in cycles(project_edges) if c not in KNOWN_CYCLES]
     assert not new, "import cycles:\n" + "\n".join(describe(c, project_edges) for c in new)

@@ -13,7 +13,13 @@ import pandas as pd
 import pytest
 
 from ml import stream
-from ml.data import discover_partitions, load_schema, materialize_synthetic, window_days
+from ml.data import (
+    discover_partitions,
+    load_schema,
+    materialize_synthetic,
+    window_days,
+    window_source,
+)
 from ml.evaluate import MetricsAccumulator, regression_metrics
 from ml.settings import DataSettings
 
@@ -31,7 +37,7 @@ def window(tmp_path, rows_per_day=400, days=5, **overrides) -> stream.WindowSour
     days_ = window_days(date(2024, 3, 8), days)
     materialize_synthetic(settings, days_)
     partitions = discover_partitions(settings, days_)
-    return stream.WindowSource(partitions, load_schema(settings), settings, "train")
+    return window_source(partitions, load_schema(settings), settings, "train")
 
 
 def test_row_hash_is_pinned_and_reads_values_not_storage():

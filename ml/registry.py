@@ -13,7 +13,6 @@ Failure modes are made explicit at this edge:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -35,11 +34,9 @@ log = logging.getLogger(__name__)
 # they are only applied when the user has not set the variables themselves.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 HEALTH_TIMEOUT_S = (3.0, 5.0)  # (connect, read) for GET /health
-READY_TIMEOUT_S = 300.0
-READY_POLL_S = 1.0
-
-_READY = "READY"
-_PENDING = "PENDING_REGISTRATION"
+# How long a new version may stay PENDING_REGISTRATION (a remote registry copying artifacts)
+# before registering it fails; MLflow polls every 3 s.
+READY_TIMEOUT_S = 300
 
 
 def use_mlflow(tracking_uri: str) -> None:
@@ -270,27 +267,34 @@ class Registry:
     # -- writes ------------------------------------------------------------------------------
 
     def register(self, model_uri: str, run_id: str, tags: Mapping[str, str]) -> VersionInfo:
-        """Create a new version of the model from a logged model and wait until it is READY."""
+        """Create a new version from a logged model (``models:/<model id>`` or
+        ``runs:/<run>/<path>``) with ``mlflow.register_model``, which links the version to its
+        logged model and run, and wait until it is READY.
+
+        A version whose registration fails, or that is still pending after
+        ``READY_TIMEOUT_S``, raises MLflow's error naming the model, the version and its status.
+        """
+        import mlflow
+
         self._ensure_registered_model()
-        str_tags = {str(k): str(v) for k, v in tags.items()}
+        # register_model talks to the process-wide registry URI.
+        use_mlflow(self.tracking_uri)
         with self._call(f"create a version of {self.name!r}") as client:
-            source, model_id = self._resolve_source(client, model_uri, run_id)
-            mv = client.create_model_version(
-                name=self.name,
-                source=source,
-                run_id=run_id,
-                tags=str_tags,
-                description=f"Trained in run {run_id}.",
-                await_creation_for=0,  # we wait ourselves, bounded, below
-                model_id=model_id,
+            mv = mlflow.register_model(
+                model_uri,
+                self.name,
+                await_registration_for=READY_TIMEOUT_S,
+                tags={str(k): str(v) for k, v in tags.items()},
             )
-        info = self._wait_ready(str(mv.version))
-        if model_id:
-            self._link_logged_model(model_id, info.version)
-        log.info("Registered %s v%s from %s", self.name, info.version, source)
-        return info
+            mv = client.update_model_version(
+                self.name, mv.version, description=f"Trained in run {run_id}."
+            )
+        log.info("Registered %s v%s from %s", self.name, mv.version, mv.source)
+        return VersionInfo.from_mlflow(mv)
 
     def _ensure_registered_model(self) -> None:
+        """Create the registered model with its description (``register_model`` would create
+        it without one)."""
         if self._aliases() is not None:
             return
         description = (
@@ -307,82 +311,6 @@ class Registry:
                 # Another run created it between our check and now: fine.
                 if _error_code(exc) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                     raise
-
-    def _resolve_source(
-        self, client: MlflowClient, model_uri: str, run_id: str
-    ) -> tuple[str, str | None]:
-        """(source, logged model id) for ``models:/<model_id>`` or ``runs:/<run>/<path>``."""
-        if model_uri.startswith("models:/"):
-            rest = model_uri.removeprefix("models:/").strip("/")
-            if "/" not in rest and "@" not in rest:
-                return model_uri, rest  # MLflow 3 logged model id, e.g. models:/m-abc...
-            return model_uri, None
-        if model_uri.startswith("runs:/"):
-            # MLflow 3 stores logged models outside the run's artifacts: find the model id the
-            # way mlflow.register_model does, so the version links to its logged model.
-            run_part, _, path = model_uri.removeprefix("runs:/").partition("/")
-            run = client.get_run(run_part or run_id)
-            name = path.strip("/")
-            page = client.search_logged_models(
-                experiment_ids=[run.info.experiment_id],
-                filter_string=f"name = '{_quote(name)}'",
-            )
-            matches = [m for m in page if m.source_run_id == run.info.run_id]
-            if matches:
-                model_id = matches[-1].model_id
-                return f"models:/{model_id}", model_id
-        return model_uri, None
-
-    def _wait_ready(self, version: str, timeout_s: float = READY_TIMEOUT_S) -> VersionInfo:
-        # SQL stores create READY versions; a remote registry may copy artifacts first.
-        # Polled while PENDING, every READY_POLL_S until timeout_s; any other status, and any
-        # error reaching the registry, ends the wait at once.
-        from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
-
-        def get_version() -> ModelVersion:
-            with self._call(f"get version {version} of {self.name!r}") as client:
-                mv = client.get_model_version(self.name, version)
-            if mv.status not in (_READY, _PENDING):
-                raise RuntimeError(
-                    f"{self.name!r} version {version} failed to register: status {mv.status} "
-                    f"({mv.status_message or 'no message'})"
-                )
-            return mv
-
-        def timed_out(state) -> ModelVersion:
-            status = state.outcome.result().status
-            raise TimeoutError(
-                f"{self.name!r} version {version} still {status} after {timeout_s:.0f}s"
-            )
-
-        mv = Retrying(
-            retry=retry_if_result(lambda mv: mv.status == _PENDING),
-            stop=stop_after_delay(timeout_s),
-            wait=wait_fixed(READY_POLL_S),
-            retry_error_callback=timed_out,
-        )(get_version)
-        return VersionInfo.from_mlflow(mv)
-
-    def _link_logged_model(self, model_id: str, version: str) -> None:
-        # The logged model page then links to the version. An MLflow server already does this
-        # itself when a version is created with a model id; a direct SQL store does not.
-        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
-
-        try:
-            with self._call(f"tag logged model {model_id}") as client:
-                model = client.get_logged_model(model_id)
-                links = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
-                if any(
-                    link.get("name") == self.name and str(link.get("version")) == version
-                    for link in links
-                ):
-                    return
-                links.append({"name": self.name, "version": int(version)})
-                client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
-        except RegistryUnavailableError:
-            raise
-        except Exception as exc:  # only a UI nicety: never fail a registration over it
-            log.warning("Could not link logged model %s to v%s: %s", model_id, version, exc)
 
     def tag_version(self, version: str, tags: Mapping[str, str]) -> None:
         version = str(version)

@@ -56,13 +56,21 @@ def test_register_versions_tags_and_load(registry, logged):
     assert v1.tags == {"data_digest": "abc", "n": "3"}
     assert v1.model_uri == "models:/test-model/1"
     assert registry.latest_version().version == "2"
-    # The registered model was created with a description.
+    # The registered model was created with a description, each version says its run, and the
+    # logged model links to the versions made from it.
+    import json
+
     from mlflow import MlflowClient
 
-    assert (
-        "@champion"
-        in MlflowClient(registry.tracking_uri).get_registered_model("test-model").description
-    )
+    client = MlflowClient(registry.tracking_uri)
+    assert "@champion" in client.get_registered_model("test-model").description
+    assert client.get_model_version("test-model", "1").description == f"Trained in run {run_id}."
+    logged_model = client.get_logged_model(model_uri.removeprefix("models:/"))
+    links = json.loads(logged_model.tags["mlflow.modelVersions"])
+    assert [(link["name"], str(link["version"])) for link in links] == [
+        ("test-model", "1"),
+        ("test-model", "2"),
+    ]
     # The pinned URI loads and predicts.
     assert mlflow.pyfunc.load_model(v1.model_uri).predict([[1.0, 2.0]]) == [3.0]
 
@@ -152,65 +160,73 @@ def test_check_available_fails_fast_on_closed_port():
         registry.champion()
 
 
-class _PollingClient:
-    """get_model_version answers the given statuses in turn (the last one for ever after)."""
+@pytest.fixture
+def registration_statuses(monkeypatch):
+    """The SQLite store as a remote registry that copies artifacts: a new version starts
+    PENDING_REGISTRATION and reads as each status of the returned list in turn (the last for
+    ever after), and creating it waits the way MLflow's REST store does (a SQL store creates
+    READY versions and does not wait). Returns that list and a list of the statuses read."""
+    from mlflow.store.model_registry import abstract_store
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
-    def __init__(self, *statuses: str) -> None:
-        self.statuses = list(statuses)
-        self.calls = 0
+    monkeypatch.setattr(abstract_store, "AWAIT_MODEL_VERSION_CREATE_SLEEP_INTERVAL_SECONDS", 0.01)
+    statuses: list[str] = []
+    read: list[str] = []
+    create, get = SqlAlchemyStore.create_model_version, SqlAlchemyStore.get_model_version
 
-    def get_model_version(self, name, version):
-        from types import SimpleNamespace
+    def pending(self, *args, **kwargs):
+        mv = create(self, *args, **kwargs)
+        mv._status = "PENDING_REGISTRATION"
+        return mv
 
-        status = self.statuses[min(self.calls, len(self.statuses) - 1)]
-        self.calls += 1
-        return SimpleNamespace(
-            name=name,
-            version=version,
-            run_id="r1",
-            source="models:/m-1",
-            tags={},
-            aliases=[],
-            status=status,
-            status_message="copy failed" if status == "FAILED_REGISTRATION" else None,
-        )
+    def scripted(self, name, version):
+        mv = get(self, name, version)
+        mv._status = statuses[min(len(read), len(statuses) - 1)]
+        mv._status_message = "copy failed" if mv._status == "FAILED_REGISTRATION" else None
+        read.append(mv._status)
+        return mv
+
+    monkeypatch.setattr(SqlAlchemyStore, "create_model_version", pending)
+    monkeypatch.setattr(SqlAlchemyStore, "get_model_version", scripted)
+    monkeypatch.setattr(
+        SqlAlchemyStore,
+        "_await_model_version_creation",
+        abstract_store.AbstractStore._await_model_version_creation,
+    )
+    return statuses, read
 
 
-def _polling_registry(monkeypatch, *statuses: str) -> tuple[Registry, _PollingClient]:
+def test_register_waits_while_the_version_is_pending(registry, logged, registration_statuses):
+    statuses, read = registration_statuses
+    statuses += ["PENDING_REGISTRATION", "PENDING_REGISTRATION", "READY"]
+    model_uri, run_id = logged
+    info = registry.register(model_uri, run_id, {"data_digest": "abc"})
+    assert (info.version, info.run_id, info.tags) == ("1", run_id, {"data_digest": "abc"})
+    assert read[:3] == statuses
+
+
+def test_register_fails_at_once_on_a_failed_registration(registry, logged, registration_statuses):
+    from mlflow.exceptions import MlflowException
+
+    statuses, read = registration_statuses
+    statuses += ["PENDING_REGISTRATION", "FAILED_REGISTRATION", "READY"]
+    with pytest.raises(MlflowException) as failed:
+        registry.register(*logged, {})
+    message = str(failed.value)
+    assert "test-model" in message and "FAILED_REGISTRATION" in message
+    assert "copy failed" in message
+    assert read == statuses[:2]  # not polled after the verdict
+
+
+def test_register_gives_up_at_the_deadline(registry, logged, registration_statuses, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
     import ml.registry
 
-    monkeypatch.setattr(ml.registry, "READY_POLL_S", 0.01)
-    registry = Registry("sqlite:///never-opened.db", SETTINGS)
-    registry._checked = True  # no probe: the fake client is the registry
-    client = _PollingClient(*statuses)
-    registry.__dict__["client"] = client  # the cached_property's slot
-    return registry, client
-
-
-def test_wait_ready_polls_while_pending(monkeypatch):
-    registry, client = _polling_registry(
-        monkeypatch, "PENDING_REGISTRATION", "PENDING_REGISTRATION", "READY"
-    )
-    info = registry._wait_ready("4")
-    assert (info.name, info.version, info.run_id) == ("test-model", "4", "r1")
-    assert client.calls == 3
-
-
-def test_wait_ready_fails_at_once_on_a_failed_registration(monkeypatch):
-    registry, client = _polling_registry(monkeypatch, "PENDING_REGISTRATION", "FAILED_REGISTRATION")
-    with pytest.raises(
-        RuntimeError,
-        match=r"'test-model' version 4 failed to register: "
-        r"status FAILED_REGISTRATION \(copy failed\)",
-    ):
-        registry._wait_ready("4")
-    assert client.calls == 2
-
-
-def test_wait_ready_gives_up_at_the_deadline(monkeypatch):
-    registry, client = _polling_registry(monkeypatch, "PENDING_REGISTRATION")
-    with pytest.raises(
-        TimeoutError, match=r"'test-model' version 4 still PENDING_REGISTRATION after 0s"
-    ):
-        registry._wait_ready("4", timeout_s=0.05)
-    assert client.calls >= 2
+    monkeypatch.setattr(ml.registry, "READY_TIMEOUT_S", 0.05)
+    statuses, read = registration_statuses
+    statuses.append("PENDING_REGISTRATION")
+    with pytest.raises(MlflowException, match=r"test-model version: 1 to become READY") as late:
+        registry.register(*logged, {})
+    assert "PENDING_REGISTRATION" in str(late.value)
+    assert len(read) >= 2

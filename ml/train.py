@@ -228,16 +228,17 @@ def _dataset(frame, head, columns, target_column, name, source, digest=None):
             return mlflow.data.from_pandas(
                 frame, source=source, targets=target_column, name=name, digest=digest
             )
-        # A stream has no frame to profile: its name, source, digest and schema.
+        # A stream has no frame to profile: its name, source, digest and the schema MLflow
+        # infers for its first rows (the schema from_pandas logs for a frame of the window).
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.types.utils import _infer_schema
+        from mlflow.models import infer_signature
 
         return MetaDataset(
             source=resolve_dataset_source(source or "unknown"),
             name=name,
             digest=digest,
-            schema=_infer_schema(pd.DataFrame(head, columns=columns)),
+            schema=infer_signature(pd.DataFrame(head, columns=columns)).inputs,
         )
 
 

@@ -110,6 +110,30 @@ def test_run_records_params_epoch_curves_tags_and_dataset(mlflow_store, git_sha)
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
 
 
+def test_a_streamed_window_logs_the_dataset_schema_a_frame_of_it_logs(mlflow_store):
+    """A window streamed from its partitions (no frame to profile) is logged as the training
+    input with the schema MLflow infers for the same rows as a pandas frame."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ml.stream import FrameSource
+    from ml.train import _dataset
+
+    frame = synthetic_frame(50, seed=1)
+    columns = [*FEATURES, TARGET]
+    head = frame[columns].to_numpy("float64")[:5]
+    mlflow.set_experiment("test-dataset")
+    logged = {}
+    for name, rows in (("frame", frame), ("stream", FrameSource(frame, columns))):
+        with mlflow.start_run() as run:
+            dataset = _dataset(rows, head, columns, TARGET, name, "/data/window", DIGEST[:36])
+            mlflow.log_input(dataset, context="training")
+        (dataset_input,) = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+        logged[name] = json.loads(dataset_input.dataset.schema)
+    assert logged["stream"] == logged["frame"]
+    assert [spec["name"] for spec in logged["stream"]["mlflow_colspec"]] == columns
+
+
 @pytest.mark.integration
 def test_logged_model_is_self_describing_and_serves_the_keras_numbers(mlflow_store, tmp_path):
     import keras

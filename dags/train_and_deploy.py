@@ -48,6 +48,7 @@ from _support import (
     deploy_settings,
     drift_asset,
     gate_settings,
+    param_templates,
     pipeline_params,
     pod_task,
     registry_settings,
@@ -222,9 +223,7 @@ def train_and_deploy():
                 DeploySettings(),
                 window="{{ ti.xcom_pull(task_ids='load_window') | tojson }}",
                 tracking_uri="{{ mlflow_tracking_uri() }}",
-                epochs="{{ params.epochs }}",
-                learning_rate="{{ params.learning_rate }}",
-                batch_size="{{ params.batch_size }}",
+                **param_templates(TrainingSettings),
                 tags=training_run_tag_templates(),
                 execution_timeout_s=int(IO_TASK_DEFAULTS["execution_timeout"].total_seconds()),
             )

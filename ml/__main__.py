@@ -5,7 +5,10 @@ JSON works too, which is how a KubernetesPodOperator pod gets them from XCom) an
 its own result as JSON on stdout; logs go to stderr. `--output PATH` also writes the result to a
 file, e.g. `/airflow/xcom/return.json` inside a KubernetesPodOperator pod with
 `do_xcom_push=True`. Settings come from the same env vars as in Airflow (see README.md); the
-MLflow endpoint from `MLFLOW_TRACKING_URI`.
+per-run knobs of a step are options derived from those settings (`ml.knobs`: type, choices and
+help from the field, bounds checked by the settings), e.g. `--window-days`, `--epochs`,
+`--max-rmse`, `--force-deploy`/`--no-force-deploy`. The MLflow endpoint comes from
+`MLFLOW_TRACKING_URI`.
 
     python -m ml window --end 2026-03-10 --output window.json
     python -m ml validate --window window.json
@@ -30,17 +33,22 @@ from pathlib import Path
 from typing import Any
 
 from ml import pipeline
+from ml.knobs import add_cli_options, cli_overrides
 from ml.settings import (
     DataSettings,
     GateSettings,
     RegistrySettings,
     TrainingSettings,
     tracking_uri,
-    with_overrides,
 )
 
 EXIT_BAD_INPUT = 2
 EXIT_REJECTED = 3
+
+# The settings fields each step takes as options (everything else from the env vars).
+WINDOW_KNOBS = ("window_days",)
+TRAIN_KNOBS = ("epochs", "learning_rate", "batch_size")
+GATE_KNOBS = ("max_rmse", "min_r2", "max_regression", "force_deploy")
 
 
 def _read(ref: str) -> dict[str, Any]:
@@ -71,20 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     window.add_argument(
         "--end", type=date.fromisoformat, required=True, help="window end, exclusive (YYYY-MM-DD)"
     )
-    window.add_argument("--days", type=int, help="window length (default: settings)")
+    add_cli_options(window, DataSettings, *WINDOW_KNOBS)
     step("validate", "validate every partition of the window", "window")
     train = step("train", "train and log to MLflow", "window")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--learning-rate", type=float)
-    train.add_argument("--batch-size", type=int)
+    add_cli_options(train, TrainingSettings, *TRAIN_KNOBS)
     train.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     step("evaluate", "score the new model and the champion on the holdout", "window", "trained")
     step("register", "register the model version", "window", "trained", "evaluation")
     gate = step("gate", "decide; exit 3 when rejected", "version", "evaluation")
-    gate.add_argument("--max-rmse", type=float)
-    gate.add_argument("--min-r2", type=float)
-    gate.add_argument("--max-regression", type=float)
-    gate.add_argument("--force-deploy", action="store_true", default=None)
+    add_cli_options(gate, GateSettings, *GATE_KNOBS)
     step("promote", "point @champion at the version", "version")
     return parser
 
@@ -93,16 +96,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     data, registry = DataSettings(), RegistrySettings()
     uri = tracking_uri()
     if args.step == "window":
-        return pipeline.load_window(with_overrides(data, window_days=args.days), args.end), 0
+        return pipeline.load_window(cli_overrides(data, args, *WINDOW_KNOBS), args.end), 0
     if args.step == "validate":
         return pipeline.validate_window(_read(args.window), data), 0
     if args.step == "train":
-        training = with_overrides(
-            TrainingSettings(),
-            epochs=args.epochs,
-            learning_rate=args.learning_rate,
-            batch_size=args.batch_size,
-        )
+        training = cli_overrides(TrainingSettings(), args, *TRAIN_KNOBS)
         tags = dict(t.split("=", 1) for t in args.tag)
         result = pipeline.train(
             _read(args.window), data, training, registry, tracking_uri=uri, tags=tags
@@ -123,13 +121,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         )
         return result, 0
     if args.step == "gate":
-        gate = with_overrides(
-            GateSettings(),
-            max_rmse=args.max_rmse,
-            min_r2=args.min_r2,
-            max_regression=args.max_regression,
-            force_deploy=args.force_deploy,
-        )
+        gate = cli_overrides(GateSettings(), args, *GATE_KNOBS)
         decision = pipeline.gate(
             _read(args.version), _read(args.evaluation), gate, registry, tracking_uri=uri
         )

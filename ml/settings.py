@@ -1,8 +1,9 @@
 """Typed settings, one object per concern.
 
-Deployment-wide defaults come from environment variables (prefix per concern, e.g.
-``PIPELINE_TRAIN_EPOCHS``); per-run knobs (Airflow Params, CLI flags) override them with
-``settings.model_copy(update=...)`` via :func:`with_overrides`, which re-validates.
+Every knob is declared here once: its type, default, bounds, title and description.
+Deployment-wide values come from environment variables (prefix per concern, e.g.
+``PIPELINE_TRAIN_EPOCHS``); per-run knobs (Airflow Params, CLI options, both derived from these
+fields by ``ml.knobs``) override them via :func:`with_overrides`, which re-validates.
 Endpoints and secrets do not live here: they come from Airflow Connections (or
 ``MLFLOW_TRACKING_URI`` outside Airflow).
 """
@@ -67,7 +68,9 @@ class DataSettings(BaseSettings):
         7,
         ge=1,
         le=366,
-        description="Days of data that end at the run's data interval end (exclusive).",
+        title="Data window (days)",
+        description="How many days of partitions to train on, ending (exclusive) at the window "
+        "end: the run's data interval end unless another end is given.",
     )
     min_rows_per_partition: int = Field(50, ge=1)
     min_rows_total: int = Field(200, ge=1)
@@ -89,12 +92,25 @@ class TrainingSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PIPELINE_TRAIN_", extra="forbid")
 
-    epochs: int = Field(40, ge=1, le=10_000)
-    learning_rate: float = Field(0.005, gt=0.0, le=1.0)
+    epochs: int = Field(
+        40,
+        ge=1,
+        le=10_000,
+        title="Epochs",
+        description="Upper bound; early stopping usually ends sooner.",
+    )
+    learning_rate: float = Field(
+        0.005,
+        gt=0.0,
+        le=1.0,
+        title="Learning rate",
+        description="Adam learning rate at batch_size (see scale_learning_rate).",
+    )
     batch_size: int = Field(
         64,
         ge=1,
         le=65_536,
+        title="Batch size",
         description="Rows per step for small windows; larger windows double it (see "
         "max_batch_size).",
     )
@@ -164,15 +180,31 @@ class GateSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PIPELINE_GATE_", extra="forbid")
 
-    max_rmse: float = Field(3.0, gt=0.0, description="Absolute bar: holdout RMSE at most this.")
-    min_r2: float = Field(0.8, le=1.0, description="Absolute bar: holdout R² at least this.")
+    max_rmse: float = Field(
+        3.0,
+        gt=0.0,
+        title="Gate: max holdout RMSE",
+        description="Absolute bar: holdout RMSE at most this.",
+    )
+    min_r2: float = Field(
+        0.8,
+        le=1.0,
+        title="Gate: min holdout R²",
+        description="Absolute bar: holdout R² at least this.",
+    )
     max_regression: float = Field(
         0.02,
         ge=0.0,
-        description="Allowed relative RMSE increase over the champion on the same holdout "
+        le=1.0,
+        title="Gate: allowed regression vs champion",
+        description="Allowed relative RMSE increase over @champion on the same holdout "
         "(0.02 = 2% worse at most).",
     )
-    force_deploy: bool = Field(False, description="Deploy even if the gate rejects.")
+    force_deploy: bool = Field(
+        False,
+        title="Force deploy",
+        description="Deploy even if the gate rejects (the decision is still recorded).",
+    )
 
 
 class RegistrySettings(BaseSettings):

@@ -97,6 +97,6 @@ def test_bad_partition_exits_2_naming_partition_column_and_rule(tmp_path, ml_mai
 
 
 def test_bad_argument_value_exits_2_with_the_setting_named(ml_main):
-    out = ml_main("window", "--end", END, "--days", "0")
+    out = ml_main("window", "--end", END, "--window-days", "0")
     assert out.returncode == 2
     assert "window_days" in out.stderr

@@ -1,18 +1,20 @@
-"""Every private TensorFlow API the server uses, reached from this one module.
+"""Every private MLflow and TensorFlow API the server uses, reached from this one module.
 
 Private: a name with a leading underscore, or a module the library does not publish
 (``tensorflow.python.*``, ``tensorflow.core.*``). Each is used only where no public API does the
 same thing, and each function below says why. An upgrade may change or remove any of them
 without notice, so :data:`PRIVATE_APIS` lists every one, and
 ``tests/serving/server/test_compat.py`` checks each (that it exists and still takes the
-arguments passed here) and fails naming the library's version and the symbol.
+arguments passed here) and fails naming the library's version and the symbol. The same test
+fails when another server module reaches a private MLflow or TensorFlow name.
 
-TensorFlow is imported inside the functions: the server imports it only for Keras models
-(never on the slim path).
+MLflow and TensorFlow are imported inside the functions: the server imports TensorFlow only for
+Keras models (never on the slim path), and MLflow only once it loads a model.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +35,14 @@ class PrivateApi:
     instance_members: bool = False
 
 
+_SCORING_SERVER = "mlflow.pyfunc.scoring_server"
 _SESSION = "tensorflow.python.client.session"
 _TF_C_API = "tensorflow.python.client.pywrap_tf_session"
 
 PRIVATE_APIS = (
+    PrivateApi("mlflow", _SCORING_SERVER, "_parse_json_data", ("data", "metadata", "input_schema")),
+    PrivateApi("mlflow", "mlflow.environment_variables", "_MLFLOW_IS_IN_SERVING_ENVIRONMENT",
+               None, members=("name",)),
     PrivateApi("tensorflow", "tensorflow.python.framework.convert_to_constants",
                "convert_variables_to_constants_v2", ("func",)),
     PrivateApi("tensorflow", _SESSION, "BaseSession._extend_graph", ("self",)),
@@ -49,6 +55,37 @@ PRIVATE_APIS = (
     PrivateApi("tensorflow", _TF_C_API, "TF_SessionMakeCallable", ("arg0", "arg1")),
     PrivateApi("tensorflow", _TF_C_API, "TF_SessionRunCallable", ("arg0", "arg1", "arg2", "arg3")),
 )  # fmt: skip
+
+
+# -- MLflow --------------------------------------------------------------------------------------
+
+
+def parse_json_data(decoded: Any, metadata: Any, schema: Any) -> tuple[Any, Any, bool]:
+    """A decoded JSON request as ``mlflow.pyfunc.scoring_server.invocations`` parses it:
+    ``(data, params, is_unified_llm_input)``.
+
+    Why private: the scoring server's public entry points (``invocations``,
+    ``infer_and_parse_data``) either take the raw body (a second decode of a body the server
+    has decoded already) or leave out the ``params`` split and the unified-LLM and type-hint
+    cases. ``_parse_json_data`` is what ``invocations`` itself calls on the decoded body.
+    Note that it takes ``params`` out of ``decoded`` (``dict.pop``).
+    """
+    from mlflow.pyfunc import scoring_server
+
+    parsed = scoring_server._parse_json_data(decoded, metadata, schema)
+    return parsed.data, parsed.params, parsed.is_unified_llm_input
+
+
+def mark_serving_environment() -> None:
+    """Tell the model it is served, as ``mlflow models serve`` does at start.
+
+    Why private: MLflow has no public switch for it. Its scoring server sets this variable in
+    ``scoring_server.init``, and models read it (a pyfunc with type hints skips checks that
+    only make sense outside serving).
+    """
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+
+    os.environ[_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name] = "true"
 
 
 # -- TensorFlow ----------------------------------------------------------------------------------

@@ -1,21 +1,25 @@
 """The private MLflow and TensorFlow APIs the server uses (``serving/server/compat.py``) are still
-there and still take what compat.py passes them.
+there and still take what compat.py passes them; no other server module reaches one.
 
 After an upgrade, a failure here names the library's version and the symbol: find what replaced
-it, and change compat.py (and its ``PRIVATE_APIS``) for that version. TensorFlow's need
-TensorFlow, so they are integration tests.
+it, and change compat.py (and its ``PRIVATE_APIS``) for that version. MLflow's are checked in the
+unit tier; TensorFlow's need TensorFlow, so they are integration tests.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 
 from serving.server.compat import PRIVATE_APIS, PrivateApi
 
+SERVER = Path(__file__).resolve().parents[3] / "serving" / "server"
+MLFLOW_APIS = [api for api in PRIVATE_APIS if api.library == "mlflow"]
 TENSORFLOW_APIS = [api for api in PRIVATE_APIS if api.library == "tensorflow"]
 
 
@@ -103,6 +107,32 @@ def test_a_removed_or_changed_symbol_is_named_with_the_library_version():
 # -- MLflow ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("api", MLFLOW_APIS, ids=[a.name for a in MLFLOW_APIS])
+def test_the_private_mlflow_apis_are_still_there(api):
+    assert (problem := private_api_problem(api)) is None, problem
+
+
+def test_a_decoded_request_is_parsed_as_the_scoring_server_parses_it():
+    import pandas as pd
+    from mlflow.types import ColSpec, Schema
+
+    from serving.server.compat import parse_json_data
+
+    schema = Schema([ColSpec("double", "a"), ColSpec("long", "b")])
+
+    class Metadata:  # what MLflow's parser asks of a model's metadata
+        def get_params_schema(self):
+            return None
+
+    decoded = {"dataframe_split": {"columns": ["a", "b"], "data": [[1.5, 2]]}, "params": {"k": 1}}
+    data, params, unified_llm = parse_json_data(decoded, Metadata(), schema)
+    assert isinstance(data, pd.DataFrame)
+    assert data.to_dict("records") == [{"a": 1.5, "b": 2}]
+    assert [str(t) for t in data.dtypes] == ["float64", "int64"]
+    assert params == {"k": 1}
+    assert unified_llm is False
+
+
 def test_a_model_id_uri_resolves_to_the_model_id_alone():
     """``serving.server.loader.resolve_identity`` tells a ``models:/<model id>`` URI from a
     registry one by the public ``get_model_name_and_version``'s answer: ``(model_id,)`` (no
@@ -114,6 +144,56 @@ def test_a_model_id_uri_resolves_to_the_model_id_alone():
         "regression-model",
         "3",
     )
+
+
+_PRIVATE_MODULES = ("tensorflow.python", "tensorflow.core")
+
+
+def _private_references(path: Path, private_attributes: set[str]) -> list[str]:
+    """Where ``path`` reaches a private MLflow or TensorFlow name."""
+    text = path.read_text()
+    found = []
+    for node in ast.walk(ast.parse(text, str(path))):
+        where = f"{path.name}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.ImportFrom) and node.module:
+            module = node.module
+            if module.split(".")[0] not in ("mlflow", "tensorflow", "keras"):
+                continue
+            if module.startswith(_PRIVATE_MODULES) or any(
+                part.startswith("_") for part in module.split(".")
+            ):
+                found.append(f"{where} imports from {module}")
+            found += [f"{where} imports {module}.{a.name}" for a in node.names if a.name[0] == "_"]
+        elif isinstance(node, ast.Import):
+            found += [
+                f"{where} imports {a.name}"
+                for a in node.names
+                if a.name.startswith(_PRIVATE_MODULES)
+            ]
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr in private_attributes
+            and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+        ):
+            found.append(f"{where} uses .{node.attr}")
+    if "_MLFLOW_" in text:
+        found.append(f"{path.name} names one of MLflow's private environment variables")
+    return found
+
+
+def test_no_other_server_module_reaches_a_private_mlflow_or_tensorflow_name():
+    """Private modules (``tensorflow.python``, ...), private names imported from MLflow or
+    TensorFlow, the private attributes compat.py lists, and MLflow's private environment
+    variables: only in compat.py."""
+    listed = {part for api in PRIVATE_APIS for part in (*api.name.split("."), *api.members)}
+    private_attributes = {name for name in listed if name.startswith("_")}
+    found = [
+        problem
+        for path in sorted(SERVER.glob("*.py"))
+        if path.name != "compat.py"
+        for problem in _private_references(path, private_attributes)
+    ]
+    assert not found, "private MLflow/TensorFlow APIs outside compat.py:\n" + "\n".join(found)
 
 
 # -- TensorFlow ------------------------------------------------------------------------------------

@@ -55,7 +55,9 @@ Modules, in the order a request meets them:
 - ``loader``: resolving, downloading and loading a model, and which path serves it;
   ``keras_fast``: a Keras network as one frozen TensorFlow graph; ``slim``: the LiteRT artifact
   without TensorFlow; ``warmup``: the check at load that the fast path answers like the pyfunc;
-- ``metrics`` and ``distributions``: Prometheus metrics; ``logs``: JSON logs and the access log;
+- ``records``: what the request path records, made into metric updates and access-log lines in
+  batches; ``metrics`` and ``distributions``: Prometheus metrics; ``logs``: JSON logs and the
+  access log;
 - ``compat``: every private MLflow and TensorFlow API the server uses; ``contract``: what the
   pipeline and the server agree on.
 """

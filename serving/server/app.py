@@ -16,8 +16,9 @@ is MLflow's own decision (same status, same ``error_code``).
 The request path itself only appends one tuple per finished request to a list (and the
 micro-batcher one reference to each model call's input rows and output array, for the feature
 and prediction histograms); access-log lines (``serving.server.logs``) and metric updates
-(``serving.server.metrics``) are made from those records in batches: at least every 0.25 s,
-every 256 requests, before every ``/metrics`` answer and at shutdown.
+(``serving.server.metrics``) are made from those records in batches
+(``serving.server.records``): at least every 0.25 s, every 256 requests, before every
+``/metrics`` answer and at shutdown.
 
 At start the model loads in a thread, is warmed up (``serving.server.warmup``) and only then
 does ``/ping`` answer 200.
@@ -51,6 +52,7 @@ from serving.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.server.metrics import ServerMetrics
 from serving.server.protocol import column_rows, fast_rows, tensor_rows
 from serving.server.pyfunc_batching import PyfuncBatching, predictions_json, predicts_inline
+from serving.server.records import Recorder
 from serving.server.reference import observed, reference_invocations
 from serving.server.replies import (
     JSON_TYPE,
@@ -78,18 +80,15 @@ _ROUTES = {
     "/v1/model": "/v1/model",
 }
 _GET_ROUTES = frozenset({"/ping", "/health", "/version", "/metrics", "/v1/model"})
-RECORDS_FLUSH_S = 0.25
-RECORDS_MAX = 256
 _METHOD_NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 
 
 class ScoringApp:
     """Raw ASGI app (no framework on the hot path). One instance per worker process.
 
-    Every finished request is recorded as one tuple (``serving.server.metrics.R_*`` layout),
-    every fast-path model call (and reference-path answer) as its ``(rows, predictions)``; the
-    records become access-log lines and metric updates in batches (:meth:`flush_records`), at
-    least every 0.25 s, every 256 requests, before each ``/metrics`` answer and at shutdown.
+    Every finished request is recorded as one tuple, every fast-path model call (and
+    reference-path answer) as its ``(rows, predictions)``; the records become access-log lines
+    and metric updates in batches (``serving.server.records``).
     """
 
     def __init__(
@@ -108,7 +107,8 @@ class ScoringApp:
         self.on_fatal = on_fatal
         self.batcher: MicroBatcher | None = None
         self.pyfunc_batching: PyfuncBatching | None = None
-        self.access = AccessLog(config.access_log, known=(*_ROUTES, "GET", "POST", "HEAD"))
+        access = AccessLog(config.access_log, known=(*_ROUTES, "GET", "POST", "HEAD"))
+        self.recorder = Recorder(self.metrics, access)
         self._features: tuple[str, ...] = ()
         self._strict: StrictInputs | None = None
         self._allow_params = False
@@ -122,14 +122,7 @@ class ScoringApp:
         self._model_json = b""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._mlflow_version = _mlflow_version().encode()
-        self._records: list[tuple] = []
-        self._batches: list[tuple[int, int, bool]] = []
-        self._pyfunc_batches: list[tuple[int, int, bool]] = []
-        # (rows, predictions) of model calls, by reference (the feature histograms).
-        self._observed: list[tuple[Any, Any]] = []
         self._observe_columns: tuple[str, ...] = ()
-        self._flush_handle: asyncio.TimerHandle | None = None
-        self._tick_handle: asyncio.TimerHandle | None = None
 
     # -- ASGI entry point ---------------------------------------------------------------------
 
@@ -175,8 +168,7 @@ class ScoringApp:
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
         end = _perf_counter()
-        records = self._records
-        records.append(
+        self.recorder.request_done(
             (
                 end,
                 end - started,
@@ -188,13 +180,9 @@ class ScoringApp:
                 scope.get("client"),
                 reply.rows,
                 reply.error_code,
-            )
+            ),
+            self._loop,
         )
-        if len(records) >= RECORDS_MAX:
-            self.flush_records()
-        elif self._flush_handle is None:
-            loop = self._loop or asyncio.get_running_loop()
-            self._flush_handle = loop.call_later(RECORDS_FLUSH_S, self.flush_records)
 
     def _headers_for(self, length: int) -> tuple[tuple[bytes, bytes], ...]:
         """The response headers of a JSON reply of ``length`` bytes (kept for small sizes)."""
@@ -207,31 +195,6 @@ class ScoringApp:
             self._json_headers[length] = headers
         return headers
 
-    def flush_records(self) -> None:
-        """Turn the recorded requests and batches into metric updates and access-log lines."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        batches = self._batches
-        if batches:
-            self._batches = []
-            self.metrics.observe_batches(batches)
-        batches = self._pyfunc_batches
-        if batches:
-            self._pyfunc_batches = []
-            self.metrics.observe_batches(batches, fast=False)
-        observed_rows = self._observed
-        if observed_rows:
-            self._observed = []
-            self.metrics.observe_rows(observed_rows)
-        records = self._records
-        if not records:
-            return
-        self._records = []
-        self.metrics.observe_records(records)
-        if self.access.enabled:
-            self.access.write_records(records, time.time() - _perf_counter())
-
     def _get(self, path: str) -> Reply:
         if path in ("/ping", "/health"):
             if self.ready:
@@ -242,7 +205,7 @@ class ScoringApp:
         if path == "/version":
             return Reply(200, self._mlflow_version)
         if path == "/metrics":
-            self.flush_records()
+            self.recorder.flush()
             metrics = self.metrics
             # With --workers N, which worker answered (the numbers are the whole server's).
             worker = ((b"x-worker-pid", b"%d" % os.getpid()),) if metrics.multiprocess else ()
@@ -310,7 +273,7 @@ class ScoringApp:
                 return reply, len(body)
         reply = await self._reference(body, content_type, strict)
         if reply.observed is not None:
-            self._observed.append(reply.observed)
+            self.recorder.observed.append(reply.observed)
         return reply, len(body)
 
     async def _shared_rows(
@@ -342,7 +305,7 @@ class ScoringApp:
         except Exception:  # the model's own error: answered as MLflow words it
             return await self._reference(body, content_type, None), None
         if self._observe_columns and (seen := observed(None, raw, ())):
-            self._observed.append((rows, seen[1]))
+            self.recorder.observed.append((rows, seen[1]))
         return Reply(200, predictions_json(raw), JSON_TYPE, rows=len(rows)), None
 
     def _predictions_reply(self, outputs: np.ndarray) -> Reply:
@@ -398,7 +361,7 @@ class ScoringApp:
             if message["type"] == "lifespan.startup":
                 self._loop = asyncio.get_running_loop()
                 if self.metrics.multiprocess:
-                    self._tick()
+                    self.recorder.start_ticking(self._loop)
                 threading.Thread(
                     target=self._load_and_warm, name="model-loader", daemon=True
                 ).start()
@@ -411,20 +374,10 @@ class ScoringApp:
                     if batcher is not None:
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(batcher.close(), timeout=10)
-                if self._tick_handle is not None:
-                    self._tick_handle.cancel()
-                    self._tick_handle = None
-                self.flush_records()
+                self.recorder.stop()
                 self.metrics.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-    def _tick(self) -> None:
-        """With --workers N: bring this worker's numbers up to date for the others' /metrics."""
-        self.flush_records()
-        self.metrics.publish()
-        assert self._loop is not None
-        self._tick_handle = self._loop.call_later(RECORDS_FLUSH_S, self._tick)
 
     def _load_and_warm(self) -> None:
         """Runs in a thread: load, warm up, then flip to ready on the event loop."""
@@ -479,8 +432,8 @@ class ScoringApp:
                 max_batch_rows=self.config.max_batch_rows,
                 max_wait_s=self.config.batch_wait_ms / 1000.0,
                 mode=self.config.batch_mode,  # type: ignore[arg-type]
-                on_batch=self._on_batch,
-                on_outputs=self._on_outputs,
+                on_batch=self.recorder.on_batch,
+                on_outputs=self.recorder.on_outputs,
             )
         elif getattr(model, "batched_pyfunc", False) and batch_key is not None:
             assert self._loop is not None
@@ -490,7 +443,7 @@ class ScoringApp:
                 self._loop,
                 max_batch_rows=self.config.max_batch_rows,
                 max_wait_s=self.config.batch_wait_ms / 1000.0,
-                on_batch=self._on_pyfunc_batch,
+                on_batch=self.recorder.on_pyfunc_batch,
                 timeout_s=self.config.request_timeout_s,
                 inline=predicts_inline(model),
             )
@@ -519,17 +472,6 @@ class ScoringApp:
         self.ready = True
         self.metrics.publish()
         log.info("ready: %s", json.dumps(description))
-
-    def _on_batch(self, rows: int, requests: int, fell_back: bool) -> None:
-        self._batches.append((rows, requests, fell_back))  # counted in flush_records
-
-    def _on_pyfunc_batch(self, rows: int, requests: int, fell_back: bool) -> None:
-        self._pyfunc_batches.append((rows, requests, fell_back))
-
-    def _on_outputs(self, rows: Any, outputs: np.ndarray) -> None:
-        """A fast-path model call's input and outputs, by reference: the feature and
-        prediction histograms count them in flush_records."""
-        self._observed.append((rows, outputs))
 
     def _fail(self, message: str) -> None:
         self.load_error = message

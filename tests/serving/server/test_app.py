@@ -140,7 +140,7 @@ def test_answered_rows_reach_the_feature_and_prediction_histograms():
     async def scenario():
         app = make_app()
         statuses = [(await post(app, [(0, body)]))[0] for body in bodies]
-        app.flush_records()
+        app.recorder.flush()
         return statuses, app.metrics.render().decode()
 
     statuses, text = run(scenario())

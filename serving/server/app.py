@@ -45,7 +45,7 @@ from serving.server.body import read_body
 from serving.server.compat import mark_serving_environment
 from serving.server.config import ServerConfig
 from serving.server.contract import VERSION_HEADER, is_numeric_column
-from serving.server.jsoncodec import DecodeError, dumps, loads
+from serving.server.jsoncodec import UNDECODED, DecodeError, as_mlflow_reads, dumps, loads
 from serving.server.loader import LoadedModel, load_drift_profile, load_model
 from serving.server.logs import AccessLog
 from serving.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -233,14 +233,17 @@ class ScoringApp:
         if not self.ready:
             reply = error_reply(503, "TEMPORARILY_UNAVAILABLE", "The model is not ready yet.")
             return reply, len(body)
+        # A JSON body is decoded once: what a fast path declines goes to the reference path
+        # decoded (unless json would read it differently: serving.server.jsoncodec).
         strict = self._strict
+        payload = UNDECODED
         batcher = self.batcher
         if batcher is not None and content_type in _FAST_CONTENT_TYPES:
             try:
                 payload = loads(body)
             except DecodeError:
-                payload = None
-            if payload is not None:
+                payload = UNDECODED
+            if payload is not UNDECODED:
                 if strict is not None:
                     if problem := strict.payload_problem(payload):
                         return strict_reply(problem), len(body)
@@ -268,10 +271,15 @@ class ScoringApp:
             and content_type in _FAST_CONTENT_TYPES
         ):
             # the pyfunc's all-double columns: rows straight to the shared call
-            reply, strict = await self._shared_rows(shared, body, content_type, strict)
-            if reply is not None:
-                return reply, len(body)
-        reply = await self._reference(body, content_type, strict)
+            try:
+                payload = loads(body)
+            except DecodeError:
+                payload = UNDECODED
+            else:
+                reply, strict = await self._shared_rows(shared, payload, body, content_type, strict)
+                if reply is not None:
+                    return reply, len(body)
+        reply = await self._reference(body, content_type, strict, as_mlflow_reads(payload, body))
         if reply.observed is not None:
             self.recorder.observed.append(reply.observed)
         return reply, len(body)
@@ -279,17 +287,14 @@ class ScoringApp:
     async def _shared_rows(
         self,
         shared: PyfuncBatching,
+        payload: Any,
         body: bytes,
         content_type: bytes | None,
         strict: StrictInputs | None,
     ) -> tuple[Reply | None, StrictInputs | None]:
-        """A small request of plain numbers for a pyfunc of ``double`` columns, answered from
-        a shared predict call without MLflow's per-request parsing; (None, strict) when MLflow
-        must parse it (strict None: already checked)."""
-        try:
-            payload = loads(body)
-        except DecodeError:
-            return None, strict
+        """A small request of plain numbers (``payload``, the decoded ``body``) for a pyfunc of
+        ``double`` columns, answered from a shared predict call without MLflow's per-request
+        parsing; (None, strict) when MLflow must parse it (strict None: already checked)."""
         if strict is not None:
             if problem := strict.payload_problem(payload):
                 return strict_reply(problem), None
@@ -303,7 +308,8 @@ class ScoringApp:
         except TimeoutError:
             return Reply(504, b"Request processing time exceeded limit", JSON_TYPE), None
         except Exception:  # the model's own error: answered as MLflow words it
-            return await self._reference(body, content_type, None), None
+            reply = await self._reference(body, content_type, None, as_mlflow_reads(payload, body))
+            return reply, None
         if self._observe_columns and (seen := observed(None, raw, ())):
             self.recorder.observed.append((rows, seen[1]))
         return Reply(200, predictions_json(raw), JSON_TYPE, rows=len(rows)), None
@@ -330,8 +336,13 @@ class ScoringApp:
         return non_finite_prediction_reply()
 
     async def _reference(
-        self, body: bytes, content_type: bytes | None, inputs: StrictInputs | None
+        self,
+        body: bytes,
+        content_type: bytes | None,
+        inputs: StrictInputs | None,
+        payload: Any = UNDECODED,
     ) -> Reply:
+        """The reference path, in a worker thread; ``payload``: ``body`` decoded already."""
         model = self.model
         assert model is not None
         self.metrics.count_pyfunc_call()
@@ -347,6 +358,7 @@ class ScoringApp:
                     inputs=inputs,
                     observe=self._observe_columns,
                     shared=self.pyfunc_batching,
+                    payload=payload,
                 ),
                 timeout=self.config.request_timeout_s,
             )

@@ -3,8 +3,9 @@ fast paths do not take (CSV, Parquet, unusual JSON shapes, bad input of any kind
 
 :func:`reference_invocations` is ``mlflow.pyfunc.scoring_server.invocations`` with the same
 status codes and ``error_code`` values, and these differences: errors carry no stack trace and
-never echo the request (``serving.server.replies``); NaN/Infinity literals are a clear 400;
-strict mode is checked before the model runs; and for a Keras model, missing or non-finite
+never echo the request (``serving.server.replies``); NaN/Infinity literals are a clear 400; a
+JSON body the server decoded already is not decoded again; strict mode is checked before the
+model runs; and for a Keras model, missing or non-finite
 feature values and non-finite predictions are a 400 (MLflow answers ``NaN``, not JSON).
 """
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from serving.server.compat import parse_json_data
+from serving.server.jsoncodec import UNDECODED
 from serving.server.replies import (
     JSON_TYPE,
     NonFiniteInput,
@@ -144,6 +146,7 @@ def reference_invocations(
     inputs: StrictInputs | None = None,
     observe: tuple[str, ...] = (),
     shared: Callable[[Any], Any] | None = None,
+    payload: Any = UNDECODED,
 ) -> Reply:
     """``mlflow.pyfunc.scoring_server.invocations``, with sanitized errors (no stack traces).
 
@@ -153,7 +156,9 @@ def reference_invocations(
     (CSV, Parquet). ``observe``: columns whose values (and the predictions) an answer carries
     in ``Reply.observed``, for the distribution histograms. ``shared``: predicts a request
     without params in a call shared with concurrent requests (``PyfuncBatching``), or
-    returns :data:`NOT_SHARED` for input it does not batch.
+    returns :data:`NOT_SHARED` for input it does not batch. ``payload``: the JSON body decoded
+    already, as ``json.loads`` reads it (``serving.server.jsoncodec.as_mlflow_reads``), used
+    instead of decoding ``body`` again; :data:`~serving.server.jsoncodec.UNDECODED`: decode it.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import BAD_REQUEST
@@ -192,7 +197,7 @@ def reference_invocations(
             data = ss.parse_csv_input(csv_input=io.StringIO(text), schema=schema)
             params = None
         elif mime_type == CONTENT_TYPE_JSON:
-            decoded = strict_json(body)
+            decoded = strict_json(body) if payload is UNDECODED else payload
             if isinstance(decoded, list):
                 raise MlflowInvalidInputException(f"{ss.REQUIRED_INPUT_FORMAT}. Received a list.")
             if not isinstance(decoded, dict):

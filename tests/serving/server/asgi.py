@@ -57,8 +57,9 @@ class SummingPyfunc:
         return pd.DataFrame({"prediction": data[list(FEATURES)].sum(axis=1).astype(float)})
 
 
-def fake_model(fast: bool = True, pyfunc=None):
-    """A loaded model as the app sees it (``serving.server.loader.LoadedModel``'s interface)."""
+def fake_model(fast: bool = True, pyfunc=None, batched: bool = False):
+    """A loaded model as the app sees it (``serving.server.loader.LoadedModel``'s interface);
+    ``batched``: the warm-up found that its pyfunc may be micro-batched."""
     from mlflow.types import ColSpec, Schema
 
     schema = Schema([ColSpec("double", name) for name in FEATURES])
@@ -74,17 +75,28 @@ def fake_model(fast: bool = True, pyfunc=None):
         metadata=SimpleNamespace(get_params_schema=lambda: None),
         has_params_schema=False,
         pyfunc=pyfunc if pyfunc is not None else RefusingPyfunc(),
+        batched_pyfunc=batched,
+        predict_seconds=None,
         describe=lambda: {"name": "m", "version": "1"},
     )
 
 
-def make_app(*, ready: bool = True, fast: bool = True, pyfunc=None, **config):
+# The request key of micro-batching for the stand-in's frames (serving.server.pyfunc_batching).
+BATCH_KEY = (FEATURES, ("float64",) * len(FEATURES))
+
+
+def make_app(*, ready: bool = True, fast: bool = True, pyfunc=None, batched=False, **config):
+    """The app serving the stand-in model: its fast path (``fast``), else its pyfunc,
+    micro-batched where ``batched`` (call it on the running event loop then)."""
     from serving.server.app import ScoringApp
     from serving.server.config import ServerConfig
 
     app = ScoringApp(ServerConfig(model_uri="models:/m/1", access_log=False, **config))
     if ready:
-        app._set_ready(fake_model(fast, pyfunc))
+        if batched:
+            app._loop = asyncio.get_running_loop()
+        model = fake_model(fast, pyfunc, batched)
+        app._set_ready(model, None, BATCH_KEY if batched else None)
     return app
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from serving.server.app import _ROUTES
 from serving.server.metrics import ServerMetrics
-from tests.serving.server.asgi import GOOD_SPLIT, make_app, post, run, split
+from tests.serving.server.asgi import GOOD_SPLIT, SummingPyfunc, make_app, post, run, split
 
 
 def _record(path: str, status: int, seconds: float, rows: int = 0, method: str = "POST"):
@@ -156,3 +156,79 @@ def test_answered_rows_reach_the_feature_and_prediction_histograms():
     assert samples[("model_server_prediction_value_count", ())] == 21
     assert samples[("model_server_prediction_value_sum", ())] == 6 + sum(range(1, 21))
     assert samples[("model_server_model_version", ())] == 1.0
+
+
+# -- one decode per body ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Every decode of a request body: the app's own (fast) decoder's results, and every
+    ``json.loads`` of a body; and what MLflow's parser was given."""
+    from serving.server import app as app_module
+    from serving.server import reference
+
+    seen = {"fast": [], "json": [], "parsed": []}
+    fast_loads, json_loads, parse = app_module.loads, json.loads, reference.parse_json_data
+
+    def counting_fast(body):
+        seen["fast"].append(decoded := fast_loads(body))
+        return decoded
+
+    def counting_json(text, *args, **kwargs):
+        if isinstance(text, bytes) and text.startswith(b'{"dataframe_split"'):
+            seen["json"].append(text)
+        return json_loads(text, *args, **kwargs)
+
+    def recording_parse(decoded, *args):
+        seen["parsed"].append(decoded)
+        return parse(decoded, *args)
+
+    monkeypatch.setattr(app_module, "loads", counting_fast)
+    monkeypatch.setattr(json, "loads", counting_json)
+    monkeypatch.setattr(reference, "parse_json_data", recording_parse)
+    return seen
+
+
+DECLINED = [
+    # a numeric string: MLflow converts it, the fast paths leave it to MLflow
+    ("fast-path", False, split(data=[[1.0, "2", 3.0]])),
+    # more rows than the shared call takes straight, one a string
+    ("pyfunc-batched", True, split(data=[[1.0, 2.0, 3.0]] * 70 + [[1.0, "2", 3.0]])),
+]
+
+
+@pytest.mark.parametrize(("batched", "payload"), [d[1:] for d in DECLINED],
+                         ids=[d[0] for d in DECLINED])  # fmt: skip
+def test_a_body_the_fast_path_declines_is_decoded_once(decodes, batched, payload):
+    body = json.dumps(payload).encode()
+
+    async def scenario():
+        app = make_app(fast=not batched, pyfunc=SummingPyfunc(), batched=batched)
+        answer = await post(app, [(0, body)])
+        if batched:
+            assert app.pyfunc_batching is not None
+            await app.pyfunc_batching.batcher.close()
+        return answer
+
+    status, _, answer = run(scenario())
+    assert status == 200
+    assert [p["prediction"] for p in answer["predictions"]][-1] == 6.0
+    assert len(decodes["fast"]) == 1, "the app decodes the body once"
+    assert decodes["json"] == [], "the reference path decoded the body again"
+    assert len(decodes["parsed"]) == 1
+    assert decodes["parsed"][0] is decodes["fast"][0]  # MLflow parses what the app decoded
+
+
+def test_a_body_json_reads_differently_is_decoded_again_as_mlflow_reads_it(decodes):
+    """orjson reads an integer beyond 64 bits as a float; json, MLflow's decoder, keeps it."""
+    big = 2**70 + 1
+    body = json.dumps(split(data=[[1.0, "2", big]])).encode()
+
+    async def scenario():
+        return await post(make_app(pyfunc=SummingPyfunc()), [(0, body)])
+
+    run(scenario())
+    assert type(decodes["fast"][0]["dataframe_split"]["data"][0][2]) is float
+    assert len(decodes["json"]) == 1
+    assert decodes["parsed"][0]["dataframe_split"]["data"][0][2] == big  # exact, as json read it

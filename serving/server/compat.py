@@ -80,8 +80,9 @@ def mark_serving_environment() -> None:
     """Tell the model it is served, as ``mlflow models serve`` does at start.
 
     Why private: MLflow has no public switch for it. Its scoring server sets this variable in
-    ``scoring_server.init``, and models read it (a pyfunc with type hints skips checks that
-    only make sense outside serving).
+    ``scoring_server.init``, and MLflow reads it for pyfuncs with type hints: when served, a
+    value for a plain type hint (``int``, ``datetime``, ...) is first converted from its JSON
+    form (``mlflow.types.type_hints``), where outside serving it must already have that type.
     """
     from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 

@@ -86,7 +86,7 @@ TARGETS = {
 
 async def echo_app(scope, receive, send):
     """Parse the JSON body like the model server does; answer one fixed prediction per row."""
-    from serving.server.app import _dumps, _fast_loads
+    from serving.server.jsoncodec import dumps, loads
 
     if scope["type"] == "lifespan":
         while True:
@@ -103,8 +103,8 @@ async def echo_app(scope, receive, send):
         body += message.get("body", b"")
         more = message.get("more_body", False)
     if scope["path"] == "/invocations":
-        rows = _fast_loads(body)["dataframe_split"]["data"]
-        out = _dumps({"predictions": [{"prediction": 0.0} for _ in rows]})
+        rows = loads(body)["dataframe_split"]["data"]
+        out = dumps({"predictions": [{"prediction": 0.0} for _ in rows]})
     else:
         out = b"\n"
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]
@@ -115,7 +115,7 @@ async def echo_app(scope, receive, send):
 def run_echo_server(port: int) -> None:
     import uvicorn
 
-    from serving.server.app import _uvicorn_options
+    from serving.server.runner import uvicorn_options
 
     uvicorn.run(
         echo_app,
@@ -124,7 +124,7 @@ def run_echo_server(port: int) -> None:
         log_level="warning",
         access_log=False,
         lifespan="on",
-        **_uvicorn_options(),
+        **uvicorn_options(),
     )
 
 

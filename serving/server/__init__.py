@@ -1,6 +1,63 @@
-"""The model server: what the serving image contains, and nothing else.
+"""The model server: MLflow's scoring protocol, faster, with metrics. What the serving image
+contains, and nothing else.
+
+``python -m serving.server --model-uri models:/regression-model/3 [--host] [--port] [--workers]``
 
 Imports stop at this package's own dependencies (numpy, MLflow's pyfunc loader, uvicorn,
 orjson, TensorFlow for Keras models): never ``ml``, ``serving.deploy``, Airflow or the
-Kubernetes client (a test enforces it). ``python -m serving.server`` runs it.
+Kubernetes client (a test enforces it).
+
+Routes (a client of ``mlflow models serve`` must not notice the switch):
+
+- ``POST /invocations``  the scoring protocol: JSON (``dataframe_split``, ``dataframe_records``,
+  ``instances``, ``inputs``, optional ``params``), CSV (``text/csv``) and Parquet, with the same
+  status codes and the same error JSON (``{"error_code": ..., "message": ...}``) as MLflow
+- ``GET /ping``, ``GET /health``   200 once ready, 503 before (MLflow: 200 once loaded)
+- ``GET /version``   the MLflow version, like MLflow
+- ``GET /v1/model``  what is served: ``{name, version, uri, run_id, model_id, flavor, ...}``
+- ``GET /metrics``   Prometheus text format (``prometheus_client``); with ``--workers N`` any
+  worker answers for all of them (multiprocess mode: each worker keeps its numbers in files in
+  ``$PROMETHEUS_MULTIPROC_DIR``)
+
+Every response carries ``X-Model-Version`` when the model came from the registry.
+
+Where this server deliberately differs from MLflow:
+
+- bodies over ``--max-request-bytes`` get 413 (MLflow reads any size);
+- a body must have arrived whole within ``--body-timeout-s`` (default 10 s, from when the
+  server starts reading it, however it trickles in), else 408 and the connection is closed
+  (MLflow sets no limit: a client that sends less than its ``Content-Length`` holds a
+  connection for as long as it likes);
+- with ``--strict`` (off by default; the Kubernetes Deployment turns it on), requests that
+  MLflow accepts only by quietly changing them are a 400 naming the column: a column not in
+  the model's input schema (MLflow drops it) and, for a numeric column, a value that is not
+  a JSON number (MLflow turns ``true`` into 1.0 and ``"2.5"`` into 2.5). JSON requests are
+  checked as decoded, before the fast path or MLflow's parsing runs; CSV and Parquet after
+  MLflow's parsing, before the model runs;
+- error responses carry no ``stack_trace`` and never echo the request body or the parsed frame;
+- ``NaN``/``Infinity`` literals (not JSON) are rejected with a clear 400, and for the Keras
+  model missing or non-finite feature values too (MLflow answers ``NaN`` predictions, which is
+  not valid JSON either);
+- a request without a ``Content-Type`` gets 415 (MLflow fails with a 500);
+- readiness waits for a warm-up prediction; SIGTERM drains in-flight requests; access logs are
+  JSON lines on stdout, other logs JSON lines on stderr.
+
+Modules, in the order a request meets them:
+
+- ``__main__``: the command line; ``config``: the settings; ``runner``: uvicorn, workers,
+  signals; ``app``: the ASGI app (routes, the request path, start and shutdown);
+- ``body``: reading a body under a size limit and a deadline; ``jsoncodec``: orjson (or
+  ``json``), one decode per body; ``strict``: strict mode; ``protocol``: the common JSON shapes
+  read straight into rows, and answers laid out as MLflow's;
+- ``batching``: the micro-batcher; ``pyfunc_batching``: micro-batching for any pyfunc;
+  ``reference``: MLflow's parsing and ``PyFuncModel.predict``; ``replies``: replies and
+  MLflow's error shapes;
+- ``loader``: resolving, downloading and loading a model, and which path serves it;
+  ``keras_fast``: a Keras network as one frozen TensorFlow graph; ``slim``: the LiteRT artifact
+  without TensorFlow; ``warmup``: the check at load that the fast path answers like the pyfunc;
+- ``records``: what the request path records, made into metric updates and access-log lines in
+  batches; ``metrics`` and ``distributions``: Prometheus metrics; ``logs``: JSON logs and the
+  access log;
+- ``compat``: every private MLflow and TensorFlow API the server uses; ``contract``: what the
+  pipeline and the server agree on.
 """

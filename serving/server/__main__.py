@@ -21,7 +21,7 @@ from serving.server.contract import MODEL_URI_ENV
 BODY_TIMEOUT_ENV = "SERVING_BODY_TIMEOUT_S"
 STRICT_ENV = "SERVING_STRICT"
 MAX_FEATURE_HISTOGRAMS_ENV = "SERVING_MAX_FEATURE_HISTOGRAMS"
-DEFAULT_BODY_TIMEOUT_S = 10.0  # = serving.server.app.DEFAULT_BODY_TIMEOUT_S (not imported: slow)
+DEFAULT_BODY_TIMEOUT_S = 10.0  # = serving.server.config.DEFAULT_BODY_TIMEOUT_S (not imported: slow)
 DEFAULT_MAX_FEATURE_HISTOGRAMS = 32  # = serving.server.metrics.DEFAULT_MAX_FEATURE_HISTOGRAMS
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from serving.server.app import ServerConfig, run
+    # Imported once the arguments are good: --help and usage errors need no numpy or uvicorn.
+    from serving.server.config import ServerConfig
+    from serving.server.runner import run
 
     model_uri = args.model_uri or os.environ.get(MODEL_URI_ENV)
     if not model_uri:

@@ -8,6 +8,8 @@ cannot import it is ``ml/keras_pyfunc.py``: MLflow runs that file on its own at 
 
 from __future__ import annotations
 
+from typing import Any
+
 # The Keras regressor this pipeline logs (ml.train): a models-from-code pyfunc whose code file
 # and class the server recognises for its fast path, with the .keras file under this key.
 KERAS_ARTIFACT_KEY = "keras_model"
@@ -17,6 +19,13 @@ KERAS_PYTHON_MODEL_CLASS = "KerasRegressor"
 PREDICTION_COLUMN = "prediction"
 # MLflow signature column types the fast path accepts as float32 features.
 NUMERIC_INPUT_TYPES = frozenset({"double", "float", "long", "integer"})
+
+
+def is_numeric_column(spec: Any) -> bool:
+    """Whether an MLflow schema column (a ``ColSpec``) has one of ``NUMERIC_INPUT_TYPES``."""
+    return str(getattr(spec.type, "name", spec.type)) in NUMERIC_INPUT_TYPES
+
+
 # The pinned model URI the serving image loads at start (Kubernetes sets it in the pod spec).
 MODEL_URI_ENV = "SERVING_MODEL_URI"
 # Every response names the registry version it came from.

@@ -18,18 +18,13 @@ The fast path applies to
   takes one unnamed ``float32 [-1, n]`` tensor (what MLflow feeds ``keras.Model.predict``), and
   the network is the one the flavor's pyfunc loaded (``get_raw_model``).
 
-Either way the network is wrapped in one TensorFlow concrete function with a fixed
-``float32 [None, n_features]`` input signature; a prediction is a direct call of that function,
-with no DataFrame, no schema enforcement pass and no ``keras.Model.predict``. The server checks
-its numbers against the flavor's own ``pyfunc.predict`` at load (warm-up) and serves through
-the pyfunc if they differ. Every other model is served through its pyfunc ``predict``
-(micro-batched when that is safe: ``serving.server.app``). :func:`choose_fast_path` is the one
-place that decides which path serves a model.
-
-TensorFlow is imported only for Keras/TensorFlow models. The fast path runs the frozen
-function in a ``tf.compat.v1.Session`` in the calling thread (see :class:`KerasFastPath`); its
-op thread pool is sized by ``tf_threads`` (default 1: for small requests a hand-off to a pool
-costs more than it saves; scale out with more processes instead).
+Either way the network runs as one frozen TensorFlow graph (``serving.server.keras_fast``), or,
+for a model logged with a LiteRT artifact, without TensorFlow (``serving.server.slim``). The
+server checks its numbers against the flavor's own ``pyfunc.predict`` at load
+(``serving.server.warmup``) and serves through the pyfunc if they differ. Every other model is
+served through its pyfunc ``predict`` (micro-batched when that is safe:
+``serving.server.pyfunc_batching``). :func:`choose_fast_path` is the one place that decides
+which path serves a model. TensorFlow is imported only for Keras/TensorFlow models.
 """
 
 from __future__ import annotations
@@ -50,8 +45,9 @@ from serving.server.contract import (
     KERAS_ARTIFACT_KEY,
     KERAS_CODE_FILE,
     KERAS_PYTHON_MODEL_CLASS,
-    NUMERIC_INPUT_TYPES,
+    is_numeric_column,
 )
+from serving.server.keras_fast import KerasFastPath, configure_tensorflow
 from serving.server.slim import SlimUnavailable, load_slim
 
 log = logging.getLogger(__name__)
@@ -86,249 +82,6 @@ class ModelIdentity:
         }
 
 
-class KerasFastPath:
-    """One concrete TensorFlow function over the Keras network: float32 rows in, float64 out.
-
-    The function (``model(x, training=False)`` traced once for ``float32 [None, n_features]``)
-    is frozen (variables become constants) and run by a ``tf.compat.v1.Session`` in the calling
-    thread, with graph rewriting switched off: the same kernels compute the same numbers
-    (checked bit for bit against the function at load), while a one-row call costs a small
-    fraction of eager dispatch, and the GIL is released while the graph runs.
-    Two things cut the per-call cost further without changing a bit: the frozen graph is
-    slimmed (``Identity``/``NoOp`` nodes dropped, constant subexpressions such as the
-    normalization's ``sqrt(variance)`` computed once, by the same kernels; about a third fewer
-    nodes to run per call), and it is called through ``Session::MakeCallable`` (feeds, fetches
-    and executor resolved once). Per-call figures, in a tight loop and inside a busy server
-    where the caches are cold, are in docs/benchmarks.md. ``engine="function"`` calls the
-    concrete function itself (also the fallback whenever the graph cannot be frozen or does not
-    reproduce the function exactly).
-    """
-
-    def __init__(
-        self,
-        keras_model: Any,
-        feature_columns: list[str],
-        output_name: str,
-        *,
-        engine: str = "session",
-        threads: int = 1,
-        tensor_input: bool = False,
-    ) -> None:
-        """``keras_model``: a ``.keras`` file or a loaded ``keras.Model``. ``tensor_input``:
-        the model takes one unnamed tensor (the keras/tensorflow flavors): requests send rows
-        by position, and the answer is laid out as the network's output (``[[v], ...]`` for
-        ``(None, 1)``, ``[v, ...]`` for ``(None,)``), as MLflow's scoring server writes it;
-        otherwise named columns in, ``[{output_name: v}, ...]`` out."""
-        import tensorflow as tf
-
-        if isinstance(keras_model, str | os.PathLike):
-            import keras
-
-            model = keras.saving.load_model(keras_model, compile=False)
-        else:
-            model = keras_model
-        try:
-            input_shape = tuple(model.input_shape)
-            output_shape = tuple(model.output_shape)
-        except (AttributeError, ValueError) as exc:
-            raise ModelLoadError(f"the network has no single fixed input/output: {exc}") from exc
-        if len(input_shape) != 2 or input_shape[1] != len(feature_columns):
-            raise ModelLoadError(
-                f"the network takes input shape {input_shape}, "
-                f"but the model has {len(feature_columns)} feature columns"
-            )
-        if output_shape not in ((None, 1), (None,)):
-            raise ModelLoadError(f"the network's output shape {output_shape} is not one value")
-        n_features = len(feature_columns)
-        self.tensor_input = tensor_input
-        # How the scoring server lays out the answer: "records" [{name: v}], "nested" [[v]],
-        # "flat" [v].
-        if not tensor_input:
-            self.output_layout = "records"
-        else:
-            self.output_layout = "nested" if output_shape == (None, 1) else "flat"
-
-        @tf.function(input_signature=[tf.TensorSpec(shape=[None, n_features], dtype=tf.float32)])
-        def forward(features):
-            return model(features, training=False)
-
-        self._model = model  # keeps the variables alive for the traced graph
-        self._forward = forward.get_concrete_function()
-        self._tf = tf
-        self.feature_columns = list(feature_columns)
-        self.n_features = n_features
-        self.output_name = output_name
-        self.engine = "function"
-        self._call = self._call_function
-        if engine == "session":
-            try:
-                self._call = self._session_callable(threads)
-                self.engine = "session"
-            except Exception as exc:  # e.g. ops that cannot be frozen: the function still works
-                log.warning("frozen-graph session unavailable, calling the function: %s", exc)
-
-    def _call_function(self, rows: np.ndarray) -> np.ndarray:
-        return self._forward(self._tf.constant(rows, dtype=self._tf.float32)).numpy()
-
-    def _session_callable(self, threads: int):
-        tf = self._tf
-        from tensorflow.python.framework.convert_to_constants import (
-            convert_variables_to_constants_v2,
-        )
-
-        frozen = convert_variables_to_constants_v2(self._forward)
-        graph_def = frozen.graph.as_graph_def()
-        feed_name, fetch_name = frozen.inputs[0].name, frozen.outputs[0].name
-        session = _graph_session(tf, graph_def, threads)
-        try:
-            # Fewer nodes per call: identities dropped, constant subexpressions computed once
-            # (by this session, so with the very same kernels). Checked below, like the rest.
-            slim_def, slim_fetch = _slim_graph(tf, session, graph_def, fetch_name)
-            slim = _graph_session(tf, slim_def, threads)
-            run = _direct_callable(tf, slim, feed_name, slim_fetch)
-            self._check_same(run)
-            self._session = slim
-            session.close()
-            return run
-        except Exception as exc:
-            log.info("slimmed graph unavailable (%s): running the frozen graph as is", exc)
-        self._session = session
-        try:
-            run = _direct_callable(tf, session, feed_name, fetch_name)
-            self._check_same(run)
-        except Exception as exc:
-            log.info("direct session call unavailable (%s): using Session.run", exc)
-            graph = session.graph
-            run = session.make_callable(
-                graph.get_tensor_by_name(fetch_name),
-                feed_list=[graph.get_tensor_by_name(feed_name)],
-            )
-            self._check_same(run)
-        return run
-
-    def _check_same(self, run) -> None:
-        grid = np.linspace(-3.0, 3.0, 3 * self.n_features, dtype=np.float32)
-        spread = np.random.default_rng(0).normal(scale=50.0, size=(64, self.n_features))
-        spread = spread.astype(np.float32)
-        for probe in (grid.reshape(3, self.n_features), spread, spread[:1]):
-            if not np.array_equal(np.asarray(run(probe)), self._call_function(probe)):
-                raise RuntimeError("the frozen graph does not reproduce the function")
-
-    def predict(self, rows: np.ndarray) -> np.ndarray:
-        """``rows``: float32, shape (n, n_features). Returns float64, shape (n,)."""
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        return np.asarray(self._call(rows)).reshape(-1).astype(np.float64)
-
-
-def _graph_session(tf, graph_def, threads: int):
-    """A session over ``graph_def`` that runs it as it is, in the calling thread."""
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.compat.v1.import_graph_def(graph_def, name="")
-    # inter_op < 0: the graph runs in the calling thread, no hand-off to a pool thread
-    # (the hand-off more than doubles a one-row call; docs/benchmarks.md).
-    config = tf.compat.v1.ConfigProto(
-        intra_op_parallelism_threads=max(threads, 0), inter_op_parallelism_threads=-1
-    )
-    # No graph rewriting (constant folding, op fusion): the same kernels as the function,
-    # hence the same floating-point results.
-    config.graph_options.rewrite_options.disable_meta_optimizer = True
-    options = config.graph_options.optimizer_options
-    options.opt_level = tf.compat.v1.OptimizerOptions.L0
-    options.do_constant_folding = False
-    options.do_function_inlining = False
-    return tf.compat.v1.Session(graph=graph, config=config)
-
-
-def _direct_callable(tf, session, feed_name: str, fetch_name: str):
-    """``rows -> output`` through the C++ ``Session::MakeCallable`` API: feeds, fetches and
-    the executor are resolved once, not on every call (a little cheaper per call, and far less
-    than ``Session.run``'s Python bookkeeping; figures in docs/benchmarks.md)."""
-    from tensorflow.core.protobuf import config_pb2
-    from tensorflow.python.client import pywrap_tf_session as c_api
-
-    session._extend_graph()
-    options = config_pb2.CallableOptions()
-    options.feed.append(feed_name)
-    options.fetch.append(fetch_name)
-    buffer = c_api.TF_NewBufferFromString(options.SerializeToString())
-    try:
-        handle = c_api.TF_SessionMakeCallable(session._session, buffer)
-    finally:
-        c_api.TF_DeleteBuffer(buffer)
-    # Never released: the session lives as long as the process.
-    raw = session._session
-    run_callable = c_api.TF_SessionRunCallable
-
-    def run(rows: np.ndarray) -> np.ndarray:
-        return run_callable(raw, handle, [rows], None)[0]
-
-    return run
-
-
-def _slim_graph(tf, session, graph_def, fetch_name: str):
-    """``graph_def`` minus what costs time per call without changing a single bit.
-
-    Only for graphs of stateless ops (where control edges cannot matter): ``Identity`` and
-    ``NoOp`` nodes are dropped (their consumers read the identity's input), and every node
-    that only depends on constants becomes a constant holding the value ``session`` computes
-    for it (the kernels that would compute it on every call). Returns (graph_def, fetch name).
-    """
-    graph = session.graph
-    nodes = list(graph_def.node)
-    if any(graph.get_operation_by_name(n.name).op_def.is_stateful for n in nodes):
-        raise ValueError("the graph has stateful ops")
-
-    def data_inputs(node) -> list[str]:
-        return [i for i in node.input if not i.startswith("^")]
-
-    alias = {}
-    for node in nodes:
-        if node.op == "Identity":
-            (source,) = data_inputs(node)
-            alias[node.name] = source
-
-    def resolve(name: str) -> str:
-        while name.split(":")[0] in alias:
-            name = alias[name.split(":")[0]]
-        return name
-
-    constant = {n.name for n in nodes if n.op == "Const"}
-    folded: list[str] = []
-    for node in nodes:  # GraphDefs list nodes in topological order (import order)
-        if node.op in ("Const", "Placeholder", "NoOp") or node.name in alias:
-            continue
-        sources = [resolve(i) for i in data_inputs(node)]
-        if sources and all(s.split(":")[0] in constant for s in sources):
-            if len(graph.get_operation_by_name(node.name).outputs) != 1:
-                continue
-            constant.add(node.name)
-            folded.append(node.name)
-    values = dict(zip(folded, session.run([f"{n}:0" for n in folded]), strict=True))
-
-    slim = type(graph_def)()
-    slim.versions.CopyFrom(graph_def.versions)
-    slim.library.CopyFrom(graph_def.library)
-    for node in nodes:
-        if node.op == "NoOp" or node.name in alias:
-            continue
-        out = slim.node.add()
-        if node.name in values:
-            value = np.asarray(values[node.name])
-            out.name = node.name
-            out.op = "Const"
-            out.attr["dtype"].type = tf.as_dtype(value.dtype).as_datatype_enum
-            out.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
-            continue
-        out.CopyFrom(node)
-        del out.input[:]
-        out.input.extend(resolve(i) for i in data_inputs(node))
-    fetch = resolve(fetch_name)
-    if ":" not in fetch:
-        fetch += ":0"
-    return slim, fetch
-
-
 @dataclass
 class LoadedModel:
     identity: ModelIdentity
@@ -338,7 +91,7 @@ class LoadedModel:
     fast: KerasFastPath | None
     fast_path_note: str
     load_seconds: float = 0.0
-    # Set at warm-up (serving.server.app): whether concurrent pyfunc requests share one
+    # Set at warm-up (serving.server.warmup): whether concurrent pyfunc requests share one
     # predict call, and why (not).
     batched_pyfunc: bool = False
     batching_note: str = "not checked"
@@ -392,23 +145,25 @@ class LoadedModel:
 
 def resolve_identity(uri: str) -> ModelIdentity:
     """Pin a model URI: registry URIs resolve (alias, stage, latest) to one version."""
-    from mlflow.store.artifact.utils.models import _parse_model_uri, is_models_uri
+    from mlflow.store.artifact.utils.models import get_model_name_and_version, is_models_uri
 
     if is_models_uri(uri):
         from mlflow import MlflowClient
-        from mlflow.store.artifact.utils.models import get_model_name_and_version
 
         client = MlflowClient()
-        parsed = _parse_model_uri(uri)
-        if parsed.model_id is not None:
-            logged = client.get_logged_model(parsed.model_id)
+        # (model_id,) for models:/<model id>, else (name, version) with an alias, a stage or
+        # "latest" resolved; an improper URI raises MlflowException.
+        resolved = get_model_name_and_version(client, uri)
+        if len(resolved) == 1:
+            (model_id,) = resolved
+            logged = client.get_logged_model(model_id)
             return ModelIdentity(
                 uri=uri,
                 run_id=getattr(logged, "source_run_id", None),
-                model_id=parsed.model_id,
+                model_id=model_id,
                 download_uri=uri,
             )
-        name, version = get_model_name_and_version(client, uri)
+        name, version = resolved
         mv = client.get_model_version(name, version)
         return ModelIdentity(
             uri=uri,
@@ -506,7 +261,7 @@ def load_model(
     plan, why_not = choose_fast_path(meta) if fast_path else (None, "disabled")
     uses_tf = plan is not None or bool({"keras", "tensorflow"} & set(flavors))
     if uses_tf:
-        _configure_tensorflow(tf_threads)
+        configure_tensorflow(tf_threads)
 
     extra_kwargs: dict[str, Any] = {}
     if config_json := os.environ.get(SERVING_MODEL_CONFIG_ENV):
@@ -635,18 +390,6 @@ def _build_fast_path(
     return fast, f"keras concrete function ({fast.engine}); {plan.note}"
 
 
-def _configure_tensorflow(threads: int) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    if threads > 0:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError as exc:  # the TF runtime was initialised already
-            log.info("TensorFlow thread pools already set up: %s", exc)
-
-
 def _keras_pyfunc_config(meta) -> tuple[dict[str, Any] | None, str]:
     """Whether ``meta`` is our Keras pyfunc; returns (config for the fast path, reason)."""
     conf = (meta.flavors or {}).get("python_function") or {}
@@ -664,7 +407,7 @@ def _keras_pyfunc_config(meta) -> tuple[dict[str, Any] | None, str]:
     if inputs.is_tensor_spec() or not inputs.has_input_names():
         return None, "signature inputs are not named columns"
     specs = inputs.inputs
-    if any(_type_name(s) not in NUMERIC_INPUT_TYPES or not s.required for s in specs):
+    if not all(is_numeric_column(s) and s.required for s in specs):
         return None, "signature inputs are not all required numeric columns"
     if outputs.is_tensor_spec() or not outputs.has_input_names() or len(outputs.inputs) != 1:
         return None, "signature output is not one named column"
@@ -683,10 +426,6 @@ def _keras_pyfunc_config(meta) -> tuple[dict[str, Any] | None, str]:
         "feature_columns": features,
         "output_name": outputs.input_names()[0],
     }, "eligible"
-
-
-def _type_name(spec) -> str:
-    return str(getattr(spec.type, "name", spec.type))
 
 
 def _python_model_class(pyfunc) -> str | None:

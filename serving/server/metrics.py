@@ -30,37 +30,8 @@ Exposed series (all prefixed ``model_server_``):
 - ``workers``                                      gauge: live worker processes
 - ``start_time_seconds``                           gauge
 
-Input and prediction distributions (``feature_value``, ``prediction_value``). Every row the fast
-path's model ran on (its calls succeed for whole batches, and the requests in them are
-answered), and every row the reference path answered, counts once in the histogram of each of
-the model's input columns (the fast path's feature columns, else the input schema's numeric
-named columns) and its prediction once in ``prediction_value``: each feature's ``_count`` and
-``prediction_value_count`` are the rows predicted. Values that are not finite are not counted (a
-generic model's missing values; a fast-path prediction that overflowed float32, which its
-request gets a 400 for). Cardinality is bounded: one ``feature`` label value per input column,
-the first ``--max-feature-histograms`` (default 32; 0: none) only, a warning naming the others
-at start; at most :data:`MAX_HISTOGRAM_BUCKETS` bounds per series. Buckets are fixed when the
-model is loaded: the bin edges of the drift profile the pipeline logs with the model's training
-run (``drift/profile.json``, the holdout's deciles per column, ``__prediction__`` for the
-predictions; ``serving.server.loader.load_drift_profile``), which makes the heatmaps directly
-comparable with the drift monitor's bins (its bins put a value equal to an edge above it, a
-Prometheus bucket ``le`` at or below it: only values exactly on an edge differ); for a model or
-a column without a profile, :data:`GENERIC_VALUE_BUCKETS` (symmetric, roughly logarithmic, from
-+-0.1 to +-1000 and 0: a generic model's scale is unknown, and a one-row input example has no
-useful quantiles). Each series may thus have its own bounds, which ``prometheus_client``'s
-``Histogram`` cannot do: :class:`_Distribution` counts into numpy arrays and exposes standard
-``_bucket``/``_count``/``_sum`` series; with several workers it adds its counts to
-``prometheus_client``'s own value objects in the worker's files every 0.25 s, where
-``MultiProcessCollector`` adds them up like any histogram's. Every worker reads the profile
-itself; one that could not (MLflow unreachable at that moment) uses the generic buckets, and the
-merged series then has both sets of bounds: counts and sums stay right, the cumulative count at
-a bound that only some workers have is too low. Cost: nothing is converted or counted on the
-request path. The micro-batcher appends one reference per model call to its input (the float32
-matrix or the few rows as lists that the fast path already has, or a shared batch's merged
-array) and its output array (the reference path: its parsed frame's columns as float64, made in
-its thread, and its predictions); every flush converts what it has at once and counts it with
-numpy (one ``searchsorted`` per column, one ``bincount``): ~0.1 ms per flush of 256 single-row
-requests at 8 clients (~0.4 us each), no sampling (docs/benchmarks.md).
+The two distributions (``feature_value``, ``prediction_value``: every answered row, buckets
+from the model's drift profile) are kept by ``serving.server.distributions``.
 
 With ``--workers N`` (several processes behind one port), every worker answers ``/metrics`` for
 the whole server through ``prometheus_client``'s multiprocess mode: the parent names the
@@ -99,7 +70,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
@@ -110,11 +80,9 @@ from prometheus_client import (
     generate_latest,
     values,
 )
-from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-from prometheus_client.utils import floatToGoString
 
-from serving.server.contract import DRIFT_PROFILE_PREDICTION
+from serving.server.distributions import DEFAULT_MAX_FEATURE_HISTOGRAMS, Distributions
 
 log = logging.getLogger(__name__)
 
@@ -128,20 +96,6 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 BATCH_REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
-
-# Input and prediction distributions (see the module docstring).
-FEATURE_VALUE = "model_server_feature_value"
-PREDICTION_VALUE = "model_server_prediction_value"
-# At most this many input columns get a feature histogram (--max-feature-histograms).
-DEFAULT_MAX_FEATURE_HISTOGRAMS = 32
-# At most this many bucket bounds per histogram (+Inf besides): more edges are thinned evenly.
-MAX_HISTOGRAM_BUCKETS = 32
-# Buckets of a column the model's drift profile does not cover (or a model without one):
-# symmetric, roughly logarithmic, for values of any sign and scale.
-GENERIC_VALUE_BUCKETS = (
-    -1000.0, -100.0, -10.0, -5.0, -2.0, -1.0, -0.5, -0.1,
-    0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0,
-)  # fmt: skip
 
 # One finished request, as the server records it (see ServerMetrics.observe_records):
 # (end perf_counter, seconds, method, path, status, bytes_in, bytes_out, client, rows, error_code)
@@ -178,128 +132,6 @@ class _Tally:
             if count:
                 slot.inc(count)
         histogram._sum.inc(self.total)
-
-
-def bucket_bounds(edges: Any) -> tuple[float, ...] | None:
-    """A drift profile column's ``edges`` as histogram bounds: the finite numbers, sorted,
-    without duplicates, thinned evenly (first and last kept) to ``MAX_HISTOGRAM_BUCKETS``;
-    None when that leaves nothing (or ``edges`` is not a list of numbers)."""
-    if not isinstance(edges, list | tuple):
-        return None
-    try:
-        numbers = sorted({float(e) for e in edges if not isinstance(e, bool)})
-    except (TypeError, ValueError):
-        return None
-    bounds = [b for b in numbers if math.isfinite(b)]
-    if len(bounds) > MAX_HISTOGRAM_BUCKETS:
-        keep = np.unique(np.linspace(0, len(bounds) - 1, MAX_HISTOGRAM_BUCKETS).round().astype(int))
-        bounds = [bounds[i] for i in keep.tolist()]
-    return tuple(bounds) or None
-
-
-class _Distribution:
-    """One histogram family whose series (one per label value) each have their own fixed
-    bounds, fed whole columns of values at once: one ``searchsorted`` per column and one
-    ``bincount``, added to numpy arrays (the counts of every bucket of every series, series
-    after series, and the sums).
-
-    With one process those arrays are the histogram, and :meth:`collect` exposes it the way
-    ``prometheus_client``'s ``Histogram`` does (cumulative ``_bucket``, ``_count``, ``_sum``).
-    With several workers they hold what is not yet written, and :meth:`write` (from
-    ``ServerMetrics.publish``: every 0.25 s and before every ``/metrics`` answer) adds it to
-    ``prometheus_client``'s own value objects (``values.ValueClass``, as its ``Histogram``
-    makes them) in the worker's ``histogram_<pid>.db``: one ``inc`` per non-empty bucket and
-    per sum a few times a second, not per batch of rows. ``MultiProcessCollector`` then adds
-    the workers up and makes the ``_bucket`` series cumulative and ``_count`` like any
-    histogram's; it merges per label set, so each series may have its own bounds, which
-    ``prometheus_client``'s ``Histogram`` cannot do (the same buckets for every label value).
-    """
-
-    def __init__(
-        self, name: str, doc: str, label: str | None, series: Sequence[tuple[str, Sequence[float]]]
-    ) -> None:
-        self.name = name
-        self.doc = doc
-        labelnames: tuple[str, ...] = (label,) if label else ()
-        self._series: list[tuple[dict[str, str], list[str], int]] = []  # labels, les, offset
-        self._bounds: list[np.ndarray] = []
-        offset = 0
-        for value, bounds in series:
-            labels = {label: value} if label else {}
-            les = [*(floatToGoString(b) for b in bounds), "+Inf"]
-            self._series.append((labels, les, offset))
-            self._bounds.append(np.asarray(bounds, dtype=np.float64))
-            offset += len(les)
-        self._counts = np.zeros(offset, dtype=np.int64)
-        self._sums = np.zeros(len(series), dtype=np.float64)
-        self._files: tuple[list[Any], list[Any]] | None = None
-        if getattr(values.ValueClass, "_multiprocess", False):
-            make = values.ValueClass
-            buckets, sums = [], []
-            for labels, les, _ in self._series:
-                labelvalues = tuple(labels.values())
-                buckets += [
-                    make("histogram", name, f"{name}_bucket", (*labels, "le"),
-                         (*labelvalues, le), doc)
-                    for le in les
-                ]  # fmt: skip
-                sums.append(make("histogram", name, f"{name}_sum", labelnames, labelvalues, doc))
-            self._files = buckets, sums
-
-    def observe(self, matrix: np.ndarray) -> None:
-        """``matrix``: one row per observation, column ``j`` for series ``j``. Values that are
-        not finite (NaN: missing) are left out."""
-        if not matrix.shape[0]:
-            return
-        n_slots = len(self._counts)
-        index = np.empty(matrix.shape, dtype=np.intp)
-        for j, (bounds, (_, _, offset)) in enumerate(zip(self._bounds, self._series, strict=True)):
-            # side="left": a value equal to a bound is in that bound's bucket (le: <=)
-            np.add(bounds.searchsorted(matrix[:, j]), offset, out=index[:, j])
-        finite = np.isfinite(matrix)
-        if finite.all():
-            self._counts += np.bincount(index.ravel(), minlength=n_slots)
-            self._sums += matrix.sum(axis=0, dtype=np.float64)
-        else:
-            index[~finite] = n_slots  # an extra slot, dropped
-            self._counts += np.bincount(index.ravel(), minlength=n_slots + 1)[:n_slots]
-            self._sums += np.where(finite, matrix, 0.0).sum(axis=0, dtype=np.float64)
-
-    def write(self) -> None:
-        """With several workers: add what was observed since the last call to the files."""
-        if self._files is None:
-            return
-        buckets, sums = self._files
-        counts = self._counts
-        filled = np.flatnonzero(counts)
-        for i, count in zip(filled.tolist(), counts[filled].tolist(), strict=True):
-            buckets[i].inc(count)
-        for slot, total in zip(sums, self._sums.tolist(), strict=True):
-            if total:
-                slot.inc(total)
-        counts[:] = 0
-        self._sums[:] = 0.0
-
-    def collect(self) -> Metric:
-        """The family as ``prometheus_client``'s ``Histogram`` exposes one (one process)."""
-        family = Metric(self.name, self.doc, "histogram")
-        for (labels, les, offset), total in zip(self._series, self._sums.tolist(), strict=True):
-            cumulative = np.cumsum(self._counts[offset : offset + len(les)]).tolist()
-            for le, count in zip(les, cumulative, strict=True):
-                family.add_sample(f"{self.name}_bucket", {**labels, "le": le}, float(count))
-            family.add_sample(f"{self.name}_count", labels, float(cumulative[-1]))
-            family.add_sample(f"{self.name}_sum", labels, total)
-        return family
-
-
-class _DistributionCollector:
-    """Exposes the distributions in a one-process registry (none until they are set)."""
-
-    def __init__(self) -> None:
-        self.families: list[_Distribution] = []
-
-    def collect(self) -> Iterable[Metric]:
-        return [family.collect() for family in self.families]
 
 
 def _registry_version(version: str | None) -> float | None:
@@ -410,13 +242,9 @@ class ServerMetrics:
         self._load_seconds: Gauge | None = None  # exposed once the model is loaded
         self._version: Gauge | None = None  # exposed for a model from the registry
         # The input and prediction distributions, set once the model is known.
-        self._distributions = _DistributionCollector()
+        self._distributions = Distributions()
         if own is not None:
             own.register(self._distributions)  # type: ignore[arg-type]
-        self.features: tuple[str, ...] | None = None
-        self._feature_values: _Distribution | None = None
-        self._prediction_values: _Distribution | None = None
-        self._distribution_errors = 0
         workers = gauge("workers", "Live worker processes of this server.", "livesum")
         workers.set(1)
         start = gauge("start_time_seconds", "Unix time the server process started.", "livemin")
@@ -513,108 +341,20 @@ class ServerMetrics:
         profile: Mapping[str, Any] | None = None,
         max_features: int = DEFAULT_MAX_FEATURE_HISTOGRAMS,
     ) -> tuple[str, ...]:
-        """Start the feature and prediction histograms (once per process).
-
-        ``features``: the model's input columns, in the order of the rows given to
-        :meth:`observe_rows`; the first ``max_features`` get a histogram (a warning names the
-        others). ``profile``: the training run's drift profile; a column's ``edges`` are its
-        bucket bounds (the predictions': ``__prediction__``'s), :data:`GENERIC_VALUE_BUCKETS`
-        for a column it lacks. Returns the features that have a histogram.
-        """
-        if self.features is not None:
-            raise RuntimeError("the distributions are set once per process")
-        features = tuple(features)
-        kept = features[: max(0, max_features)]
-        if len(kept) < len(features):
-            left = features[len(kept) :]
-            log.warning(
-                "the model has %d input columns: feature histograms for the first %d only "
-                "(--max-feature-histograms), none for %s%s",
-                len(features),
-                len(kept),
-                ", ".join(left[:5]),
-                f" and {len(left) - 5} more" if len(left) > 5 else "",
-            )
-        columns = profile.get("columns") if isinstance(profile, Mapping) else None
-        columns = columns if isinstance(columns, Mapping) else {}
-        profiled = []
-
-        def bounds_of(column: str) -> tuple[float, ...]:
-            entry = columns.get(column)
-            bounds = bucket_bounds(entry.get("edges")) if isinstance(entry, Mapping) else None
-            if bounds is None:
-                return GENERIC_VALUE_BUCKETS
-            profiled.append(column)
-            return bounds
-
-        families = []
-        if kept:
-            self._feature_values = _Distribution(
-                FEATURE_VALUE,
-                "Values of the model's input features in answered requests, per feature.",
-                "feature",
-                [(f, bounds_of(f)) for f in kept],
-            )
-            families.append(self._feature_values)
-        self._prediction_values = _Distribution(
-            PREDICTION_VALUE,
-            "The model's predictions in answered requests.",
-            None,
-            [("", bounds_of(DRIFT_PROFILE_PREDICTION))],
-        )
-        families.append(self._prediction_values)
-        self._distributions.families = families
-        self.features = kept
-        log.info(
-            "histograms of %d features and the predictions; buckets from the drift profile "
-            "for %d of them (%s), generic for %d",
-            len(kept),
-            len(profiled),
-            ", ".join(profiled) or "none",
-            len(kept) + 1 - len(profiled),
-        )
-        return kept
+        """Start the feature and prediction histograms (once per process); returns the
+        features that have one (:meth:`Distributions.set <serving.server.distributions.
+        Distributions.set>`)."""
+        return self._distributions.set(features, profile, max_features)
 
     def observe_rows(self, samples: Iterable[tuple[Any, Any]]) -> None:
-        """Answered rows and their predictions, as ``(rows, predictions)`` pairs (either may
-        be None): ``rows`` a matrix (a float32 or float64 array) or a list of rows (lists of
-        numbers) whose first columns are :attr:`features` in order, ``predictions`` a 1-D
-        array or a list of numbers. Nothing happens before :meth:`set_distributions`."""
-        predict = self._prediction_values
-        if predict is None:
-            return
-        width = len(self.features or ())
-        matrices: list[np.ndarray] = []
-        listed: list[Any] = []
-        arrays: list[np.ndarray] = []
-        numbers: list[Any] = []
-        for rows, outputs in samples:  # the lists are joined here, converted once below
-            if rows is not None and width:
-                if type(rows) is list:
-                    listed += rows
-                else:
-                    matrices.append(rows)
-            if outputs is not None:
-                if type(outputs) is list:
-                    numbers += outputs
-                else:
-                    arrays.append(outputs)
-        try:
-            features = self._feature_values
-            if features is not None and (listed or matrices):
-                if listed:
-                    matrices.append(np.array(listed, dtype=np.float32))
-                matrices = [m if m.shape[1] == width else m[:, :width] for m in matrices]
-                features.observe(matrices[0] if len(matrices) == 1 else np.concatenate(matrices))
-            if numbers:
-                arrays.append(np.array(numbers, dtype=np.float64))
-            if arrays:
-                values = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-                predict.observe(values.reshape(-1, 1))
-        except Exception:  # never let a bad sample stop the other metrics and the access log
-            self._distribution_errors += 1
-            if self._distribution_errors == 1:
-                log.warning("could not record input distributions", exc_info=True)
+        """Answered rows and their predictions (:meth:`Distributions.observe
+        <serving.server.distributions.Distributions.observe>`)."""
+        self._distributions.observe(samples)
+
+    @property
+    def features(self) -> tuple[str, ...] | None:
+        """The input columns with a feature histogram (None: not set yet)."""
+        return self._distributions.features
 
     def set_model(self, labels: Mapping[str, str | None], load_seconds: float) -> None:
         """The served model (once per process); ``labels``: :data:`MODEL_INFO_LABELS`."""
@@ -643,8 +383,7 @@ class ServerMetrics:
         """Bring the in-flight gauge and (with several workers) the distributions' files up
         to date (with several workers: for the others)."""
         self._in_flight.set(self.in_flight)
-        for family in self._distributions.families:
-            family.write()
+        self._distributions.write()
 
     def close(self) -> None:
         """At shutdown: not ready; with several workers, no longer counted as live."""

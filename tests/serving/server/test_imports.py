@@ -63,10 +63,11 @@ def test_every_import_statement_names_an_allowed_package():
 
 
 def test_importing_the_server_loads_nothing_forbidden():
+    modules = sorted(f"serving.server.{path.stem}" for path in SERVER.glob("*.py"))
     probe = (
-        "import json, sys\n"
-        "import serving.server.__main__, serving.server.app, serving.server.loader\n"
-        "import serving.server.batching, serving.server.metrics, serving.server.contract\n"
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     out = subprocess.run(

@@ -22,12 +22,14 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from serving.server.metrics import (
-    CONTENT_TYPE,
+from serving.server.distributions import (
     DEFAULT_MAX_FEATURE_HISTOGRAMS,
     GENERIC_VALUE_BUCKETS,
-    LATENCY_BUCKETS,
     MAX_HISTOGRAM_BUCKETS,
+)
+from serving.server.metrics import (
+    CONTENT_TYPE,
+    LATENCY_BUCKETS,
     MULTIPROCESS_DIR_ENV,
     ServerMetrics,
     _Tally,

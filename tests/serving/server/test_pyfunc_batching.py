@@ -13,8 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.server.app import ScoringApp, ServerConfig, batching_problem, column_rows
+from serving.server.app import ScoringApp
+from serving.server.config import ServerConfig
 from serving.server.loader import load_model
+from serving.server.protocol import column_rows
+from serving.server.pyfunc_batching import batching_problem
+from serving.server.warmup import warm_up
 
 COLUMNS = ["x0", "x1", "x2"]
 
@@ -178,9 +182,9 @@ def _serve(path: str, payloads: list[dict], **config) -> tuple[list, ScoringApp,
     async def scenario():
         app = ScoringApp(ServerConfig(model_uri=path, access_log=False, **config))
         app._loop = asyncio.get_running_loop()
-        app._warm_up(loaded)
+        batch_key = warm_up(loaded, pyfunc_batching=app.config.pyfunc_batching)
         loaded.pyfunc.predict = counting  # after the load-time checks
-        app._set_ready(loaded)
+        app._set_ready(loaded, None, batch_key)
         calls.clear()
         answers = await asyncio.gather(*(_post(app, p) for p in payloads))
         if app.pyfunc_batching is not None:

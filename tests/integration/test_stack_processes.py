@@ -8,10 +8,13 @@ and what is left of it when the CLI itself already died.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -132,3 +135,100 @@ def test_the_scheduler_and_so_every_task_it_forks_starts_with_mlflow_loaded(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == ["True", str(preloaded)]
+
+
+# -- `make stop` while `make run` is still starting ------------------------------------------
+
+STACK = Path(__file__).resolve().parents[2] / "scripts" / "stack.py"
+
+
+def _of_state(state: Path) -> list[psutil.Process]:
+    """Every live process whose environment or command line names ``state`` (the test's own
+    check, independent of how the stack finds its processes)."""
+    mark = str(state)
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ", "status"], ad_value=None):
+        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        words = [*(proc.info["cmdline"] or []), *(proc.info["environ"] or {}).values()]
+        if any(mark in word for word in words):
+            found.append(proc)
+    return found
+
+
+def _describe(procs: list[psutil.Process]) -> list[str]:
+    return [f"{p.pid} {' '.join(p.info['cmdline'] or [])[:150]}" for p in procs]
+
+
+def test_down_while_up_is_still_starting_leaves_nothing_running(tmp_path, free_ports):
+    """`stack.py up` in the background, on the test's own state folder and ports, with a
+    local target to resume (an active.json, as `make stop` leaves it). Its front proxy is
+    frozen the moment it appears, before it wrote its pid file (a slow start on a busy
+    machine), and `stack.py down` runs then. Once `down` returned and the proxy may go on,
+    no process of that state folder is left and the front port is free."""
+    state = tmp_path / "state"
+    serving = state / "serving"
+    serving.mkdir(parents=True)
+    front, slot_a, slot_b, mlflow_port, airflow_port, prometheus_port = free_ports(6)
+    server = [
+        sys.executable, "-m", "serving.server", "--model-uri", "models:/absent/1",
+        "--host", "127.0.0.1", "--port", str(slot_a), "--workers", "1",
+    ]  # fmt: skip
+    active = {"version": "1", "model_uri": "models:/absent/1", "port": slot_a, "pid": None}
+    active.update(cmd=server, tracking_uri=f"http://127.0.0.1:{mlflow_port}", restarts=0)
+    (serving / "active.json").write_text(json.dumps(active))
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW", "PIPELINE_"))
+    }
+    env.update(
+        PIPELINE_STATE_DIR=str(state),
+        MLFLOW_PORT=str(mlflow_port),
+        AIRFLOW_PORT=str(airflow_port),
+        PROMETHEUS_PORT=str(prometheus_port),
+        PROMETHEUS_BIN=str(tmp_path / "no-prometheus"),  # stripped: the stack runs without it
+        PIPELINE_DEPLOY_LOCAL_PORT=str(front),
+        PIPELINE_DEPLOY_LOCAL_SLOT_PORTS=f"{slot_a},{slot_b}",
+        PIPELINE_DEPLOY_HEALTH_TIMEOUT_S="10",
+    )
+    up_log = tmp_path / "up.log"
+    with open(up_log, "wb") as out:
+        up = subprocess.Popen([sys.executable, str(STACK), "up"], env=env, stdout=out, stderr=out)
+    try:
+        proxy = None
+        deadline = time.monotonic() + 300
+        while proxy is None:
+            assert up.poll() is None, f"up ended before it started the proxy:\n{up_log.read_text()}"
+            assert time.monotonic() < deadline, f"no proxy in 300 s:\n{up_log.read_text()}"
+            proxy = next(
+                (p for p in _of_state(state) if "serving.deploy" in (p.info["cmdline"] or [])
+                 and "proxy" in p.info["cmdline"]),
+                None,
+            )  # fmt: skip
+            time.sleep(0.02)
+        proxy.suspend()
+        assert not (serving / "proxy.pid").exists()  # the case this test is about
+        down = subprocess.Popen(
+            [sys.executable, str(STACK), "down"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        # A few seconds into `down`, the proxy goes on (well within the 20 s its starter
+        # gives it to listen): `down` must have stopped it, or stop it still.
+        time.sleep(6)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proxy.resume()
+        said = down.communicate(timeout=300)[0]
+        assert down.returncode == 0, said
+        up.wait(timeout=300)  # `up` does not go on starting things after `down`
+        time.sleep(2)  # what a surviving proxy would do now: listen, start a model server
+        left = _of_state(state)
+        assert _describe(left) == [], f"{said}\n--- up ---\n{up_log.read_text()[-3000:]}"
+        assert not _listening(front)
+        assert not _listening(slot_a)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        for proc in _of_state(state):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.resume()
+                proc.kill()

@@ -1,8 +1,9 @@
-"""scripts/stack.py's process handling with a real `mlflow server`: `make stop` frees the port.
+"""scripts/stack.py's process handling with real servers: `make stop` frees the ports.
 
 MLflow's CLI process starts uvicorn as a child, and the child is what listens. Stopping only
-the CLI's pid once left that worker serving the port; the stack stops the whole process group,
-and what is left of it when the CLI itself already died.
+the CLI's pid once left that worker serving the port; `down` stops every process of the
+stack's state folder, the worker too, also when the CLI itself already died. And `down`
+during an `up` that is still starting leaves nothing running either.
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture
 def stack(tmp_path, monkeypatch):
-    """scripts/stack.py with its pid and log folders in ``tmp_path``."""
+    """scripts/stack.py with its state folder in ``tmp_path``."""
     from scripts import stack
 
-    monkeypatch.setattr(stack, "PIDS", tmp_path / "pids")
-    monkeypatch.setattr(stack, "LOGS", tmp_path / "logs")
+    for name, path in {
+        "STATE": tmp_path,
+        "PIDS": tmp_path / "pids",
+        "LOGS": tmp_path / "logs",
+    }.items():
+        monkeypatch.setattr(stack, name, path)
     return stack
 
 
@@ -49,12 +54,13 @@ def _start_mlflow(stack, tmp_path: Path) -> tuple[int, int, list[psutil.Process]
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     env["MLFLOW_BACKEND_STORE_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = stack.mlflow_server_argv(tmp_path / "artifacts", port)
-    pid = stack._start("mlflow", argv, env)
+    alive = stack._start("mlflow", argv, env)
     try:
-        stack._wait_http(f"http://127.0.0.1:{port}/health", "MLflow", 180, "mlflow")
+        stack._wait_http(f"http://127.0.0.1:{port}/health", "MLflow", 180, alive)
     except SystemExit as exc:
-        stack._stop_group("mlflow")
+        stack.down()
         pytest.fail(f"{exc}: {(tmp_path / 'logs' / 'mlflow.log').read_text()[-3000:]}")
+    pid = stack._of("mlflow")[0].pid
     family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     return pid, port, family
 
@@ -89,15 +95,15 @@ def test_stop_ends_mlflow_and_its_uvicorn_worker_and_frees_the_port(stack, tmp_p
     try:
         assert len(family) >= 2, "expected the CLI and its uvicorn child"
         assert _listening(port)
-        stack._stop_group("mlflow")
+        stack.down()
         assert _survivors(family) == []
         assert not _listening(port)
-        assert not (tmp_path / "pids" / "mlflow.pid").exists()
+        assert stack._of("mlflow") == []
     finally:
         _cleanup(family)
 
 
-def test_stop_ends_what_is_left_of_the_group_when_the_cli_already_died(stack, tmp_path):
+def test_stop_ends_what_is_left_when_the_cli_already_died(stack, tmp_path):
     """The CLI gone (killed by its pid alone, or crashed): its uvicorn worker still serves."""
     pid, port, family = _start_mlflow(stack, tmp_path)
     try:
@@ -105,7 +111,7 @@ def test_stop_ends_what_is_left_of_the_group_when_the_cli_already_died(stack, tm
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).wait(timeout=10)  # reaped, as init would reap it
         assert _listening(port), "the orphaned worker should still be serving"
-        stack._stop_group("mlflow")
+        stack.down()
         assert _survivors(family) == []
         assert not _listening(port)
     finally:
@@ -218,6 +224,8 @@ def test_down_while_up_is_still_starting_leaves_nothing_running(tmp_path, free_p
             proxy.resume()
         said = down.communicate(timeout=300)[0]
         assert down.returncode == 0, said
+        # It waited for the stack lock, said who held it, and stopped that `up` first.
+        assert "held by `stack.py up`" in said, said
         up.wait(timeout=300)  # `up` does not go on starting things after `down`
         time.sleep(2)  # what a surviving proxy would do now: listen, start a model server
         left = _of_state(state)

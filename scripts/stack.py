@@ -616,7 +616,9 @@ def _report(api: Airflow, state: str, tasks: dict[str, str], run_id: str) -> int
     ):
         with contextlib.suppress(httpx.HTTPError, KeyError, TypeError):
             value = api.run(run_id, f"/taskInstances/{task}/xcomEntries/return_value")["value"]
-            decision = f" ({task}: {value['status'] if isinstance(value, dict) else value})"
+            if isinstance(value, dict):
+                value = f"rollout of version {value.get('version')}: {value['status']}"
+            decision = f" ({value})"
     print()
     say(f"run {run_id}: {state}{decision}")
     print(f"  Airflow UI : {AIRFLOW_URL}  (login admin / {_airflow_password()})")
@@ -651,6 +653,7 @@ def _print_served() -> None:
     if not (live := target.live()).healthy:
         return print(f"  Model      : nothing answers at {target.endpoint} ({live.detail})")
     mlflow.set_tracking_uri(MLFLOW_URL)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     uri, champion = f"models:/{registry.model_name}/{live.version}", None
     with contextlib.suppress(mlflow.MlflowException):
         client = mlflow.MlflowClient()

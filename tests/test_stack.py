@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -335,61 +336,85 @@ def test_down_waits_for_another_down(stack, tmp_path, capsys):
         holder.wait()
 
 
+# A service that starts children and sleeps; a child that sets its process title as Airflow's
+# do (setproctitle overwrites the environment /proc shows), one that does not.
+PARENT = (
+    "import subprocess, sys, time; "
+    "kids = [subprocess.Popen([sys.executable, '-c', code]) for code in sys.argv[1:]]; "
+    "time.sleep(60)"
+)
+TITLED = (
+    "import setproctitle, time; setproctitle.setproctitle('airflow worker' + ' ' * 200); "
+    "time.sleep(60)"
+)
+PLAIN = "import time; time.sleep(60)"
+
+
 def test_the_stack_processes_are_found_by_their_mark_and_stopped_and_nothing_else(stack, tmp_path):
-    """A service with the stack's mark and the child it started; a model server of the local
-    target started by someone else (its own setting names the folder, no mark); and processes
-    that only look related (the stack's folder in a variable, a model server of another
-    folder, a shell with the local target's setting exported) but are not the stack's."""
+    """Found: a service with the stack's mark and a child that hid its environment; the
+    children of a service that died (orphans, one of them hidden too: its session is still the
+    service's); a model server of the local target started by someone else (its own setting
+    names the folder, no mark). Not found: processes that only look related (the stack's
+    folder in a variable, a model server of another folder, a shell with the local target's
+    setting exported)."""
+    import signal
     import subprocess
 
     import psutil
 
-    from scripts.stacklib.processes import MARKER, SERVICE, stack_processes, stop_all
+    from scripts.stacklib import processes
 
-    serving = stack.STATE / "serving"
-    sleep = "import subprocess, sys, time; time.sleep(60)"
-    parent = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', " \
-        "'import time; time.sleep(60)']); time.sleep(60)"  # fmt: skip
-    base = dict(os.environ)
-    for key in (MARKER, SERVICE, "PIPELINE_DEPLOY_LOCAL_STATE_DIR"):
-        base.pop(key, None)
+    serving, sleep = stack.STATE / "serving", [sys.executable, "-c", PLAIN]
+    base = {k: v for k, v in os.environ.items() if "PIPELINE_" not in k}
+    mark, py = {processes.MARKER: str(stack.STATE)}, sys.executable
+    target, elsewhere = "PIPELINE_DEPLOY_LOCAL_STATE_DIR", str(tmp_path)
     started = {
-        "service": ([sys.executable, "-c", parent], {MARKER: str(stack.STATE), SERVICE: "mlflow"}),
-        "server": (
-            [sys.executable, "-c", sleep, "serving.server"],
-            {"PIPELINE_DEPLOY_LOCAL_STATE_DIR": str(serving)},
-        ),
-        "state-var": ([sys.executable, "-c", sleep], {"PIPELINE_STATE_DIR": str(stack.STATE)}),
-        "other-server": (
-            [sys.executable, "-c", sleep, "serving.server"],
-            {"PIPELINE_DEPLOY_LOCAL_STATE_DIR": str(tmp_path / "elsewhere")},
-        ),
-        "shell": ([sys.executable, "-c", sleep], {"PIPELINE_DEPLOY_LOCAL_STATE_DIR": str(serving)}),
-    }
+        "mlflow": ([py, "-c", PARENT, TITLED], {**mark, processes.SERVICE: "mlflow"}),
+        "airflow": ([py, "-c", PARENT, TITLED, PLAIN], {**mark, processes.SERVICE: "airflow"}),
+        "server": ([*sleep, "serving.server"], {target: str(serving)}),
+        "state-var": (sleep, {"PIPELINE_STATE_DIR": str(stack.STATE)}),
+        "other-server": ([*sleep, "serving.server"], {target: elsewhere}),
+        "shell": (sleep, {target: str(serving)}),
+    }  # fmt: skip
     procs = {
         name: subprocess.Popen(argv, env={**base, **extra}, start_new_session=True)
         for name, (argv, extra) in started.items()
     }
+    kids: list[psutil.Process] = []
     try:
-        service = psutil.Process(procs["service"].pid)
-        assert stack.wait_until(lambda: service.children(), 10, 0.05)
-        child = service.children()[0]
+        for name, count in (("mlflow", 1), ("airflow", 2)):
+            service = psutil.Process(procs[name].pid)
+            assert stack.wait_until(lambda s=service, n=count: len(s.children()) == n, 10, 0.05)
+            kids += service.children()
+        titled = lambda: [k for k in kids if "worker" in k.name()]  # noqa: E731
+        assert stack.wait_until(lambda: len(titled()) == 2, 10, 0.05)
+        assert all(processes.MARKER not in kid.environ() for kid in titled())
+        procs["airflow"].send_signal(signal.SIGKILL)  # its children live on, orphans
+        procs["airflow"].wait()
 
         def find():
-            return stack_processes(stack.STATE, serving, {})
+            return processes.stack_processes(stack.STATE, serving, {})
 
         found = {proc.pid: name for proc, name in find().items()}
         assert found == {
-            service.pid: "mlflow",
-            child.pid: "mlflow",
+            procs["mlflow"].pid: "mlflow",
+            **{
+                kid.pid: ("mlflow" if kid.ppid() == procs["mlflow"].pid else "airflow")
+                for kid in kids
+            },
             procs["server"].pid: "model-server",
         }
-        assert stop_all(find) == ["mlflow, model-server (3 processes)"]
-        assert procs["server"].wait(5) is not None and procs["service"].wait(5) is not None
-        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+        assert sorted(found.values()).count("airflow") == 2
+        stopped = processes.stop_all(find)
+        assert stopped == ["airflow (2 processes)", "mlflow, model-server (3 processes)"]
+        assert psutil.wait_procs(kids, timeout=5)[1] == []
+        assert procs["server"].wait(5) is not None and procs["mlflow"].wait(5) is not None
         for name in ("state-var", "other-server", "shell"):
             assert procs[name].poll() is None, name
     finally:
-        for proc in procs.values():
+        for proc in [*procs.values()]:
             proc.kill()
             proc.wait()
+        for kid in kids:
+            with contextlib.suppress(psutil.Error):
+                kid.kill()

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -130,26 +129,36 @@ def _holder(state: Path) -> dict:
         return {}
 
 
-def stack_processes(state: Path, serving: Path, groups: dict[int, str]) -> dict[Any, str]:
-    """``{process: service}`` of every live process of the stack of ``state`` and of their
-    descendants, never this process or its parents. ``groups``: ``{pgid: service}`` of the
-    services an older stack.py recorded in pid files."""
+def stack_processes(state: Path, serving: Path, sessions: dict[int, str]) -> dict[Any, str]:
+    """``{process: service}`` of every live process of the stack of ``state``: those with its
+    mark, the local target's of ``serving``, the other members of their sessions (each service
+    runs in its own; Airflow's setproctitle hides the environment of some of its processes)
+    and their descendants; never this process or its parents. ``sessions``: ``{sid: service}``
+    known beforehand (an older stack.py's pid files)."""
     ours = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    children, found = defaultdict(list), {}
+    everyone, alive, found, sessions = set(), {}, {}, dict(sessions)
     for proc in psutil.process_iter(["ppid", "cmdline", "environ", "status"], ad_value=None):
+        everyone.add(proc.pid)
         if proc.pid in ours or proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        children[proc.info["ppid"]].append(proc)
+        alive[proc.pid] = proc
         env, role = proc.info["environ"] or {}, _role(proc)
-        served = role and env.get("PIPELINE_DEPLOY_LOCAL_STATE_DIR") == str(serving)
-        group = groups.get(_pgid(proc.pid)) if groups else None
-        if env.get(MARKER) == str(state) or served or group:
-            found[proc] = role or env.get(SERVICE) or group or "other"
+        if env.get(MARKER) == str(state) or (
+            role and env.get("PIPELINE_DEPLOY_LOCAL_STATE_DIR") == str(serving)
+        ):
+            found[proc] = role or env.get(SERVICE) or "other"
+    for proc, service in found.items():  # not a session led by someone else (a terminal)
+        if (sid := _sid(proc.pid)) and (sid not in everyone or alive.get(sid) in found):
+            sessions.setdefault(sid, service)
+    for proc in alive.values():
+        if proc not in found and (sid := _sid(proc.pid)) in sessions:
+            found[proc] = _role(proc) or sessions[sid]
     todo = list(found)
     while todo:
-        for child in children[todo.pop().pid]:
+        parent = todo.pop()
+        for child in (p for p in alive.values() if p.info["ppid"] == parent.pid):
             if child not in found:
-                found[child] = _role(child) or (child.info["environ"] or {}).get(SERVICE) or "other"
+                found[child] = _role(child) or found[parent]
                 todo.append(child)
     return found
 
@@ -161,9 +170,9 @@ def _role(proc: psutil.Process) -> str | None:
     return "proxy" if "serving.deploy" in argv and "proxy" in argv else None
 
 
-def _pgid(pid: int) -> int | None:
+def _sid(pid: int) -> int | None:
     try:
-        return os.getpgid(pid)
+        return os.getsid(pid)
     except OSError:
         return None
 

@@ -42,7 +42,6 @@ from typing import Any
 
 import httpx
 import psutil
-from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's scripts, ml and serving first
@@ -50,6 +49,7 @@ from scripts.stacklib import processes as procs  # noqa: E402
 from scripts.stacklib import prometheus as prom  # noqa: E402
 from scripts.stacklib.postgres import LocalPostgres  # noqa: E402
 from scripts.stacklib.processes import make_private, say, secret_file  # noqa: E402
+from serving.deploy.local import wait_for as wait_until  # noqa: E402  (tenacity)
 
 STATE = Path(os.environ.get("PIPELINE_STATE_DIR", ROOT / ".local")).resolve()
 VENV_BIN = Path(sys.executable).parent
@@ -70,6 +70,7 @@ PROMETHEUS_RETENTION = os.environ.get("PROMETHEUS_RETENTION", "2d")
 PROMETHEUS_INTERVAL_S = int(os.environ.get("PROMETHEUS_INTERVAL_S", "10"))
 WEBHOOK_NAME, WEBHOOK_PATH = "airflow-registry-events", "/registry-events/mlflow-webhook"
 WEBHOOK_EVENTS = ["model_version_alias.created"]
+ENDINGS = ("unchanged", "not_deployed", "rollout_local")  # the tasks a successful run ends with
 
 
 def stack_env() -> dict[str, str]:
@@ -156,10 +157,8 @@ def local_postgres() -> LocalPostgres | None:
     kind = os.environ.get("PIPELINE_DB", "").strip().lower() or "sqlite"
     if kind not in ("sqlite", "postgres", "postgresql"):
         raise SystemExit(f"PIPELINE_DB={kind!r}: use sqlite (the default) or postgres")
-    both_given = os.environ.get("PIPELINE_AIRFLOW_DB_URL") and os.environ.get(
-        "PIPELINE_MLFLOW_DB_URL"
-    )
-    return None if kind == "sqlite" or both_given else LocalPostgres(PG_ROOT, PG_PORT)
+    given = [os.environ.get(f"PIPELINE_{name}_DB_URL") for name in ("AIRFLOW", "MLFLOW")]
+    return None if kind == "sqlite" or all(given) else LocalPostgres(PG_ROOT, PG_PORT)
 
 
 def _describe_db(url: str | None) -> str:
@@ -225,15 +224,6 @@ def stale_since_install(leader: psutil.Process | None, stamp: Path = INSTALL_STA
         return False
 
 
-def wait_until(check, timeout_s: float, interval_s: float = 1.0) -> bool:
-    """Whether ``check()`` became true within ``timeout_s`` (tenacity polls it)."""
-    retry = retry_if_result(lambda ok: not ok)
-    stop, wait = stop_after_delay(timeout_s), wait_fixed(interval_s)
-    return Retrying(stop=stop, wait=wait, retry=retry, retry_error_callback=lambda _: False)(
-        lambda: bool(check())
-    )
-
-
 def _wait_http(url: str, what: str, timeout_s: float, alive, each=lambda: None) -> None:
     def answered() -> bool:
         each()
@@ -243,7 +233,7 @@ def _wait_http(url: str, what: str, timeout_s: float, alive, each=lambda: None) 
             return httpx.get(url, timeout=2).status_code == 200
         return False
 
-    if not wait_until(answered, timeout_s):
+    if not wait_until(answered, timeout_s, 1.0):
         raise SystemExit(f"{what} did not answer {url} in {timeout_s:.0f}s; see {LOGS}")
 
 
@@ -284,6 +274,7 @@ def _postgres_up() -> None:
         else:
             pg.prepare()
             pg.start(LOGS / "postgres.log", {procs.MARKER: str(STATE), procs.SERVICE: "postgres"})
+            say(f"started postgres (log {LOGS / 'postgres.log'})")
         for name in ("airflow", "mlflow"):
             pg.ensure_database(name)
     except (RuntimeError, OSError) as exc:
@@ -580,21 +571,12 @@ def task_timings(dag_run: dict, instances: list[dict]) -> list[tuple[str, str, f
     def at(stamp: str) -> float:
         return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
-    t0 = at(dag_run.get("queued_at") or dag_run["start_date"])
-    ran = [
-        t
-        for t in instances
-        if t.get("start_date") and t.get("end_date") and t["state"] != "skipped"
-    ]
-    return [
-        (
-            t["task_id"],
-            t["state"],
-            at(t["start_date"]) - t0,
-            at(t["end_date"]) - at(t["start_date"]),
-        )
-        for t in sorted(ran, key=lambda ti: ti["start_date"])
-    ]
+    t0, rows = at(dag_run.get("queued_at") or dag_run["start_date"]), []
+    for t in sorted((t for t in instances if t["start_date"]), key=lambda t: t["start_date"]):
+        if t["end_date"] and t["state"] != "skipped":
+            start, end = at(t["start_date"]), at(t["end_date"])
+            rows.append((t["task_id"], t["state"], start - t0, end - start))
+    return rows
 
 
 def _print_timings(api: Airflow, run_id: str) -> None:
@@ -611,9 +593,7 @@ def _print_timings(api: Airflow, run_id: str) -> None:
 
 def _report(api: Airflow, state: str, tasks: dict[str, str], run_id: str) -> int:
     decision = ""  # in the words of the task that ended the run
-    for task in (
-        t for t in ("unchanged", "not_deployed", "rollout_local") if tasks.get(t) == "success"
-    ):
+    for task in (t for t in ENDINGS if tasks.get(t) == "success"):
         with contextlib.suppress(httpx.HTTPError, KeyError, TypeError):
             value = api.run(run_id, f"/taskInstances/{task}/xcomEntries/return_value")["value"]
             if isinstance(value, dict):

@@ -6,23 +6,12 @@
     python scripts/stack.py status   what is running
     python scripts/stack.py resume   serve again what the local target served before a stop
 
-All state lives under .local/ (or $PIPELINE_STATE_DIR): SQLite databases, MLflow artifacts,
-Airflow home, data partitions, logs and stack.lock. `up`, `run`, `resume` and `down` hold that
-lock in turn: one that waits says who holds it, and `down` first stops an `up` or a `run` in
-progress. Every process the stack starts carries PIPELINE_STACK_STATE=<state dir> in its
-environment, and so does what those start (Airflow's workers and tasks, the proxies and model
-servers they deploy): `down` finds them all (psutil) and stops them, SIGTERM then SIGKILL.
-
-PIPELINE_DB=postgres puts Airflow's metadata DB and MLflow's backend store on PostgreSQL: a
-private server under .local/postgres/ (port $PIPELINE_PG_PORT, default 15432), or existing
-databases named by PIPELINE_AIRFLOW_DB_URL / PIPELINE_MLFLOW_DB_URL.
-
-A Prometheus ($PROMETHEUS_BIN, or `prometheus` on PATH) runs on 127.0.0.1:$PROMETHEUS_PORT
-(default 9090) with a generated prometheus.yml: it scrapes the model server through the local
-front port and the Airflow plugin's exporter, and evaluates docker/prometheus/rules.yml.
-Without the binary the stack runs without it (and says so).
-
-What the stack writes is its owner's only (umask 077); `run` prints the admin password once.
+All state lives under .local/ (or $PIPELINE_STATE_DIR), its owner's only (umask 077). `up`,
+`run`, `resume` and `down` take turns on .local/stack.lock; `down` first stops an `up` or `run`
+in progress. Every process the stack starts carries PIPELINE_STACK_STATE=<state dir> in its
+environment, and so does what those start: `down` finds them all (scripts/stacklib/processes.py).
+PIPELINE_DB=postgres: Airflow and MLflow on PostgreSQL (the stack's own server, or the databases
+PIPELINE_AIRFLOW_DB_URL / PIPELINE_MLFLOW_DB_URL name). Prometheus runs when installed.
 """
 
 from __future__ import annotations
@@ -662,6 +651,8 @@ def main() -> int:
         sub.add_parser(command)
     sub.add_parser("run").add_argument("--conf", default="{}", help="JSON conf (Params)")
     args = parser.parse_args()
+    # `down` stops a starting `up` or a running `run` with SIGTERM: say so, release the lock.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("[stack] stopped (SIGTERM, e.g. make stop)"))
     os.umask(procs.PRIVATE_UMASK)  # what the stack and its processes write is the owner's only
     os.environ.update(stack_env())  # and so also what is started from this process
     if args.command == "run":

@@ -651,8 +651,11 @@ def main() -> int:
         sub.add_parser(command)
     sub.add_parser("run").add_argument("--conf", default="{}", help="JSON conf (Params)")
     args = parser.parse_args()
-    # `down` stops a starting `up` or a running `run` with SIGTERM: say so, release the lock.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("[stack] stopped (SIGTERM, e.g. make stop)"))
+    # `down` stops a starting `up` or a running `run` with SIGTERM: say so, and end (its lock
+    # goes with the process; an exception could be caught on the way, a wait goes on).
+    signal.signal(
+        signal.SIGTERM, lambda *_: (say("stopped (SIGTERM, e.g. make stop)"), os._exit(143))
+    )
     os.umask(procs.PRIVATE_UMASK)  # what the stack and its processes write is the owner's only
     os.environ.update(stack_env())  # and so also what is started from this process
     if args.command == "run":

@@ -523,6 +523,7 @@ def restore_champion(tracking_uri: str = MLFLOW_URL) -> dict[str, Any] | None:
 
 def run(conf: dict) -> int:
     with procs.stack_lock(STATE, "run"):
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a summary, not bars
         restore_champion()
         api = Airflow()
         if not wait_until(lambda: api.http.get(f"/dags/{DAG_ID}").status_code == 200, 240, 2):
@@ -597,7 +598,10 @@ def _report(api: Airflow, state: str, tasks: dict[str, str], run_id: str) -> int
     if state != "success":
         failed = [t for t, s in tasks.items() if s in ("failed", "upstream_failed")]
         print(f"  failed tasks: {', '.join(failed)}; logs in the Airflow UI or {AIRFLOW_HOME}/logs")
-    _print_served()
+    try:
+        _print_served()
+    except Exception as exc:  # the summary's last part: say why rather than a traceback
+        print(f"  Model      : could not ask the endpoint ({exc.__class__.__name__}: {exc})")
     return 0 if state == "success" else 1
 
 
@@ -622,7 +626,6 @@ def _print_served() -> None:
     if not (live := target.live()).healthy:
         return print(f"  Model      : nothing answers at {target.endpoint} ({live.detail})")
     mlflow.set_tracking_uri(MLFLOW_URL)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     uri, champion = f"models:/{registry.model_name}/{live.version}", None
     with contextlib.suppress(mlflow.MlflowException):
         client = mlflow.MlflowClient()

@@ -224,14 +224,14 @@ def test_down_while_up_is_still_starting_leaves_nothing_running(tmp_path, free_p
             proxy.resume()
         said = down.communicate(timeout=300)[0]
         assert down.returncode == 0, said
-        # It waited for the stack lock, said who held it, and stopped that `up` first.
-        assert "held by `stack.py up`" in said, said
         up.wait(timeout=300)  # `up` does not go on starting things after `down`
         time.sleep(2)  # what a surviving proxy would do now: listen, start a model server
         left = _of_state(state)
         assert _describe(left) == [], f"{said}\n--- up ---\n{up_log.read_text()[-3000:]}"
         assert not _listening(front)
         assert not _listening(slot_a)
+        # It waited for the stack lock, said who held it, and stopped that `up` first.
+        assert "held by `stack.py up`" in said, said
     finally:
         if up.poll() is None:
             up.kill()

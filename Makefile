@@ -20,7 +20,7 @@ up: $(STAMP)
 	@scripts/install_prometheus.sh || echo "Prometheus not installed: the stack runs without it (see scripts/install_prometheus.sh)"
 	$(PY) scripts/stack.py up
 
-## stop: stop every process `make run` started (children included, its PostgreSQL and Prometheus)
+## stop: stop every process of the stack (what make run, its tasks and rollouts started; PostgreSQL, Prometheus), a starting make run first
 stop:
 	@if [ -x $(PY) ]; then $(PY) scripts/stack.py down; fi
 

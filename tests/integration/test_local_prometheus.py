@@ -15,7 +15,6 @@ Needs Debian's prometheus package (`make prometheus-tools`); skipped with that r
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import stat
@@ -200,7 +199,7 @@ def prometheus(tmp_path_factory, servers):
                 "ready_s": time.monotonic() - started,
             }
         finally:
-            stack._stop_group("prometheus")
+            stack._stop("prometheus")
 
 
 def _get_ok(url: str) -> bool:
@@ -243,10 +242,9 @@ def test_the_stack_starts_prometheus_as_a_private_service(prometheus):
         (state / "prometheus", 0o700),
         (state / "prometheus" / "data", 0o700),
         (state / "logs" / "prometheus.log", 0o600),
-        (state / "pids" / "prometheus.pid", 0o600),
     ):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
-    assert prometheus["stack"]._pid("prometheus") is not None
+    assert prometheus["stack"]._of("prometheus") != []
     assert prometheus["ready_s"] < 30
 
 
@@ -371,7 +369,7 @@ def test_the_project_alert_rules_are_evaluated_and_quiet(prometheus):
 
 def test_make_run_again_reuses_it_and_reloads_a_changed_config(prometheus, capsys):
     stack, url = prometheus["stack"], prometheus["url"]
-    pid = stack._pid("prometheus")
+    pid = stack._of("prometheus")[0].pid
     capsys.readouterr()
     assert stack._prometheus_up() is True
     assert "prometheus already running\n" in capsys.readouterr().out
@@ -379,7 +377,7 @@ def test_make_run_again_reuses_it_and_reloads_a_changed_config(prometheus, capsy
         mp.setattr(stack, "PROMETHEUS_INTERVAL_S", 2)
         assert stack._prometheus_up() is True
     assert "configuration changed, reloaded" in capsys.readouterr().out
-    assert stack._pid("prometheus") == pid
+    assert stack._of("prometheus")[0].pid == pid
 
     def loaded() -> bool:
         config = httpx.get(f"{url}/api/v1/status/config", timeout=5).json()["data"]["yaml"]
@@ -388,11 +386,31 @@ def test_make_run_again_reuses_it_and_reloads_a_changed_config(prometheus, capsy
     _wait(loaded, "the reloaded config")
 
 
+def test_the_urls_make_run_prints_for_it_answer_200(prometheus):
+    """The summary's Prometheus line names the pages this Prometheus serves (Debian's 2.42:
+    under /classic/), and each of them answers 200 and shows what it is for: the targets page
+    lists both jobs, the alerts page the project's alert rules."""
+    import re
+
+    from scripts.stacklib.prometheus import prometheus_pages
+
+    stack, url = prometheus["stack"], prometheus["url"]
+    line = stack.prometheus_line(prometheus_pages(url), url)
+    printed = re.findall(r"http://\S+?(?=[,)\s]|$)", line)
+    assert len(printed) == 3, line  # the UI, its targets page, its alerts page
+    answers = {link: httpx.get(link, timeout=5) for link in printed}
+    assert {link: r.status_code for link, r in answers.items()} == dict.fromkeys(printed, 200)
+    targets = next(r.text for link, r in answers.items() if link.endswith("/targets"))
+    alerts = next(r.text for link, r in answers.items() if link.endswith("/alerts"))
+    assert "model-server" in targets and "registry" in targets
+    rules = yaml.safe_load(RULES.read_text())["groups"]
+    assert all(rule["alert"] in alerts for group in rules for rule in group["rules"])
+
+
 def test_the_stack_stop_frees_the_port(prometheus):
     """Last in the module: the fixture's teardown would do the same."""
     stack = prometheus["stack"]
-    stack._stop_group("prometheus")
-    assert stack._pid("prometheus") is None
+    stack._stop("prometheus")
+    assert stack._of("prometheus") == []
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", prometheus["port"])) != 0
-    assert not os.path.exists(prometheus["state"] / "pids" / "prometheus.pid")

@@ -52,7 +52,8 @@ CLIENT_MLFLOW_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 def stack(airflow_db, tmp_path_factory):
     from mlflow import MlflowClient
 
-    from scripts.stack import WEBHOOK_PATH, mlflow_webhook_env, register_mlflow_webhook, spawn
+    from scripts.stack import WEBHOOK_PATH, mlflow_webhook_env, register_mlflow_webhook
+    from scripts.stacklib.processes import spawn
 
     root = tmp_path_factory.mktemp("promotion")
     mlflow_port, api_port = free_port(), free_port()

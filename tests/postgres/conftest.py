@@ -1,6 +1,6 @@
 """The PostgreSQL tier: a throwaway PostgreSQL server, and an `mlflow server` backed by it.
 
-The server is the stack's own (``scripts/stack.py``'s ``LocalPostgres``, as
+The server is the stack's own (``LocalPostgres`` of ``scripts/stacklib/postgres.py``, as
 ``PIPELINE_DB=postgres make run`` starts it): initdb in a temp dir, run as the ``postgres``
 system user when the tests run as root, on a free port. Where it cannot start (no server
 binaries, or root without a ``postgres`` user) every test of the tier is skipped with that one
@@ -49,7 +49,7 @@ def pytest_runtest_makereport(item, call):
 
 
 def _skip_unless_postgres_can_start() -> None:
-    from scripts.stack import LocalPostgres
+    from scripts.stacklib.postgres import LocalPostgres
 
     reason = LocalPostgres.unavailable()
     if reason is not None:
@@ -59,8 +59,7 @@ def _skip_unless_postgres_can_start() -> None:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator:
     """A running throwaway PostgreSQL server (``LocalPostgres``); removed at the end."""
-    from scripts.stack import LocalPostgres, spawn
-    from serving.deploy.local import stop_group
+    from scripts.stacklib.postgres import LocalPostgres
 
     _skip_unless_postgres_can_start()
     # Not pytest's tmp_path: its folders are 0700, and the server's user must reach its own;
@@ -69,21 +68,15 @@ def postgres() -> Iterator:
     os.chmod(root, 0o711)
     pg = LocalPostgres(root / "pg", free_port(), settings=FAST)
     log = root / "postgres.log"
-    proc = None
     try:
         pg.prepare()
-        popen = pg.popen_kwargs()
-        proc = spawn(pg.server_argv(), popen.pop("env"), log, **popen)
         try:
-            pg.wait_ready(60, alive=lambda: proc.poll() is None)
+            pg.start(log)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n{_tail(log)}") from None
         yield pg
     finally:
-        if proc is not None:
-            pg.stop()
-            stop_group(proc.pid, timeout_s=10)
-            proc.wait(timeout=10)
+        pg.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -91,7 +84,8 @@ def postgres() -> Iterator:
 def pg_mlflow(postgres, tmp_path_factory) -> Iterator[str]:
     """`mlflow server` on database ``mlflow`` of the throwaway server, two workers (two
     processes writing to the database), webhooks enabled as ``make run`` enables them."""
-    from scripts.stack import mlflow_server_argv, mlflow_webhook_env, spawn
+    from scripts.stack import mlflow_server_argv, mlflow_webhook_env
+    from scripts.stacklib.processes import spawn
     from serving.deploy.local import stop_group
 
     root = tmp_path_factory.mktemp("pg-mlflow")

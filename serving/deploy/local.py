@@ -54,8 +54,8 @@ from serving.deploy.proxy import (
     atomic_write_json,
     start_detached,
 )
-from serving.deploy.rollout import DeployFailed, Live
 from serving.deploy.settings import DeploySettings
+from serving.deploy.target import DeployFailed, Live
 from serving.deploy.verify import Endpoint, EndpointUnreachable
 
 if TYPE_CHECKING:

@@ -62,9 +62,6 @@ MEASURED_READY_S = 16.4
 STARTUP_PERIOD_S = 2
 STARTUP_FAILURES = 45
 STARTUP_BUDGET_S = STARTUP_PERIOD_S * STARTUP_FAILURES
-# No progress for this long -> Progressing=False, reason ProgressDeadlineExceeded: one pod's
-# startup budget, plus a minute for scheduling and pulling a ~1 GB image on a fresh node.
-PROGRESS_DEADLINE_S = STARTUP_BUDGET_S + 60
 # A new pod must stay ready this long before it counts as available (catches flapping pods).
 MIN_READY_S = 5
 # SIGTERM: the server drains in-flight requests for up to GRACEFUL_S; preStop first waits
@@ -125,6 +122,11 @@ def selector_labels(settings: DeploySettings) -> dict[str, str]:
     }
 
 
+def label_selector(settings: DeploySettings) -> str:
+    """:func:`selector_labels` as a label selector (``kubectl get pods -l ...``)."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(settings).items())
+
+
 def _labels(settings: DeploySettings, component: str, **extra: str) -> dict[str, str]:
     return {
         **selector_labels(settings),
@@ -174,10 +176,11 @@ def server_service_account(settings: DeploySettings) -> dict[str, Any]:
 def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
     """ServiceAccount, Role and RoleBinding of the rollout pod: least privilege.
 
-    - ``deployments``: ``get`` (read the live revision and its status, poll the rollout) and
-      ``patch`` (server-side apply), only on the one Deployment (``resourceNames``). No
-      ``create`` (the Deployment is bootstrapped by an administrator), no ``list``/``watch``
-      (the rollout polls one object by name), no ``delete``, no ``update``.
+    - ``deployments``: ``get`` and ``watch`` (the live revision and the rollout's progress;
+      a watch of one object by ``fieldSelector=metadata.name``) and ``patch`` (server-side
+      apply), only on the one Deployment (``resourceNames``); ``deployments/scale``: ``patch``
+      (withdraw: scale to zero, and back). No ``create`` (an administrator bootstraps the
+      Deployment), no ``list``, no ``delete``, no ``update``.
     - ``replicasets``, ``pods``: ``list`` only, to tell a stuck rollout's reason (image pull
       errors, crash loops) and to find the previous revision's template. ``list`` cannot be
       narrowed by name; both are read-only.
@@ -200,7 +203,13 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
                     "apiGroups": ["apps"],
                     "resources": ["deployments"],
                     "resourceNames": [settings.deployment_name],
-                    "verbs": ["get", "patch"],
+                    "verbs": ["get", "watch", "patch"],
+                },
+                {
+                    "apiGroups": ["apps"],
+                    "resources": ["deployments/scale"],
+                    "resourceNames": [settings.deployment_name],
+                    "verbs": ["patch"],
                 },
                 {
                     "apiGroups": ["apps"],
@@ -345,7 +354,7 @@ def deployment(
                 "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
             },
             "minReadySeconds": MIN_READY_S,
-            "progressDeadlineSeconds": PROGRESS_DEADLINE_S,
+            "progressDeadlineSeconds": settings.progress_deadline_s,
             # The rollout reads the previous revision from its ReplicaSet when it resumes.
             "revisionHistoryLimit": 5,
             "template": {
@@ -739,10 +748,18 @@ def render(
     objects.append(horizontal_pod_autoscaler(settings))
     objects.append(pod_disruption_budget(settings))
     objects.append(network_policy(settings))
-    objects.append(service_monitor(settings))
-    objects.append(prometheus_rule(settings))
-    objects.append(grafana_dashboard_config_map(settings))
     return objects
+
+
+def render_monitoring(settings: DeploySettings) -> list[dict[str, Any]]:
+    """The monitoring objects: they need the Prometheus Operator's CRDs (ServiceMonitor,
+    PrometheusRule) and a Grafana dashboard sidecar (the ConfigMap), so they are a kustomize
+    base of their own (docker/k8s/monitoring), applied where those exist."""
+    return [
+        service_monitor(settings),
+        prometheus_rule(settings),
+        grafana_dashboard_config_map(settings),
+    ]
 
 
 # -- YAML ----------------------------------------------------------------------------------------

@@ -38,12 +38,23 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from ml.settings import RegistrySettings
-from serving.deploy.verify import EndpointUnreachable, Rows, VerificationFailed
+from serving.deploy.target import (
+    DeployFailed,
+    EndpointUnreachable,
+    Live,
+    NotReady,
+    RequestRejected,
+    RolloutError,
+    Target,
+    TargetRejected,
+    Verdict,
+    VerificationFailed,
+)
+from serving.deploy.verify import Rows
 
 log = logging.getLogger("serving.deploy.rollout")
 
@@ -54,47 +65,18 @@ FAILED_BY_TAG = "rollout.failed_by"
 VERIFIED_TAG = "rollout.verified"
 
 Kind = Literal["candidate", "champion", "version"]
-
-
-class RolloutError(RuntimeError):
-    """The rollout could not be completed, and it says nothing about the version: retry."""
-
-
-class RequestRejected(ValueError):
-    """The request names a version the registry does not have: retrying will not help."""
-
-
-class DeployFailed(RolloutError):
-    """The target could not put the version live; what served before still serves."""
-
-
-class Target(Protocol):
-    """Where models are served: the local target or a Kubernetes Deployment."""
-
-    name: str
-
-    @property
-    def endpoint(self) -> str:
-        """Base URL the rollout verifies through."""
-
-    def lock(self, holder: str) -> AbstractContextManager[None]:
-        """Held for a whole rollout: one rollout at a time on this target."""
-
-    def live(self) -> Live:
-        """The version served now, and whether it is healthy."""
-
-    def deploy(self, model_uri: str, version: str) -> dict[str, Any]:
-        """Put the pinned version live; raises :class:`DeployFailed` (old one still serves)."""
-
-    def withdraw(self) -> None:
-        """Stop serving (after a failed first rollout: nothing good to go back to)."""
-
-
-@dataclass(frozen=True)
-class Live:
-    version: str | None
-    healthy: bool
-    detail: str = ""
+__all__ = [
+    "DeployFailed",
+    "EndpointUnreachable",
+    "Live",
+    "NotReady",
+    "RequestRejected",
+    "RolloutError",
+    "Target",
+    "TargetRejected",
+    "Verdict",
+    "VerificationFailed",
+]
 
 
 @dataclass(frozen=True)
@@ -123,6 +105,9 @@ class Request:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | str) -> Request:
@@ -312,7 +297,11 @@ def run(
                 restore_to = champion
             try:
                 detail = target.deploy(model_uri, version)
-            except DeployFailed:
+            except NotReady as exc:  # a verdict; the target already put back what it could
+                _verdict(reg, registry, target, request, version, str(exc), None, step,
+                         restored=exc.restored)  # fmt: skip
+                raise
+            except (RolloutError, TargetRejected):
                 raise
             except Exception as exc:
                 raise DeployFailed(f"deploying v{version} failed: {exc}") from exc
@@ -371,14 +360,20 @@ def _verdict(
     reason: str,
     restore_to: str | None,
     step: Any,
+    *,
+    restored: str | None = None,
 ) -> None:
-    """Verification ran and failed: tag, put back what served before, move the alias back."""
-    step(f"VERIFICATION FAILED for v{version}: {reason}")
+    """A check on the version ran and it failed: tag it, put back what served before (unless
+    the target already did: ``restored``), move the alias back."""
+    step(f"v{version} FAILED: {reason}")
     reg.tag_version(
         version,
         {FAILED_TAG: reason[:4000], FAILED_BY_TAG: request.run_id or request.reason or "?"},
     )
-    if restore_to is not None:
+    if restored is not None:
+        restore_to = restored
+        step(f"v{restored} serves again (put back by the {target.name} target)")
+    elif restore_to is not None:
         try:
             target.deploy(f"models:/{reg.name}/{restore_to}", restore_to)
             step(f"v{restore_to} restored")
@@ -386,6 +381,7 @@ def _verdict(
             # A bad version must not stay live: withdraw; reconcile brings @champion back.
             step(f"restoring v{restore_to} failed ({exc}); withdrawing v{version}")
             target.withdraw()
+            restore_to = None
     else:
         target.withdraw()
         step(f"nothing served before v{version}: endpoint withdrawn")
@@ -477,10 +473,10 @@ def make_target(settings: Any, *, tracking_uri: str) -> Target:
         from serving.deploy.local import LocalTarget
 
         return LocalTarget(settings, tracking_uri)
-    from serving.deploy.kubernetes import KubeClient, KubernetesTarget
+    from serving.deploy.kubernetes import KubeApi, KubernetesTarget
 
-    kube = KubeClient.from_environment(settings.namespace, settings.deployment_name)
-    return KubernetesTarget(kube, settings, tracking_uri=tracking_uri)
+    return KubernetesTarget(KubeApi.from_environment(settings), tracking_uri=tracking_uri,
+                            settings=settings)  # fmt: skip
 
 
 def run_request(
@@ -506,7 +502,7 @@ def observe_live(deploy: Any, *, tracking_uri: str) -> Live:
         from serving.deploy.local import LocalTarget
 
         return LocalTarget(deploy, tracking_uri).live()
-    from serving.deploy.verify import Endpoint, EndpointUnreachable
+    from serving.deploy.verify import Endpoint
 
     try:
         with Endpoint(deploy.endpoint_url, timeout_s=10.0) as endpoint:
@@ -559,13 +555,14 @@ def request_for_deploy_model(
     *,
     version: int | str | None,
     reason: str,
+    retry_failed: bool,
     events: list[Mapping[str, Any]],
     run_id: str | None,
     deploy: Any,
     registry: RegistrySettings,
     tracking_uri: str,
 ) -> dict[str, Any]:
-    """``deploy_model``'s first step: the rollout request, or None when all is in sync.
+    """``deploy_model``'s first step: the rollout request (JSON), or None when all is in sync.
 
     A manual version is always rolled out. Otherwise the request is "whatever @champion names
     when the rollout runs"; only the one cheap case is settled here, outside the rollout slot:
@@ -589,7 +586,7 @@ def request_for_deploy_model(
             reason=reason or f"deploy_model run {run_id}: version {version} by hand",
             run_id=run_id,
         )
-        return {"request": request.to_dict(), "why": "a version was given"}
+        return {"request": request.to_json(), "why": "a version was given"}
     promoted = bool(events)
     request = Request(
         kind="champion",
@@ -597,7 +594,7 @@ def request_for_deploy_model(
         or (f"promotion in the registry ({len(events)} event(s))" if promoted else "by hand"),
         run_id=run_id,
         # A person moving the alias (or triggering by hand) asks again; reconcile does not.
-        retry_failed=not reason.startswith("reconcile"),
+        retry_failed=retry_failed,
     )
     champion = Registry(tracking_uri, registry).champion()
     if champion is not None:
@@ -617,4 +614,4 @@ def request_for_deploy_model(
         _v(live.version),
         "healthy" if live.healthy else live.detail,
     )
-    return {"request": request.to_dict(), "why": "out of sync"}
+    return {"request": request.to_json(), "why": "out of sync"}

@@ -105,11 +105,20 @@ class DeploySettings(BaseSettings):
         description="Secret whose keys become env vars of every pipeline pod (training and "
         "rollout): MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, object-store credentials.",
     )
-    smoke_timeout_s: float = Field(
+    progress_deadline_s: int = Field(
+        150,
+        ge=10,
+        description="The serving Deployment's progressDeadlineSeconds: how long a rollout may "
+        "make no progress before the Deployment controller reports ProgressDeadlineExceeded "
+        "and the rollout undoes it. One pod's startup-probe budget (90 s) plus a minute for "
+        "scheduling and pulling the image on a fresh node.",
+    )
+    api_retry_s: float = Field(
         60.0,
         gt=0,
-        description="How long the rollout's smoke test may take to see the new version "
-        "answer through the Service (old pods may still drain for a few seconds).",
+        description="How long the rollout keeps retrying Kubernetes API calls that get no "
+        "answer (refused, 5xx, 429, a lost watch) before it gives up as a fault, which Airflow "
+        "retries.",
     )
 
     @field_validator("local_slot_ports", mode="before")

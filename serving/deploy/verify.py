@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import numpy as np
 
+from serving.deploy.target import EndpointUnreachable, VerificationFailed
 from serving.server.contract import SLIM_ATOL, SLIM_RTOL, VERSION_HEADER
 
 if TYPE_CHECKING:
@@ -41,16 +42,8 @@ ATOL = SLIM_ATOL
 RTOL = SLIM_RTOL
 
 
-class VerificationFailed(RuntimeError):
-    """The endpoint answered, and not what the version answers: a verdict on the version."""
-
-
 # Kept for callers of the old name (the CLI's ``verify`` command, the tests).
 VerificationError = VerificationFailed
-
-
-class EndpointUnreachable(RuntimeError):
-    """The endpoint did not answer (refused, reset, timed out): not a verdict on any version."""
 
 
 @dataclass(frozen=True)

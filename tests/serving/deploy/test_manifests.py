@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from serving.deploy import manifests
-from serving.deploy.manifests import UnpinnedModelURI, base_files, render
+from serving.deploy.manifests import UnpinnedModelURI, base_files, render, render_monitoring
 from serving.deploy.settings import DeploySettings
 from tests.k8s_schemas import newest_minors
 
@@ -27,6 +27,7 @@ URI = "models:/regression-model/7"
 TRACKING = "http://mlflow.mlflow.svc.cluster.local:5000"
 REPO = Path(__file__).resolve().parents[3]
 BASE = REPO / "docker" / "k8s" / "base"
+MONITORING = REPO / "docker" / "k8s" / "monitoring"
 # What docker/k8s/base/ was generated with (see the GENERATED_HEADER in its files).
 BASE_ARGS = {"model_uri": "models:/regression-model/1", "version": "1", "tracking_uri": TRACKING}
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
@@ -53,7 +54,8 @@ def settings(clean_env) -> DeploySettings:
 
 @pytest.fixture
 def objects(settings) -> list[dict]:
-    return render(settings, URI, "7", tracking_uri=TRACKING)
+    """Both kustomize bases' objects: the serving objects and the monitoring ones."""
+    return render(settings, URI, "7", tracking_uri=TRACKING) + render_monitoring(settings)
 
 
 def by_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -439,10 +441,14 @@ def test_rbac_least_privilege(objects, settings):
             for resource in rule["resources"]:
                 for verb in rule["verbs"]:
                     granted.add((group, resource, verb, tuple(rule.get("resourceNames", []))))
-    # exactly what serving.rollout.KubeClient calls, and nothing else
+    # exactly what serving.deploy.kubernetes.KubeApi calls (tests/k8s runs every rollout with
+    # this Role's token against a real API server), and nothing else
+    name = (settings.deployment_name,)
     assert granted == {
-        ("apps", "deployments", "get", (settings.deployment_name,)),
-        ("apps", "deployments", "patch", (settings.deployment_name,)),
+        ("apps", "deployments", "get", name),
+        ("apps", "deployments", "watch", name),
+        ("apps", "deployments", "patch", name),
+        ("apps", "deployments/scale", "patch", name),
         ("apps", "replicasets", "list", ()),
         ("", "pods", "list", ()),
     }
@@ -460,22 +466,6 @@ def test_rbac_least_privilege(objects, settings):
             "namespace": settings.namespace,
         }
     ]
-
-
-def test_rbac_covers_the_rollout_clients_calls():
-    """Each KubeClient method maps to one granted (resource, verb): keep them in step."""
-    import inspect
-
-    from serving.deploy.kubernetes import KubeClient
-
-    source = inspect.getsource(KubeClient)
-    calls = set(re.findall(r"self\.(?:apps|core)\.(\w+)\(", source))
-    assert calls == {
-        "read_namespaced_deployment",  # get deployments
-        "patch_namespaced_deployment",  # patch deployments
-        "list_namespaced_replica_set",  # list replicasets
-        "list_namespaced_pod",  # list pods
-    }
 
 
 # -- monitoring -----------------------------------------------------------------------------------
@@ -602,6 +592,8 @@ RENDER_COMMAND = (
     "python -m serving.deploy render --model-uri models:/regression-model/1 --version 1 "
     f"--tracking-uri {TRACKING} --out-dir docker/k8s/base --prometheus-rules "
     "docker/prometheus/rules.yml --grafana-dashboard docker/grafana/model-server-dashboard.json"
+    " && python -m serving.deploy render --model-uri models:/regression-model/1 --version 1 "
+    f"--tracking-uri {TRACKING} --monitoring --out-dir docker/k8s/monitoring"
 )
 
 
@@ -612,11 +604,15 @@ def test_committed_base_matches_render(clean_env):
     expected = {
         f"docker/k8s/base/{name}": text
         for name, text in base_files(render(settings, **BASE_ARGS)).items()
+    } | {
+        f"docker/k8s/monitoring/{name}": text
+        for name, text in base_files(render_monitoring(settings)).items()
     }
     expected[manifests.RULES_FILE] = manifests.prometheus_rules_file(settings)
     expected[DASHBOARD_PATH] = dashboard_json(settings)
     committed = {path: (REPO / path).read_text() for path in expected if (REPO / path).exists()} | {
-        f"docker/k8s/base/{p.name}": p.read_text() for p in BASE.glob("*.yaml")
+        f"docker/k8s/{p.parent.name}/{p.name}": p.read_text()
+        for p in [*BASE.glob("*.yaml"), *MONITORING.glob("*.yaml")]
     }
     assert committed.keys() == expected.keys()
     for path, text in expected.items():
@@ -640,11 +636,12 @@ def test_dashboard_config_map_for_grafanas_sidecar(objects, settings):
     assert len(yaml.safe_dump(config_map).encode()) < 200 * 1024
 
 
-def test_base_is_a_kustomization_of_all_files():
-    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+@pytest.mark.parametrize("base", [BASE, MONITORING], ids=["base", "monitoring"])
+def test_base_is_a_kustomization_of_all_files(base):
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
     assert kustomization["kind"] == "Kustomization"
     assert set(kustomization["resources"]) == {
-        p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml"
+        p.name for p in base.glob("*.yaml") if p.name != "kustomization.yaml"
     }
 
 
@@ -681,14 +678,9 @@ def test_render_cli_refuses_an_alias(clean_env, capsys):
 
 
 def test_rollout_applies_the_rendered_deployment(settings):
-    """The rollout pod applies exactly render()'s Deployment: one source of truth."""
-    from serving.deploy.kubernetes import Rollout
+    """The rollout applies exactly render()'s Deployment: one source of truth."""
+    from serving.deploy.kubernetes import KubernetesTarget
 
-    rollout = Rollout(
-        kube=None,  # type: ignore[arg-type]
-        settings=settings,
-        model_uri=URI,
-        version="7",
-        tracking_uri=TRACKING,
-    )
-    assert rollout.desired == one(render(settings, URI, "7", tracking_uri=TRACKING), "Deployment")
+    target = KubernetesTarget(api=None, settings=settings, tracking_uri=TRACKING)  # type: ignore
+    rendered = one(render(settings, URI, "7", tracking_uri=TRACKING), "Deployment")
+    assert target._render(URI, "7") == rendered

@@ -7,6 +7,7 @@ Kept out of DAG parsing by ``.airflowignore``; imports nothing heavy.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from datetime import date, timedelta
@@ -36,6 +37,9 @@ IO_TASK_DEFAULTS = {
     "max_retry_delay": timedelta(minutes=10),
     "execution_timeout": timedelta(hours=1),
 }
+
+# The task logger: what tasks log here lands in the Airflow task log.
+log = logging.getLogger("airflow.task")
 
 MLFLOW_CONN_ID = os.environ.get("PIPELINE_MLFLOW_CONN_ID", "mlflow_default")
 
@@ -222,59 +226,63 @@ def run_tag_templates() -> dict[str, str]:
 TRAINING_RUN_KEY_TAG = "pipeline_run_key"
 
 
+def training_run_key(dag_id: str, run_id: str, task_id: str) -> str:
+    """The key naming the pipeline step a training run is an attempt of."""
+    return f"{dag_id}/{run_id}/{task_id}"
+
+
 def training_run_tags(context: dict[str, Any]) -> dict[str, str]:
     """:func:`run_tags` plus the key naming the step a training run is an attempt of.
 
     A retry of the task tags its run with the same key, so it finds the run of an attempt
-    that died without ending it and marks it FAILED (``ml.train.fail_dead_attempts``).
+    that died without ending it and marks it FAILED (``ml.train.fail_dead_attempts``); the
+    task after a training pod finds the pod's result by it (``ml.pipeline.trained_by``).
     """
-    key = f"{context['dag'].dag_id}/{context['run_id']}/{context['task'].task_id}"
+    key = training_run_key(context["dag"].dag_id, context["run_id"], context["task"].task_id)
     return {**run_tags(context), TRAINING_RUN_KEY_TAG: key}
 
 
 def training_run_tag_templates() -> dict[str, str]:
     """:func:`training_run_tags` as Jinja templates, for the training pod."""
-    key = "{{ dag.dag_id }}/{{ run_id }}/{{ task.task_id }}"
+    key = training_run_key("{{ dag.dag_id }}", "{{ run_id }}", "{{ task.task_id }}")
     return {**run_tag_templates(), TRAINING_RUN_KEY_TAG: key}
 
 
 # -- the one rollout path, as tasks both deploying DAGs build --------------------------------------
 
-ROLLOUT_REQUEST_KEY = "rollout_request"
 
-
-def rollout_tasks(request_task_id: str) -> tuple[Any, Any]:
+def rollout_tasks(request: Any) -> tuple[Any, Any]:
     """``rollout_local`` and ``rollout_kubernetes``: the rollout path, per deploy target.
 
-    Both read the rollout request that ``request_task_id`` pushed (XCom ``rollout_request``),
+    ``request`` is the XComArg of the rollout request (JSON) the deciding task returned. Both
     run in the one-slot rollout pool (one rollout at a time across all DAGs) and do the whole
     plan, deploy, verify, promote or restore (``serving.deploy.rollout.run``): the local one
-    in the worker, the Kubernetes one in a pod. A verdict (verification ran and failed) fails
-    the task without retries; anything else is retried and marks nothing.
+    in the worker, the Kubernetes one in a pod. A verdict (a check on the version ran and
+    failed) or a refusal fails the task without retries; a fault is retried and marks nothing.
     """
     from airflow.sdk import task
 
     deploy = DeploySettings()
 
     @task(task_id="rollout_local", pool=deploy.rollout_pool)
-    def rollout_local(**context) -> dict:
+    def rollout_local(request: str, **context) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
         from serving.deploy.assets import LINKS_KEY
-        from serving.deploy.rollout import RequestRejected, VerificationFailed, run_request
+        from serving.deploy.rollout import run_request
+        from serving.deploy.target import RequestRejected, TargetRejected, Verdict
 
-        request = context["ti"].xcom_pull(task_ids=request_task_id, key=ROLLOUT_REQUEST_KEY)
         uri = tracking_uri()
         try:
             outcome = run_request(
                 request, deploy_settings(context["params"]), registry_settings(), tracking_uri=uri
             )
-        except VerificationFailed as exc:
-            raise AirflowFailException(f"verification failed: {exc}") from exc
-        except RequestRejected as exc:  # a version that does not exist stays missing
-            raise AirflowFailException(str(exc)) from exc
+        except Verdict as exc:
+            raise AirflowFailException(f"verdict (not retried): {exc}") from exc
+        except (RequestRejected, TargetRejected) as exc:  # retrying cannot change it
+            raise AirflowFailException(f"refused (not retried): {exc}") from exc
         for line in outcome["steps"]:
-            print(line)
+            log.info("%s", line)
         return {**outcome, LINKS_KEY: _links(uri, outcome.get("version"))}
 
     def rollout_pod() -> dict[str, Any]:
@@ -283,19 +291,27 @@ def rollout_tasks(request_task_id: str) -> tuple[Any, Any]:
         return rollout_pod_kwargs(
             deploy,
             registry=RegistrySettings(),
-            request=(
-                f"{{{{ ti.xcom_pull(task_ids='{request_task_id}', key='{ROLLOUT_REQUEST_KEY}')"
-                " | tojson }}"
-            ),
+            request=request,
             tracking_uri="{{ mlflow_tracking_uri() }}",
         )
 
-    rollout_kubernetes = pod_task("rollout_kubernetes", rollout_pod, pool=deploy.rollout_pool)
-    return rollout_local(), rollout_kubernetes
+    rollout_kubernetes = pod_task(
+        "rollout_kubernetes", rollout_pod, final_exit_codes=True, pool=deploy.rollout_pool
+    )
+    rollout_kubernetes.set_upstream(request.operator)
+    return rollout_local(request), rollout_kubernetes
 
 
-def pod_task(task_id: str, pod_kwargs: Callable[[], dict[str, Any]], **task_kwargs: Any) -> Any:
-    """A KubernetesPodOperator task ``task_id`` (``pod_kwargs()`` gives the pod's arguments).
+def pod_task(
+    task_id: str,
+    pod_kwargs: Callable[[], dict[str, Any]],
+    *,
+    final_exit_codes: bool = False,
+    **task_kwargs: Any,
+) -> Any:
+    """A KubernetesPodOperator task ``task_id`` (``pod_kwargs()`` gives the pod's arguments);
+    with ``final_exit_codes``, the rollout pod's verdict and refusal exit codes fail the task
+    without retries (``_pod_operators.RolloutPodOperator``).
 
     Airflow 3 parses the DAG file again in every task's own process. When that process runs
     another task of the DAG (its parsing context names a different task), this returns an
@@ -311,9 +327,10 @@ def pod_task(task_id: str, pod_kwargs: Callable[[], dict[str, Any]], **task_kwar
         from airflow.providers.standard.operators.empty import EmptyOperator
 
         return EmptyOperator(task_id=task_id, **task_kwargs)
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from _pod_operators import KubernetesPodOperator, RolloutPodOperator
 
-    return KubernetesPodOperator(task_id=task_id, **task_kwargs, **pod_kwargs())
+    operator = RolloutPodOperator if final_exit_codes else KubernetesPodOperator
+    return operator(task_id=task_id, **task_kwargs, **pod_kwargs())
 
 
 def _links(uri: str, version: str | None) -> dict[str, str]:
@@ -357,6 +374,14 @@ def deploy_model_params() -> dict[str, Param]:
             title="Reason",
             description="Why this run was started, in words (reconcile fills it in); shows "
             "in the rollout log and the version's tags.",
+        ),
+        "retry_failed": Param(
+            True,
+            type="boolean",
+            title="Deploy a version that failed before",
+            description=f"Deploy @{registry.champion_alias} even when its rollout failed "
+            "before (a person asking again). Reconcile sets it false: it never retries a "
+            "verdict on its own.",
         ),
     }
 

@@ -5,7 +5,7 @@ Puts a registered model version live through the one rollout path every trigger 
 (`serving.deploy.rollout`): deploy, verify the live endpoint, then point `@champion` at it;
 on a failed verification, put the previous version back.
 
-`request → (rollout_local | rollout_kubernetes | in_sync)`
+`request → rollout_or_not → (rollout_local | rollout_kubernetes | in_sync)`
 
 * **Registry promotion**: moving `@champion` in the MLflow UI sends an MLflow webhook to the
   `registry_events` plugin, which records an event on the asset
@@ -33,7 +33,6 @@ from __future__ import annotations
 import pendulum
 from _support import (
     IO_TASK_DEFAULTS,
-    ROLLOUT_REQUEST_KEY,
     deploy_model_params,
     deploy_settings,
     promotion_asset,
@@ -62,8 +61,8 @@ from airflow.sdk import dag, task
     user_defined_macros={"mlflow_tracking_uri": tracking_uri},
 )
 def deploy_model():
-    @task.branch
-    def request(**context) -> str:
+    @task(multiple_outputs=True)
+    def request(**context) -> dict:
         reject_unknown_conf(context)  # asset-triggered runs have no conf: they pass
         from serving.deploy.rollout import request_for_deploy_model
 
@@ -71,19 +70,24 @@ def deploy_model():
         decided = request_for_deploy_model(
             version=params.get("version"),
             reason=params.get("reason") or "",
+            retry_failed=bool(params.get("retry_failed", True)),
             events=triggering_events(context),
             run_id=context["run_id"],
             deploy=deploy_settings(params),
             registry=registry_settings(),
             tracking_uri=tracking_uri(),
         )
-        if decided["request"] is None:
-            return "in_sync"
-        context["ti"].xcom_push(key=ROLLOUT_REQUEST_KEY, value=decided["request"])
-        return f"rollout_{deploy_settings(params).target}"
+        target = deploy_settings(params).target
+        route = "in_sync" if decided["request"] is None else f"rollout_{target}"
+        return {**decided, "route": route}
 
+    @task.branch
+    def rollout_or_not(route: str) -> str:
+        return route
+
+    decided = request()
     in_sync = EmptyOperator(task_id="in_sync")
-    request() >> [in_sync, *rollout_tasks("request")]
+    rollout_or_not(decided["route"]) >> [in_sync, *rollout_tasks(decided["request"])]
 
 
 deploy_model()

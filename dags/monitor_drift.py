@@ -29,6 +29,7 @@ from _support import (
     data_settings,
     drift_asset,
     drift_settings,
+    log,
     registry_settings,
     reject_unknown_conf,
     tracking_uri,
@@ -66,23 +67,24 @@ def monitor_drift():
         )
         return load_window(settings, window_end(context))
 
-    @task.branch
-    def score(window: dict, **context) -> str:
+    @task
+    def score(window: dict, **context) -> dict:
         from ml.pipeline import monitor_drift
 
-        report = monitor_drift(
+        return monitor_drift(
             window,
             data_settings(context["params"]),
             drift_settings(),
             registry_settings(),
             tracking_uri=tracking_uri(),
         )
-        context["ti"].xcom_push(key="report", value=report)
+
+    @task.branch
+    def retrain_or_not(report: dict) -> str:
         return "retrain" if report["retrain"] else "no_drift"
 
     @task(outlets=[DRIFT])
-    def retrain(**context) -> str:
-        report = context["ti"].xcom_pull(task_ids="score", key="report")
+    def retrain(report: dict, **context) -> str:
         reason = (
             f"drift against @champion v{report['champion_version']} in "
             f"{report['window_start']}..{report['window_end']}: {report['summary']}"
@@ -93,17 +95,17 @@ def monitor_drift():
             "champion_version": report["champion_version"],
             "drifted": report["drifted"],
         }
-        print(f"Retraining requested: {reason}")
+        log.info("Retraining requested: %s", reason)
         return reason
 
     @task
-    def no_drift(**context) -> str:
-        report = context["ti"].xcom_pull(task_ids="score", key="report")
+    def no_drift(report: dict) -> str:
         message = report.get("skipped") or report.get("summary") or "no drift"
-        print(f"Nothing triggered: {message}")
+        log.info("Nothing triggered: %s", message)
         return message
 
-    score(load_window()) >> [retrain(), no_drift()]
+    report = score(load_window())
+    retrain_or_not(report) >> [retrain(report), no_drift(report)]
 
 
 monitor_drift()

@@ -48,26 +48,25 @@ DEFAULT_ARGS = {
 )
 def reconcile_deployment():
     @task.short_circuit
-    def check(**context) -> bool:
+    def check() -> dict | None:
+        """deploy_model's conf when a rollout should run; None (skip the trigger) otherwise."""
         from serving.deploy.rollout import reconcile_report
 
         report = reconcile_report(
             registry_settings(), deploy_settings({}), tracking_uri=tracking_uri()
         )
-        context["ti"].xcom_push(key="report", value=report)
-        return bool(report["converge"])
+        if not report["converge"]:
+            return None
+        # deploy_model's `reason` Param takes at most 500 characters. Reconcile never
+        # retries a version that failed before: that waits for a person.
+        return {"reason": f"reconcile: {report['reason'][:400]}", "retry_failed": False}
 
-    trigger_deploy_model = TriggerDagRunOperator(
+    TriggerDagRunOperator(
         task_id="trigger_deploy_model",
         trigger_dag_id="deploy_model",
-        # deploy_model's `reason` Param takes at most 500 characters.
-        conf={
-            "reason": "reconcile: "
-            "{{ ti.xcom_pull(task_ids='check', key='report')['reason'][:400] }}"
-        },
+        conf=check(),
         wait_for_completion=False,
     )
-    check() >> trigger_deploy_model
 
 
 reconcile_deployment()

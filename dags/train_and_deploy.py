@@ -43,11 +43,11 @@ from __future__ import annotations
 import pendulum
 from _support import (
     IO_TASK_DEFAULTS,
-    ROLLOUT_REQUEST_KEY,
     data_settings,
     deploy_settings,
     drift_asset,
     gate_settings,
+    log,
     param_templates,
     pipeline_params,
     pod_task,
@@ -56,6 +56,7 @@ from _support import (
     rollout_tasks,
     run_tags,
     tracking_uri,
+    training_run_key,
     training_run_tag_templates,
     training_run_tags,
     training_settings,
@@ -93,13 +94,13 @@ def train_and_deploy():
         window = load_window(data_settings(context["params"]), window_end(context))
         # Why this run trains: tagged on the training run and on the version (ml.pipeline).
         window["trigger_reason"] = trigger_reason(context)
-        print(f"Run started by: {window['trigger_reason']}")
+        log.info("Run started by: %s", window["trigger_reason"])
         return window
 
     # Cheap (reads @champion's tags, no TensorFlow): same data, code and parameters as the
     # live version means nothing to train.
-    @task.branch
-    def unchanged_check(window: dict, **context) -> str:
+    @task
+    def unchanged_check(window: dict, **context) -> dict:
         from ml.pipeline import unchanged_check
 
         params = context["params"]
@@ -111,14 +112,16 @@ def train_and_deploy():
             tracking_uri=tracking_uri(),
             force=bool(params.get("force_retrain")),
         )
-        context["ti"].xcom_push(key="decision", value=decision)
-        print(decision["reason"])
+        log.info("%s", decision["reason"])
+        return decision
+
+    @task.branch
+    def train_or_not(decision: dict) -> str:
         return "unchanged" if decision["unchanged"] else "validate_data"
 
     @task
-    def unchanged(**context) -> str:
-        decision = context["ti"].xcom_pull(task_ids="unchanged_check", key="decision")
-        print(f"Nothing trained: {decision['reason']}")
+    def unchanged(decision: dict) -> str:
+        log.info("Nothing trained: %s", decision["reason"])
         return decision["reason"]
 
     # Bad data is not transient: fail at once, no retries, nothing trained.
@@ -146,6 +149,14 @@ def train_and_deploy():
             tags=training_run_tags(context),
         )
 
+    # The training pod's result, from its MLflow run (found by the step's run key).
+    @task
+    def training_result(**context) -> dict:
+        from ml.pipeline import trained_by
+
+        key = training_run_key(context["dag"].dag_id, context["run_id"], "train")
+        return trained_by(key, registry_settings(), tracking_uri=tracking_uri())
+
     @task
     def evaluate(window: dict, trained: dict, **context) -> dict:
         from ml.pipeline import evaluate
@@ -171,9 +182,10 @@ def train_and_deploy():
             tags=run_tags(context),
         )
 
-    @task.branch
-    def gate(version: dict, evaluation: dict, **context) -> str:
+    @task(multiple_outputs=True)
+    def gate(version: dict, evaluation: dict, **context) -> dict:
         from ml.pipeline import gate
+        from serving.deploy.rollout import Request
 
         params = context["params"]
         decision = gate(
@@ -183,34 +195,36 @@ def train_and_deploy():
             registry_settings(),
             tracking_uri=tracking_uri(),
         )
-        context["ti"].xcom_push(key="decision", value=decision)
         if not decision["passed"]:
-            return "not_deployed"
+            return {**decision, "route": "not_deployed", "request": None}
         # The rollout deploys this version only while @champion still names the version the
         # gate compared it with: a promotion in between wins (decided when the rollout runs).
-        request = {
-            "kind": "candidate",
-            "version": version["version"],
-            "champion_at_eval": evaluation.get("champion_version"),
-            "reason": f"train_and_deploy run {context['run_id']}",
-            "run_id": context["run_id"],
-        }
-        context["ti"].xcom_push(key=ROLLOUT_REQUEST_KEY, value=request)
-        return f"rollout_{deploy_settings(params).target}"
+        request = Request(
+            "candidate",
+            version["version"],
+            champion_at_eval=evaluation.get("champion_version"),
+            reason=f"train_and_deploy run {context['run_id']}",
+            run_id=context["run_id"],
+        )
+        route = f"rollout_{deploy_settings(params).target}"
+        return {**decision, "route": route, "request": request.to_json()}
+
+    @task.branch
+    def deploy_or_not(route: str) -> str:
+        return route
 
     @task
-    def not_deployed(version: dict, **context) -> str:
-        decision = context["ti"].xcom_pull(task_ids="gate", key="decision")
-        message = f"Version {version['version']} not deployed: {decision['summary']}"
-        print(message)
+    def not_deployed(version: dict, summary: str) -> str:
+        message = f"Version {version['version']} not deployed: {summary}"
+        log.info("%s", message)
         return message
 
     window = load_window()
-    check = unchanged_check(window)
+    decided = unchanged_check(window)
     checked = validate_data(window)
-    check >> [unchanged(), checked]
-    # Parse-time settings pick where training runs. Both variants are the task `train` and
-    # return the same reference dict; Params and XCom reach the pod as templates.
+    train_or_not(decided) >> [unchanged(decided), checked]
+    # Parse-time settings pick where training runs. Both variants end in the same reference
+    # dict; Params reach the pod as templates.
     training = TrainingSettings()
     if training.runner == "kubernetes":
 
@@ -221,6 +235,7 @@ def train_and_deploy():
                 training,
                 DataSettings(),
                 DeploySettings(),
+                # A pod argument is text: the window as JSON (load_window's return value).
                 window="{{ ti.xcom_pull(task_ids='load_window') | tojson }}",
                 tracking_uri="{{ mlflow_tracking_uri() }}",
                 **param_templates(TrainingSettings),
@@ -230,15 +245,19 @@ def train_and_deploy():
 
         # Same task_id "train" in both variants.
         train_in_pod = pod_task("train", training_pod, retries=1)
-        window >> train_in_pod
-        trained = train_in_pod.output
+        [window, checked] >> train_in_pod
+        trained = training_result()
+        train_in_pod >> trained
     else:
         trained = train_in_worker(window)
-    checked >> trained
+        checked >> trained
     evaluation = evaluate(window, trained)
     version = register(window, trained, evaluation)
     decision = gate(version, evaluation)
-    decision >> [not_deployed(version), *rollout_tasks("gate")]
+    deploy_or_not(decision["route"]) >> [
+        not_deployed(version, decision["summary"]),
+        *rollout_tasks(decision["request"]),
+    ]
 
 
 train_and_deploy()

@@ -17,7 +17,6 @@ help from the field, bounds checked by the settings), e.g. `--window-days`, `--e
     python -m ml register --window window.json --trained trained.json \
         --evaluation evaluation.json --output version.json
     python -m ml gate --version version.json --evaluation evaluation.json
-    python -m ml promote --version version.json
 
 Exit codes: 0 done, 1 failed, 2 bad input (invalid data, bad arguments), 3 the gate rejected.
 """
@@ -88,7 +87,6 @@ def _parser() -> argparse.ArgumentParser:
     step("register", "register the model version", "window", "trained", "evaluation")
     gate = step("gate", "decide; exit 3 when rejected", "version", "evaluation")
     add_cli_options(gate, GateSettings, *GATE_KNOBS)
-    step("promote", "point @champion at the version", "version")
     return parser
 
 
@@ -126,8 +124,6 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
             _read(args.version), _read(args.evaluation), gate, registry, tracking_uri=uri
         )
         return decision, 0 if decision["passed"] else EXIT_REJECTED
-    if args.step == "promote":
-        return pipeline.promote(_read(args.version), registry, tracking_uri=uri), 0
     raise AssertionError(args.step)
 
 

@@ -8,6 +8,7 @@ Nothing here imports Airflow.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -23,6 +24,8 @@ from ml.settings import (
 )
 
 log = logging.getLogger(__name__)
+# The tag a training run records its result in (train / trained_by).
+TRAINED_TAG = "train_result"
 
 
 def _partitions(window: Mapping[str, Any]):
@@ -145,11 +148,40 @@ def train(
         result.epochs_run,
         result.best_val_rmse,
     )
-    return {
+    trained = {
         **result.to_dict(),
         lineage.CODE_VERSION_TAG: identity[lineage.CODE_VERSION_TAG],
         lineage.FINGERPRINT_TAG: identity[lineage.FINGERPRINT_TAG],
     }
+    # The result, on the run: where a training pod's result is read (trained_by).
+    mlflow.MlflowClient().set_tag(result.run_id, TRAINED_TAG, json.dumps(trained))
+    return trained
+
+
+def trained_by(run_key: str, registry: RegistrySettings, *, tracking_uri: str) -> dict[str, Any]:
+    """What :func:`train` returned in the run tagged ``pipeline_run_key=run_key``: how the step
+    after a training pod gets its result (no XCom sidecar; tasks pass references). Of several
+    finished attempts of the step (a retry after the result was lost), the last one."""
+    import mlflow
+
+    from ml.train import RUN_KEY_TAG
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if '"' in run_key:
+        raise ValueError(f"a run key cannot contain a double quote: {run_key!r}")
+    runs = mlflow.search_runs(
+        experiment_names=[registry.experiment_name],
+        filter_string=f'tags.{RUN_KEY_TAG} = "{run_key}" and attributes.status = "FINISHED"',
+        order_by=["attributes.end_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs or TRAINED_TAG not in runs[0].data.tags:
+        raise LookupError(
+            f"no finished training run tagged {RUN_KEY_TAG}={run_key!r} with a result in "
+            f"experiment {registry.experiment_name!r}: did the training pod end its run?"
+        )
+    return json.loads(runs[0].data.tags[TRAINED_TAG])
 
 
 def unchanged_check(
@@ -299,15 +331,6 @@ def gate(
     else:
         log.warning("Version %s %s; no alias moved", version["version"], decision.summary())
     return decision.to_dict()
-
-
-def promote(version: Mapping[str, Any], registry: RegistrySettings, *, tracking_uri: str) -> dict:
-    """Point ``@champion`` at the version that is now verified live."""
-    from ml.registry import Registry
-
-    previous = Registry(tracking_uri, registry).promote_champion(version["version"])
-    log.info("@%s: %s -> %s", registry.champion_alias, previous or "none", version["version"])
-    return {"version": version["version"], "previous": previous}
 
 
 def monitor_drift(

@@ -350,21 +350,6 @@ class Registry:
                 if not _is_not_found(exc):
                     raise
 
-    def promote_champion(self, version: str) -> str | None:
-        """Point @champion at ``version``; returns the previous champion version (or None).
-
-        The challenger alias is dropped if it named this version: it is no longer "rolling
-        out", it is live. A challenger pointing elsewhere (a newer rollout) is left alone.
-        """
-        version = str(version)
-        aliases = self._aliases() or {}
-        previous = aliases.get(self.settings.champion_alias)
-        # Champion first: if we die in between, a leftover challenger is harmless.
-        self.set_alias(self.settings.champion_alias, version)
-        if aliases.get(self.settings.challenger_alias) == version:
-            self.delete_alias(self.settings.challenger_alias)
-        return previous
-
 
 def _error_code(exc: BaseException) -> str | None:
     return getattr(exc, "error_code", None)

@@ -2,16 +2,22 @@
 and people.
 
     python -m serving.deploy proxy                       # the local front proxy (blocking)
-    python -m serving.deploy deploy-local --model-uri models:/regression-model/3 --version 3
     python -m serving.deploy status                      # exit 0 if something healthy is live
     python -m serving.deploy stop                        # stop proxy + model servers
     python -m serving.deploy resume                      # start them again, same version
-    python -m serving.deploy rollout --request '{"kind": "champion"}' --target local
+    python -m serving.deploy rollout --version 3 --target local    # deploy/roll back by hand
+    python -m serving.deploy rollout --request '{"kind": "champion"}'   # the rollout pod
     python -m serving.deploy verify --model-uri models:/regression-model/3 [--data holdout.parquet]
-    python -m serving.deploy rollout --model-uri models:/regression-model/3 --version 3  # k8s
     python -m serving.deploy render --model-uri models:/regression-model/3 --version 3   # YAML
-        [--out-dir docker/k8s/base] [--prometheus-rules docker/prometheus/rules.yml]
+        [--monitoring] [--out-dir docker/k8s/base] [--prometheus-rules docker/prometheus/rules.yml]
         [--grafana-dashboard docker/grafana/model-server-dashboard.json]      # write files
+
+Every way a version goes live is ``rollout`` (:func:`serving.deploy.rollout.run`: plan,
+deploy, verify, then move ``@champion``, or put back what served before). Exit codes: 0 live
+(or unchanged, or nothing to do); 1 a verdict: the version failed verification or never
+became ready, it is tagged and what served before serves again; 2 refused: a bad request, a
+version the registry does not have, a target that refuses (do not retry); 3 a fault: nothing
+was marked, retry.
 
 Settings come from ``DeploySettings`` (``PIPELINE_DEPLOY_*`` env vars); the MLflow tracking URI
 from ``MLFLOW_TRACKING_URI``. Results are printed as JSON on stdout, logs go to stderr.
@@ -47,18 +53,6 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     from serving.deploy.proxy import run_proxy
 
     run_proxy(_settings(args))
-    return 0
-
-
-def cmd_deploy_local(args: argparse.Namespace) -> int:
-    from serving.deploy.local import DeployError, LocalTarget
-
-    target = LocalTarget(_settings(args), tracking_uri())
-    try:
-        _print(target.deploy(args.model_uri, args.version))
-    except DeployError as exc:
-        logging.getLogger("serving").error("%s", exc)
-        return 1
     return 0
 
 
@@ -130,106 +124,63 @@ def _k8s_settings(args: argparse.Namespace) -> DeploySettings:
     )
 
 
+EXIT_OK, EXIT_VERDICT, EXIT_REFUSED, EXIT_FAULT = 0, 1, 2, 3
+
+
 def cmd_rollout(args: argparse.Namespace) -> int:
-    if args.request:
-        return _rollout_request(args)
-    if not (args.model_uri and args.version):
-        logging.getLogger("serving").error("rollout needs --request, or --model-uri and --version")
-        return 2
-    return _apply_version(args)
-
-
-def _rollout_request(args: argparse.Namespace) -> int:
     """The whole rollout path (plan, deploy, verify, promote or restore) for one request."""
     from pathlib import Path
 
     from ml.settings import RegistrySettings
-    from serving.deploy.rollout import (
-        Request,
+    from serving.deploy.rollout import Request, run_request
+    from serving.deploy.target import (
         RequestRejected,
         RolloutError,
-        VerificationFailed,
-        run_request,
+        TargetRejected,
+        Verdict,
     )
 
     log = logging.getLogger("serving")
     try:
-        request = Request.from_dict(args.request)
+        if args.version is not None:
+            reason = args.reason or f"by hand: version {args.version}"
+            request = Request("version", str(args.version), reason=reason)
+        else:
+            request = Request.from_dict(args.request or '{"kind": "champion"}')
     except (ValueError, TypeError) as exc:
-        log.error("bad --request: %s", exc)
-        return 2
+        log.error("bad rollout request: %s", exc)
+        return EXIT_REFUSED
     settings = with_overrides(_k8s_settings(args), target=args.target)
     try:
         result = run_request(
-            request,
-            settings,
-            RegistrySettings(),
-            tracking_uri=args.tracking_uri or tracking_uri(),
+            request, settings, RegistrySettings(), tracking_uri=args.tracking_uri or tracking_uri()
         )
-    except VerificationFailed as exc:
-        log.error("verification failed (the previous version was put back): %s", exc)
-        return 1
-    except RequestRejected as exc:
-        log.error("%s", exc)
-        return 2
+    except Verdict as exc:
+        log.error("VERDICT (tagged; what served before serves again; not retried): %s", exc)
+        return EXIT_VERDICT
+    except (RequestRejected, TargetRejected) as exc:
+        log.error("REFUSED (retrying will not help): %s", exc)
+        return EXIT_REFUSED
     except RolloutError as exc:
-        log.error("rollout not completed (nothing marked bad; retry): %s", exc)
-        return 3
+        log.error("FAULT (nothing marked bad; retry): %s", exc)
+        return EXIT_FAULT
     _print(result)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, default=str))
-    return 0
-
-
-def _apply_version(args: argparse.Namespace) -> int:
-    """Apply one pinned version to the Deployment (wait, smoke, roll back): no registry moves."""
-    from pathlib import Path
-
-    from serving.deploy.kubernetes import (
-        EXIT_USAGE,
-        KubeClient,
-        Rollout,
-        Smoke,
-        mlflow_input_example,
-    )
-    from serving.deploy.manifests import UnpinnedModelURI, parse_pinned_uri
-
-    try:  # before any cluster I/O: an alias never reaches the Deployment
-        parse_pinned_uri(args.model_uri, args.version)
-    except UnpinnedModelURI as exc:
-        logging.getLogger("serving").error("%s", exc)
-        return EXIT_USAGE
-    settings = _k8s_settings(args)
-    if args.input_example:
-        example = Path(args.input_example).read_text()
-
-        def input_example(uri: str) -> str | None:
-            return example if uri == args.model_uri else None
-    else:
-        input_example = mlflow_input_example
-    rollout = Rollout(
-        KubeClient.from_environment(settings.namespace, settings.deployment_name),
-        settings,
-        model_uri=args.model_uri,
-        version=args.version,
-        tracking_uri=args.tracking_uri or tracking_uri(),
-        service_url=args.service_url,
-        input_example=input_example,
-        smoke=Smoke(interval_s=min(1.0, args.poll_interval)),
-        timeout_s=args.timeout,
-        smoke_timeout_s=args.smoke_timeout,
-        poll_s=args.poll_interval,
-    )
-    result = rollout.run()
-    _print(result.to_dict())
-    return result.exit_code
+    return EXIT_OK
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from serving.deploy.manifests import UnpinnedModelURI, base_files, render, to_yaml
+    from serving.deploy.manifests import (
+        UnpinnedModelURI,
+        base_files,
+        render,
+        render_monitoring,
+        to_yaml,
+    )
 
     settings = _k8s_settings(args)
     try:
@@ -243,6 +194,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     except UnpinnedModelURI as exc:
         logging.getLogger("serving").error("%s", exc)
         return 2
+    if args.monitoring:
+        objects = render_monitoring(settings)
     files: dict[Path, str] = {}
     if args.out_dir:
         files.update({Path(args.out_dir) / n: t for n, t in base_files(objects).items()})
@@ -278,12 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     local_opts(p)
     p.add_argument("--host", help="override PIPELINE_DEPLOY_LOCAL_HOST")
     p.set_defaults(func=cmd_proxy)
-
-    p = sub.add_parser("deploy-local", help="roll a model version out to the local target")
-    local_opts(p)
-    p.add_argument("--model-uri", required=True, help="pinned URI, e.g. models:/name/3")
-    p.add_argument("--version", required=True)
-    p.set_defaults(func=cmd_deploy_local)
 
     p = sub.add_parser("status", help="what the local target serves; exit 1 if not healthy")
     local_opts(p)
@@ -325,50 +272,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "rollout",
-        help="the rollout path for a request (--request), or apply one pinned version to the "
-        "Kubernetes Deployment (--model-uri/--version)",
-        description="--request: plan, deploy, verify, promote or restore on --target. Exit 0: "
-        "live (or unchanged, or nothing to do); 1: verification failed and the previous "
-        "version was put back; 2: bad arguments; 3: not completed, nothing marked bad (retry). "
-        "--model-uri/--version (Kubernetes only, no registry moves): 0 rolled out; 1 failed and "
-        "rolled back; 3 failed and not rolled back.",
+        help="put a version live through the rollout path (the only way one goes live)",
+        description="Plan, deploy, verify, then move @champion; on a failed check put back "
+        "what served before. Exit 0: live (or unchanged, or nothing to do); 1: a verdict (the "
+        "version failed verification or never became ready; tagged; do not retry); 2: refused "
+        "(bad request, unknown version, a target that refuses; do not retry); 3: a fault "
+        "(nothing marked; retry).",
     )
-    p.add_argument(
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
+        "--version",
+        type=int,
+        help="deploy exactly this version, then point @champion at it (the manual rollback)",
+    )
+    what.add_argument(
         "--request",
-        help='JSON, e.g. {"kind": "champion"} or {"kind": "version", "version": "5"} '
-        "(serving.deploy.rollout.Request)",
+        help='JSON, e.g. {"kind": "champion"} (serving.deploy.rollout.Request); default: '
+        "deploy what @champion names",
     )
+    p.add_argument("--reason", help="why, in words: logged and written into the version's tags")
     p.add_argument(
         "--target",
         choices=("local", "kubernetes"),
-        default="kubernetes",
-        help="with --request: where to roll out (default kubernetes: this is the rollout pod)",
+        default=DeploySettings().target,
+        help="where (default: PIPELINE_DEPLOY_TARGET)",
     )
-    p.add_argument("--output", help="with --request: also write the result JSON here (XCom)")
-    p.add_argument("--model-uri", help="pinned URI, e.g. models:/name/3")
-    p.add_argument("--version", help="the version the URI pins")
+    p.add_argument("--output", help="also write the result JSON here")
     p.add_argument("--namespace", help="override PIPELINE_DEPLOY_NAMESPACE")
     p.add_argument("--deployment", help="override PIPELINE_DEPLOY_DEPLOYMENT_NAME")
     p.add_argument("--serving-image", help="override PIPELINE_DEPLOY_SERVING_IMAGE")
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow URI the model servers load from (default: $MLFLOW_TRACKING_URI)",
-    )
-    p.add_argument(
-        "--service-url",
-        help="base URL for the smoke test (default: http://<deployment>.<namespace>"
-        ".svc.cluster.local:80, or PIPELINE_DEPLOY_SERVICE_URL)",
-    )
-    p.add_argument(
-        "--input-example", help="JSON request body for the smoke test (default: the model's)"
-    )
-    p.add_argument(
-        "--timeout", type=float, help="seconds for the rolling update (default: health_timeout_s)"
-    )
-    p.add_argument(
-        "--smoke-timeout", type=float, help="seconds for the smoke test (default: smoke_timeout_s)"
-    )
-    p.add_argument("--poll-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.add_argument("--tracking-uri", help="MLflow (default: $MLFLOW_TRACKING_URI)")
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser(
@@ -387,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the Grafana dashboard JSON (docker/grafana/model-server-dashboard.json)",
     )
     p.add_argument("--no-namespace", action="store_true", help="leave out the Namespace object")
+    p.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="the monitoring objects instead (ServiceMonitor, PrometheusRule: they need the "
+        "Prometheus Operator's CRDs; the Grafana dashboard ConfigMap)",
+    )
     p.set_defaults(func=cmd_render)
     return parser
 

@@ -21,12 +21,9 @@ from kubernetes.client import models as k8s
 from pydantic_settings import BaseSettings
 
 from ml.settings import DataSettings, RegistrySettings, TrainingSettings
-from serving.deploy.manifests import RUN_AS_USER, label_value, parse_pinned_uri
+from serving.deploy.manifests import RUN_AS_USER, label_value
 from serving.deploy.settings import DeploySettings
 
-# KubernetesPodOperator's XCom contract: with do_xcom_push=True it reads this file through its
-# sidecar after the main container ends (PodDefaults.XCOM_MOUNT_PATH + "/return.json").
-XCOM_RETURN_PATH = "/airflow/xcom/return.json"
 _CPU = re.compile(r"^(?P<number>\d+(\.\d+)?)(?P<milli>m?)$")
 
 
@@ -126,9 +123,10 @@ def training_pod_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments for the ``train`` task as a ``KubernetesPodOperator``.
 
-    The pod runs ``python -m ml train`` and writes its result (run id, model URI) to the
-    operator's XCom file, so the next task gets exactly what the in-worker ``train`` task
-    returns. ``window``, ``epochs``, ``learning_rate``, ``batch_size``, ``tags`` values and
+    The pod runs ``python -m ml train``; its run records the result (run id, model URI) in
+    MLflow, tagged with the step's run key, and the next task reads it from there
+    (``ml.pipeline.trained_by``): exactly what the in-worker ``train`` task returns.
+    ``window``, ``epochs``, ``learning_rate``, ``batch_size``, ``tags`` values and
     ``tracking_uri`` are usually Jinja templates (XCom, Params), resolved at run time.
     The pod must be able to read the window's partitions: ``data.path`` is an object-store
     URL, or ``training.pod_data_claim`` mounts the volume holding it at the same path.
@@ -164,7 +162,6 @@ def training_pod_kwargs(
             *("--learning-rate", learning_rate),
             *("--batch-size", batch_size),
             *(arg for key, value in tags.items() for arg in ("--tag", f"{key}={value}")),
-            *("--output", XCOM_RETURN_PATH),
         ],
         # Requests == limits: the Guaranteed QoS class, so a node under pressure evicts others
         # first, and TensorFlow's thread pools (sized to the limit) are never throttled.
@@ -177,10 +174,10 @@ def training_pod_kwargs(
         active_deadline_seconds=execution_timeout_s,
         # Not deferrable: the log is streamed live, and max_active_runs=1 keeps it one slot.
         deferrable=False,
-        # The result (run id, model URI) goes to XCom through the operator's sidecar; it runs
-        # with the same restricted security context (the default one would be rejected).
-        do_xcom_push=True,
-        xcom_sidecar_container_security_context=restricted_container_security_context(),
+        # No XCom sidecar: the run records its result in MLflow (ml.pipeline.train), where
+        # the next task reads it by the run key. Airflow needs no `pods/exec` right and the
+        # cluster no sidecar image.
+        do_xcom_push=False,
     )
     if training.pod_data_claim:
         if "://" in data.path or not data.path.startswith("/"):
@@ -238,35 +235,20 @@ def rollout_pod_kwargs(
     settings: DeploySettings,
     *,
     tracking_uri: str,
-    request: str | None = None,
+    request: Any,
     registry: RegistrySettings | None = None,
-    model_uri: str | None = None,
-    version: str | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``KubernetesPodOperator(task_id=..., **rollout_pod_kwargs(...))``.
 
-    The DAGs pass ``request``: a rollout request as JSON (usually a Jinja template reading
-    XCom); the pod runs the whole rollout path (``python -m serving.deploy rollout --request``:
-    plan, deploy, verify, promote or restore) with the registry settings of ``registry``.
-    Without a request, ``model_uri``/``version`` make the pod apply that one pinned version
-    (no registry moves): ``model_uri`` must be pinned and agree with ``version``; templated
-    values are checked by the pod itself.
+    The pod runs the whole rollout path for ``request`` (a rollout request as JSON; in a DAG
+    the XComArg of the task that decided it): ``python -m serving.deploy rollout --request``
+    plans, deploys, verifies, then promotes or restores, with the registry settings of
+    ``registry``. Its exit code tells a verdict (1) and a refusal (2), final, from a fault (3),
+    retried: :data:`ROLLOUT_FINAL_EXIT_CODES`.
     """
-    if request is None:
-        if model_uri is None or version is None:
-            raise ValueError("rollout_pod_kwargs needs a request, or a model_uri and a version")
-        version = str(version)
-        templated = _is_template(model_uri) or _is_template(version)
-        if not templated:
-            parse_pinned_uri(model_uri, version)  # UnpinnedModelURI (a ValueError) otherwise
-        what = ["--model-uri", model_uri, "--version", version]
-    else:
-        templated = True
-        what = ["--request", request, "--target", "kubernetes"]
+    # The pod moves aliases and tags versions: it needs the same registry settings.
     env = deploy_settings_env(settings.model_copy(update={"target": "kubernetes"}))
-    if request is not None:
-        # The pod moves aliases and tags versions: it needs the same registry settings.
-        env |= settings_env(registry or RegistrySettings())
+    env |= settings_env(registry or RegistrySettings())
 
     kwargs = pipeline_pod_kwargs(
         settings,
@@ -278,9 +260,6 @@ def rollout_pod_kwargs(
         env=env,
         tracking_uri=tracking_uri,
     )
-    if not templated:  # labels are not templated fields: a label cannot carry a Jinja expression
-        # The model version being rolled out: `kubectl get pods -l app.kubernetes.io/version=7`.
-        kwargs["labels"]["app.kubernetes.io/version"] = label_value(version)
     kwargs.update(
         namespace=settings.namespace,
         # The pod runs with the rollout ServiceAccount: RBAC limited to get/patch the serving
@@ -291,7 +270,8 @@ def rollout_pod_kwargs(
         cmds=["python", "-m", "serving.deploy"],
         arguments=[
             "rollout",
-            *what,
+            *("--request", request),
+            *("--target", "kubernetes"),
             *("--namespace", settings.namespace),
             *("--deployment", settings.deployment_name),
         ],
@@ -304,9 +284,10 @@ def rollout_pod_kwargs(
             requests={"cpu": "100m", "memory": "1Gi", "ephemeral-storage": "64Mi"},
             limits={"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "256Mi"},
         ),
-        # Hard stop for a wedged rollout: the new version's rollout and, after a failed
-        # verification, the previous one's (each health_timeout_s), plus slack.
-        active_deadline_seconds=int(settings.health_timeout_s) * 3 + 300,
+        # Hard stop for a wedged rollout: the new version's rollout, its undo or the previous
+        # version's redeploy (each at most a progress deadline), API retries, plus slack.
+        active_deadline_seconds=int(settings.progress_deadline_s * 3 + settings.api_retry_s * 2)
+        + 300,
         # Not deferrable: a rollout takes a few minutes and we want its log streamed live;
         # deferring would free the worker slot but needs a triggerer and delays logs. The
         # nightly DAG runs one at a time (max_active_runs=1), so one held slot is cheap.
@@ -322,10 +303,12 @@ def deploy_settings_env(settings: DeploySettings) -> dict[str, str]:
 
     Local-target fields are left out: they mean nothing inside the cluster. So is
     ``service_url``: it is how Airflow workers reach the endpoint (an ingress, a tunnel),
-    while the rollout pod smoke-tests the new pods through the in-cluster Service.
+    while the rollout pod verifies the new pods through the in-cluster Service.
     """
     return settings_env(settings, skip_prefix="local_", exclude=frozenset({"service_url"}))
 
 
-def _is_template(value: str) -> bool:
-    return "{{" in value
+# The rollout pod's exit codes (``python -m serving.deploy rollout``) that end the task
+# without retries: 1 a verdict on the version, 2 a refusal. 3 (a fault) and anything else (an
+# evicted or OOM-killed pod) are retried.
+ROLLOUT_FINAL_EXIT_CODES = {1: "verdict", 2: "refused"}

@@ -66,7 +66,7 @@ def test_a_run_like_the_champion_s_ends_unchanged_unless_forced(
     assert v1.tags["code_version"] == "0123abcd"
     assert v1.tags["training_fingerprint"].startswith("sha256:")
     assert v1.tags["trigger_reason"] == "manual trigger"
-    registry.promote_champion("1")  # what the rollout does once v1 is verified live
+    registry.set_alias("champion", "1")  # what the rollout does once v1 is verified live
     capsys.readouterr()
 
     second = dag.test(run_conf=CONF)

@@ -32,6 +32,7 @@ MONITOR_END = "2026-12-02"  # the monitor's 3-day window right after it
 def champion(airflow_db, mlflow_store, tmp_path, monkeypatch):
     """A promoted champion with a drift profile, and the env the DAGs read their settings from."""
     from ml import pipeline
+    from ml.registry import Registry
     from ml.settings import DataSettings, GateSettings, RegistrySettings, TrainingSettings
 
     monkeypatch.setenv("PIPELINE_DATA_PATH", str(tmp_path / "data"))
@@ -50,7 +51,7 @@ def champion(airflow_db, mlflow_store, tmp_path, monkeypatch):
     version = pipeline.register(window, trained, evaluation, registry, tracking_uri=mlflow_store)
     lenient = GateSettings(max_rmse=1e6, min_r2=-1e6)
     pipeline.gate(version, evaluation, lenient, registry, tracking_uri=mlflow_store)
-    pipeline.promote(version, registry, tracking_uri=mlflow_store)
+    Registry(mlflow_store, registry).set_alias(registry.champion_alias, version["version"])
 
     sync_dags_to_db()  # after the env: the asset's name comes from the model name at parse time
     _unpause("train_and_deploy")  # what `make run` does; a paused DAG is never queued

@@ -91,7 +91,11 @@ def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(
     from ml.registry import Registry
 
     window = xcom(pipeline.load_window(data, END))
-    trained = xcom(pipeline.train(window, data, TRAINING, REGISTRY, tracking_uri=mlflow_store))
+    key = "train_and_deploy/run-1/train"
+    trained = xcom(
+        pipeline.train(window, data, TRAINING, REGISTRY, tracking_uri=mlflow_store,
+                       tags={"pipeline_run_key": key})
+    )  # fmt: skip
     evaluation = xcom(pipeline.evaluate(window, trained, data, REGISTRY, tracking_uri=mlflow_store))
     _, holdout = pipeline.holdout_frame(window, data)
     assert evaluation["champion"] is None and evaluation["holdout_rows"] == len(holdout)
@@ -114,10 +118,10 @@ def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(
     for tag, value in identity.items():
         assert registered.tags[tag] == run_tags[tag] == value, tag
     assert registry.get(REGISTRY.challenger_alias).version == version["version"]
-    assert pipeline.promote(version, REGISTRY, tracking_uri=mlflow_store) == {
-        "version": version["version"],
-        "previous": None,
-    }
+    # What the rollout does once the version is verified live.
+    registry.set_alias(REGISTRY.champion_alias, version["version"])
+    # A training pod's result, read back by its run key, is what train() returned.
+    assert pipeline.trained_by(key, REGISTRY, tracking_uri=mlflow_store) == trained
     # Same window, code and parameters as the champion: nothing to do, unless forced.
     check = pipeline.unchanged_check(window, data, TRAINING, REGISTRY, tracking_uri=mlflow_store)
     assert check["unchanged"] and check["champion_version"] == version["version"]

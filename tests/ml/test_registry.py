@@ -84,23 +84,13 @@ def test_aliases_champion_and_promotion(registry, logged):
     v2 = registry.register(*logged, {})
     assert registry.champion() is None  # model, but no alias yet
 
-    assert registry.promote_champion(v1.version) is None
+    registry.set_alias("champion", v1.version)
     assert registry.champion().version == "1"
     assert registry.champion().aliases == ("champion",)
 
     registry.set_alias("challenger", v2.version)
     assert registry.get("@challenger").version == "2"
     assert registry.get("challenger").version == "2"
-
-    assert registry.promote_champion(v2.version) == "1"
-    assert registry.get("@champion").version == "2"
-    with pytest.raises(LookupError, match="challenger"):
-        registry.get("@challenger")  # cleared: v2 is live now, not rolling out
-
-    # A challenger pointing at another version is left alone by a promotion (rollback to v1).
-    registry.set_alias("challenger", v2.version)
-    assert registry.promote_champion(v1.version) == "2"
-    assert registry.get("@challenger").version == "2"
 
     registry.delete_alias("challenger")
     registry.delete_alias("challenger")  # absent: not an error

@@ -321,17 +321,16 @@ class ControlPlane:
             "--leader-elect=false",
             "--secure-port=0",
         )
-        self._install_logs_crd()
         self._spawn(
             "kwok",
             f"--kubeconfig={kube}",
-            # Pod logs per pod (tests/k8s/runtime.py creates a Logs object for each it runs).
-            "--enable-crds=Logs",
             f"--config={STAGES}",
             "--manage-all-nodes=true",
             "--node-ip=127.0.0.1",
+            # The port nodes advertise for their kubelet: the API server sends `kubectl logs`
+            # there (tests/k8s/runtime.py answers). KWOK's own server listens elsewhere.
             f"--node-port={KUBELET_PORT}",
-            f"--server-address=127.0.0.1:{KUBELET_PORT}",
+            f"--server-address=127.0.0.1:{free_port()}",
             f"--tls-cert-file={self.pki / 'apiserver.crt'}",
             f"--tls-private-key-file={self.pki / 'apiserver.key'}",
             f"--cidr={POD_CIDR}",
@@ -396,44 +395,6 @@ class ControlPlane:
                     last = repr(exc)
                 time.sleep(0.2)
         raise RuntimeError(f"kube-apiserver not ready in {timeout:g}s: {last}")
-
-    def _install_logs_crd(self) -> None:
-        """KWOK's ``Logs`` kind (which file a pod's log is served from), schema left open."""
-        from kubernetes import client
-
-        ext = client.ApiextensionsV1Api(self.api_client())
-        ext.create_custom_resource_definition(
-            {
-                "apiVersion": "apiextensions.k8s.io/v1",
-                "kind": "CustomResourceDefinition",
-                "metadata": {"name": "logs.kwok.x-k8s.io"},
-                "spec": {
-                    "group": "kwok.x-k8s.io",
-                    "names": {"kind": "Logs", "listKind": "LogsList", "plural": "logs",
-                              "singular": "logs"},
-                    "scope": "Namespaced",
-                    "versions": [
-                        {
-                            "name": "v1alpha1",
-                            "served": True,
-                            "storage": True,
-                            "subresources": {"status": {}},
-                            "schema": {"openAPIV3Schema": {
-                                "type": "object", "x-kubernetes-preserve-unknown-fields": True
-                            }},
-                        }
-                    ],
-                },
-            }
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            crd = ext.read_custom_resource_definition("logs.kwok.x-k8s.io")
-            if any(c.type == "Established" and c.status == "True"
-                   for c in crd.status.conditions or []):  # fmt: skip
-                return
-            time.sleep(0.1)
-        raise RuntimeError("the Logs CRD was not established in 30 s")
 
     def _create_nodes(self, timeout: float = 60.0) -> None:
         from kubernetes import client

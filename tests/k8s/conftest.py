@@ -31,13 +31,16 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def plane(tmp_path_factory):
-    from tests.k8s.cluster import ControlPlane, Unavailable
+    from tests.k8s.cluster import KUBELET_PORT, ControlPlane, Unavailable
+    from tests.k8s.runtime import KubeletLogs
 
     try:
         plane = ControlPlane(tmp_path_factory.mktemp("plane")).start()
     except Unavailable as exc:
         pytest.skip(f"k8s tier: {exc}")
+    logs = KubeletLogs(plane.pki / "apiserver.crt", plane.pki / "apiserver.key", KUBELET_PORT)
     yield plane
+    logs.close()
     plane.stop()
 
 
@@ -117,7 +120,9 @@ class Serving:
         return json.loads(raw.data)
 
 
-def render_cli(settings: DeploySettings, version: str, tracking_uri: str, *extra: str) -> str:
+def render_cli(
+    settings: DeploySettings, version: str, tracking_uri: str, *extra: str, model: str = MODEL
+) -> str:
     """``python -m serving.deploy render`` as an administrator runs it (stdout: YAML)."""
     env = {
         "PIPELINE_DEPLOY_NAMESPACE": settings.namespace,
@@ -130,7 +135,7 @@ def render_cli(settings: DeploySettings, version: str, tracking_uri: str, *extra
 
     done = subprocess.run(
         [sys.executable, "-m", "serving.deploy", "render",
-         "--model-uri", f"models:/{MODEL}/{version}", "--version", version, *extra],
+         "--model-uri", f"models:/{model}/{version}", "--version", version, *extra],
         env={**os.environ, **env}, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return done.stdout
@@ -188,6 +193,19 @@ def wait(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"not {what} within {timeout:g}s")
+
+
+@pytest.fixture
+def airflow_kubernetes(plane, monkeypatch):
+    """Airflow's ``kubernetes_default`` Connection, pointing at the plane (cluster-admin, as
+    an Airflow deployment's own ServiceAccount would be allowed to create pods)."""
+    import json
+
+    extra = {"kube_config_path": str(plane.admin_kubeconfig), "in_cluster": False}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps({"conn_type": "kubernetes", "extra": extra})
+    )
+    return plane
 
 
 @pytest.fixture

@@ -176,7 +176,6 @@ class PodRunner:
 
         self.plane, self.root, self.selector, self.env = plane, root, selector, env
         self.core = client.CoreV1Api(plane.api_client())
-        self.custom = client.CustomObjectsApi(plane.api_client())
         self.started: dict[str, subprocess.Popen] = {}
         self.exit_codes: dict[str, int] = {}
         self._stop = threading.Event()
@@ -216,24 +215,14 @@ class PodRunner:
         if command and command[0] == "python":
             command[0] = sys.executable
         log_path = home / "container.log"
-        self._create_logs(namespace, name, container.name, log_path)
+        log_path.touch()
         proc = subprocess.Popen(
             command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
-        threading.Thread(target=_cri_log, args=(proc, log_path), daemon=True).start()
+        done = threading.Event()
+        CONTAINERS[(namespace, name, container.name)] = (log_path, done)
+        threading.Thread(target=_log_output, args=(proc, log_path, done), daemon=True).start()
         return proc
-
-    def _create_logs(self, namespace: str, name: str, container: str, path: Path) -> None:
-        path.touch()
-        body = {
-            "apiVersion": "kwok.x-k8s.io/v1alpha1",
-            "kind": "Logs",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"logs": [{"containers": [container], "logsFile": str(path), "follow": True}]},
-        }
-        self.custom.create_namespaced_custom_object(
-            "kwok.x-k8s.io", "v1alpha1", namespace, "logs", body
-        )
 
     def _finish(self, key: str, code: int) -> None:
         namespace, name = key.split("/")
@@ -249,10 +238,91 @@ class PodRunner:
                 proc.kill()
 
 
-def _cri_log(proc: subprocess.Popen, path: Path) -> None:
-    """The process's output in the CRI log format KWOK's log server reads."""
+# (namespace, pod, container) -> (its log file, set once its process ended): what the
+# kubelet log endpoint serves.
+CONTAINERS: dict[tuple[str, str, str], tuple[Path, threading.Event]] = {}
+
+
+def _log_output(proc: subprocess.Popen, path: Path, done: threading.Event) -> None:
+    """The process's output, each line stamped as a kubelet stamps it (``timestamps=true``)."""
     with open(path, "a", buffering=1) as out:
         for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
             stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            out.write(f"{stamp} stdout F {line}\n")
+            out.write(f"{stamp} {raw.decode(errors='replace').rstrip()}\n")
+    proc.wait()
+    done.set()
+
+
+class KubeletLogs:
+    """The nodes' kubelet log endpoint (``GET /containerLogs/<ns>/<pod>/<container>`` on port
+    10250, over TLS; the API server proxies ``kubectl logs`` and the operator's log stream
+    here) for the processes :class:`PodRunner` runs. As a kubelet's, a followed stream ends
+    when the container does. (KWOK's own log server follows a file for ever: the operator
+    would wait minutes for a pod that has long ended.)"""
+
+    def __init__(self, cert: Path, key: Path, port: int) -> None:
+        import ssl
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                _serve_logs(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert, key)
+        self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _after(stamp: str, since: str) -> bool:
+    return datetime.fromisoformat(stamp) > datetime.fromisoformat(since)
+
+
+def _serve_logs(request: Any) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    url = urlsplit(request.path)
+    parts = url.path.strip("/").split("/")
+    found = CONTAINERS.get(tuple(parts[1:4])) if parts[0] == "containerLogs" else None
+    if found is None or len(parts) != 4:
+        request.send_error(404, "no such container")
+        return
+    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+    path, done = found
+    follow = query.get("follow") == "true"
+    stamps = query.get("timestamps") == "true"
+    since = query.get("sinceTime")
+    request.send_response(200)
+    request.send_header("Content-Type", "text/plain")
+    request.send_header("Transfer-Encoding", "chunked")
+    request.end_headers()
+
+    def send(data: bytes) -> None:
+        request.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        request.wfile.flush()
+
+    with open(path, "rb") as logs:
+        while True:
+            ended = done.is_set()  # before reading: all its output is in the file then
+            line = logs.readline()
+            if line.endswith(b"\n"):
+                stamp, _, text = line.partition(b" ")
+                if not since or _after(stamp.decode(), since):
+                    send(line if stamps else text)
+            elif ended or not follow:
+                break
+            else:
+                time.sleep(0.1)
+    request.wfile.write(b"0\r\n\r\n")
+    request.close_connection = True

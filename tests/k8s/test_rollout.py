@@ -215,3 +215,18 @@ def test_an_api_server_outage_is_a_fault_retried_to_completion(
     assert _champion(registry) == "2"
     assert FAILED_TAG not in registry.get_model_version(MODEL, "2").tags
     print(f"\nBENCH k8s time to complete after the API server returns: {took:.1f} s")
+
+
+def test_a_field_the_server_does_not_know_is_a_final_error_naming_it(serving):
+    """What an older cluster answers for a newer field (lifecycle.preStop.sleep before 1.30):
+    a refusal naming the field, not a fault retried until the task gives up."""
+    from serving.deploy.target import TargetRejected
+
+    target = serving.target()
+    body = target._render(f"models:/{MODEL}/1", "1")
+    container = body["spec"]["template"]["spec"]["containers"][0]
+    container["lifecycle"]["preStop"]["snooze"] = {"seconds": 5}  # no Kubernetes has it
+    generation = serving.deployment()["metadata"]["generation"]
+    with pytest.raises(TargetRejected, match="snooze"):
+        target._apply(body)
+    assert serving.deployment()["metadata"]["generation"] == generation

@@ -24,7 +24,7 @@ TRAIN_PARAMS = (
     "batch_size, data_end_date, data_window_days, deploy_target, epochs, force_deploy, "
     "force_retrain, learning_rate, max_regression, max_rmse, min_r2"
 )
-DEPLOY_PARAMS = "deploy_target, reason, version"
+DEPLOY_PARAMS = "deploy_target, reason, retry_failed, version"
 
 
 @pytest.fixture

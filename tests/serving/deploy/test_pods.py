@@ -172,6 +172,34 @@ def test_pod_env_rebuilds_the_workers_data_and_training_settings(settings, monke
     assert TrainingSettings().threads == 2
 
 
+def test_the_pod_trains_in_the_experiment_the_next_task_reads_it_from(settings, monkeypatch):
+    """training_result finds the pod's run by its run key in the worker's experiment
+    (ml.pipeline.trained_by): the pod must log there, not in the default one."""
+    from ml.settings import RegistrySettings
+
+    training, data, deploy = settings
+    for key in list(os.environ):
+        if key.startswith("PIPELINE_REGISTRY_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PIPELINE_REGISTRY_EXPERIMENT_NAME", "sales-nightly")
+    monkeypatch.setenv("PIPELINE_REGISTRY_MODEL_NAME", "sales-forecast")
+    worker = RegistrySettings()
+    pod = _pod(_kwargs(training, data, deploy))
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    monkeypatch.delenv("PIPELINE_REGISTRY_EXPERIMENT_NAME")
+    monkeypatch.delenv("PIPELINE_REGISTRY_MODEL_NAME")
+    assert RegistrySettings().experiment_name != "sales-nightly"  # the default differs
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert RegistrySettings() == worker
+    explicit = RegistrySettings(experiment_name="other")
+    kwargs = training_pod_kwargs(
+        training, data, deploy, window=WINDOW, tracking_uri=TRACKING_URI, epochs="1",
+        learning_rate="0.1", batch_size="8", tags={}, execution_timeout_s=60, registry=explicit,
+    )  # fmt: skip
+    assert kwargs["env_vars"]["PIPELINE_REGISTRY_EXPERIMENT_NAME"] == "other"
+
+
 @pytest.mark.parametrize(
     ("quantity", "threads"), [("1", 1), ("2", 2), ("1500m", 2), ("250m", 1), ("0.5", 1)]
 )

@@ -3,7 +3,7 @@
 
 Daily drift check of the newest data against what `@champion` was trained on; retrains on need.
 
-`load_window → score → (retrain | no_drift)`
+`load_window → score → retrain_or_not → (retrain | no_drift)`
 
 * **Window**: the newest `PIPELINE_DRIFT_WINDOW_DAYS` days of partitions ending (exclusive)
   at the run's data interval end, or at the `data_end_date` Param.

@@ -3,9 +3,9 @@
 
 Nightly retraining of the regression model, tracked in MLflow, gated, rolled out.
 
-`load_window → unchanged_check → validate_data → train → evaluate → register → gate →
-(rollout_local | rollout_kubernetes)`, or `gate → not_deployed`, or
-`unchanged_check → unchanged`.
+`load_window → unchanged_check → train_or_not → validate_data → train → evaluate → register →
+gate → deploy_or_not → (rollout_local | rollout_kubernetes)`, or `deploy_or_not → not_deployed`,
+or `train_or_not → unchanged`.
 
 * **Schedule**: nightly at 02:00 UTC, and on every event of the `data-drift/<model>` asset
   (`monitor_drift` emits one when the data moved enough to retrain). Why a run started (the
@@ -23,9 +23,10 @@ Nightly retraining of the regression model, tracked in MLflow, gated, rolled out
   no alias moves and the run ends through `not_deployed`.
 * **Train**: inside the Airflow task, or (`PIPELINE_TRAIN_RUNNER=kubernetes`, read when the
   file is parsed) in a KubernetesPodOperator pod running the same `python -m ml train` with
-  requested resources; its result reaches `evaluate` through XCom either way. Its MLflow run
-  is tagged `pipeline_run_key` = `<dag>/<run>/train`: a retry marks the run of an attempt
-  that died without ending it (MLflow down, worker or pod killed) FAILED.
+  requested resources; its MLflow run is tagged `pipeline_run_key` = `<dag>/<run>/train`. In
+  the worker its result reaches `evaluate` as the task's value; from the pod (no XCom
+  sidecar), `training_result` reads it from the run by that key. A retry marks the run of an
+  attempt that died without ending it (MLflow down, worker or pod killed) FAILED.
 * **Rollout**: the one rollout path every trigger shares (`serving.deploy.rollout`), in the
   one-slot `model_rollout` pool: it deploys the approved version unless `@champion` moved
   since it was evaluated, verifies the live endpoint on the fixed rows logged at evaluation,

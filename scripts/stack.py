@@ -506,15 +506,18 @@ def restore_champion(tracking_uri: str = MLFLOW_URL) -> dict[str, Any] | None:
     "unchanged" in seconds (the resumed target serves it); after a lost state folder, or a
     promotion the stack missed, it deploys."""
     from ml.settings import RegistrySettings
-    from serving.deploy.rollout import RolloutError, VerificationFailed, run_request
+    from serving.deploy.rollout import run_request
     from serving.deploy.settings import DeploySettings
+    from serving.deploy.target import RequestRejected, RolloutError, TargetRejected, Verdict
 
     request = {"kind": "champion", "reason": "make run: serve @champion before the new run"}
     try:
         outcome = run_request(
             request, DeploySettings(), RegistrySettings(), tracking_uri=tracking_uri
         )
-    except (RolloutError, VerificationFailed) as exc:
+    # Every way a rollout ends without serving: a verdict (tagged; reconcile and the run's
+    # own rollout decide again), a refusal or a fault. The run starts all the same.
+    except (Verdict, RequestRejected, TargetRejected, RolloutError) as exc:
         return say(f"could not restore @champion: {exc}")
     if outcome["status"] != "skipped":
         say(f"@champion v{outcome['version']} is served ({outcome['status']})")

@@ -37,9 +37,6 @@ KNOWN_CYCLES: tuple[frozenset[str], ...] = (
     # dashboard.py imports the manifests' metric names; manifests.py imports the dashboard
     # inside grafana_dashboard_config_map to ship it as a ConfigMap.
     frozenset({"serving.deploy.dashboard", "serving.deploy.manifests"}),
-    # rollout.py builds its targets inside make_target/observe_live; local.py imports
-    # rollout's DeployFailed and Live, and kubernetes.py the same inside its methods.
-    frozenset({"serving.deploy.rollout", "serving.deploy.local", "serving.deploy.kubernetes"}),
 )
 
 

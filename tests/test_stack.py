@@ -418,3 +418,26 @@ def test_the_stack_processes_are_found_by_their_mark_and_stopped_and_nothing_els
         for kid in kids:
             with contextlib.suppress(psutil.Error):
                 kid.kill()
+
+
+@pytest.mark.parametrize("kind", ["VerificationFailed", "RequestRejected", "RolloutError"])
+def test_restoring_champion_says_why_it_could_not_and_lets_the_run_start(
+    stack, monkeypatch, capsys, kind
+):
+    """``make run`` restores @champion through the rollout path first; a verdict, a refusal
+    or a fault ends that in one line, not a traceback."""
+    import serving.deploy.rollout as rollout
+    from serving.deploy import target
+
+    asked = []
+
+    def run_request(request, deploy, registry, *, tracking_uri):
+        asked.append(request)
+        if kind == "VerificationFailed":
+            raise target.VerificationFailed("row 0 off")
+        raise getattr(target, kind)("no")
+
+    monkeypatch.setattr(rollout, "run_request", run_request)
+    assert stack.restore_champion("http://mlflow.example:5000") is None
+    assert [r["kind"] for r in asked] == ["champion"]
+    assert "could not restore @champion" in capsys.readouterr().out

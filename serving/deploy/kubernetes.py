@@ -276,8 +276,11 @@ class KubernetesTarget:
         state, why = rollout_state(dep)
         status = dep.get("status") or {}
         # Healthy: every pod runs the pinned template and at least one is available. Not
-        # "available == spec.replicas": an autoscaler scale-up is not an outage.
-        only_pinned = status.get("replicas", 0) == status.get("updatedReplicas", 0)
+        # "available == spec.replicas": an autoscaler scale-up is not an outage. The counts
+        # say so only once the controller has seen this spec: before, they are the previous
+        # template's pods.
+        seen = (status.get("observedGeneration") or 0) >= (dep["metadata"].get("generation") or 0)
+        only_pinned = seen and status.get("replicas", 0) == status.get("updatedReplicas", 0)
         healthy = state != "stuck" and only_pinned and status.get("availableReplicas", 0) > 0
         return Live(version, healthy, f"{state}: {why}")
 
@@ -496,12 +499,29 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _unknown_field(exc: BaseException) -> str | None:
-    """The field an older API server does not know, from its error message."""
-    text = str(getattr(exc, "body", "") or "")
-    match = re.search(r"([\w.\[\]=\"-]+): field not declared in schema", text) or re.search(
-        r"unknown field \"([^\"]+)\"", text
+    """The field an older API server does not know, from its error message: server-side
+    apply's ``<path>: field not declared in schema`` (a path such as
+    ``.spec.template.spec.containers[name="model-server"].lifecycle.preStop.sleep``) or strict
+    validation's ``unknown field "<path>"``."""
+    text = _message(exc)
+    match = re.search(r"([^\s:]+): field not declared in schema", text) or re.search(
+        r'unknown field "([^"]+)"', text
     )
     return match[1] if match else None
+
+
+def _message(exc: BaseException) -> str:
+    """The message of an API error: the ``message`` of the Status object in its body (the
+    client keeps the body as the bytes of the JSON, a path's quotes escaped), else the body's
+    text."""
+    body = getattr(exc, "body", None) or ""
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", errors="replace")
+    try:
+        message = json.loads(body).get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return message if isinstance(message, str) else str(body)
 
 
 def _api_error(exc: BaseException | None) -> str:

@@ -447,8 +447,8 @@ def pod_disruption_budget(settings: DeploySettings) -> dict[str, Any]:
 
 
 def network_policy(settings: DeploySettings) -> dict[str, Any]:
-    """Ingress to the model server's port only from this namespace (the rollout pod's smoke
-    test, in-namespace clients) and the configured client namespaces (Airflow's verify task,
+    """Ingress to the model server's port only from this namespace (the rollout pod's
+    verification, in-namespace clients) and the configured client namespaces (Airflow's verify task,
     Prometheus). Egress is left open: the server must reach MLflow and its artifact store,
     whose addresses are deployment-specific (often outside the cluster)."""
     peers: list[dict[str, Any]] = [{"podSelector": {}}]

@@ -120,6 +120,7 @@ def training_pod_kwargs(
     batch_size: str,
     tags: dict[str, str],
     execution_timeout_s: int,
+    registry: RegistrySettings | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for the ``train`` task as a ``KubernetesPodOperator``.
 
@@ -130,6 +131,8 @@ def training_pod_kwargs(
     ``tracking_uri`` are usually Jinja templates (XCom, Params), resolved at run time.
     The pod must be able to read the window's partitions: ``data.path`` is an object-store
     URL, or ``training.pod_data_claim`` mounts the volume holding it at the same path.
+    The pod gets the registry settings of ``registry`` (default: the worker's): its run goes
+    to the experiment where the next task looks for it.
     """
     threads = cpu_threads(training.pod_cpu)
     env = {
@@ -137,6 +140,9 @@ def training_pod_kwargs(
         # model shape and seed (a hand-picked subset would silently reset the others).
         **settings_env(data),
         **settings_env(training.model_copy(update={"threads": threads}), skip_prefix="pod_"),
+        # The same experiment: training_result finds the run there by its run key, and a
+        # retry finds the run of an attempt that died there (ml.train.fail_dead_attempts).
+        **settings_env(registry or RegistrySettings()),
         # TensorFlow and the BLAS underneath size their thread pools by the node's CPUs.
         "OMP_NUM_THREADS": str(threads),
     }

@@ -48,8 +48,8 @@ class DeploySettings(BaseSettings):
         None,
         description="Base URL of the live endpoint as Airflow workers reach it (verify, "
         "reconcile); defaults to the local front port, or the in-cluster Service DNS name for "
-        "the kubernetes target. The rollout pod always smoke-tests through the in-cluster "
-        "Service.",
+        "the kubernetes target. The rollout pod always verifies through the in-cluster "
+        "Service (it is not passed to the pod).",
     )
     # kubernetes target: the serving Deployment (serving.manifests) and the rollout
     # (serving.rollout). Defaults are sized from measurements: docs/operations.md.

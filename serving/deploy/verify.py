@@ -1,7 +1,7 @@
 """Talk to a live model endpoint: which version it serves, and whether it answers *this* model.
 
-One HTTP client for every check the deploy side makes (the local target's readiness, the
-Kubernetes rollout's smoke test, a rollout's verification, reconcile's health check):
+One HTTP client for every check the deploy side makes (the local target's readiness, a
+rollout's verification through the target's endpoint, reconcile's health check):
 :class:`Endpoint`.
 
 Verification sends fixed rows through the MLflow scoring protocol and compares the answers with
@@ -68,7 +68,7 @@ class Endpoint:
     """HTTP to one model endpoint (MLflow scoring protocol plus the server's ``/v1/model``).
 
     ``fresh_connections`` closes the connection after every request, so that behind a
-    Service each call may reach another pod (a smoke test must see the new pods, not one
+    Service each call may reach another pod (a check must see the new pods, not one
     kept-alive old one).
     """
 

@@ -1,21 +1,18 @@
 """The pipeline image, built here with podman, running the pods the DAGs build.
 
-No cluster exists here, so the pods are not scheduled: each test builds its pod exactly as the
-DAG does (``KubernetesPodOperator(...).build_pod_request_obj()`` from the same kwargs
-functions) and starts its containers with podman the way a kubelet would: the pod's command,
-args, env, user, read-only root, dropped capabilities, emptyDir volumes (``/tmp``, the XCom
-folder shared with the sidecar) and the data volume. Host network, so the containers reach
-the test's loopback servers. CPU and memory limits are not applied (podman's cgroup setup
-varies by machine); the rest of the pod is.
+No cluster exists here, so the pod is not scheduled: the test builds it exactly as the DAG
+does (``KubernetesPodOperator(...).build_pod_request_obj()`` from the same kwargs function)
+and starts its container with podman the way a kubelet would: the pod's command, args, env,
+user, read-only root, dropped capabilities, the ``/tmp`` emptyDir and the data volume. Host
+network, so the container reaches the test's loopback MLflow server. CPU and memory limits
+are not applied (podman's cgroup setup varies by machine); the rest of the pod is.
 
 * **training pod**: ``python -m ml train`` trains on the window's partitions and logs to a real
-  ``mlflow server``; the XCom sidecar (the pipeline image standing in for alpine, as
-  docs/operations.md suggests for clusters that cannot pull it) hands the result over with
-  the provider's own commands; the next DAG steps (evaluate, register) consume it.
-* **rollout pod**: ``python -m serving.deploy rollout`` in the image, through the real
-  ``kubernetes`` client and a kubeconfig, against the Kubernetes API test double
-  (tests/serving/deploy/k8s_fake.py)
-  serving real HTTP, rolls the registered version out.
+  ``mlflow server``, its run tagged with the step's run key; there is no XCom sidecar: the
+  next DAG step reads the result from the run (``ml.pipeline.trained_by``, as the DAG's
+  ``training_result`` does) and the steps after it (evaluate, register) consume it.
+
+The rollout pod is run against a real control plane by tests/k8s (in-process there).
 """
 
 from __future__ import annotations
@@ -57,7 +54,7 @@ def pipeline_image(container_base) -> str:
 def host_dirs():
     """Host folders standing in for the pod's volumes, readable by the image's user."""
     root = Path(tempfile.mkdtemp(prefix="tad-pipeline-pod-"))
-    dirs = {name: root / name for name in ("data", "xcom", "kube")}
+    dirs = {name: root / name for name in ("data",)}
     for path in dirs.values():
         path.mkdir()
     yield dirs
@@ -138,14 +135,14 @@ def _settings(host_dirs, mlflow_server) -> tuple[DataSettings, TrainingSettings,
         deployment_name=DEPLOYMENT,
         pipeline_image=LOCAL_IMAGE,
         health_timeout_s=90,
-        smoke_timeout_s=20,
     )
     return data, training, deploy
 
 
 @pytest.fixture(scope="module")
 def kubernetes_connection():
-    """The Connection the operator reads the XCom sidecar's image from: the pipeline image."""
+    """The Connection the operator reads; it names an XCom sidecar image, and the training
+    pod gets no sidecar all the same."""
     mp = pytest.MonkeyPatch()
     extra = {"xcom_sidecar_container_image": LOCAL_IMAGE}
     mp.setenv(
@@ -155,12 +152,14 @@ def kubernetes_connection():
     mp.undo()
 
 
+RUN_KEY = "train_and_deploy/container__1/train"
+REGISTRY = RegistrySettings(model_name=MODEL, experiment_name="pipeline-image-test")
+
+
 @pytest.fixture(scope="module")
 def trained_in_pod(pipeline_image, mlflow_server, host_dirs, kubernetes_connection):
-    """Run the training pod; return the window, the settings and the XCom it handed over."""
-    from airflow.providers.cncf.kubernetes.utils.pod_manager import EMPTY_XCOM_RESULT
-    from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
-
+    """Run the training pod; return the window, the settings and the result the next task
+    reads from the pod's run."""
     from ml import pipeline
     from serving.deploy.pods import training_pod_kwargs
 
@@ -168,7 +167,6 @@ def trained_in_pod(pipeline_image, mlflow_server, host_dirs, kubernetes_connecti
     window = pipeline.load_window(data, date(2026, 3, 10))
     assert len(window["partitions"]) == 3
     _open_up(host_dirs["data"])
-    _open_up(host_dirs["xcom"], writable=True)
 
     kwargs = training_pod_kwargs(
         training,
@@ -179,29 +177,20 @@ def trained_in_pod(pipeline_image, mlflow_server, host_dirs, kubernetes_connecti
         epochs="3",
         learning_rate="0.01",
         batch_size="32",
-        tags={"airflow_dag_id": "train_and_deploy", "airflow_run_id": "container__1"},
+        tags={
+            "airflow_dag_id": "train_and_deploy",
+            "airflow_run_id": "container__1",
+            "pipeline_run_key": RUN_KEY,
+        },
         execution_timeout_s=900,
+        registry=REGISTRY,
     )
     pod = _pod(kwargs, "train")
     containers = {c["name"]: c for c in pod["spec"]["containers"]}
-    sidecar_spec = containers[PodDefaults.SIDECAR_CONTAINER_NAME]
-    assert sidecar_spec["image"] == LOCAL_IMAGE
-    suffix = os.getpid()
-    main_name, sidecar_name = f"tad-train-{suffix}", f"tad-xcom-{suffix}"
-    host_paths = {"xcom": host_dirs["xcom"], "data": host_dirs["data"]}
-    for name in (main_name, sidecar_name):
-        podman("rm", "--force", "--ignore", name)
-    started = podman(
-        *_container_args(
-            pod,
-            sidecar_spec,
-            image=LOCAL_IMAGE,
-            name=sidecar_name,
-            host_paths=host_paths,
-            detach=True,
-        )
-    )
-    assert started.returncode == 0, started.stderr
+    assert set(containers) == {"base"}, "no XCom sidecar"
+    main_name = f"tad-train-{os.getpid()}"
+    host_paths = {"data": host_dirs["data"]}
+    podman("rm", "--force", "--ignore", main_name)
     try:
         began = time.monotonic()
         run = podman(
@@ -212,39 +201,14 @@ def trained_in_pod(pipeline_image, mlflow_server, host_dirs, kubernetes_connecti
         )
         print(f"training pod ran {time.monotonic() - began:.1f}s, exit {run.returncode}")
         assert run.returncode == 0, f"training pod failed:\n{_logs(main_name)}"
-        # What PodManager.extract_xcom_json runs in the sidecar, then its fallback kill.
-        read = podman(
-            "exec",
-            sidecar_name,
-            "/bin/sh",
-            "-c",
-            f"if [ -s {PodDefaults.XCOM_MOUNT_PATH}/return.json ]; "
-            f"then cat {PodDefaults.XCOM_MOUNT_PATH}/return.json; "
-            f"else echo {EMPTY_XCOM_RESULT}; fi",
-        )
-        assert read.returncode == 0, read.stderr
-        assert read.stdout.strip() != EMPTY_XCOM_RESULT, "the pod wrote no XCom result"
-        trained = json.loads(read.stdout)
-        kill = podman(
-            "exec",
-            sidecar_name,
-            "/bin/sh",
-            "-c",
-            "for f in /proc/[0-9]*/comm; do "
-            '[ -O $f ] && read c < $f && [ "$c" = "sh" ] && pid=${f%/comm} && kill -2 ${pid##*/}; '
-            "done",
-        )
-        # The exec's own shell is an `sh` too and gets the SIGINT (130), as in the provider.
-        assert kill.returncode in (0, 130), kill.stderr
-        exited = podman("wait", sidecar_name, timeout=30)
-        assert exited.stdout.strip() == "0", f"sidecar exit {exited.stdout}{exited.stderr}"
+        # What the DAG's training_result task does next: the result, from the pod's run.
+        trained = pipeline.trained_by(RUN_KEY, REGISTRY, tracking_uri=mlflow_server)
         yield {"window": window, "trained": trained, "settings": (data, training, deploy)}
     except BaseException:
         print(f"training pod logs:\n{_logs(main_name)}")
         raise
     finally:
-        for name in (main_name, sidecar_name):
-            podman("rm", "--force", "--ignore", "--time", "5", name, timeout=60)
+        podman("rm", "--force", "--ignore", "--time", "5", main_name, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +223,7 @@ def registered(trained_in_pod, mlflow_server):
 
     window, trained = trained_in_pod["window"], trained_in_pod["trained"]
     data, _, _ = trained_in_pod["settings"]
-    registry = RegistrySettings(model_name=MODEL, experiment_name="pipeline-image-test")
+    registry = REGISTRY
     mlflow.set_tracking_uri(mlflow_server)
     try:
         live = mlflow.register_model(trained["model_uri"], MODEL).version
@@ -281,6 +245,11 @@ def test_training_pod_logs_the_run_and_hands_it_over(
     run = MlflowClient(mlflow_server).get_run(trained["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["airflow_run_id"] == "container__1"
+    assert run.data.tags["pipeline_run_key"] == RUN_KEY
+    # The pod ran in the worker's experiment: where training_result looks for it.
+    assert MlflowClient(mlflow_server).get_experiment(run.info.experiment_id).name == (
+        REGISTRY.experiment_name
+    )
     assert run.data.tags["data_digest"] == trained_in_pod["window"]["digest"]
     # Resources became threads; the Params came through the pod's arguments.
     assert run.data.params["threads"] == "1"
@@ -291,96 +260,3 @@ def test_training_pod_logs_the_run_and_hands_it_over(
     version = registered["version"]
     assert int(version["version"]) == int(registered["live"]) + 1
     assert version["model_uri"] == f"models:/{MODEL}/{version['version']}"
-
-
-def test_rollout_pod_rolls_the_registered_version_out(
-    pipeline_image, registered, trained_in_pod, mlflow_server, host_dirs
-):
-    """The rollout pod as the DAG builds it: the whole rollout path for the gate's request
-    (deploy through the API test double, verify on the rows logged at evaluation, move
-    @champion), in the pipeline image."""
-    import mlflow.pyfunc
-    import pandas as pd
-    from mlflow import MlflowClient
-
-    from ml.registry import use_mlflow
-    from serving.deploy import manifests
-    from serving.deploy.pods import rollout_pod_kwargs
-    from tests.serving.deploy.k8s_fake import FakeCluster, FakeModelServer
-
-    _, _, deploy = trained_in_pod["settings"]
-    live_uri = f"models:/{MODEL}/{registered['live']}"
-    new = registered["version"]
-    # Both versions hold the model the pod trained: the fake pods answer with its predictions.
-    use_mlflow(mlflow_server)
-    try:
-        model = mlflow.pyfunc.load_model(trained_in_pod["trained"]["model_uri"])
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-
-    def predict(version: str, split: dict) -> list[float]:
-        frame = pd.DataFrame(split["data"], columns=split["columns"])
-        return [float(v) for v in pd.DataFrame(model.predict(frame)).iloc[:, 0]]
-
-    cluster = FakeCluster(namespace=NAMESPACE).start()
-    model_server = FakeModelServer(cluster, predictor=predict)
-    request = {
-        "kind": "candidate",
-        "version": str(new["version"]),
-        "champion_at_eval": registered["evaluation"]["champion_version"],
-        "reason": "container test",
-        "run_id": "container__1",
-    }
-    name = f"tad-rollout-{os.getpid()}"
-    try:
-        deploy = deploy.model_copy(update={"service_url": model_server.url})
-        cluster.seed(
-            manifests.deployment(deploy, live_uri, registered["live"], tracking_uri=mlflow_server)
-        )
-        cluster.kubeconfig(str(host_dirs["kube"] / "config"))
-        _open_up(host_dirs["kube"])
-        pod = _pod(
-            rollout_pod_kwargs(
-                deploy,
-                registry=RegistrySettings(model_name=MODEL),
-                request=json.dumps(request),
-                tracking_uri=mlflow_server,
-            ),
-            "rollout_kubernetes",
-        )
-        assert pod["spec"]["automountServiceAccountToken"] is True
-        # Outside a cluster the client falls back from in-cluster config to KUBECONFIG.
-        args = _container_args(
-            pod,
-            pod["spec"]["containers"][0],
-            image=pipeline_image,
-            name=name,
-            host_paths={},
-            # The fake model server stands in for the Service's in-cluster DNS name.
-            extra_env={
-                "KUBECONFIG": "/etc/kube/config",
-                "PIPELINE_DEPLOY_SERVICE_URL": model_server.url,
-            },
-            extra_volumes=(f"{host_dirs['kube']}:/etc/kube:Z,ro",),
-        )
-        run = podman(*args, timeout=600)
-        assert run.returncode == 0, f"rollout pod failed:\n{_logs(name)}"
-        result = json.loads(run.stdout)
-        assert result["status"] == "rolled_out", result
-        assert result["version"] == str(new["version"])
-        assert result["verification"]["rows_from"].startswith("logged with run")
-        assert cluster.live_model_uri(DEPLOYMENT) == new["model_uri"]
-        (patch,) = cluster.patches
-        assert patch.model_uri == new["model_uri"]
-        champion = MlflowClient(mlflow_server, mlflow_server).get_model_version_by_alias(
-            MODEL, "champion"
-        )
-        assert str(champion.version) == str(new["version"])
-    except BaseException:
-        print(f"rollout pod logs:\n{_logs(name)}")
-        raise
-    finally:
-        podman("rm", "--force", "--ignore", "--time", "5", name, timeout=60)
-        model_server.stop()
-        cluster.stop()

@@ -7,8 +7,74 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from airflow.sdk.bases.branch import BranchMixIn
 
 from tests.dags.conftest import DAG_FILES, DAGS_DIR
+
+TRAIN_AND_DEPLOY_EDGES = {
+    # Same data digest, code version and parameters as @champion: ends at `unchanged`.
+    ("load_window", "unchanged_check"),
+    ("unchanged_check", "train_or_not"),
+    ("unchanged_check", "unchanged"),  # the decision, as a TaskFlow value
+    ("train_or_not", "unchanged"),
+    ("train_or_not", "validate_data"),
+    ("load_window", "validate_data"),
+    ("load_window", "train"),
+    ("load_window", "evaluate"),
+    ("load_window", "register"),
+    ("validate_data", "train"),
+    ("train", "evaluate"),
+    ("train", "register"),
+    ("evaluate", "register"),
+    ("evaluate", "gate"),
+    ("register", "gate"),
+    ("register", "not_deployed"),
+    # gate returns the decision, the route and the rollout request; deploy_or_not routes.
+    ("gate", "deploy_or_not"),
+    ("gate", "not_deployed"),  # the gate's summary
+    ("gate", "rollout_local"),  # the gate's request
+    ("gate", "rollout_kubernetes"),  # the gate's request
+    ("deploy_or_not", "not_deployed"),
+    ("deploy_or_not", "rollout_local"),
+    ("deploy_or_not", "rollout_kubernetes"),
+}
+# The same with training in a pod: the pod returns nothing through XCom (no sidecar), the
+# task after it reads the run's result from MLflow and hands it on.
+TRAIN_IN_POD_EDGES = (TRAIN_AND_DEPLOY_EDGES - {("train", "evaluate"), ("train", "register")}) | {
+    ("train", "training_result"),
+    ("training_result", "evaluate"),
+    ("training_result", "register"),
+}
+
+
+def _edges(dag) -> set[tuple[str, str]]:
+    return {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
+
+
+class RunningTaskInstance:
+    """What a template (or an XComArg) sees as ``ti``: ``xcom_pull`` from a dict of
+    ``{(task_id, key): value}``; any other pull fails the test."""
+
+    def __init__(self, xcoms: dict[tuple[str, str], object]) -> None:
+        self.xcoms = xcoms
+        self.pulled: list[tuple[str, str]] = []
+
+    def xcom_pull(self, task_ids, key="return_value", **_):
+        self.pulled.append((task_ids, key))
+        assert (task_ids, key) in self.xcoms, (task_ids, key)
+        return self.xcoms[(task_ids, key)]
+
+
+def render(task, dag, xcoms: dict[tuple[str, str], object], **context):
+    """A copy of ``task`` with its templated fields rendered as a run renders them."""
+    rendered = copy.deepcopy(task)
+    params = {name: dag.params[name] for name in dag.params}
+    params.update(context.pop("params", {}))
+    ti = RunningTaskInstance(xcoms)
+    rendered.render_template_fields(
+        {"ti": ti, "params": params, "dag": dag, "task": rendered, "run_id": "manual__7"} | context
+    )
+    return rendered, ti
 
 
 @pytest.fixture(scope="module")
@@ -37,27 +103,13 @@ def test_dags_have_tags_retries_schedule_and_docs(dagbag):
 def test_train_and_deploy_graph(dagbag):
     dag = dagbag.dags["train_and_deploy"]
     assert dag.timetable.timetable.expression == "0 2 * * *"  # + drift asset: test_monitor_drift
-    edges = {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
-    assert edges == {
-        # Same data digest, code version and parameters as @champion: ends at `unchanged`.
-        ("load_window", "unchanged_check"),
-        ("unchanged_check", "unchanged"),
-        ("unchanged_check", "validate_data"),
-        ("load_window", "validate_data"),
-        ("load_window", "train"),
-        ("load_window", "evaluate"),
-        ("load_window", "register"),
-        ("validate_data", "train"),
-        ("train", "evaluate"),
-        ("train", "register"),
-        ("evaluate", "register"),
-        ("evaluate", "gate"),
-        ("register", "gate"),
-        ("register", "not_deployed"),
-        ("gate", "not_deployed"),
-        ("gate", "rollout_local"),
-        ("gate", "rollout_kubernetes"),
-    }
+    assert _edges(dag) == TRAIN_AND_DEPLOY_EDGES
+    # The decisions are plain tasks returning TaskFlow values; only the branch tasks route.
+    for task_id in ("train_or_not", "deploy_or_not"):
+        assert isinstance(dag.get_task(task_id), BranchMixIn), task_id
+    for task_id in ("unchanged_check", "gate"):
+        assert not isinstance(dag.get_task(task_id), BranchMixIn), task_id
+    assert dag.get_task("gate").multiple_outputs is True
 
 
 def test_io_steps_retry_with_backoff_and_bad_data_fails_fast(dagbag):
@@ -81,22 +133,23 @@ def test_every_rollout_task_of_every_dag_runs_in_the_one_rollout_pool(dagbag):
     from serving.deploy.settings import DeploySettings
 
     pool = DeploySettings().rollout_pool
-    rollout_tasks = {
+    in_pool = {
         (dag.dag_id, task.task_id): task
         for dag in dagbag.dags.values()
         for task in dag.tasks
-        if task.task_id.startswith("rollout_")
+        if task.pool == pool
     }
-    assert set(rollout_tasks) == {
+    assert set(in_pool) == {
         ("train_and_deploy", "rollout_local"),
         ("train_and_deploy", "rollout_kubernetes"),
         ("deploy_model", "rollout_local"),
         ("deploy_model", "rollout_kubernetes"),
     }
-    for key, task in rollout_tasks.items():
-        assert task.pool == pool, key
-        # Retried (a task that could not start marks nothing); a verdict fails without retry.
+    for key, task in in_pool.items():
+        # Retried (a fault marks nothing); a verdict or a refusal fails without retry.
         assert task.retries >= 1, key
+    # The routing branch is not a rollout: it holds no rollout slot.
+    assert dagbag.dags["deploy_model"].get_task("rollout_or_not").pool != pool
     # Nothing in any DAG runs because another task failed: no rollback-on-failure task that
     # could take an infrastructure hiccup for a verdict on a model.
     for dag in dagbag.dags.values():
@@ -108,29 +161,73 @@ def test_every_rollout_task_of_every_dag_runs_in_the_one_rollout_pool(dagbag):
             )
 
 
-def test_the_rollout_pod_receives_the_request_the_deciding_task_pushed(dagbag, monkeypatch):
-    """Render rollout_kubernetes's templates as a run does: the pod's CLI gets the request."""
+def _gate_request(dag, monkeypatch) -> dict:
+    """What train_and_deploy's gate returns for a passing version (the gate's own function,
+    the registry's part stubbed)."""
+    import ml.pipeline
+
+    monkeypatch.setattr(ml.pipeline, "gate", lambda *a, **k: {"passed": True, "summary": "ok"})
+    params = {name: dag.params[name] for name in dag.params} | {"deploy_target": "kubernetes"}
+    return dag.get_task("gate").python_callable(
+        {"version": "7"}, {"champion_version": "6"}, params=params, run_id="manual__'x'"
+    )
+
+
+def _deploy_model_request(dag) -> dict:
+    """What deploy_model's request returns for a version given by hand (no registry call)."""
+    params = {name: dag.params[name] for name in dag.params}
+    params |= {"version": 7, "reason": "roll back 'now'", "deploy_target": "kubernetes"}
+    return dag.get_task("request").python_callable(
+        dag=dag, dag_run=None, params=params, run_id="manual__'x'"
+    )
+
+
+def test_the_rollout_pod_receives_the_request_the_deciding_task_returned(dagbag, monkeypatch):
+    """rollout_kubernetes's ``--request`` is the XComArg of the deciding task's ``request``
+    output; rendered as a run renders it, the pod's CLI gets exactly that JSON."""
+    from airflow.sdk.definitions.xcom_arg import XComArg
+
     from serving.deploy.__main__ import build_parser
     from serving.deploy.rollout import Request
 
-    request = {"kind": "candidate", "version": "7", "champion_at_eval": "6", "run_id": "r 'x'"}
-    for dag_id, source in (("train_and_deploy", "gate"), ("deploy_model", "request")):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    decided = {
+        "train_and_deploy": ("gate", _gate_request(dagbag.dags["train_and_deploy"], monkeypatch)),
+        "deploy_model": ("request", _deploy_model_request(dagbag.dags["deploy_model"])),
+    }
+    assert decided["train_and_deploy"][1]["route"] == "rollout_kubernetes"
+    assert decided["deploy_model"][1]["route"] == "rollout_kubernetes"
+    for dag_id, (source, returned) in decided.items():
         dag = dagbag.dags[dag_id]
-        task = copy.deepcopy(dag.get_task("rollout_kubernetes"))
+        task = dag.get_task("rollout_kubernetes")
+        (arg,) = [a for a in task.arguments if isinstance(a, XComArg)]
+        assert (arg.operator.task_id, arg.key) == (source, "request")
+        assert task.arguments[task.arguments.index(arg) - 1] == "--request"
+        assert source in task.upstream_task_ids
 
-        class RunningTaskInstance:  # what a template sees as `ti`: only xcom_pull is used
-            def xcom_pull(self, task_ids, key="return_value"):
-                assert (task_ids, key) == (source, "rollout_request")  # noqa: B023
-                return request
-
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-        params = {name: dag.params[name] for name in dag.params}
-        task.render_template_fields({"ti": RunningTaskInstance(), "params": params, "dag": dag})
-        args = build_parser().parse_args(task.arguments)
+        xcoms = {(source, key): value for key, value in returned.items()}
+        rendered, ti = render(task, dag, xcoms)
+        assert (source, "request") in ti.pulled
+        args = build_parser().parse_args(rendered.arguments)
         assert args.command == "rollout" and args.target == "kubernetes"
-        assert Request.from_dict(args.request) == Request.from_dict(request)
-        env = {var.name: var.value for var in task.env_vars}
+        assert args.request == returned["request"]  # the JSON text, unchanged
+        request = Request.from_dict(args.request)
+        assert request.version == "7" and request.run_id == "manual__'x'"
+        env = {var.name: var.value for var in rendered.env_vars}
         assert env["PIPELINE_REGISTRY_MODEL_NAME"]  # the pod moves aliases: it needs them
+    gate = Request.from_dict(decided["train_and_deploy"][1]["request"])
+    assert (gate.kind, gate.champion_at_eval) == ("candidate", "6")
+    by_hand = Request.from_dict(decided["deploy_model"][1]["request"])
+    assert (by_hand.kind, by_hand.reason) == ("version", "roll back 'now'")
+
+
+def test_the_rollout_pod_s_verdict_and_refusal_exit_codes_are_final(dagbag):
+    """The rollout pod's operator fails the task without retries on exit 1 (a verdict) and 2
+    (refused); the training pod is an ordinary KubernetesPodOperator."""
+    from _pod_operators import RolloutPodOperator
+
+    for dag_id in ("train_and_deploy", "deploy_model"):
+        assert isinstance(dagbag.dags[dag_id].get_task("rollout_kubernetes"), RolloutPodOperator)
 
 
 def test_trigger_form_params_are_typed_and_documented(dagbag):
@@ -264,6 +361,7 @@ def dagbag_training_in_pod():
 
 
 def test_training_in_a_pod_keeps_the_graph(dagbag, dagbag_training_in_pod):
+    from _pod_operators import RolloutPodOperator
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
     assert dagbag_training_in_pod.import_errors == {}
@@ -273,13 +371,37 @@ def test_training_in_a_pod_keeps_the_graph(dagbag, dagbag_training_in_pod):
     def edges(dag):
         return {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
 
-    assert edges(in_pod) == edges(in_worker)
+    assert edges(in_worker) == TRAIN_AND_DEPLOY_EDGES
+    assert edges(in_pod) == TRAIN_IN_POD_EDGES
     train = in_pod.get_task("train")
     assert isinstance(train, KubernetesPodOperator)
     assert not isinstance(in_worker.get_task("train"), KubernetesPodOperator)
-    assert train.do_xcom_push is True
+    assert not isinstance(train, RolloutPodOperator)  # its exit codes mean nothing special
+    # No XCom sidecar: the result is read from the pod's MLflow run (training_result).
+    assert train.do_xcom_push is False
     assert train.retries == 1
     assert train.container_resources.limits["cpu"] == "3"
+
+
+def test_training_result_reads_the_pod_s_run_by_the_train_step_s_key(
+    dagbag_training_in_pod, monkeypatch
+):
+    """training_result hands evaluate what the pod's run recorded, found by the key the pod's
+    run is tagged with (the same key the `train` task's templates render)."""
+    import ml.pipeline
+
+    dag = dagbag_training_in_pod.dags["train_and_deploy"]
+    asked = []
+
+    def trained_by(run_key, registry, *, tracking_uri):
+        asked.append((run_key, tracking_uri))
+        return {"run_id": "abc", "model_uri": "runs:/abc/model"}
+
+    monkeypatch.setattr(ml.pipeline, "trained_by", trained_by)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    result = dag.get_task("training_result").python_callable(dag=dag, run_id="manual__7")
+    assert result == {"run_id": "abc", "model_uri": "runs:/abc/model"}
+    assert asked == [("train_and_deploy/manual__7/train", "http://mlflow.example:5000")]
 
 
 def test_training_pod_gets_window_params_and_run_through_templates(
@@ -289,7 +411,6 @@ def test_training_pod_gets_window_params_and_run_through_templates(
     from ml.__main__ import _parser, _read
 
     dag = dagbag_training_in_pod.dags["train_and_deploy"]
-    task = copy.deepcopy(dag.get_task("train"))
     window = {
         "start": "2026-03-01",
         "end": "2026-03-08",
@@ -298,24 +419,14 @@ def test_training_pod_gets_window_params_and_run_through_templates(
         "partitions": [{"day": "2026-03-01", "uri": "/data/date=2026-03-01/part-0.parquet"}],
         "note": "quotes ' \" and <tags> & ampersands survive",
     }
-
-    class RunningTaskInstance:  # what a template sees as `ti`: only xcom_pull is used
-        def xcom_pull(self, task_ids, key="return_value"):
-            assert (task_ids, key) == ("load_window", "return_value")
-            return window
-
-    params = {name: dag.params[name] for name in dag.params}
-    params.update(epochs=7, learning_rate=0.02, batch_size=16)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    task.render_template_fields(
-        {
-            "ti": RunningTaskInstance(),
-            "params": params,
-            "dag": dag,
-            "task": task,
-            "run_id": "manual__7",
-        }
+    task, ti = render(
+        dag.get_task("train"),
+        dag,
+        {("load_window", "return_value"): window},
+        params={"epochs": 7, "learning_rate": 0.02, "batch_size": 16},
     )
+    assert ti.pulled == [("load_window", "return_value")]
 
     args = _parser().parse_args(task.arguments)
     assert args.step == "train"
@@ -324,16 +435,17 @@ def test_training_pod_gets_window_params_and_run_through_templates(
     assert args.tag == [
         "airflow_dag_id=train_and_deploy",
         "airflow_run_id=manual__7",
-        # A retry's pod finds the run of an attempt that died by this key (ml.train).
+        # A retry's pod finds the run of an attempt that died by this key (ml.train), and
+        # training_result finds the pod's result by it.
         "pipeline_run_key=train_and_deploy/manual__7/train",
     ]
-    assert args.output == "/airflow/xcom/return.json"
+    assert args.output is None  # no XCom file: the result is on the run (ml.pipeline.train)
     env = {var.name: var.value for var in task.env_vars}
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
 
 
 def test_every_pod_of_every_dag_validates_for_three_kubernetes_minors(
-    dagbag, dagbag_training_in_pod
+    dagbag, dagbag_training_in_pod, monkeypatch
 ):
     """Each KubernetesPodOperator task of each DAG (both training variants), as the operator
     builds its pod, against the schemas of the three newest Kubernetes minors."""
@@ -343,12 +455,21 @@ def test_every_pod_of_every_dag_validates_for_three_kubernetes_minors(
 
     from tests.k8s_schemas import newest_minors
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    # What the pods' templates and XComArgs read: the window, the deciding task's request.
+    request = '{"kind": "champion", "version": null, "reason": "x"}'
+    xcoms = {
+        ("load_window", "return_value"): {"start": "2026-03-01", "partitions": []},
+        ("gate", "request"): request,
+        ("request", "request"): request,
+    }
     pods = {}
     for bag in (dagbag, dagbag_training_in_pod):
         for dag in bag.dags.values():
             for task in dag.tasks:
                 if isinstance(task, KubernetesPodOperator):
-                    pod = task.build_pod_request_obj(dry_run=True)
+                    rendered, _ = render(task, dag, xcoms)
+                    pod = rendered.build_pod_request_obj(dry_run=True)
                     pods[(dag.dag_id, task.task_id)] = ApiClient().sanitize_for_serialization(pod)
     assert {
         ("train_and_deploy", "train"),

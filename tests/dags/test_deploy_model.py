@@ -28,15 +28,88 @@ def _edges(dag) -> set[tuple[str, str]]:
 
 
 def test_deploy_model_graph(dags):
+    from airflow.sdk.bases.branch import BranchMixIn
+
     dag = dags["deploy_model"]
     assert _edges(dag) == {
-        ("request", "in_sync"),
-        ("request", "rollout_local"),
-        ("request", "rollout_kubernetes"),
+        # request returns the request, why and the route; rollout_or_not routes on it.
+        ("request", "rollout_or_not"),
+        ("request", "rollout_local"),  # the request, as a TaskFlow value
+        ("request", "rollout_kubernetes"),  # the request, as the pod's --request argument
+        ("rollout_or_not", "in_sync"),
+        ("rollout_or_not", "rollout_local"),
+        ("rollout_or_not", "rollout_kubernetes"),
     }
+    assert dag.get_task("request").multiple_outputs is True
+    assert not isinstance(dag.get_task("request"), BranchMixIn)
+    assert isinstance(dag.get_task("rollout_or_not"), BranchMixIn)
     for task_id in ("request", "rollout_local"):
         task = dag.get_task(task_id)
         assert task.retries >= 1 and task.retry_delay >= timedelta(seconds=10), task_id
+
+
+class _Registry:
+    """``ml.registry.Registry`` with a fixed @champion (what request_for_deploy_model reads)."""
+
+    champion_version: str | None = "5"
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def champion(self):
+        from types import SimpleNamespace
+
+        version = type(self).champion_version
+        return SimpleNamespace(version=version, tags={}) if version else None
+
+
+def _request(dag, monkeypatch, live, **params):
+    """deploy_model's ``request`` task, run as its function with a stubbed registry and
+    endpoint: what it returns (request JSON or None, why, route)."""
+    import ml.registry
+    import serving.deploy.rollout as rollout
+
+    monkeypatch.setattr(ml.registry, "Registry", _Registry)
+    monkeypatch.setattr(rollout, "observe_live", lambda deploy, *, tracking_uri: live)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    values = {name: dag.params[name] for name in dag.params} | params
+    return dag.get_task("request").python_callable(
+        dag=dag, dag_run=None, params=values, run_id="manual__1"
+    )
+
+
+def test_request_routes_to_in_sync_or_the_target_s_rollout_with_the_request(dags, monkeypatch):
+    from serving.deploy.rollout import Request
+    from serving.deploy.target import Live
+
+    dag = dags["deploy_model"]
+    in_sync = _request(dag, monkeypatch, Live("5", True), deploy_target="local")
+    assert in_sync == {"request": None, "why": "in sync", "route": "in_sync"}
+
+    stale = _request(dag, monkeypatch, Live("4", True), deploy_target="kubernetes")
+    assert stale["route"] == "rollout_kubernetes" and stale["why"] == "out of sync"
+    request = Request.from_dict(stale["request"])
+    assert (request.kind, request.champion_at_request, request.run_id) == (
+        "champion",
+        "5",
+        "manual__1",
+    )
+    # A person triggering by hand (the Param's default) asks again for a version that failed.
+    assert request.retry_failed is True
+    kept = _request(dag, monkeypatch, Live("4", True), deploy_target="local", retry_failed=False)
+    assert kept["route"] == "rollout_local"
+    assert Request.from_dict(kept["request"]).retry_failed is False
+
+    # A version by hand is always rolled out, even when @champion is live and healthy.
+    by_hand = _request(dag, monkeypatch, Live("5", True), deploy_target="local", version=3)
+    assert by_hand["route"] == "rollout_local"
+    assert Request.from_dict(by_hand["request"]).version == "3"
+
+
+def test_rollout_or_not_follows_the_route(dags):
+    task = dags["deploy_model"].get_task("rollout_or_not")
+    for route in ("in_sync", "rollout_local", "rollout_kubernetes"):
+        assert task.python_callable(route) == route
 
 
 def test_deploy_model_is_scheduled_on_the_promotion_asset_and_runs_one_at_a_time(dags):
@@ -71,18 +144,26 @@ def test_the_plugin_and_the_dag_agree_on_the_asset(dags, monkeypatch):
 
 def test_deploy_model_params_are_typed_and_documented(dags):
     params = dags["deploy_model"].params
-    expected = {"version": ["null", "integer"], "deploy_target": "string", "reason": "string"}
+    expected = {
+        "version": ["null", "integer"],
+        "deploy_target": "string",
+        "reason": "string",
+        "retry_failed": "boolean",
+    }
     assert set(params.keys()) == set(expected)
     for name, type_ in expected.items():
         schema = params.get_param(name).schema
         assert schema["type"] == type_, name
         assert schema.get("title") and params.get_param(name).description, name
-    # An asset-triggered run gets the defaults: no version, so what @champion names.
+    # An asset-triggered run gets the defaults: no version, so what @champion names; a
+    # promotion is a person asking again, so a version that failed before is retried.
     assert params["version"] is None
+    assert params["retry_failed"] is True
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("version", 0), ("version", "three"), ("deploy_target", "moon")]
+    ("name", "value"),
+    [("version", 0), ("version", "three"), ("deploy_target", "moon"), ("retry_failed", "no")],
 )
 def test_deploy_model_form_rejects_bad_values(dags, name, value):
     from airflow.sdk.exceptions import ParamValidationError
@@ -113,6 +194,7 @@ def test_mlflow_links_are_global_so_no_dag_imports_the_plugin():
 
 def test_reconcile_graph_and_schedule(dags):
     from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+    from airflow.sdk.definitions.xcom_arg import XComArg
 
     dag = dags["reconcile_deployment"]
     assert _edges(dag) == {("check", "trigger_deploy_model")}
@@ -122,5 +204,39 @@ def test_reconcile_graph_and_schedule(dags):
     assert isinstance(trigger, TriggerDagRunOperator)
     assert trigger.trigger_dag_id == "deploy_model"
     assert trigger.wait_for_completion is False  # never holds a slot while deploy_model runs
+    # deploy_model's conf is check's return value (a TaskFlow value, no string-keyed XCom).
+    assert isinstance(trigger.conf, XComArg)
+    assert (trigger.conf.operator.task_id, trigger.conf.key) == ("check", "return_value")
     # A check must end well before the next one is due.
     assert dag.dagrun_timeout < dag.schedule
+
+
+@pytest.mark.parametrize(
+    ("report", "conf"),
+    [
+        ({"converge": False, "reason": "in sync"}, None),
+        (
+            {"converge": True, "reason": "@champion names v5; live: v4 (healthy)"},
+            {"reason": "reconcile: @champion names v5; live: v4 (healthy)", "retry_failed": False},
+        ),
+        (
+            {"converge": True, "reason": "x" * 1000},
+            {"reason": "reconcile: " + "x" * 400, "retry_failed": False},
+        ),
+    ],
+)
+def test_reconcile_check_returns_deploy_model_s_conf_or_none(dags, monkeypatch, report, conf):
+    """None skips the trigger (short circuit); otherwise deploy_model's conf, which its own
+    Params accept: reconcile never retries a verdict (retry_failed false)."""
+    import serving.deploy.rollout as rollout
+
+    monkeypatch.setattr(rollout, "reconcile_report", lambda *a, **k: report)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    check = dags["reconcile_deployment"].get_task("check")
+    returned = check.python_callable()
+    assert returned == conf
+    if conf is not None:
+        params = dags["deploy_model"].params
+        assert set(conf) <= set(params.keys())
+        for name, value in conf.items():
+            assert copy.deepcopy(params.get_param(name)).resolve(value) == value

@@ -19,9 +19,19 @@ def dags():
 
 
 def test_score_branches_to_retrain_or_no_drift_and_only_retrain_emits(dags):
+    from airflow.sdk.bases.branch import BranchMixIn
+
     dag = dags["monitor_drift"]
     assert dag.get_task("load_window").downstream_task_ids == {"score"}
-    assert dag.get_task("score").downstream_task_ids == {"retrain", "no_drift"}
+    # score returns the report (a TaskFlow value); retrain_or_not routes on it; both ends
+    # take the report as their argument.
+    assert dag.get_task("score").downstream_task_ids == {"retrain_or_not", "retrain", "no_drift"}
+    assert dag.get_task("retrain_or_not").downstream_task_ids == {"retrain", "no_drift"}
+    assert not isinstance(dag.get_task("score"), BranchMixIn)
+    assert isinstance(dag.get_task("retrain_or_not"), BranchMixIn)
+    route = dag.get_task("retrain_or_not").python_callable
+    assert route({"retrain": True}) == "retrain"
+    assert route({"retrain": False}) == "no_drift"
     assert [a.uri for a in dag.get_task("retrain").outlets] == ["pipeline://drift/regression-model"]
     assert dag.get_task("no_drift").outlets == []
     assert dag.is_paused_upon_creation is False

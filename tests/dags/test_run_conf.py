@@ -24,7 +24,7 @@ TRAIN_PARAMS = (
     "batch_size, data_end_date, data_window_days, deploy_target, epochs, force_deploy, "
     "force_retrain, learning_rate, max_regression, max_rmse, min_r2"
 )
-DEPLOY_PARAMS = "deploy_target, reason, version"
+DEPLOY_PARAMS = "deploy_target, reason, retry_failed, version"
 
 
 @pytest.fixture
@@ -76,14 +76,15 @@ def test_unknown_conf_keys_fail_the_first_task_naming_them_and_the_accepted_ones
 @pytest.mark.integration  # a whole dag.test() run
 def test_unknown_conf_key_fails_deploy_model_at_once_and_deploys_nothing(env):
     dag_run = load_dag("deploy_model").test(
-        run_conf={"version": 2, "unknown_param": 1}, mark_success_pattern="rollout_.*"
+        run_conf={"version": 2, "unknown_param": 1},
+        mark_success_pattern="rollout_(local|kubernetes)$",
     )
     assert str(dag_run.state) == "failed"
     states = task_states(dag_run)
     assert states["request"] == "failed"
-    assert {states[t] for t in ("in_sync", "rollout_local", "rollout_kubernetes")} == {
-        "upstream_failed"
-    }
+    assert {
+        states[t] for t in ("rollout_or_not", "in_sync", "rollout_local", "rollout_kubernetes")
+    } == {"upstream_failed"}
     (request,) = [ti for ti in dag_run.get_task_instances() if ti.task_id == "request"]
     assert request.try_number == 1  # failed for good: not retried
 
@@ -92,11 +93,13 @@ def test_unknown_conf_key_fails_deploy_model_at_once_and_deploys_nothing(env):
 def test_known_conf_keys_pass_the_check(env):
     dag_run = load_dag("deploy_model").test(
         run_conf={"version": 2, "reason": "rollback by hand", "deploy_target": "local"},
-        mark_success_pattern="rollout_.*",
+        mark_success_pattern="rollout_(local|kubernetes)$",  # the branch itself runs
     )
     states = task_states(dag_run)
     assert states["request"] == "success"
+    assert states["rollout_or_not"] == "success"
     assert states["rollout_local"] == "success"  # marked: the request chose it
+    assert states["rollout_kubernetes"] == "skipped" and states["in_sync"] == "skipped"
 
 
 @pytest.mark.integration  # a whole dag.test() run

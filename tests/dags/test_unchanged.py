@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from tests.dags.conftest import load_dag, task_states
+from tests.integration.conftest import xcom as _xcom
 
 # dag.test() imports Starlette's TestClient, which warns that it will move to httpx2.
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -24,6 +25,7 @@ SKIPPED_WHEN_UNCHANGED = (
     "evaluate",
     "register",
     "gate",
+    "deploy_or_not",
     "not_deployed",
     "rollout_local",
     "rollout_kubernetes",
@@ -32,7 +34,7 @@ SKIPPED_WHEN_UNCHANGED = (
 
 @pytest.mark.integration
 def test_a_run_like_the_champion_s_ends_unchanged_unless_forced(
-    airflow_db, mlflow_store, tmp_path, monkeypatch, capsys
+    airflow_db, mlflow_store, tmp_path, monkeypatch
 ):
     from mlflow import MlflowClient
 
@@ -57,6 +59,8 @@ def test_a_run_like_the_champion_s_ends_unchanged_unless_forced(
     first = dag.test(run_conf=CONF, mark_success_pattern="rollout_.*")
     states = task_states(first)
     assert states["unchanged_check"] == "success" and states["unchanged"] == "skipped", states
+    assert states["train_or_not"] == "success" and states["validate_data"] == "success"
+    assert _xcom(first, "unchanged_check")["unchanged"] is False
     assert states["register"] == "success", states
     registry = Registry(mlflow_store, RegistrySettings())
     v1 = registry.get("1")
@@ -67,23 +71,28 @@ def test_a_run_like_the_champion_s_ends_unchanged_unless_forced(
     assert v1.tags["training_fingerprint"].startswith("sha256:")
     assert v1.tags["trigger_reason"] == "manual trigger"
     registry.set_alias("champion", "1")  # what the rollout does once v1 is verified live
-    capsys.readouterr()
 
     second = dag.test(run_conf=CONF)
     states = task_states(second)
     assert str(second.state) == "success", states
-    assert states["unchanged_check"] == "success"
+    assert states["unchanged_check"] == "success" and states["train_or_not"] == "success"
     assert states["unchanged"] == "success"
     assert {states[t] for t in SKIPPED_WHEN_UNCHANGED} == {"skipped"}, states
     assert len(training_runs()) == 1  # nothing trained
     assert registry.latest_version().version == "1"  # nothing registered
-    assert (
+    # The decision is unchanged_check's value; `unchanged` ends the run with its reason.
+    decision = _xcom(second, "unchanged_check")
+    assert decision["unchanged"] is True
+    assert decision["reason"].startswith(
         "unchanged: @champion v1 was trained on the same data digest, code version and parameters"
-    ) in capsys.readouterr().out
+    )
+    assert _xcom(second, "unchanged") == decision["reason"]
 
     forced = dag.test(
         run_conf={**CONF, "force_retrain": True},
-        mark_success_pattern="(?!load_window$|unchanged_check$|validate_data$|train$).*",
+        mark_success_pattern=(
+            "(?!load_window$|unchanged_check$|train_or_not$|validate_data$|train$).*"
+        ),
     )
     states = task_states(forced)
     assert str(forced.state) == "success", states

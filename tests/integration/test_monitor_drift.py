@@ -15,6 +15,7 @@ from datetime import date
 import pytest
 
 from tests.dags.conftest import load_dag, task_states
+from tests.integration.conftest import xcom as _xcom
 from tests.plugins.conftest import asset_events, clear_queue, queued_for, sync_dags_to_db
 
 pytestmark = [
@@ -77,9 +78,13 @@ def test_a_drifted_window_queues_train_and_deploy_and_an_ordinary_one_does_not(
     assert task_states(calm) == {
         "load_window": "success",
         "score": "success",
+        "retrain_or_not": "success",
         "no_drift": "success",
         "retrain": "skipped",
     }
+    report = _xcom(calm, "score")  # the report, a TaskFlow value: both ends get it
+    assert report["retrain"] is False
+    assert _xcom(calm, "no_drift") == (report.get("skipped") or report["summary"])
     assert asset_events(ASSET_URI) == []
     assert queued_for(ASSET_URI) == []
 
@@ -91,9 +96,11 @@ def test_a_drifted_window_queues_train_and_deploy_and_an_ordinary_one_does_not(
     assert task_states(drifted) == {
         "load_window": "success",
         "score": "success",
+        "retrain_or_not": "success",
         "retrain": "success",
         "no_drift": "skipped",
     }
+    assert _xcom(drifted, "score")["retrain"] is True
     [event] = asset_events(ASSET_URI)
     assert event["champion_version"] == champion
     assert "__target__" in event["drifted"]

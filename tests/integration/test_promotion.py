@@ -228,6 +228,8 @@ def _link(dag_run, task_id: str, link_cls):
 
 
 def test_setting_the_alias_in_mlflow_deploys_that_version(stack):
+    from serving.deploy.rollout import Request
+
     before = len(asset_events(ASSET_URI))
     stack["client"].set_registered_model_alias(MODEL, "champion", "1")
 
@@ -239,8 +241,13 @@ def test_setting_the_alias_in_mlflow_deploys_that_version(stack):
     dag_run = _dag("deploy_model").test()  # default Params: what an asset-triggered run gets
     states = _states(dag_run)
     assert str(dag_run.state) == "success", states
+    assert states["rollout_or_not"] == "success"
     assert states["rollout_local"] == "success" and states["rollout_kubernetes"] == "skipped"
     assert states["in_sync"] == "skipped"
+    assert _xcom(dag_run, "request", key="route") == "rollout_local"
+    # The request as the rollout got it (the helper reads JSON text back as a dict).
+    request = Request.from_dict(_xcom(dag_run, "request", key="request"))
+    assert (request.kind, request.retry_failed) == ("champion", True)  # a person promoted it
     outcome = _xcom(dag_run, "rollout_local")
     assert outcome["status"] == "rolled_out" and outcome["version"] == "1"
     assert _live() == "1"
@@ -269,6 +276,8 @@ def test_the_echo_of_a_promotion_ends_in_seconds_without_a_rollout(stack):
     states = _states(dag_run)
     assert str(dag_run.state) == "success", states
     assert states["in_sync"] == "success" and states["rollout_local"] == "skipped"
+    assert _xcom(dag_run, "request", key="why") == "in sync"
+    assert _xcom(dag_run, "request", key="request") is None
     assert _active_record() == serving, "the same server, untouched"
     print(f"in-sync deploy_model run took {time.monotonic() - started:.1f}s")
 
@@ -374,12 +383,16 @@ def test_reconcile_converges_after_a_change_behind_the_pipelines_back(stack):
     states = _states(check_run)
     assert str(check_run.state) == "success", states
     assert states["trigger_deploy_model"] == "success"
-    assert _xcom(check_run, "check", key="report")["live_version"] == "3"
+    # check returns deploy_model's conf; the trigger passes it on. Reconcile never retries a
+    # version that failed before.
+    conf = {"reason": "reconcile: @champion names v1; live: v3 (healthy)", "retry_failed": False}
+    assert _xcom(check_run, "check") == conf
     triggered = _xcom(check_run, "trigger_deploy_model", key="trigger_run_id")
     assert _run_state("deploy_model", triggered) == "queued"
+    assert _run_conf("deploy_model", triggered) == conf
 
     # That queued run, executed: the alias's version is live again.
-    dag_run = _dag("deploy_model").test(run_conf={"reason": "reconcile: test"})
+    dag_run = _dag("deploy_model").test(run_conf=conf)
     assert str(dag_run.state) == "success", _states(dag_run)
     assert _live() == "1"
     _served_predictions_match(stack, "1")
@@ -387,7 +400,8 @@ def test_reconcile_converges_after_a_change_behind_the_pipelines_back(stack):
     # In sync now: the next check triggers nothing.
     again = reconcile.test()
     assert _states(again)["trigger_deploy_model"] == "skipped"
-    assert _xcom(again, "check", key="report")["reason"] == "in sync"
+    assert _xcom(again, "check") is None  # nothing to trigger: short-circuited
+    assert _reconcile_report(stack)["reason"] == "in sync"
 
 
 def test_reconcile_sees_a_dead_endpoint_and_redeploys(stack):
@@ -396,10 +410,13 @@ def test_reconcile_sees_a_dead_endpoint_and_redeploys(stack):
     from serving.deploy.settings import DeploySettings
 
     LocalTarget(DeploySettings(), stack["mlflow"]).stop_all()
-    report_run = _dag("reconcile_deployment").test()
-    report = _xcom(report_run, "check", key="report")
+    report = _reconcile_report(stack)
     assert report["converge"] is True and report["healthy"] is False, report
-    dag_run = _dag("deploy_model").test(run_conf={"reason": "reconcile: endpoint down"})
+    report_run = _dag("reconcile_deployment").test()
+    assert _states(report_run)["trigger_deploy_model"] == "success"
+    conf = _xcom(report_run, "check")
+    assert conf == {"reason": f"reconcile: {report['reason']}", "retry_failed": False}
+    dag_run = _dag("deploy_model").test(run_conf=conf)
     assert str(dag_run.state) == "success", _states(dag_run)
     _served_predictions_match(stack, "1")
 
@@ -447,6 +464,26 @@ def test_a_promotion_and_a_nightly_rollout_at_once_leave_champion_equal_to_live(
 
 def _served_version(stack) -> str | None:
     return httpx.get(f"{stack['endpoint']}/v1/model", timeout=10).json().get("version")
+
+
+def _reconcile_report(stack) -> dict:
+    """What reconcile's check sees (its report: logged, not returned)."""
+    from ml.settings import RegistrySettings
+    from serving.deploy.rollout import reconcile_report
+    from serving.deploy.settings import DeploySettings
+
+    return reconcile_report(RegistrySettings(), DeploySettings(), tracking_uri=stack["mlflow"])
+
+
+def _run_conf(dag_id: str, run_id: str) -> dict | None:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        return session.scalar(
+            select(DagRun.conf).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)
+        )
 
 
 def _run_state(dag_id: str, run_id: str) -> str | None:

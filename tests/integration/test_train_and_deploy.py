@@ -93,11 +93,21 @@ def first_run(stack):
 
 
 def test_first_run_trains_registers_deploys_and_promotes(stack, first_run):
+    from serving.deploy.rollout import Request
+
     states = task_states(first_run)
     assert str(first_run.state) == "success", states
+    assert states["train_or_not"] == "success" and states["unchanged"] == "skipped"
+    assert states["deploy_or_not"] == "success"
     assert states["rollout_local"] == "success"
     assert states["rollout_kubernetes"] == "skipped"
     assert states["not_deployed"] == "skipped"
+    # The gate's values: its decision, the route the branch took, the request the rollout ran.
+    assert _xcom(first_run, "gate", key="passed") is True
+    assert _xcom(first_run, "gate", key="route") == "rollout_local"
+    request = Request.from_dict(_xcom(first_run, "gate", key="request"))
+    assert (request.kind, request.version, request.run_id) == ("candidate", "1", first_run.run_id)
+    assert request.champion_at_eval is None  # no @champion to compare with then
 
     client = _client(stack["tracking_uri"])
     version = client.get_model_version_by_alias(MODEL, "champion")
@@ -151,6 +161,10 @@ def test_gate_rejection_registers_but_deploys_nothing(stack, first_run):
     assert str(dag_run.state) == "success", states  # "not deployed" is an outcome, not a crash
     assert states["not_deployed"] == "success"
     assert states["rollout_local"] == "skipped"
+    assert _xcom(dag_run, "gate", key="route") == "not_deployed"
+    assert _xcom(dag_run, "gate", key="request") is None
+    summary = _xcom(dag_run, "gate", key="summary")
+    assert _xcom(dag_run, "not_deployed") == f"Version 2 not deployed: {summary}"
 
     client = _client(stack["tracking_uri"])
     rejected = client.get_model_version(MODEL, "2")

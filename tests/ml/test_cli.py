@@ -100,3 +100,12 @@ def test_bad_argument_value_exits_2_with_the_setting_named(ml_main):
     out = ml_main("window", "--end", END, "--window-days", "0")
     assert out.returncode == 2
     assert "window_days" in out.stderr
+
+
+def test_there_is_no_promote_step_every_version_goes_live_through_the_rollout(ml_main, capsys):
+    """@champion moves only in the rollout path, once the version answers right
+    (python -m serving.deploy rollout --version N is the manual way)."""
+    with pytest.raises(SystemExit) as exited:
+        ml_main("promote", "--version", '{"version": "1"}')
+    assert exited.value.code == 2
+    assert "invalid choice: 'promote'" in capsys.readouterr().err

@@ -118,8 +118,10 @@ def test_steps_chain_from_window_to_champion_and_the_next_run_meets_it(
     for tag, value in identity.items():
         assert registered.tags[tag] == run_tags[tag] == value, tag
     assert registry.get(REGISTRY.challenger_alias).version == version["version"]
-    # What the rollout does once the version is verified live.
+    # What the rollout does once the version is verified live (serving.deploy.rollout:
+    # _promote moves @champion, _drop_challenger retires @challenger naming it).
     registry.set_alias(REGISTRY.champion_alias, version["version"])
+    registry.delete_alias(REGISTRY.challenger_alias)
     # A training pod's result, read back by its run key, is what train() returned.
     assert pipeline.trained_by(key, REGISTRY, tracking_uri=mlflow_store) == trained
     # Same window, code and parameters as the champion: nothing to do, unless forced.

@@ -697,6 +697,7 @@ def test_fifty_promotions_while_the_scheduler_is_down_make_one_run_of_the_last(s
     assert set(db.consumed(run["id"])) <= set(recorded.values())
     assert db.tasks(run["run_id"]) == {
         "request": "success",
+        "rollout_or_not": "success",
         "rollout_local": "success",
         "rollout_kubernetes": "skipped",
         "in_sync": "skipped",

@@ -411,7 +411,7 @@ def test_network_policy(objects, settings):
     assert np["policyTypes"] == ["Ingress"]
     (rule,) = np["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": manifests.CONTAINER_PORT}]
-    assert {"podSelector": {}} in rule["from"], "the rollout pod's smoke test, same namespace"
+    assert {"podSelector": {}} in rule["from"], "the rollout pod's verification, same namespace"
     (ns_peer,) = [p for p in rule["from"] if "namespaceSelector" in p]
     (expr,) = ns_peer["namespaceSelector"]["matchExpressions"]
     assert expr["key"] == "kubernetes.io/metadata.name"

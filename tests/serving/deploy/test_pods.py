@@ -51,8 +51,8 @@ def _kwargs(training, data, deploy) -> dict:
 
 @pytest.fixture(autouse=True, scope="module")
 def kubernetes_connection():
-    """The operator reads the XCom sidecar's image from the Connection (here: the pipeline
-    image, for clusters that cannot pull the default alpine image; see docs/operations.md)."""
+    """The Connection the pods' operator reads. It names an XCom sidecar image: no pipeline
+    pod may get a sidecar all the same (their results are in MLflow, not in XCom)."""
     extra = {"xcom_sidecar_container_image": PIPELINE_IMAGE, "in_cluster": False}
     mp = pytest.MonkeyPatch()
     mp.setenv("AIRFLOW_CONN_K8S_PROD", json.dumps({"conn_type": "kubernetes", "extra": extra}))
@@ -66,7 +66,7 @@ def _pod(kwargs) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no deprecated arguments
         train = KubernetesPodOperator(task_id="train", **kwargs)
-    # dry_run: no kube config or cluster needed; the XCom sidecar is added all the same.
+    # dry_run: no kube config or cluster needed (an XCom sidecar would be added all the same).
     return ApiClient().sanitize_for_serialization(train.build_pod_request_obj(dry_run=True))
 
 
@@ -85,26 +85,27 @@ def test_training_pod_validates_strictly(pod, k8s_version):
     kubernetes_validate.validate(pod, k8s_version, strict=True)
 
 
-def test_runs_ml_train_and_writes_the_xcom_file(pod):
+def test_runs_ml_train_with_no_xcom_sidecar(settings, pod):
+    """The run records its result in MLflow (ml.pipeline.train), where the next task reads it
+    (ml.pipeline.trained_by): no sidecar, no XCom file, no `pods/exec` right for Airflow."""
+    assert _kwargs(*settings)["do_xcom_push"] is False
     containers = {c["name"]: c for c in pod["spec"]["containers"]}
-    assert set(containers) == {"base", "airflow-xcom-sidecar"}
+    assert set(containers) == {"base"}
     main = containers["base"]
     assert main["image"] == PIPELINE_IMAGE
-    assert containers["airflow-xcom-sidecar"]["image"] == PIPELINE_IMAGE
     assert main["command"] == ["python", "-m", "ml"]
     args = main["args"]
     assert args[0] == "train"
     assert args[args.index("--window") + 1] == WINDOW
     assert args[args.index("--epochs") + 1] == "12"
-    assert args[args.index("--output") + 1] == "/airflow/xcom/return.json"
+    assert "--output" not in args
     tags = [args[i + 1] for i, a in enumerate(args) if a == "--tag"]
     assert tags == ["airflow_dag_id=train_and_deploy", "airflow_run_id=manual__1"]
-    # The sidecar reads what the main container wrote from the shared emptyDir.
     mounts = {m["mountPath"] for m in main["volumeMounts"]}
-    assert "/airflow/xcom" in mounts
+    assert "/airflow/xcom" not in mounts
 
 
-def test_both_containers_are_restricted(pod):
+def test_every_container_is_restricted(pod):
     spec = pod["spec"]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -171,6 +172,34 @@ def test_pod_env_rebuilds_the_workers_data_and_training_settings(settings, monke
     assert TrainingSettings().threads == 2
 
 
+def test_the_pod_trains_in_the_experiment_the_next_task_reads_it_from(settings, monkeypatch):
+    """training_result finds the pod's run by its run key in the worker's experiment
+    (ml.pipeline.trained_by): the pod must log there, not in the default one."""
+    from ml.settings import RegistrySettings
+
+    training, data, deploy = settings
+    for key in list(os.environ):
+        if key.startswith("PIPELINE_REGISTRY_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PIPELINE_REGISTRY_EXPERIMENT_NAME", "sales-nightly")
+    monkeypatch.setenv("PIPELINE_REGISTRY_MODEL_NAME", "sales-forecast")
+    worker = RegistrySettings()
+    pod = _pod(_kwargs(training, data, deploy))
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    monkeypatch.delenv("PIPELINE_REGISTRY_EXPERIMENT_NAME")
+    monkeypatch.delenv("PIPELINE_REGISTRY_MODEL_NAME")
+    assert RegistrySettings().experiment_name != "sales-nightly"  # the default differs
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert RegistrySettings() == worker
+    explicit = RegistrySettings(experiment_name="other")
+    kwargs = training_pod_kwargs(
+        training, data, deploy, window=WINDOW, tracking_uri=TRACKING_URI, epochs="1",
+        learning_rate="0.1", batch_size="8", tags={}, execution_timeout_s=60, registry=explicit,
+    )  # fmt: skip
+    assert kwargs["env_vars"]["PIPELINE_REGISTRY_EXPERIMENT_NAME"] == "other"
+
+
 @pytest.mark.parametrize(
     ("quantity", "threads"), [("1", 1), ("2", 2), ("1500m", 2), ("250m", 1), ("0.5", 1)]
 )
@@ -186,7 +215,7 @@ def test_cpu_threads_rejects_non_quantities(quantity):
 
 # -- the rollout pod ------------------------------------------------------------------------
 
-MODEL_URI = "models:/regression-model/7"
+REQUEST = json.dumps({"kind": "version", "version": "7", "reason": "roll 'back' <now>"})
 
 
 @pytest.fixture(scope="module")
@@ -202,9 +231,7 @@ def rollout_settings() -> DeploySettings:
 
 @pytest.fixture(scope="module")
 def rollout_kwargs(rollout_settings) -> dict:
-    return rollout_pod_kwargs(
-        rollout_settings, model_uri=MODEL_URI, version="7", tracking_uri=TRACKING_URI
-    )
+    return rollout_pod_kwargs(rollout_settings, request=REQUEST, tracking_uri=TRACKING_URI)
 
 
 @pytest.fixture(scope="module")
@@ -239,19 +266,52 @@ def test_operator_settings(rollout_operator, rollout_settings):
     assert rollout_operator.startup_timeout_seconds >= 120
 
 
-def test_command_pins_the_model_version(rollout_pod, rollout_settings):
+def test_command_runs_the_rollout_path_for_the_request(rollout_pod, rollout_settings):
+    from serving.deploy.__main__ import build_parser
+    from serving.deploy.rollout import Request
+
     container = rollout_pod["spec"]["containers"][0]
     assert container["image"] == rollout_settings.pipeline_image
     assert container["command"] == ["python", "-m", "serving.deploy"]
     args = container["args"]
-    assert args[0] == "rollout"
-    assert args[args.index("--model-uri") + 1] == MODEL_URI
-    assert args[args.index("--version") + 1] == "7"
-    assert args[args.index("--namespace") + 1] == rollout_settings.namespace
-    assert args[args.index("--deployment") + 1] == rollout_settings.deployment_name
-    assert not any("@" in a for a in args), "an alias must never reach the rollout pod"
+    assert args == [
+        "rollout",
+        *("--request", REQUEST),
+        *("--target", "kubernetes"),
+        *("--namespace", rollout_settings.namespace),
+        *("--deployment", rollout_settings.deployment_name),
+    ]
+    parsed = build_parser().parse_args(args)
+    assert parsed.command == "rollout" and parsed.version is None
+    assert Request.from_dict(parsed.request) == Request.from_dict(REQUEST)
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["MLFLOW_TRACKING_URI"] == TRACKING_URI
+    # The pod moves @champion and tags versions: the registry settings travel too.
+    assert env["PIPELINE_REGISTRY_MODEL_NAME"] and env["PIPELINE_REGISTRY_CHAMPION_ALIAS"]
+    assert env["PIPELINE_DEPLOY_TARGET"] == "kubernetes"
+
+
+def test_the_request_is_the_only_thing_a_rollout_pod_is_told():
+    """No pinned URI or version bypasses the rollout path: the request (JSON text, or in a
+    DAG the XComArg of the task that decided it) is required, keyword-only."""
+    import inspect
+
+    signature = inspect.signature(rollout_pod_kwargs)
+    assert set(signature.parameters) == {"settings", "tracking_uri", "request", "registry"}
+    request = signature.parameters["request"]
+    assert request.kind is inspect.Parameter.KEYWORD_ONLY
+    assert request.default is inspect.Parameter.empty
+    with pytest.raises(TypeError):
+        rollout_pod_kwargs(DeploySettings(), tracking_uri=TRACKING_URI)  # type: ignore[call-arg]
+
+
+def test_the_pod_outlives_a_wedged_rollout_by_its_own_deadlines():
+    """activeDeadlineSeconds: the version's rollout, its undo or the previous version's
+    redeploy (each at most a progress deadline), two API retry windows, 5 minutes' slack."""
+    settings = DeploySettings(progress_deadline_s=200, api_retry_s=30.5)
+    kwargs = rollout_pod_kwargs(settings, request=REQUEST, tracking_uri=TRACKING_URI)
+    assert kwargs["active_deadline_seconds"] == 200 * 3 + 61 + 300
+    assert kwargs["do_xcom_push"] is False
 
 
 def test_pod_identity(rollout_pod, rollout_settings):
@@ -259,7 +319,9 @@ def test_pod_identity(rollout_pod, rollout_settings):
     assert meta["namespace"] == rollout_settings.namespace
     assert meta["name"].startswith("model-rollout")
     assert meta["labels"]["app.kubernetes.io/name"] == "model-rollout"
-    assert meta["labels"]["app.kubernetes.io/version"] == "7"
+    # The version is decided when the rollout runs (a request may be "what @champion names"):
+    # labels are not templated, so the pod carries none.
+    assert "app.kubernetes.io/version" not in meta["labels"]
     assert meta["labels"]["app.kubernetes.io/managed-by"] == "airflow"
     assert rollout_pod["spec"]["serviceAccountName"] == rollout_settings.service_account
     assert rollout_pod["spec"]["restartPolicy"] == "Never"
@@ -307,22 +369,6 @@ def test_resources(rollout_pod):
         assert key in resources["limits"]
 
 
-@pytest.mark.parametrize(
-    ("uri", "version"),
-    [
-        ("models:/regression-model@champion", "7"),
-        ("models:/regression-model/latest", "7"),
-        ("runs:/abc/model", "7"),
-        ("models:/regression-model/8", "7"),
-    ],
-)
-def test_rejects_unpinned_or_mismatched_uri(rollout_settings, uri, version):
-    with pytest.raises(ValueError):
-        rollout_pod_kwargs(
-            rollout_settings, model_uri=uri, version=version, tracking_uri=TRACKING_URI
-        )
-
-
 def test_pod_env_reproduces_every_deploy_setting_in_the_pod(monkeypatch):
     from serving.deploy.pods import deploy_settings_env as settings_env
     from serving.deploy.settings import DeploySettings
@@ -330,7 +376,8 @@ def test_pod_env_reproduces_every_deploy_setting_in_the_pod(monkeypatch):
     custom = DeploySettings(
         serving_cpu="2",
         serving_memory="3Gi",
-        smoke_timeout_s=12.5,
+        progress_deadline_s=200,
+        api_retry_s=12.5,
         min_replicas=3,
         allowed_client_namespaces=["airflow", "batch"],
         monitoring_labels={"release": "kps"},

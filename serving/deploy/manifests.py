@@ -62,8 +62,6 @@ MEASURED_READY_S = 16.4
 STARTUP_PERIOD_S = 2
 STARTUP_FAILURES = 45
 STARTUP_BUDGET_S = STARTUP_PERIOD_S * STARTUP_FAILURES
-# A new pod must stay ready this long before it counts as available (catches flapping pods).
-MIN_READY_S = 5
 # SIGTERM: the server drains in-flight requests for up to GRACEFUL_S; preStop first waits
 # PRE_STOP_S so that kube-proxy/ingress stop sending new requests to a terminating pod.
 PRE_STOP_S = 5
@@ -353,7 +351,7 @@ def deployment(
                 # one goes. One extra pod at a time keeps the surge cheap.
                 "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
             },
-            "minReadySeconds": MIN_READY_S,
+            "minReadySeconds": settings.min_ready_s,
             "progressDeadlineSeconds": settings.progress_deadline_s,
             # The rollout reads the previous revision from its ReplicaSet when it resumes.
             "revisionHistoryLimit": 5,

@@ -113,6 +113,13 @@ class DeploySettings(BaseSettings):
         "and the rollout undoes it. One pod's startup-probe budget (90 s) plus a minute for "
         "scheduling and pulling the image on a fresh node.",
     )
+    min_ready_s: int = Field(
+        5,
+        ge=0,
+        description="The serving Deployment's minReadySeconds: how long a new pod must stay "
+        "ready before it counts as available (and the next old pod goes); catches pods that "
+        "flap right after their first ready probe.",
+    )
     api_retry_s: float = Field(
         60.0,
         gt=0,

@@ -128,6 +128,7 @@ def render_cli(
         "PIPELINE_DEPLOY_NAMESPACE": settings.namespace,
         "PIPELINE_DEPLOY_SERVING_IMAGE": settings.serving_image,
         "PIPELINE_DEPLOY_PROGRESS_DEADLINE_S": str(settings.progress_deadline_s),
+        "PIPELINE_DEPLOY_MIN_READY_S": str(settings.min_ready_s),
         "PIPELINE_DEPLOY_MIN_REPLICAS": str(settings.min_replicas),
         "MLFLOW_TRACKING_URI": tracking_uri,
     }
@@ -158,6 +159,8 @@ def bootstrap(plane, registry, registry_uri, model_servers, tmp_path):
             namespace=namespace,
             serving_image=SERVING_IMAGE,
             progress_deadline_s=10,
+            # A pod counts as available after 1 s ready (production: 5): the tier rolls often.
+            min_ready_s=1,
             api_retry_s=5,
             min_replicas=2,
         )

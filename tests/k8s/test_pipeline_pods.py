@@ -58,6 +58,7 @@ def pipeline(plane, mlflow_server, airflow_db, tmp_path_factory):  # noqa: F811
         "PIPELINE_DEPLOY_NAMESPACE": NAMESPACE,
         "PIPELINE_DEPLOY_SERVING_IMAGE": "train-and-deploy/serving:test",
         "PIPELINE_DEPLOY_PROGRESS_DEADLINE_S": "30",
+        "PIPELINE_DEPLOY_MIN_READY_S": "1",
         "PIPELINE_DEPLOY_MIN_REPLICAS": "2",
     }
     mp = pytest.MonkeyPatch()

@@ -1,29 +1,21 @@
 """The ``kubernetes`` target: the serving Deployment, rolled by the Deployment controller.
 
-:meth:`KubernetesTarget.deploy` is the whole of it:
+:meth:`KubernetesTarget.deploy` is the whole of it: read the Deployment (an administrator
+bootstraps it; already running this version, rolled out: nothing to do); **server-side apply**
+the Deployment of :func:`serving.deploy.manifests.deployment` (field manager
+``train-and-deploy``, forced, with the ``resourceVersion`` just read as a precondition: a 409
+re-reads and applies again); **watch** it until the new pods are available and no old pod is
+left (``kubectl rollout status``), its ``progressDeadlineSeconds`` pass or a new pod
+crash-loops; then, never available, **undo** (``kubectl rollout undo``: the previous
+ReplicaSet's template applied and waited for) and raise. Pods that started and never passed
+their readiness probe are a verdict on the version (:class:`NotReady`); pods that could not
+be scheduled or pulled say nothing about it (:class:`DeployFailed`, retried).
 
-1. **read** the Deployment (an administrator bootstraps it: docs/operations.md). Already
-   running this pinned version, rolled out and available: nothing to do, no PATCH.
-2. **apply** the Deployment of :func:`serving.deploy.manifests.deployment` by server-side
-   apply (field manager ``train-and-deploy``, forced: the pipeline owns what it declares),
-   with the ``resourceVersion`` it read as a precondition: if anyone changed the Deployment
-   in between, the API answers 409 and the apply is retried on a fresh read.
-3. **watch** the Deployment until the new ReplicaSet's pods are available and no old pod is
-   left (``kubectl rollout status``), or its ``progressDeadlineSeconds`` pass
-   (``Progressing=False/ProgressDeadlineExceeded``), or a new pod crash-loops.
-4. never available: **undo** (``kubectl rollout undo``: the previous ReplicaSet's pod
-   template applied again, waited for) and raise. Pods that started and never passed their
-   readiness probe are a verdict on the version (:class:`NotReady`); pods that could not be
-   scheduled or pulled say nothing about it (:class:`DeployFailed`, retried).
-
-Verification, and the decision to put the previous version back after a wrong answer, are the
-rollout path's (:mod:`serving.deploy.rollout`). :meth:`withdraw` scales the Deployment to zero
-(the HorizontalPodAutoscaler leaves a Deployment at zero replicas alone); the next deploy
-scales it back to ``min_replicas``. One rollout at a time is Airflow's ``model_rollout`` pool.
-
-API calls that fail for want of an answer (refused, 5xx, 429, a lost watch) are retried for
-``api_retry_s``; after that the rollout is a fault (:class:`DeployFailed`) and the task is
-retried. Clusters older than :data:`MIN_KUBERNETES` are refused before anything is applied.
+Verification, and restoring after a wrong answer, are :mod:`serving.deploy.rollout`'s.
+:meth:`withdraw` scales to zero (the HorizontalPodAutoscaler leaves a Deployment at zero
+alone); the next deploy scales back to ``min_replicas``. API calls without an answer are
+retried for ``api_retry_s``, then a fault. Clusters older than :data:`MIN_KUBERNETES` are
+refused before anything is applied.
 """
 
 from __future__ import annotations
@@ -40,31 +32,31 @@ from typing import Any, TypeVar
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from serving.deploy import manifests
-from serving.deploy.manifests import FIELD_MANAGER, MODEL_URI_ENV, parse_pinned_uri
+from serving.deploy.kube_objects import (
+    api_error,
+    describe_pods,
+    model_uri_of,
+    revision,
+    rollout_state,
+    template_key,
+    transient,
+    unknown_field,
+    version_of,
+)
+from serving.deploy.manifests import FIELD_MANAGER
 from serving.deploy.settings import DeploySettings
 from serving.deploy.target import DeployFailed, Live, NotReady, TargetRejected
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
-# The oldest release that has every field the Deployment uses, and which field needs what.
+# The oldest release with every field the Deployment uses (lifecycle.preStop.sleep: 1.30).
 MIN_KUBERNETES = (1, 30)
-FIELD_MINIMUM = {"preStop.sleep": "1.30", "sleep": "1.30"}
-# Waiting reasons of a new pod that no wait cures. The first two: the version's server starts
-# and dies (a verdict); the rest: the image or the pod's config (a fault of the cluster).
-CRASHING = frozenset({"CrashLoopBackOff", "RunContainerError"})
-STUCK = frozenset(
-    {
-        "ErrImagePull",
-        "ImagePullBackOff",
-        "InvalidImageName",
-        "ErrImageNeverPull",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-    }
-)
-TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Waiting reasons of a new pod that no wait cures. Crashing: the version's server starts and
+# dies (a verdict); stuck: the image or the pod's config (a fault of the cluster).
+CRASHING = {"CrashLoopBackOff", "RunContainerError"}
+STUCK = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+         "CreateContainerConfigError", "CreateContainerError"}  # fmt: skip
 POD_CHECK_S = 5.0
 
 
@@ -111,24 +103,26 @@ class KubeApi:
         """``fn()``, retried while the API server does not answer; then :class:`DeployFailed`."""
 
         def warn(state: Any) -> None:
-            log.warning("%s: %s; retrying", what, _api_error(state.outcome.exception()))
+            log.warning("%s: %s; retrying", what, api_error(state.outcome.exception()))
 
         try:
             return Retrying(
                 stop=stop_after_delay(self.retry_s),
                 wait=wait_exponential(multiplier=0.25, max=4),
-                retry=retry_if_exception(_transient),
+                retry=retry_if_exception(transient),
                 before_sleep=warn,
                 reraise=True,
             )(fn)
         except Exception as exc:
-            if _transient(exc):
-                problem = _api_error(exc)
+            if transient(exc):
+                problem = api_error(exc)
                 raise DeployFailed(f"{what}: no answer for {self.retry_s:g}s: {problem}") from exc
             raise
 
-    def _json(self, what: str, fn: Callable[[], Any]) -> Any:
-        return self.call(what, lambda: json.loads(fn().data))
+    def _json(self, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.call(
+            what, lambda: json.loads(method(*args, **kwargs, _preload_content=False).data)
+        )
 
     def server_version(self) -> tuple[int, int]:
         info = self.call("GET /version", self.version_api.get_code)
@@ -139,38 +133,21 @@ class KubeApi:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self._json(
-                "GET deployment",
-                lambda: self.apps.read_namespaced_deployment(
-                    self.name, self.namespace, _preload_content=False
-                ),
-            )
+            return self._json("GET deployment", self.apps.read_namespaced_deployment,
+                              self.name, self.namespace)  # fmt: skip
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
     def apply(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._json(
-            "APPLY deployment",
-            lambda: self.apps.patch_namespaced_deployment(
-                self.name,
-                self.namespace,
-                body,
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type="application/apply-patch+yaml",
-                _preload_content=False,
-            ),
-        )
+        return self._json("APPLY deployment", self.apps.patch_namespaced_deployment, self.name,
+                          self.namespace, body, field_manager=FIELD_MANAGER, force=True,
+                          _content_type="application/apply-patch+yaml")  # fmt: skip
 
     def scale(self, replicas: int) -> None:
-        self.call(
-            "PATCH deployment/scale",
-            lambda: self.apps.patch_namespaced_deployment_scale(
-                self.name, self.namespace, {"spec": {"replicas": replicas}}
-            ),
-        )
+        self._json("PATCH deployment/scale", self.apps.patch_namespaced_deployment_scale,
+                   self.name, self.namespace, {"spec": {"replicas": replicas}})  # fmt: skip
 
     def watch(self, resource_version: str, timeout_s: float) -> Iterator[dict[str, Any]]:
         """The Deployment as it changes, from ``resource_version``, for up to ``timeout_s``."""
@@ -188,61 +165,12 @@ class KubeApi:
                 yield event["raw_object"]
 
     def replica_sets(self, selector: str) -> list[dict[str, Any]]:
-        return self._json(
-            "LIST replicasets",
-            lambda: self.apps.list_namespaced_replica_set(
-                self.namespace, label_selector=selector, _preload_content=False
-            ),
-        ).get("items", [])
+        return self._json("LIST replicasets", self.apps.list_namespaced_replica_set,
+                          self.namespace, label_selector=selector)["items"]  # fmt: skip
 
     def pods(self, selector: str) -> list[dict[str, Any]]:
-        return self._json(
-            "LIST pods",
-            lambda: self.core.list_namespaced_pod(
-                self.namespace, label_selector=selector, _preload_content=False
-            ),
-        ).get("items", [])
-
-
-# -- reading a Deployment ----------------------------------------------------------------------
-
-
-def model_uri_of(template: dict[str, Any]) -> str | None:
-    """The pinned model URI a pod template runs (its ``MODEL_URI`` env var)."""
-    for container in (template.get("spec") or {}).get("containers") or []:
-        for env in container.get("env") or []:
-            if env.get("name") == MODEL_URI_ENV:
-                return env.get("value")
-    return None
-
-
-def version_of(template: dict[str, Any]) -> str | None:
-    try:
-        return parse_pinned_uri(model_uri_of(template) or "")[1]
-    except ValueError:
-        return None
-
-
-def rollout_state(dep: dict[str, Any]) -> tuple[str, str]:
-    """``kubectl rollout status`` of one Deployment: (``complete``|``waiting``|``stuck``, why)."""
-    spec, status = dep.get("spec") or {}, dep.get("status") or {}
-    if (status.get("observedGeneration") or 0) < (dep["metadata"].get("generation") or 0):
-        return "waiting", "the controller has not seen the new spec yet"
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
-            return "stuck", f"ProgressDeadlineExceeded: {cond.get('message', '')}"
-    want = spec.get("replicas", 1)
-    updated, total = status.get("updatedReplicas", 0), status.get("replicas", 0)
-    available = status.get("availableReplicas", 0)
-    summary = f"{updated} updated, {available} available, {total} in all, {want} wanted"
-    if updated < want or total > updated or available < updated:
-        return "waiting", summary
-    return "complete", summary
-
-
-def _revision(obj: dict[str, Any]) -> int:
-    value = (obj["metadata"].get("annotations") or {}).get(REVISION_ANNOTATION, "0")
-    return int(value) if str(value).isdigit() else 0
+        return self._json("LIST pods", self.core.list_namespaced_pod, self.namespace,
+                          label_selector=selector)["items"]  # fmt: skip
 
 
 # -- the target --------------------------------------------------------------------------------
@@ -290,12 +218,12 @@ class KubernetesTarget:
         dep = self._require()
         body = self._render(model_uri, version)
         withdrawn = dep["spec"].get("replicas", 1) == 0
-        same = _template_key(dep["spec"]["template"]) == _template_key(body["spec"]["template"])
+        same = template_key(dep["spec"]["template"]) == template_key(body["spec"]["template"])
         if same and not withdrawn and rollout_state(dep)[0] == "complete":
             log.info("v%s is already rolled out and available: nothing applied", version)
-            return {"status": "unchanged", "revision": _revision(dep)}
+            return {"status": "unchanged", "revision": revision(dep)}
         applied = self._apply(body)
-        log.info("applied v%s (revision %s)", version, _revision(applied) or "?")
+        log.info("applied v%s (revision %s)", version, revision(applied) or "?")
         if withdrawn:
             self.api.scale(self.settings.min_replicas)
             log.info("scaled back to %d replicas (it was withdrawn)", self.settings.min_replicas)
@@ -310,7 +238,7 @@ class KubernetesTarget:
             raise DeployFailed(message) from None
         return {
             "status": "rolled_out",
-            "revision": _revision(done),
+            "revision": revision(done),
             "ready_s": round(time.monotonic() - started, 1),
         }
 
@@ -359,20 +287,19 @@ class KubernetesTarget:
                 wait=wait_exponential(multiplier=0.25, max=4),
                 retry=retry_if_exception(lambda e: getattr(e, "status", None) == 409),
                 before_sleep=lambda s: log.warning(
-                    "apply conflict: %s; re-reading", _api_error(s.outcome.exception())
+                    "apply conflict: %s; re-reading", api_error(s.outcome.exception())
                 ),
                 reraise=True,
             )(attempt)
         except ApiException as exc:
-            field = _unknown_field(exc)
-            if field:
-                need = next((v for k, v in FIELD_MINIMUM.items() if field.endswith(k)), "newer")
+            if field := unknown_field(exc):
+                need = "1.30" if field.endswith("sleep") else "a newer release"
                 raise TargetRejected(
                     f"the API server rejects the Deployment's field {field} (Kubernetes {need} "
-                    f"or newer has it): {_api_error(exc)}"
+                    f"has it): {api_error(exc)}"
                 ) from exc
             if exc.status in (400, 403, 409, 422):
-                raise TargetRejected(f"the apply was refused: {_api_error(exc)}") from exc
+                raise TargetRejected(f"the apply was refused: {api_error(exc)}") from exc
             raise
 
     def _await(self, dep: dict[str, Any]) -> dict[str, Any]:
@@ -415,14 +342,14 @@ class KubernetesTarget:
 
     def _new_pods(self, dep: dict[str, Any]) -> list[dict[str, Any]]:
         """Pods of the ReplicaSet that runs ``dep``'s template."""
-        key = _template_key(dep["spec"]["template"])
+        key = template_key(dep["spec"]["template"])
         sets = [
             rs for rs in self.api.replica_sets(self.selector)
-            if _template_key(rs["spec"]["template"]) == key
+            if template_key(rs["spec"]["template"]) == key
         ]  # fmt: skip
         if not sets:
             return []
-        rs = max(sets, key=_revision)
+        rs = max(sets, key=revision)
         pod_hash = rs["metadata"]["labels"].get("pod-template-hash", "")
         return self.api.pods(f"{self.selector},pod-template-hash={pod_hash}")
 
@@ -436,44 +363,26 @@ class KubernetesTarget:
                     )
 
     def _pods(self, dep: dict[str, Any]) -> tuple[bool, str]:
-        """(a verdict?, the new pods in words). A verdict when a new pod started and is not
-        ready: its server ran and failed its probe. Unscheduled or unpulled pods are not."""
-        pods = self._new_pods(dep)
-        if not pods:
-            return False, "no new pod was created (quota or admission: `kubectl describe rs`)"
-        words, verdict = [], False
-        for pod in pods:
-            status = pod.get("status") or {}
-            conditions = {c.get("type"): c for c in status.get("conditions") or []}
-            ready = conditions.get("Ready", {}).get("status") == "True"
-            started = any(c.get("started") for c in status.get("containerStatuses") or [])
-            verdict = verdict or (started and not ready)
-            why = [c.get("message", "")[:150] for c in conditions.values()
-                   if c.get("status") == "False" and c.get("message")]  # fmt: skip
-            state = "ready" if ready else "started, not ready" if started else "not started"
-            words.append(
-                f"{pod['metadata']['name']} {status.get('phase', '?')} {state}"
-                + (f" ({'; '.join(why)})" if why else "")
-            )
-        return verdict, "; ".join(words)
+        """(a verdict?, the new pods in words): :func:`kube_objects.describe_pods`."""
+        return describe_pods(self._new_pods(dep))
 
     def _undo(self, dep: dict[str, Any], reason: str) -> str | None:
         """``kubectl rollout undo``: the newest older revision's pod template, applied and
         waited for. Nothing older: withdraw. Returns the version put back."""
-        key = _template_key(dep["spec"]["template"])
+        key = template_key(dep["spec"]["template"])
         sets = self.api.replica_sets(self.selector)
-        older = [rs for rs in sets if _template_key(rs["spec"]["template"]) != key]
+        older = [rs for rs in sets if template_key(rs["spec"]["template"]) != key]
         if not older:
             log.error("%s; no previous revision: withdrawing", reason)
             self.withdraw()
             return None
-        previous = max(older, key=_revision)
+        previous = max(older, key=revision)
         template = copy.deepcopy(previous["spec"]["template"])
         template["metadata"].get("labels", {}).pop("pod-template-hash", None)
         template["metadata"].pop("creationTimestamp", None)
         uri = model_uri_of(template) or ""
         version = version_of(template)
-        log.error("%s; undoing to revision %d (%s)", reason, _revision(previous), uri)
+        log.error("%s; undoing to revision %d (%s)", reason, revision(previous), uri)
         body = self._render(uri, version or "0")
         body["spec"]["template"] = template
         try:
@@ -481,56 +390,3 @@ class KubernetesTarget:
         except _Stuck as stuck:
             raise DeployFailed(f"{reason}; AND the undo to {uri} failed: {stuck}") from None
         return version
-
-
-def _template_key(template: dict[str, Any]) -> tuple[str | None, str | None]:
-    """What makes two pod templates the same rollout: the pinned model and the image."""
-    containers = (template.get("spec") or {}).get("containers") or [{}]
-    return model_uri_of(template), containers[0].get("image")
-
-
-def _transient(exc: BaseException) -> bool:
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
-
-    if isinstance(exc, ApiException):
-        return exc.status in TRANSIENT_STATUSES and not _unknown_field(exc)
-    return isinstance(exc, HTTPError | ConnectionError | TimeoutError)
-
-
-def _unknown_field(exc: BaseException) -> str | None:
-    """The field an older API server does not know, from its error message: server-side
-    apply's ``<path>: field not declared in schema`` (a path such as
-    ``.spec.template.spec.containers[name="model-server"].lifecycle.preStop.sleep``) or strict
-    validation's ``unknown field "<path>"``."""
-    text = _message(exc)
-    match = re.search(r"([^\s:]+): field not declared in schema", text) or re.search(
-        r'unknown field "([^"]+)"', text
-    )
-    return match[1] if match else None
-
-
-def _message(exc: BaseException) -> str:
-    """The message of an API error: the ``message`` of the Status object in its body (the
-    client keeps the body as the bytes of the JSON, a path's quotes escaped), else the body's
-    text."""
-    body = getattr(exc, "body", None) or ""
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", errors="replace")
-    try:
-        message = json.loads(body).get("message")
-    except (ValueError, AttributeError):
-        message = None
-    return message if isinstance(message, str) else str(body)
-
-
-def _api_error(exc: BaseException | None) -> str:
-    """An ApiException as ``409 Conflict: <the API's message>``; anything else as str()."""
-    body = getattr(exc, "body", None)
-    if getattr(exc, "status", None) is None or body is None:
-        return repr(exc)
-    try:
-        message = json.loads(body).get("message")
-    except (ValueError, AttributeError):
-        message = None
-    return f"{exc.status} {getattr(exc, 'reason', '')}: {message or str(body)[:300]}"

@@ -147,7 +147,7 @@ def bootstrap(plane, registry, registry_uri, model_servers, tmp_path):
     """``bootstrap(version)``: a fresh namespace with the documented first install at that
     version (render | kubectl apply --server-side), waited until available, and the rollout
     ServiceAccount's kubeconfig."""
-    from serving.deploy.kubernetes import rollout_state
+    from serving.deploy.kube_objects import rollout_state
     from tests.k8s.runtime import ServiceProxy
 
     proxies = []

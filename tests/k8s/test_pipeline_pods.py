@@ -36,7 +36,7 @@ def pipeline(plane, mlflow_server, airflow_db, tmp_path_factory):  # noqa: F811
     from ml import pipeline as steps
     from ml.registry import Registry
     from ml.settings import DataSettings, GateSettings, RegistrySettings, TrainingSettings
-    from serving.deploy.kubernetes import rollout_state
+    from serving.deploy.kube_objects import rollout_state
     from serving.deploy.settings import DeploySettings
     from tests.k8s.runtime import ModelServers, PodRunner, ServiceProxy
 

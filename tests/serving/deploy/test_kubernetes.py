@@ -14,12 +14,8 @@ from typing import Any
 import pytest
 
 from serving.deploy import manifests
-from serving.deploy.kubernetes import (
-    KubernetesTarget,
-    _transient,
-    _unknown_field,
-    rollout_state,
-)
+from serving.deploy.kube_objects import rollout_state, transient, unknown_field
+from serving.deploy.kubernetes import KubernetesTarget
 from serving.deploy.settings import DeploySettings
 
 SETTINGS = DeploySettings(target="kubernetes", namespace="ml-serving")
@@ -176,26 +172,26 @@ PRESTOP_SLEEP = '.spec.template.spec.containers[name="model-server"].lifecycle.p
     ],
 )
 def test_unknown_field_is_read_from_the_api_s_message(message, field):
-    assert _unknown_field(api_error(400, message)) == field
+    assert unknown_field(api_error(400, message)) == field
 
 
 def test_unknown_field_of_a_bodyless_or_foreign_error_is_none():
     from kubernetes.client.exceptions import ApiException
 
-    assert _unknown_field(ApiException(status=0, reason="SSLError")) is None
-    assert _unknown_field(ConnectionError("refused")) is None
+    assert unknown_field(ApiException(status=0, reason="SSLError")) is None
+    assert unknown_field(ConnectionError("refused")) is None
     plain = ApiException(status=400, reason="x")
     plain.body = 'not json: unknown field "spec.y"'
-    assert _unknown_field(plain) == "spec.y"
+    assert unknown_field(plain) == "spec.y"
 
 
 def test_an_unknown_field_is_never_retried_as_an_outage():
     """A 5xx that names an unknown field (an aggregated API, a webhook) will not heal."""
-    assert _transient(api_error(503, "etcdserver: leader changed", "ServiceUnavailable"))
-    assert not _transient(
+    assert transient(api_error(503, "etcdserver: leader changed", "ServiceUnavailable"))
+    assert not transient(
         api_error(500, f"{PRESTOP_SLEEP}: field not declared in schema", "InternalError")
     )
-    assert not _transient(api_error(409, "conflict", "Conflict"))
+    assert not transient(api_error(409, "conflict", "Conflict"))
 
 
 # -- what is live ---------------------------------------------------------------------------

@@ -36,11 +36,11 @@ def _partitions(window: Mapping[str, Any]):
 
 def load_window(settings: DataSettings, end: date) -> dict[str, Any]:
     """Find (and for the synthetic source, write) the partitions of the window ending at ``end``."""
-    from ml import data
+    from ml import data, synthetic
 
     days = data.window_days(end, settings.window_days)
     if settings.source == "synthetic":
-        written = data.materialize_synthetic(settings, days)
+        written = synthetic.materialize_synthetic(settings, days)
         log.info(
             "Synthetic source: wrote %d new partition(s) under %s", len(written), settings.path
         )

@@ -311,8 +311,9 @@ def prepare_models(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     from datetime import date, timedelta
 
-    from ml.data import SYNTHETIC_FEATURES, synthetic_partition
+    from ml.data import SYNTHETIC_FEATURES
     from ml.settings import DataSettings, TrainingSettings
+    from ml.synthetic import synthetic_partition
 
     data_settings = DataSettings()
     days = [date(2024, 3, 1) + timedelta(days=i) for i in range(7)]

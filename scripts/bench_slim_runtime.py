@@ -146,8 +146,9 @@ def project_data(rows: int):
 
     import pandas as pd
 
-    from ml.data import SYNTHETIC_FEATURES, synthetic_partition
+    from ml.data import SYNTHETIC_FEATURES
     from ml.settings import DataSettings
+    from ml.synthetic import synthetic_partition
 
     settings = DataSettings()
 

@@ -75,8 +75,8 @@ def label(rows: int) -> str:
 
 def ensure_data(rows: int) -> Path:
     """The cached window of ``rows`` synthetic rows (written on first use)."""
-    from ml.data import synthetic_partition
     from ml.settings import DataSettings
+    from ml.synthetic import synthetic_partition
 
     root = CACHE / f"rows-{label(rows)}"
     marker = root / "_COMPLETE.json"  # underscore: never read as a partition

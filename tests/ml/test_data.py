@@ -23,16 +23,15 @@ from ml.data import (
     Partition,
     discover_partitions,
     load_schema,
-    materialize_synthetic,
     partitions_digest,
     read_frame,
     read_partition,
     split_holdout,
-    synthetic_partition,
     validate_partitions,
     window_days,
 )
 from ml.settings import DataSettings
+from ml.synthetic import materialize_synthetic, synthetic_partition
 
 DAY = date(2024, 3, 4)
 

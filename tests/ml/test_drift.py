@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from ml import drift
-from ml.data import SYNTHETIC_FEATURES, split_holdout, synthetic_partition
+from ml.data import SYNTHETIC_FEATURES, split_holdout
 from ml.settings import DataSettings, DriftSettings
+from ml.synthetic import synthetic_partition
 
 # The champion's window ends (exclusive) here; the monitor looks at the 3 days after it.
 TRAINED_UNTIL = date(2026, 11, 29)

@@ -13,15 +13,10 @@ import pandas as pd
 import pytest
 
 from ml import stream
-from ml.data import (
-    discover_partitions,
-    load_schema,
-    materialize_synthetic,
-    window_days,
-    window_source,
-)
+from ml.data import discover_partitions, load_schema, window_days, window_source
 from ml.evaluate import MetricsAccumulator, regression_metrics
 from ml.settings import DataSettings
+from ml.synthetic import materialize_synthetic
 
 
 @pytest.fixture

@@ -186,15 +186,16 @@ def window_end(context: dict[str, Any]) -> date:
     return end.date()
 
 
-def tracking_uri() -> str:
-    """MLflow endpoint from the ``mlflow_default`` Connection, else ``MLFLOW_TRACKING_URI``.
-
-    The Connection's login/password, when set, become MLflow's basic-auth credentials.
-    """
+def _mlflow_connection() -> Any:
     try:
-        conn = Connection.get(MLFLOW_CONN_ID)
+        return Connection.get(MLFLOW_CONN_ID)
     except Exception:  # not defined: fall back to the environment, like the mlflow CLI does
-        conn = None
+        return None
+
+
+def tracking_uri() -> str:
+    """MLflow endpoint from the ``mlflow_default`` Connection, else ``MLFLOW_TRACKING_URI``."""
+    conn = _mlflow_connection()
     if conn is None or not conn.host:
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
@@ -203,10 +204,42 @@ def tracking_uri() -> str:
                 "(e.g. AIRFLOW_CONN_MLFLOW_DEFAULT='http://mlflow:5000') or MLFLOW_TRACKING_URI"
             )
         return uri
-    if conn.login:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = conn.login
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = conn.password or ""
     return connection_tracking_uri(conn.host, conn.port, conn.conn_type)
+
+
+def mlflow_credentials() -> dict[str, str]:
+    """The ``mlflow_default`` Connection's login/password as MLflow's own credential variables
+    (the only way MLflow's client takes them); empty without a login."""
+    conn = _mlflow_connection()
+    if conn is None or not conn.login:
+        return {}
+    return {"MLFLOW_TRACKING_USERNAME": conn.login, "MLFLOW_TRACKING_PASSWORD": conn.password or ""}
+
+
+_saved_env: dict[str, str | None] = {}
+
+
+def _credentials_on(context: Any) -> None:
+    """``pre_execute`` of every task: MLflow's credentials for the task's own execution only,
+    and for what it starts (a local model server loads its model with them)."""
+    for key, value in mlflow_credentials().items():
+        _saved_env.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+
+
+def _credentials_off(context: Any, result: Any = None) -> None:
+    """``post_execute``: the process environment as it was before the task."""
+    while _saved_env:
+        key, value = _saved_env.popitem()
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+# The MLflow Connection's credentials exist in the environment only while a task runs.
+MLFLOW_CREDENTIALS = {"pre_execute": _credentials_on, "post_execute": _credentials_off}
+IO_TASK_DEFAULTS |= MLFLOW_CREDENTIALS
 
 
 def run_tags(context: dict[str, Any]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from _support import deploy_settings, registry_settings, tracking_uri
+from _support import MLFLOW_CREDENTIALS, deploy_settings, registry_settings, tracking_uri
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import dag, task
 
@@ -31,6 +31,7 @@ DEFAULT_ARGS = {
     "retries": 1,
     "retry_delay": timedelta(seconds=30),
     "execution_timeout": timedelta(minutes=5),
+    **MLFLOW_CREDENTIALS,
 }
 
 

@@ -20,8 +20,9 @@ on a failed verification, put the previous version back.
   webhook of the pipeline's own promotion, a reconcile race), then the run ends in
   `in_sync` in seconds. Everything else is decided again inside the rollout, which holds the
   one slot of the `model_rollout` pool: one rollout at a time across all DAGs.
-* A failed verification tags the version `rollout.failed` with the reason; a task that
-  could not start or crashed is retried and marks nothing.
+* A verdict (wrong answers, or pods that never became ready) tags the version
+  `rollout.failed` with the reason and is not retried, nor is a refusal; a fault (a task that
+  could not start, an API or registry without an answer) is retried and marks nothing.
 * A trigger conf key that names no Param fails the run at `request`, without retries,
   naming the Params it accepts (asset-triggered runs carry no conf).
 

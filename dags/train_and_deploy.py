@@ -30,9 +30,11 @@ or `train_or_not → unchanged`.
 * **Rollout**: the one rollout path every trigger shares (`serving.deploy.rollout`), in the
   one-slot `model_rollout` pool: it deploys the approved version unless `@champion` moved
   since it was evaluated, verifies the live endpoint on the fixed rows logged at evaluation,
-  and only then moves `@champion`. A failed verification puts the previous version back, tags
-  the version `rollout.failed` and fails the run; any other failure is retried and marks
-  nothing. `deploy_target` picks where it runs (worker: local target; pod: Kubernetes).
+  and only then moves `@champion`. A verdict (the endpoint answered wrongly, or the pods
+  never became ready) puts the previous version back, tags the version `rollout.failed` and
+  fails the run without retries, as does a refusal (a version or target that cannot be
+  used); a fault (an API or registry without an answer) is retried and marks nothing.
+  `deploy_target` picks where it runs (worker: local target; pod: Kubernetes).
 * **Conf**: a trigger conf key that names no Param (a typo such as `epoch`) fails the run
   at `load_window`, without retries, naming the Params it accepts.
 

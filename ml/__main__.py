@@ -1,14 +1,14 @@
 """`python -m ml <step>`: the pipeline's steps as a CLI, for pods and for people.
 
 Each step reads the references it needs from JSON files (the previous steps' output; inline
-JSON works too, which is how a KubernetesPodOperator pod gets them from XCom) and prints
-its own result as JSON on stdout; logs go to stderr. `--output PATH` also writes the result to a
-file, e.g. `/airflow/xcom/return.json` inside a KubernetesPodOperator pod with
-`do_xcom_push=True`. Settings come from the same env vars as in Airflow (see README.md); the
-per-run knobs of a step are options derived from those settings (`ml.knobs`: type, choices and
-help from the field, bounds checked by the settings), e.g. `--window-days`, `--epochs`,
-`--max-rmse`, `--force-deploy`/`--no-force-deploy`. The MLflow endpoint comes from
-`MLFLOW_TRACKING_URI`.
+JSON works too, which is how the training pod gets its window) and prints its own result as
+JSON on stdout; logs go to stderr. `--output PATH` also writes the result to a file. A
+training run records its result in MLflow too, where the step after a training pod reads
+it (`ml.pipeline.trained_by`). Settings come from the same env vars as in Airflow (see
+README.md); the per-run knobs of a step are options derived from those settings
+(`ml.knobs`: type, choices and help from the field, bounds checked by the settings), e.g.
+`--window-days`, `--epochs`, `--max-rmse`, `--force-deploy`/`--no-force-deploy`. The MLflow
+endpoint comes from `MLFLOW_TRACKING_URI`.
 
     python -m ml window --end 2026-03-10 --output window.json
     python -m ml validate --window window.json

@@ -164,6 +164,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     except RolloutError as exc:
         log.error("FAULT (nothing marked bad; retry): %s", exc)
         return EXIT_FAULT
+    except Exception:  # unforeseen: says nothing about the version (Python's own exit is 1)
+        log.exception("FAULT (an unexpected error; nothing marked bad; retry)")
+        return EXIT_FAULT
     _print(result)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

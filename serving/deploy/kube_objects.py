@@ -116,6 +116,7 @@ def api_message(exc: BaseException | None) -> str:
 
 def api_error(exc: BaseException | None) -> str:
     """An ApiException as ``409 Conflict: <the API's message>``; anything else as repr()."""
-    if getattr(exc, "status", None) is None or getattr(exc, "body", None) is None:
+    if getattr(exc, "status", None) is None:
         return repr(exc)
-    return f"{exc.status} {getattr(exc, 'reason', '')}: {api_message(exc)}"
+    message = api_message(exc) if getattr(exc, "body", None) else ""
+    return f"{exc.status} {getattr(exc, 'reason', '')}: {message}".rstrip(": ")

@@ -114,6 +114,8 @@ class KubeApi:
                 reraise=True,
             )(fn)
         except Exception as exc:
+            if getattr(exc, "status", None) in (401, 403):  # the same answer on every retry
+                raise TargetRejected(f"{what}: {api_error(exc)}") from exc
             if transient(exc):
                 problem = api_error(exc)
                 raise DeployFailed(f"{what}: no answer for {self.retry_s:g}s: {problem}") from exc

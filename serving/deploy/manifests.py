@@ -4,7 +4,8 @@
 
     Namespace              Pod Security Admission labels: the namespace enforces `restricted`
     ServiceAccount x2      the model server's (no API token) and the rollout pod's
-    Role, RoleBinding      what the rollout pod may do: get/patch THE Deployment, list RS/pods
+    Role, RoleBinding      what the rollout pod may do: get/watch/patch THE Deployment and its
+                           scale, list ReplicaSets and pods
     Service                ClusterIP, port 80 -> the server's 8080 (`http`)
     Deployment             the serving image pinned to ``models:/<name>/<version>``
     HorizontalPodAutoscaler autoscaling/v2 on CPU

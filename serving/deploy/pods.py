@@ -28,7 +28,7 @@ _CPU = re.compile(r"^(?P<number>\d+(\.\d+)?)(?P<milli>m?)$")
 
 
 def restricted_container_security_context() -> k8s.V1SecurityContext:
-    """Pod Security Standard ``restricted``, container level (also for the XCom sidecar)."""
+    """Pod Security Standard ``restricted``, container level."""
     return k8s.V1SecurityContext(
         run_as_non_root=True,
         run_as_user=RUN_AS_USER,

@@ -70,6 +70,8 @@ def cache_dir() -> Path:
 
 def find_binaries() -> dict[str, Path]:
     """Each binary from ``KUBEBUILDER_ASSETS`` if it is there, else from the build cache."""
+    if not sys.platform.startswith("linux"):
+        raise Unavailable(f"the plane runs on Linux only (this is {sys.platform})")
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     found, missing = {}, []
     for name in BINARIES:

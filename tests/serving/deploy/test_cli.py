@@ -106,3 +106,32 @@ def test_usage_errors_exit_2(rollout, argv, capsys):
         main(argv)
     assert exited.value.code == 2
     assert rollout.calls == []
+
+
+@pytest.mark.parametrize(
+    "crash",
+    [RuntimeError("MLflow answered 503 while tagging"), KeyError("status"), OSError("disk full")],
+    ids=["runtime", "key", "os"],
+)
+def test_an_error_nobody_foresaw_is_a_fault_not_a_verdict(rollout, crash, caplog):
+    """An exception the rollout path does not name says nothing about the version: exit 3
+    (retried), never Python's own 1, which the rollout pod's operator reads as a verdict."""
+    rollout.raises = crash
+    assert main(["rollout", "--version", "3", "--target", "local"]) == 3
+    assert "FAULT" in caplog.text and "Traceback" in caplog.text
+
+
+def test_a_permission_the_service_account_lacks_is_a_refusal(monkeypatch):
+    """The API server's 401/403 will not change on a retry: TargetRejected, naming the call."""
+    from kubernetes.client.exceptions import ApiException
+
+    from serving.deploy.kubernetes import KubeApi
+
+    api = KubeApi.__new__(KubeApi)
+    api.retry_s = 0.1
+
+    def forbidden():
+        raise ApiException(status=403, reason="Forbidden")
+
+    with pytest.raises(target.TargetRejected, match=r"GET deployment.*403"):
+        api.call("GET deployment", forbidden)

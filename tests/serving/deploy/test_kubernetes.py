@@ -262,3 +262,32 @@ def test_live_without_the_deployment_says_bootstrap_it():
     found = live(None)
     assert (found.version, found.healthy) == (None, False)
     assert "does not exist" in found.detail
+
+
+# -- clusters users really have ------------------------------------------------------------------
+
+
+class VersionedApi(Api):
+    """A cluster that reports ``version`` on ``GET /version``; records applies."""
+
+    def __init__(self, version: tuple[int, int]) -> None:
+        super().__init__(deployment())
+        self.version, self.applied = version, []
+
+    def server_version(self) -> tuple[int, int]:
+        return self.version
+
+    def apply(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.applied.append(body)
+        return body
+
+
+@pytest.mark.parametrize("old", [(1, 24), (1, 29)])
+def test_a_cluster_older_than_1_30_is_refused_before_anything_is_applied(old):
+    from serving.deploy.target import TargetRejected
+
+    api = VersionedApi(old)
+    target = KubernetesTarget(api, SETTINGS, tracking_uri=TRACKING)  # type: ignore[arg-type]
+    with pytest.raises(TargetRejected, match=rf"Kubernetes {old[0]}\.{old[1]}.*1\.30 or newer"):
+        target.deploy("models:/regression-model/8", "8")
+    assert api.applied == []

@@ -272,8 +272,9 @@ def _postgres_up() -> None:
 
 
 def _prometheus_up() -> bool:
-    """Start the stack's Prometheus, or reload a running one whose config changed. The
-    pipeline runs without it: when it cannot start, the stack goes on and says why."""
+    """Start the stack's Prometheus, or reload a running one whose config or rules changed (the
+    rules: the PrometheusRule's groups, written out). The pipeline runs without it: when it
+    cannot start, the stack goes on and says why."""
     binary = prom.prometheus_binary()
     if binary is None:
         say("Prometheus not started: no `prometheus` binary (scripts/install_prometheus.sh ")
@@ -282,12 +283,20 @@ def _prometheus_up() -> bool:
     from serving.deploy.settings import DeploySettings
 
     front, config_file = f"{HOST}:{DeploySettings().local_port}", PROMETHEUS_ROOT / "prometheus.yml"
+    rules_file = PROMETHEUS_ROOT / "rules.yml"
     config = prom.prometheus_config(
-        front, f"{HOST}:{AIRFLOW_PORT}", scrape_interval_s=PROMETHEUS_INTERVAL_S
+        front, f"{HOST}:{AIRFLOW_PORT}", [rules_file], scrape_interval_s=PROMETHEUS_INTERVAL_S
     )
-    if procs.write_private_text(config_file, prom.prometheus_yaml(config)) and _of("prometheus"):
+    try:
+        rules = prom.rules_yaml()
+    except (OSError, ValueError) as exc:
+        say(f"Prometheus not started, the stack goes on without it: {exc}")
+        return False
+    changed = procs.write_private_text(rules_file, rules)
+    changed |= procs.write_private_text(config_file, prom.prometheus_yaml(config))
+    if changed and _of("prometheus"):
         _of("prometheus")[0].send_signal(signal.SIGHUP)  # rereads prometheus.yml and the rules
-        say("prometheus: its configuration changed, reloaded")
+        say("prometheus: its configuration or rules changed, reloaded")
     data = PROMETHEUS_ROOT / "data"
     data.mkdir(mode=0o700, exist_ok=True)
     argv = prom.prometheus_argv(
@@ -301,7 +310,7 @@ def _prometheus_up() -> bool:
     except SystemExit as exc:
         say(f"Prometheus is not running, the stack goes on without it: {exc}")
         return False
-    say(f"Prometheus ready at {PROMETHEUS_URL} (scrapes {front} and {AIRFLOW_URL}; {prom.RULES})")
+    say(f"Prometheus ready at {PROMETHEUS_URL} (scrapes {front} and {AIRFLOW_URL}; {rules_file})")
     return True
 
 

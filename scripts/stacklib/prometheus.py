@@ -1,4 +1,4 @@
-"""The stack's Prometheus: its generated configuration, command line and web pages."""
+"""The stack's Prometheus: its generated configuration and rule file, command line and web pages."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ from typing import Any
 import httpx
 import yaml
 
-RULES = Path(__file__).resolve().parents[2] / "docker" / "prometheus" / "rules.yml"
+# The alert rules' one source: the PrometheusRule of the monitoring kustomize base. This
+# Prometheus has no operator to load it: rules_yaml() is its groups as a plain rule file.
+PROMETHEUS_RULE = (
+    Path(__file__).resolve().parents[2] / "docker" / "k8s" / "monitoring" / "prometheus-rule.yaml"
+)
 MODEL_SERVER_JOB = "model-server"  # the job the alert rules select (docs/operations.md, Alerts)
 REGISTRY_JOB = "registry"
 # Where the Airflow plugin's exporter answers (plugins/registry_events: URL_PREFIX + /metrics).
@@ -25,16 +29,33 @@ PAGES = {
 }
 
 
+def rules_yaml(prometheus_rule: Path | None = None) -> str:
+    """A plain Prometheus rule file of the groups of ``prometheus_rule`` (default:
+    :data:`PROMETHEUS_RULE`), as the operator hands them to its Prometheus, with a header saying
+    where they come from."""
+    prometheus_rule = prometheus_rule or PROMETHEUS_RULE
+    try:
+        rule = yaml.safe_load(prometheus_rule.read_text())
+        groups = rule["spec"]["groups"] if rule["kind"] == "PrometheusRule" else None
+    except (yaml.YAMLError, KeyError, TypeError) as exc:
+        raise ValueError(f"{prometheus_rule} is not a PrometheusRule: {exc}") from None
+    if not isinstance(groups, list):
+        raise ValueError(f"{prometheus_rule} is not a PrometheusRule with spec.groups")
+    header = f"# Derived from {prometheus_rule} at every `make run`: edit that file.\n"
+    return header + yaml.safe_dump({"groups": groups}, sort_keys=False)
+
+
 def prometheus_config(
-    model_server: str, registry: str, rule_files=(RULES,), *, scrape_interval_s: int = 10
+    model_server: str, registry: str, rule_files, *, scrape_interval_s: int = 10
 ) -> dict[str, Any]:
     """The local Prometheus' configuration (pure).
 
     ``model_server`` is ``host:port`` of the local target's front port, and only that: each
     blue/green slot is down between rollouts and, scraped as job ``model-server``, would fire
     ModelServerDown. ``registry`` is ``host:port`` of the Airflow API server, whose
-    registry_events plugin exports the alias and drift gauges. ``rule_files`` must be absolute
-    (a relative one would be read relative to the config file's folder, under the state dir).
+    registry_events plugin exports the alias and drift gauges. ``rule_files`` (:func:`rules_yaml`
+    written out) must be absolute (a relative one would be read relative to the config file's
+    folder, under the state dir).
     """
     if scrape_interval_s < 1:
         raise ValueError(f"scrape interval of {scrape_interval_s}s: at least 1s")

@@ -6,9 +6,11 @@ A tiny pyfunc model is registered in a throwaway SQLite registry, with @champion
 by uvicorn under its Airflow prefix (``/registry-events``), reading that registry. Then
 ``scripts/stack.py``'s own ``_prometheus_up()`` writes prometheus.yml for them (1 s intervals)
 and starts ``prometheus`` as a stack service. Prometheus' HTTP API must then show both targets
-up, the champion alias and the served version, equal, and every alert rule of
-docker/prometheus/rules.yml evaluated without error and quiet (nothing is wrong). Last, the
-stack's stop frees the port. About 20 s, most of it starting the two Python servers.
+up, the champion alias and the served version, equal, and every alert rule of the
+PrometheusRule (docker/k8s/monitoring/prometheus-rule.yaml, whose groups the stack writes as
+its rule file) evaluated without error and quiet (nothing is wrong); an edit of it reaches the
+running Prometheus at the next `make run`. Last, the stack's stop frees the port. About 20 s,
+most of it starting the two Python servers.
 
 Needs Debian's prometheus package (`make prometheus-tools`); skipped with that reason without.
 """
@@ -40,7 +42,7 @@ from tests.integration.test_server_protocol import (
 pytestmark = pytest.mark.integration
 
 MODEL_NAME = "prometheus-local"
-RULES = REPO / "docker" / "prometheus" / "rules.yml"
+PROMETHEUS_RULE = REPO / "docker" / "k8s" / "monitoring" / "prometheus-rule.yaml"
 WAIT_S = 60.0
 
 # A model from code: the server process imports this file, never the test module.
@@ -236,9 +238,14 @@ def _targets(url: str) -> str:
 def test_the_stack_starts_prometheus_as_a_private_service(prometheus):
     state = prometheus["state"]
     config = yaml.safe_load((state / "prometheus" / "prometheus.yml").read_text())
-    assert config["rule_files"] == [str(RULES)]
+    rules = state / "prometheus" / "rules.yml"
+    assert config["rule_files"] == [str(rules)]
+    assert yaml.safe_load(rules.read_text()) == {
+        "groups": yaml.safe_load(PROMETHEUS_RULE.read_text())["spec"]["groups"]
+    }
     for path, mode in (
         (state / "prometheus" / "prometheus.yml", 0o600),
+        (rules, 0o600),
         (state / "prometheus", 0o700),
         (state / "prometheus" / "data", 0o700),
         (state / "logs" / "prometheus.log", 0o600),
@@ -338,7 +345,8 @@ def test_the_project_alert_rules_are_evaluated_and_quiet(prometheus):
     rule evaluates without error, and none is pending or firing (the server is up and serves
     @champion; no drift check ran)."""
     url = prometheus["url"]
-    expected = yaml.safe_load(RULES.read_text())["groups"]
+    expected = yaml.safe_load(PROMETHEUS_RULE.read_text())["spec"]["groups"]
+    rules_file = prometheus["state"] / "prometheus" / "rules.yml"
     _wait(lambda: _query(url, 'up{job="model-server"} == 1'), "model-server up")
     _wait(lambda: _query(url, 'mlflow_registry_alias_version{alias="champion"}'), "champion")
     time.sleep(2.5)  # two evaluations with both scrapes in
@@ -361,13 +369,13 @@ def test_the_project_alert_rules_are_evaluated_and_quiet(prometheus):
 
     groups = _wait(settled, "every rule evaluated, healthy and inactive", lambda: str(rules()))
     assert [g["name"] for g in groups] == [g["name"] for g in expected]
-    assert [g["file"] for g in groups] == [str(RULES)] * len(expected)
+    assert [g["file"] for g in groups] == [str(rules_file)] * len(expected)
     assert [[r["name"] for r in g["rules"]] for g in groups] == [
         [r["alert"] for r in g["rules"]] for g in expected
     ]
 
 
-def test_make_run_again_reuses_it_and_reloads_a_changed_config(prometheus, capsys):
+def test_make_run_again_reuses_it_and_reloads_a_changed_config(prometheus, capsys, tmp_path):
     stack, url = prometheus["stack"], prometheus["url"]
     pid = stack._of("prometheus")[0].pid
     capsys.readouterr()
@@ -376,7 +384,7 @@ def test_make_run_again_reuses_it_and_reloads_a_changed_config(prometheus, capsy
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(stack, "PROMETHEUS_INTERVAL_S", 2)
         assert stack._prometheus_up() is True
-    assert "configuration changed, reloaded" in capsys.readouterr().out
+    assert "configuration or rules changed, reloaded" in capsys.readouterr().out
     assert stack._of("prometheus")[0].pid == pid
 
     def loaded() -> bool:
@@ -384,6 +392,21 @@ def test_make_run_again_reuses_it_and_reloads_a_changed_config(prometheus, capsy
         return yaml.safe_load(config)["global"]["scrape_interval"] == "2s"
 
     _wait(loaded, "the reloaded config")
+
+    # An edit of the alert rules' source (here: a copy of it) reaches the running Prometheus.
+    edited = tmp_path / "prometheus-rule.yaml"
+    edited.write_text(PROMETHEUS_RULE.read_text().replace("for: 10m", "for: 17m"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stack, "PROMETHEUS_INTERVAL_S", 2)
+        mp.setattr(stack.prom, "PROMETHEUS_RULE", edited)
+        assert stack._prometheus_up() is True
+    assert "configuration or rules changed, reloaded" in capsys.readouterr().out
+
+    def durations() -> set[float]:
+        groups = httpx.get(f"{url}/api/v1/rules", timeout=5).json()["data"]["groups"]
+        return {r["duration"] for g in groups for r in g["rules"]}
+
+    _wait(lambda: 17 * 60 in durations() and 600 not in durations(), "the reloaded rules")
 
 
 def test_the_urls_make_run_prints_for_it_answer_200(prometheus):
@@ -403,7 +426,7 @@ def test_the_urls_make_run_prints_for_it_answer_200(prometheus):
     targets = next(r.text for link, r in answers.items() if link.endswith("/targets"))
     alerts = next(r.text for link, r in answers.items() if link.endswith("/alerts"))
     assert "model-server" in targets and "registry" in targets
-    rules = yaml.safe_load(RULES.read_text())["groups"]
+    rules = yaml.safe_load(PROMETHEUS_RULE.read_text())["spec"]["groups"]
     assert all(rule["alert"] in alerts for group in rules for rule in group["rules"])
 
 

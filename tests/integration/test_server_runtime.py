@@ -27,8 +27,6 @@ import httpx
 import pandas as pd
 import pytest
 
-from serving.deploy import dashboard, manifests
-from serving.deploy.settings import DeploySettings
 from tests.conftest import free_port
 from tests.integration.test_server_protocol import (
     FEATURES,
@@ -39,7 +37,8 @@ from tests.integration.test_server_protocol import (
     synthetic_frame,
     train_and_register,
 )
-from tests.serving.deploy.promql import grafana_to_promql, selected_labels, series_names
+from tests.serving.deploy import monitoring
+from tests.serving.deploy.promql import selected_labels, series_names
 
 pytestmark = pytest.mark.integration
 
@@ -443,8 +442,8 @@ def test_sigterm_lets_the_in_flight_request_finish(slow_server):
 
 # -- the dashboard and the alert rules against this server's /metrics ----------------------------
 # Every series a dashboard panel or an alert rule selects must be one the server exports, with
-# the labels the queries match on, unless serving/deploy/dashboard.py documents it as exported
-# elsewhere (Prometheus' ``up``, the plugin's registry and drift gauges, kube-state-metrics).
+# the labels the queries match on, unless Prometheus, kube-state-metrics or the Airflow plugin
+# exports it (tests/serving/deploy/monitoring.py; test_dashboard.py checks the plugin's).
 
 # Labels Prometheus adds at scrape time (job, instance) or the Prometheus Operator (namespace).
 SCRAPE_LABELS = {"job", "instance", "namespace"}
@@ -464,44 +463,19 @@ def metrics_text(keras_server) -> str:
 @pytest.fixture(scope="module")
 def scraped(metrics_text) -> dict[str, set[str]]:
     """``{sample name: label names}`` of the scrape."""
-    samples: dict[str, set[str]] = {}
-    for line in metrics_text.splitlines():
-        match = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})? ", line)
-        if match:
-            labels = set(re.findall(r'(\w+)="', match.group(2) or ""))
-            samples.setdefault(match.group(1), set()).update(labels)
+    samples = monitoring.exposition_series(metrics_text)
     assert "model_server_requests_total" in samples, metrics_text[:2000]
     return samples
-
-
-def _queries() -> list[tuple[str, str]]:
-    settings = DeploySettings()
-    board = dashboard.dashboard_dict(settings)
-    found = [
-        (f"panel {p['title']!r}", grafana_to_promql(t["expr"], {"$feature": "x0"}))
-        for p in board["panels"]
-        for t in p.get("targets", [])
-    ]
-    found += [  # label_values(<selector>, <label>)
-        (f"variable {v['name']!r}", re.fullmatch(r"label_values\((.+), *\w+\)", v["query"])[1])
-        for v in board["templating"]["list"]
-        if v["type"] == "query"
-    ]
-    found += [(f"alert {r['alert']}", r["expr"]) for r in manifests.alert_rules(settings)]
-    return found
-
-
-def _external(name: str) -> bool:
-    return name in dashboard.EXTERNAL_METRICS or name.startswith(dashboard.EXTERNAL_PREFIXES)
 
 
 def test_every_series_of_the_dashboard_and_the_alerts_is_exported(scraped):
     missing: dict[str, list[str]] = {}
     wrong_labels = []
-    for where, expr in _queries():
+    plugin = monitoring.exposition_series(monitoring.plugin_exposition())
+    for where, expr in monitoring.queries():
         labels = selected_labels(expr)
         for name in sorted(series_names(expr)):
-            if _external(name):
+            if monitoring.exported_elsewhere(name, plugin):
                 continue
             if name not in scraped:
                 missing.setdefault(name, []).append(where)

@@ -1,7 +1,7 @@
-"""The alert rules (serving.deploy.manifests.alert_rules) through promtool.
+"""The alert rules (docker/k8s/monitoring/prometheus-rule.yaml) through promtool.
 
-docker/prometheus/rules.yml is the PrometheusRule's groups as a plain rule file (the committed
-file equals the render: test_manifests.py). Here promtool checks it, and runs the unit tests in
+promtool reads the PrometheusRule's groups as the plain rule file the local stack derives from
+it (scripts/stacklib/prometheus.py: rules_yaml). promtool checks it, and runs the unit tests in
 tests/serving/deploy/alert_rules/*.test.yml: series in, alerts out (labels and the rendered
 annotations), each alert with a case that fires and one that does not. Then the same tests run
 against rules whose expressions never fire, and against rules that always fire: every alert's
@@ -21,38 +21,42 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.deploy.manifests import RULES_FILE
 from tests.serving.deploy.conftest import REPO, run_promtool
+from tests.serving.deploy.monitoring import ALERT_TESTS, alert_rules, alerts, write_rule_tests
 
-RULES = REPO / RULES_FILE
-TESTS = sorted((Path(__file__).parent / "alert_rules").glob("*.test.yml"))
+
+@pytest.fixture
+def rule_tests(tmp_path) -> tuple[Path, list[Path]]:
+    return write_rule_tests(tmp_path / "alert_rules")
 
 
 def _alerts() -> set[str]:
-    groups = yaml.safe_load(RULES.read_text())["groups"]
-    return {rule["alert"] for group in groups for rule in group["rules"] if "alert" in rule}
+    return set(alerts())
 
 
 def _cases() -> list[dict]:
     return [
         {**case, "file": path.name}
-        for path in TESTS
+        for path in ALERT_TESTS
         for group in yaml.safe_load(path.read_text())["tests"]
         for case in group.get("alert_rule_test", [])
     ]
 
 
-def test_rules_file_passes_promtool_check(promtool):
-    result = run_promtool(promtool, "check", "rules", RULES)
+def test_rules_file_passes_promtool_check(promtool, rule_tests):
+    rules, _ = rule_tests
+    result = run_promtool(promtool, "check", "rules", rules)
     assert result.returncode == 0, result.stdout
     assert f"SUCCESS: {len(_alerts())} rules found" in result.stdout
+    assert len(alert_rules()) == len(_alerts()), "two alerts of the same name"
 
 
-def test_alert_rule_unit_tests_pass(promtool):
-    assert TESTS, "no tests/serving/deploy/alert_rules/*.test.yml"
-    result = run_promtool(promtool, "test", "rules", *TESTS)
+def test_alert_rule_unit_tests_pass(promtool, rule_tests):
+    assert ALERT_TESTS, "no tests/serving/deploy/alert_rules/*.test.yml"
+    _, tests = rule_tests
+    result = run_promtool(promtool, "test", "rules", *tests)
     assert result.returncode == 0, result.stdout
-    assert result.stdout.count("SUCCESS") == len(TESTS), result.stdout
+    assert result.stdout.count("SUCCESS") == len(tests), result.stdout
 
 
 def test_every_alert_has_a_firing_and_a_quiet_case():
@@ -61,29 +65,20 @@ def test_every_alert_has_a_firing_and_a_quiet_case():
     quiet = {c["alertname"] for c in cases if not c.get("exp_alerts")}
     assert firing == _alerts(), f"no firing case for {_alerts() - firing}"
     assert quiet == _alerts(), f"no quiet case for {_alerts() - quiet}"
-    for path in TESTS:
-        assert yaml.safe_load(path.read_text())["rule_files"] == [f"../../../../{RULES_FILE}"], (
-            path.name
-        )
+    for path in ALERT_TESTS:
+        assert yaml.safe_load(path.read_text())["rule_files"] == ["rules.yml"], path.name
 
 
 def _failures(promtool: str, tmp_path: Path, expr: str) -> dict[str, set[str]]:
     """Run every test file against a copy of the rules whose every alert expression is
     ``expr``: the alert names of the failing cases, for cases that expect alerts ("firing")
     and cases that expect none ("quiet")."""
-    rules = yaml.safe_load(RULES.read_text())
+    rules_file, copies = write_rule_tests(tmp_path)
+    rules = yaml.safe_load(rules_file.read_text())
     for group in rules["groups"]:
         for rule in group["rules"]:
             rule["expr"] = expr
-    mutated = tmp_path / "rules.yml"
-    mutated.write_text(yaml.safe_dump(rules))
-    copies = []
-    for path in TESTS:
-        test = yaml.safe_load(path.read_text())
-        test["rule_files"] = [str(mutated)]
-        copy = tmp_path / path.name
-        copy.write_text(yaml.safe_dump(test, sort_keys=False))
-        copies.append(copy)
+    rules_file.write_text(yaml.safe_dump(rules))
     result = run_promtool(promtool, "test", "rules", *copies)
     assert result.returncode != 0, result.stdout
     failed: dict[str, set[str]] = {"firing": set(), "quiet": set()}
@@ -127,14 +122,20 @@ def test_alerts_fire_on_what_the_exporters_really_export(promtool, tmp_path, mon
     ServerMetrics render their expositions; fed to promtool as scraped series, the drift and
     version alerts fire as the contract says."""
     from ml.drift import PREDICTION_KEY
-    from ml.settings import DriftSettings
-    from serving.deploy.manifests import PREDICTION_FEATURE
+    from ml.settings import DriftSettings, RegistrySettings
     from serving.server.metrics import ServerMetrics
 
     monkeypatch.syspath_prepend(str(REPO / "plugins"))
     from registry_events.exporter import RegistrySnapshot, render
 
-    assert PREDICTION_FEATURE == PREDICTION_KEY
+    rules = alerts()
+    # The names the rules select by are the pipeline's: the predictions' pseudo-feature, and
+    # the alias that names what should be live.
+    assert f'feature="{PREDICTION_KEY}"' in rules["ModelPredictionDrift"]["expr"]
+    assert f'feature!="{PREDICTION_KEY}"' in rules["ModelInputDrift"]["expr"]
+    champion = RegistrySettings.model_fields["champion_alias"].default
+    assert f'alias="{champion}"' in rules["ModelServedVersionNotChampion"]["expr"]
+    rules_file, _ = write_rule_tests(tmp_path / "rules")
     model, drift = "regression-model", DriftSettings(target_psi=0.5, prediction_psi=0.3)
     snapshot = RegistrySnapshot(
         up=True,
@@ -163,7 +164,7 @@ def test_alerts_fire_on_what_the_exporters_really_export(promtool, tmp_path, mon
         }
 
     test = {
-        "rule_files": [str(RULES)],
+        "rule_files": [str(rules_file)],
         "evaluation_interval": "1m",
         "tests": [
             {
@@ -201,8 +202,8 @@ def test_alerts_fire_on_what_the_exporters_really_export(promtool, tmp_path, mon
                                 "exp_annotations": {
                                     "summary": "The served model version is not @champion",
                                     "description": f"{model}: a model server serves version 3 "
-                                    "while @champion is version 4, for 10m: a rollout failed "
-                                    "or did not run.",
+                                    "while @champion is version 4: a rollout failed or did "
+                                    "not run.",
                                     "runbook_url": "docs/operations.md#"
                                     "modelservedversionnotchampion",
                                 },

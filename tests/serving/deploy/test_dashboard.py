@@ -1,12 +1,12 @@
-"""The Grafana dashboard (serving.deploy.dashboard): fast checks.
+"""The Grafana dashboard (docker/k8s/monitoring/model-server-dashboard.json): fast checks.
 
 Every panel query (and the feature variable's selector) parses: promtool checks them as
 recording rules, after Grafana's macros are substituted. Every series a panel uses is the
 model server's (``model_server_*``; tests/integration/test_server_runtime.py scrapes a real
-server for them) or one the module documents as exported elsewhere. The panels cover what the
-dashboard is for, and the JSON is one Grafana loads: unique panel ids, no overlapping panels,
-every query on the ``datasource`` variable, and the SDK reads it back. The committed JSON and
-ConfigMap equal the render (test_manifests.py).
+server for them), one the Airflow plugin's exporter really renders (with the labels the query
+matches on), Prometheus' ``up`` or kube-state-metrics'. The panels cover what the dashboard is
+for, the alert thresholds it draws are the rules', and the JSON is one Grafana loads: unique
+panel ids, no overlapping panels, every query on the ``datasource`` variable.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import re
 import pytest
 import yaml
 
-from serving.deploy import dashboard
-from serving.deploy.settings import DeploySettings
+from tests.serving.deploy import monitoring
 from tests.serving.deploy.conftest import run_promtool
-from tests.serving.deploy.promql import grafana_to_promql, series_names
+from tests.serving.deploy.promql import selected_labels, series_names
 
 # The series the issue names for the dashboard (histograms by their _bucket series).
 REQUIRED = {
@@ -34,29 +33,21 @@ REQUIRED = {
     "pipeline_feature_drift_score",
     "pipeline_drift_threshold",
 }
+# The visualisations it uses, all built into Grafana 11 (a typo would be an empty panel).
+PANEL_TYPES = {"row", "stat", "timeseries", "heatmap", "bargauge"}
 
 
 @pytest.fixture(scope="module")
 def board() -> dict:
-    return dashboard.dashboard_dict(DeploySettings())
+    return monitoring.dashboard()
 
 
 def panels(board: dict) -> list[dict]:
-    return [p for p in board["panels"] if p["type"] != "row"]
+    return monitoring.panels(board)
 
 
 def queries(board: dict) -> list[tuple[str, str]]:
-    """``(where, PromQL)`` of every panel target and query variable, as Prometheus gets it."""
-    found = [
-        (f"panel {p['title']!r} {t['refId']}", grafana_to_promql(t["expr"], {"$feature": "x0"}))
-        for p in panels(board)
-        for t in p["targets"]
-    ]
-    for variable in board["templating"]["list"]:
-        if variable["type"] == "query":
-            (selector,) = re.fullmatch(r"label_values\((.+), *\w+\)", variable["query"]).groups()
-            found.append((f"variable {variable['name']!r}", selector))
-    return found
+    return monitoring.dashboard_queries(board)
 
 
 def test_every_query_parses(promtool, board, tmp_path):
@@ -88,15 +79,22 @@ def test_promtool_check_catches_a_broken_query(promtool, tmp_path):
     assert run_promtool(promtool, "check", "rules", path).returncode != 0
 
 
-def test_every_series_is_the_servers_or_documented(board):
+def test_every_series_is_the_servers_or_exported_elsewhere(board):
+    """The alerts' series too: with the dashboard's, every series the monitoring uses."""
+    plugin = monitoring.exposition_series(monitoring.plugin_exposition())
     used = set().union(*(series_names(expr) for _, expr in queries(board)))
     assert used >= REQUIRED, f"no panel shows {REQUIRED - used}"
-    others = {
-        name
-        for name in used
-        if not name.startswith("model_server_") and not name.startswith(dashboard.EXTERNAL_PREFIXES)
-    }
-    assert others <= set(dashboard.EXTERNAL_METRICS), others - set(dashboard.EXTERNAL_METRICS)
+    wrong = []
+    for where, expr in monitoring.queries():
+        labels = selected_labels(expr)
+        for name in series_names(expr):
+            if name.startswith("model_server_"):
+                continue  # the server's: tests/integration/test_server_runtime.py
+            if not monitoring.exported_elsewhere(name, plugin):
+                wrong.append(f"{where}: nobody exports {name}")
+            elif name in plugin and labels.get(name, set()) - plugin[name]:
+                wrong.append(f"{where}: {name} has no label {labels[name] - plugin[name]}")
+    assert not wrong, wrong
 
 
 def test_server_series_are_selected_by_the_job_of_the_alerts(board):
@@ -108,14 +106,13 @@ def test_server_series_are_selected_by_the_job_of_the_alerts(board):
 
 
 def test_grafana_can_load_it(board):
-    from grafana_foundation_sdk.cog.plugins import register_default_plugins
-    from grafana_foundation_sdk.models.dashboard import Dashboard
-
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids)
-    assert board["uid"] == dashboard.DASHBOARD_UID and len(board["uid"]) <= 40
+    assert board["uid"] == "train-and-deploy-model-server" and len(board["uid"]) <= 40
+    assert isinstance(board["schemaVersion"], int) and board["title"]
     (datasource,) = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
     assert datasource["name"] == "datasource" and datasource["query"] == "prometheus"
+    assert {p["type"] for p in board["panels"]} <= PANEL_TYPES
     for panel in panels(board):
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         assert panel["targets"] and panel.get("description"), panel["title"]
@@ -134,23 +131,36 @@ def test_grafana_can_load_it(board):
         }
         assert not cells & mine, f"{panel['title']!r} overlaps another panel"
         cells |= mine
-    register_default_plugins()
-    loaded = Dashboard.from_json(board)
-    assert [p.title for p in loaded.panels] == [p["title"] for p in board["panels"]]
 
 
-def test_alert_thresholds_are_drawn_from_the_settings():
-    board = dashboard.dashboard_dict(
-        DeploySettings(alert_error_ratio=0.02, alert_p99_latency_s=0.5)
-    )
+def _minutes(duration: str) -> int:
+    value, unit = re.fullmatch(r"(\d+)([mh])", duration).groups()
+    return int(value) * (60 if unit == "h" else 1)
+
+
+def test_alert_lines_and_texts_are_the_rules(board):
+    """The dashed alert lines sit at the rules' thresholds and the descriptions name them and
+    the rules' `for`: the dashboard and prometheus-rule.yaml are changed together."""
     by_title = {p["title"]: p for p in board["panels"]}
+    alerts = monitoring.alerts()
 
     def red_from(title: str) -> float:
         steps = by_title[title]["fieldConfig"]["defaults"]["thresholds"]["steps"]
         return next(s["value"] for s in steps if s["color"] == "red")
 
-    assert red_from("Error ratio of /invocations") == 0.02
-    assert red_from("Latency of /invocations") == 0.5
+    def said(title: str, text: str) -> None:
+        assert text in by_title[title]["description"], (title, text)
+
+    ratio = monitoring.threshold("ModelServerHighErrorRate")
+    assert red_from("Error ratio of /invocations") == ratio
+    minutes = _minutes(alerts["ModelServerHighErrorRate"]["for"])
+    said("Error ratio of /invocations", f"fires above {ratio:.0%} for {minutes} minutes")
+    p99 = monitoring.threshold("ModelServerHighLatency")
+    assert red_from("Latency of /invocations") == p99
+    minutes = _minutes(alerts["ModelServerHighLatency"]["for"])
+    said("Latency of /invocations", f"fires when p99 > {p99:g}s for {minutes} minutes")
+    minutes = _minutes(alerts["ModelServedVersionNotChampion"]["for"])
+    said("Served version vs @champion", f"differ for {minutes} minutes")
 
 
 def test_feature_panel_repeats_over_the_features_the_server_exports(board):

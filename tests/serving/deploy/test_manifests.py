@@ -1,25 +1,21 @@
 """The Kubernetes manifests of the kubernetes deploy target (serving.manifests): fast checks.
 
-Built-in kinds validate strictly against the OpenAPI schemas kubernetes-validate ships, for the
-three newest Kubernetes minors it knows. kubernetes-validate has no schemas for custom
-resources, so the Prometheus Operator's ServiceMonitor and PrometheusRule (monitoring.coreos.com
-/v1) are checked here against the part of their CRD schemas that the manifests use,
-transcribed from the operator's CRDs (v0.82-0.84), with unknown fields rejected.
+Every kind validates strictly against the OpenAPI schemas kubernetes-validate ships, for the
+three newest Kubernetes minors it knows. The monitoring objects are files, not rendered:
+test_monitoring.py.
 """
 
 from __future__ import annotations
 
 import io
-import re
 from pathlib import Path
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 from serving.deploy import manifests
-from serving.deploy.manifests import UnpinnedModelURI, base_files, render, render_monitoring
+from serving.deploy.manifests import UnpinnedModelURI, base_files, render
 from serving.deploy.settings import DeploySettings
 from tests.k8s_schemas import newest_minors
 
@@ -27,10 +23,8 @@ URI = "models:/regression-model/7"
 TRACKING = "http://mlflow.mlflow.svc.cluster.local:5000"
 REPO = Path(__file__).resolve().parents[3]
 BASE = REPO / "docker" / "k8s" / "base"
-MONITORING = REPO / "docker" / "k8s" / "monitoring"
 # What docker/k8s/base/ was generated with (see the GENERATED_HEADER in its files).
 BASE_ARGS = {"model_uri": "models:/regression-model/1", "version": "1", "tracking_uri": TRACKING}
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 @pytest.fixture
@@ -48,14 +42,12 @@ def settings(clean_env) -> DeploySettings:
     return DeploySettings(
         target="kubernetes",
         serving_image="registry.example.com/train-and-deploy/serving:1.2.3",
-        monitoring_labels={"release": "kube-prometheus-stack"},
     )
 
 
 @pytest.fixture
 def objects(settings) -> list[dict]:
-    """Both kustomize bases' objects: the serving objects and the monitoring ones."""
-    return render(settings, URI, "7", tracking_uri=TRACKING) + render_monitoring(settings)
+    return render(settings, URI, "7", tracking_uri=TRACKING)
 
 
 def by_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -82,9 +74,6 @@ def test_renders_every_kind(objects):
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
         "NetworkPolicy",
-        "ServiceMonitor",
-        "PrometheusRule",
-        "ConfigMap",
     ]
     assert one(objects, "HorizontalPodAutoscaler")["apiVersion"] == "autoscaling/v2"
 
@@ -92,140 +81,7 @@ def test_renders_every_kind(objects):
 @pytest.mark.parametrize("k8s_version", newest_minors())
 def test_builtin_kinds_validate_strictly(objects, k8s_version):
     for obj in objects:
-        if obj["kind"] in CRD_KINDS:
-            continue
         kubernetes_validate.validate(obj, k8s_version, strict=True)
-
-
-_DURATION = (
-    r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
-)
-_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_META = {
-    "type": "object",
-    "required": ["name", "namespace"],
-    "properties": {
-        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"},
-        "namespace": {"type": "string"},
-        "labels": _STR_MAP,
-        "annotations": _STR_MAP,
-    },
-    "additionalProperties": False,
-}
-_LABEL_SELECTOR = {
-    "type": "object",
-    "properties": {"matchLabels": _STR_MAP, "matchExpressions": {"type": "array"}},
-    "additionalProperties": False,
-}
-
-
-def _crd(kind: str, spec: dict) -> dict:
-    return {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "kind": {"const": kind},
-            "metadata": _META,
-            "spec": spec,
-        },
-        "additionalProperties": False,
-    }
-
-
-SERVICE_MONITOR = _crd(
-    "ServiceMonitor",
-    {
-        "type": "object",
-        "required": ["selector", "endpoints"],
-        "properties": {
-            "selector": _LABEL_SELECTOR,
-            "namespaceSelector": {
-                "type": "object",
-                "properties": {
-                    "any": {"type": "boolean"},
-                    "matchNames": {"type": "array", "items": {"type": "string"}},
-                },
-                "additionalProperties": False,
-            },
-            "jobLabel": {"type": "string"},
-            "endpoints": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "port": {"type": "string"},
-                        "path": {"type": "string"},
-                        "scheme": {"enum": ["http", "https"]},
-                        "interval": {"type": "string", "pattern": _DURATION},
-                        "scrapeTimeout": {"type": "string", "pattern": _DURATION},
-                        "honorLabels": {"type": "boolean"},
-                    },
-                    "additionalProperties": False,
-                },
-            },
-        },
-        "additionalProperties": False,
-    },
-)
-PROMETHEUS_RULE = _crd(
-    "PrometheusRule",
-    {
-        "type": "object",
-        "properties": {
-            "groups": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name"],
-                    "properties": {
-                        "name": {"type": "string", "minLength": 1},
-                        "interval": {"type": "string", "pattern": _DURATION},
-                        "rules": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["expr"],
-                                "properties": {
-                                    "alert": {"type": "string"},
-                                    "record": {"type": "string"},
-                                    "expr": {"type": ["string", "integer"]},
-                                    "for": {"type": "string", "pattern": _DURATION},
-                                    "keep_firing_for": {"type": "string", "pattern": _DURATION},
-                                    "labels": _STR_MAP,
-                                    "annotations": _STR_MAP,
-                                },
-                                "additionalProperties": False,
-                            },
-                        },
-                    },
-                    "additionalProperties": False,
-                },
-            }
-        },
-        "additionalProperties": False,
-    },
-)
-
-
-@pytest.mark.parametrize(
-    ("kind", "schema"), [("ServiceMonitor", SERVICE_MONITOR), ("PrometheusRule", PROMETHEUS_RULE)]
-)
-def test_monitoring_crds_match_their_schema(objects, kind, schema):
-    jsonschema.validate(one(objects, kind), schema)
-
-
-def test_crd_schema_check_rejects_mistakes(objects):
-    """The hand-made schemas are strict enough to catch a typo."""
-    monitor = one(objects, "ServiceMonitor")
-    monitor["spec"]["endpoints"][0]["intervall"] = "30s"
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(monitor, SERVICE_MONITOR)
-    rule = one(objects, "PrometheusRule")
-    rule["spec"]["groups"][0]["rules"][0]["for"] = "five minutes"
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(rule, PROMETHEUS_RULE)
 
 
 # -- the Deployment -------------------------------------------------------------------------------
@@ -370,7 +226,6 @@ def test_selectors_agree(objects, settings):
     assert one(objects, "Service")["spec"]["selector"] == selector
     assert one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
     assert one(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"] == selector
-    assert one(objects, "ServiceMonitor")["spec"]["selector"]["matchLabels"] == selector
     assert selector.items() <= one(objects, "Service")["metadata"]["labels"].items()
 
 
@@ -468,197 +323,39 @@ def test_rbac_least_privilege(objects, settings):
     ]
 
 
-# -- monitoring -----------------------------------------------------------------------------------
-
-
-def test_service_monitor_scrapes_the_metrics_route(objects, settings):
-    from serving.server.app import _GET_ROUTES
-
-    monitor = one(objects, "ServiceMonitor")
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] == one(objects, "Service")["spec"]["ports"][0]["name"]
-    assert endpoint["path"] == "/metrics" and "/metrics" in _GET_ROUTES
-    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [settings.namespace]}
-    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert one(objects, "PrometheusRule")["metadata"]["labels"]["release"] == (
-        "kube-prometheus-stack"
-    )
-
-
-def test_the_server_is_job_model_server_in_a_cluster_as_locally(objects, settings):
-    """The Prometheus Operator takes the job label from the Service label jobLabel names: the
-    alerts and the dashboard select the server by job="model-server", the local Prometheus'
-    job name too."""
-    monitor = one(objects, "ServiceMonitor")
-    source = monitor["spec"]["jobLabel"]
-    assert source == manifests.JOB_LABEL_SOURCE
-    assert one(objects, "Service")["metadata"]["labels"][source] == manifests.METRICS_JOB
-    other = DeploySettings(deployment_name="model-server-b", namespace="team-b")
-    assert (
-        one(render(other, URI, "7", tracking_uri=TRACKING), "Service")["metadata"]["labels"][source]
-        == manifests.METRICS_JOB
-    )
-    assert manifests.server_selector(other) == 'job="model-server",namespace=~"team-b|"'
-
-
-ALERTS = {
-    "ModelServerHighErrorRate",
-    "ModelServerHighLatency",
-    "ModelServerNoReadyPods",
-    "ModelServerDown",
-    "ModelServedVersionNotChampion",
-    "ModelInputDrift",
-    "ModelPredictionDrift",
-}
-# Series of the alerts that others export (serving/deploy/dashboard.py documents them).
-EXTERNAL = {
-    "up",
-    "mlflow_registry_alias_version",
-    "pipeline_feature_drift_score",
-    "pipeline_drift_threshold",
-    "kube_deployment_status_replicas_available",
-}
-
-
-def test_alerts(objects):
-    from serving.server.metrics import ServerMetrics
-
-    rules = one(objects, "PrometheusRule")["spec"]["groups"][0]["rules"]
-    alerts = {r["alert"]: r for r in rules}
-    assert set(alerts) == ALERTS
-    for rule in rules:
-        assert rule["labels"]["severity"] in {"critical", "warning"}
-        assert rule["annotations"]["summary"] and rule["annotations"]["runbook_url"]
-        expr = rule["expr"]
-        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}")
-    assert 'status=~"5.."' in alerts["ModelServerHighErrorRate"]["expr"]
-    assert "histogram_quantile(0.99" in alerts["ModelServerHighLatency"]["expr"]
-    assert "kube_deployment_status_replicas_available" in alerts["ModelServerNoReadyPods"]["expr"]
-    assert (
-        alerts["ModelServerDown"]["expr"] == 'up{job="model-server",namespace=~"ml-serving|"} == 0'
-    )
-    assert 'alias="champion"' in alerts["ModelServedVersionNotChampion"]["expr"]
-    assert 'feature!="__prediction__"' in alerts["ModelInputDrift"]["expr"]
-    assert 'feature="__prediction__"' in alerts["ModelPredictionDrift"]["expr"]
-    series_used = {
-        name for rule in rules for name in re.findall(r"\b([a-z_:][a-z0-9_:]*)\{", rule["expr"])
-    }
-    assert series_used - EXTERNAL == {
-        "model_server_requests_total",
-        "model_server_request_duration_seconds_bucket",
-        "model_server_model_version",
-        "model_server_model_info",
-    }
-
-    # every model_server_* series and label the alerts use is one the server exports
-    # (tests/integration/test_server_runtime.py checks it against a real server too)
-    metrics = ServerMetrics()
-    metrics.observe_request("/invocations", "POST", 500, 0.01)
-    model = {"name": "regression-model", "version": "4", "uri": "models:/regression-model/4"}
-    metrics.set_model({**model, "flavor": "python_function", "fast_path": "true"}, 1.0)
-    exported = metrics.render().decode()
-    missing = set()
-    for rule in rules:
-        for name in re.findall(r"\b(model_server_\w+)\{([^}]*)\}", rule["expr"]):
-            series, labels = name
-            if not re.search(rf"^{series}(\{{| )", exported, re.M):
-                missing.add(series)
-                continue
-            for label in re.findall(r"(\w+)=~?\"", labels):
-                if label in ("job", "namespace"):  # added by Prometheus
-                    continue
-                assert re.search(rf"^{series}\{{[^}}]*\b{label}=", exported, re.M), label
-    assert 'route="/invocations"' in exported
-    assert not missing, missing
-
-
-def test_runbook_anchors_exist():
-    """Each alert's runbook_url points at a heading of docs/operations.md."""
-    doc = (REPO / "docs" / "operations.md").read_text()
-    headings = {
-        re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
-        for h in re.findall(r"^#+ (.+)$", doc, re.M)
-    }
-    rules = manifests.prometheus_rule(DeploySettings())["spec"]["groups"][0]["rules"]
-    for rule in rules:
-        anchor = rule["annotations"]["runbook_url"].split("#", 1)[1]
-        assert anchor in headings, anchor
-
-
 # -- the committed base and the CLI ---------------------------------------------------------------
 
 
 RENDER_COMMAND = (
     "python -m serving.deploy render --model-uri models:/regression-model/1 --version 1 "
-    f"--tracking-uri {TRACKING} --out-dir docker/k8s/base --prometheus-rules "
-    "docker/prometheus/rules.yml --grafana-dashboard docker/grafana/model-server-dashboard.json"
-    " && python -m serving.deploy render --model-uri models:/regression-model/1 --version 1 "
-    f"--tracking-uri {TRACKING} --monitoring --out-dir docker/k8s/monitoring"
+    f"--tracking-uri {TRACKING} --out-dir docker/k8s/base"
 )
 
 
 def test_committed_base_matches_render(clean_env):
-    from serving.deploy.dashboard import DASHBOARD_PATH, dashboard_json
-
     settings = DeploySettings(target="kubernetes")
-    expected = {
-        f"docker/k8s/base/{name}": text
-        for name, text in base_files(render(settings, **BASE_ARGS)).items()
-    } | {
-        f"docker/k8s/monitoring/{name}": text
-        for name, text in base_files(render_monitoring(settings)).items()
-    }
-    expected[manifests.RULES_FILE] = manifests.prometheus_rules_file(settings)
-    expected[DASHBOARD_PATH] = dashboard_json(settings)
-    committed = {path: (REPO / path).read_text() for path in expected if (REPO / path).exists()} | {
-        f"docker/k8s/{p.parent.name}/{p.name}": p.read_text()
-        for p in [*BASE.glob("*.yaml"), *MONITORING.glob("*.yaml")]
-    }
+    expected = base_files(render(settings, **BASE_ARGS))
+    committed = {p.name: p.read_text() for p in BASE.iterdir()}
     assert committed.keys() == expected.keys()
-    for path, text in expected.items():
-        assert committed[path] == text, f"{path} is stale: regenerate with `{RENDER_COMMAND}`"
+    for name, text in expected.items():
+        assert committed[name] == text, f"{name} is stale: regenerate with `{RENDER_COMMAND}`"
 
 
-def test_rules_file_is_the_prometheus_rules_groups(clean_env):
-    settings = DeploySettings(target="kubernetes")
-    rules_file = yaml.safe_load(manifests.prometheus_rules_file(settings))
-    assert rules_file == {"groups": manifests.prometheus_rule(settings)["spec"]["groups"]}
-
-
-def test_dashboard_config_map_for_grafanas_sidecar(objects, settings):
-    from serving.deploy.dashboard import DASHBOARD_FILE, dashboard_json
-
-    config_map = one(objects, "ConfigMap")
-    assert config_map["metadata"]["namespace"] == settings.namespace
-    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert config_map["data"] == {DASHBOARD_FILE: dashboard_json(settings)}
-    # A ConfigMap holds at most 1 MiB; client-side apply's annotation copy at most 256 KiB.
-    assert len(yaml.safe_dump(config_map).encode()) < 200 * 1024
-
-
-@pytest.mark.parametrize("base", [BASE, MONITORING], ids=["base", "monitoring"])
-def test_base_is_a_kustomization_of_all_files(base):
-    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+def test_base_is_a_kustomization_of_all_files():
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     assert kustomization["kind"] == "Kustomization"
     assert set(kustomization["resources"]) == {
-        p.name for p in base.glob("*.yaml") if p.name != "kustomization.yaml"
+        p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml"
     }
 
 
 def test_render_cli_writes_the_files(clean_env, tmp_path):
     from serving.deploy.__main__ import main
-    from serving.deploy.dashboard import dashboard_json
 
-    rules, board = tmp_path / "prometheus" / "rules.yml", tmp_path / "grafana" / "board.json"
     args = ["--model-uri", URI, "--version", "7", "--tracking-uri", TRACKING]
     assert main(["render", *args, "--out-dir", str(tmp_path / "base")]) == 0
-    assert main(["render", *args, "--prometheus-rules", str(rules)]) == 0
-    assert main(["render", *args, "--grafana-dashboard", str(board)]) == 0
-    settings = DeploySettings()
-    objects = render(settings, URI, "7", tracking_uri=TRACKING)
+    objects = render(DeploySettings(), URI, "7", tracking_uri=TRACKING)
     assert {p.name: p.read_text() for p in (tmp_path / "base").iterdir()} == base_files(objects)
-    assert rules.read_text() == manifests.prometheus_rules_file(settings)
-    assert board.read_text() == dashboard_json(settings)
 
 
 def test_render_cli_prints_the_same_objects(clean_env, capsys):

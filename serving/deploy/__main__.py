@@ -9,8 +9,7 @@ and people.
     python -m serving.deploy rollout --request '{"kind": "champion"}'   # the rollout pod
     python -m serving.deploy verify --model-uri models:/regression-model/3 [--data holdout.parquet]
     python -m serving.deploy render --model-uri models:/regression-model/3 --version 3   # YAML
-        [--monitoring] [--out-dir docker/k8s/base] [--prometheus-rules docker/prometheus/rules.yml]
-        [--grafana-dashboard docker/grafana/model-server-dashboard.json]      # write files
+        [--out-dir docker/k8s/base]                                            # write files
 
 Every way a version goes live is ``rollout`` (:func:`serving.deploy.rollout.run`: plan,
 deploy, verify, then move ``@champion``, or put back what served before). Exit codes: 0 live
@@ -177,13 +176,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from serving.deploy.manifests import (
-        UnpinnedModelURI,
-        base_files,
-        render,
-        render_monitoring,
-        to_yaml,
-    )
+    from serving.deploy.manifests import UnpinnedModelURI, base_files, render, to_yaml
 
     settings = _k8s_settings(args)
     try:
@@ -197,25 +190,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     except UnpinnedModelURI as exc:
         logging.getLogger("serving").error("%s", exc)
         return 2
-    if args.monitoring:
-        objects = render_monitoring(settings)
-    files: dict[Path, str] = {}
-    if args.out_dir:
-        files.update({Path(args.out_dir) / n: t for n, t in base_files(objects).items()})
-    if args.prometheus_rules:
-        from serving.deploy.manifests import prometheus_rules_file
-
-        files[Path(args.prometheus_rules)] = prometheus_rules_file(settings)
-    if args.grafana_dashboard:
-        from serving.deploy.dashboard import dashboard_json
-
-        files[Path(args.grafana_dashboard)] = dashboard_json(settings)
-    for path, text in files.items():
+    if not args.out_dir:
+        sys.stdout.write(to_yaml(objects))
+        return 0
+    for name, text in base_files(objects).items():
+        path = Path(args.out_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         logging.getLogger("serving").info("wrote %s", path)
-    if not files:
-        sys.stdout.write(to_yaml(objects))
     return 0
 
 
@@ -312,23 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k8s_opts(p)
     p.add_argument("--out-dir", help="write a kustomize base there instead of printing")
-    p.add_argument(
-        "--prometheus-rules",
-        metavar="FILE",
-        help="also write the alerts as a plain Prometheus rule file (docker/prometheus/rules.yml)",
-    )
-    p.add_argument(
-        "--grafana-dashboard",
-        metavar="FILE",
-        help="also write the Grafana dashboard JSON (docker/grafana/model-server-dashboard.json)",
-    )
     p.add_argument("--no-namespace", action="store_true", help="leave out the Namespace object")
-    p.add_argument(
-        "--monitoring",
-        action="store_true",
-        help="the monitoring objects instead (ServiceMonitor, PrometheusRule: they need the "
-        "Prometheus Operator's CRDs; the Grafana dashboard ConfigMap)",
-    )
     p.set_defaults(func=cmd_render)
     return parser
 

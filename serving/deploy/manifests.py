@@ -11,16 +11,11 @@
     HorizontalPodAutoscaler autoscaling/v2 on CPU
     PodDisruptionBudget    at most one pod voluntarily down at a time
     NetworkPolicy          ingress only from this namespace and the configured client namespaces
-    ServiceMonitor         monitoring.coreos.com/v1 (Prometheus Operator): scrape /metrics
-    PrometheusRule         alerts: error ratio, p99 latency, no ready pods, server down, served
-                           version is not @champion, input and prediction drift
-    ConfigMap              the Grafana dashboard (serving.deploy.dashboard), for its sidecar
 
 ``python -m serving.deploy render --model-uri models:/regression-model/3 --version 3`` prints them
-as
-multi-document YAML; ``--out-dir docker/k8s/base`` writes the committed kustomize base, and
-``--prometheus-rules`` / ``--grafana-dashboard`` the same alerts as a plain Prometheus rule file
-and the dashboard as JSON (docker/prometheus/rules.yml, docker/grafana/, for the local stack).
+as multi-document YAML; ``--out-dir docker/k8s/base`` writes the committed kustomize base. The
+monitoring objects (ServiceMonitor, PrometheusRule, the Grafana dashboard's ConfigMap) are not
+rendered: their YAML and JSON in docker/k8s/monitoring are the source.
 
 Who applies what. An administrator applies the whole set once (it contains the RBAC, which the
 rollout pod must not be able to grant itself). After that, the rollout pod
@@ -69,17 +64,6 @@ PRE_STOP_S = 5
 GRACEFUL_S = 25
 TERMINATION_GRACE_S = PRE_STOP_S + GRACEFUL_S + 5
 HPA_CPU_UTILIZATION = 70
-# Monitoring. The Prometheus job of the model server, in a cluster (the ServiceMonitor takes it
-# from the Service label named by JOB_LABEL_SOURCE) and in the local stack's Prometheus alike.
-METRICS_JOB = "model-server"
-JOB_LABEL_SOURCE = "app.kubernetes.io/name"
-# The registry alias that names what should be live (ml.settings.RegistrySettings's default),
-# as the Airflow plugin labels mlflow_registry_alias_version.
-CHAMPION_ALIAS = "champion"
-# The pseudo-feature under which the drift DAG exports the predictions' PSI.
-PREDICTION_FEATURE = "__prediction__"
-# Grafana's dashboard sidecar loads ConfigMaps that carry this label (value "1").
-GRAFANA_DASHBOARD_LABEL = "grafana_dashboard"
 
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
 _PINNED_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
@@ -479,254 +463,6 @@ def network_policy(settings: DeploySettings) -> dict[str, Any]:
     }
 
 
-def service_monitor(settings: DeploySettings) -> dict[str, Any]:
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "ServiceMonitor",
-        "metadata": _meta(
-            settings, settings.deployment_name, "monitoring", labels=settings.monitoring_labels
-        ),
-        "spec": {
-            # job="model-server" (the Service's app.kubernetes.io/name), as in the local
-            # Prometheus: the alert rules and the dashboard select the server by it.
-            "jobLabel": JOB_LABEL_SOURCE,
-            "selector": {"matchLabels": selector_labels(settings)},
-            "namespaceSelector": {"matchNames": [settings.namespace]},
-            "endpoints": [
-                {
-                    "port": "http",
-                    "path": "/metrics",
-                    "scheme": "http",
-                    "interval": "30s",
-                    "scrapeTimeout": "10s",
-                }
-            ],
-        },
-    }
-
-
-def prometheus_duration(seconds: int) -> str:
-    """``600`` -> ``"10m"``: a Prometheus duration for a whole number of seconds."""
-    for unit, size in (("h", 3600), ("m", 60)):
-        if seconds and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def server_selector(settings: DeploySettings) -> str:
-    """Label matchers of the model server's own series, in a cluster and locally alike.
-
-    ``job``: the ServiceMonitor takes it from the Service's ``app.kubernetes.io/name`` label
-    (``model-server``), and the local Prometheus scrapes the server as job ``model-server``.
-    ``namespace``: the Prometheus Operator adds it to every series it scrapes; the local
-    Prometheus adds none, and ``=~"<ns>|"`` matches both (a missing label is the empty string).
-    """
-    return f'job="{METRICS_JOB}",namespace=~"{settings.namespace}|"'
-
-
-def alert_rules(settings: DeploySettings) -> list[dict[str, Any]]:
-    """The alerts of the PrometheusRule, and of docker/prometheus/rules.yml (local stack).
-
-    Serving health from the server's own series (serving/server/metrics.py), no ready pod from
-    kube-state-metrics, and whether the right model is served and still fits its data from the
-    Airflow plugin's series (plugins/registry_events/exporter.py):
-    ``mlflow_registry_alias_version{model,alias}`` (the version an alias points at) and the
-    drift DAG's latest result, ``pipeline_feature_drift_score{model,feature}`` (PSI per column:
-    the features, ``__target__``, and ``__prediction__`` for the predictions) and
-    ``pipeline_drift_threshold{model,feature}`` (each column's threshold). Those come from
-    another scrape job (and, in a cluster, another namespace), so they are not selected by job
-    or namespace.
-    """
-    ns, name = settings.namespace, settings.deployment_name
-    sel = server_selector(settings)
-    inv = f'{sel},route="/invocations"'
-    runbook = "docs/operations.md#"
-    pct = f"{settings.alert_error_ratio:.0%}"
-    p99_s = f"{settings.alert_p99_latency_s:g}s"
-    error_ratio = (
-        f'sum(rate(model_server_requests_total{{{inv},status=~"5.."}}[5m]))\n'
-        f"/\nsum(rate(model_server_requests_total{{{inv}}}[5m]))\n"
-        f"> {settings.alert_error_ratio:g}"
-    )
-    p99 = (
-        "histogram_quantile(0.99,\n"
-        f"  sum by (le) (rate(model_server_request_duration_seconds_bucket{{{inv}}}[5m]))\n"
-        f") > {settings.alert_p99_latency_s:g}"
-    )
-    # No ready pod: kube-state-metrics says none is available, or Prometheus scrapes none.
-    no_ready = (
-        f'max(kube_deployment_status_replicas_available{{namespace="{ns}",deployment="{name}"}})'
-        f" < 1\nor\n"
-        f"absent(up{{{sel}}} == 1)"
-    )
-    down = f"up{{{sel}}} == 0"
-    champion = f'max by (model) (mlflow_registry_alias_version{{alias="{CHAMPION_ALIAS}"}})'
-    # Per server process: its version (model_server_model_version, absent for a model not
-    # from the registry) labelled with its registered model's name (model_server_model_info,
-    # one series per process; `max by` keeps it one while an old version's series is still
-    # within the lookback window); any process serving another version than @champion keeps
-    # the alert pending.
-    not_champion = (
-        "max by (model) (\n"
-        "  label_replace(\n"
-        f"    model_server_model_version{{{sel}}}\n"
-        "    * on (instance, job) group_left (name)\n"
-        f"    max by (instance, job, name) (model_server_model_info{{{sel}}}),\n"
-        '    "model", "$1", "name", "(.+)"\n'
-        "  )\n"
-        f"  != on (model) group_left ()\n  {champion}\n"
-        ")"
-    )
-    # Each column is compared with its own threshold (features, target and predictions each
-    # have theirs: ml.settings.DriftSettings).
-    not_pred, pred = f'feature!="{PREDICTION_FEATURE}"', f'feature="{PREDICTION_FEATURE}"'
-    input_drift = (
-        f"max by (model, feature) (pipeline_feature_drift_score{{{not_pred}}})\n"
-        f"> on (model, feature)\nmax by (model, feature) (pipeline_drift_threshold{{{not_pred}}})"
-    )
-    prediction_drift = (
-        f"max by (model) (pipeline_feature_drift_score{{{pred}}})\n"
-        f"> on (model)\nmax by (model) (pipeline_drift_threshold{{{pred}}})"
-    )
-
-    def threshold_now(feature: str) -> str:
-        return (
-            '{{ with printf "max(pipeline_drift_threshold{model=%q,feature=%q})" $labels.model '
-            f'{feature} | query }}}}{{{{ . | first | value | printf "%.3g" }}}}{{{{ end }}}}'
-        )
-
-    champion_now = (
-        "{{ with printf "
-        f'"max(mlflow_registry_alias_version{{model=%q,alias=\\"{CHAMPION_ALIAS}\\"}})"'
-        " $labels.model | query }}{{ . | first | value }}{{ end }}"
-    )
-    common = {"namespace": ns, "deployment": name}
-
-    def alert(
-        name_: str, expr: str, for_s: int, severity: str, summary: str, description: str
-    ) -> dict[str, Any]:
-        return {
-            "alert": name_,
-            "expr": expr,
-            "for": prometheus_duration(for_s),
-            "labels": {"severity": severity, **common},
-            "annotations": {
-                "summary": summary,
-                "description": description,
-                "runbook_url": f"{runbook}{name_.lower()}",
-            },
-        }
-
-    return [
-        alert(
-            "ModelServerHighErrorRate",
-            error_ratio,
-            300,
-            "critical",
-            f"More than {pct} of predictions fail (5xx)",
-            "{{ $value | humanizePercentage }} of /invocations "
-            f"requests to {ns}/{name} answered 5xx over 5 minutes.",
-        ),
-        alert(
-            "ModelServerHighLatency",
-            p99,
-            600,
-            "warning",
-            f"p99 prediction latency above {p99_s}",
-            f"p99 of /invocations on {ns}/{name} is "
-            "{{ $value | humanizeDuration }} over 5 minutes.",
-        ),
-        alert(
-            "ModelServerNoReadyPods",
-            no_ready,
-            120,
-            "critical",
-            "No model-server pod is ready: predictions fail",
-            f"{ns}/{name} has no available replica, or Prometheus cannot scrape any of its pods.",
-        ),
-        alert(
-            "ModelServerDown",
-            down,
-            settings.alert_server_down_for_s,
-            "critical",
-            "A model server does not answer Prometheus' scrapes",
-            "{{ $labels.instance }} (job {{ $labels.job }}) has answered no /metrics scrape for "
-            f"{prometheus_duration(settings.alert_server_down_for_s)}: the process is down, "
-            "hung or unreachable.",
-        ),
-        alert(
-            "ModelServedVersionNotChampion",
-            not_champion,
-            settings.alert_version_mismatch_for_s,
-            "warning",
-            f"The served model version is not @{CHAMPION_ALIAS}",
-            "{{ $labels.model }}: a model server serves version {{ $value }} while "
-            f"@{CHAMPION_ALIAS} is version {champion_now}, for "
-            f"{prometheus_duration(settings.alert_version_mismatch_for_s)}: a rollout failed "
-            "or did not run.",
-        ),
-        alert(
-            "ModelInputDrift",
-            input_drift,
-            settings.alert_drift_for_s,
-            "warning",
-            "A model input column drifted from the training data",
-            "{{ $labels.model }}: PSI of column {{ $labels.feature }} is "
-            '{{ $value | printf "%.3g" }}, above its threshold '
-            + threshold_now("$labels.feature")
-            + ".",
-        ),
-        alert(
-            "ModelPredictionDrift",
-            prediction_drift,
-            settings.alert_drift_for_s,
-            "warning",
-            "The model's predictions drifted from its holdout predictions",
-            "{{ $labels.model }}: PSI of the predictions is "
-            '{{ $value | printf "%.3g" }}, above their threshold '
-            + threshold_now(f'"{PREDICTION_FEATURE}"')
-            + ".",
-        ),
-    ]
-
-
-def prometheus_rule(settings: DeploySettings) -> dict[str, Any]:
-    """The alerts (:func:`alert_rules`) for the Prometheus Operator."""
-    name = settings.deployment_name
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "PrometheusRule",
-        "metadata": _meta(settings, name, "monitoring", labels=settings.monitoring_labels),
-        "spec": {"groups": [{"name": f"{name}.rules", "rules": alert_rules(settings)}]},
-    }
-
-
-def prometheus_rules_file(settings: DeploySettings) -> str:
-    """The PrometheusRule's groups as a plain Prometheus rule file (docker/prometheus/rules.yml,
-    for a Prometheus without the operator: the local stack's)."""
-    groups = prometheus_rule(settings)["spec"]
-    return RULES_HEADER + to_yaml([groups])
-
-
-def grafana_dashboard_config_map(settings: DeploySettings) -> dict[str, Any]:
-    """The dashboard (serving.deploy.dashboard) as a ConfigMap that Grafana's dashboard sidecar
-    (kube-prometheus-stack, the Grafana Helm chart) loads: it watches for the label
-    ``grafana_dashboard: "1"``."""
-    from serving.deploy.dashboard import DASHBOARD_FILE, dashboard_json
-
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(
-            settings,
-            f"{settings.deployment_name}-dashboard",
-            "monitoring",
-            labels={GRAFANA_DASHBOARD_LABEL: "1"},
-        ),
-        "data": {DASHBOARD_FILE: dashboard_json(settings)},
-    }
-
-
 def render(
     settings: DeploySettings,
     model_uri: str,
@@ -750,17 +486,6 @@ def render(
     return objects
 
 
-def render_monitoring(settings: DeploySettings) -> list[dict[str, Any]]:
-    """The monitoring objects: they need the Prometheus Operator's CRDs (ServiceMonitor,
-    PrometheusRule) and a Grafana dashboard sidecar (the ConfigMap), so they are a kustomize
-    base of their own (docker/k8s/monitoring), applied where those exist."""
-    return [
-        service_monitor(settings),
-        prometheus_rule(settings),
-        grafana_dashboard_config_map(settings),
-    ]
-
-
 # -- YAML ----------------------------------------------------------------------------------------
 
 # One file per concern in the committed kustomize base (docker/k8s/base/).
@@ -771,8 +496,6 @@ BASE_FILES: dict[str, tuple[str, ...]] = {
     "deployment.yaml": ("Deployment",),
     "autoscaling.yaml": ("HorizontalPodAutoscaler", "PodDisruptionBudget"),
     "networkpolicy.yaml": ("NetworkPolicy",),
-    "monitoring.yaml": ("ServiceMonitor", "PrometheusRule"),
-    "dashboards.yaml": ("ConfigMap",),
 }
 GENERATED_HEADER = (
     "# Generated by `python -m serving.deploy render --out-dir docker/k8s/base`\n"
@@ -782,33 +505,11 @@ GENERATED_HEADER = (
 )
 
 
-# The alert rules as a plain Prometheus rule file, for the local stack's Prometheus.
-RULES_FILE = "docker/prometheus/rules.yml"
-RULES_HEADER = (
-    "# Generated by `python -m serving.deploy render --prometheus-rules "
-    f"{RULES_FILE}`\n"
-    "# (serving/deploy/manifests.py: the groups of the PrometheusRule in monitoring.yaml).\n"
-    "# Do not edit: change alert_rules() and regenerate; tests/serving/deploy/\n"
-    "# test_manifests.py checks it, test_alert_rules.py runs promtool on it.\n"
-)
-
-
 def to_yaml(objects: list[dict[str, Any]]) -> str:
     """Multi-document YAML, keys in the order render() built them."""
     import yaml
 
-    class _Dumper(yaml.SafeDumper):
-        pass
-
-    def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-        style = "|" if "\n" in value else None
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-    _Dumper.add_representer(str, _str)
-    return "---\n".join(
-        yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
-        for obj in objects
-    )
+    return "---\n".join(yaml.safe_dump(o, sort_keys=False, width=100) for o in objects)
 
 
 def base_files(objects: list[dict[str, Any]]) -> dict[str, str]:

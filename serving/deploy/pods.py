@@ -12,7 +12,6 @@ Nothing here imports Airflow: the DAG file builds the operator, this module only
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
@@ -227,12 +226,7 @@ def settings_env(
     for name, value in settings.model_dump(mode="json").items():
         if value is None or name in exclude or (skip_prefix and name.startswith(skip_prefix)):
             continue
-        if isinstance(value, list):
-            text = ",".join(str(v) for v in value)
-        elif isinstance(value, dict):
-            text = json.dumps(value)
-        else:
-            text = str(value)
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
         env[f"{prefix}{name.upper()}"] = text
     return env
 

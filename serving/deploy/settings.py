@@ -65,36 +65,6 @@ class DeploySettings(BaseSettings):
         description="Namespaces (besides its own) whose pods may reach the model server "
         "(NetworkPolicy); comma-separated in the env var.",
     )
-    monitoring_labels: dict[str, str] = Field(
-        default_factory=dict,
-        description="Extra labels on the ServiceMonitor and PrometheusRule so that the "
-        'cluster\'s Prometheus selects them (kube-prometheus-stack: {"release": "<name>"}).',
-    )
-    alert_error_ratio: float = Field(
-        0.05, gt=0.0, lt=1.0, description="Alert when this share of /invocations fails (5xx)."
-    )
-    alert_p99_latency_s: float = Field(
-        0.25, gt=0.0, description="Alert when the p99 of /invocations exceeds this."
-    )
-    alert_server_down_for_s: int = Field(
-        60,
-        ge=0,
-        description="ModelServerDown fires once a model-server scrape target has answered no "
-        "scrape (up == 0) for this long.",
-    )
-    alert_version_mismatch_for_s: int = Field(
-        600,
-        ge=0,
-        description="ModelServedVersionNotChampion fires once the served version has differed "
-        "from @champion for this long (a rollout, verification included, takes a few minutes).",
-    )
-    alert_drift_for_s: int = Field(
-        0,
-        ge=0,
-        description="ModelInputDrift / ModelPredictionDrift fire once a drift score has stayed "
-        "above its threshold for this long; the scores change only when the drift DAG runs, so "
-        "0 fires on the first evaluation after a drifted result.",
-    )
     pod_tracking_uri: str | None = Field(
         None,
         description="MLflow as the pipeline's pods reach it, when that differs from the "

@@ -380,7 +380,6 @@ def test_pod_env_reproduces_every_deploy_setting_in_the_pod(monkeypatch):
         api_retry_s=12.5,
         min_replicas=3,
         allowed_client_namespaces=["airflow", "batch"],
-        monitoring_labels={"release": "kps"},
         service_url="http://model.example:80",
     )
     env = settings_env(custom)

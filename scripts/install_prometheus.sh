@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install Prometheus from Debian (bookworm: 2.42) for its `promtool`: the alert-rule tests run
-# `promtool check rules` and `promtool test rules` on docker/prometheus/rules.yml, and the
-# dashboard test parses every panel query with it. The package also brings the `prometheus`
+# `promtool check rules` and `promtool test rules` on the alert rules (the groups of
+# docker/k8s/monitoring/prometheus-rule.yaml), and the dashboard test parses every panel query
+# with it. The package also brings the `prometheus`
 # server binary, which `make run` starts as part of the local stack (scripts/stack.py, with its
 # own config and data under .local/prometheus); the package's own service is never started.
 #

@@ -6,7 +6,8 @@ series (the server's really exported: tests/integration/test_server_runtime.py s
 one too) and runbook links; both against the part of the Prometheus Operator's CRD schemas they
 use, transcribed from the operator's CRDs (v0.82-0.84) with unknown fields rejected
 (kubernetes-validate has no schemas for custom resources). `kubectl kustomize` builds the base
-(the dashboard's ConfigMap from the JSON); without a kubectl that skips with the reason.
+(the dashboard's ConfigMap from the JSON) and the overlay docs/operations.md shows for
+thresholds and the `release` label; without a kubectl those two skip with the reason.
 The rules' behaviour is test_alert_rules.py's, the dashboard's test_dashboard.py's.
 """
 
@@ -129,6 +130,44 @@ def test_kustomize_builds_the_monitoring_objects(defaults):
     for obj in built.values():
         assert obj["metadata"]["labels"].items() >= labels.items(), obj["kind"]
         assert obj["metadata"]["namespace"] == defaults.namespace
+
+
+def _documented_overlay() -> str:
+    """The overlay docs/operations.md shows (Alerts: changing a threshold)."""
+    doc = (REPO / "docs" / "operations.md").read_text()
+    (block,) = re.findall(r"```yaml\n(# overlays/monitoring/kustomization.yaml\n.*?)```", doc, re.S)
+    return block
+
+
+def test_the_documented_overlay_patches_a_threshold_and_adds_the_release_label(tmp_path):
+    """What a cluster changes without editing this repository: a threshold and `for` of one
+    alert (JSON patch, guarded by a `test` of the rule's name), and the `release` label that
+    kube-prometheus-stack's Prometheus selects rules and monitors by."""
+    overlay = tmp_path / "overlays" / "monitoring"
+    overlay.mkdir(parents=True)
+    text = _documented_overlay()
+    base = "../../docker/k8s/monitoring"
+    assert f"- {base}" in text
+    # kustomize refuses an absolute path for a base
+    text = text.replace(f"- {base}", f"- {os.path.relpath(MONITORING, overlay)}")
+    (overlay / "kustomization.yaml").write_text(text)
+    built = kustomize(overlay)
+    for kind in ("ServiceMonitor", "PrometheusRule", "ConfigMap"):
+        assert built[kind]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert built["ServiceMonitor"]["spec"] == _load(SERVICE_MONITOR)["spec"], "selector kept"
+    patched = {r["alert"]: r for r in built["PrometheusRule"]["spec"]["groups"][0]["rules"]}
+    latency = patched.pop("ModelServerHighLatency")
+    assert latency["for"] == "15m" and latency["expr"].rstrip().endswith("> 0.5")
+    assert (
+        latency["expr"].replace("> 0.5", "> 0.25")
+        == monitoring.alerts()["ModelServerHighLatency"]["expr"]
+    )
+    assert patched == {n: r for n, r in monitoring.alerts().items() if n != latency["alert"]}
+
+    # the `test` op fails the build where the rule moved
+    (overlay / "kustomization.yaml").write_text(text.replace("rules/1/alert", "rules/2/alert"))
+    done = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True)
+    assert done.returncode != 0 and "test" in done.stderr
 
 
 # -- the ServiceMonitor --------------------------------------------------------------------------

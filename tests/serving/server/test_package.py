@@ -51,26 +51,3 @@ def test_no_module_is_longer_than_the_limit():
     lengths = {p.name: len(p.read_text().splitlines()) for p in SERVER.glob("*.py")}
     too_long = {name: n for name, n in lengths.items() if n > MAX_LINES}
     assert not too_long, f"over {MAX_LINES} lines (split by concern): {too_long}"
-
-
-def test_the_modules_import_each_other_without_cycles():
-    modules = _modules()
-    graph = {name: _server_imports(path, set(modules)) - {name} for name, path in modules.items()}
-    assert graph[f"{PACKAGE}.app"], "the app imports none of the package: the parsing is broken"
-
-    done: set[str] = set()
-
-    def cycle_from(name: str, stack: list[str]) -> list[str] | None:
-        if name in stack:
-            return [*stack[stack.index(name) :], name]
-        if name in done:
-            return None
-        for imported in sorted(graph[name]):
-            if found := cycle_from(imported, [*stack, name]):
-                return found
-        done.add(name)
-        return None
-
-    for name in sorted(graph):
-        cycle = cycle_from(name, [])
-        assert cycle is None, "import cycle: " + " -> ".join(cycle)

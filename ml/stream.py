@@ -1,23 +1,13 @@
-"""The window as a stream: record batches in, never the whole window in memory.
+"""The window as a stream of float64 matrices (features, then the target), never whole in memory.
 
-Every consumer (validation, training, evaluation) reads the window's partitions as a stream of
-float64 value matrices (one row per data row, the schema's columns in order: features, then
-the target), a bounded number of rows at a time:
-
-- **Which rows are holdout** is decided row by row from a stable hash of the row's values
-  (:func:`row_hash`) and the split seed: the same rows are holdout wherever and whenever they
-  are read (champion and challenger are scored on the same rows; training never sees them),
-  without loading the window, and independently of file layout or row order. Equal rows hash
-  alike, so a duplicated row never sits on both sides.
-- **Which training rows validate** (early stopping) the same way, with the training seed; at
-  most ``MAX_VALIDATION_ROWS`` of them (those with the smallest hash: a uniform sample), kept in
-  memory.
-- **Normalization statistics** (per-feature mean and variance, target mean and std) in one
-  streaming pass (:class:`RunningStats`, Chan et al.'s pairwise update).
-- **Training batches** (:func:`training_batches`): each epoch reads the fragments (a parquet
-  row group, a CSV file) in a seeded order, several at a time interleaved, shuffles rows in a
-  pool of ``SHUFFLE_POOL_ROWS`` and emits fixed-size batches: a full shuffle when the data fits
-  in the pool (the default window does), a windowed one beyond.
+- Holdout rows, and the training rows that validate, are chosen row by row from a stable hash
+  of the row's values (:func:`row_hash`) and a seed: the same rows wherever, whenever and in
+  whatever file layout or order they are read (champion and challenger are scored on the same
+  rows), and equal rows on the same side. At most ``MAX_VALIDATION_ROWS`` validate (those with
+  the smallest hash: a uniform sample).
+- Normalization statistics come from one pass (:class:`RunningStats`, Chan et al.'s update).
+- Training batches (:func:`training_batches`): fragments (a row group, a CSV file) in a seeded
+  order, interleaved, shuffled in a pool of ``SHUFFLE_POOL_ROWS`` (all of the default window).
 
 Pure NumPy and PyArrow; no TensorFlow, MLflow or Airflow.
 """
@@ -177,11 +167,7 @@ class BottomK:
     def _concat(self):
         if not self._ranks:
             return np.empty(0), np.empty((0, 0)), np.empty(0, dtype=np.int64)
-        return (
-            np.concatenate(self._ranks),
-            np.concatenate(self._rows),
-            np.concatenate(self._positions),
-        )
+        return tuple(np.concatenate(x) for x in (self._ranks, self._rows, self._positions))
 
     def result(self) -> tuple[np.ndarray, float]:
         """(rows in stream order, threshold): the rows are exactly those ranked below the
@@ -226,8 +212,7 @@ class Source:
         return None
 
     def read(self, fragment: Fragment) -> Iterator[np.ndarray]:
-        for values, _ in self.hashed(fragment):
-            yield values
+        return (values for values, _ in self.hashed(fragment))
 
     def hashed(self, fragment: Fragment) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The fragment's rows as (values, row hashes)."""
@@ -267,11 +252,7 @@ class WindowSource(Source):
     holdout split. (``ml.data.window_source`` makes one from partitions and a schema.)"""
 
     def __init__(
-        self,
-        uris: Sequence[str],
-        columns: Sequence[str],
-        settings: DataSettings,
-        part: str | None = None,
+        self, uris: Sequence[str], columns: Sequence[str], settings: DataSettings, part=None
     ):
         if part not in (None, "train", "holdout"):
             raise ValueError(f"part must be None, 'train' or 'holdout', got {part!r}")

@@ -33,13 +33,7 @@ from typing import Any
 
 from ml import pipeline
 from ml.knobs import add_cli_options, cli_overrides
-from ml.settings import (
-    DataSettings,
-    GateSettings,
-    RegistrySettings,
-    TrainingSettings,
-    tracking_uri,
-)
+from ml.settings import DataSettings, GateSettings, RegistrySettings, TrainingSettings, tracking_uri
 
 EXIT_BAD_INPUT = 2
 EXIT_REJECTED = 3
@@ -100,24 +94,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if args.step == "train":
         training = cli_overrides(TrainingSettings(), args, *TRAIN_KNOBS)
         tags = dict(t.split("=", 1) for t in args.tag)
-        result = pipeline.train(
-            _read(args.window), data, training, registry, tracking_uri=uri, tags=tags
-        )
-        return result, 0
+        window = _read(args.window)
+        return pipeline.train(window, data, training, registry, tracking_uri=uri, tags=tags), 0
     if args.step == "evaluate":
-        result = pipeline.evaluate(
-            _read(args.window), _read(args.trained), data, registry, tracking_uri=uri
-        )
-        return result, 0
+        window, trained = _read(args.window), _read(args.trained)
+        return pipeline.evaluate(window, trained, data, registry, tracking_uri=uri), 0
     if args.step == "register":
-        result = pipeline.register(
-            _read(args.window),
-            _read(args.trained),
-            _read(args.evaluation),
-            registry,
-            tracking_uri=uri,
-        )
-        return result, 0
+        refs = _read(args.window), _read(args.trained), _read(args.evaluation)
+        return pipeline.register(*refs, registry, tracking_uri=uri), 0
     if args.step == "gate":
         gate = cli_overrides(GateSettings(), args, *GATE_KNOBS)
         decision = pipeline.gate(

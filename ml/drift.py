@@ -1,27 +1,20 @@
 """Data drift: a profile of the data a model was trained on, and a per-column score against it.
 
-Pure functions, no MLflow and no I/O: ``ml.pipeline`` logs the profile with the training run and
-scores the newest data against the champion's profile.
-
-- :func:`profile_frame` keeps, per numeric column, the bin edges of its quantiles (deciles by
-  default) and the share of rows in each bin (bin ``i`` is ``(edges[i-1], edges[i]]``, as a
-  Prometheus histogram's buckets), the share of nulls and a few summary numbers.
-  Discrete columns (hour of day, weekend flag) collapse to fewer, unique edges.
-- :func:`score_frame` computes the population stability index (PSI) of each profiled column
-  on new rows: ``sum((actual - expected) * ln(actual / expected))`` over the profile's bins,
-  with empty bins floored at ``EPSILON``. 0 means the same distribution; by the usual reading
-  below 0.1 is stable, 0.1 to 0.25 moderate, above 0.25 a real shift.
-- A column that is missing, all null, or holds values that are not numbers is not scored (no
-  number would mean anything); it is reported as an issue and counts as drifted, never crashes.
-- :func:`decide` turns the scores into a verdict with reasons, given ``DriftSettings``: which
-  columns drifted, and whether any of them is of a kind that starts a retrain (``trigger_on``).
+Pure functions, no MLflow and no I/O (``ml.pipeline`` logs and reads the profiles).
+:func:`profile_frame` keeps, per numeric column, its quantile bin edges (deciles; discrete
+columns collapse to fewer), the share of rows per bin, of nulls and a summary;
+:func:`score_frame` gives each column's population stability index over those bins
+(``sum((actual - expected) * ln(actual / expected))``, empty bins floored at ``EPSILON``;
+by the usual reading below 0.1 is stable, above 0.25 a real shift). A column missing, all
+null or not numeric is an issue that counts as drifted, never a crash. :func:`decide` says
+which columns drifted and whether one of a ``trigger_on`` kind calls for a retrain.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,13 +43,7 @@ class ColumnProfile:
     summary: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "edges": self.edges,
-            "shares": self.shares,
-            "null_share": self.null_share,
-            "rows": self.rows,
-            "summary": self.summary,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ColumnProfile:
@@ -180,13 +167,7 @@ class ColumnScore:
     issue: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "column": self.column,
-            "psi": self.psi,
-            "null_share": self.null_share,
-            "reference_null_share": self.reference_null_share,
-            "issue": self.issue,
-        }
+        return asdict(self)
 
 
 def score_column(reference: ColumnProfile, values: pd.Series | None, name: str) -> ColumnScore:
@@ -280,11 +261,8 @@ class DriftVerdict:
     def summary(self) -> str:
         if not self.drifted:
             return "no drift"
-        verdict = (
-            "retrain"
-            if self.retrain
-            else f"reported only (retrains on {', '.join(self.trigger_on)})"
-        )
+        on = ", ".join(self.trigger_on)
+        verdict = "retrain" if self.retrain else f"reported only (retrains on {on})"
         return f"{verdict}: " + "; ".join(self.reasons)
 
 
@@ -325,6 +303,5 @@ def psi_figure(scores: Mapping[str, ColumnScore], settings: DriftSettings):
         elif scores[name].psi is not None and scores[name].psi > limit:
             bars[i].set_color("tab:red")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel("PSI")
-    ax.set_title("Drift against @champion's training data (line: threshold)")
+    ax.set(ylabel="PSI", title="Drift against @champion's training data (line: threshold)")
     return figure

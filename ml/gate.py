@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ml.settings import GateSettings
@@ -33,7 +33,7 @@ class Check:
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "passed": self.passed, "detail": self.detail}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Check:
@@ -103,9 +103,7 @@ class Decision:
 
 
 def decide(
-    candidate: Mapping[str, float],
-    champion: Mapping[str, float] | None,
-    settings: GateSettings,
+    candidate: Mapping[str, float], champion: Mapping[str, float] | None, settings: GateSettings
 ) -> Decision:
     """Judge ``candidate`` holdout metrics against the bars and the champion's metrics.
 
@@ -122,12 +120,7 @@ def decide(
     )
     all_passed = all(c.passed for c in checks)
     forced = settings.force_deploy and not all_passed
-    return Decision(
-        passed=all_passed or settings.force_deploy,
-        forced=forced,
-        checks=checks,
-        has_champion=champ is not None,
-    )
+    return Decision(all_passed or settings.force_deploy, forced, checks, champ is not None)
 
 
 def _metrics(values: Mapping[str, Any], which: str) -> dict[str, float]:
@@ -166,31 +159,22 @@ def _min_r2(r2: float, bar: float) -> Check:
 
 
 def _no_regression(rmse: float, champion: Mapping[str, float] | None, allowed: float) -> Check:
+    name = "no_regression"
     if champion is None:
-        return Check("no_regression", True, NO_CHAMPION_DETAIL)
-    champ_rmse = champion["rmse"]
-    pct = f"{allowed:.1%}"
-    if not math.isfinite(rmse) or not math.isfinite(champ_rmse):
+        return Check(name, True, NO_CHAMPION_DETAIL)
+    champ = champion["rmse"]
+    if not math.isfinite(rmse) or not math.isfinite(champ):
         # A non-finite value makes the comparison meaningless; never let it pass.
         # (A broken champion can be replaced with force_deploy.)
-        return Check(
-            "no_regression",
-            False,
-            f"cannot compare: holdout RMSE {rmse} vs champion RMSE {champ_rmse} (not finite)",
-        )
-    limit = champ_rmse * (1.0 + allowed)
+        why = f"cannot compare: holdout RMSE {rmse} vs champion RMSE {champ} (not finite)"
+        return Check(name, False, why)
+    limit = champ * (1.0 + allowed)
+    bound = f"{_f(limit)} (champion {_f(champ)} + {allowed:.1%})"
     if rmse <= limit:
-        return Check(
-            "no_regression",
-            True,
-            f"holdout RMSE {_f(rmse)} <= {_f(limit)} (champion {_f(champ_rmse)} + {pct})",
-        )
-    worse = (rmse / champ_rmse - 1.0) if champ_rmse > 0 else math.inf
+        return Check(name, True, f"holdout RMSE {_f(rmse)} <= {bound}")
+    worse = (rmse / champ - 1.0) if champ > 0 else math.inf
     return Check(
-        "no_regression",
-        False,
-        f"holdout RMSE {_f(rmse)} > {_f(limit)} (champion {_f(champ_rmse)} + {pct}): "
-        f"{worse:.1%} worse than the champion",
+        name, False, f"holdout RMSE {_f(rmse)} > {bound}: {worse:.1%} worse than the champion"
     )
 
 

@@ -149,46 +149,25 @@ def train_model(
                 fail_dead_attempts(run.info.experiment_id, run_key, superseded_by=run.info.run_id)
             except Exception as exc:  # bookkeeping of the dead attempt: never stops training
                 log.warning("Could not mark earlier attempts of %s FAILED: %s", run_key, exc)
+        digest = dataset_digest[:MAX_DATASET_DIGEST_CHARS] if dataset_digest else None
         dataset = _dataset(
-            train_frame,
-            head,
-            columns,
-            target_column,
-            dataset_name,
-            dataset_source,
-            digest=dataset_digest[:MAX_DATASET_DIGEST_CHARS] if dataset_digest else None,
+            train_frame, head, columns, target_column, dataset_name, dataset_source, digest
         )
         mlflow.log_input(dataset, context="training")
-        mlflow.set_tags(
-            {
-                **run_tags,
-                "code_version": code_version(),
-                "data_digest": dataset_digest or dataset.digest,
-            }
-        )
+        identity = {"code_version": code_version(), "data_digest": dataset_digest or dataset.digest}
+        mlflow.set_tags({**run_tags, **identity})
         mlflow.log_params(params)
 
         model, history, fit_seconds = _fit(source, data, settings, batch_size, learning_rate)
         epochs_run = len(history["loss"])
         best_val_rmse = float(np.min(history["val_rmse"]))
         # fit_*: what make bench-train reads the training throughput from.
-        mlflow.log_metrics(
-            {
-                "best_val_rmse": best_val_rmse,
-                "epochs_run": epochs_run,
-                "fit_seconds": fit_seconds,
-                "fit_rows": data.train_rows,
-            }
-        )
+        mlflow.log_metrics({"best_val_rmse": best_val_rmse, "epochs_run": epochs_run,
+                            "fit_seconds": fit_seconds, "fit_rows": data.train_rows})  # fmt: skip
 
         model_info = _log_pyfunc_model(model, example, feature_columns)
 
-    return TrainResult(
-        run_id=run.info.run_id,
-        model_uri=model_info.model_uri,
-        epochs_run=epochs_run,
-        best_val_rmse=best_val_rmse,
-    )
+    return TrainResult(run.info.run_id, model_info.model_uri, epochs_run, best_val_rmse)
 
 
 def sized_to_data(train_rows: int, settings: TrainingSettings) -> tuple[int, float]:
@@ -279,11 +258,8 @@ def fail_dead_attempts(experiment_id: str, run_key: str, *, superseded_by: str) 
         client.set_terminated(run_id, status="FAILED")
         log.warning(
             "Marked run %s FAILED: an earlier attempt of %s that died without ending it "
-            "(superseded by run %s)",
-            run_id,
-            run_key,
-            superseded_by,
-        )
+            "(superseded by run %s)", run_id, run_key, superseded_by
+        )  # fmt: skip
     return found
 
 
@@ -298,9 +274,7 @@ def pinned_requirements() -> list[str]:
     return pins
 
 
-def _check_training_frame(
-    frame: pd.DataFrame, feature_columns: list[str], target_column: str
-) -> None:
+def _check_training_frame(frame: pd.DataFrame, feature_columns: list[str], target_column: str):
     if not feature_columns:
         raise ValueError("feature_columns is empty")
     if target_column in feature_columns:
@@ -342,11 +316,7 @@ def _training_params(
 
 
 def _fit(
-    source: Source,
-    data: TrainingData,
-    settings: TrainingSettings,
-    batch_size: int,
-    learning_rate: float,
+    source: Source, data: TrainingData, settings: TrainingSettings, batch_size: int, rate: float
 ):
     import keras
     import tensorflow as tf
@@ -357,16 +327,16 @@ def _fit(
     if settings.threads:
         _limit_threads(settings.threads)
     # Scaling statistics from the training rows only (ml.stream), so validation stays unseen.
+    features = len(source.columns) - 1
     model = build_model(
-        len(source.columns) - 1,
+        features,
         settings.hidden_units,
-        learning_rate,
+        rate,
         feature_mean=data.feature_mean,
         feature_variance=data.feature_variance,
         target_mean=data.target_mean,
         target_std=data.target_std,
     )
-    features = len(source.columns) - 1
     # Batches come shuffled and sized from the stream; a Python generator feeds tf.data (one
     # call per epoch) and prefetching overlaps reading the next batches with the step.
     batches = (

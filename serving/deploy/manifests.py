@@ -12,22 +12,13 @@
     PodDisruptionBudget    at most one pod voluntarily down at a time
     NetworkPolicy          ingress only from this namespace and the configured client namespaces
 
-``python -m serving.deploy render --model-uri models:/regression-model/3 --version 3`` prints them
-as multi-document YAML; ``--out-dir docker/k8s/base`` writes the committed kustomize base. The
-monitoring objects (ServiceMonitor, PrometheusRule, the Grafana dashboard's ConfigMap) are not
-rendered: their YAML and JSON in docker/k8s/monitoring are the source.
-
-Who applies what. An administrator applies the whole set once (it contains the RBAC, which the
-rollout pod must not be able to grant itself). After that, the rollout pod
-(``serving.deploy.kubernetes``) server-side-applies only :func:`deployment`: a new model
-version is a new pinned URI in the pod template, so every rollout and every rollback is an
-ordinary rolling update. Its Role has no ``create`` (an apply that would create an object is
-authorised as ``create``): the rollout can change the one Deployment and nothing else.
-
-Probe sizing comes from a measurement of the server's start (model load and warm-up
-prediction; docs/operations.md has the numbers and the command). In a cluster the artifact
-download crosses the network and nodes may be busier, so the startup probe allows ~5x the
-slowest measured start.
+``python -m serving.deploy render ... [--out-dir docker/k8s/base]`` prints them as YAML or writes
+the committed kustomize base (the monitoring objects' YAML in docker/k8s/monitoring is their
+source). An administrator applies the whole set once (its RBAC the rollout pod must not grant
+itself); the rollout pod then server-side-applies only :func:`deployment` (a new pinned URI:
+every rollout and rollback is an ordinary rolling update), and its Role has no ``create``.
+The startup probe allows ~5x the slowest measured start (docs/operations.md): in a cluster the
+artifact download crosses the network and nodes may be busier.
 """
 
 from __future__ import annotations
@@ -194,16 +185,8 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
                     "resourceNames": [settings.deployment_name],
                     "verbs": ["patch"],
                 },
-                {
-                    "apiGroups": ["apps"],
-                    "resources": ["replicasets"],
-                    "verbs": ["list"],
-                },
-                {
-                    "apiGroups": [""],
-                    "resources": ["pods"],
-                    "verbs": ["list"],
-                },
+                {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
             ],
         },
         {
@@ -435,20 +418,9 @@ def network_policy(settings: DeploySettings) -> dict[str, Any]:
     Prometheus). Egress is left open: the server must reach MLflow and its artifact store,
     whose addresses are deployment-specific (often outside the cluster)."""
     peers: list[dict[str, Any]] = [{"podSelector": {}}]
-    if settings.allowed_client_namespaces:
-        peers.append(
-            {
-                "namespaceSelector": {
-                    "matchExpressions": [
-                        {
-                            "key": "kubernetes.io/metadata.name",
-                            "operator": "In",
-                            "values": list(settings.allowed_client_namespaces),
-                        }
-                    ]
-                }
-            }
-        )
+    if names := list(settings.allowed_client_namespaces):
+        named = {"key": "kubernetes.io/metadata.name", "operator": "In", "values": names}
+        peers.append({"namespaceSelector": {"matchExpressions": [named]}})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -464,26 +436,21 @@ def network_policy(settings: DeploySettings) -> dict[str, Any]:
 
 
 def render(
-    settings: DeploySettings,
-    model_uri: str,
-    version: str | int,
-    *,
-    tracking_uri: str,
+    settings: DeploySettings, model_uri: str, version: str | int, *, tracking_uri: str,
     include_namespace: bool = True,
-) -> list[dict[str, Any]]:
+) -> list[dict[str, Any]]:  # fmt: skip
     """Every object of the kubernetes target, in apply order. Pure: no I/O, no clock."""
     parse_pinned_uri(model_uri, version)
-    objects: list[dict[str, Any]] = []
-    if include_namespace:
-        objects.append(namespace(settings))
-    objects.append(server_service_account(settings))
-    objects.extend(rollout_rbac(settings))
-    objects.append(service(settings))
-    objects.append(deployment(settings, model_uri, version, tracking_uri=tracking_uri))
-    objects.append(horizontal_pod_autoscaler(settings))
-    objects.append(pod_disruption_budget(settings))
-    objects.append(network_policy(settings))
-    return objects
+    return [
+        *([namespace(settings)] if include_namespace else []),
+        server_service_account(settings),
+        *rollout_rbac(settings),
+        service(settings),
+        deployment(settings, model_uri, version, tracking_uri=tracking_uri),
+        horizontal_pod_autoscaler(settings),
+        pod_disruption_budget(settings),
+        network_policy(settings),
+    ]
 
 
 # -- YAML ----------------------------------------------------------------------------------------
@@ -524,10 +491,6 @@ def base_files(objects: list[dict[str, Any]]) -> dict[str, str]:
     unplaced = [o["kind"] for o in objects if id(o) not in placed]
     if unplaced:  # pragma: no cover - a new kind needs a file
         raise ValueError(f"no base file for kinds {unplaced}")
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": list(files),
-    }
-    files["kustomization.yaml"] = GENERATED_HEADER + to_yaml([kustomization])
+    kind = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
+    files["kustomization.yaml"] = GENERATED_HEADER + to_yaml([{**kind, "resources": list(files)}])
     return files

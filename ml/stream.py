@@ -211,9 +211,6 @@ class Source:
         """Which of the rows with ``hashes`` belong to this source (None: all)."""
         return None
 
-    def read(self, fragment: Fragment) -> Iterator[np.ndarray]:
-        return (values for values, _ in self.hashed(fragment))
-
     def hashed(self, fragment: Fragment) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The fragment's rows as (values, row hashes)."""
         for values in self.read_raw(fragment):

@@ -233,20 +233,9 @@ def fail_dead_attempts(experiment_id: str, run_key: str, *, superseded_by: str) 
     quote = '"' if "'" in run_key else "'"
     if quote in run_key:
         raise ValueError(f"{RUN_KEY_TAG} must not contain both quote characters: {run_key!r}")
-    found, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id],
-            filter_string=(
-                f"tags.{RUN_KEY_TAG} = {quote}{run_key}{quote} and attributes.status = 'RUNNING'"
-            ),
-            max_results=100,
-            page_token=token,
-        )
-        found += [r.info.run_id for r in page if r.info.run_id != superseded_by]
-        token = page.token
-        if not token:
-            break
+    where = f"tags.{RUN_KEY_TAG} = {quote}{run_key}{quote} and attributes.status = 'RUNNING'"
+    runs = mlflow.search_runs([experiment_id], filter_string=where, output_format="list")
+    found = [r.info.run_id for r in runs if r.info.run_id != superseded_by]
     for run_id in found:
         client.set_tag(run_id, SUPERSEDED_BY_TAG, superseded_by)
         client.set_tag(

@@ -124,14 +124,9 @@ class StreamedEvaluation:
 
 
 def evaluate_stream(
-    model_uris: Mapping[str, str],
-    source: Source,
-    feature_columns: list[str],
-    target_column: str,
-    *,
-    seed: int,
-    sample_rows: int = SAMPLE_ROWS,
-) -> StreamedEvaluation:
+    model_uris: Mapping[str, str], source: Source, feature_columns: list[str],
+    target_column: str, *, seed: int, sample_rows: int = SAMPLE_ROWS,
+) -> StreamedEvaluation:  # fmt: skip
     """Score every model of ``model_uris`` on the rows of ``source`` in one pass, a record
     batch at a time (each model loaded once); keep at most ``sample_rows`` rows, those with
     the smallest holdout hash (``ml.stream.holdout_rank`` with ``seed``): all of them when
@@ -171,17 +166,11 @@ def evaluate_stream(
 
 
 def log_evaluation(
-    run_id: str,
-    holdout: pd.DataFrame,
-    target_column: str,
-    predictions: np.ndarray,
-    metrics: Mapping[str, float],
-    champion_metrics: Mapping[str, float] | None,
-    champion_version: str | None,
-    *,
-    feature_columns: list[str] | None = None,
+    run_id: str, holdout: pd.DataFrame, target_column: str, predictions: np.ndarray,
+    metrics: Mapping[str, float], champion_metrics: Mapping[str, float] | None,
+    champion_version: str | None, *, feature_columns: list[str] | None = None,
     holdout_rows: int | None = None,
-) -> None:
+) -> None:  # fmt: skip
     """Record the holdout evaluation on the challenger's run.
 
     Metrics as ``holdout_<name>`` (and ``champion_holdout_<name>`` when a champion was

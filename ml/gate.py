@@ -114,8 +114,8 @@ def decide(
     champ = _metrics(champion, "champion") if champion is not None else None
 
     checks = (
-        _max_rmse(cand["rmse"], settings.max_rmse),
-        _min_r2(cand["r2"], settings.min_r2),
+        _bar("max_rmse", "RMSE", cand["rmse"], settings.max_rmse, at_most=True),
+        _bar("min_r2", "R²", cand["r2"], settings.min_r2, at_most=False),
         _no_regression(cand["rmse"], champ, settings.max_regression),
     )
     all_passed = all(c.passed for c in checks)
@@ -143,19 +143,13 @@ def _metrics(values: Mapping[str, Any], which: str) -> dict[str, float]:
     return out
 
 
-def _max_rmse(rmse: float, bar: float) -> Check:
+def _bar(name: str, what: str, value: float, bar: float, *, at_most: bool) -> Check:
     # Comparisons with NaN are False, but spell the non-finite case out so the reason is clear.
-    if not math.isfinite(rmse):
-        return Check("max_rmse", False, f"holdout RMSE is {rmse} (not finite); bar {_f(bar)}")
-    ok = rmse <= bar
-    return Check("max_rmse", ok, f"holdout RMSE {_f(rmse)} {'<=' if ok else '>'} bar {_f(bar)}")
-
-
-def _min_r2(r2: float, bar: float) -> Check:
-    if not math.isfinite(r2):
-        return Check("min_r2", False, f"holdout R² is {r2} (not finite); bar {_f(bar)}")
-    ok = r2 >= bar
-    return Check("min_r2", ok, f"holdout R² {_f(r2)} {'>=' if ok else '<'} bar {_f(bar)}")
+    if not math.isfinite(value):
+        return Check(name, False, f"holdout {what} is {value} (not finite); bar {_f(bar)}")
+    ok = value <= bar if at_most else value >= bar
+    sign = ("<=" if ok else ">") if at_most else (">=" if ok else "<")
+    return Check(name, ok, f"holdout {what} {_f(value)} {sign} bar {_f(bar)}")
 
 
 def _no_regression(rmse: float, champion: Mapping[str, float] | None, allowed: float) -> Check:

@@ -44,9 +44,6 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _CANONICAL_NAN = np.float64("nan").view(np.uint64)
 
 
-# --------------------------------------------------------------------------- hashing
-
-
 def _mix(z: np.ndarray) -> np.ndarray:
     """SplitMix64's finalizer: every input bit moves every output bit."""
     z = (z ^ (z >> np.uint64(30))) * _M1
@@ -92,9 +89,6 @@ def holdout_rank(hashes: np.ndarray, seed: int) -> np.ndarray:
 
 def validation_rank(hashes: np.ndarray, seed: int) -> np.ndarray:
     return unit(hashes, _VALIDATION_SALT, seed)
-
-
-# --------------------------------------------------------------------------- statistics
 
 
 class RunningStats:
@@ -182,9 +176,6 @@ class BottomK:
             ranks, rows, positions = ranks[chosen], rows[chosen], positions[chosen]
         in_stream_order = np.argsort(positions, kind="stable")
         return rows[in_stream_order], threshold
-
-
-# --------------------------------------------------------------------------- sources
 
 
 @dataclass(frozen=True)
@@ -319,9 +310,6 @@ def _matrix(arrays: list[Any], dtype: str) -> np.ndarray:
     for i, array in enumerate(arrays):
         out[:, i] = array.to_numpy(zero_copy_only=False)
     return out
-
-
-# --------------------------------------------------------------------------- training
 
 
 @dataclass

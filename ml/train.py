@@ -73,19 +73,12 @@ class TrainResult:
 
 
 def train_model(
-    train_frame: pd.DataFrame | Source,
-    feature_columns: list[str],
-    target_column: str,
-    settings: TrainingSettings,
-    *,
-    experiment_name: str,
-    run_name: str | None = None,
-    tags: Mapping[str, str] | None = None,
-    dataset_name: str = "training_window",
-    dataset_source: str | None = None,
-    dataset_digest: str | None = None,
+    train_frame: pd.DataFrame | Source, feature_columns: list[str], target_column: str,
+    settings: TrainingSettings, *, experiment_name: str, run_name: str | None = None,
+    tags: Mapping[str, str] | None = None, dataset_name: str = "training_window",
+    dataset_source: str | None = None, dataset_digest: str | None = None,
     params_extra: Mapping[str, Any] | None = None,
-) -> TrainResult:
+) -> TrainResult:  # fmt: skip
     """Train on ``train_frame`` and log the run and the model to MLflow.
 
     ``train_frame`` is a frame in memory, or an ``ml.stream.Source`` of the rows (the

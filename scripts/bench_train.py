@@ -63,9 +63,6 @@ def label(rows: int) -> str:
     return str(rows)
 
 
-# --------------------------------------------------------------------------- data
-
-
 def ensure_data(rows: int) -> Path:
     """The cached window of ``rows`` synthetic rows (written on first use)."""
     from ml.settings import DataSettings
@@ -95,9 +92,6 @@ def ensure_data(rows: int) -> Path:
     marker.write_text(json.dumps({"rows": rows, "written": datetime.now(UTC).isoformat()}))
     print(f"  wrote {label(rows)} rows under {root} in {time.perf_counter() - started:.0f} s")
     return root
-
-
-# --------------------------------------------------------------------------- steps
 
 
 # Forks and execs the step, waits for it and writes its peak RSS (KiB) to the file in argv[1].
@@ -248,9 +242,6 @@ def bare_loop(rows: int, batch_size: int) -> dict:
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
     seconds = time.perf_counter() - started
     return {"rows": rows, "batch_size": batch_size, "row_epochs_per_s": rows / seconds}
-
-
-# --------------------------------------------------------------------------- report
 
 
 def _mb(step: dict | None) -> str:

@@ -36,12 +36,11 @@ def _print(obj: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> DeploySettings:
-    return with_overrides(
-        DeploySettings(),
-        local_host=getattr(args, "host", None),
-        local_port=getattr(args, "port", None),
-        local_state_dir=getattr(args, "state_dir", None),
-    )
+    """The deploy settings with the command's overrides (options it lacks stay as set)."""
+    names = {"local_host": "host", "local_port": "port", "local_state_dir": "state_dir",
+             "namespace": "namespace", "deployment_name": "deployment",
+             "serving_image": "serving_image"}  # fmt: skip
+    return with_overrides(DeploySettings(), **{k: getattr(args, v, None) for k, v in names.items()})
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
@@ -108,15 +107,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _k8s_settings(args: argparse.Namespace) -> DeploySettings:
-    return with_overrides(
-        DeploySettings(),
-        namespace=getattr(args, "namespace", None),
-        deployment_name=getattr(args, "deployment", None),
-        serving_image=getattr(args, "serving_image", None),
-    )
-
-
 EXIT_OK, EXIT_VERDICT, EXIT_REFUSED, EXIT_FAULT = 0, 1, 2, 3
 
 
@@ -137,7 +127,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         log.error("bad rollout request: %s", exc)
         return EXIT_REFUSED
-    settings = with_overrides(_k8s_settings(args), target=args.target)
+    settings = with_overrides(_settings(args), target=args.target)
     uri = args.tracking_uri or tracking_uri()
     try:
         result = run_request(request, settings, RegistrySettings(), tracking_uri=uri)
@@ -167,7 +157,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     uri = args.tracking_uri or tracking_uri()
     try:
-        objects = render(_k8s_settings(args), args.model_uri, args.version, tracking_uri=uri,
+        objects = render(_settings(args), args.model_uri, args.version, tracking_uri=uri,
                          include_namespace=not args.no_namespace)  # fmt: skip
     except UnpinnedModelURI as exc:
         log.error("%s", exc)

@@ -60,9 +60,6 @@ class _Stuck(Exception):
         self.verdict = verdict
 
 
-# -- the API -----------------------------------------------------------------------------------
-
-
 class KubeApi:
     """The calls a rollout makes on one Deployment, as plain dicts (camelCase, as served).
 
@@ -165,9 +162,6 @@ class KubeApi:
     def pods(self, selector: str) -> list[dict[str, Any]]:
         return self._json("LIST pods", self.core.list_namespaced_pod, self.namespace,
                           label_selector=selector)["items"]  # fmt: skip
-
-
-# -- the target --------------------------------------------------------------------------------
 
 
 class KubernetesTarget:

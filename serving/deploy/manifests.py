@@ -116,6 +116,14 @@ def _meta(settings: DeploySettings, name: str, component: str, **extra: Any) -> 
     return {"name": name, "namespace": settings.namespace, "labels": labels, **extra}
 
 
+def _object(
+    settings: DeploySettings, api_version: str, kind: str, component="serving", name=None, **body
+) -> dict[str, Any]:
+    """``apiVersion``, ``kind``, the metadata (named like the Deployment by default), ``body``."""
+    meta = _meta(settings, name or settings.deployment_name, component)
+    return {"apiVersion": api_version, "kind": kind, "metadata": meta, **body}
+
+
 # -- the objects ---------------------------------------------------------------------------------
 
 
@@ -139,12 +147,7 @@ def namespace(settings: DeploySettings) -> dict[str, Any]:
 
 def server_service_account(settings: DeploySettings) -> dict[str, Any]:
     """The model server's identity: it never talks to the API server, so no token."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": _meta(settings, settings.deployment_name, "serving"),
-        "automountServiceAccountToken": False,
-    }
+    return _object(settings, "v1", "ServiceAccount", automountServiceAccountToken=False)
 
 
 def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
@@ -161,18 +164,15 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
     The token is not mounted by default: the rollout pod asks for it explicitly.
     """
     name = settings.service_account
+    rbac, ours = "rbac.authorization.k8s.io/v1", {"component": "rollout", "name": name}
     return [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": _meta(settings, name, "rollout"),
-            "automountServiceAccountToken": False,
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": _meta(settings, name, "rollout"),
-            "rules": [
+        _object(settings, "v1", "ServiceAccount", **ours, automountServiceAccountToken=False),
+        _object(
+            settings,
+            rbac,
+            "Role",
+            **ours,
+            rules=[
                 {
                     "apiGroups": ["apps"],
                     "resources": ["deployments"],
@@ -188,31 +188,23 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
                 {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
             ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": _meta(settings, name, "rollout"),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": settings.namespace}],
-        },
+        ),
+        _object(
+            settings,
+            rbac,
+            "RoleBinding",
+            **ours,
+            roleRef={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            subjects=[{"kind": "ServiceAccount", "name": name, "namespace": settings.namespace}],
+        ),
     ]
 
 
 def service(settings: DeploySettings) -> dict[str, Any]:
     """ClusterIP Service named like the Deployment: ``http://<name>.<namespace>.svc``."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(settings, settings.deployment_name, "serving"),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(settings),
-            "ports": [
-                {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}
-            ],
-        },
-    }
+    port = {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}
+    spec = {"type": "ClusterIP", "selector": selector_labels(settings), "ports": [port]}
+    return _object(settings, "v1", "Service", spec=spec)
 
 
 def deployment(
@@ -226,7 +218,12 @@ def deployment(
     _, version = parse_pinned_uri(model_uri, version)
     annotations = {MODEL_URI_ANNOTATION: model_uri, MODEL_VERSION_ANNOTATION: version}
     version_label = {VERSION_LABEL: label_value(version)}
-    probe_get = {"port": "http", "scheme": "HTTP"}
+
+    def probe(path: str, period: int, *, timeout: int, failures: int, **extra: int) -> dict:
+        get = {"path": path, "port": "http", "scheme": "HTTP"}
+        return {"httpGet": get, "periodSeconds": period, "timeoutSeconds": timeout, **extra,
+                "failureThreshold": failures}  # fmt: skip
+
     container = {
         "name": CONTAINER_NAME,
         "image": settings.serving_image,
@@ -257,26 +254,10 @@ def deployment(
         ],
         "ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
         # /ping is 503 until the model is loaded and a warm-up prediction succeeded.
-        "startupProbe": {
-            "httpGet": {"path": "/ping", **probe_get},
-            "periodSeconds": STARTUP_PERIOD_S,
-            "timeoutSeconds": 2,
-            "failureThreshold": STARTUP_FAILURES,
-        },
-        "readinessProbe": {
-            "httpGet": {"path": "/ping", **probe_get},
-            "periodSeconds": 5,
-            "timeoutSeconds": 2,
-            "successThreshold": 1,
-            "failureThreshold": 2,
-        },
+        "startupProbe": probe("/ping", STARTUP_PERIOD_S, timeout=2, failures=STARTUP_FAILURES),
+        "readinessProbe": probe("/ping", 5, timeout=2, successThreshold=1, failures=2),
         # Only after the startup probe succeeded: a wedged server is restarted after ~30 s.
-        "livenessProbe": {
-            "httpGet": {"path": "/health", **probe_get},
-            "periodSeconds": 10,
-            "timeoutSeconds": 3,
-            "failureThreshold": 3,
-        },
+        "livenessProbe": probe("/health", 10, timeout=3, failures=3),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_S}}},
         # Memory request == limit (~750 MiB RSS measured, TensorFlow spikes on big batches):
         # no eviction surprise. A CPU limit well above the request bounds a runaway pod
@@ -358,30 +339,17 @@ def deployment(
 
 
 def horizontal_pod_autoscaler(settings: DeploySettings) -> dict[str, Any]:
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": _meta(settings, settings.deployment_name, "serving"),
-        "spec": {
-            "scaleTargetRef": {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "name": settings.deployment_name,
-            },
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": settings.deployment_name}
+    cpu = {"type": "Utilization", "averageUtilization": HPA_CPU_UTILIZATION}
+    return _object(
+        settings,
+        "autoscaling/v2",
+        "HorizontalPodAutoscaler",
+        spec={
+            "scaleTargetRef": target,
             "minReplicas": settings.min_replicas,
             "maxReplicas": settings.max_replicas,
-            "metrics": [
-                {
-                    "type": "Resource",
-                    "resource": {
-                        "name": "cpu",
-                        "target": {
-                            "type": "Utilization",
-                            "averageUtilization": HPA_CPU_UTILIZATION,
-                        },
-                    },
-                }
-            ],
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": cpu}}],
             "behavior": {
                 # Scale down slowly (a model pod takes ~15 s to come back), up promptly.
                 "scaleDown": {
@@ -394,22 +362,18 @@ def horizontal_pod_autoscaler(settings: DeploySettings) -> dict[str, Any]:
                 },
             },
         },
-    }
+    )
 
 
 def pod_disruption_budget(settings: DeploySettings) -> dict[str, Any]:
     """At most one pod voluntarily down; never blocks a drain even at one replica."""
-    return {
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": _meta(settings, settings.deployment_name, "serving"),
-        "spec": {
-            "maxUnavailable": 1,
-            "selector": {"matchLabels": selector_labels(settings)},
-            # A crash-looping pod may be evicted even when the budget is spent.
-            "unhealthyPodEvictionPolicy": "AlwaysAllow",
-        },
+    spec = {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": selector_labels(settings)},
+        # A crash-looping pod may be evicted even when the budget is spent.
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
     }
+    return _object(settings, "policy/v1", "PodDisruptionBudget", spec=spec)
 
 
 def network_policy(settings: DeploySettings) -> dict[str, Any]:
@@ -421,18 +385,10 @@ def network_policy(settings: DeploySettings) -> dict[str, Any]:
     if names := list(settings.allowed_client_namespaces):
         named = {"key": "kubernetes.io/metadata.name", "operator": "In", "values": names}
         peers.append({"namespaceSelector": {"matchExpressions": [named]}})
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": _meta(settings, settings.deployment_name, "serving"),
-        "spec": {
-            "podSelector": {"matchLabels": selector_labels(settings)},
-            "policyTypes": ["Ingress"],
-            "ingress": [
-                {"from": peers, "ports": [{"protocol": "TCP", "port": CONTAINER_PORT}]},
-            ],
-        },
-    }
+    ingress = {"from": peers, "ports": [{"protocol": "TCP", "port": CONTAINER_PORT}]}
+    selector = {"matchLabels": selector_labels(settings)}
+    spec = {"podSelector": selector, "policyTypes": ["Ingress"], "ingress": [ingress]}
+    return _object(settings, "networking.k8s.io/v1", "NetworkPolicy", spec=spec)
 
 
 def render(

@@ -1,14 +1,11 @@
 """`python -m ml <step>`: the pipeline's steps as a CLI, for pods and for people.
 
-Each step reads the references it needs from JSON files (the previous steps' output; inline
-JSON works too, which is how the training pod gets its window) and prints its own result as
-JSON on stdout; logs go to stderr. `--output PATH` also writes the result to a file. A
-training run records its result in MLflow too, where the step after a training pod reads
-it (`ml.pipeline.trained_by`). Settings come from the same env vars as in Airflow (see
-README.md); the per-run knobs of a step are options derived from those settings
-(`ml.knobs`: type, choices and help from the field, bounds checked by the settings), e.g.
-`--window-days`, `--epochs`, `--max-rmse`, `--force-deploy`/`--no-force-deploy`. The MLflow
-endpoint comes from `MLFLOW_TRACKING_URI`.
+Each step reads the references it needs from JSON files (the previous steps' output, or inline
+JSON: how the training pod gets its window) and prints its result as JSON on stdout (`--output
+PATH`: to a file too); logs go to stderr. A training run records its result in MLflow too
+(`ml.pipeline.trained_by`). Settings come from the env vars, as in Airflow (README.md); a
+step's per-run knobs are options derived from them (`ml.knobs`), e.g. `--epochs`,
+`--force-deploy`/`--no-force-deploy`. MLflow is `MLFLOW_TRACKING_URI`.
 
     python -m ml window --end 2026-03-10 --output window.json
     python -m ml validate --window window.json

@@ -92,14 +92,12 @@ def validation_rank(hashes: np.ndarray, seed: int) -> np.ndarray:
 
 
 class RunningStats:
-    """Count, mean, population variance, min and max per column, merged batch by batch."""
+    """Count, mean and population variance per column, merged batch by batch."""
 
     def __init__(self, columns: int):
         self.n = 0
         self.mean = np.zeros(columns)
         self.m2 = np.zeros(columns)
-        self.min = np.full(columns, np.inf)
-        self.max = np.full(columns, -np.inf)
 
     def update(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype="float64")
@@ -113,8 +111,6 @@ class RunningStats:
         self.mean = self.mean + delta * (count / total)
         self.m2 = self.m2 + m2 + delta**2 * (self.n * count / total)
         self.n = total
-        self.min = np.minimum(self.min, values.min(axis=0))
-        self.max = np.maximum(self.max, values.max(axis=0))
 
     @property
     def variance(self) -> np.ndarray:

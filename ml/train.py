@@ -97,13 +97,13 @@ def train_model(
 
     feature_columns = list(feature_columns)
     columns = [*feature_columns, target_column]
+    if not feature_columns:
+        raise ValueError("feature_columns is empty")
     if isinstance(train_frame, pd.DataFrame):
         _check_training_frame(train_frame, feature_columns, target_column)
         source: Source = stream.FrameSource(train_frame, columns)
     else:
         source = train_frame
-        if not feature_columns:
-            raise ValueError("feature_columns is empty")
         if list(source.columns) != columns:
             raise ValueError(f"the source's columns {source.columns} are not {columns}")
 
@@ -257,8 +257,6 @@ def pinned_requirements() -> list[str]:
 
 
 def _check_training_frame(frame: pd.DataFrame, feature_columns: list[str], target_column: str):
-    if not feature_columns:
-        raise ValueError("feature_columns is empty")
     if target_column in feature_columns:
         raise ValueError(f"target column {target_column!r} is also listed as a feature")
     missing = [c for c in [*feature_columns, target_column] if c not in frame.columns]

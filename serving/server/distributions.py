@@ -212,19 +212,13 @@ class Distributions:
 
         families = []
         if kept:
-            self._feature_values = _Distribution(
-                FEATURE_VALUE,
-                "Values of the model's input features in answered requests, per feature.",
-                "feature",
-                [(f, bounds_of(f)) for f in kept],
-            )
+            doc = "Values of the model's input features in answered requests, per feature."
+            series = [(f, bounds_of(f)) for f in kept]
+            self._feature_values = _Distribution(FEATURE_VALUE, doc, "feature", series)
             families.append(self._feature_values)
-        self._prediction_values = _Distribution(
-            PREDICTION_VALUE,
-            "The model's predictions in answered requests.",
-            None,
-            [("", bounds_of(DRIFT_PROFILE_PREDICTION))],
-        )
+        doc = "The model's predictions in answered requests."
+        series = [("", bounds_of(DRIFT_PROFILE_PREDICTION))]
+        self._prediction_values = _Distribution(PREDICTION_VALUE, doc, None, series)
         families.append(self._prediction_values)
         self.families = families
         self.features = kept

@@ -176,10 +176,8 @@ def score_column(reference: ColumnProfile, values: pd.Series | None, name: str) 
     null_share = float(values.isna().mean()) if len(values) else 1.0
     numbers = _numeric(values)
     if numbers is None:
-        bad = _first_non_number(values)
-        return ColumnScore(
-            name, None, null_share, reference.null_share, f"value {bad!r} is not a number"
-        )
+        why = f"value {_first_non_number(values)!r} is not a number"
+        return ColumnScore(name, None, null_share, reference.null_share, why)
     if numbers.size == 0:
         return ColumnScore(name, None, null_share, reference.null_share, "every value is null")
     value = psi(reference.shares, _shares(numbers, reference.edges))

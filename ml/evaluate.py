@@ -104,11 +104,8 @@ def _cast_to_signature_doubles(model, features: pd.DataFrame) -> pd.DataFrame:
     schema = model.metadata.get_input_schema()
     if schema is None or schema.is_tensor_spec():
         return features
-    doubles = {
-        spec.name: "float64"
-        for spec in schema.inputs
-        if spec.type == DataType.double and spec.name in features.columns
-    }
+    doubles = [s.name for s in schema.inputs if s.type == DataType.double]
+    doubles = {name: "float64" for name in doubles if name in features.columns}
     return features.astype(doubles) if doubles else features
 
 

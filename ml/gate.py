@@ -79,12 +79,8 @@ class Decision:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Decision:
-        return cls(
-            passed=bool(data["passed"]),
-            forced=bool(data["forced"]),
-            checks=tuple(Check.from_dict(c) for c in data["checks"]),
-            has_champion=bool(data["has_champion"]),
-        )
+        checks = tuple(Check.from_dict(c) for c in data["checks"])
+        return cls(bool(data["passed"]), bool(data["forced"]), checks, bool(data["has_champion"]))
 
     def to_tags(self) -> dict[str, str]:
         """Model-version tags; MLflow tag values are strings, so booleans become 'true'/'false'."""

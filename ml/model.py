@@ -22,15 +22,10 @@ OUTPUT_NAME = "prediction"
 
 
 def build_model(
-    n_features: int,
-    hidden_units: Sequence[int],
-    learning_rate: float,
-    *,
-    feature_mean: Sequence[float] | np.ndarray,
-    feature_variance: Sequence[float] | np.ndarray,
-    target_mean: float,
-    target_std: float,
-) -> keras.Model:
+    n_features: int, hidden_units: Sequence[int], learning_rate: float, *,
+    feature_mean: Sequence[float] | np.ndarray, feature_variance: Sequence[float] | np.ndarray,
+    target_mean: float, target_std: float,
+) -> keras.Model:  # fmt: skip
     """Build and compile the regressor.
 
     Pure: the scaling statistics are passed in (computed by the caller on the training

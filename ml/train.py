@@ -308,15 +308,9 @@ def _fit(
         _limit_threads(settings.threads)
     # Scaling statistics from the training rows only (ml.stream), so validation stays unseen.
     features = len(source.columns) - 1
-    model = build_model(
-        features,
-        settings.hidden_units,
-        rate,
-        feature_mean=data.feature_mean,
-        feature_variance=data.feature_variance,
-        target_mean=data.target_mean,
-        target_std=data.target_std,
-    )
+    model = build_model(features, settings.hidden_units, rate, feature_mean=data.feature_mean,
+                        feature_variance=data.feature_variance, target_mean=data.target_mean,
+                        target_std=data.target_std)  # fmt: skip
     # Batches come shuffled and sized from the stream; a Python generator feeds tf.data (one
     # call per epoch) and prefetching overlaps reading the next batches with the step.
     batches = (
@@ -331,6 +325,8 @@ def _fit(
         .apply(tf.data.experimental.assert_cardinality(-(-data.train_rows // batch_size)))
         .prefetch(4)
     )
+    stop = keras.callbacks.EarlyStopping(monitor="val_rmse", mode="min", restore_best_weights=True,
+                                         patience=settings.early_stopping_patience)  # fmt: skip
     started = time.perf_counter()
     history = model.fit(
         batches,
@@ -339,15 +335,7 @@ def _fit(
         validation_batch_size=max(batch_size, 4096),
         epochs=settings.epochs,
         verbose=0,
-        callbacks=[
-            keras.callbacks.EarlyStopping(
-                monitor="val_rmse",
-                mode="min",
-                patience=settings.early_stopping_patience,
-                restore_best_weights=True,
-            ),
-            _mlflow_epoch_logger(),
-        ],
+        callbacks=[stop, _mlflow_epoch_logger()],
     )
     # model.fit alone (no imports, no model building): what the bare-loop ceiling compares to.
     return model, history.history, time.perf_counter() - started
@@ -392,13 +380,9 @@ def _log_pyfunc_model(model, features: pd.DataFrame, feature_columns: list[str])
         litert_dir = Path(tmp) / LITERT_ARTIFACT_KEY
         try:
             diff = write_litert_artifact(
-                model,
-                litert_dir,
-                feature_columns=feature_columns,
-                output_name=PREDICTION_COLUMN,
-                check_rows=features.to_numpy("float32"),
-                example_rows=example.to_numpy("float32"),
-            )
+                model, litert_dir, feature_columns=feature_columns, output_name=PREDICTION_COLUMN,
+                check_rows=features.to_numpy("float32"), example_rows=example.to_numpy("float32"),
+            )  # fmt: skip
         except SlimExportError as exc:
             log.warning("model logged without the LiteRT artifact (no slim serving): %s", exc)
             mlflow.set_tag(SLIM_ARTIFACT_TAG, f"skipped: {exc}"[:MAX_PARAM_VALUE_CHARS])

@@ -241,18 +241,16 @@ class KubernetesTarget:
     def _check_server(self) -> None:
         major, minor = self.api.server_version()
         if (major, minor) < MIN_KUBERNETES:
-            need = ".".join(map(str, MIN_KUBERNETES))
-            raise TargetRejected(
-                f"the cluster runs Kubernetes {major}.{minor}; the serving Deployment needs "
-                f"{need} or newer (lifecycle.preStop.sleep). Upgrade the cluster."
-            )
+            need = ".".join(map(str, MIN_KUBERNETES)) + " or newer (lifecycle.preStop.sleep)"
+            why = f"the serving Deployment needs {need}. Upgrade the cluster."
+            raise TargetRejected(f"the cluster runs Kubernetes {major}.{minor}; {why}")
 
     def _require(self) -> dict[str, Any]:
         dep = self.api.get()
         if dep is None:
+            first = "bootstrap the serving objects first (docs/operations.md, 'First install')"
             raise TargetRejected(
-                f"Deployment {self.api.namespace}/{self.api.name} does not exist: bootstrap the "
-                "serving objects first (docs/operations.md, 'First install')"
+                f"Deployment {self.api.namespace}/{self.api.name} does not exist: {first}"
             )
         return dep
 

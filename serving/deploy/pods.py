@@ -156,10 +156,8 @@ def training_pod_kwargs(
     )
     if training.pod_data_claim:
         if "://" in data.path or not data.path.startswith("/"):
-            raise ValueError(
-                f"pod_data_claim mounts a volume at PIPELINE_DATA_PATH, which must then be an "
-                f"absolute path, got {data.path!r}"
-            )
+            why = f"which must then be an absolute path, got {data.path!r}"
+            raise ValueError(f"pod_data_claim mounts a volume at PIPELINE_DATA_PATH, {why}")
         claim = k8s.V1PersistentVolumeClaimVolumeSource(
             claim_name=training.pod_data_claim, read_only=True
         )

@@ -130,10 +130,8 @@ def check_answer(
     """The max abs difference of an ``/invocations`` answer to ``rows``' expected predictions;
     raises :class:`VerificationFailed` with the status code, or the first mismatching row."""
     if resp.status_code != 200:
-        raise VerificationFailed(
-            f"POST {resp.request.url} with {len(rows.data)} rows ({rows.source}) returned "
-            f"{resp.status_code}: {_excerpt(resp.text)}"
-        )
+        sent = f"POST {resp.request.url} with {len(rows.data)} rows ({rows.source})"
+        raise VerificationFailed(f"{sent} returned {resp.status_code}: {_excerpt(resp.text)}")
     try:
         body = resp.json()
         remote = as_array(body["predictions"] if isinstance(body, dict) else body)

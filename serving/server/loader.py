@@ -138,14 +138,8 @@ def resolve_identity(uri: str) -> ModelIdentity:
             return ModelIdentity(uri, run_id=run_id, model_id=model_id, download_uri=uri)
         name, version = resolved
         mv = client.get_model_version(name, version)
-        return ModelIdentity(
-            uri=uri,
-            name=name,
-            version=str(version),
-            run_id=mv.run_id,
-            model_id=getattr(mv, "model_id", None),
-            download_uri=f"models:/{name}/{version}",
-        )
+        return ModelIdentity(uri, name, str(version), mv.run_id, getattr(mv, "model_id", None),
+                             download_uri=f"models:/{name}/{version}")  # fmt: skip
     if uri.startswith("runs:/"):
         run_id = uri[len("runs:/") :].split("/", 1)[0] or None
         return ModelIdentity(uri=uri, run_id=run_id, download_uri=uri)

@@ -158,12 +158,11 @@ def reference_invocations(
     from mlflow.pyfunc import scoring_server as ss
     from mlflow.utils.proto_json_utils import MlflowInvalidInputException
 
+    supported = (
+        f"This predictor only supports the following content types: Types: {ss.CONTENT_TYPES}."
+    )
     if content_type is None:
-        return text_reply(
-            415,
-            "This predictor only supports the following content types: "
-            f"Types: {ss.CONTENT_TYPES}. Got no Content-Type header.",
-        )
+        return text_reply(415, f"{supported} Got no Content-Type header.")
     type_parts = [part.strip() for part in content_type.split(";")]
     mime_type = type_parts[0]
     parameters = {k: v for pair in type_parts[1:] for k, _, v in [pair.partition("=")]}
@@ -206,11 +205,7 @@ def reference_invocations(
             data = ss.parse_parquet_input(parquet_input=io.BytesIO(body))
             params = None
         else:
-            return text_reply(
-                415,
-                "This predictor only supports the following content types:"
-                f" Types: {ss.CONTENT_TYPES}. Got '{content_type}'.",
-            )
+            return text_reply(415, f"{supported} Got '{content_type}'.")
         check_frame = inputs is not None and mime_type != CONTENT_TYPE_JSON
         if check_frame and (problem := inputs.frame_problem(data)):
             return strict_reply(problem)

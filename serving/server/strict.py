@@ -145,17 +145,13 @@ class StrictInputs:
         if len(unknown) > _MAX_NAMED:
             listed += f" and {len(unknown) - _MAX_NAMED} more"
         which = f"columns {listed} are" if len(unknown) > 1 else f"column {listed} is"
-        return (
-            f"Invalid input (strict mode): {which} not in the model's input schema "
-            f"({self._expected}). Send only the schema's columns."
-        )
+        return (f"Invalid input (strict mode): {which} not in the model's input schema "
+                f"({self._expected}). Send only the schema's columns.")  # fmt: skip
 
     @staticmethod
     def _not_a_number(column: str, got: str) -> str:
-        return (
-            f"Invalid input (strict mode): column {_label(column)} takes numbers, got {got}. "
-            "Booleans and strings are not converted to numbers."
-        )
+        return (f"Invalid input (strict mode): column {_label(column)} takes numbers, got {got}. "
+                "Booleans and strings are not converted to numbers.")  # fmt: skip
 
 
 def strict_reply(problem: str) -> Reply:

@@ -45,14 +45,11 @@ def warm_up(model: LoadedModel, *, pyfunc_batching: bool) -> tuple | None:
         model.batching_note = "no input example to check it on"
         log_serving_path(model)
         return None
-    reference = reference_invocations(
-        model, example.encode(), CONTENT_TYPE_JSON, finite=model.fast is not None
-    )
+    finite = model.fast is not None
+    reference = reference_invocations(model, example.encode(), CONTENT_TYPE_JSON, finite=finite)
     if reference.status != 200:
-        raise RuntimeError(
-            f"the warm-up prediction on the model's input example failed "
-            f"({reference.status}): {reference.body[:500]!r}"
-        )
+        why = f"({reference.status}): {reference.body[:500]!r}"
+        raise RuntimeError(f"the warm-up prediction on the model's input example failed {why}")
     if model.fast is not None:
         if problem := fast_path_problem(model.fast, example, reference.body):
             model.fast = None
@@ -69,9 +66,8 @@ def warm_up(model: LoadedModel, *, pyfunc_batching: bool) -> tuple | None:
         model.batched_pyfunc = batch_key is not None
         if model.batched_pyfunc:
             where = "on the event loop" if predicts_inline(model) else "in the model thread"
-            model.batching_note += (
-                f", {where} (predict on the example: {model.predict_seconds * 1000:.1f} ms)"
-            )
+            ms = model.predict_seconds * 1000
+            model.batching_note += f", {where} (predict on the example: {ms:.1f} ms)"
     log_serving_path(model)
     return batch_key
 

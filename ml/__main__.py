@@ -59,16 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     def step(name: str, help_: str, *refs: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         for ref in refs:
-            p.add_argument(
-                f"--{ref}", required=True, help=f"JSON file (or inline JSON) from the {ref} step"
-            )
+            what = f"JSON file (or inline JSON) from the {ref} step"
+            p.add_argument(f"--{ref}", required=True, help=what)
         p.add_argument("--output", help="also write the JSON result to this file")
         return p
 
     window = step("window", "list (and for the built-in source, write) the window's partitions")
-    window.add_argument(
-        "--end", type=date.fromisoformat, required=True, help="window end, exclusive (YYYY-MM-DD)"
-    )
+    end = "window end, exclusive (YYYY-MM-DD)"
+    window.add_argument("--end", type=date.fromisoformat, required=True, help=end)
     add_cli_options(window, DataSettings, *WINDOW_KNOBS)
     step("validate", "validate every partition of the window", "window")
     train = step("train", "train and log to MLflow", "window")

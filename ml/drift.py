@@ -64,9 +64,7 @@ def _numeric(values: pd.Series) -> np.ndarray | None:
     if pd.api.types.is_numeric_dtype(present.dtype):
         return present.to_numpy(dtype="float64")
     converted = pd.to_numeric(present, errors="coerce")
-    if converted.isna().any():
-        return None
-    return converted.to_numpy(dtype="float64")
+    return None if converted.isna().any() else converted.to_numpy(dtype="float64")
 
 
 # What monitor_drift scores a window on: a uniform sample of at most this many rows (the size
@@ -114,20 +112,15 @@ def profile_column(values: pd.Series, bins: int = 10) -> ColumnProfile:
         raise ValueError(f"column {values.name!r} has no values to profile")
     quantiles = np.quantile(numbers, np.linspace(0, 1, bins + 1)[1:-1])
     edges = sorted({float(q) for q in quantiles})
+    p01, p50, p99 = np.quantile(numbers, [0.01, 0.5, 0.99])
+    summary = dict(min=numbers.min(), p01=p01, p50=p50, p99=p99, max=numbers.max(),
+                   mean=numbers.mean(), std=numbers.std())  # fmt: skip
     return ColumnProfile(
         edges=edges,
         shares=_shares(numbers, edges).tolist(),
         null_share=1.0 - numbers.size / max(len(values), 1),
         rows=len(values),
-        summary={
-            "min": float(numbers.min()),
-            "p01": float(np.quantile(numbers, 0.01)),
-            "p50": float(np.quantile(numbers, 0.5)),
-            "p99": float(np.quantile(numbers, 0.99)),
-            "max": float(numbers.max()),
-            "mean": float(numbers.mean()),
-            "std": float(numbers.std()),
-        },
+        summary={key: float(value) for key, value in summary.items()},
     )
 
 

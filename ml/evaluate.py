@@ -196,11 +196,9 @@ def log_evaluation(
     client.log_batch(
         run_id, [Metric(key, value, now, 0) for key, value in values.items()], [], tags
     )
-    shown = slice(0, PLOT_ROWS)
-    client.log_figure(
-        run_id, _predictions_vs_truth_figure(truth[shown], predictions[shown]), PREDICTIONS_PLOT
-    )
-    client.log_figure(run_id, _residuals_figure(truth[shown], predictions[shown]), RESIDUALS_PLOT)
+    shown = truth[:PLOT_ROWS], predictions[:PLOT_ROWS]
+    client.log_figure(run_id, _predictions_vs_truth_figure(*shown), PREDICTIONS_PLOT)
+    client.log_figure(run_id, _residuals_figure(*shown), RESIDUALS_PLOT)
     if feature_columns:
         rows = verification_rows(holdout, feature_columns, predictions)
         client.log_dict(run_id, rows, VERIFICATION_ROWS_ARTIFACT)

@@ -62,12 +62,9 @@ def add_cli_options(parser: argparse.ArgumentParser, cls: type[BaseSettings], *f
         kind = schema["type"][-1] if isinstance(schema["type"], list) else schema["type"]
         builtin = cls.model_fields[field].get_default(call_default_factory=True)
         text = schema.get("description") or schema.get("title", field)
-        kwargs: dict[str, Any] = {
-            "dest": field,
-            "default": None,
-            # argparse formats help with %: a literal one is doubled.
-            "help": f"{text} [{prefix}{field.upper()}, built in: {builtin}]".replace("%", "%%"),
-        }
+        # argparse formats help with %: a literal one is doubled.
+        what = f"{text} [{prefix}{field.upper()}, built in: {builtin}]".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": field, "default": None, "help": what}
         if kind == "boolean":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "enum" in schema:

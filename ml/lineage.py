@@ -140,8 +140,5 @@ def decide_unchanged(
         why = None
     if why:
         return UnchangedDecision(False, f"changed: {why}", champion_version)
-    return UnchangedDecision(
-        True,
-        f"unchanged: {who} was trained on the same data digest, code version and parameters",
-        champion_version,
-    )
+    same = "the same data digest, code version and parameters"
+    return UnchangedDecision(True, f"unchanged: {who} was trained on {same}", champion_version)

@@ -43,10 +43,8 @@ def build_model(
     if not (learning_rate > 0 and math.isfinite(learning_rate)):
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
     if mean.shape != (n_features,) or variance.shape != (n_features,):
-        raise ValueError(
-            f"feature_mean and feature_variance need {n_features} values each, "
-            f"got {mean.size} and {variance.size}"
-        )
+        got = f"got {mean.size} and {variance.size}"
+        raise ValueError(f"feature_mean and feature_variance need {n_features} values each, {got}")
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(variance))):
         raise ValueError("feature_mean and feature_variance must be finite")
     if np.any(variance < 0):

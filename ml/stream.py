@@ -335,7 +335,7 @@ def prepare_training(
     features = len(source.columns) - 1
     stats = RunningStats(len(source.columns))
     validation = BottomK(max_validation_rows)
-    total, position, bad = 0, 0, set()
+    total, bad = 0, set()
     for values, hashes in source.batches():
         finite = np.isfinite(values)
         if not finite.all():
@@ -343,12 +343,11 @@ def prepare_training(
             continue
         rank = validation_rank(hashes, seed)
         candidate = rank < validation_fraction
-        positions = np.arange(position, position + len(values))
+        positions = np.arange(total, total + len(values))
         validation.add(rank[candidate], values[candidate], positions[candidate])
         # Statistics from rows certain to train (a capped validation set trains the rest).
         stats.update(values[~candidate])
         total += len(values)
-        position += len(values)
     if bad:
         raise ValueError(f"columns contain missing values: {sorted(bad)}")
     rows, threshold = validation.result()
@@ -356,9 +355,9 @@ def prepare_training(
     rows = rows.reshape(-1, len(source.columns))
     train_rows = total - len(rows)
     if len(rows) == 0 or train_rows == 0 or stats.n == 0:
+        split = f"{total} rows give {train_rows} training and {len(rows)} validation rows"
         raise ValueError(
-            f"{total} rows give {train_rows} training and {len(rows)} validation rows: "
-            "both need at least one (more rows, or another validation_fraction)"
+            f"{split}: both need at least one (more rows, or another validation_fraction)"
         )
     target_std = float(stats.std[-1])
     return TrainingData(

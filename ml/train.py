@@ -11,6 +11,7 @@ The tracking URI is the caller's business (``MLFLOW_TRACKING_URI`` or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -249,10 +250,8 @@ def pinned_requirements() -> list[str]:
     """``name==version`` for the serving packages installed here (missing ones skipped)."""
     pins = []
     for package in SERVING_PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             pins.append(f"{package}=={metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            continue
     return pins
 
 

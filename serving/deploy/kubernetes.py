@@ -277,10 +277,8 @@ class KubernetesTarget:
         except ApiException as exc:
             if field := unknown_field(exc):
                 need = "1.30" if field.endswith("sleep") else "a newer release"
-                raise TargetRejected(
-                    f"the API server rejects the Deployment's field {field} (Kubernetes {need} "
-                    f"has it): {api_error(exc)}"
-                ) from exc
+                why = f"field {field} (Kubernetes {need} has it): {api_error(exc)}"
+                raise TargetRejected(f"the API server rejects the Deployment's {why}") from exc
             if exc.status in (400, 403, 409, 422):
                 raise TargetRejected(f"the apply was refused: {api_error(exc)}") from exc
             raise

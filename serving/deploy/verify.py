@@ -145,9 +145,9 @@ def compare(remote: np.ndarray, expected: np.ndarray, *, what: str, atol=ATOL, r
     """Max abs difference; raises :class:`VerificationFailed` at the first row off by more
     than ``atol + rtol * |expected|``."""
     if remote.shape != expected.shape:
+        answered = f"predictions of shape {remote.shape} for {expected.shape[0]} rows"
         raise VerificationFailed(
-            f"the endpoint answered predictions of shape {remote.shape} for "
-            f"{expected.shape[0]} rows; {what} gives shape {expected.shape}"
+            f"the endpoint answered {answered}; {what} gives shape {expected.shape}"
         )
     diff = np.abs(remote - expected)
     # NaN on exactly one side is a mismatch; NaN on both sides agrees.

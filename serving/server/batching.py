@@ -139,8 +139,7 @@ class MicroBatcher:
             taken, self._pending = pending, []
             self._pending_rows = 0
         else:
-            rows = 0
-            end = 0
+            rows = end = 0
             for x, _ in pending:
                 if end and rows + len(x) > limit:
                     break

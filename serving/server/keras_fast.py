@@ -59,10 +59,8 @@ class KerasFastPath:
         except (AttributeError, ValueError) as exc:
             raise ValueError(f"the network has no single fixed input/output: {exc}") from exc
         if len(input_shape) != 2 or input_shape[1] != len(feature_columns):
-            raise ValueError(
-                f"the network takes input shape {input_shape}, "
-                f"but the model has {len(feature_columns)} feature columns"
-            )
+            has = f"the model has {len(feature_columns)} feature columns"
+            raise ValueError(f"the network takes input shape {input_shape}, but {has}")
         if output_shape not in ((None, 1), (None,)):
             raise ValueError(f"the network's output shape {output_shape} is not one value")
         n_features = len(feature_columns)

@@ -53,9 +53,7 @@ def _numeric_matrix(rows: Any) -> np.ndarray | None:
         arr = np.asarray(rows)
     except (ValueError, TypeError, OverflowError):
         return None
-    if arr.dtype.kind not in "biuf" or arr.ndim != 2:
-        return None
-    return arr
+    return arr if arr.dtype.kind in "biuf" and arr.ndim == 2 else None
 
 
 def _records_matrix(records: Any, features: tuple[str, ...], exact: bool) -> np.ndarray | None:
@@ -87,9 +85,7 @@ def _column_order(columns: tuple, features: tuple[str, ...]) -> tuple[int, ...] 
         order = tuple(columns.index(f) for f in features)
     except ValueError:
         return _NO_ORDER
-    if columns == features:
-        return _IDENTITY
-    return order
+    return _IDENTITY if columns == features else order
 
 
 def split_matrix(split: Any, features: tuple[str, ...]) -> np.ndarray | None:
@@ -108,9 +104,7 @@ def split_matrix(split: Any, features: tuple[str, ...]) -> np.ndarray | None:
     arr = _numeric_matrix(data)
     if arr is None or arr.shape[1] != len(columns):
         return None
-    if order is not None:
-        arr = arr[:, order]
-    return arr
+    return arr if order is None else arr[:, order]
 
 
 def _columns_matrix(
@@ -147,9 +141,7 @@ def _split_data(split: Any, columns: tuple[str, ...], max_rows: int) -> list | N
     names, data = split.get("columns"), split.get("data")
     if type(names) is not list or type(data) is not list or not 0 < len(data) <= max_rows:
         return None
-    if tuple(names) != columns:
-        return None
-    return data
+    return data if tuple(names) == columns else None
 
 
 def _plain_rows(data: list, n: int) -> list[list[float]] | None:

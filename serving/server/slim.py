@@ -166,8 +166,7 @@ def load_slim(local_path: str, meta, *, threads: int = 1) -> SlimModel:
         pyfunc = PyFuncModel(model_meta=meta, model_impl=SlimPyfuncImpl(path))
     except Exception as exc:
         raise SlimUnavailable(f"MLflow cannot wrap the LiteRT model as a pyfunc: {exc}") from exc
-    note = (
-        f"litert runtime, no TensorFlow ({len(expected)} check rows within "
-        f"{SLIM_ATOL:g} + {SLIM_RTOL:g} x |keras|, max diff {float(diff.max()):.2g})"
+    within = f"{len(expected)} check rows within {SLIM_ATOL:g} + {SLIM_RTOL:g} x |keras|"
+    return SlimModel(
+        path, pyfunc, f"litert runtime, no TensorFlow ({within}, max diff {float(diff.max()):.2g})"
     )
-    return SlimModel(path, pyfunc, note)

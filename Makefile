@@ -116,9 +116,8 @@ bench-train: $(STAMP)
 bench-dag-parse: $(STAMP)
 	$(PY) scripts/bench_dag_parse.py
 
-## bench-slim: LiteRT vs ONNX Runtime for the Keras model, then the slim image's targets (podman)
+## bench-slim: the slim serving image's targets (podman)
 bench-slim: $(STAMP)
-	$(PY) scripts/bench_slim_runtime.py
 	$(PY) scripts/bench_slim_image.py
 
 ## lock: re-pin constraints.txt from the current (tested) venv, and requirements.txt from it

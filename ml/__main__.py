@@ -1,14 +1,11 @@
 """`python -m ml <step>`: the pipeline's steps as a CLI, for pods and for people.
 
-Each step reads the references it needs from JSON files (the previous steps' output; inline
-JSON works too, which is how the training pod gets its window) and prints its own result as
-JSON on stdout; logs go to stderr. `--output PATH` also writes the result to a file. A
-training run records its result in MLflow too, where the step after a training pod reads
-it (`ml.pipeline.trained_by`). Settings come from the same env vars as in Airflow (see
-README.md); the per-run knobs of a step are options derived from those settings
-(`ml.knobs`: type, choices and help from the field, bounds checked by the settings), e.g.
-`--window-days`, `--epochs`, `--max-rmse`, `--force-deploy`/`--no-force-deploy`. The MLflow
-endpoint comes from `MLFLOW_TRACKING_URI`.
+Each step reads the references it needs from JSON files (the previous steps' output, or inline
+JSON: how the training pod gets its window) and prints its result as JSON on stdout (`--output
+PATH`: to a file too); logs go to stderr. A training run records its result in MLflow too
+(`ml.pipeline.trained_by`). Settings come from the env vars, as in Airflow (README.md); a
+step's per-run knobs are options derived from them (`ml.knobs`), e.g. `--epochs`,
+`--force-deploy`/`--no-force-deploy`. MLflow is `MLFLOW_TRACKING_URI`.
 
     python -m ml window --end 2026-03-10 --output window.json
     python -m ml validate --window window.json
@@ -33,13 +30,7 @@ from typing import Any
 
 from ml import pipeline
 from ml.knobs import add_cli_options, cli_overrides
-from ml.settings import (
-    DataSettings,
-    GateSettings,
-    RegistrySettings,
-    TrainingSettings,
-    tracking_uri,
-)
+from ml.settings import DataSettings, GateSettings, RegistrySettings, TrainingSettings, tracking_uri
 
 EXIT_BAD_INPUT = 2
 EXIT_REJECTED = 3
@@ -68,16 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     def step(name: str, help_: str, *refs: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         for ref in refs:
-            p.add_argument(
-                f"--{ref}", required=True, help=f"JSON file (or inline JSON) from the {ref} step"
-            )
+            what = f"JSON file (or inline JSON) from the {ref} step"
+            p.add_argument(f"--{ref}", required=True, help=what)
         p.add_argument("--output", help="also write the JSON result to this file")
         return p
 
     window = step("window", "list (and for the built-in source, write) the window's partitions")
-    window.add_argument(
-        "--end", type=date.fromisoformat, required=True, help="window end, exclusive (YYYY-MM-DD)"
-    )
+    end = "window end, exclusive (YYYY-MM-DD)"
+    window.add_argument("--end", type=date.fromisoformat, required=True, help=end)
     add_cli_options(window, DataSettings, *WINDOW_KNOBS)
     step("validate", "validate every partition of the window", "window")
     train = step("train", "train and log to MLflow", "window")
@@ -100,24 +89,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if args.step == "train":
         training = cli_overrides(TrainingSettings(), args, *TRAIN_KNOBS)
         tags = dict(t.split("=", 1) for t in args.tag)
-        result = pipeline.train(
-            _read(args.window), data, training, registry, tracking_uri=uri, tags=tags
-        )
-        return result, 0
+        window = _read(args.window)
+        return pipeline.train(window, data, training, registry, tracking_uri=uri, tags=tags), 0
     if args.step == "evaluate":
-        result = pipeline.evaluate(
-            _read(args.window), _read(args.trained), data, registry, tracking_uri=uri
-        )
-        return result, 0
+        window, trained = _read(args.window), _read(args.trained)
+        return pipeline.evaluate(window, trained, data, registry, tracking_uri=uri), 0
     if args.step == "register":
-        result = pipeline.register(
-            _read(args.window),
-            _read(args.trained),
-            _read(args.evaluation),
-            registry,
-            tracking_uri=uri,
-        )
-        return result, 0
+        refs = _read(args.window), _read(args.trained), _read(args.evaluation)
+        return pipeline.register(*refs, registry, tracking_uri=uri), 0
     if args.step == "gate":
         gate = cli_overrides(GateSettings(), args, *GATE_KNOBS)
         decision = pipeline.gate(

@@ -1,27 +1,20 @@
 """Data drift: a profile of the data a model was trained on, and a per-column score against it.
 
-Pure functions, no MLflow and no I/O: ``ml.pipeline`` logs the profile with the training run and
-scores the newest data against the champion's profile.
-
-- :func:`profile_frame` keeps, per numeric column, the bin edges of its quantiles (deciles by
-  default) and the share of rows in each bin (bin ``i`` is ``(edges[i-1], edges[i]]``, as a
-  Prometheus histogram's buckets), the share of nulls and a few summary numbers.
-  Discrete columns (hour of day, weekend flag) collapse to fewer, unique edges.
-- :func:`score_frame` computes the population stability index (PSI) of each profiled column
-  on new rows: ``sum((actual - expected) * ln(actual / expected))`` over the profile's bins,
-  with empty bins floored at ``EPSILON``. 0 means the same distribution; by the usual reading
-  below 0.1 is stable, 0.1 to 0.25 moderate, above 0.25 a real shift.
-- A column that is missing, all null, or holds values that are not numbers is not scored (no
-  number would mean anything); it is reported as an issue and counts as drifted, never crashes.
-- :func:`decide` turns the scores into a verdict with reasons, given ``DriftSettings``: which
-  columns drifted, and whether any of them is of a kind that starts a retrain (``trigger_on``).
+Pure functions, no MLflow and no I/O (``ml.pipeline`` logs and reads the profiles).
+:func:`profile_frame` keeps, per numeric column, its quantile bin edges (deciles; discrete
+columns collapse to fewer), the share of rows per bin, of nulls and a summary;
+:func:`score_frame` gives each column's population stability index over those bins
+(``sum((actual - expected) * ln(actual / expected))``, empty bins floored at ``EPSILON``;
+by the usual reading below 0.1 is stable, above 0.25 a real shift). A column missing, all
+null or not numeric is an issue that counts as drifted, never a crash. :func:`decide` says
+which columns drifted and whether one of a ``trigger_on`` kind calls for a retrain.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,13 +43,7 @@ class ColumnProfile:
     summary: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "edges": self.edges,
-            "shares": self.shares,
-            "null_share": self.null_share,
-            "rows": self.rows,
-            "summary": self.summary,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ColumnProfile:
@@ -77,9 +64,7 @@ def _numeric(values: pd.Series) -> np.ndarray | None:
     if pd.api.types.is_numeric_dtype(present.dtype):
         return present.to_numpy(dtype="float64")
     converted = pd.to_numeric(present, errors="coerce")
-    if converted.isna().any():
-        return None
-    return converted.to_numpy(dtype="float64")
+    return None if converted.isna().any() else converted.to_numpy(dtype="float64")
 
 
 # What monitor_drift scores a window on: a uniform sample of at most this many rows (the size
@@ -127,20 +112,15 @@ def profile_column(values: pd.Series, bins: int = 10) -> ColumnProfile:
         raise ValueError(f"column {values.name!r} has no values to profile")
     quantiles = np.quantile(numbers, np.linspace(0, 1, bins + 1)[1:-1])
     edges = sorted({float(q) for q in quantiles})
+    p01, p50, p99 = np.quantile(numbers, [0.01, 0.5, 0.99])
+    summary = dict(min=numbers.min(), p01=p01, p50=p50, p99=p99, max=numbers.max(),
+                   mean=numbers.mean(), std=numbers.std())  # fmt: skip
     return ColumnProfile(
         edges=edges,
         shares=_shares(numbers, edges).tolist(),
         null_share=1.0 - numbers.size / max(len(values), 1),
         rows=len(values),
-        summary={
-            "min": float(numbers.min()),
-            "p01": float(np.quantile(numbers, 0.01)),
-            "p50": float(np.quantile(numbers, 0.5)),
-            "p99": float(np.quantile(numbers, 0.99)),
-            "max": float(numbers.max()),
-            "mean": float(numbers.mean()),
-            "std": float(numbers.std()),
-        },
+        summary={key: float(value) for key, value in summary.items()},
     )
 
 
@@ -180,13 +160,7 @@ class ColumnScore:
     issue: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "column": self.column,
-            "psi": self.psi,
-            "null_share": self.null_share,
-            "reference_null_share": self.reference_null_share,
-            "issue": self.issue,
-        }
+        return asdict(self)
 
 
 def score_column(reference: ColumnProfile, values: pd.Series | None, name: str) -> ColumnScore:
@@ -195,10 +169,8 @@ def score_column(reference: ColumnProfile, values: pd.Series | None, name: str) 
     null_share = float(values.isna().mean()) if len(values) else 1.0
     numbers = _numeric(values)
     if numbers is None:
-        bad = _first_non_number(values)
-        return ColumnScore(
-            name, None, null_share, reference.null_share, f"value {bad!r} is not a number"
-        )
+        why = f"value {_first_non_number(values)!r} is not a number"
+        return ColumnScore(name, None, null_share, reference.null_share, why)
     if numbers.size == 0:
         return ColumnScore(name, None, null_share, reference.null_share, "every value is null")
     value = psi(reference.shares, _shares(numbers, reference.edges))
@@ -280,11 +252,8 @@ class DriftVerdict:
     def summary(self) -> str:
         if not self.drifted:
             return "no drift"
-        verdict = (
-            "retrain"
-            if self.retrain
-            else f"reported only (retrains on {', '.join(self.trigger_on)})"
-        )
+        on = ", ".join(self.trigger_on)
+        verdict = "retrain" if self.retrain else f"reported only (retrains on {on})"
         return f"{verdict}: " + "; ".join(self.reasons)
 
 
@@ -325,6 +294,5 @@ def psi_figure(scores: Mapping[str, ColumnScore], settings: DriftSettings):
         elif scores[name].psi is not None and scores[name].psi > limit:
             bars[i].set_color("tab:red")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel("PSI")
-    ax.set_title("Drift against @champion's training data (line: threshold)")
+    ax.set(ylabel="PSI", title="Drift against @champion's training data (line: threshold)")
     return figure

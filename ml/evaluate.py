@@ -25,7 +25,6 @@ RESIDUALS_PLOT = "plots/residuals.png"
 VERIFICATION_ROWS_ARTIFACT = "verification/rows.json"
 # The training data's profile (ml.drift), which monitor_drift scores newer partitions against.
 DRIFT_PROFILE_ARTIFACT = "drift/profile.json"
-VERIFICATION_ROWS = 64
 # A streamed evaluation keeps this many holdout rows (a uniform sample, by the holdout hash) for
 # the drift profile, the plots and the verification rows; smaller holdouts are kept whole.
 SAMPLE_ROWS = 100_000
@@ -35,32 +34,13 @@ PLOT_ROWS = 10_000
 
 def regression_metrics(y_true, y_pred) -> dict[str, float]:
     """RMSE, MAE and R² of ``y_pred`` against ``y_true`` (1-D, same length, finite)."""
-    truth = np.asarray(y_true, dtype="float64")
-    pred = np.asarray(y_pred, dtype="float64")
-    if truth.ndim != 1 or pred.ndim != 1:
-        raise ValueError(f"expected 1-D arrays, got shapes {truth.shape} and {pred.shape}")
-    if truth.shape != pred.shape:
-        raise ValueError(f"shape mismatch: y_true {truth.shape} vs y_pred {pred.shape}")
-    if truth.size == 0:
-        raise ValueError("cannot compute metrics on zero rows")
-    if not (np.all(np.isfinite(truth)) and np.all(np.isfinite(pred))):
-        raise ValueError("y_true and y_pred must be finite")
-
-    residuals = truth - pred
-    ss_res = float(np.sum(residuals**2))
-    ss_tot = float(np.sum((truth - truth.mean()) ** 2))
-    # A constant target has no variance to explain: follow scikit-learn (perfect -> 1, else 0)
-    # rather than return NaN/-inf, which would poison gate comparisons.
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
-    return {
-        "rmse": float(np.sqrt(np.mean(residuals**2))),
-        "mae": float(np.mean(np.abs(residuals))),
-        "r2": float(r2),
-    }
+    accumulator = MetricsAccumulator()
+    accumulator.update(y_true, y_pred)
+    return accumulator.result()
 
 
 class MetricsAccumulator:
-    """:func:`regression_metrics` over a stream of (truth, prediction) batches."""
+    """RMSE, MAE and R² over a stream of (truth, prediction) batches."""
 
     def __init__(self) -> None:
         self.squared = 0.0
@@ -85,6 +65,8 @@ class MetricsAccumulator:
             raise ValueError("cannot compute metrics on zero rows")
         ss_tot = float(self.truth.m2[0])
         ss_res = self.squared
+        # A constant target has no variance to explain: follow scikit-learn (perfect -> 1, else
+        # 0) rather than return NaN/-inf, which would poison gate comparisons.
         r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
         return {"rmse": float(np.sqrt(ss_res / n)), "mae": self.absolute / n, "r2": float(r2)}
 
@@ -122,11 +104,8 @@ def _cast_to_signature_doubles(model, features: pd.DataFrame) -> pd.DataFrame:
     schema = model.metadata.get_input_schema()
     if schema is None or schema.is_tensor_spec():
         return features
-    doubles = {
-        spec.name: "float64"
-        for spec in schema.inputs
-        if spec.type == DataType.double and spec.name in features.columns
-    }
+    doubles = [s.name for s in schema.inputs if s.type == DataType.double]
+    doubles = {name: "float64" for name in doubles if name in features.columns}
     return features.astype(doubles) if doubles else features
 
 
@@ -142,14 +121,9 @@ class StreamedEvaluation:
 
 
 def evaluate_stream(
-    model_uris: Mapping[str, str],
-    source: Source,
-    feature_columns: list[str],
-    target_column: str,
-    *,
-    seed: int,
-    sample_rows: int = SAMPLE_ROWS,
-) -> StreamedEvaluation:
+    model_uris: Mapping[str, str], source: Source, feature_columns: list[str],
+    target_column: str, *, seed: int, sample_rows: int = SAMPLE_ROWS,
+) -> StreamedEvaluation:  # fmt: skip
     """Score every model of ``model_uris`` on the rows of ``source`` in one pass, a record
     batch at a time (each model loaded once); keep at most ``sample_rows`` rows, those with
     the smallest holdout hash (``ml.stream.holdout_rank`` with ``seed``): all of them when
@@ -188,28 +162,12 @@ def evaluate_stream(
     )
 
 
-def evaluate_on_holdout(
-    model_uri: str, holdout: pd.DataFrame, feature_columns: list[str], target_column: str
-) -> dict[str, float]:
-    """``regression_metrics`` of the model at ``model_uri`` on ``holdout``."""
-    if target_column not in holdout.columns:
-        raise ValueError(f"holdout is missing target column {target_column!r}")
-    predictions = predict(model_uri, holdout, feature_columns)
-    return regression_metrics(holdout[target_column].to_numpy(), predictions)
-
-
 def log_evaluation(
-    run_id: str,
-    holdout: pd.DataFrame,
-    target_column: str,
-    predictions: np.ndarray,
-    metrics: Mapping[str, float],
-    champion_metrics: Mapping[str, float] | None,
-    champion_version: str | None,
-    *,
-    feature_columns: list[str] | None = None,
+    run_id: str, holdout: pd.DataFrame, target_column: str, predictions: np.ndarray,
+    metrics: Mapping[str, float], champion_metrics: Mapping[str, float] | None,
+    champion_version: str | None, *, feature_columns: list[str] | None = None,
     holdout_rows: int | None = None,
-) -> None:
+) -> None:  # fmt: skip
     """Record the holdout evaluation on the challenger's run.
 
     Metrics as ``holdout_<name>`` (and ``champion_holdout_<name>`` when a champion was
@@ -236,21 +194,14 @@ def log_evaluation(
 
     client = MlflowClient()
     client.log_batch(
-        run_id,
-        metrics=[Metric(key, value, now, 0) for key, value in values.items()],
-        tags=tags,
+        run_id, [Metric(key, value, now, 0) for key, value in values.items()], [], tags
     )
-    shown = slice(0, PLOT_ROWS)
-    client.log_figure(
-        run_id, _predictions_vs_truth_figure(truth[shown], predictions[shown]), PREDICTIONS_PLOT
-    )
-    client.log_figure(run_id, _residuals_figure(truth[shown], predictions[shown]), RESIDUALS_PLOT)
+    shown = truth[:PLOT_ROWS], predictions[:PLOT_ROWS]
+    client.log_figure(run_id, _predictions_vs_truth_figure(*shown), PREDICTIONS_PLOT)
+    client.log_figure(run_id, _residuals_figure(*shown), RESIDUALS_PLOT)
     if feature_columns:
-        client.log_dict(
-            run_id,
-            verification_rows(holdout, feature_columns, predictions),
-            VERIFICATION_ROWS_ARTIFACT,
-        )
+        rows = verification_rows(holdout, feature_columns, predictions)
+        client.log_dict(run_id, rows, VERIFICATION_ROWS_ARTIFACT)
         profile = drift_profile(holdout, feature_columns, target_column, predictions)
         if holdout_rows is not None:
             profile["rows"] = int(holdout_rows)
@@ -258,10 +209,7 @@ def log_evaluation(
 
 
 def drift_profile(
-    holdout: pd.DataFrame,
-    feature_columns: list[str],
-    target_column: str,
-    predictions: np.ndarray,
+    holdout: pd.DataFrame, feature_columns: list[str], target_column: str, predictions: np.ndarray
 ) -> dict:
     """What the drift monitor compares new data with: the holdout's features, target and this
     model's predictions on it (the holdout is a seeded sample of the whole training window)."""
@@ -272,10 +220,7 @@ def drift_profile(
 
 
 def verification_rows(
-    holdout: pd.DataFrame,
-    feature_columns: list[str],
-    predictions: np.ndarray,
-    rows: int = VERIFICATION_ROWS,
+    holdout: pd.DataFrame, feature_columns: list[str], predictions: np.ndarray, rows: int = 64
 ) -> dict:
     """The first ``rows`` holdout rows and the model's predictions for them, as JSON.
 
@@ -298,9 +243,7 @@ def _predictions_vs_truth_figure(truth: np.ndarray, predictions: np.ndarray):
     low = float(min(truth.min(), predictions.min()))
     high = float(max(truth.max(), predictions.max()))
     ax.plot([low, high], [low, high], color="black", linewidth=1, label="perfect")
-    ax.set_xlabel("truth")
-    ax.set_ylabel("prediction")
-    ax.set_title("Holdout: predictions vs truth")
+    ax.set(xlabel="truth", ylabel="prediction", title="Holdout: predictions vs truth")
     ax.legend(loc="upper left")
     return figure
 
@@ -311,11 +254,9 @@ def _residuals_figure(truth: np.ndarray, predictions: np.ndarray):
     vs_prediction, histogram = figure.subplots(1, 2)
     vs_prediction.scatter(predictions, residuals, s=8, alpha=0.5)
     vs_prediction.axhline(0.0, color="black", linewidth=1)
-    vs_prediction.set_xlabel("prediction")
-    vs_prediction.set_ylabel("residual (truth - prediction)")
-    vs_prediction.set_title("Residuals vs prediction")
+    vs_prediction.set(
+        xlabel="prediction", ylabel="residual (truth - prediction)", title="Residuals vs prediction"
+    )
     histogram.hist(residuals, bins=30)
-    histogram.set_xlabel("residual")
-    histogram.set_ylabel("rows")
-    histogram.set_title("Residual distribution")
+    histogram.set(xlabel="residual", ylabel="rows", title="Residual distribution")
     return figure

@@ -1,21 +1,12 @@
 """The TensorFlow-free runtime artifact: the trained Keras regressor as a LiteRT flatbuffer.
 
-The model server runs it with ``ai-edge-litert`` and numpy only (``serving/server/slim.py``), so
-a serving image without TensorFlow can serve the model. Why LiteRT and not ONNX: measured in
-docs/benchmarks.md ("Slim runtime").
-
-Pure parts (:func:`to_litert`, :func:`prediction_mismatch`, :func:`check_document`) plus one
-function with I/O at the edge (:func:`write_litert_artifact`), which writes the artifact folder
-the pyfunc logs under ``serving.server.contract.LITERT_ARTIFACT_KEY``:
-
-- ``model.tflite``: the network, float32 in and out, no quantization;
-- ``check.json``: the feature columns in the network's order, the output column, and the
-  input example's rows with the Keras model's predictions for them; the server runs those rows
-  through the runtime at load and refuses the artifact if the numbers differ.
-
-A conversion that fails or does not reproduce Keras within tolerance is not an error of
-training: the caller logs a warning and logs the model without the artifact, and the server
-then serves it through the full (TensorFlow) path.
+The model server runs it with ``ai-edge-litert`` and numpy only (``serving/server/slim.py``);
+why LiteRT and not ONNX: docs/benchmarks.md ("Slim runtime"). The artifact folder (logged under
+``serving.server.contract.LITERT_ARTIFACT_KEY``) holds ``model.tflite`` (float32, no
+quantization) and ``check.json``: the feature columns in the network's order, the output column,
+and the input example's rows with Keras's predictions, which the server reproduces at load or
+refuses the artifact. A conversion that fails or differs from Keras only costs the slim path:
+the model is logged without it and served by TensorFlow.
 """
 
 from __future__ import annotations
@@ -26,16 +17,10 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from serving.server.contract import (
-    LITERT_CHECK_FILE,
-    LITERT_MODEL_FILE,
-    SLIM_ATOL,
-    SLIM_RTOL,
-)
+from serving.server.contract import LITERT_CHECK_FILE, LITERT_MODEL_FILE, SLIM_ATOL, SLIM_RTOL
 
 log = logging.getLogger(__name__)
 
@@ -109,24 +94,6 @@ def prediction_mismatch(expected: np.ndarray, got: np.ndarray) -> str | None:
     )
 
 
-def check_document(
-    feature_columns: Sequence[str],
-    output_name: str,
-    example_rows: np.ndarray,
-    keras_outputs: np.ndarray,
-) -> dict[str, Any]:
-    """``check.json``: what the server needs to map columns and verify the runtime at load."""
-    rows = np.asarray(example_rows, dtype=np.float32)
-    return {
-        "feature_columns": list(feature_columns),
-        "output_name": output_name,
-        # float32 values as JSON floats: exactly what the network saw (float32 -> float64 is
-        # exact, and repr round-trips).
-        "inputs": rows.astype(np.float64).tolist(),
-        "outputs": np.asarray(keras_outputs, dtype=np.float64).reshape(-1).tolist(),
-    }
-
-
 def write_litert_artifact(
     model,
     directory: Path,
@@ -138,9 +105,8 @@ def write_litert_artifact(
 ) -> float:
     """Convert ``model``, check it against Keras on ``check_rows`` (the first
     ``MAX_CHECK_ROWS``; fewer are topped up with :func:`probe_rows`) and ``example_rows``, and
-    write ``model.tflite`` + ``check.json`` into
-    ``directory``. Returns the largest absolute difference from Keras; raises
-    :class:`SlimExportError` (and writes nothing) when conversion or the check fails."""
+    write ``model.tflite`` + ``check.json`` into ``directory``. Returns the largest absolute
+    difference from Keras; raises :class:`SlimExportError` (and writes nothing) on failure."""
     example = np.asarray(example_rows, dtype=np.float32)
     given = np.asarray(check_rows, dtype=np.float32)[:MAX_CHECK_ROWS]
     parts = [given]
@@ -168,8 +134,13 @@ def write_litert_artifact(
         raise SlimExportError(f"LiteRT does not reproduce the Keras model: {problem}")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / LITERT_MODEL_FILE).write_bytes(model_bytes)
-    document = check_document(
-        feature_columns, output_name, example, keras_outputs[len(rows) - len(example) :]
-    )
+    document = {
+        "feature_columns": list(feature_columns),
+        "output_name": output_name,
+        # float32 values as JSON floats: exactly what the network saw (float32 -> float64 is
+        # exact, and repr round-trips).
+        "inputs": example.astype(np.float64).tolist(),
+        "outputs": keras_outputs[len(rows) - len(example) :].tolist(),
+    }
     (directory / LITERT_CHECK_FILE).write_text(json.dumps(document))
     return float(np.max(np.abs(got - keras_outputs)))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ml.settings import GateSettings
@@ -33,7 +33,7 @@ class Check:
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "passed": self.passed, "detail": self.detail}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Check:
@@ -79,12 +79,8 @@ class Decision:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Decision:
-        return cls(
-            passed=bool(data["passed"]),
-            forced=bool(data["forced"]),
-            checks=tuple(Check.from_dict(c) for c in data["checks"]),
-            has_champion=bool(data["has_champion"]),
-        )
+        checks = tuple(Check.from_dict(c) for c in data["checks"])
+        return cls(bool(data["passed"]), bool(data["forced"]), checks, bool(data["has_champion"]))
 
     def to_tags(self) -> dict[str, str]:
         """Model-version tags; MLflow tag values are strings, so booleans become 'true'/'false'."""
@@ -103,9 +99,7 @@ class Decision:
 
 
 def decide(
-    candidate: Mapping[str, float],
-    champion: Mapping[str, float] | None,
-    settings: GateSettings,
+    candidate: Mapping[str, float], champion: Mapping[str, float] | None, settings: GateSettings
 ) -> Decision:
     """Judge ``candidate`` holdout metrics against the bars and the champion's metrics.
 
@@ -116,18 +110,13 @@ def decide(
     champ = _metrics(champion, "champion") if champion is not None else None
 
     checks = (
-        _max_rmse(cand["rmse"], settings.max_rmse),
-        _min_r2(cand["r2"], settings.min_r2),
+        _bar("max_rmse", "RMSE", cand["rmse"], settings.max_rmse, at_most=True),
+        _bar("min_r2", "R²", cand["r2"], settings.min_r2, at_most=False),
         _no_regression(cand["rmse"], champ, settings.max_regression),
     )
     all_passed = all(c.passed for c in checks)
     forced = settings.force_deploy and not all_passed
-    return Decision(
-        passed=all_passed or settings.force_deploy,
-        forced=forced,
-        checks=checks,
-        has_champion=champ is not None,
-    )
+    return Decision(all_passed or settings.force_deploy, forced, checks, champ is not None)
 
 
 def _metrics(values: Mapping[str, Any], which: str) -> dict[str, float]:
@@ -150,47 +139,32 @@ def _metrics(values: Mapping[str, Any], which: str) -> dict[str, float]:
     return out
 
 
-def _max_rmse(rmse: float, bar: float) -> Check:
+def _bar(name: str, what: str, value: float, bar: float, *, at_most: bool) -> Check:
     # Comparisons with NaN are False, but spell the non-finite case out so the reason is clear.
-    if not math.isfinite(rmse):
-        return Check("max_rmse", False, f"holdout RMSE is {rmse} (not finite); bar {_f(bar)}")
-    ok = rmse <= bar
-    return Check("max_rmse", ok, f"holdout RMSE {_f(rmse)} {'<=' if ok else '>'} bar {_f(bar)}")
-
-
-def _min_r2(r2: float, bar: float) -> Check:
-    if not math.isfinite(r2):
-        return Check("min_r2", False, f"holdout R² is {r2} (not finite); bar {_f(bar)}")
-    ok = r2 >= bar
-    return Check("min_r2", ok, f"holdout R² {_f(r2)} {'>=' if ok else '<'} bar {_f(bar)}")
+    if not math.isfinite(value):
+        return Check(name, False, f"holdout {what} is {value} (not finite); bar {_f(bar)}")
+    ok = value <= bar if at_most else value >= bar
+    sign = ("<=" if ok else ">") if at_most else (">=" if ok else "<")
+    return Check(name, ok, f"holdout {what} {_f(value)} {sign} bar {_f(bar)}")
 
 
 def _no_regression(rmse: float, champion: Mapping[str, float] | None, allowed: float) -> Check:
+    name = "no_regression"
     if champion is None:
-        return Check("no_regression", True, NO_CHAMPION_DETAIL)
-    champ_rmse = champion["rmse"]
-    pct = f"{allowed:.1%}"
-    if not math.isfinite(rmse) or not math.isfinite(champ_rmse):
+        return Check(name, True, NO_CHAMPION_DETAIL)
+    champ = champion["rmse"]
+    if not math.isfinite(rmse) or not math.isfinite(champ):
         # A non-finite value makes the comparison meaningless; never let it pass.
         # (A broken champion can be replaced with force_deploy.)
-        return Check(
-            "no_regression",
-            False,
-            f"cannot compare: holdout RMSE {rmse} vs champion RMSE {champ_rmse} (not finite)",
-        )
-    limit = champ_rmse * (1.0 + allowed)
+        why = f"cannot compare: holdout RMSE {rmse} vs champion RMSE {champ} (not finite)"
+        return Check(name, False, why)
+    limit = champ * (1.0 + allowed)
+    bound = f"{_f(limit)} (champion {_f(champ)} + {allowed:.1%})"
     if rmse <= limit:
-        return Check(
-            "no_regression",
-            True,
-            f"holdout RMSE {_f(rmse)} <= {_f(limit)} (champion {_f(champ_rmse)} + {pct})",
-        )
-    worse = (rmse / champ_rmse - 1.0) if champ_rmse > 0 else math.inf
+        return Check(name, True, f"holdout RMSE {_f(rmse)} <= {bound}")
+    worse = (rmse / champ - 1.0) if champ > 0 else math.inf
     return Check(
-        "no_regression",
-        False,
-        f"holdout RMSE {_f(rmse)} > {_f(limit)} (champion {_f(champ_rmse)} + {pct}): "
-        f"{worse:.1%} worse than the champion",
+        name, False, f"holdout RMSE {_f(rmse)} > {bound}: {worse:.1%} worse than the champion"
     )
 
 

@@ -1,13 +1,9 @@
 """MLflow "models from code" definition of the served regressor.
 
-Logged with ``mlflow.pyfunc.log_model(python_model=<this file>, artifacts={"keras_model":
-...})``. MLflow copies this file into the model and executes it at load time, so it must
-stay self-contained: only keras / tensorflow / numpy / pandas / mlflow, never ``ml``
-(``mlflow models serve`` and the serving image load it without this repository).
-
-Why not ``keras.Model.predict``: it builds a data pipeline on every call, which dominates the
-cost of a small request; an eager ``model(x)`` call is cheaper, and one ``tf.function`` with a
-fixed input signature, traced once at load, cheaper still (the measured figures are in
+MLflow copies this file into the model and runs it at load, without this repository: it imports
+only keras, tensorflow, numpy, pandas and mlflow, never ``ml``. Not ``keras.Model.predict``: it
+builds a data pipeline on every call, which dominates a small request; one ``tf.function`` with
+a fixed input signature, traced once at load, is cheaper still than an eager call (figures in
 docs/benchmarks.md, "Figures cited by the code").
 """
 

@@ -1,17 +1,10 @@
 """A settings field as the other layers see it: a typed form field, a CLI option.
 
 Each knob is declared once, in the pydantic settings (``ml/settings.py``,
-``serving/deploy/settings.py``): its type, default, bounds, title and description. What the
-Airflow trigger forms (``dags/_support.py``) and ``python -m ml`` need is derived here from the
-settings' JSON schema (``model_json_schema()``), never written a second time:
-
-- :func:`field_schema`: a field as JSON schema (``type``, ``minimum``/``maximum``/
-  ``exclusiveMinimum``/``exclusiveMaximum``, ``enum`` for a ``Literal``, ``title``,
-  ``description``) with the deployment's value (env vars included) as ``default``: what an
-  Airflow ``Param`` takes.
-- :func:`add_cli_options` / :func:`cli_overrides`: ``--<field>`` options of a settings class
-  and the settings they give. An option left out keeps the setting; a value out of bounds is
-  refused when the settings are validated, naming the field.
+``serving/deploy/settings.py``); the Airflow trigger forms (``dags/_support.py``, via
+:func:`field_schema`: what a ``Param`` takes, with the deployment's value as default) and
+``python -m ml`` (:func:`add_cli_options` / :func:`cli_overrides`: an option left out keeps the
+setting, a value out of bounds is refused naming the field) derive theirs from its JSON schema.
 """
 
 from __future__ import annotations
@@ -27,17 +20,8 @@ S = TypeVar("S", bound=BaseSettings)
 
 # What a form or an option needs of a field's JSON schema.
 _SCHEMA_KEYS = (
-    "type",
-    "enum",
-    "format",
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
-    "minLength",
-    "maxLength",
-    "title",
-    "description",
+    *("type", "enum", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"),
+    *("minLength", "maxLength", "title", "description"),
 )
 _CLI_TYPES = {"integer": int, "number": float, "string": str}
 
@@ -78,12 +62,9 @@ def add_cli_options(parser: argparse.ArgumentParser, cls: type[BaseSettings], *f
         kind = schema["type"][-1] if isinstance(schema["type"], list) else schema["type"]
         builtin = cls.model_fields[field].get_default(call_default_factory=True)
         text = schema.get("description") or schema.get("title", field)
-        kwargs: dict[str, Any] = {
-            "dest": field,
-            "default": None,
-            # argparse formats help with %: a literal one is doubled.
-            "help": f"{text} [{prefix}{field.upper()}, built in: {builtin}]".replace("%", "%%"),
-        }
+        # argparse formats help with %: a literal one is doubled.
+        what = f"{text} [{prefix}{field.upper()}, built in: {builtin}]".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": field, "default": None, "help": what}
         if kind == "boolean":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "enum" in schema:

@@ -73,29 +73,21 @@ def _git(root: Path, *args: str) -> bytes:
     ).stdout
 
 
-def training_parameters(training: TrainingSettings, data: DataSettings) -> dict[str, Any]:
-    """The effective parameters a model is fitted with (placement fields left out)."""
+def training_fingerprint(training: TrainingSettings, data: DataSettings) -> str:
+    """``sha256:<hex>`` of the effective parameters (placement fields left out), as canonical
+    JSON (sorted keys)."""
     fields = {
         name: value
         for name, value in training.model_dump(mode="json").items()
         if name not in _PLACEMENT_FIELDS and not name.startswith("pod_")
     }
     split = data.model_dump(mode="json", include=set(_DATA_FIELDS))
-    return {"training": fields, "data": split}
-
-
-def training_fingerprint(training: TrainingSettings, data: DataSettings) -> str:
-    """``sha256:<hex>`` of :func:`training_parameters` as canonical JSON (sorted keys)."""
-    text = json.dumps(training_parameters(training, data), sort_keys=True, separators=(",", ":"))
+    text = json.dumps({"training": fields, "data": split}, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def training_identity(
-    data_digest: str,
-    training: TrainingSettings,
-    data: DataSettings,
-    *,
-    code: str | None = None,
+    data_digest: str, training: TrainingSettings, data: DataSettings, *, code: str | None = None
 ) -> dict[str, str]:
     """The tags that identify a training: data digest, code version, parameter fingerprint."""
     return {
@@ -137,23 +129,16 @@ def decide_unchanged(
     who = f"@{alias} v{champion_version}"
     tags = champion_tags or {}
     missing = [tag for tag in IDENTITY_TAGS if not tags.get(tag)]
+    differing = [name for tag, name in IDENTITY_TAGS.items() if candidate.get(tag) != tags.get(tag)]
     if missing:
-        return UnchangedDecision(
-            False,
-            f"changed: {who} has no {', '.join(missing)} tag (registered before it was recorded)",
-            champion_version,
-        )
-    if UNKNOWN_CODE_VERSION in (candidate.get(CODE_VERSION_TAG), tags[CODE_VERSION_TAG]):
-        return UnchangedDecision(
-            False, f"changed: the code version is unknown, no match with {who}", champion_version
-        )
-    differing = [name for tag, name in IDENTITY_TAGS.items() if candidate.get(tag) != tags[tag]]
-    if differing:
-        return UnchangedDecision(
-            False, f"changed: not the same {', '.join(differing)} as {who}", champion_version
-        )
-    return UnchangedDecision(
-        True,
-        f"unchanged: {who} was trained on the same data digest, code version and parameters",
-        champion_version,
-    )
+        why = f"{who} has no {', '.join(missing)} tag (registered before it was recorded)"
+    elif UNKNOWN_CODE_VERSION in (candidate.get(CODE_VERSION_TAG), tags[CODE_VERSION_TAG]):
+        why = f"the code version is unknown, no match with {who}"
+    elif differing:
+        why = f"not the same {', '.join(differing)} as {who}"
+    else:
+        why = None
+    if why:
+        return UnchangedDecision(False, f"changed: {why}", champion_version)
+    same = "the same data digest, code version and parameters"
+    return UnchangedDecision(True, f"unchanged: {who} was trained on {same}", champion_version)

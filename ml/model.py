@@ -22,15 +22,10 @@ OUTPUT_NAME = "prediction"
 
 
 def build_model(
-    n_features: int,
-    hidden_units: Sequence[int],
-    learning_rate: float,
-    *,
-    feature_mean: Sequence[float] | np.ndarray,
-    feature_variance: Sequence[float] | np.ndarray,
-    target_mean: float,
-    target_std: float,
-) -> keras.Model:
+    n_features: int, hidden_units: Sequence[int], learning_rate: float, *,
+    feature_mean: Sequence[float] | np.ndarray, feature_variance: Sequence[float] | np.ndarray,
+    target_mean: float, target_std: float,
+) -> keras.Model:  # fmt: skip
     """Build and compile the regressor.
 
     Pure: the scaling statistics are passed in (computed by the caller on the training
@@ -41,9 +36,23 @@ def build_model(
     """
     mean = np.asarray(feature_mean, dtype="float32").reshape(-1)
     variance = np.asarray(feature_variance, dtype="float32").reshape(-1)
-    _check_build_args(
-        n_features, hidden_units, learning_rate, mean, variance, target_mean, target_std
-    )
+    if n_features < 1:
+        raise ValueError(f"n_features must be >= 1, got {n_features}")
+    if len(hidden_units) == 0 or any(int(u) < 1 for u in hidden_units):
+        raise ValueError(f"hidden_units needs >= 1 layer of >= 1 unit, got {list(hidden_units)}")
+    if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
+    if mean.shape != (n_features,) or variance.shape != (n_features,):
+        got = f"got {mean.size} and {variance.size}"
+        raise ValueError(f"feature_mean and feature_variance need {n_features} values each, {got}")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(variance))):
+        raise ValueError("feature_mean and feature_variance must be finite")
+    if np.any(variance < 0):
+        raise ValueError("feature_variance must be >= 0")
+    if not math.isfinite(target_mean):
+        raise ValueError(f"target_mean must be finite, got {target_mean}")
+    if not (target_std > 0 and math.isfinite(target_std)):
+        raise ValueError(f"target_std must be a positive number, got {target_std}")
 
     import keras
 
@@ -66,41 +75,9 @@ def build_model(
     return model
 
 
-def _check_build_args(
-    n_features: int,
-    hidden_units: Sequence[int],
-    learning_rate: float,
-    mean: np.ndarray,
-    variance: np.ndarray,
-    target_mean: float,
-    target_std: float,
-) -> None:
-    if n_features < 1:
-        raise ValueError(f"n_features must be >= 1, got {n_features}")
-    if len(hidden_units) == 0 or any(int(u) < 1 for u in hidden_units):
-        raise ValueError(f"hidden_units needs >= 1 layer of >= 1 unit, got {list(hidden_units)}")
-    if not (learning_rate > 0 and math.isfinite(learning_rate)):
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
-    if mean.shape != (n_features,) or variance.shape != (n_features,):
-        raise ValueError(
-            f"feature_mean and feature_variance need {n_features} values each, "
-            f"got {mean.size} and {variance.size}"
-        )
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(variance))):
-        raise ValueError("feature_mean and feature_variance must be finite")
-    if np.any(variance < 0):
-        raise ValueError("feature_variance must be >= 0")
-    if not math.isfinite(target_mean):
-        raise ValueError(f"target_mean must be finite, got {target_mean}")
-    if not (target_std > 0 and math.isfinite(target_std)):
-        raise ValueError(f"target_std must be a positive number, got {target_std}")
-
-
 def set_global_determinism(seed: int) -> None:
-    """Seed Python, NumPy, TensorFlow and Keras, and make TF ops deterministic.
-
-    Call before building a model: same seed, same data -> same weights, same predictions.
-    """
+    """Seed Python, NumPy, TensorFlow and Keras, and make TF ops deterministic: same seed, same
+    data -> same weights, same predictions (call before building a model)."""
     import keras
     import tensorflow as tf
 

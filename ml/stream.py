@@ -1,23 +1,13 @@
-"""The window as a stream: record batches in, never the whole window in memory.
+"""The window as a stream of float64 matrices (features, then the target), never whole in memory.
 
-Every consumer (validation, training, evaluation) reads the window's partitions as a stream of
-float64 value matrices (one row per data row, the schema's columns in order: features, then
-the target), a bounded number of rows at a time:
-
-- **Which rows are holdout** is decided row by row from a stable hash of the row's values
-  (:func:`row_hash`) and the split seed: the same rows are holdout wherever and whenever they
-  are read (champion and challenger are scored on the same rows; training never sees them),
-  without loading the window, and independently of file layout or row order. Equal rows hash
-  alike, so a duplicated row never sits on both sides.
-- **Which training rows validate** (early stopping) the same way, with the training seed; at
-  most ``MAX_VALIDATION_ROWS`` of them (those with the smallest hash: a uniform sample), kept in
-  memory.
-- **Normalization statistics** (per-feature mean and variance, target mean and std) in one
-  streaming pass (:class:`RunningStats`, Chan et al.'s pairwise update).
-- **Training batches** (:func:`training_batches`): each epoch reads the fragments (a parquet
-  row group, a CSV file) in a seeded order, several at a time interleaved, shuffles rows in a
-  pool of ``SHUFFLE_POOL_ROWS`` and emits fixed-size batches: a full shuffle when the data fits
-  in the pool (the default window does), a windowed one beyond.
+- Holdout rows, and the training rows that validate, are chosen row by row from a stable hash
+  of the row's values (:func:`row_hash`) and a seed: the same rows wherever, whenever and in
+  whatever file layout or order they are read (champion and challenger are scored on the same
+  rows), and equal rows on the same side. At most ``MAX_VALIDATION_ROWS`` validate (those with
+  the smallest hash: a uniform sample).
+- Normalization statistics come from one pass (:class:`RunningStats`, Chan et al.'s update).
+- Training batches (:func:`training_batches`): fragments (a row group, a CSV file) in a seeded
+  order, interleaved, shuffled in a pool of ``SHUFFLE_POOL_ROWS`` (all of the default window).
 
 Pure NumPy and PyArrow; no TensorFlow, MLflow or Airflow.
 """
@@ -52,9 +42,6 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _CANONICAL_NAN = np.float64("nan").view(np.uint64)
-
-
-# --------------------------------------------------------------------------- hashing
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -104,18 +91,13 @@ def validation_rank(hashes: np.ndarray, seed: int) -> np.ndarray:
     return unit(hashes, _VALIDATION_SALT, seed)
 
 
-# --------------------------------------------------------------------------- statistics
-
-
 class RunningStats:
-    """Count, mean, population variance, min and max per column, merged batch by batch."""
+    """Count, mean and population variance per column, merged batch by batch."""
 
     def __init__(self, columns: int):
         self.n = 0
         self.mean = np.zeros(columns)
         self.m2 = np.zeros(columns)
-        self.min = np.full(columns, np.inf)
-        self.max = np.full(columns, -np.inf)
 
     def update(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype="float64")
@@ -129,8 +111,6 @@ class RunningStats:
         self.mean = self.mean + delta * (count / total)
         self.m2 = self.m2 + m2 + delta**2 * (self.n * count / total)
         self.n = total
-        self.min = np.minimum(self.min, values.min(axis=0))
-        self.max = np.maximum(self.max, values.max(axis=0))
 
     @property
     def variance(self) -> np.ndarray:
@@ -177,11 +157,7 @@ class BottomK:
     def _concat(self):
         if not self._ranks:
             return np.empty(0), np.empty((0, 0)), np.empty(0, dtype=np.int64)
-        return (
-            np.concatenate(self._ranks),
-            np.concatenate(self._rows),
-            np.concatenate(self._positions),
-        )
+        return tuple(np.concatenate(x) for x in (self._ranks, self._rows, self._positions))
 
     def result(self) -> tuple[np.ndarray, float]:
         """(rows in stream order, threshold): the rows are exactly those ranked below the
@@ -196,9 +172,6 @@ class BottomK:
             ranks, rows, positions = ranks[chosen], rows[chosen], positions[chosen]
         in_stream_order = np.argsort(positions, kind="stable")
         return rows[in_stream_order], threshold
-
-
-# --------------------------------------------------------------------------- sources
 
 
 @dataclass(frozen=True)
@@ -224,10 +197,6 @@ class Source:
     def keep(self, hashes: np.ndarray) -> np.ndarray | None:
         """Which of the rows with ``hashes`` belong to this source (None: all)."""
         return None
-
-    def read(self, fragment: Fragment) -> Iterator[np.ndarray]:
-        for values, _ in self.hashed(fragment):
-            yield values
 
     def hashed(self, fragment: Fragment) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The fragment's rows as (values, row hashes)."""
@@ -267,11 +236,7 @@ class WindowSource(Source):
     holdout split. (``ml.data.window_source`` makes one from partitions and a schema.)"""
 
     def __init__(
-        self,
-        uris: Sequence[str],
-        columns: Sequence[str],
-        settings: DataSettings,
-        part: str | None = None,
+        self, uris: Sequence[str], columns: Sequence[str], settings: DataSettings, part=None
     ):
         if part not in (None, "train", "holdout"):
             raise ValueError(f"part must be None, 'train' or 'holdout', got {part!r}")
@@ -343,9 +308,6 @@ def _matrix(arrays: list[Any], dtype: str) -> np.ndarray:
     return out
 
 
-# --------------------------------------------------------------------------- training
-
-
 @dataclass
 class TrainingData:
     """What one streaming pass over the training rows found: counts, scaling statistics, the
@@ -373,7 +335,7 @@ def prepare_training(
     features = len(source.columns) - 1
     stats = RunningStats(len(source.columns))
     validation = BottomK(max_validation_rows)
-    total, position, bad = 0, 0, set()
+    total, bad = 0, set()
     for values, hashes in source.batches():
         finite = np.isfinite(values)
         if not finite.all():
@@ -381,12 +343,11 @@ def prepare_training(
             continue
         rank = validation_rank(hashes, seed)
         candidate = rank < validation_fraction
-        positions = np.arange(position, position + len(values))
+        positions = np.arange(total, total + len(values))
         validation.add(rank[candidate], values[candidate], positions[candidate])
         # Statistics from rows certain to train (a capped validation set trains the rest).
         stats.update(values[~candidate])
         total += len(values)
-        position += len(values)
     if bad:
         raise ValueError(f"columns contain missing values: {sorted(bad)}")
     rows, threshold = validation.result()
@@ -394,9 +355,9 @@ def prepare_training(
     rows = rows.reshape(-1, len(source.columns))
     train_rows = total - len(rows)
     if len(rows) == 0 or train_rows == 0 or stats.n == 0:
+        split = f"{total} rows give {train_rows} training and {len(rows)} validation rows"
         raise ValueError(
-            f"{total} rows give {train_rows} training and {len(rows)} validation rows: "
-            "both need at least one (more rows, or another validation_fraction)"
+            f"{split}: both need at least one (more rows, or another validation_fraction)"
         )
     target_std = float(stats.std[-1])
     return TrainingData(

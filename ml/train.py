@@ -11,6 +11,7 @@ The tracking URI is the caller's business (``MLFLOW_TRACKING_URI`` or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -73,19 +74,12 @@ class TrainResult:
 
 
 def train_model(
-    train_frame: pd.DataFrame | Source,
-    feature_columns: list[str],
-    target_column: str,
-    settings: TrainingSettings,
-    *,
-    experiment_name: str,
-    run_name: str | None = None,
-    tags: Mapping[str, str] | None = None,
-    dataset_name: str = "training_window",
-    dataset_source: str | None = None,
-    dataset_digest: str | None = None,
+    train_frame: pd.DataFrame | Source, feature_columns: list[str], target_column: str,
+    settings: TrainingSettings, *, experiment_name: str, run_name: str | None = None,
+    tags: Mapping[str, str] | None = None, dataset_name: str = "training_window",
+    dataset_source: str | None = None, dataset_digest: str | None = None,
     params_extra: Mapping[str, Any] | None = None,
-) -> TrainResult:
+) -> TrainResult:  # fmt: skip
     """Train on ``train_frame`` and log the run and the model to MLflow.
 
     ``train_frame`` is a frame in memory, or an ``ml.stream.Source`` of the rows (the
@@ -104,13 +98,13 @@ def train_model(
 
     feature_columns = list(feature_columns)
     columns = [*feature_columns, target_column]
+    if not feature_columns:
+        raise ValueError("feature_columns is empty")
     if isinstance(train_frame, pd.DataFrame):
         _check_training_frame(train_frame, feature_columns, target_column)
         source: Source = stream.FrameSource(train_frame, columns)
     else:
         source = train_frame
-        if not feature_columns:
-            raise ValueError("feature_columns is empty")
         if list(source.columns) != columns:
             raise ValueError(f"the source's columns {source.columns} are not {columns}")
 
@@ -149,46 +143,25 @@ def train_model(
                 fail_dead_attempts(run.info.experiment_id, run_key, superseded_by=run.info.run_id)
             except Exception as exc:  # bookkeeping of the dead attempt: never stops training
                 log.warning("Could not mark earlier attempts of %s FAILED: %s", run_key, exc)
+        digest = dataset_digest[:MAX_DATASET_DIGEST_CHARS] if dataset_digest else None
         dataset = _dataset(
-            train_frame,
-            head,
-            columns,
-            target_column,
-            dataset_name,
-            dataset_source,
-            digest=dataset_digest[:MAX_DATASET_DIGEST_CHARS] if dataset_digest else None,
+            train_frame, head, columns, target_column, dataset_name, dataset_source, digest
         )
         mlflow.log_input(dataset, context="training")
-        mlflow.set_tags(
-            {
-                **run_tags,
-                "code_version": code_version(),
-                "data_digest": dataset_digest or dataset.digest,
-            }
-        )
+        identity = {"code_version": code_version(), "data_digest": dataset_digest or dataset.digest}
+        mlflow.set_tags({**run_tags, **identity})
         mlflow.log_params(params)
 
         model, history, fit_seconds = _fit(source, data, settings, batch_size, learning_rate)
         epochs_run = len(history["loss"])
         best_val_rmse = float(np.min(history["val_rmse"]))
         # fit_*: what make bench-train reads the training throughput from.
-        mlflow.log_metrics(
-            {
-                "best_val_rmse": best_val_rmse,
-                "epochs_run": epochs_run,
-                "fit_seconds": fit_seconds,
-                "fit_rows": data.train_rows,
-            }
-        )
+        mlflow.log_metrics({"best_val_rmse": best_val_rmse, "epochs_run": epochs_run,
+                            "fit_seconds": fit_seconds, "fit_rows": data.train_rows})  # fmt: skip
 
         model_info = _log_pyfunc_model(model, example, feature_columns)
 
-    return TrainResult(
-        run_id=run.info.run_id,
-        model_uri=model_info.model_uri,
-        epochs_run=epochs_run,
-        best_val_rmse=best_val_rmse,
-    )
+    return TrainResult(run.info.run_id, model_info.model_uri, epochs_run, best_val_rmse)
 
 
 def sized_to_data(train_rows: int, settings: TrainingSettings) -> tuple[int, float]:
@@ -254,20 +227,9 @@ def fail_dead_attempts(experiment_id: str, run_key: str, *, superseded_by: str) 
     quote = '"' if "'" in run_key else "'"
     if quote in run_key:
         raise ValueError(f"{RUN_KEY_TAG} must not contain both quote characters: {run_key!r}")
-    found, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id],
-            filter_string=(
-                f"tags.{RUN_KEY_TAG} = {quote}{run_key}{quote} and attributes.status = 'RUNNING'"
-            ),
-            max_results=100,
-            page_token=token,
-        )
-        found += [r.info.run_id for r in page if r.info.run_id != superseded_by]
-        token = page.token
-        if not token:
-            break
+    where = f"tags.{RUN_KEY_TAG} = {quote}{run_key}{quote} and attributes.status = 'RUNNING'"
+    runs = mlflow.search_runs([experiment_id], filter_string=where, output_format="list")
+    found = [r.info.run_id for r in runs if r.info.run_id != superseded_by]
     for run_id in found:
         client.set_tag(run_id, SUPERSEDED_BY_TAG, superseded_by)
         client.set_tag(
@@ -279,11 +241,8 @@ def fail_dead_attempts(experiment_id: str, run_key: str, *, superseded_by: str) 
         client.set_terminated(run_id, status="FAILED")
         log.warning(
             "Marked run %s FAILED: an earlier attempt of %s that died without ending it "
-            "(superseded by run %s)",
-            run_id,
-            run_key,
-            superseded_by,
-        )
+            "(superseded by run %s)", run_id, run_key, superseded_by
+        )  # fmt: skip
     return found
 
 
@@ -291,18 +250,12 @@ def pinned_requirements() -> list[str]:
     """``name==version`` for the serving packages installed here (missing ones skipped)."""
     pins = []
     for package in SERVING_PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             pins.append(f"{package}=={metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            continue
     return pins
 
 
-def _check_training_frame(
-    frame: pd.DataFrame, feature_columns: list[str], target_column: str
-) -> None:
-    if not feature_columns:
-        raise ValueError("feature_columns is empty")
+def _check_training_frame(frame: pd.DataFrame, feature_columns: list[str], target_column: str):
     if target_column in feature_columns:
         raise ValueError(f"target column {target_column!r} is also listed as a feature")
     missing = [c for c in [*feature_columns, target_column] if c not in frame.columns]
@@ -342,11 +295,7 @@ def _training_params(
 
 
 def _fit(
-    source: Source,
-    data: TrainingData,
-    settings: TrainingSettings,
-    batch_size: int,
-    learning_rate: float,
+    source: Source, data: TrainingData, settings: TrainingSettings, batch_size: int, rate: float
 ):
     import keras
     import tensorflow as tf
@@ -357,16 +306,10 @@ def _fit(
     if settings.threads:
         _limit_threads(settings.threads)
     # Scaling statistics from the training rows only (ml.stream), so validation stays unseen.
-    model = build_model(
-        len(source.columns) - 1,
-        settings.hidden_units,
-        learning_rate,
-        feature_mean=data.feature_mean,
-        feature_variance=data.feature_variance,
-        target_mean=data.target_mean,
-        target_std=data.target_std,
-    )
     features = len(source.columns) - 1
+    model = build_model(features, settings.hidden_units, rate, feature_mean=data.feature_mean,
+                        feature_variance=data.feature_variance, target_mean=data.target_mean,
+                        target_std=data.target_std)  # fmt: skip
     # Batches come shuffled and sized from the stream; a Python generator feeds tf.data (one
     # call per epoch) and prefetching overlaps reading the next batches with the step.
     batches = (
@@ -381,6 +324,8 @@ def _fit(
         .apply(tf.data.experimental.assert_cardinality(-(-data.train_rows // batch_size)))
         .prefetch(4)
     )
+    stop = keras.callbacks.EarlyStopping(monitor="val_rmse", mode="min", restore_best_weights=True,
+                                         patience=settings.early_stopping_patience)  # fmt: skip
     started = time.perf_counter()
     history = model.fit(
         batches,
@@ -389,15 +334,7 @@ def _fit(
         validation_batch_size=max(batch_size, 4096),
         epochs=settings.epochs,
         verbose=0,
-        callbacks=[
-            keras.callbacks.EarlyStopping(
-                monitor="val_rmse",
-                mode="min",
-                patience=settings.early_stopping_patience,
-                restore_best_weights=True,
-            ),
-            _mlflow_epoch_logger(),
-        ],
+        callbacks=[stop, _mlflow_epoch_logger()],
     )
     # model.fit alone (no imports, no model building): what the bare-loop ceiling compares to.
     return model, history.history, time.perf_counter() - started
@@ -442,13 +379,9 @@ def _log_pyfunc_model(model, features: pd.DataFrame, feature_columns: list[str])
         litert_dir = Path(tmp) / LITERT_ARTIFACT_KEY
         try:
             diff = write_litert_artifact(
-                model,
-                litert_dir,
-                feature_columns=feature_columns,
-                output_name=PREDICTION_COLUMN,
-                check_rows=features.to_numpy("float32"),
-                example_rows=example.to_numpy("float32"),
-            )
+                model, litert_dir, feature_columns=feature_columns, output_name=PREDICTION_COLUMN,
+                check_rows=features.to_numpy("float32"), example_rows=example.to_numpy("float32"),
+            )  # fmt: skip
         except SlimExportError as exc:
             log.warning("model logged without the LiteRT artifact (no slim serving): %s", exc)
             mlflow.set_tag(SLIM_ARTIFACT_TAG, f"skipped: {exc}"[:MAX_PARAM_VALUE_CHARS])

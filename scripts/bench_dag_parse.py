@@ -38,11 +38,9 @@ def main() -> None:
             samples.append((time.perf_counter() - start) * 1000)
             assert not bag.import_errors, bag.import_errors
         heavy = [m for m in ("tensorflow", "keras", "mlflow", "pandas") if m in sys.modules]
-        print(
-            f"{dag_file.name}: median {statistics.median(samples):.1f} ms, "
-            f"max {max(samples):.1f} ms over {args.repeat} parses; "
-            f"heavy modules imported: {heavy or 'none'}"
-        )
+        print(f"{dag_file.name}: median {statistics.median(samples):.1f} ms, max "
+              f"{max(samples):.1f} ms over {args.repeat} parses; heavy modules imported: "
+              f"{heavy or 'none'}")  # fmt: skip
 
 
 if __name__ == "__main__":

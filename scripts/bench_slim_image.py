@@ -2,20 +2,13 @@
 
     .venv/bin/python scripts/bench_slim_image.py [--rounds 3] [--no-build]
 
-Builds ``train-and-deploy/serving-slim:latest`` (scripts/build_images.sh serving-slim; cached
-layers make a rebuild quick), starts a real ``mlflow server`` (SQLite, proxied artifacts) on
-127.0.0.1, trains a small Keras regressor with ``ml.train`` (which logs its LiteRT artifact)
-and registers it, then starts the image ``--rounds`` times the way a pod runs it (read-only
-root, uid 10001, no capabilities, host network to reach the loopback MLflow) and measures:
-
-- process start to ready: the server's PID 1 start time (``/proc/1/stat``; containers share
-  the host's clock) to the first ``/ping`` 200, and the CPU time it used to get there;
-- ``podman run`` to ready (adds creating the container);
-- the server's RSS after ready and after a 10,000-row request;
-- the largest difference of those 10,000 predictions from the registered model's own (Keras,
-  loaded by MLflow in this process).
-
-Prints a table with the targets and the 1-minute load average before and after.
+Builds the image (scripts/build_images.sh serving-slim), starts a real ``mlflow server`` on
+127.0.0.1, trains and registers a small Keras regressor with ``ml.train`` (with its LiteRT
+artifact), then runs the image ``--rounds`` times as a pod runs it (read-only root, uid 10001,
+no capabilities; host network for the loopback MLflow). Measures PID 1's start
+(``/proc/1/stat``, the host's clock) to the first ``/ping`` 200 and its CPU time, ``podman
+run`` to ready, RSS after ready and after a 10,000-row request, and those predictions' largest
+difference from Keras's (MLflow's pyfunc in this process); prints a table with the targets.
 """
 
 from __future__ import annotations
@@ -45,9 +38,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*PODMAN, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def load1() -> float:
@@ -104,13 +95,8 @@ def train_and_register(tracking_uri: str) -> tuple[str, pd.DataFrame, np.ndarray
     x = rng.normal(size=(2000, len(FEATURES))) * [1, 3, 10, 0.5]
     frame = pd.DataFrame(x, columns=FEATURES)
     frame["target"] = x @ [3.0, -2.0, 0.5, 4.0] + 10 + np.sin(x[:, 0])
-    result = train_model(
-        frame,
-        FEATURES,
-        "target",
-        TrainingSettings(epochs=10, batch_size=64, hidden_units=[64, 32]),
-        experiment_name="bench-slim-image",
-    )
+    settings = TrainingSettings(epochs=10, batch_size=64, hidden_units=[64, 32])
+    result = train_model(frame, FEATURES, "target", settings, experiment_name="bench-slim-image")
     version = mlflow.register_model(result.model_uri, "bench-slim").version
     uri = f"models:/bench-slim/{version}"
     rows = pd.DataFrame(

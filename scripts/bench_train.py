@@ -3,19 +3,12 @@
     make bench-train                                   # all four sizes; writes docs/benchmarks.md
     .venv/bin/python scripts/bench_train.py --sizes 10k,1m --epochs 2 --no-write   # a quick run
 
-For each size, a 7-day window of synthetic partitions (``ml.data.synthetic_partition``, files
-of at most 1M rows, parquet) is written once and cached under ``.local/bench-train/`` (not in
-git). Then each pipeline step runs as ``python -m ml <step>`` in its own process, as a
-KubernetesPodOperator pod or an Airflow task would, against a throwaway SQLite MLflow store:
-``window`` (list and hash the files), ``validate``, ``train``, ``evaluate``. Per step: wall
-time and peak RSS (the kernel's high-water mark of the step's process, from ``wait4``). For
-``train``: row-epochs/s of the fit itself (the run's ``fit_rows`` x ``epochs_run`` /
-``fit_seconds``, logged by ``ml.train``), and the ceiling: the same network
-(``ml.model.build_model``) fitted by a bare ``model.fit`` on in-memory tensors with the batch
-size the run used, in its own process, and the pipeline's throughput as a fraction of it.
-
-The section ``## Training at volume`` of ``docs/benchmarks.md`` is rewritten (other sections
-are kept). The machine may be shared: the 1-minute load average is printed next to each size.
+Per size, a 7-day window of synthetic parquet partitions is cached under ``.local/bench-train/``;
+each step runs as ``python -m ml <step>`` in its own process (as a pod or a task would) against
+a throwaway SQLite MLflow store. Per step: wall time and peak RSS (``wait4``); for ``train`` the
+fit's row-epochs/s (the run's ``fit_rows`` x ``epochs_run`` / ``fit_seconds``) against the
+ceiling: the same network fitted by a bare ``model.fit`` on in-memory tensors, in its own
+process. Rewrites the ``## Training at volume`` section of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -70,9 +63,6 @@ def label(rows: int) -> str:
     return str(rows)
 
 
-# --------------------------------------------------------------------------- data
-
-
 def ensure_data(rows: int) -> Path:
     """The cached window of ``rows`` synthetic rows (written on first use)."""
     from ml.settings import DataSettings
@@ -104,9 +94,6 @@ def ensure_data(rows: int) -> Path:
     return root
 
 
-# --------------------------------------------------------------------------- steps
-
-
 # Forks and execs the step, waits for it and writes its peak RSS (KiB) to the file in argv[1].
 # A small process in between because Linux keeps the hiwater mark of the memory a process
 # had before exec: a step forked straight from this (larger) process would report at least
@@ -133,13 +120,11 @@ def run_process(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> d
         )
         out = proc.stdout.read()
         proc.wait()
-    return {
-        "wall_s": time.perf_counter() - started,
-        # ru_maxrss: KiB on Linux, the step process's own peak.
-        "rss_mb": int(rss_file.read_text()) / 1024 if rss_file.exists() else 0.0,
-        "rc": proc.returncode,
-        "stdout": out.decode(errors="replace"),
-    }
+    # ru_maxrss: KiB on Linux, the step process's own peak.
+    rss_mb = int(rss_file.read_text()) / 1024 if rss_file.exists() else 0.0
+    wall_s = time.perf_counter() - started
+    return {"wall_s": wall_s, "rss_mb": rss_mb, "rc": proc.returncode,
+            "stdout": out.decode(errors="replace")}  # fmt: skip
 
 
 def step_env(data_path: Path, store: Path) -> dict[str, str]:
@@ -225,14 +210,8 @@ def fit_figures(trained: dict, env: dict[str, str]) -> dict:
 
 def ceiling(train: dict, args, env, work: Path, log: Path) -> dict:
     rows = min(train["fit_rows"], CEILING_ROWS)
-    argv = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--ceiling-rows",
-        str(rows),
-        "--ceiling-batch",
-        str(train["batch_size"]),
-    ]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--ceiling-rows", str(rows),
+            "--ceiling-batch", str(train["batch_size"])]  # fmt: skip
     print(f"  ceiling: bare model.fit, {rows} rows, batch {train['batch_size']} ...", flush=True)
     measured = run_process(argv, env, work, log)
     if measured["rc"] != 0:
@@ -254,15 +233,8 @@ def bare_loop(rows: int, batch_size: int) -> dict:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(rows, 6)).astype("float32")
     y = (x @ rng.normal(size=6) + rng.normal(size=rows)).astype("float32")
-    model = build_model(
-        6,
-        settings.hidden_units,
-        settings.learning_rate,
-        feature_mean=np.zeros(6),
-        feature_variance=np.ones(6),
-        target_mean=0.0,
-        target_std=1.0,
-    )
+    model = build_model(6, settings.hidden_units, settings.learning_rate, feature_mean=np.zeros(6),
+                        feature_variance=np.ones(6), target_mean=0.0, target_std=1.0)  # fmt: skip
     # Warm-up (tracing the train step) outside the timed epoch.
     warm = min(rows, batch_size * 20)
     model.fit(x[:warm], y[:warm], batch_size=batch_size, epochs=1, verbose=0)
@@ -270,9 +242,6 @@ def bare_loop(rows: int, batch_size: int) -> dict:
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
     seconds = time.perf_counter() - started
     return {"rows": rows, "batch_size": batch_size, "row_epochs_per_s": rows / seconds}
-
-
-# --------------------------------------------------------------------------- report
 
 
 def _mb(step: dict | None) -> str:
@@ -298,11 +267,9 @@ def table(results: list[dict]) -> list[str]:
         train, top = r.get("train"), r.get("ceiling") or {}
         speed = f"{train['row_epochs_per_s']:,.0f}" if train else "-"
         bare = f"{top['row_epochs_per_s']:,.0f}" if "row_epochs_per_s" in top else "-"
-        share = (
-            f"{train['row_epochs_per_s'] / top['row_epochs_per_s']:.0%}"
-            if train and "row_epochs_per_s" in top
-            else "-"
-        )
+        share = "-"
+        if train and "row_epochs_per_s" in top:
+            share = f"{train['row_epochs_per_s'] / top['row_epochs_per_s']:.0%}"
         rmse = f"{r['holdout']['rmse']:.3f}" if "holdout" in r else "-"
         lines.append(
             f"| {label(r['rows'])} | {wall('window')} | {wall('validate')} "
@@ -412,11 +379,8 @@ def write_doc(section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--sizes",
-        default="10k,1m,10m,50m",
-        help="comma-separated row counts (10k, 1m, ...); default %(default)s",
-    )
+    what = "comma-separated row counts (10k, 1m, ...); default %(default)s"
+    parser.add_argument("--sizes", default="10k,1m,10m,50m", help=what)
     parser.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
     parser.add_argument("--batch-size", type=int, help="pass --batch-size to the train step")
     parser.add_argument(
@@ -466,11 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             size_started = time.perf_counter()
             result = bench_size(rows, args)
             results.append(result)
-            entry = {
-                "epochs": args.epochs,
-                "minutes": (time.perf_counter() - size_started) / 60,
-                "result": result,
-            }
+            minutes = (time.perf_counter() - size_started) / 60
+            entry = {"epochs": args.epochs, "minutes": minutes, "result": result}
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             with RESULTS.open("a") as out:
                 out.write(json.dumps(entry, default=str) + "\n")

@@ -11,16 +11,10 @@ and people.
     python -m serving.deploy render --model-uri models:/regression-model/3 --version 3   # YAML
         [--out-dir docker/k8s/base]                                            # write files
 
-Every way a version goes live is ``rollout`` (:func:`serving.deploy.rollout.run`: plan,
-deploy, verify, then move ``@champion``, or put back what served before). Exit codes: 0 live
-(or unchanged, or nothing to do); 1 a verdict: the version failed verification or never
-became ready, it is tagged and what served before serves again; 2 refused: a bad request, a
-version the registry does not have, a target that refuses (do not retry); 3 a fault: nothing
-was marked, retry.
-
-Settings come from ``DeploySettings`` (``PIPELINE_DEPLOY_*`` env vars); the MLflow tracking URI
-from ``MLFLOW_TRACKING_URI``. Results are printed as JSON on stdout, logs go to stderr.
-Heavy imports (mlflow, pandas) happen inside the commands so ``proxy`` starts fast.
+Every way a version goes live is ``rollout`` (:func:`serving.deploy.rollout.run`; its exit
+codes: ``rollout --help``). Settings come from ``DeploySettings`` (``PIPELINE_DEPLOY_*``), MLflow
+from ``MLFLOW_TRACKING_URI``; results are JSON on stdout, logs on stderr. Heavy imports (mlflow,
+pandas) happen inside the commands so ``proxy`` starts fast.
 """
 
 from __future__ import annotations
@@ -34,18 +28,19 @@ from typing import Any
 from ml.settings import tracking_uri, with_overrides
 from serving.deploy.settings import DeploySettings
 
+log = logging.getLogger("serving")
+
 
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
 def _settings(args: argparse.Namespace) -> DeploySettings:
-    return with_overrides(
-        DeploySettings(),
-        local_host=getattr(args, "host", None),
-        local_port=getattr(args, "port", None),
-        local_state_dir=getattr(args, "state_dir", None),
-    )
+    """The deploy settings with the command's overrides (options it lacks stay as set)."""
+    names = {"local_host": "host", "local_port": "port", "local_state_dir": "state_dir",
+             "namespace": "namespace", "deployment_name": "deployment",
+             "serving_image": "serving_image"}  # fmt: skip
+    return with_overrides(DeploySettings(), **{k: getattr(args, v, None) for k, v in names.items()})
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
@@ -55,26 +50,26 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _local(args: argparse.Namespace):
     from serving.deploy.local import LocalTarget
 
-    status = LocalTarget(_settings(args), tracking_uri()).status()
+    return LocalTarget(_settings(args), tracking_uri())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _local(args).status()
     _print(status)
     return 0 if status and status.get("healthy") else 1
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from serving.deploy.local import LocalTarget
-
-    stopped = LocalTarget(_settings(args), tracking_uri()).stop_all(forget=args.forget)
+    stopped = _local(args).stop_all(forget=args.forget)
     _print({"stopped": stopped, "forgotten": args.forget})
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from serving.deploy.local import LocalTarget
-
-    live = LocalTarget(_settings(args), tracking_uri()).resume()
+    live = _local(args).resume()
     _print({"version": live.version, "healthy": live.healthy, "detail": live.detail})
     return 0 if live.healthy or live.version is None else 1
 
@@ -83,7 +78,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import mlflow
     import pandas as pd
 
-    from serving.deploy.verify import VerificationError, verify_endpoint
+    from serving.deploy.verify import VerificationFailed, verify_endpoint
 
     mlflow.set_tracking_uri(tracking_uri())
     model = mlflow.models.Model.load(args.model_uri)
@@ -93,9 +88,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         frame = model.load_input_example(args.model_uri)
         if not isinstance(frame, pd.DataFrame):
-            logging.getLogger("serving").error(
-                "%s has no DataFrame input example: pass --data", args.model_uri
-            )
+            log.error("%s has no DataFrame input example: pass --data", args.model_uri)
             return 1
     if args.rows:
         frame = frame.head(args.rows)
@@ -108,19 +101,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     endpoint = args.endpoint or _settings(args).endpoint_url
     try:
         _print(verify_endpoint(endpoint, args.model_uri, frame, features, atol=args.atol))
-    except VerificationError as exc:
-        logging.getLogger("serving").error("verification failed: %s", exc)
+    except VerificationFailed as exc:
+        log.error("verification failed: %s", exc)
         return 1
     return 0
-
-
-def _k8s_settings(args: argparse.Namespace) -> DeploySettings:
-    return with_overrides(
-        DeploySettings(),
-        namespace=getattr(args, "namespace", None),
-        deployment_name=getattr(args, "deployment", None),
-        serving_image=getattr(args, "serving_image", None),
-    )
 
 
 EXIT_OK, EXIT_VERDICT, EXIT_REFUSED, EXIT_FAULT = 0, 1, 2, 3
@@ -132,14 +116,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
     from ml.settings import RegistrySettings
     from serving.deploy.rollout import Request, run_request
-    from serving.deploy.target import (
-        RequestRejected,
-        RolloutError,
-        TargetRejected,
-        Verdict,
-    )
+    from serving.deploy.target import RequestRejected, RolloutError, TargetRejected, Verdict
 
-    log = logging.getLogger("serving")
     try:
         if args.version is not None:
             reason = args.reason or f"by hand: version {args.version}"
@@ -149,11 +127,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         log.error("bad rollout request: %s", exc)
         return EXIT_REFUSED
-    settings = with_overrides(_k8s_settings(args), target=args.target)
+    settings = with_overrides(_settings(args), target=args.target)
+    uri = args.tracking_uri or tracking_uri()
     try:
-        result = run_request(
-            request, settings, RegistrySettings(), tracking_uri=args.tracking_uri or tracking_uri()
-        )
+        result = run_request(request, settings, RegistrySettings(), tracking_uri=uri)
     except Verdict as exc:
         log.error("VERDICT (tagged; what served before serves again; not retried): %s", exc)
         return EXIT_VERDICT
@@ -178,17 +155,12 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     from serving.deploy.manifests import UnpinnedModelURI, base_files, render, to_yaml
 
-    settings = _k8s_settings(args)
+    uri = args.tracking_uri or tracking_uri()
     try:
-        objects = render(
-            settings,
-            args.model_uri,
-            args.version,
-            tracking_uri=args.tracking_uri or tracking_uri(),
-            include_namespace=not args.no_namespace,
-        )
+        objects = render(_settings(args), args.model_uri, args.version, tracking_uri=uri,
+                         include_namespace=not args.no_namespace)  # fmt: skip
     except UnpinnedModelURI as exc:
-        logging.getLogger("serving").error("%s", exc)
+        log.error("%s", exc)
         return 2
     if not args.out_dir:
         sys.stdout.write(to_yaml(objects))
@@ -197,7 +169,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         path = Path(args.out_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        logging.getLogger("serving").info("wrote %s", path)
+        log.info("wrote %s", path)
     return 0
 
 
@@ -265,23 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(nothing marked; retry).",
     )
     what = p.add_mutually_exclusive_group()
-    what.add_argument(
-        "--version",
-        type=int,
-        help="deploy exactly this version, then point @champion at it (the manual rollback)",
-    )
-    what.add_argument(
-        "--request",
-        help='JSON, e.g. {"kind": "champion"} (serving.deploy.rollout.Request); default: '
-        "deploy what @champion names",
-    )
+    why = "deploy exactly this version, then point @champion at it (the manual rollback)"
+    what.add_argument("--version", type=int, help=why)
+    why = 'JSON, e.g. {"kind": "champion"} (serving.deploy.rollout.Request); default: deploy '
+    what.add_argument("--request", help=why + "what @champion names")
     p.add_argument("--reason", help="why, in words: logged and written into the version's tags")
-    p.add_argument(
-        "--target",
-        choices=("local", "kubernetes"),
-        default=DeploySettings().target,
-        help="where (default: PIPELINE_DEPLOY_TARGET)",
-    )
+    p.add_argument("--target", choices=("local", "kubernetes"), default=DeploySettings().target,
+                   help="where (default: PIPELINE_DEPLOY_TARGET)")  # fmt: skip
     p.add_argument("--output", help="also write the result JSON here")
     p.add_argument("--namespace", help="override PIPELINE_DEPLOY_NAMESPACE")
     p.add_argument("--deployment", help="override PIPELINE_DEPLOY_DEPLOYMENT_NAME")
@@ -302,11 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    level = logging.DEBUG if args.verbose else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     return int(args.func(args) or 0)
 
 

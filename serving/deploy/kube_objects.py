@@ -95,9 +95,8 @@ def unknown_field(exc: BaseException) -> str | None:
     ``.spec.template.spec.containers[name="model-server"].lifecycle.preStop.sleep``) or strict
     validation's ``unknown field "<path>"``."""
     text = api_message(exc)
-    match = re.search(r"([^\s:]+): field not declared in schema", text) or re.search(
-        r'unknown field "([^"]+)"', text
-    )
+    match = re.search(r"([^\s:]+): field not declared in schema", text)
+    match = match or re.search(r'unknown field "([^"]+)"', text)
     return match[1] if match else None
 
 

@@ -1,21 +1,15 @@
 """The ``kubernetes`` target: the serving Deployment, rolled by the Deployment controller.
 
-:meth:`KubernetesTarget.deploy` is the whole of it: read the Deployment (an administrator
-bootstraps it; already running this version, rolled out: nothing to do); **server-side apply**
-the Deployment of :func:`serving.deploy.manifests.deployment` (field manager
-``train-and-deploy``, forced, with the ``resourceVersion`` just read as a precondition: a 409
-re-reads and applies again); **watch** it until the new pods are available and no old pod is
-left (``kubectl rollout status``), its ``progressDeadlineSeconds`` pass or a new pod
-crash-loops; then, never available, **undo** (``kubectl rollout undo``: the previous
-ReplicaSet's template applied and waited for) and raise. Pods that started and never passed
-their readiness probe are a verdict on the version (:class:`NotReady`); pods that could not
-be scheduled or pulled say nothing about it (:class:`DeployFailed`, retried).
-
-Verification, and restoring after a wrong answer, are :mod:`serving.deploy.rollout`'s.
-:meth:`withdraw` scales to zero (the HorizontalPodAutoscaler leaves a Deployment at zero
-alone); the next deploy scales back to ``min_replicas``. API calls without an answer are
-retried for ``api_retry_s``, then a fault. Clusters older than :data:`MIN_KUBERNETES` are
-refused before anything is applied.
+:meth:`KubernetesTarget.deploy`: **server-side apply** :func:`serving.deploy.manifests.deployment`
+to the bootstrapped Deployment (forced, the ``resourceVersion`` just read as a precondition: a
+409 re-reads and applies again; nothing when this version is rolled out already); **watch** it
+until complete (``kubectl rollout status``), past ``progressDeadlineSeconds`` or a new pod
+crash-looping; then **undo** (``kubectl rollout undo``) and raise: pods that started and never
+became ready are a verdict (:class:`NotReady`), pods never scheduled or pulled a fault
+(:class:`DeployFailed`). Verification and restoring after a wrong answer are
+:mod:`serving.deploy.rollout`'s. :meth:`withdraw` scales to zero (the HPA leaves that alone; the
+next deploy scales back). API calls without an answer are retried for ``api_retry_s``, then a
+fault; clusters older than :data:`MIN_KUBERNETES` are refused before anything is applied.
 """
 
 from __future__ import annotations
@@ -64,9 +58,6 @@ class _Stuck(Exception):
     def __init__(self, reason: str, *, verdict: bool) -> None:
         super().__init__(reason)
         self.verdict = verdict
-
-
-# -- the API -----------------------------------------------------------------------------------
 
 
 class KubeApi:
@@ -156,12 +147,10 @@ class KubeApi:
         from kubernetes import watch
 
         stream = watch.Watch().stream(
-            self.apps.list_namespaced_deployment,
-            self.namespace,
-            field_selector=f"metadata.name={self.name}",
-            resource_version=resource_version,
+            self.apps.list_namespaced_deployment, self.namespace,
+            field_selector=f"metadata.name={self.name}", resource_version=resource_version,
             timeout_seconds=max(1, int(timeout_s)),
-        )
+        )  # fmt: skip
         for event in stream:
             if event["type"] in ("ADDED", "MODIFIED"):
                 yield event["raw_object"]
@@ -173,9 +162,6 @@ class KubeApi:
     def pods(self, selector: str) -> list[dict[str, Any]]:
         return self._json("LIST pods", self.core.list_namespaced_pod, self.namespace,
                           label_selector=selector)["items"]  # fmt: skip
-
-
-# -- the target --------------------------------------------------------------------------------
 
 
 class KubernetesTarget:
@@ -238,11 +224,8 @@ class KubernetesTarget:
             if stuck.verdict:
                 raise NotReady(message, restored=restored) from None
             raise DeployFailed(message) from None
-        return {
-            "status": "rolled_out",
-            "revision": revision(done),
-            "ready_s": round(time.monotonic() - started, 1),
-        }
+        ready_s = round(time.monotonic() - started, 1)
+        return {"status": "rolled_out", "revision": revision(done), "ready_s": ready_s}
 
     def withdraw(self) -> None:
         self.api.scale(0)
@@ -258,18 +241,16 @@ class KubernetesTarget:
     def _check_server(self) -> None:
         major, minor = self.api.server_version()
         if (major, minor) < MIN_KUBERNETES:
-            need = ".".join(map(str, MIN_KUBERNETES))
-            raise TargetRejected(
-                f"the cluster runs Kubernetes {major}.{minor}; the serving Deployment needs "
-                f"{need} or newer (lifecycle.preStop.sleep). Upgrade the cluster."
-            )
+            need = ".".join(map(str, MIN_KUBERNETES)) + " or newer (lifecycle.preStop.sleep)"
+            why = f"the serving Deployment needs {need}. Upgrade the cluster."
+            raise TargetRejected(f"the cluster runs Kubernetes {major}.{minor}; {why}")
 
     def _require(self) -> dict[str, Any]:
         dep = self.api.get()
         if dep is None:
+            first = "bootstrap the serving objects first (docs/operations.md, 'First install')"
             raise TargetRejected(
-                f"Deployment {self.api.namespace}/{self.api.name} does not exist: bootstrap the "
-                "serving objects first (docs/operations.md, 'First install')"
+                f"Deployment {self.api.namespace}/{self.api.name} does not exist: {first}"
             )
         return dep
 
@@ -296,10 +277,8 @@ class KubernetesTarget:
         except ApiException as exc:
             if field := unknown_field(exc):
                 need = "1.30" if field.endswith("sleep") else "a newer release"
-                raise TargetRejected(
-                    f"the API server rejects the Deployment's field {field} (Kubernetes {need} "
-                    f"has it): {api_error(exc)}"
-                ) from exc
+                why = f"field {field} (Kubernetes {need} has it): {api_error(exc)}"
+                raise TargetRejected(f"the API server rejects the Deployment's {why}") from exc
             if exc.status in (400, 403, 409, 422):
                 raise TargetRejected(f"the apply was refused: {api_error(exc)}") from exc
             raise
@@ -360,9 +339,8 @@ class KubernetesTarget:
             for cs in (pod.get("status") or {}).get("containerStatuses") or []:
                 reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
                 if reason in CRASHING or reason in STUCK:
-                    raise _Stuck(
-                        f"pod {pod['metadata']['name']}: {reason}", verdict=reason in CRASHING
-                    )
+                    name = pod["metadata"]["name"]
+                    raise _Stuck(f"pod {name}: {reason}", verdict=reason in CRASHING)
 
     def _pods(self, dep: dict[str, Any]) -> tuple[bool, str]:
         """(a verdict?, the new pods in words): :func:`kube_objects.describe_pods`."""

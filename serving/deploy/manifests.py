@@ -12,22 +12,13 @@
     PodDisruptionBudget    at most one pod voluntarily down at a time
     NetworkPolicy          ingress only from this namespace and the configured client namespaces
 
-``python -m serving.deploy render --model-uri models:/regression-model/3 --version 3`` prints them
-as multi-document YAML; ``--out-dir docker/k8s/base`` writes the committed kustomize base. The
-monitoring objects (ServiceMonitor, PrometheusRule, the Grafana dashboard's ConfigMap) are not
-rendered: their YAML and JSON in docker/k8s/monitoring are the source.
-
-Who applies what. An administrator applies the whole set once (it contains the RBAC, which the
-rollout pod must not be able to grant itself). After that, the rollout pod
-(``serving.deploy.kubernetes``) server-side-applies only :func:`deployment`: a new model
-version is a new pinned URI in the pod template, so every rollout and every rollback is an
-ordinary rolling update. Its Role has no ``create`` (an apply that would create an object is
-authorised as ``create``): the rollout can change the one Deployment and nothing else.
-
-Probe sizing comes from a measurement of the server's start (model load and warm-up
-prediction; docs/operations.md has the numbers and the command). In a cluster the artifact
-download crosses the network and nodes may be busier, so the startup probe allows ~5x the
-slowest measured start.
+``python -m serving.deploy render ... [--out-dir docker/k8s/base]`` prints them as YAML or writes
+the committed kustomize base (the monitoring objects' YAML in docker/k8s/monitoring is their
+source). An administrator applies the whole set once (its RBAC the rollout pod must not grant
+itself); the rollout pod then server-side-applies only :func:`deployment` (a new pinned URI:
+every rollout and rollback is an ordinary rolling update), and its Role has no ``create``.
+The startup probe allows ~5x the slowest measured start (docs/operations.md): in a cluster the
+artifact download crosses the network and nodes may be busier.
 """
 
 from __future__ import annotations
@@ -125,6 +116,14 @@ def _meta(settings: DeploySettings, name: str, component: str, **extra: Any) -> 
     return {"name": name, "namespace": settings.namespace, "labels": labels, **extra}
 
 
+def _object(
+    settings: DeploySettings, api_version: str, kind: str, component="serving", name=None, **body
+) -> dict[str, Any]:
+    """``apiVersion``, ``kind``, the metadata (named like the Deployment by default), ``body``."""
+    meta = _meta(settings, name or settings.deployment_name, component)
+    return {"apiVersion": api_version, "kind": kind, "metadata": meta, **body}
+
+
 # -- the objects ---------------------------------------------------------------------------------
 
 
@@ -148,12 +147,7 @@ def namespace(settings: DeploySettings) -> dict[str, Any]:
 
 def server_service_account(settings: DeploySettings) -> dict[str, Any]:
     """The model server's identity: it never talks to the API server, so no token."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": _meta(settings, settings.deployment_name, "serving"),
-        "automountServiceAccountToken": False,
-    }
+    return _object(settings, "v1", "ServiceAccount", automountServiceAccountToken=False)
 
 
 def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
@@ -170,18 +164,15 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
     The token is not mounted by default: the rollout pod asks for it explicitly.
     """
     name = settings.service_account
+    rbac, ours = "rbac.authorization.k8s.io/v1", {"component": "rollout", "name": name}
     return [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": _meta(settings, name, "rollout"),
-            "automountServiceAccountToken": False,
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": _meta(settings, name, "rollout"),
-            "rules": [
+        _object(settings, "v1", "ServiceAccount", **ours, automountServiceAccountToken=False),
+        _object(
+            settings,
+            rbac,
+            "Role",
+            **ours,
+            rules=[
                 {
                     "apiGroups": ["apps"],
                     "resources": ["deployments"],
@@ -194,42 +185,26 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
                     "resourceNames": [settings.deployment_name],
                     "verbs": ["patch"],
                 },
-                {
-                    "apiGroups": ["apps"],
-                    "resources": ["replicasets"],
-                    "verbs": ["list"],
-                },
-                {
-                    "apiGroups": [""],
-                    "resources": ["pods"],
-                    "verbs": ["list"],
-                },
+                {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
             ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": _meta(settings, name, "rollout"),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": settings.namespace}],
-        },
+        ),
+        _object(
+            settings,
+            rbac,
+            "RoleBinding",
+            **ours,
+            roleRef={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            subjects=[{"kind": "ServiceAccount", "name": name, "namespace": settings.namespace}],
+        ),
     ]
 
 
 def service(settings: DeploySettings) -> dict[str, Any]:
     """ClusterIP Service named like the Deployment: ``http://<name>.<namespace>.svc``."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(settings, settings.deployment_name, "serving"),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(settings),
-            "ports": [
-                {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}
-            ],
-        },
-    }
+    port = {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}
+    spec = {"type": "ClusterIP", "selector": selector_labels(settings), "ports": [port]}
+    return _object(settings, "v1", "Service", spec=spec)
 
 
 def deployment(
@@ -243,7 +218,12 @@ def deployment(
     _, version = parse_pinned_uri(model_uri, version)
     annotations = {MODEL_URI_ANNOTATION: model_uri, MODEL_VERSION_ANNOTATION: version}
     version_label = {VERSION_LABEL: label_value(version)}
-    probe_get = {"port": "http", "scheme": "HTTP"}
+
+    def probe(path: str, period: int, *, timeout: int, failures: int, **extra: int) -> dict:
+        get = {"path": path, "port": "http", "scheme": "HTTP"}
+        return {"httpGet": get, "periodSeconds": period, "timeoutSeconds": timeout, **extra,
+                "failureThreshold": failures}  # fmt: skip
+
     container = {
         "name": CONTAINER_NAME,
         "image": settings.serving_image,
@@ -274,26 +254,10 @@ def deployment(
         ],
         "ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
         # /ping is 503 until the model is loaded and a warm-up prediction succeeded.
-        "startupProbe": {
-            "httpGet": {"path": "/ping", **probe_get},
-            "periodSeconds": STARTUP_PERIOD_S,
-            "timeoutSeconds": 2,
-            "failureThreshold": STARTUP_FAILURES,
-        },
-        "readinessProbe": {
-            "httpGet": {"path": "/ping", **probe_get},
-            "periodSeconds": 5,
-            "timeoutSeconds": 2,
-            "successThreshold": 1,
-            "failureThreshold": 2,
-        },
+        "startupProbe": probe("/ping", STARTUP_PERIOD_S, timeout=2, failures=STARTUP_FAILURES),
+        "readinessProbe": probe("/ping", 5, timeout=2, successThreshold=1, failures=2),
         # Only after the startup probe succeeded: a wedged server is restarted after ~30 s.
-        "livenessProbe": {
-            "httpGet": {"path": "/health", **probe_get},
-            "periodSeconds": 10,
-            "timeoutSeconds": 3,
-            "failureThreshold": 3,
-        },
+        "livenessProbe": probe("/health", 10, timeout=3, failures=3),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_S}}},
         # Memory request == limit (~750 MiB RSS measured, TensorFlow spikes on big batches):
         # no eviction surprise. A CPU limit well above the request bounds a runaway pod
@@ -375,30 +339,17 @@ def deployment(
 
 
 def horizontal_pod_autoscaler(settings: DeploySettings) -> dict[str, Any]:
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": _meta(settings, settings.deployment_name, "serving"),
-        "spec": {
-            "scaleTargetRef": {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "name": settings.deployment_name,
-            },
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": settings.deployment_name}
+    cpu = {"type": "Utilization", "averageUtilization": HPA_CPU_UTILIZATION}
+    return _object(
+        settings,
+        "autoscaling/v2",
+        "HorizontalPodAutoscaler",
+        spec={
+            "scaleTargetRef": target,
             "minReplicas": settings.min_replicas,
             "maxReplicas": settings.max_replicas,
-            "metrics": [
-                {
-                    "type": "Resource",
-                    "resource": {
-                        "name": "cpu",
-                        "target": {
-                            "type": "Utilization",
-                            "averageUtilization": HPA_CPU_UTILIZATION,
-                        },
-                    },
-                }
-            ],
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": cpu}}],
             "behavior": {
                 # Scale down slowly (a model pod takes ~15 s to come back), up promptly.
                 "scaleDown": {
@@ -411,22 +362,18 @@ def horizontal_pod_autoscaler(settings: DeploySettings) -> dict[str, Any]:
                 },
             },
         },
-    }
+    )
 
 
 def pod_disruption_budget(settings: DeploySettings) -> dict[str, Any]:
     """At most one pod voluntarily down; never blocks a drain even at one replica."""
-    return {
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": _meta(settings, settings.deployment_name, "serving"),
-        "spec": {
-            "maxUnavailable": 1,
-            "selector": {"matchLabels": selector_labels(settings)},
-            # A crash-looping pod may be evicted even when the budget is spent.
-            "unhealthyPodEvictionPolicy": "AlwaysAllow",
-        },
+    spec = {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": selector_labels(settings)},
+        # A crash-looping pod may be evicted even when the budget is spent.
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
     }
+    return _object(settings, "policy/v1", "PodDisruptionBudget", spec=spec)
 
 
 def network_policy(settings: DeploySettings) -> dict[str, Any]:
@@ -435,55 +382,31 @@ def network_policy(settings: DeploySettings) -> dict[str, Any]:
     Prometheus). Egress is left open: the server must reach MLflow and its artifact store,
     whose addresses are deployment-specific (often outside the cluster)."""
     peers: list[dict[str, Any]] = [{"podSelector": {}}]
-    if settings.allowed_client_namespaces:
-        peers.append(
-            {
-                "namespaceSelector": {
-                    "matchExpressions": [
-                        {
-                            "key": "kubernetes.io/metadata.name",
-                            "operator": "In",
-                            "values": list(settings.allowed_client_namespaces),
-                        }
-                    ]
-                }
-            }
-        )
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": _meta(settings, settings.deployment_name, "serving"),
-        "spec": {
-            "podSelector": {"matchLabels": selector_labels(settings)},
-            "policyTypes": ["Ingress"],
-            "ingress": [
-                {"from": peers, "ports": [{"protocol": "TCP", "port": CONTAINER_PORT}]},
-            ],
-        },
-    }
+    if names := list(settings.allowed_client_namespaces):
+        named = {"key": "kubernetes.io/metadata.name", "operator": "In", "values": names}
+        peers.append({"namespaceSelector": {"matchExpressions": [named]}})
+    ingress = {"from": peers, "ports": [{"protocol": "TCP", "port": CONTAINER_PORT}]}
+    selector = {"matchLabels": selector_labels(settings)}
+    spec = {"podSelector": selector, "policyTypes": ["Ingress"], "ingress": [ingress]}
+    return _object(settings, "networking.k8s.io/v1", "NetworkPolicy", spec=spec)
 
 
 def render(
-    settings: DeploySettings,
-    model_uri: str,
-    version: str | int,
-    *,
-    tracking_uri: str,
+    settings: DeploySettings, model_uri: str, version: str | int, *, tracking_uri: str,
     include_namespace: bool = True,
-) -> list[dict[str, Any]]:
+) -> list[dict[str, Any]]:  # fmt: skip
     """Every object of the kubernetes target, in apply order. Pure: no I/O, no clock."""
     parse_pinned_uri(model_uri, version)
-    objects: list[dict[str, Any]] = []
-    if include_namespace:
-        objects.append(namespace(settings))
-    objects.append(server_service_account(settings))
-    objects.extend(rollout_rbac(settings))
-    objects.append(service(settings))
-    objects.append(deployment(settings, model_uri, version, tracking_uri=tracking_uri))
-    objects.append(horizontal_pod_autoscaler(settings))
-    objects.append(pod_disruption_budget(settings))
-    objects.append(network_policy(settings))
-    return objects
+    return [
+        *([namespace(settings)] if include_namespace else []),
+        server_service_account(settings),
+        *rollout_rbac(settings),
+        service(settings),
+        deployment(settings, model_uri, version, tracking_uri=tracking_uri),
+        horizontal_pod_autoscaler(settings),
+        pod_disruption_budget(settings),
+        network_policy(settings),
+    ]
 
 
 # -- YAML ----------------------------------------------------------------------------------------
@@ -524,10 +447,6 @@ def base_files(objects: list[dict[str, Any]]) -> dict[str, str]:
     unplaced = [o["kind"] for o in objects if id(o) not in placed]
     if unplaced:  # pragma: no cover - a new kind needs a file
         raise ValueError(f"no base file for kinds {unplaced}")
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": list(files),
-    }
-    files["kustomization.yaml"] = GENERATED_HEADER + to_yaml([kustomization])
+    kind = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
+    files["kustomization.yaml"] = GENERATED_HEADER + to_yaml([{**kind, "resources": list(files)}])
     return files

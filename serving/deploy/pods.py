@@ -1,13 +1,8 @@
-"""Every KubernetesPodOperator pod of the pipeline, as keyword arguments (one module).
+"""Every KubernetesPodOperator pod of the pipeline (training, rollout), as keyword arguments.
 
-Two kinds of pod run the pipeline's own code in the pipeline image (docker/pipeline.Dockerfile):
-the training pod (``python -m ml train``, :func:`training_pod_kwargs`) and the rollout pod
-(``python -m serving.deploy rollout``, :func:`rollout_pod_kwargs`). Both are built from
-:func:`pipeline_pod_kwargs`: the restricted Pod Security Standard, a writable ``/tmp`` and
-nothing else writable, the settings carried over as env vars, and optional credentials from a
-Secret.
-
-Nothing here imports Airflow: the DAG file builds the operator, this module only describes it.
+Both run the pipeline image and share :func:`pipeline_pod_kwargs`: the restricted Pod Security
+Standard, only ``/tmp`` writable, the settings carried over as env vars, optional credentials
+from a Secret. Nothing here imports Airflow: the DAG file builds the operator.
 """
 
 from __future__ import annotations
@@ -41,21 +36,11 @@ def restricted_container_security_context() -> k8s.V1SecurityContext:
 
 
 def pipeline_pod_kwargs(
-    deploy: DeploySettings,
-    *,
-    name: str,
-    component: str,
-    instance: str,
-    env: dict[str, str],
-    tracking_uri: str,
-    tmp_size: str = "128Mi",
-) -> dict[str, Any]:
+    deploy: DeploySettings, *, name: str, component: str, instance: str, env: dict[str, str],
+    tracking_uri: str, tmp_size: str = "128Mi",
+) -> dict[str, Any]:  # fmt: skip
     """What every pipeline pod shares; callers add command, resources and their own choices."""
-    env_from = []
-    if deploy.pod_env_secret:
-        env_from.append(
-            k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=deploy.pod_env_secret))
-        )
+    secret = deploy.pod_env_secret and k8s.V1SecretEnvSource(name=deploy.pod_env_secret)
     return {
         "kubernetes_conn_id": deploy.kubernetes_conn_id,
         "image": deploy.pipeline_image,
@@ -77,7 +62,7 @@ def pipeline_pod_kwargs(
             "HOME": "/tmp",
             "PYTHONUNBUFFERED": "1",
         },
-        "env_from": env_from or None,
+        "env_from": [k8s.V1EnvFromSource(secret_ref=secret)] if secret else None,
         # Pod Security Standard `restricted` (pod level + container level).
         "security_context": k8s.V1PodSecurityContext(
             run_as_non_root=True,
@@ -108,19 +93,10 @@ def pipeline_pod_kwargs(
 
 
 def training_pod_kwargs(
-    training: TrainingSettings,
-    data: DataSettings,
-    deploy: DeploySettings,
-    *,
-    window: str,
-    tracking_uri: str,
-    epochs: str,
-    learning_rate: str,
-    batch_size: str,
-    tags: dict[str, str],
-    execution_timeout_s: int,
-    registry: RegistrySettings | None = None,
-) -> dict[str, Any]:
+    training: TrainingSettings, data: DataSettings, deploy: DeploySettings, *, window: str,
+    tracking_uri: str, epochs: str, learning_rate: str, batch_size: str, tags: dict[str, str],
+    execution_timeout_s: int, registry: RegistrySettings | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Keyword arguments for the ``train`` task as a ``KubernetesPodOperator``.
 
     The pod runs ``python -m ml train``; its run records the result (run id, model URI) in
@@ -145,16 +121,10 @@ def training_pod_kwargs(
         # TensorFlow and the BLAS underneath size their thread pools by the node's CPUs.
         "OMP_NUM_THREADS": str(threads),
     }
-    kwargs = pipeline_pod_kwargs(
-        deploy,
-        name="model-training",
-        component="training",
-        instance=f"{data.source}-data",
-        env=env,
-        tracking_uri=tracking_uri,
-        # Keras, MLflow's model staging and plot rendering use /tmp.
-        tmp_size="2Gi",
-    )
+    # Keras, MLflow's model staging and plot rendering use /tmp: 2Gi.
+    kwargs = pipeline_pod_kwargs(deploy, name="model-training", component="training",
+                                 instance=f"{data.source}-data", env=env,
+                                 tracking_uri=tracking_uri, tmp_size="2Gi")  # fmt: skip
     kwargs.update(
         namespace=training.pod_namespace or deploy.namespace,
         # Training talks to MLflow only, never to the API server: no token in the pod.
@@ -186,21 +156,14 @@ def training_pod_kwargs(
     )
     if training.pod_data_claim:
         if "://" in data.path or not data.path.startswith("/"):
-            raise ValueError(
-                f"pod_data_claim mounts a volume at PIPELINE_DATA_PATH, which must then be an "
-                f"absolute path, got {data.path!r}"
-            )
-        kwargs["volumes"].append(
-            k8s.V1Volume(
-                name="data",
-                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-                    claim_name=training.pod_data_claim, read_only=True
-                ),
-            )
+            why = f"which must then be an absolute path, got {data.path!r}"
+            raise ValueError(f"pod_data_claim mounts a volume at PIPELINE_DATA_PATH, {why}")
+        claim = k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name=training.pod_data_claim, read_only=True
         )
-        kwargs["volume_mounts"].append(
-            k8s.V1VolumeMount(name="data", mount_path=data.path, read_only=True)
-        )
+        kwargs["volumes"].append(k8s.V1Volume(name="data", persistent_volume_claim=claim))
+        mount = k8s.V1VolumeMount(name="data", mount_path=data.path, read_only=True)
+        kwargs["volume_mounts"].append(mount)
     return kwargs
 
 
@@ -232,11 +195,7 @@ def settings_env(
 
 
 def rollout_pod_kwargs(
-    settings: DeploySettings,
-    *,
-    tracking_uri: str,
-    request: Any,
-    registry: RegistrySettings | None = None,
+    settings: DeploySettings, *, tracking_uri: str, request: Any, registry=None
 ) -> dict[str, Any]:
     """Keyword arguments for ``KubernetesPodOperator(task_id=..., **rollout_pod_kwargs(...))``.
 
@@ -250,16 +209,11 @@ def rollout_pod_kwargs(
     env = deploy_settings_env(settings.model_copy(update={"target": "kubernetes"}))
     env |= settings_env(registry or RegistrySettings())
 
-    kwargs = pipeline_pod_kwargs(
-        settings,
-        name="model-rollout",
-        component="rollout",
-        instance=settings.deployment_name,
-        # The pod's DeploySettings() rebuilds the serving Deployment from these, so every
-        # setting travels (a hand-picked subset would silently reset the others).
-        env=env,
-        tracking_uri=tracking_uri,
-    )
+    # The pod's DeploySettings() rebuilds the serving Deployment from env, so every setting
+    # travels (a hand-picked subset would silently reset the others).
+    kwargs = pipeline_pod_kwargs(settings, name="model-rollout", component="rollout",
+                                 instance=settings.deployment_name, env=env,
+                                 tracking_uri=tracking_uri)  # fmt: skip
     kwargs.update(
         namespace=settings.namespace,
         # The pod runs with the rollout ServiceAccount: RBAC limited to get/patch the serving

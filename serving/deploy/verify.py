@@ -1,22 +1,11 @@
-"""Talk to a live model endpoint: which version it serves, and whether it answers *this* model.
+"""Talk to a live model endpoint (:class:`Endpoint`, the deploy side's one HTTP client): which
+version it serves, and whether it answers *this* model.
 
-One HTTP client for every check the deploy side makes (the local target's readiness, a
-rollout's verification through the target's endpoint, reconcile's health check):
-:class:`Endpoint`.
-
-Verification sends fixed rows through the MLflow scoring protocol and compares the answers with
-the numbers the model itself gave for those rows. The rows and numbers are chosen when the
-version is evaluated and logged with its training run (``ml.evaluate.verification_rows``), so
-a rollout verifies on the same rows whenever and wherever it runs, without loading the model.
-A version without them (one not trained by this pipeline) is verified on its logged input
-example, with predictions from a local load of the model.
-
-Two kinds of failure, kept apart on purpose:
-
-* :class:`VerificationFailed` - the endpoint answered, and the answer is wrong (an error status
-  for valid rows, a prediction that differs): a verdict on the version.
-* :class:`EndpointUnreachable` - no answer at all (refused, timed out): says nothing about the
-  version, so it never marks it bad; the caller retries.
+Verification sends fixed rows and compares the answers with the model's own predictions for
+them, logged with its training run (``ml.evaluate.verification_rows``): the same rows whenever
+and wherever a rollout runs, without loading the model (a version not trained here is verified
+on its input example, predicted by a local load). A wrong answer is :class:`VerificationFailed`,
+a verdict on the version; no answer is :class:`EndpointUnreachable`, never a verdict (retried).
 """
 
 from __future__ import annotations
@@ -42,10 +31,6 @@ ATOL = SLIM_ATOL
 RTOL = SLIM_RTOL
 
 
-# Kept for callers of the old name (the CLI's ``verify`` command, the tests).
-VerificationError = VerificationFailed
-
-
 @dataclass(frozen=True)
 class Rows:
     """Feature rows to send and the predictions the version itself gives for them."""
@@ -57,11 +42,8 @@ class Rows:
 
     def payload(self) -> str:
         """``{"dataframe_split": ...}`` with exact floats (repr round-trips) and NaN as null."""
-        return json.dumps(
-            {"dataframe_split": {"columns": self.columns, "data": self.data}},
-            default=_json_default,
-            allow_nan=False,
-        )
+        split = {"columns": self.columns, "data": self.data}
+        return json.dumps({"dataframe_split": split}, default=_json_default, allow_nan=False)
 
 
 class Endpoint:
@@ -112,31 +94,16 @@ class Endpoint:
             if isinstance(body, dict) and body.get("version") is not None:
                 return str(body["version"])
         header = resp.headers.get(VERSION_HEADER)
-        if header:
-            return header
-        return self._request("GET", "/ping").headers.get(VERSION_HEADER)
+        return header or self._request("GET", "/ping").headers.get(VERSION_HEADER)
 
     def invoke(self, payload: str) -> httpx.Response:
         """POST a JSON scoring request; any HTTP answer is returned, no answer raises."""
-        return self._request(
-            "POST", "/invocations", content=payload, headers={"Content-Type": "application/json"}
-        )
-
-
-def served_version(base_url: str) -> str | None:
-    """The version ``base_url`` serves; raises :class:`EndpointUnreachable` without an answer."""
-    with Endpoint(base_url, timeout_s=10.0) as endpoint:
-        return endpoint.served_version()
+        headers = {"Content-Type": "application/json"}
+        return self._request("POST", "/invocations", content=payload, headers=headers)
 
 
 def verify(
-    endpoint_url: str,
-    version: str,
-    rows: Rows,
-    *,
-    atol: float = ATOL,
-    rtol: float = RTOL,
-    timeout_s: float = 30.0,
+    endpoint_url: str, version: str, rows: Rows, *, atol=ATOL, rtol=RTOL, timeout_s=30.0
 ) -> dict[str, Any]:
     """Check that ``endpoint_url`` serves ``version`` and answers ``rows`` as it should.
 
@@ -153,13 +120,8 @@ def verify(
             )
         resp = endpoint.invoke(rows.payload())
     max_abs_diff = check_answer(resp, rows, atol=atol, rtol=rtol, what=f"version {version}")
-    return {
-        "endpoint": endpoint_url,
-        "version": str(version),
-        "rows": len(rows.data),
-        "max_abs_diff": max_abs_diff,
-        "rows_from": rows.source,
-    }
+    return {"endpoint": endpoint_url, "version": str(version), "rows": len(rows.data),
+            "max_abs_diff": max_abs_diff, "rows_from": rows.source}  # fmt: skip
 
 
 def check_answer(
@@ -168,34 +130,24 @@ def check_answer(
     """The max abs difference of an ``/invocations`` answer to ``rows``' expected predictions;
     raises :class:`VerificationFailed` with the status code, or the first mismatching row."""
     if resp.status_code != 200:
-        raise VerificationFailed(
-            f"POST {resp.request.url} with {len(rows.data)} rows ({rows.source}) returned "
-            f"{resp.status_code}: {_excerpt(resp.text)}"
-        )
+        sent = f"POST {resp.request.url} with {len(rows.data)} rows ({rows.source})"
+        raise VerificationFailed(f"{sent} returned {resp.status_code}: {_excerpt(resp.text)}")
     try:
         body = resp.json()
         remote = as_array(body["predictions"] if isinstance(body, dict) else body)
     except (ValueError, KeyError, TypeError) as exc:
-        raise VerificationFailed(
-            f"unexpected /invocations answer ({exc}): {_excerpt(resp.text)}"
-        ) from exc
+        why = f"unexpected /invocations answer ({exc}): {_excerpt(resp.text)}"
+        raise VerificationFailed(why) from exc
     return compare(remote, rows.expected, atol=atol, rtol=rtol, what=what)
 
 
-def compare(
-    remote: np.ndarray,
-    expected: np.ndarray,
-    *,
-    what: str,
-    atol: float = ATOL,
-    rtol: float = RTOL,
-) -> float:
+def compare(remote: np.ndarray, expected: np.ndarray, *, what: str, atol=ATOL, rtol=RTOL) -> float:
     """Max abs difference; raises :class:`VerificationFailed` at the first row off by more
     than ``atol + rtol * |expected|``."""
     if remote.shape != expected.shape:
+        answered = f"predictions of shape {remote.shape} for {expected.shape[0]} rows"
         raise VerificationFailed(
-            f"the endpoint answered predictions of shape {remote.shape} for "
-            f"{expected.shape[0]} rows; {what} gives shape {expected.shape}"
+            f"the endpoint answered {answered}; {what} gives shape {expected.shape}"
         )
     diff = np.abs(remote - expected)
     # NaN on exactly one side is a mismatch; NaN on both sides agrees.
@@ -238,12 +190,9 @@ def load_rows(version: Mapping[str, Any], *, tracking_uri: str) -> Rows:
         except (MlflowException, OSError):
             logged = None
         if logged:
-            return Rows(
-                columns=[str(c) for c in logged["columns"]],
-                data=logged["data"],
-                expected=np.asarray(logged["predictions"], dtype="float64"),
-                source=f"logged with run {run_id}",
-            )
+            expected = np.asarray(logged["predictions"], dtype="float64")
+            columns = [str(c) for c in logged["columns"]]
+            return Rows(columns, logged["data"], expected, f"logged with run {run_id}")
     frame, columns = input_example_rows(version["model_uri"])
     return local_rows(version["model_uri"], frame, columns, source="its input example")
 
@@ -280,15 +229,9 @@ def local_rows(model_uri: str, frame: pd.DataFrame, columns: list[str], *, sourc
 
 
 def verify_endpoint(
-    endpoint: str,
-    model_uri: str,
-    frame: pd.DataFrame,
-    feature_columns: list[str],
-    *,
-    atol: float = ATOL,
-    rtol: float = RTOL,
-    timeout_s: float = 30,
-) -> dict[str, Any]:
+    endpoint: str, model_uri: str, frame: pd.DataFrame, feature_columns: list[str], *,
+    atol: float = ATOL, rtol: float = RTOL, timeout_s: float = 30,
+) -> dict[str, Any]:  # fmt: skip
     """Parity of ``endpoint`` with a local load of ``model_uri`` on ``frame`` (the CLI's check).
 
     Unlike :func:`verify` it does not ask which version is served: it compares answers only.
@@ -300,9 +243,8 @@ def verify_endpoint(
         except EndpointUnreachable as exc:
             raise VerificationFailed(f"GET {client.base}/ping failed: {exc}") from exc
         if ping.status_code != 200:
-            raise VerificationFailed(
-                f"GET {client.base}/ping returned {ping.status_code}: {_excerpt(ping.text)}"
-            )
+            why = f"returned {ping.status_code}: {_excerpt(ping.text)}"
+            raise VerificationFailed(f"GET {client.base}/ping {why}")
         try:
             resp = client.invoke(rows.payload())
         except EndpointUnreachable as exc:
@@ -346,9 +288,6 @@ def as_array(predictions: Any) -> np.ndarray:
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     return arr
-
-
-_as_array = as_array  # the tests' name
 
 
 def _item(value: Any) -> Any:

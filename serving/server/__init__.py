@@ -1,17 +1,12 @@
-"""The model server: MLflow's scoring protocol, faster, with metrics. What the serving image
-contains, and nothing else.
-
-``python -m serving.server --model-uri models:/regression-model/3 [--host] [--port] [--workers]``
-
-Imports stop at this package's own dependencies (numpy, MLflow's pyfunc loader, uvicorn,
-orjson, TensorFlow for Keras models): never ``ml``, ``serving.deploy``, Airflow or the
-Kubernetes client (a test enforces it).
+"""The model server (``python -m serving.server``): MLflow's scoring protocol, faster, with
+metrics. What the serving image contains, and nothing else: imports stop at numpy, MLflow's
+pyfunc loader, uvicorn, orjson and TensorFlow for Keras models, never ``ml``,
+``serving.deploy``, Airflow or the Kubernetes client (a test enforces it).
 
 Routes (a client of ``mlflow models serve`` must not notice the switch):
 
-- ``POST /invocations``  the scoring protocol: JSON (``dataframe_split``, ``dataframe_records``,
-  ``instances``, ``inputs``, optional ``params``), CSV (``text/csv``) and Parquet, with the same
-  status codes and the same error JSON (``{"error_code": ..., "message": ...}``) as MLflow
+- ``POST /invocations``  the scoring protocol (JSON in its four shapes with optional
+  ``params``, CSV, Parquet), with MLflow's status codes and error JSON
 - ``GET /ping``, ``GET /health``   200 once ready, 503 before (MLflow: 200 once loaded)
 - ``GET /version``   the MLflow version, like MLflow
 - ``GET /v1/model``  what is served: ``{name, version, uri, run_id, model_id, flavor, ...}``
@@ -24,16 +19,13 @@ Every response carries ``X-Model-Version`` when the model came from the registry
 Where this server deliberately differs from MLflow:
 
 - bodies over ``--max-request-bytes`` get 413 (MLflow reads any size);
-- a body must have arrived whole within ``--body-timeout-s`` (default 10 s, from when the
-  server starts reading it, however it trickles in), else 408 and the connection is closed
-  (MLflow sets no limit: a client that sends less than its ``Content-Length`` holds a
-  connection for as long as it likes);
-- with ``--strict`` (off by default; the Kubernetes Deployment turns it on), requests that
-  MLflow accepts only by quietly changing them are a 400 naming the column: a column not in
-  the model's input schema (MLflow drops it) and, for a numeric column, a value that is not
-  a JSON number (MLflow turns ``true`` into 1.0 and ``"2.5"`` into 2.5). JSON requests are
-  checked as decoded, before the fast path or MLflow's parsing runs; CSV and Parquet after
-  MLflow's parsing, before the model runs;
+- a body must arrive whole within ``--body-timeout-s`` (default 10 s) of the first read, else
+  408 and the connection is closed (MLflow sets no limit: a client sending less than its
+  ``Content-Length`` holds a connection as long as it likes);
+- with ``--strict`` (off by default; the Kubernetes Deployment turns it on), a column not in
+  the model's input schema (MLflow drops it) and, in a numeric column, a value that is not a
+  JSON number (MLflow turns ``true`` into 1.0, ``"2.5"`` into 2.5) are a 400 naming the
+  column (``serving.server.strict``);
 - error responses carry no ``stack_trace`` and never echo the request body or the parsed frame;
 - ``NaN``/``Infinity`` literals (not JSON) are rejected with a clear 400, and for the Keras
   model missing or non-finite feature values too (MLflow answers ``NaN`` predictions, which is

@@ -59,61 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m serving.server",
         description="Serve an MLflow model over MLflow's scoring protocol (blocking).",
     )
-    p.add_argument(
-        "--model-uri",
-        help=f"models:/name/version, models:/name@alias, runs:/... (default: ${MODEL_URI_ENV})",
-    )
+    p.add_argument("--model-uri", help="models:/name/version, models:/name@alias, runs:/... "
+                   f"(default: ${MODEL_URI_ENV})")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes (each loads the model; /metrics answers for all of them)",
-    )
-    p.add_argument(
-        "--max-request-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413"
-    )
+    p.add_argument("--workers", type=int, default=1, help="processes (each loads the model; "
+                   "/metrics answers for all of them)")  # fmt: skip
+    p.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
+                   help="larger bodies get 413")  # fmt: skip
     p.add_argument("--max-batch-rows", type=int, default=256, help="micro-batch size cap")
-    p.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        default=0.0,
-        help="extra wait to fill a micro-batch (0: only what queued while the model was busy)",
-    )
-    p.add_argument(
-        "--batch-mode",
-        choices=("auto", "thread", "inline"),
-        default="auto",
-        help="where the model runs: auto = on the event loop for small batches, else a thread",
-    )
+    p.add_argument("--batch-wait-ms", type=float, default=0.0, help="extra wait to fill a "
+                   "micro-batch (0: only what queued while the model was busy)")  # fmt: skip
+    p.add_argument("--batch-mode", choices=("auto", "thread", "inline"), default="auto",
+                   help="where the model runs: auto = on the event loop for small batches, "
+                   "else a thread")  # fmt: skip
     p.add_argument("--no-fast-path", action="store_true", help="always use the pyfunc")
-    p.add_argument(
-        "--no-pyfunc-batching",
-        action="store_true",
-        help="one pyfunc predict per request (default: concurrent requests share one, where safe)",
-    )
-    p.add_argument(
-        "--no-slim",
-        action="store_true",
-        help="ignore a model's LiteRT artifact (serve it with TensorFlow)",
-    )
-    p.add_argument(
-        "--tf-threads", type=int, default=1, help="TensorFlow op threads (0: TF default)"
-    )
+    p.add_argument("--no-pyfunc-batching", action="store_true", help="one pyfunc predict per "
+                   "request (default: concurrent requests share one, where safe)")  # fmt: skip
+    p.add_argument("--no-slim", action="store_true",
+                   help="ignore a model's LiteRT artifact (serve it with TensorFlow)")  # fmt: skip
+    p.add_argument("--tf-threads", type=int, default=1,
+                   help="TensorFlow op threads (0: TF default)")  # fmt: skip
     p.add_argument("--no-access-log", action="store_true")
-    p.add_argument(
-        "--request-timeout",
-        type=float,
-        help="seconds per request, like MLflow's (default: $MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT "
-        "or 60)",
-    )
-    p.add_argument(
-        "--graceful-timeout",
-        type=float,
-        default=30.0,
-        help="seconds SIGTERM waits for in-flight requests",
-    )
+    p.add_argument("--request-timeout", type=float, help="seconds per request, like MLflow's "
+                   "(default: $MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT or 60)")  # fmt: skip
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests")  # fmt: skip
     p.add_argument(
         "--body-timeout-s",
         type=_positive_seconds,

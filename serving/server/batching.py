@@ -1,40 +1,21 @@
-"""Micro-batching: concurrent requests share one model call.
+"""Micro-batching: concurrent requests, each parsed and validated on its own first, share one
+model call (:meth:`MicroBatcher.submit`) and get their slice of the answer.
 
-Each request is parsed and validated on its own first (a bad request is answered 400 before it
-gets near a batch), then hands its rows (a float32 matrix, or a few rows as Python lists) to
-:meth:`MicroBatcher.submit` (or :meth:`MicroBatcher.predict`) and awaits its slice of the answer.
+Scheduling: requests wait while the model is busy (where batches come from under load), else at
+most ``max_wait_s``. The default, 0, is the next loop turn (no timer for a lone request), or
+the turn after when the last batch was shared: a burst arrives over a couple of turns, and one
+extra turn (microseconds) lets it share one call instead of two or three, most of the
+throughput at 8 closed-loop clients (docs/benchmarks.md). A batch exceeds ``max_batch_rows``
+only for one bigger request, run alone. When a shared call raises, each request re-runs alone.
 
-Scheduling: requests wait while the model is busy (that is where batches come from under load),
-and otherwise at most ``max_wait_s``. The default, 0, means the next turn of the event loop (a
-lone request is never delayed by a timer), or the turn after that when the previous batch was
-shared by several requests: under concurrent load the requests of one burst arrive over a couple
-of loop turns, and that one extra turn (microseconds) lets them share one call instead of two or
-three, which is most of the difference in throughput at 8 closed-loop clients (requests per call
-with and without that turn: docs/benchmarks.md). A batch never exceeds ``max_batch_rows`` unless
-a single request is bigger, in which case that request runs alone. If a batched call raises,
-every request of the batch is re-run on its own, so only the request that really fails gets the
-error.
-
-Where the model runs (``mode``): ``"auto"`` (default) calls it on the event loop itself for
-batches of at most ``inline_max_rows`` rows (a small call of the fast Keras path costs less than
-handing it to a thread and back; figures in docs/benchmarks.md) and in one dedicated model
-thread for bigger batches, so a large request never blocks the loop (TensorFlow releases the GIL
-while its kernels run, and the loop keeps reading and parsing meanwhile). ``"thread"`` always
-uses the thread, ``"inline"`` never does.
-
-Other inputs than rows of numbers (``merge``/``take``/``count``): a pyfunc served without the
-fast path is batched on the DataFrames MLflow parsed the requests into. ``merge`` makes one
-input of several (``pandas.concat``), ``take(outputs, start, stop)`` cuts one request's part of
-the outputs, ``count(outputs)`` says how many rows they have (it must equal the input's); the
-default is numpy arrays/lists. A merge that raises (e.g. inputs that cannot be concatenated)
-counts as a failed shared call: each request then runs on its own.
-
-Observers (called on the event loop, never allowed to fail a batch): ``on_batch(rows,
-requests, fell_back)`` once per batch, and ``on_outputs(rows, outputs)`` once per model call
-that succeeded, with the very input it ran on (the merged array of a shared batch, or one
-request's rows as given) and its output array, by reference (the server's feature and
-prediction histograms count them later, in bulk). After a failed shared call only the
-re-runs that succeeded are observed.
+``mode="auto"`` calls the model on the event loop for at most ``inline_max_rows`` rows (cheaper
+than a thread hand-off for the fast path; docs/benchmarks.md), else in one model thread so a
+large request never blocks the loop (TensorFlow releases the GIL); ``"thread"``, ``"inline"``.
+``merge``/``take``/``count`` batch other inputs (a pyfunc's DataFrames: ``pandas.concat``, a
+request's rows of the outputs, their row count); a merge that raises is a failed shared call.
+Observers run on the loop and never fail a batch: ``on_batch(rows, requests, fell_back)`` per
+batch, ``on_outputs(input, outputs)`` per successful model call, by reference (the histograms
+count them later, in bulk).
 """
 
 from __future__ import annotations
@@ -158,8 +139,7 @@ class MicroBatcher:
             taken, self._pending = pending, []
             self._pending_rows = 0
         else:
-            rows = 0
-            end = 0
+            rows = end = 0
             for x, _ in pending:
                 if end and rows + len(x) > limit:
                     break
@@ -176,12 +156,8 @@ class MicroBatcher:
             self._timer = None
         if self._busy:
             return
-        if (
-            self._last_batch_requests > 1
-            and not self._deferred
-            and self.max_wait_s == 0
-            and self._pending_rows < self.max_batch_rows
-        ):
+        if (self._last_batch_requests > 1 and not self._deferred and self.max_wait_s == 0
+                and self._pending_rows < self.max_batch_rows):  # fmt: skip
             # Requests came in together last time: give the loop one more turn to read the
             # ones whose bytes have arrived meanwhile, so that they share this model call.
             self._deferred = True

@@ -63,17 +63,13 @@ def _finish_await(waiter, waiting_on):
     """
     while True:
         try:
-            sent = yield waiting_on
+            step, value = waiter.send, (yield waiting_on)
         except BaseException as exc:  # CancelledError (the deadline): waiter cleans up, re-raises
-            try:
-                waiting_on = waiter.throw(exc)
-            except StopIteration as done:
-                return done.value
-        else:
-            try:
-                waiting_on = waiter.send(sent)
-            except StopIteration as done:
-                return done.value
+            step, value = waiter.throw, exc
+        try:
+            waiting_on = step(value)
+        except StopIteration as done:
+            return done.value
 
 
 async def _read_more(
@@ -103,19 +99,12 @@ async def _read_more(
 
 
 def _body_timeout(timeout_s: float) -> Reply:
-    reply = error_reply(
-        408,
-        "BAD_REQUEST",
-        f"The request body did not arrive within {timeout_s:g} s "
-        "(send the whole body promptly, and no less than its Content-Length).",
-    )
+    why = f"The request body did not arrive within {timeout_s:g} s (send the whole body promptly, "
+    reply = error_reply(408, "BAD_REQUEST", why + "and no less than its Content-Length).")
     reply.headers = _CONNECTION_CLOSE  # what is left of the body never gets read
     return reply
 
 
 def too_large(max_bytes: int) -> Reply:
-    return error_reply(
-        413,
-        "BAD_REQUEST",
-        f"The request body is larger than {max_bytes} bytes: send fewer rows per request.",
-    )
+    why = f"The request body is larger than {max_bytes} bytes: send fewer rows per request."
+    return error_reply(413, "BAD_REQUEST", why)

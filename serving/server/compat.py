@@ -1,15 +1,9 @@
-"""Every private MLflow and TensorFlow API the server uses, reached from this one module.
-
-Private: a name with a leading underscore, or a module the library does not publish
-(``tensorflow.python.*``, ``tensorflow.core.*``). Each is used only where no public API does the
-same thing, and each function below says why. An upgrade may change or remove any of them
-without notice, so :data:`PRIVATE_APIS` lists every one, and
-``tests/serving/server/test_compat.py`` checks each (that it exists and still takes the
-arguments passed here) and fails naming the library's version and the symbol. The same test
-fails when another server module reaches a private MLflow or TensorFlow name.
-
-MLflow and TensorFlow are imported inside the functions: the server imports TensorFlow only for
-Keras models (never on the slim path), and MLflow only once it loads a model.
+"""Every private MLflow and TensorFlow API the server uses (a leading underscore, or an
+unpublished module such as ``tensorflow.python.*``), reached from this one module, each only
+where no public API does the same (each function says why). :data:`PRIVATE_APIS` lists them;
+``tests/serving/server/test_compat.py`` checks each still exists and takes these arguments,
+failing with the library's version and the symbol, and fails when another server module
+reaches a private name. Imports stay inside the functions (TensorFlow only for Keras models).
 """
 
 from __future__ import annotations

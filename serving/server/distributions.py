@@ -1,37 +1,18 @@
 """The input and prediction distributions (``model_server_feature_value{feature}``,
 ``model_server_prediction_value``): histograms whose series each have their own buckets.
 
-Every row the fast
-path's model ran on (its calls succeed for whole batches, and the requests in them are
-answered), and every row the reference path answered, counts once in the histogram of each of
-the model's input columns (the fast path's feature columns, else the input schema's numeric
-named columns) and its prediction once in ``prediction_value``: each feature's ``_count`` and
-``prediction_value_count`` are the rows predicted. Values that are not finite are not counted (a
-generic model's missing values; a fast-path prediction that overflowed float32, which its
-request gets a 400 for). Cardinality is bounded: one ``feature`` label value per input column,
-the first ``--max-feature-histograms`` (default 32; 0: none) only, a warning naming the others
-at start; at most :data:`MAX_HISTOGRAM_BUCKETS` bounds per series. Buckets are fixed when the
-model is loaded: the bin edges of the drift profile the pipeline logs with the model's training
-run (``drift/profile.json``, the holdout's deciles per column, ``__prediction__`` for the
-predictions; ``serving.server.loader.load_drift_profile``), which makes the heatmaps directly
-comparable with the drift monitor's bins (its bins put a value equal to an edge above it, a
-Prometheus bucket ``le`` at or below it: only values exactly on an edge differ); for a model or
-a column without a profile, :data:`GENERIC_VALUE_BUCKETS` (symmetric, roughly logarithmic, from
-+-0.1 to +-1000 and 0: a generic model's scale is unknown, and a one-row input example has no
-useful quantiles). Each series may thus have its own bounds, which ``prometheus_client``'s
-``Histogram`` cannot do: :class:`_Distribution` counts into numpy arrays and exposes standard
-``_bucket``/``_count``/``_sum`` series; with several workers it adds its counts to
-``prometheus_client``'s own value objects in the worker's files every 0.25 s, where
-``MultiProcessCollector`` adds them up like any histogram's. Every worker reads the profile
-itself; one that could not (MLflow unreachable at that moment) uses the generic buckets, and the
-merged series then has both sets of bounds: counts and sums stay right, the cumulative count at
-a bound that only some workers have is too low. Cost: nothing is converted or counted on the
-request path. The micro-batcher appends one reference per model call to its input (the float32
-matrix or the few rows as lists that the fast path already has, or a shared batch's merged
-array) and its output array (the reference path: its parsed frame's columns as float64, made in
-its thread, and its predictions); every flush converts what it has at once and counts it with
-numpy (one ``searchsorted`` per column, one ``bincount``): ~0.1 ms per flush of 256 single-row
-requests at 8 clients (~0.4 us each), no sampling (docs/benchmarks.md).
+Every answered row counts once per input column (the fast path's feature columns, else the
+schema's numeric named columns) and its prediction once; non-finite values are not counted.
+One ``feature`` label per column, the first ``--max-feature-histograms`` only (a warning names
+the others), at most :data:`MAX_HISTOGRAM_BUCKETS` bounds per series. Buckets are fixed at
+load: the edges of the training run's drift profile (``drift/profile.json``, the holdout's
+deciles; ``__prediction__``), comparable with the drift monitor's bins (only values exactly on
+an edge differ: ``le`` puts them at or below), else :data:`GENERIC_VALUE_BUCKETS` (a generic
+model's scale is unknown). A worker that could not read the profile uses the generic buckets:
+the merged series then has both sets of bounds (counts and sums stay right, a cumulative count
+at a bound only some workers have is too low). Nothing is counted on the request path: each
+flush of the records counts whole batches with numpy (one ``searchsorted`` per column, one
+``bincount``): ~0.1 ms per flush of 256 single-row requests at 8 clients (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -83,20 +64,15 @@ def bucket_bounds(edges: Any) -> tuple[float, ...] | None:
 
 class _Distribution:
     """One histogram family whose series (one per label value) each have their own fixed
-    bounds, fed whole columns of values at once: one ``searchsorted`` per column and one
-    ``bincount``, added to numpy arrays (the counts of every bucket of every series, series
-    after series, and the sums).
+    bounds, which ``prometheus_client``'s ``Histogram`` cannot do: counts and sums in numpy
+    arrays, fed whole columns at once.
 
-    With one process those arrays are the histogram, and :meth:`collect` exposes it the way
-    ``prometheus_client``'s ``Histogram`` does (cumulative ``_bucket``, ``_count``, ``_sum``).
-    With several workers they hold what is not yet written, and :meth:`write` (from
-    ``ServerMetrics.publish``: every 0.25 s and before every ``/metrics`` answer) adds it to
-    ``prometheus_client``'s own value objects (``values.ValueClass``, as its ``Histogram``
-    makes them) in the worker's ``histogram_<pid>.db``: one ``inc`` per non-empty bucket and
-    per sum a few times a second, not per batch of rows. ``MultiProcessCollector`` then adds
-    the workers up and makes the ``_bucket`` series cumulative and ``_count`` like any
-    histogram's; it merges per label set, so each series may have its own bounds, which
-    ``prometheus_client``'s ``Histogram`` cannot do (the same buckets for every label value).
+    With one process those arrays are the histogram, exposed by :meth:`collect` as a
+    ``Histogram`` would be. With several workers they hold what is not yet written, and
+    :meth:`write` (``ServerMetrics.publish``: every 0.25 s and before every ``/metrics``
+    answer) adds it to ``prometheus_client``'s own value objects in the worker's
+    ``histogram_<pid>.db`` (one ``inc`` per non-empty bucket, a few times a second), which
+    ``MultiProcessCollector`` merges per label set like any histogram's.
     """
 
     def __init__(
@@ -219,12 +195,9 @@ class Distributions:
             left = features[len(kept) :]
             log.warning(
                 "the model has %d input columns: feature histograms for the first %d only "
-                "(--max-feature-histograms), none for %s%s",
-                len(features),
-                len(kept),
-                ", ".join(left[:5]),
-                f" and {len(left) - 5} more" if len(left) > 5 else "",
-            )
+                "(--max-feature-histograms), none for %s%s", len(features), len(kept),
+                ", ".join(left[:5]), f" and {len(left) - 5} more" if len(left) > 5 else "",
+            )  # fmt: skip
         columns = profile.get("columns") if isinstance(profile, Mapping) else None
         columns = columns if isinstance(columns, Mapping) else {}
         profiled = []
@@ -239,30 +212,21 @@ class Distributions:
 
         families = []
         if kept:
-            self._feature_values = _Distribution(
-                FEATURE_VALUE,
-                "Values of the model's input features in answered requests, per feature.",
-                "feature",
-                [(f, bounds_of(f)) for f in kept],
-            )
+            doc = "Values of the model's input features in answered requests, per feature."
+            series = [(f, bounds_of(f)) for f in kept]
+            self._feature_values = _Distribution(FEATURE_VALUE, doc, "feature", series)
             families.append(self._feature_values)
-        self._prediction_values = _Distribution(
-            PREDICTION_VALUE,
-            "The model's predictions in answered requests.",
-            None,
-            [("", bounds_of(DRIFT_PROFILE_PREDICTION))],
-        )
+        doc = "The model's predictions in answered requests."
+        series = [("", bounds_of(DRIFT_PROFILE_PREDICTION))]
+        self._prediction_values = _Distribution(PREDICTION_VALUE, doc, None, series)
         families.append(self._prediction_values)
         self.families = families
         self.features = kept
         log.info(
             "histograms of %d features and the predictions; buckets from the drift profile "
-            "for %d of them (%s), generic for %d",
-            len(kept),
-            len(profiled),
-            ", ".join(profiled) or "none",
-            len(kept) + 1 - len(profiled),
-        )
+            "for %d of them (%s), generic for %d", len(kept), len(profiled),
+            ", ".join(profiled) or "none", len(kept) + 1 - len(profiled),
+        )  # fmt: skip
         return kept
 
     def observe(self, samples: Iterable[tuple[Any, Any]]) -> None:

@@ -1,14 +1,8 @@
-"""A Keras network as one frozen TensorFlow graph, called directly: the fast path's engine for
-the project's Keras pyfunc and the ``keras``/``tensorflow`` flavors (``serving.server.loader``
-decides when it applies).
-
-The network is wrapped in one TensorFlow concrete function with a fixed
-``float32 [None, n_features]`` input signature; a prediction is a direct call of that function,
-with no DataFrame, no schema enforcement pass and no ``keras.Model.predict``. The function is
-run in a ``tf.compat.v1.Session`` in the calling thread (see :class:`KerasFastPath`); its op
-thread pool is sized by ``threads`` (default 1: for small requests a hand-off to a pool costs
-more than it saves; scale out with more processes instead). TensorFlow is imported only when a
-network is wrapped.
+"""A Keras network as one frozen TensorFlow graph, called directly: the fast path's engine
+(``serving.server.loader`` decides when it applies). No DataFrame, no schema enforcement pass,
+no ``keras.Model.predict``; ``threads`` sizes the op pool (default 1: for small requests a
+hand-off to a pool costs more than it saves; scale out with processes). TensorFlow is imported
+only when a network is wrapped.
 """
 
 from __future__ import annotations
@@ -43,15 +37,9 @@ class KerasFastPath:
     """
 
     def __init__(
-        self,
-        keras_model: Any,
-        feature_columns: list[str],
-        output_name: str,
-        *,
-        engine: str = "session",
-        threads: int = 1,
-        tensor_input: bool = False,
-    ) -> None:
+        self, keras_model: Any, feature_columns: list[str], output_name: str, *,
+        engine: str = "session", threads: int = 1, tensor_input: bool = False,
+    ) -> None:  # fmt: skip
         """``keras_model``: a ``.keras`` file or a loaded ``keras.Model``. ``tensor_input``:
         the model takes one unnamed tensor (the keras/tensorflow flavors): requests send rows
         by position, and the answer is laid out as the network's output (``[[v], ...]`` for
@@ -71,20 +59,16 @@ class KerasFastPath:
         except (AttributeError, ValueError) as exc:
             raise ValueError(f"the network has no single fixed input/output: {exc}") from exc
         if len(input_shape) != 2 or input_shape[1] != len(feature_columns):
-            raise ValueError(
-                f"the network takes input shape {input_shape}, "
-                f"but the model has {len(feature_columns)} feature columns"
-            )
+            has = f"the model has {len(feature_columns)} feature columns"
+            raise ValueError(f"the network takes input shape {input_shape}, but {has}")
         if output_shape not in ((None, 1), (None,)):
             raise ValueError(f"the network's output shape {output_shape} is not one value")
         n_features = len(feature_columns)
         self.tensor_input = tensor_input
         # How the scoring server lays out the answer: "records" [{name: v}], "nested" [[v]],
         # "flat" [v].
-        if not tensor_input:
-            self.output_layout = "records"
-        else:
-            self.output_layout = "nested" if output_shape == (None, 1) else "flat"
+        nested = output_shape == (None, 1)
+        self.output_layout = ("nested" if nested else "flat") if tensor_input else "records"
 
         @tf.function(input_signature=[tf.TensorSpec(shape=[None, n_features], dtype=tf.float32)])
         def forward(features):
@@ -132,11 +116,8 @@ class KerasFastPath:
             self._check_same(run)
         except Exception as exc:
             log.info("direct session call unavailable (%s): using Session.run", exc)
-            graph = session.graph
-            run = session.make_callable(
-                graph.get_tensor_by_name(fetch_name),
-                feed_list=[graph.get_tensor_by_name(feed_name)],
-            )
+            tensor = session.graph.get_tensor_by_name
+            run = session.make_callable(tensor(fetch_name), feed_list=[tensor(feed_name)])
             self._check_same(run)
         return run
 

@@ -1,30 +1,18 @@
 """Load an MLflow model for serving, with a fast inference path for Keras models.
 
-Any MLflow pyfunc loads (``models:/name/version``, ``models:/name@alias``, ``models:/name/latest``,
-``models:/<model id>``, ``runs:/<run id>/<path>``, a local path), from the tracking/registry
-server named by ``MLFLOW_TRACKING_URI``. A registry URI is resolved to a concrete version once,
-and that pinned version is what gets downloaded and reported, so an alias moving later cannot
-make the server lie about what it serves.
+Any pyfunc URI loads (``models:/name/version``, ``@alias``, ``/latest``, ``models:/<model id>``,
+``runs:/``, a local path). A registry URI is resolved to one version once, and that pinned
+version is downloaded and reported: an alias moving later cannot make the server lie.
 
-The fast path applies to
-
-- the Keras regressor logged by ``ml.train`` (a models-from-code pyfunc whose code file is
-  ``keras_pyfunc.py``, whose python model class is ``KerasRegressor``, with a ``keras_model``
-  artifact, numeric named input columns and one output column): its ``.keras`` file is loaded
-  here;
-- a Keras network logged with ``mlflow.tensorflow.log_model`` (flavor ``tensorflow``,
-  ``model_type: keras``) or ``mlflow.keras.log_model`` (flavor ``keras``, not
-  ``save_exported_model``). MLflow 3.17 requires a tensor signature for both; the fast path
-  takes one unnamed ``float32 [-1, n]`` tensor (what MLflow feeds ``keras.Model.predict``), and
-  the network is the one the flavor's pyfunc loaded (``get_raw_model``).
-
-Either way the network runs as one frozen TensorFlow graph (``serving.server.keras_fast``), or,
-for a model logged with a LiteRT artifact, without TensorFlow (``serving.server.slim``). The
-server checks its numbers against the flavor's own ``pyfunc.predict`` at load
-(``serving.server.warmup``) and serves through the pyfunc if they differ. Every other model is
-served through its pyfunc ``predict`` (micro-batched when that is safe:
-``serving.server.pyfunc_batching``). :func:`choose_fast_path` is the one place that decides
-which path serves a model. TensorFlow is imported only for Keras/TensorFlow models.
+:func:`choose_fast_path` alone decides the path. The fast path takes the project's Keras pyfunc
+(``ml.train``: ``keras_pyfunc.py``, ``KerasRegressor``, a ``keras_model`` artifact, numeric
+named columns, one output) and Keras networks logged with ``mlflow.tensorflow`` (``model_type:
+keras``) or ``mlflow.keras`` (not ``save_exported_model``) whose signature is one unnamed
+``float32 [-1, n]`` tensor (what MLflow feeds ``predict``; the network is ``get_raw_model``).
+It runs as a frozen TensorFlow graph (``keras_fast``) or, with a LiteRT artifact, without
+TensorFlow (``slim``), once ``warmup`` saw it answer as the pyfunc does. Every other model goes
+through its pyfunc (micro-batched where safe: ``pyfunc_batching``). TensorFlow is imported only
+for Keras/TensorFlow models.
 """
 
 from __future__ import annotations
@@ -73,13 +61,7 @@ class ModelIdentity:
     download_uri: str = ""
 
     def to_dict(self) -> dict[str, str | None]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "uri": self.uri,
-            "run_id": self.run_id,
-            "model_id": self.model_id,
-        }
+        return {k: getattr(self, k) for k in ("name", "version", "uri", "run_id", "model_id")}
 
 
 @dataclass
@@ -113,13 +95,9 @@ class LoadedModel:
 
     def serving_input_example(self) -> str | None:
         """The logged serving payload (``serving_input_example.json``), if the model has one."""
-        info = self.metadata.saved_input_example_info or {}
-        rel = info.get("serving_input_path")
-        if not rel:
-            return None
-        path = Path(self.local_path) / rel
+        rel = (self.metadata.saved_input_example_info or {}).get("serving_input_path")
         try:
-            return path.read_text()
+            return (Path(self.local_path) / rel).read_text() if rel else None
         except OSError:
             return None
 
@@ -156,23 +134,12 @@ def resolve_identity(uri: str) -> ModelIdentity:
         resolved = get_model_name_and_version(client, uri)
         if len(resolved) == 1:
             (model_id,) = resolved
-            logged = client.get_logged_model(model_id)
-            return ModelIdentity(
-                uri=uri,
-                run_id=getattr(logged, "source_run_id", None),
-                model_id=model_id,
-                download_uri=uri,
-            )
+            run_id = getattr(client.get_logged_model(model_id), "source_run_id", None)
+            return ModelIdentity(uri, run_id=run_id, model_id=model_id, download_uri=uri)
         name, version = resolved
         mv = client.get_model_version(name, version)
-        return ModelIdentity(
-            uri=uri,
-            name=name,
-            version=str(version),
-            run_id=mv.run_id,
-            model_id=getattr(mv, "model_id", None),
-            download_uri=f"models:/{name}/{version}",
-        )
+        return ModelIdentity(uri, name, str(version), mv.run_id, getattr(mv, "model_id", None),
+                             download_uri=f"models:/{name}/{version}")  # fmt: skip
     if uri.startswith("runs:/"):
         run_id = uri[len("runs:/") :].split("/", 1)[0] or None
         return ModelIdentity(uri=uri, run_id=run_id, download_uri=uri)
@@ -192,30 +159,19 @@ def load_drift_profile(identity: ModelIdentity) -> dict[str, Any] | None:
 
         logged = {a.path for a in MlflowClient().list_artifacts(identity.run_id, folder)}
         if DRIFT_PROFILE_ARTIFACT not in logged:
-            log.info(
-                "run %s has no %s: generic histogram buckets",
-                identity.run_id,
-                DRIFT_PROFILE_ARTIFACT,
-            )
+            log.info("run %s has no %s: generic histogram buckets", identity.run_id,
+                     DRIFT_PROFILE_ARTIFACT)  # fmt: skip
             return None
         profile = load_dict(f"runs:/{identity.run_id}/{DRIFT_PROFILE_ARTIFACT}")
     except Exception as exc:
-        log.warning(
-            "cannot read the drift profile of run %s (%s): generic histogram buckets",
-            identity.run_id,
-            exc,
-        )
+        log.warning("cannot read the drift profile of run %s (%s): generic histogram buckets",
+                    identity.run_id, exc)  # fmt: skip
         return None
     return profile if isinstance(profile, dict) else None
 
 
 def load_model(
-    uri: str,
-    *,
-    fast_path: bool = True,
-    tf_threads: int = 1,
-    engine: str = "session",
-    slim: bool = True,
+    uri: str, *, fast_path=True, tf_threads: int = 1, engine: str = "session", slim=True
 ) -> LoadedModel:
     """Resolve, download and load ``uri``; build the Keras fast path when it applies.
 
@@ -238,6 +194,8 @@ def load_model(
 
     if identity.model_id is None and getattr(meta, "model_id", None):
         identity = dataclasses.replace(identity, model_id=meta.model_id)
+    flavors = meta.flavors or {}
+    flavor = _flavor_name(flavors, flavors.get("python_function") or {})
     if fast_path and slim:
         try:
             served = load_slim(local_path, meta, threads=tf_threads)
@@ -245,49 +203,26 @@ def load_model(
             log.info("slim path not used for %s: %s", uri, exc)
         else:
             log.info("serving %s through the slim path: %s", uri, served.note)
-            conf = (meta.flavors or {}).get("python_function") or {}
-            loaded = LoadedModel(
-                identity=identity,
-                local_path=local_path,
-                pyfunc=served.pyfunc,
-                flavor=_flavor_name(meta.flavors or {}, conf),
-                fast=served.path,  # type: ignore[arg-type]  # same predict() interface
-                fast_path_note=served.note,
-            )
-            loaded.load_seconds = time.monotonic() - started
-            return loaded
-    flavors = meta.flavors or {}
-    pyfunc_conf = flavors.get("python_function") or {}
+            # served.path has the fast path's predict() interface.
+            return LoadedModel(identity, local_path, served.pyfunc, flavor, served.path,
+                               served.note, time.monotonic() - started)  # fmt: skip
     plan, why_not = choose_fast_path(meta) if fast_path else (None, "disabled")
-    uses_tf = plan is not None or bool({"keras", "tensorflow"} & set(flavors))
-    if uses_tf:
+    if plan is not None or {"keras", "tensorflow"} & set(flavors):
         configure_tensorflow(tf_threads)
-
-    extra_kwargs: dict[str, Any] = {}
-    if config_json := os.environ.get(SERVING_MODEL_CONFIG_ENV):
-        extra_kwargs["model_config"] = json.loads(config_json)
+    config_json = os.environ.get(SERVING_MODEL_CONFIG_ENV)
+    extra_kwargs = {"model_config": json.loads(config_json)} if config_json else {}
     try:
         pyfunc = mlflow.pyfunc.load_model(local_path, **extra_kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot load {uri} as an MLflow pyfunc: {exc}") from exc
-
     fast = None
     if plan is not None:
         fast, why_not = _build_fast_path(plan, pyfunc, local_path, engine, tf_threads)
         if fast is None:
             log.warning("fast path unavailable for %s: %s", uri, why_not)
-
-    flavor = _flavor_name(flavors, pyfunc_conf)
-    loaded = LoadedModel(
-        identity=identity,
-        local_path=local_path,
-        pyfunc=pyfunc,
-        flavor=flavor,
-        fast=fast,
-        fast_path_note=why_not,
+    return LoadedModel(
+        identity, local_path, pyfunc, flavor, fast, why_not, time.monotonic() - started
     )
-    loaded.load_seconds = time.monotonic() - started
-    return loaded
 
 
 @dataclass(frozen=True)
@@ -308,19 +243,10 @@ class FastPathPlan:
 def choose_fast_path(meta) -> tuple[FastPathPlan | None, str]:
     """The one place that decides whether a fast path serves ``meta`` (an MLmodel), and
     which: returns (plan, reason) or (None, why not). A new runtime adds its branch here."""
-    flavors = meta.flavors or {}
-    conf, project_why_not = _keras_pyfunc_config(meta)
-    if conf is not None:
-        return FastPathPlan(
-            kind="project-pyfunc",
-            feature_columns=conf["feature_columns"],
-            output_name=conf["output_name"],
-            keras_file=conf["keras_file"],
-            note="the project's Keras pyfunc",
-        ), "eligible"
-    if "tensorflow" in flavors or "keras" in flavors:
+    plan, why_not = _keras_pyfunc_plan(meta)
+    if plan is None and {"tensorflow", "keras"} & set(meta.flavors or {}):
         return _keras_flavor_plan(meta)
-    return None, project_why_not
+    return plan, why_not
 
 
 def _keras_flavor_plan(meta) -> tuple[FastPathPlan | None, str]:
@@ -353,12 +279,8 @@ def _keras_flavor_plan(meta) -> tuple[FastPathPlan | None, str]:
     if len(shape) != 2 or shape[0] != -1 or shape[1] < 1:
         return None, f"the input tensor's shape {list(shape)} is not [-1, n]"
     n = int(shape[1])
-    return FastPathPlan(
-        kind="keras-flavor",
-        feature_columns=[str(i) for i in range(n)],
-        output_name="0",
-        note=f"{name} flavor, float32 [-1, {n}] tensor",
-    ), "eligible"
+    note = f"{name} flavor, float32 [-1, {n}] tensor"
+    return FastPathPlan("keras-flavor", [str(i) for i in range(n)], "0", note=note), "eligible"
 
 
 def _build_fast_path(
@@ -377,21 +299,15 @@ def _build_fast_path(
         except Exception as exc:
             return None, f"the flavor's pyfunc gives no raw model: {exc}"
     try:
-        fast = KerasFastPath(
-            network,
-            plan.feature_columns,
-            plan.output_name,
-            engine=engine,
-            threads=threads,
-            tensor_input=plan.tensor_input,
-        )
+        fast = KerasFastPath(network, plan.feature_columns, plan.output_name, engine=engine,
+                             threads=threads, tensor_input=plan.tensor_input)  # fmt: skip
     except Exception as exc:
         return None, f"fast path failed to build: {exc}"
     return fast, f"keras concrete function ({fast.engine}); {plan.note}"
 
 
-def _keras_pyfunc_config(meta) -> tuple[dict[str, Any] | None, str]:
-    """Whether ``meta`` is our Keras pyfunc; returns (config for the fast path, reason)."""
+def _keras_pyfunc_plan(meta) -> tuple[FastPathPlan | None, str]:
+    """The fast path for ``meta`` when it is our Keras pyfunc; else (None, why not)."""
     conf = (meta.flavors or {}).get("python_function") or {}
     artifacts = conf.get("artifacts") or {}
     if KERAS_ARTIFACT_KEY not in artifacts:
@@ -421,11 +337,9 @@ def _keras_pyfunc_config(meta) -> tuple[dict[str, Any] | None, str]:
     keras_file = (artifacts[KERAS_ARTIFACT_KEY] or {}).get("path")
     if not keras_file:
         return None, "keras artifact has no path"
-    return {
-        "keras_file": keras_file,
-        "feature_columns": features,
-        "output_name": outputs.input_names()[0],
-    }, "eligible"
+    output = outputs.input_names()[0]
+    note = "the project's Keras pyfunc"
+    return FastPathPlan("project-pyfunc", features, output, keras_file, note), "eligible"
 
 
 def _python_model_class(pyfunc) -> str | None:

@@ -1,18 +1,11 @@
 """MLflow's scoring protocol, the common JSON shapes: read straight into rows, and answered.
 
-The fast paths use these instead of MLflow's parsing. Each reader accepts only what MLflow's
-scoring server accepts for the model in question, produces the same values, and returns None
-for anything else (the reference path, MLflow's own parsing, then decides; errors included):
-
-- :func:`fast_rows`: a float32 matrix (or a few rows of plain numbers, as they are) for a model
-  whose signature is required numeric columns (the project's Keras pyfunc);
-- :func:`tensor_rows`: rows by position for one unnamed ``float32 [-1, n]`` tensor (the
-  ``keras``/``tensorflow`` flavors);
-- :func:`column_rows`: a small ``dataframe_split`` of plain numbers for a pyfunc of numeric
-  columns (micro-batched pyfuncs, ``serving.server.pyfunc_batching``).
-
-:func:`format_predictions` lays an answer out as the scoring server does;
-:func:`answer_difference` compares two answers (layout, then numbers) for the warm-up checks.
+The fast paths use these instead of MLflow's parsing. Each reader (:func:`fast_rows` for
+required numeric columns, :func:`tensor_rows` for one unnamed ``float32 [-1, n]`` tensor,
+:func:`column_rows` for micro-batched pyfuncs) accepts only what MLflow's scoring server
+accepts for that model, produces the same values, and returns None for anything else (the
+reference path, MLflow's own parsing, then decides; errors included).
+:func:`format_predictions` lays an answer out as the scoring server does.
 """
 
 from __future__ import annotations
@@ -60,9 +53,7 @@ def _numeric_matrix(rows: Any) -> np.ndarray | None:
         arr = np.asarray(rows)
     except (ValueError, TypeError, OverflowError):
         return None
-    if arr.dtype.kind not in "biuf" or arr.ndim != 2:
-        return None
-    return arr
+    return arr if arr.dtype.kind in "biuf" and arr.ndim == 2 else None
 
 
 def _records_matrix(records: Any, features: tuple[str, ...], exact: bool) -> np.ndarray | None:
@@ -94,9 +85,7 @@ def _column_order(columns: tuple, features: tuple[str, ...]) -> tuple[int, ...] 
         order = tuple(columns.index(f) for f in features)
     except ValueError:
         return _NO_ORDER
-    if columns == features:
-        return _IDENTITY
-    return order
+    return _IDENTITY if columns == features else order
 
 
 def split_matrix(split: Any, features: tuple[str, ...]) -> np.ndarray | None:
@@ -115,9 +104,7 @@ def split_matrix(split: Any, features: tuple[str, ...]) -> np.ndarray | None:
     arr = _numeric_matrix(data)
     if arr is None or arr.shape[1] != len(columns):
         return None
-    if order is not None:
-        arr = arr[:, order]
-    return arr
+    return arr if order is None else arr[:, order]
 
 
 def _columns_matrix(
@@ -154,20 +141,7 @@ def _split_data(split: Any, columns: tuple[str, ...], max_rows: int) -> list | N
     names, data = split.get("columns"), split.get("data")
     if type(names) is not list or type(data) is not list or not 0 < len(data) <= max_rows:
         return None
-    if tuple(names) != columns:
-        return None
-    return data
-
-
-def _plain_split(split: Any, features: tuple[str, ...]) -> list[list[float]] | None:
-    """The common small request, checked without numpy: ``{"columns": <the signature's
-    columns, in order>, "data": <a few rows of plain numbers, all finite as float32>}``.
-
-    Returns ``data`` itself (the model converts it to float32 exactly like
-    :func:`fast_rows`' matrix), or None: then the general path decides, errors included.
-    """
-    data = _split_data(split, features, _PLAIN_MAX_ROWS)
-    return None if data is None else _plain_rows(data, len(features))
+    return data if tuple(names) == columns else None
 
 
 def _plain_rows(data: list, n: int) -> list[list[float]] | None:
@@ -204,9 +178,12 @@ def fast_rows(
         return None
     value = payload[fmt]
     if fmt == "dataframe_split":
-        plain = _plain_split(value, features)
-        if plain is not None:
-            return plain
+        # The common small request, checked without numpy: the signature's columns in order
+        # and a few rows of plain numbers, returned as they are (the model converts them to
+        # float32 exactly like the matrix below).
+        data = _split_data(value, features, _PLAIN_MAX_ROWS)
+        if data is not None and _plain_rows(data, len(features)) is not None:
+            return data
         arr = split_matrix(value, features)
     elif fmt == "dataframe_records":
         arr = _records_matrix(value, features, exact=False)
@@ -246,11 +223,9 @@ def tensor_rows(
         if len(value) != (1 if columns is None else 2):
             return None
         if columns is not None and (
-            type(columns) is not list
-            or len(columns) != width
-            or any(type(c) is not str for c in columns)
-            or len(set(columns)) != width
-        ):
+            type(columns) is not list or len(columns) != width
+            or any(type(c) is not str for c in columns) or len(set(columns)) != width
+        ):  # fmt: skip
             return None
         data = value["data"]
     elif fmt in ("instances", "inputs"):

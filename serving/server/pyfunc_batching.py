@@ -1,13 +1,5 @@
-"""Micro-batching for any pyfunc served without the fast path (a scikit-learn model, say).
-
-Where the warm-up shows it is safe (:func:`batching_problem`), concurrent requests that MLflow
-parses into frames with the input example's columns and dtypes share one ``pyfunc.predict``
-(:class:`PyfuncBatching`); small ``dataframe_split`` requests of plain numbers for a numeric
-column signature skip MLflow's per-request parsing (``serving.server.protocol.column_rows``;
-their rows become one frame per call, by MLflow's own parser). Each request gets its rows of
-the answer, written by MLflow's ``predictions_to_json``; a failed shared call re-runs each
-request alone.
-"""
+"""Micro-batching for any pyfunc served without the fast path (a scikit-learn model, say),
+where the warm-up shows it is safe (:func:`batching_problem`)."""
 
 from __future__ import annotations
 
@@ -40,23 +32,19 @@ class PyfuncBatching:
     exactly the columns and dtypes of the parsed input example (and the default index) then
     goes to a :class:`MicroBatcher` that concatenates the frames of the requests waiting
     together, calls ``pyfunc.predict`` once (schema enforcement included) in its model thread
-    and cuts each request's rows out of the result. If that call fails, each request runs on
-    its own (only the bad one fails). Anything else (other columns or dtypes, params, non-frame
-    input) is predicted on its own, as before.
+    and cuts each request's rows out of the result (written by MLflow's
+    ``predictions_to_json``). If that call fails, each request runs on its own (only the bad one
+    fails). Anything else (other columns or dtypes, params, non-frame input) is predicted on its
+    own, as before.
 
     Used only where :func:`batching_problem` found at load that the model answers one row per
     input row and that a shared call answers each part as a call of its own would.
     """
 
     def __init__(
-        self,
-        model: LoadedModel,
-        key: tuple,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        inline: bool = False,
+        self, model: LoadedModel, key: tuple, loop: asyncio.AbstractEventLoop, *, inline=False,
         **batcher: Any,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.key = key
         self.loop = loop
         self.timeout_s = batcher.pop("timeout_s", 60.0)
@@ -66,25 +54,14 @@ class PyfuncBatching:
         self.columns: tuple[str, ...] | None = None
         self._schema = schema = model.input_schema
         names, _ = key
-        if (
-            schema is not None
-            and not schema.is_tensor_spec()
-            and schema.has_input_names()
-            and tuple(schema.input_names()) == names
-            and all(is_numeric_column(s) for s in schema.inputs)
-        ):
-            self.columns = names
+        named = schema is not None and not schema.is_tensor_spec() and schema.has_input_names()
+        if named and tuple(schema.input_names()) == names:
+            self.columns = names if all(map(is_numeric_column, schema.inputs)) else None
         # A model that answers the example within INLINE_PREDICT_S runs on the event loop for
         # small batches (no hand-off to the model thread and back); a slower one never does.
         mode = "auto" if inline else "thread"
-        self.batcher = MicroBatcher(
-            model.pyfunc.predict,
-            mode=mode,
-            merge=self._merge,
-            take=_take_rows,
-            count=_count_rows,
-            **batcher,
-        )
+        self.batcher = MicroBatcher(model.pyfunc.predict, mode=mode, merge=self._merge,
+                                    take=_take_rows, count=_count_rows, **batcher)  # fmt: skip
 
     def _frame(self, rows: list) -> Any:
         from mlflow.utils.proto_json_utils import dataframe_from_parsed_json
@@ -136,12 +113,6 @@ def _frame_key(data: Any) -> tuple | None:
     return tuple(data.columns), tuple(str(t) for t in data.dtypes)
 
 
-def _concat_frames(frames: list) -> Any:
-    import pandas as pd
-
-    return pd.concat(frames, ignore_index=True)
-
-
 def _take_rows(outputs: Any, start: int, stop: int) -> Any:
     import pandas as pd
 
@@ -163,6 +134,8 @@ def _count_rows(outputs: Any) -> int:
 def batching_problem(model: LoadedModel, example: str) -> tuple[tuple | None, str]:
     """Whether concurrent requests to ``model``'s pyfunc may share a call, checked on the
     parsed ``example``: returns (the request key, note) or (None, why not)."""
+    import pandas as pd
+
     try:
         data, _, unified_llm = parse_json_data(example, model.metadata, model.input_schema)
     except Exception as exc:
@@ -184,7 +157,7 @@ def batching_problem(model: LoadedModel, example: str) -> tuple[tuple | None, st
         second = first.copy()
     try:
         alone = [predict(first), predict(second)]
-        together = predict(_concat_frames([first, second]))
+        together = predict(pd.concat([first, second], ignore_index=True))
         n = len(first)
         if _count_rows(together) != 2 * n or any(_count_rows(a) != n for a in alone):
             return None, "the model does not answer one row per input row"

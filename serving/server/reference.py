@@ -11,6 +11,7 @@ feature values and non-finite predictions are a 400 (MLflow answers ``NaN``, not
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import io
@@ -59,11 +60,9 @@ def can_read_parquet() -> bool:
     """Whether pandas can read a Parquet body in this process (the slim serving image leaves
     pyarrow out); found at the first Parquet request."""
     for module in ("pyarrow.parquet", "fastparquet"):
-        try:
+        with contextlib.suppress(ImportError):
             __import__(module)
-        except ImportError:
-            continue
-        return True
+            return True
     return False
 
 
@@ -138,16 +137,10 @@ def _check_finite(data: Any, features: list[str] | None) -> None:
 
 
 def reference_invocations(
-    model: LoadedModel,
-    body: bytes,
-    content_type: str | None,
-    *,
-    finite: bool,
-    inputs: StrictInputs | None = None,
-    observe: tuple[str, ...] = (),
-    shared: Callable[[Any], Any] | None = None,
-    payload: Any = UNDECODED,
-) -> Reply:
+    model: LoadedModel, body: bytes, content_type: str | None, *, finite: bool,
+    inputs: StrictInputs | None = None, observe: tuple[str, ...] = (),
+    shared: Callable[[Any], Any] | None = None, payload: Any = UNDECODED,
+) -> Reply:  # fmt: skip
     """``mlflow.pyfunc.scoring_server.invocations``, with sanitized errors (no stack traces).
 
     ``finite``: also reject missing/non-finite feature values and non-finite predictions (for
@@ -165,12 +158,11 @@ def reference_invocations(
     from mlflow.pyfunc import scoring_server as ss
     from mlflow.utils.proto_json_utils import MlflowInvalidInputException
 
+    supported = (
+        f"This predictor only supports the following content types: Types: {ss.CONTENT_TYPES}."
+    )
     if content_type is None:
-        return text_reply(
-            415,
-            "This predictor only supports the following content types: "
-            f"Types: {ss.CONTENT_TYPES}. Got no Content-Type header.",
-        )
+        return text_reply(415, f"{supported} Got no Content-Type header.")
     type_parts = [part.strip() for part in content_type.split(";")]
     mime_type = type_parts[0]
     parameters = {k: v for pair in type_parts[1:] for k, _, v in [pair.partition("=")]}
@@ -213,16 +205,9 @@ def reference_invocations(
             data = ss.parse_parquet_input(parquet_input=io.BytesIO(body))
             params = None
         else:
-            return text_reply(
-                415,
-                "This predictor only supports the following content types:"
-                f" Types: {ss.CONTENT_TYPES}. Got '{content_type}'.",
-            )
-        if (
-            inputs is not None
-            and mime_type != CONTENT_TYPE_JSON
-            and (problem := inputs.frame_problem(data))
-        ):
+            return text_reply(415, f"{supported} Got '{content_type}'.")
+        check_frame = inputs is not None and mime_type != CONTENT_TYPE_JSON
+        if check_frame and (problem := inputs.frame_problem(data)):
             return strict_reply(problem)
         if finite and model.fast is not None:
             fast = model.fast
@@ -230,9 +215,7 @@ def reference_invocations(
 
         predict = model.pyfunc.predict
         try:
-            raw = NOT_SHARED
-            if shared is not None and not params:
-                raw = shared(data)
+            raw = shared(data) if shared is not None and not params else NOT_SHARED
             if raw is not NOT_SHARED:
                 pass
             elif "params" in inspect.signature(predict).parameters:
@@ -255,20 +238,13 @@ def reference_invocations(
     except RequestError as exc:
         return request_error_reply(exc)
     except MlflowException as exc:
-        return error_reply(
-            exc.get_http_status_code(),
-            str(exc.error_code),
-            exc.message,
-            extra=classification(exc),
-        )
+        status, code = exc.get_http_status_code(), str(exc.error_code)
+        return error_reply(status, code, exc.message, extra=classification(exc))
 
     if finite and _has_non_finite(raw):
         return non_finite_prediction_reply()
     out = io.StringIO()
-    if unified_llm:
-        ss.unwrapped_predictions_to_json(raw, out)
-    else:
-        ss.predictions_to_json(raw, out)
+    (ss.unwrapped_predictions_to_json if unified_llm else ss.predictions_to_json)(raw, out)
     try:
         rows = len(raw)
     except TypeError:

@@ -1,18 +1,12 @@
-"""The slim path: the Keras regressor's LiteRT artifact, run with ``ai-edge-litert`` and numpy.
+"""The slim path: the Keras regressor's LiteRT artifact (``ml/export.py``), run with
+``ai-edge-litert`` and numpy. Nothing here imports TensorFlow or Keras (a test checks
+``sys.modules``), so it serves from ``docker/serving-slim.Dockerfile``.
 
-Nothing here imports TensorFlow or Keras (a test runs a load and a prediction in a fresh
-interpreter and checks ``sys.modules``), so this path serves from an image without them
-(``docker/serving-slim.Dockerfile``). The pipeline logs the artifact next to the ``.keras``
-file (``ml/export.py``): a folder with ``model.tflite`` and ``check.json`` (feature and output
-columns, the input example's rows and the Keras model's predictions for them).
-
-:func:`load_slim` gives the loader two things over one interpreter: a :class:`LiteRTPath`
-(the same ``predict(rows)`` interface as the TensorFlow fast path, so the server micro-batches
-it the same way) and an MLflow ``PyFuncModel`` built from the model's own metadata (so CSV,
-Parquet, odd JSON shapes and every bad request still go through MLflow's schema enforcement and
-parsing, as on the other paths) whose implementation calls the same interpreter. At load, the
-check rows must come out within ``SLIM_ATOL + SLIM_RTOL * |keras|`` of the Keras predictions,
-or the artifact is refused and the loader falls back to the full path.
+:func:`load_slim` gives the loader, over one interpreter, a :class:`LiteRTPath` (the fast
+path's ``predict(rows)`` interface, micro-batched the same way) and an MLflow ``PyFuncModel``
+from the model's own metadata (so CSV, Parquet, odd JSON and bad requests still meet MLflow's
+parsing and schema enforcement). The artifact's check rows must come out within ``SLIM_ATOL +
+SLIM_RTOL * |keras|`` of the Keras predictions, or the loader falls back to the full path.
 """
 
 from __future__ import annotations
@@ -64,15 +58,12 @@ class LiteRTPath:
         inputs = self._interpreter.get_input_details()
         outputs = self._interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
-            raise SlimUnavailable(
-                f"the LiteRT model has {len(inputs)} inputs and {len(outputs)} outputs, not 1 and 1"
-            )
+            shape = f"{len(inputs)} inputs and {len(outputs)} outputs"
+            raise SlimUnavailable(f"the LiteRT model has {shape}, not 1 and 1")
         signature = tuple(int(d) for d in inputs[0]["shape_signature"])
         if len(signature) != 2 or signature[1] != len(feature_columns):
-            raise SlimUnavailable(
-                f"the LiteRT model takes input shape {signature}, "
-                f"but the model has {len(feature_columns)} feature columns"
-            )
+            why = f"input shape {signature}, but the model has {len(feature_columns)} feature"
+            raise SlimUnavailable(f"the LiteRT model takes {why} columns")
         self._input = inputs[0]["index"]
         self._output = outputs[0]["index"]
         self._shape: tuple[int, ...] | None = None
@@ -167,18 +158,15 @@ def load_slim(local_path: str, meta, *, threads: int = 1) -> SlimModel:
     diff = np.abs(got - expected) if got.shape == expected.shape else None
     if diff is None or not np.all(diff <= SLIM_ATOL + SLIM_RTOL * np.abs(expected)):
         detail = "a different number of rows" if diff is None else f"max diff {diff.max():.3g}"
-        raise SlimUnavailable(
-            f"the LiteRT model does not reproduce the Keras predictions of its check rows "
-            f"({detail})"
-        )
+        why = f"does not reproduce the Keras predictions of its check rows ({detail})"
+        raise SlimUnavailable(f"the LiteRT model {why}")
     try:
         from mlflow.pyfunc import PyFuncModel
 
         pyfunc = PyFuncModel(model_meta=meta, model_impl=SlimPyfuncImpl(path))
     except Exception as exc:
         raise SlimUnavailable(f"MLflow cannot wrap the LiteRT model as a pyfunc: {exc}") from exc
-    note = (
-        f"litert runtime, no TensorFlow ({len(expected)} check rows within "
-        f"{SLIM_ATOL:g} + {SLIM_RTOL:g} x |keras|, max diff {float(diff.max()):.2g})"
+    within = f"{len(expected)} check rows within {SLIM_ATOL:g} + {SLIM_RTOL:g} x |keras|"
+    return SlimModel(
+        path, pyfunc, f"litert runtime, no TensorFlow ({within}, max diff {float(diff.max()):.2g})"
     )
-    return SlimModel(path=path, pyfunc=pyfunc, note=note)

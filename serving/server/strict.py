@@ -1,8 +1,7 @@
 """Strict mode (``--strict``): what MLflow quietly coerces or drops is a 400 naming the column.
 
-JSON requests are checked as decoded, before the fast path or MLflow's parsing runs
-(:meth:`StrictInputs.payload_problem`); CSV and Parquet after MLflow's parsing, before the
-model runs (:meth:`StrictInputs.frame_problem`).
+JSON is checked as decoded, before any parsing (:meth:`StrictInputs.payload_problem`); CSV and
+Parquet after MLflow's parsing, before the model runs (:meth:`StrictInputs.frame_problem`).
 """
 
 from __future__ import annotations
@@ -25,22 +24,20 @@ def _label(column: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+_KINDS = {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}
+
+
 def _kind_of(value: Any) -> str:
-    return {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
+    return _KINDS.get(type(value), f"a {type(value).__name__}")
 
 
 class StrictInputs:
-    """Strict mode (``--strict``): requests that MLflow accepts only by quietly changing them.
-
-    Stock MLflow drops columns that are not in the model's input schema and converts what it
-    can to the schema's types: a JSON ``true`` in a numeric column becomes 1.0, ``"2.5"`` 2.5.
+    """Stock MLflow drops columns that are not in the model's input schema and converts what it
+    can to the schema's types (a JSON ``true`` in a numeric column becomes 1.0, ``"2.5"`` 2.5).
     Strict mode answers 400 instead, naming the column: for a column not in the schema, and
-    for a value of a numeric schema column that is not a JSON number (a boolean, a string, a
-    list, an object; ``null`` is a missing value, judged as without strict mode). Only a
-    schema of named columns can be checked against; a payload whose shape MLflow rejects
-    anyway is left to MLflow (and its error).
+    for a value of a numeric schema column that is not a JSON number (``null`` is a missing
+    value, judged as without strict mode). Only a schema of named columns can be checked
+    against; a payload whose shape MLflow rejects anyway is left to MLflow (and its error).
     """
 
     __slots__ = ("_all_numeric", "_expected", "_order", "columns", "numeric")
@@ -148,17 +145,13 @@ class StrictInputs:
         if len(unknown) > _MAX_NAMED:
             listed += f" and {len(unknown) - _MAX_NAMED} more"
         which = f"columns {listed} are" if len(unknown) > 1 else f"column {listed} is"
-        return (
-            f"Invalid input (strict mode): {which} not in the model's input schema "
-            f"({self._expected}). Send only the schema's columns."
-        )
+        return (f"Invalid input (strict mode): {which} not in the model's input schema "
+                f"({self._expected}). Send only the schema's columns.")  # fmt: skip
 
     @staticmethod
     def _not_a_number(column: str, got: str) -> str:
-        return (
-            f"Invalid input (strict mode): column {_label(column)} takes numbers, got {got}. "
-            "Booleans and strings are not converted to numbers."
-        )
+        return (f"Invalid input (strict mode): column {_label(column)} takes numbers, got {got}. "
+                "Booleans and strings are not converted to numbers.")  # fmt: skip
 
 
 def strict_reply(problem: str) -> Reply:

@@ -1,11 +1,5 @@
-"""The warm-up: one real prediction through every path before the server says it is ready.
-
-The input example (or, without one, rows made from the signature) is answered by the reference
-path; the fast path must give the same answer (layout, and numbers within ``WARMUP_ATOL``) or
-the pyfunc serves; a pyfunc without the fast path is checked for micro-batching
-(``serving.server.pyfunc_batching.batching_problem``). One log line then says which path
-serves the model and why (``serving path: ...``, also in ``GET /v1/model``).
-"""
+"""The warm-up: one real prediction through every path before the server says it is ready
+(the input example, or without one rows made from the signature)."""
 
 from __future__ import annotations
 
@@ -35,14 +29,14 @@ log = logging.getLogger("serving.server")
 
 def warm_up(model: LoadedModel, *, pyfunc_batching: bool) -> tuple | None:
     """A real prediction through both paths; the fast path must agree with the pyfunc
-    (same layout, numbers within ``WARMUP_ATOL``), else the pyfunc serves. Sets ``model``'s
-    notes, ends with one log line saying which path serves the model and why, and returns the
-    request key of pyfunc micro-batching (None: not batched)."""
-    example = model.serving_input_example()
-    source = "the input example"
+    (same layout, numbers within ``WARMUP_ATOL``), else the pyfunc serves; without it, whether
+    the pyfunc may be micro-batched (:func:`batching_problem`). Sets ``model``'s notes, ends
+    with one log line saying which path serves the model and why (``serving path: ...``, also
+    in ``GET /v1/model``), and returns the request key of pyfunc micro-batching (None: not
+    batched)."""
+    example, source = model.serving_input_example(), "the input example"
     if example is None:
-        example = synthetic_example(model)
-        source = "rows generated from the signature"
+        example, source = synthetic_example(model), "rows generated from the signature"
     if example is None:
         log.warning("no input example and no numeric signature: warm-up skipped")
         if model.fast is not None:
@@ -51,14 +45,11 @@ def warm_up(model: LoadedModel, *, pyfunc_batching: bool) -> tuple | None:
         model.batching_note = "no input example to check it on"
         log_serving_path(model)
         return None
-    reference = reference_invocations(
-        model, example.encode(), CONTENT_TYPE_JSON, finite=model.fast is not None
-    )
+    finite = model.fast is not None
+    reference = reference_invocations(model, example.encode(), CONTENT_TYPE_JSON, finite=finite)
     if reference.status != 200:
-        raise RuntimeError(
-            f"the warm-up prediction on the model's input example failed "
-            f"({reference.status}): {reference.body[:500]!r}"
-        )
+        why = f"({reference.status}): {reference.body[:500]!r}"
+        raise RuntimeError(f"the warm-up prediction on the model's input example failed {why}")
     if model.fast is not None:
         if problem := fast_path_problem(model.fast, example, reference.body):
             model.fast = None
@@ -75,9 +66,8 @@ def warm_up(model: LoadedModel, *, pyfunc_batching: bool) -> tuple | None:
         model.batched_pyfunc = batch_key is not None
         if model.batched_pyfunc:
             where = "on the event loop" if predicts_inline(model) else "in the model thread"
-            model.batching_note += (
-                f", {where} (predict on the example: {model.predict_seconds * 1000:.1f} ms)"
-            )
+            ms = model.predict_seconds * 1000
+            model.batching_note += f", {where} (predict on the example: {ms:.1f} ms)"
     log_serving_path(model)
     return batch_key
 
@@ -86,12 +76,8 @@ def log_serving_path(model: LoadedModel) -> None:
     if model.fast is not None:
         log.info("serving path: keras-fast-path (%s)", model.fast_path_note)
     else:
-        log.info(
-            "serving path: %s (fast path: %s; batching: %s)",
-            model.serving_path,
-            model.fast_path_note,
-            model.batching_note,
-        )
+        log.info("serving path: %s (fast path: %s; batching: %s)", model.serving_path,
+                 model.fast_path_note, model.batching_note)  # fmt: skip
 
 
 def synthetic_example(model: LoadedModel) -> str | None:
@@ -132,10 +118,8 @@ def fast_path_problem(fast: Any, example: str, reference_body: bytes) -> str | N
     expected = json.loads(reference_body)
     diff = answer_difference(got, expected)
     if diff is None:
-        return (
-            f"the answers differ in layout (fast path {json.dumps(got)[:120]}, "
-            f"pyfunc {json.dumps(expected)[:120]})"
-        )
+        fast_answer, pyfunc_answer = json.dumps(got)[:120], json.dumps(expected)[:120]
+        return f"the answers differ in layout (fast path {fast_answer}, pyfunc {pyfunc_answer})"
     if not diff <= WARMUP_ATOL:
         return f"fast path and pyfunc disagree (max diff {diff:.3g} > {WARMUP_ATOL:g})"
     return None

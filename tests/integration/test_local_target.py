@@ -16,7 +16,7 @@ import pytest
 
 from serving.deploy.local import DeployError, LocalTarget, _alive
 from serving.deploy.settings import DeploySettings
-from serving.deploy.verify import VerificationError, verify_endpoint
+from serving.deploy.verify import VerificationFailed, verify_endpoint
 
 pytestmark = pytest.mark.integration
 
@@ -172,7 +172,7 @@ def test_deploy_switch_redeploy_fail_and_verify(target, tmp_path):
     # -- verification: passes for what is live, fails for anything else ---------------------
     report = verify_endpoint(endpoint, v2, FRAME, FEATURES)
     assert report["rows"] == len(FRAME) and report["max_abs_diff"] <= 1e-9
-    with pytest.raises(VerificationError, match="max abs diff") as err:
+    with pytest.raises(VerificationFailed, match="max abs diff") as err:
         verify_endpoint(endpoint, v1, FRAME, FEATURES)
     assert "first mismatch at row 0" in str(err.value)
 

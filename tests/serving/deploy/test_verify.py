@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.deploy.verify import VerificationError, _as_array, verify_endpoint
+from serving.deploy.verify import VerificationFailed, as_array, verify_endpoint
 
 FRAME = pd.DataFrame({"a": [0.1, 2.0, -3.5], "b": [0.2, 0.0, 1e-7], "extra": ["x", "y", "z"]})
 EXPECTED = (FRAME["a"] + FRAME["b"]).tolist()
@@ -109,7 +109,7 @@ def test_passes_for_every_response_shape(server, model_uri, predictions):
 def test_value_mismatch_names_diff_and_row(server, model_uri):
     endpoint, script = server
     script.body = {"predictions": [EXPECTED[0], EXPECTED[1] + 0.5, EXPECTED[2]]}
-    with pytest.raises(VerificationError) as err:
+    with pytest.raises(VerificationFailed) as err:
         verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])
     message = str(err.value)
     assert "max abs diff 0.5" in message and "first mismatch at row 1" in message
@@ -119,21 +119,21 @@ def test_tolerance_is_respected(server, model_uri):
     endpoint, script = server
     script.body = {"predictions": [x + 1e-7 for x in EXPECTED]}
     assert verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])["max_abs_diff"] < 1e-6
-    with pytest.raises(VerificationError):
+    with pytest.raises(VerificationFailed):
         verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"], atol=1e-9, rtol=0.0)
 
 
 def test_wrong_count(server, model_uri):
     endpoint, script = server
     script.body = {"predictions": EXPECTED[:2]}
-    with pytest.raises(VerificationError, match=r"shape \(2,\) for 3 rows"):
+    with pytest.raises(VerificationFailed, match=r"shape \(2,\) for 3 rows"):
         verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])
 
 
 def test_null_prediction_is_a_mismatch(server, model_uri):
     endpoint, script = server
     script.body = {"predictions": [EXPECTED[0], None, EXPECTED[2]]}
-    with pytest.raises(VerificationError, match="first mismatch at row 1"):
+    with pytest.raises(VerificationFailed, match="first mismatch at row 1"):
         verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])
 
 
@@ -141,24 +141,24 @@ def test_non_200_reports_status_and_body(server, model_uri):
     endpoint, script = server
     script.status = 400
     script.body = {"error_code": "BAD_REQUEST", "message": "Failed to enforce schema"}
-    with pytest.raises(VerificationError, match=r"returned 400.*Failed to enforce schema"):
+    with pytest.raises(VerificationFailed, match=r"returned 400.*Failed to enforce schema"):
         verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])
     script.ping_status = 503
-    with pytest.raises(VerificationError, match="ping returned 503"):
+    with pytest.raises(VerificationFailed, match="ping returned 503"):
         verify_endpoint(endpoint, model_uri, FRAME, ["a", "b"])
 
 
 def test_unreachable_endpoint(model_uri, free_ports):
     (port,) = free_ports(1)
-    with pytest.raises(VerificationError, match="ping failed"):
+    with pytest.raises(VerificationFailed, match="ping failed"):
         verify_endpoint(f"http://127.0.0.1:{port}", model_uri, FRAME, ["a", "b"], timeout_s=2)
 
 
 def test_as_array_local_shapes():
-    assert _as_array(np.array([[1.0], [2.0]])).tolist() == [1.0, 2.0]
-    assert _as_array(pd.Series([1, 2])).tolist() == [1.0, 2.0]
-    assert _as_array(pd.DataFrame({"y": [1.0, 2.0]})).tolist() == [1.0, 2.0]
-    assert _as_array(np.ones((2, 3))).shape == (2, 3)
+    assert as_array(np.array([[1.0], [2.0]])).tolist() == [1.0, 2.0]
+    assert as_array(pd.Series([1, 2])).tolist() == [1.0, 2.0]
+    assert as_array(pd.DataFrame({"y": [1.0, 2.0]})).tolist() == [1.0, 2.0]
+    assert as_array(np.ones((2, 3))).shape == (2, 3)
 
 
 def test_a_float32_ulp_of_a_large_prediction_passes_and_a_real_difference_does_not():

@@ -256,6 +256,59 @@ class DriftSettings(BaseSettings):
     _split_trigger = field_validator("trigger_on", mode="before")(split_csv)
 
 
+class QualitySettings(BaseSettings):
+    """The feedback loop: what the model servers answered (the payload log), the labels that
+    come back for it, and when the live error asks for a retraining (``ml.quality``)."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_QUALITY_", extra="forbid")
+
+    payload_path: str = Field(
+        str(LOCAL_STATE_DIR / "payload-log"),
+        description="Folder or fsspec URL of the model servers' payload log "
+        "(`<path>/date=YYYY-MM-DD/payload-*.parquet|jsonl`); the local target's servers write "
+        "here.",
+    )
+    labels_path: str = Field(
+        str(LOCAL_STATE_DIR / "labels"),
+        description="Folder or fsspec URL of the labels: `<path>/date=YYYY-MM-DD/*.parquet|"
+        "csv|jsonl` with `request_id`, optionally `row`, and the target column.",
+    )
+    window_days: int = Field(
+        7, ge=1, le=366, description="Days of served and labelled rows each check scores."
+    )
+    breach_days: int = Field(
+        2,
+        ge=1,
+        le=366,
+        description="Retrain when @champion's live RMSE was above the gate's max_rmse on each "
+        "of this many newest labelled days.",
+    )
+    min_rows: int = Field(
+        50, ge=1, description="Labelled rows a version (or a day) needs before it is judged."
+    )
+    label_delay_days: int = Field(
+        1,
+        ge=0,
+        le=366,
+        description="The synthetic source's ground truth for a served day arrives this many "
+        "days later (only with PIPELINE_DATA_SOURCE=synthetic).",
+    )
+    retro_versions: int = Field(
+        5,
+        ge=0,
+        le=100,
+        description="The newest registered versions (gate-rejected ones included) scored on the "
+        "labelled rows; those that beat @champion there are tagged as a suggestion.",
+    )
+    retro_margin: float = Field(
+        0.02,
+        ge=0.0,
+        lt=1.0,
+        description="A version is suggested when its RMSE on the labelled rows is at least this "
+        "much (relative) below @champion's on the same rows.",
+    )
+
+
 S = TypeVar("S", bound=BaseSettings)
 
 

@@ -31,6 +31,7 @@ SETTINGS_CLASSES = [
     ml_settings.GateSettings,
     ml_settings.RegistrySettings,
     ml_settings.DriftSettings,
+    ml_settings.QualitySettings,
     DeploySettings,
 ]
 

@@ -6,8 +6,11 @@
 Trains the project's regressor for a few epochs on the synthetic data in a throwaway SQLite
 MLflow store, starts three ``python -m serving.server`` processes on it (one worker each:
 ``--payload-log-sample-percent`` 0, 10 and 100, the log in a temporary folder), and measures
-them with ``wrk`` (single-row ``dataframe_split`` POSTs, 8 connections) in interleaved rounds,
-the median kept, like ``scripts/bench_serving.py`` (whose helpers it uses). Then it stops the
+them with ``wrk`` (single-row ``dataframe_split`` POSTs, 8 connections) in rounds that measure
+the three back to back: what the log costs is the ratio within a round (throughput, and CPU
+time per request of the server's processes), and the median of those ratios is kept, since a
+shared machine's load moves between rounds far more than within one
+(``scripts/bench_serving.py``'s helpers). Then it stops the
 servers (their open files close) and checks that the rows on disk are the rows the servers
 counted as written, and none dropped. Targets (issue 25): at 8 clients, 100% sampling keeps at
 least 90% of the throughput with the log off, 10% sampling at least 97%.
@@ -93,9 +96,9 @@ def rows_on_disk(folder: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured cell")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measured cell")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded load first")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median kept)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds (median of ratios)")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
@@ -141,25 +144,35 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             bench.stop(server.proc)
     on_disk = {s: rows_on_disk(workdir / f"log-{s:g}") for s in SAMPLES}
-    base = statistics.median(rps[0.0])
-    lines = ["| payload log | req/s @8 | vs off | CPU us/req | rows written | dropped | on disk |"]
-    lines.append("|---|---|---|---|---|---|---|")
+
+    # Each round measures the three servers back to back: the ratio within a round is what
+    # the log costs; the machine's load moves between rounds, so the median of those ratios.
+    def ratio(values: dict[float, list[float]], sample: float, invert: bool = False) -> float:
+        pairs = zip(values[sample], values[0.0], strict=True)
+        return statistics.median(b / a if invert else a / b for a, b in pairs)
+
+    lines = [
+        "| payload log | req/s @8 (median) | req/s vs off (median of rounds) | CPU us/req "
+        "| CPU-bound throughput vs off | rows written | dropped | on disk |"
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|")
     checks = []
     for sample in SAMPLES:
-        median = statistics.median(rps[sample])
         written = counts[sample].get("written", 0.0)
         dropped = counts[sample].get("dropped", 0.0)
+        by_rps, by_cpu = ratio(rps, sample), ratio(cpu, sample, invert=True)
         lines.append(
-            f"| {'off' if not sample else f'{sample:g}%'} | {median:.0f} | {median / base:.1%} "
-            f"| {statistics.median(cpu[sample]):.0f} | {written:.0f} | {dropped:.0f} "
-            f"| {on_disk[sample]} |"
+            f"| {'off' if not sample else f'{sample:g}%'} | {statistics.median(rps[sample]):.0f} "
+            f"| {by_rps:.1%} | {statistics.median(cpu[sample]):.1f} | {by_cpu:.1%} "
+            f"| {written:.0f} | {dropped:.0f} | {on_disk[sample]} |"
         )
         if sample in TARGETS:
-            ok = median / base >= TARGETS[sample] and on_disk[sample] == written and not dropped
+            whole = on_disk[sample] == written and not dropped
+            ok = min(by_rps, by_cpu) >= TARGETS[sample] and whole
             checks.append(
-                f"- {sample:g}% sampling: {median / base:.1%} of the throughput with the log off "
-                f"(wanted >= {TARGETS[sample]:.0%}); rows on disk = rows counted written, "
-                f"none dropped: {'met' if ok else 'NOT met'}"
+                f"- {sample:g}% sampling: {by_rps:.1%} of the throughput with the log off "
+                f"({by_cpu:.1%} from CPU per request; wanted >= {TARGETS[sample]:.0%}); rows "
+                f"on disk = rows counted written, none dropped: {'met' if ok else 'NOT met'}"
             )
     section = "\n".join(
         [
@@ -167,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Measured {datetime.now(UTC):%Y-%m-%d} on {os.cpu_count()} CPUs; three servers on "
             f"the same model version (one worker, access log off), single-row `dataframe_split` "
-            f"POSTs from `wrk` at {args.connections} connections, {args.rounds} interleaved "
-            f"rounds of {args.duration} s per cell, the median kept. 1-minute load average "
+            f"POSTs from `wrk` at {args.connections} connections, {args.rounds} rounds of "
+            f"{args.duration} s per cell (the three back to back, the order turning), the median "
+            f"of the per-round ratios kept. 1-minute load average "
             f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after; the run took "
             f"{(time.monotonic() - started) / 60:.1f} min.",
             "",

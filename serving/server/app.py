@@ -180,7 +180,7 @@ class ScoringApp:
         end = _perf_counter()
         if reply.answered and self.payload_log is not None and self.payload_log.sampled():
             rows, predictions = reply.answered
-            self.recorder.payloads.append((request_id, rows, predictions, end - started, end))
+            self.payload_log.add(request_id, rows, predictions, end - started, end)
         self.recorder.request_done(
             (
                 end,

@@ -2,10 +2,16 @@
 as the pipeline's own daily partitions, so that labels can later be joined to it
 (``ml.quality``).
 
-The request path only decides (:meth:`PayloadLog.sampled`) and appends ``(request id, rows,
-predictions, latency, end)`` to the recorder's list; the recorder hands those over in batches
-(:meth:`PayloadLog.submit`, every 0.25 s or 256 requests) to one writer thread, through a queue
-bounded in rows: what does not fit is dropped and counted, a request never waits for the log.
+The request path only decides (:meth:`PayloadLog.sampled`) and appends the request id, rows,
+predictions, latency and time to lists (:meth:`PayloadLog.add`); the recorder hands those over
+in batches (:meth:`PayloadLog.submit`, every 0.25 s or 256 requests) to one writer thread,
+through a queue bounded in rows: what does not fit is dropped and counted, a request never
+waits for the log. Nothing kept for the log is an object the garbage collector tracks (rows of
+Python numbers are packed into bytes): a few container objects kept alive per request tripled
+the collector's runs and cost more than the writing.
+The writer wakes once every :data:`WRITE_EVERY_S` and takes all that waits at once: each time
+it runs, it competes with the event loop for the GIL, and handing the GIL back and forth costs
+the server more CPU than the writing itself (docs/benchmarks.md, "Payload log cost").
 
 The writer makes one row per answered row: the model's input columns, ``prediction``,
 ``request_id``, ``row`` (its position in the request), ``model_version``, ``latency_ms`` and
@@ -13,11 +19,11 @@ The writer makes one row per answered row: the model's input columns, ``predicti
 Parquet where pyarrow is installed (the full image), JSON lines where it is not (the slim
 image; the pipeline reads both). The host is the pod's name on Kubernetes, so every pod (and
 every worker process) writes its own files. A file is written under a hidden name and renamed
-when it is closed, so a reader never sees half of one: at ``max_file_mb``, after
-:data:`ROTATE_S`, at midnight UTC and at shutdown. A process that wrote ``max_day_mb`` in a day
-drops (and counts) the rest of that day's rows. A path with a scheme (``s3://...``) is written
-through fsspec: files are spooled locally and uploaded when closed (fsspec and the store's
-driver must then be installed in the image).
+when it is closed, so a reader never sees half of one: at ``max_file_mb`` (for Parquet, the
+size of its rows in memory), after :data:`ROTATE_S`, at midnight UTC and at shutdown. A process
+that wrote ``max_day_mb`` in a day drops (and counts) the rest of that day's rows. A path with
+a scheme (``s3://...``) is written through fsspec: files are spooled locally and uploaded when
+closed (fsspec and the store's driver must then be installed in the image).
 """
 
 from __future__ import annotations
@@ -25,14 +31,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import queue
 import random
 import socket
+import struct
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from itertools import chain
+from typing import Any
 
 import numpy as np
 
@@ -51,10 +57,11 @@ log = logging.getLogger("serving.server")
 
 # Rows waiting for the writer at most (a few MB); beyond, new records are dropped and counted.
 MAX_QUEUED_ROWS = 65_536
+# How often the writer takes what waits.
+WRITE_EVERY_S = 1.0
 # A file is closed (and becomes visible to readers) at the latest this long after it opened.
 ROTATE_S = 300.0
 _DAY_S = 86_400
-_STOP = object()
 
 
 def default_format() -> str:
@@ -97,9 +104,14 @@ class PayloadLog:
             self._root = self._root.rstrip("/")
             self._spool = tempfile.mkdtemp(prefix="payload-log-")
         self._name = f"{PAYLOAD_FILE_PREFIX}{socket.gethostname()}-{os.getpid()}"
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # what add() collected since the last submit(): ids, rows, predictions, seconds, ends
+        self._pending: tuple[list, list, list, list, list] = ([], [], [], [], [])
+        self._pending_rows = 0
+        self._pack = struct.Struct(f"{len(self.columns)}d").pack
+        self._queue: list[tuple[tuple[list, ...], float]] = []
         self._queued = 0
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._file: _File | None = None
         self._day_bytes: dict[int, float] = {}
         self._thread = threading.Thread(target=self._run, name="payload-log", daemon=True)
@@ -110,40 +122,58 @@ class PayloadLog:
     def sampled(self) -> bool:
         return self.rate >= 1.0 or random.random() < self.rate
 
-    def submit(self, records: list[tuple], wall_offset: float) -> None:
-        """``records``: ``(request_id, rows, predictions, seconds, end)``, ``end`` a
-        ``time.perf_counter()``; ``wall_offset``: ``time.time() - time.perf_counter()``."""
-        rows = sum(len(r[2]) for r in records)
+    def add(self, request_id: bytes, rows: Any, predictions: Any, seconds: float, end: float):
+        """One sampled answer: ``rows`` lists of numbers or a matrix, ``predictions`` an
+        array, ``end`` a ``time.perf_counter()``."""
+        ids, matrices, outputs, latencies, ends = self._pending
+        if type(rows) is list:
+            try:
+                pack = self._pack
+                rows = pack(*rows[0]) if len(rows) == 1 else b"".join(pack(*r) for r in rows)
+            except struct.error:  # not a row of this model's width: not logged
+                self.counted("failed", len(predictions))
+                return
+        ids.append(request_id)
+        matrices.append(rows)
+        outputs.append(predictions)
+        latencies.append(seconds)
+        ends.append(end)
+        self._pending_rows += len(predictions)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending[0])
+
+    def submit(self, wall_offset: float) -> None:
+        """Hand what :meth:`add` collected to the writer (``wall_offset``: ``time.time() -
+        time.perf_counter()``), or drop and count it when the queue is full."""
+        pending, rows = self._pending, self._pending_rows
+        self._pending, self._pending_rows = ([], [], [], [], []), 0
         with self._lock:
             full = self._queued + rows > MAX_QUEUED_ROWS
             if not full:
                 self._queued += rows
+                self._queue.append((pending, wall_offset))
         if full:
             self.counted("dropped", rows)
-            return
-        self._queue.put((records, wall_offset, rows))
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Write what is queued, close the open file (it becomes visible), stop the thread."""
-        self._queue.put(_STOP)
+        self._stop.set()
         self._thread.join(timeout_s)
 
     # -- the writer thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                break
-            if item is not None:
-                records, offset, rows = item
-                with self._lock:
-                    self._queued -= rows
+        stopping = False
+        while not stopping:
+            stopping = self._stop.wait(WRITE_EVERY_S)
+            with self._lock:
+                items, self._queue = self._queue, []
+                rows, self._queued = self._queued, 0
+            if items:
                 try:
-                    self._write(records, offset)
+                    self._write(items)
                 except Exception:
                     log.exception("payload log: %d rows not written", rows)
                     self.counted("failed", rows)
@@ -151,8 +181,9 @@ class PayloadLog:
                 self._close_file()
         self._close_file()
 
-    def _write(self, records: list[tuple], offset: float) -> None:
-        table = self._table(records, offset)
+    def _write(self, items: list[tuple[tuple[list, ...], float]]) -> None:
+        """``items``: what :meth:`submit` queued, ``(pending lists, wall_offset)``."""
+        table = self._table(items)
         if table is None:
             return
         days = (table[PAYLOAD_SERVED_AT] // _DAY_S).astype(np.int64)
@@ -160,36 +191,54 @@ class PayloadLog:
         for day in unique:
             part = {k: v[days == day] for k, v in table.items()} if len(unique) > 1 else table
             rows = len(part[PAYLOAD_SERVED_AT])
+            per_row = _estimate(part) / rows
             written = self._day_bytes.get(int(day), 0.0)
-            if written >= self.max_day_bytes:
-                self.counted("dropped", rows)
-                continue
-            if self._file is not None and self._file.day != day:
-                self._close_file()
-            if self._file is None:
-                self._file = self._open(int(day))
-            added = self._file.add(part)
-            self._day_bytes = {int(day): written + added}
-            self.counted("written", rows)
-            if self._file.size >= self.max_file_bytes:
-                self._close_file()
+            room = max(0, int((self.max_day_bytes - written) // per_row))
+            if room < rows:  # the day's cap: the rest of the day's rows are dropped
+                self.counted("dropped", rows - room)
+                rows = room
+            start = 0
+            while start < rows:
+                if self._file is not None and self._file.day != day:
+                    self._close_file()
+                if self._file is None:
+                    self._file = self._open(int(day))
+                take = max(1, int((self.max_file_bytes - self._file.size) // per_row))
+                chunk = {k: v[start : min(start + take, rows)] for k, v in part.items()}
+                written += self._file.add(chunk)
+                self.counted("written", len(chunk[PAYLOAD_SERVED_AT]))
+                start += take
+                if self._file.size >= self.max_file_bytes:
+                    self._close_file()
+            self._day_bytes = {int(day): written}
 
-    def _table(self, records: list[tuple], offset: float) -> dict[str, np.ndarray] | None:
-        """The records as columns (records whose rows and predictions disagree are counted
+    def _table(self, items: list[tuple[tuple[list, ...], float]]) -> dict[str, np.ndarray] | None:
+        """The answers as columns (answers whose rows and predictions disagree are counted
         as failed)."""
         width = len(self.columns)
-        good = [r for r in records if len(r[1]) == len(r[2]) and len(r[2])]
-        if len(good) < len(records):
-            self.counted("failed", sum(len(r[2]) for r in records) - sum(len(r[2]) for r in good))
-        if not good:
-            return None
-        ids, rows, predictions, seconds, ends = zip(*good, strict=True)
-        if all(type(r) is list for r in rows):
-            matrix = np.array(list(chain.from_iterable(rows)), dtype=np.float64)
-        else:
-            matrix = np.concatenate([np.asarray(r, dtype=np.float64) for r in rows])
-        matrix = matrix.reshape(-1, width)
+        ids, rows, predictions, seconds, ends, offsets = ([] for _ in range(6))
+        for (i, r, p, s, e), offset in items:
+            ids += i
+            rows += r
+            predictions += p
+            seconds += s
+            ends += e
+            offsets += [offset] * len(i)
         counts = np.array([len(p) for p in predictions], dtype=np.int64)
+        sizes = np.array([len(r) // 8 if type(r) is bytes else r.size for r in rows], np.int64)
+        good = (sizes == counts * width) & (counts > 0)
+        if not good.all():
+            self.counted("failed", int(counts[~good].sum()))
+            keep = np.flatnonzero(good)
+            ids, rows, predictions, seconds, ends, offsets = (
+                [column[k] for k in keep]
+                for column in (ids, rows, predictions, seconds, ends, offsets)
+            )
+            counts = counts[good]
+        if not len(counts):
+            return None
+        flat = [np.frombuffer(r) if type(r) is bytes else np.asarray(r, np.float64) for r in rows]
+        matrix = np.concatenate([f.reshape(-1) for f in flat]).reshape(-1, width)
         starts = np.repeat(np.cumsum(counts) - counts, counts)
         table = {name: matrix[:, j] for j, name in enumerate(self.columns)}
         table[PREDICTION_COLUMN] = np.concatenate(predictions, dtype=np.float64).reshape(-1)
@@ -197,7 +246,7 @@ class PayloadLog:
         table[PAYLOAD_ROW] = np.arange(len(starts), dtype=np.int64) - starts
         table[PAYLOAD_VERSION] = np.full(len(starts), self.version.encode(), dtype=object)
         table[PAYLOAD_LATENCY_MS] = np.repeat(np.array(seconds) * 1000.0, counts)
-        table[PAYLOAD_SERVED_AT] = np.repeat(np.array(ends) + offset, counts)
+        table[PAYLOAD_SERVED_AT] = np.repeat(np.array(ends) + np.array(offsets), counts)
         return table
 
     def _open(self, day: int) -> _File:
@@ -279,10 +328,9 @@ class _ParquetFile(_File):
 
     def add(self, table: dict[str, np.ndarray]) -> float:
         self._parts.append(table)
-        rows = len(table[PAYLOAD_SERVED_AT])
-        added = sum(v.nbytes for v in table.values()) + rows * 40  # + the strings' bytes
+        added = _estimate(table)
         self.size += added
-        self.rows += rows
+        self.rows += len(table[PAYLOAD_SERVED_AT])
         return added
 
     def close(self) -> None:
@@ -299,6 +347,11 @@ class _ParquetFile(_File):
         )
         pq.write_table(table, self.spool)
         self._parts = []
+
+
+def _estimate(table: dict[str, np.ndarray]) -> float:
+    """Bytes of ``table``'s rows: the columns in memory plus the strings' bytes."""
+    return sum(v.nbytes for v in table.values()) + len(table[PAYLOAD_SERVED_AT]) * 40.0
 
 
 def request_id_factory() -> Callable[[], bytes]:

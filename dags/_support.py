@@ -21,6 +21,7 @@ from ml.settings import (
     DataSettings,
     DriftSettings,
     GateSettings,
+    QualitySettings,
     RegistrySettings,
     TrainingSettings,
     connection_tracking_uri,
@@ -424,9 +425,22 @@ def drift_settings() -> DriftSettings:
     return DriftSettings()
 
 
+def live_error_asset():
+    """The asset ``monitor_quality`` emits on when @champion's live error stayed above the
+    gate's bar (``train_and_deploy`` is scheduled on it too)."""
+    from airflow.sdk import Asset
+
+    model = RegistrySettings().model_name
+    return Asset(name=f"live-error/{model}", uri=f"pipeline://live-error/{model}")
+
+
+def quality_settings() -> QualitySettings:
+    return QualitySettings()
+
+
 def trigger_reason(context: dict[str, Any]) -> str:
-    """Why this run started, in words: the drift report that asked for it, else the schedule
-    or a person. Recorded on the training run and on the version it produces."""
+    """Why this run started, in words: the drift or quality report that asked for it, else
+    the schedule or a person. Recorded on the training run and on the version it produces."""
     for extra in triggering_events(context):
         if extra.get("reason"):
             return str(extra["reason"])[:500]

@@ -8,7 +8,9 @@ gate → deploy_or_not → (rollout_local | rollout_kubernetes)`, or `deploy_or_
 or `train_or_not → unchanged`.
 
 * **Schedule**: nightly at 02:00 UTC, and on every event of the `data-drift/<model>` asset
-  (`monitor_drift` emits one when the data moved enough to retrain). Why a run started (the
+  (`monitor_drift` emits one when the data moved enough to retrain) or of the
+  `live-error/<model>` asset (`monitor_quality` emits one when `@champion`'s live RMSE against
+  the labels that came back stayed above the gate's `max_rmse` for days). Why a run started (the
   drift report, the schedule, a person) is tagged `trigger_reason` on its training run and on
   the version it registers.
 * **Window**: `data_window_days` days of partitions ending (exclusive) at the run's data
@@ -48,6 +50,7 @@ from _support import (
     deploy_settings,
     drift_asset,
     gate_settings,
+    live_error_asset,
     log,
     param_templates,
     pipeline_params,
@@ -73,9 +76,11 @@ from serving.deploy.settings import DeploySettings
 
 @dag(
     dag_id="train_and_deploy",
-    # Nightly, and whenever monitor_drift finds the data moved enough to retrain.
+    # Nightly, and whenever monitor_drift finds the data moved enough to retrain, or
+    # monitor_quality finds @champion's live error above the gate's bar for days.
     schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"), assets=[drift_asset()]
+        timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
+        assets=drift_asset() | live_error_asset(),
     ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,

@@ -52,7 +52,9 @@ class DataSettings(BaseSettings):
         description="Folder or fsspec URL holding partitions laid out as "
         "`<path>/date=YYYY-MM-DD/*.parquet|csv`.",
     )
-    format: Literal["parquet", "csv"] = "parquet"
+    format: Literal["parquet", "csv", "jsonl"] = Field(
+        "parquet", description="File format of the partitions; jsonl: JSON lines."
+    )
     feature_columns: Annotated[list[str] | None, NoDecode] = Field(
         None,
         description="Feature columns (comma-separated in the env var). "

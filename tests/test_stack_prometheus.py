@@ -55,8 +55,8 @@ def test_the_config_scrapes_the_front_port_and_the_plugin_and_loads_the_rules(pr
     assert jobs["model-server"]["static_configs"] == [{"targets": ["127.0.0.1:5001"]}]
     assert jobs["registry"]["metrics_path"] == "/registry-events/metrics"
     assert jobs["registry"]["static_configs"] == [{"targets": ["127.0.0.1:8080"]}]
-    assert config["rule_files"] == [str(RULES)]
-    assert Path(config["rule_files"][0]).is_absolute()
+    assert config["rule_files"] == [str(RULES), str(RULES.with_name("quality.yml"))]
+    assert all(Path(path).is_absolute() for path in config["rule_files"])
     assert prom.RULES == RULES
     assert config["global"] == {
         "scrape_interval": "10s",

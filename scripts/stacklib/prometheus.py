@@ -12,6 +12,8 @@ import httpx
 import yaml
 
 RULES = Path(__file__).resolve().parents[2] / "docker" / "prometheus" / "rules.yml"
+# The feedback loop's alerts (live error, labels, payload log): a rule file of their own.
+QUALITY_RULES = RULES.with_name("quality.yml")
 MODEL_SERVER_JOB = "model-server"  # the job the alert rules select (docs/operations.md, Alerts)
 REGISTRY_JOB = "registry"
 # Where the Airflow plugin's exporter answers (plugins/registry_events: URL_PREFIX + /metrics).
@@ -26,7 +28,11 @@ PAGES = {
 
 
 def prometheus_config(
-    model_server: str, registry: str, rule_files=(RULES,), *, scrape_interval_s: int = 10
+    model_server: str,
+    registry: str,
+    rule_files=(RULES, QUALITY_RULES),
+    *,
+    scrape_interval_s: int = 10,
 ) -> dict[str, Any]:
     """The local Prometheus' configuration (pure).
 

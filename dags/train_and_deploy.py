@@ -46,6 +46,7 @@ from __future__ import annotations
 import pendulum
 from _support import (
     IO_TASK_DEFAULTS,
+    data_asset,
     data_settings,
     deploy_settings,
     drift_asset,
@@ -73,6 +74,8 @@ from airflow.sdk.exceptions import AirflowFailException
 from ml.settings import DataSettings, TrainingSettings
 from serving.deploy.settings import DeploySettings
 
+DATA = data_asset()
+
 
 @dag(
     dag_id="train_and_deploy",
@@ -92,12 +95,14 @@ from serving.deploy.settings import DeploySettings
     user_defined_macros={"mlflow_tracking_uri": tracking_uri},
 )
 def train_and_deploy():
-    @task
+    @task(outlets=[DATA])
     def load_window(**context) -> dict:
         reject_unknown_conf(context)  # a mistyped Param must not run with the default
         from ml.pipeline import load_window
 
         window = load_window(data_settings(context["params"]), window_end(context))
+        # "partitions landed" for score_batch: the synthetic source writes them here
+        context["outlet_events"][DATA].extra = {"end": window["end"], "digest": window["digest"]}
         # Why this run trains: tagged on the training run and on the version (ml.pipeline).
         window["trigger_reason"] = trigger_reason(context)
         log.info("Run started by: %s", window["trigger_reason"])

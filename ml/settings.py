@@ -311,6 +311,26 @@ class QualitySettings(BaseSettings):
     )
 
 
+class BatchSettings(BaseSettings):
+    """Batch scoring (``score_batch``): which days a run scores, and where the predictions go."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_BATCH_", extra="forbid")
+
+    predictions_path: str = Field(
+        str(LOCAL_STATE_DIR / "predictions"),
+        description="Folder or fsspec URL of the predictions: "
+        "`<path>/v<version>-<input digest>/date=YYYY-MM-DD/<input file>.parquet`, one "
+        "`prediction` per input row in the input's order, and `_SUCCESS.json`.",
+    )
+    window_days: int = Field(
+        1,
+        ge=1,
+        le=366,
+        title="Days to score",
+        description="Days of partitions a run scores, ending (exclusive) at the window end.",
+    )
+
+
 S = TypeVar("S", bound=BaseSettings)
 
 

@@ -70,8 +70,8 @@ def default_format() -> str:
 
 
 class PayloadLog:
-    """The payload log of one process: :meth:`sampled` and :meth:`submit` from the event loop,
-    everything else in the writer thread. ``counted(outcome, rows)``: ``written``,
+    """The payload log of one process: :meth:`sampled`, :meth:`add` and :meth:`submit` from the
+    event loop, everything else in the writer thread. ``counted(outcome, rows)``: ``written``,
     ``dropped`` (queue full or day cap) or ``failed`` (the write raised)."""
 
     def __init__(

@@ -18,9 +18,11 @@ from pydantic_settings import BaseSettings
 
 from ml.knobs import field_schema
 from ml.settings import (
+    BatchSettings,
     DataSettings,
     DriftSettings,
     GateSettings,
+    QualitySettings,
     RegistrySettings,
     TrainingSettings,
     connection_tracking_uri,
@@ -71,6 +73,7 @@ KNOBS: dict[str, tuple[type[BaseSettings], str]] = {
     "max_regression": (GateSettings, "max_regression"),
     "force_deploy": (GateSettings, "force_deploy"),
     "deploy_target": (DeploySettings, "target"),
+    "batch_window_days": (BatchSettings, "window_days"),
 }
 
 # Text a trigger form shows that its settings field does not say yet. DeploySettings.target
@@ -457,9 +460,40 @@ def drift_settings() -> DriftSettings:
     return DriftSettings()
 
 
+def live_error_asset():
+    """The asset ``monitor_quality`` emits on when @champion's live error stayed above the
+    gate's bar (``train_and_deploy`` is scheduled on it too)."""
+    from airflow.sdk import Asset
+
+    model = RegistrySettings().model_name
+    return Asset(name=f"live-error/{model}", uri=f"pipeline://live-error/{model}")
+
+
+def quality_settings() -> QualitySettings:
+    return QualitySettings()
+
+
+def data_asset():
+    """The asset "new partitions landed": ``score_batch`` is scheduled on it. The pipeline's
+    ``load_window`` emits it for the synthetic source; whatever lands real partitions emits it
+    (an upstream DAG's outlet, or ``POST /api/v2/assets/events``)."""
+    from airflow.sdk import Asset
+
+    model = RegistrySettings().model_name
+    return Asset(name=f"data/{model}", uri=f"pipeline://data/{model}")
+
+
+def predictions_asset():
+    """The asset ``score_batch`` emits when it wrote a window's predictions."""
+    from airflow.sdk import Asset
+
+    model = RegistrySettings().model_name
+    return Asset(name=f"predictions/{model}", uri=f"pipeline://predictions/{model}")
+
+
 def trigger_reason(context: dict[str, Any]) -> str:
-    """Why this run started, in words: the drift report that asked for it, else the schedule
-    or a person. Recorded on the training run and on the version it produces."""
+    """Why this run started, in words: the drift or quality report that asked for it, else
+    the schedule or a person. Recorded on the training run and on the version it produces."""
     for extra in triggering_events(context):
         if extra.get("reason"):
             return str(extra["reason"])[:500]

@@ -8,7 +8,9 @@ gate → deploy_or_not → (rollout_local | rollout_kubernetes)`, or `deploy_or_
 or `train_or_not → unchanged`.
 
 * **Schedule**: nightly at 02:00 UTC, and on every event of the `data-drift/<model>` asset
-  (`monitor_drift` emits one when the data moved enough to retrain). Why a run started (the
+  (`monitor_drift` emits one when the data moved enough to retrain) or of the
+  `live-error/<model>` asset (`monitor_quality` emits one when `@champion`'s live RMSE against
+  the labels that came back stayed above the gate's `max_rmse` for days). Why a run started (the
   drift report, the schedule, a person) is tagged `trigger_reason` on its training run and on
   the version it registers.
 * **Window**: `data_window_days` days of partitions ending (exclusive) at the run's data
@@ -46,10 +48,12 @@ from __future__ import annotations
 import pendulum
 from _support import (
     IO_TASK_DEFAULTS,
+    data_asset,
     data_settings,
     deploy_settings,
     drift_asset,
     gate_settings,
+    live_error_asset,
     log,
     param_templates,
     pipeline_params,
@@ -72,12 +76,16 @@ from airflow.sdk.exceptions import AirflowFailException
 from ml.settings import DataSettings, TrainingSettings
 from serving.deploy.settings import DeploySettings
 
+DATA = data_asset()
+
 
 @dag(
     dag_id="train_and_deploy",
-    # Nightly, and whenever monitor_drift finds the data moved enough to retrain.
+    # Nightly, and whenever monitor_drift finds the data moved enough to retrain, or
+    # monitor_quality finds @champion's live error above the gate's bar for days.
     schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"), assets=[drift_asset()]
+        timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
+        assets=drift_asset() | live_error_asset(),
     ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
@@ -89,12 +97,14 @@ from serving.deploy.settings import DeploySettings
     user_defined_macros={"mlflow_tracking_uri": tracking_uri},
 )
 def train_and_deploy():
-    @task
+    @task(outlets=[DATA])
     def load_window(**context) -> dict:
         reject_unknown_conf(context)  # a mistyped Param must not run with the default
         from ml.pipeline import load_window
 
         window = load_window(data_settings(context["params"]), window_end(context))
+        # "partitions landed" for score_batch: the synthetic source writes them here
+        context["outlet_events"][DATA].extra = {"end": window["end"], "digest": window["digest"]}
         # Why this run trains: tagged on the training run and on the version (ml.pipeline).
         window["trigger_reason"] = trigger_reason(context)
         log.info("Run started by: %s", window["trigger_reason"])

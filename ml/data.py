@@ -1,6 +1,7 @@
 """Training data: daily partitions, their schema and validation, the holdout split.
 
-Partitions are laid out as ``<path>/date=YYYY-MM-DD/*.<format>`` under a local folder or
+Partitions are laid out as ``<path>/date=YYYY-MM-DD/*.<format>`` (parquet, csv, or jsonl:
+JSON lines, what the slim model server's payload log writes) under a local folder or
 any fsspec URL (``s3://``, ``gs://``, ``file://``, ``memory://``). A run reads the
 ``window_days`` dates that end at its data interval end (exclusive), validates every file
 against a :class:`DataSchema`, and hashes the exact bytes it trained on so the model
@@ -341,7 +342,7 @@ def read_partition(partition: Partition, settings: DataSettings) -> pd.DataFrame
         with fsspec.open(partition.uri, "rb") as handle:
             if settings.format == "parquet":
                 return pd.read_parquet(handle)
-            return pd.read_csv(handle)
+            return pd.concat(stream.text_chunks(handle, settings.format), ignore_index=True)
     except Exception as exc:  # the readers raise many types; all mean "cannot read it"
         raise DataValidationError(
             [Violation(partition.uri, ALL_COLUMNS, "readable", f"{type(exc).__name__}: {exc}")]
@@ -471,7 +472,7 @@ def _partition_violations(
                     for name, check in checks.items():
                         check.update(batch.column(name).to_numpy(zero_copy_only=False))
         else:
-            for chunk in pd.read_csv(handle, chunksize=stream.READ_BATCH_ROWS):
+            for chunk in stream.text_chunks(handle, settings.format):
                 # A text value anywhere makes its chunk's column non-numeric: type violation.
                 for violation in _structure_violations(uri, chunk, schema):
                     if violation.column not in broken:

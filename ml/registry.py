@@ -232,13 +232,18 @@ class Registry:
         return self._version(aliases[self.settings.champion_alias])
 
     def latest_version(self) -> VersionInfo | None:
+        found = self.newest_versions(1)
+        return found[0] if found else None
+
+    def newest_versions(self, count: int) -> list[VersionInfo]:
+        """The ``count`` highest version numbers, newest first (whatever their gate said)."""
         with self._call("search model versions") as client:
             found = client.search_model_versions(
                 filter_string=f"name = '{_quote(self.name)}'",
-                max_results=1,
+                max_results=count,
                 order_by=["version_number DESC"],
             )
-        return VersionInfo.from_mlflow(found[0]) if found else None
+        return [VersionInfo.from_mlflow(mv) for mv in found]
 
     def _version(self, version: str) -> VersionInfo:
         with self._call(f"get version {version} of {self.name!r}") as client:

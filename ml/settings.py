@@ -52,7 +52,9 @@ class DataSettings(BaseSettings):
         description="Folder or fsspec URL holding partitions laid out as "
         "`<path>/date=YYYY-MM-DD/*.parquet|csv`.",
     )
-    format: Literal["parquet", "csv"] = "parquet"
+    format: Literal["parquet", "csv", "jsonl"] = Field(
+        "parquet", description="File format of the partitions; jsonl: JSON lines."
+    )
     feature_columns: Annotated[list[str] | None, NoDecode] = Field(
         None,
         description="Feature columns (comma-separated in the env var). "
@@ -254,6 +256,79 @@ class DriftSettings(BaseSettings):
     )
 
     _split_trigger = field_validator("trigger_on", mode="before")(split_csv)
+
+
+class QualitySettings(BaseSettings):
+    """The feedback loop: what the model servers answered (the payload log), the labels that
+    come back for it, and when the live error asks for a retraining (``ml.quality``)."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_QUALITY_", extra="forbid")
+
+    payload_path: str = Field(
+        str(LOCAL_STATE_DIR / "payload-log"),
+        description="Folder or fsspec URL of the model servers' payload log "
+        "(`<path>/date=YYYY-MM-DD/payload-*.parquet|jsonl`); the local target's servers write "
+        "here.",
+    )
+    labels_path: str = Field(
+        str(LOCAL_STATE_DIR / "labels"),
+        description="Folder or fsspec URL of the labels: `<path>/date=YYYY-MM-DD/*.parquet|"
+        "csv|jsonl` with `request_id`, optionally `row`, and the target column.",
+    )
+    window_days: int = Field(
+        7, ge=1, le=366, description="Days of served and labelled rows each check scores."
+    )
+    breach_days: int = Field(
+        2,
+        ge=1,
+        le=366,
+        description="Retrain when @champion's live RMSE was above the gate's max_rmse on each "
+        "of this many newest labelled days.",
+    )
+    min_rows: int = Field(
+        50, ge=1, description="Labelled rows a version (or a day) needs before it is judged."
+    )
+    label_delay_days: int = Field(
+        1,
+        ge=0,
+        le=366,
+        description="The synthetic source's ground truth for a served day arrives this many "
+        "days later (only with PIPELINE_DATA_SOURCE=synthetic).",
+    )
+    retro_versions: int = Field(
+        5,
+        ge=0,
+        le=100,
+        description="The newest registered versions (gate-rejected ones included) scored on the "
+        "labelled rows; those that beat @champion there are tagged as a suggestion.",
+    )
+    retro_margin: float = Field(
+        0.02,
+        ge=0.0,
+        lt=1.0,
+        description="A version is suggested when its RMSE on the labelled rows is at least this "
+        "much (relative) below @champion's on the same rows.",
+    )
+
+
+class BatchSettings(BaseSettings):
+    """Batch scoring (``score_batch``): which days a run scores, and where the predictions go."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_BATCH_", extra="forbid")
+
+    predictions_path: str = Field(
+        str(LOCAL_STATE_DIR / "predictions"),
+        description="Folder or fsspec URL of the predictions: "
+        "`<path>/v<version>-<input digest>/date=YYYY-MM-DD/<input file>.parquet`, one "
+        "`prediction` per input row in the input's order, and `_SUCCESS.json`.",
+    )
+    window_days: int = Field(
+        1,
+        ge=1,
+        le=366,
+        title="Days to score",
+        description="Days of partitions a run scores, ending (exclusive) at the window end.",
+    )
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -294,11 +294,19 @@ def read_values(
             ):
                 yield _matrix([batch.column(name) for name in columns], dtype)
         return
+    with open_binary(fragment.source) as handle:
+        for chunk in text_chunks(handle, file_format, columns):
+            yield chunk[columns].to_numpy(dtype=dtype)
+
+
+def text_chunks(handle, file_format: str, columns: list[str] | None = None):
+    """A CSV or JSON-lines file (the slim model server's payload log) as frames of at most
+    ``READ_BATCH_ROWS`` rows (CSV: only ``columns``); no column is read as a date."""
     import pandas as pd
 
-    with open_binary(fragment.source) as handle:
-        for chunk in pd.read_csv(handle, chunksize=READ_BATCH_ROWS, usecols=columns):
-            yield chunk[columns].to_numpy(dtype=dtype)
+    if file_format == "jsonl":
+        return pd.read_json(handle, lines=True, chunksize=READ_BATCH_ROWS, convert_dates=False)
+    return pd.read_csv(handle, chunksize=READ_BATCH_ROWS, usecols=columns)
 
 
 def _matrix(arrays: list[Any], dtype: str) -> np.ndarray:

@@ -18,7 +18,7 @@ from ml.settings import DataSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SYNTHETIC_FEATURES", "materialize_synthetic", "synthetic_partition"]
+__all__ = ["SYNTHETIC_FEATURES", "materialize_synthetic", "synthetic_labels", "synthetic_partition"]
 
 
 def synthetic_partition(day: date, settings: DataSettings) -> pd.DataFrame:
@@ -55,6 +55,46 @@ def synthetic_partition(day: date, settings: DataSettings) -> pd.DataFrame:
     solar = np.clip(solar + rng.normal(0.0, 20.0, n) * (daylight > 0), 0.0, 1100.0)
     is_weekend = np.full(n, 1.0 if day.weekday() >= 5 else 0.0)
 
+    readings = {
+        "temperature_c": temperature,
+        "humidity_pct": humidity,
+        "hour_of_day": hour,
+        "is_weekend": is_weekend,
+        "wind_speed_ms": wind,
+        "solar_wm2": solar,
+    }
+    load = _load(readings, day, settings, rng.normal(0.0, settings.synthetic_noise, size=n))
+    return pd.DataFrame(
+        {
+            "temperature_c": np.round(temperature, 2),
+            "humidity_pct": np.round(humidity, 1),
+            "hour_of_day": hour,
+            "is_weekend": is_weekend,
+            "wind_speed_ms": np.round(wind, 2),
+            "solar_wm2": np.round(solar, 1),
+            settings.target_column: load,
+        }
+    )
+
+
+def synthetic_labels(
+    served: pd.DataFrame, day: date, settings: DataSettings, seed: int
+) -> np.ndarray:
+    """The ground truth of readings a model server answered on ``day`` (``served``: the
+    feature columns): the load under that day's relationship, drift included, with noise
+    drawn from ``seed`` (the same rows and seed give the same labels)."""
+    rng = np.random.default_rng(np.random.SeedSequence([20_240_102, day.toordinal(), seed]))
+    return _load(served, day, settings, rng.normal(0.0, settings.synthetic_noise, len(served)))
+
+
+def _load(features, day: date, settings: DataSettings, noise: np.ndarray) -> np.ndarray:
+    """The electricity load of readings ``features`` (columns by name) on ``day``."""
+    temperature = np.asarray(features["temperature_c"], dtype="float64")
+    humidity = np.asarray(features["humidity_pct"], dtype="float64")
+    hour = np.asarray(features["hour_of_day"], dtype="float64")
+    is_weekend = np.asarray(features["is_weekend"], dtype="float64")
+    wind = np.asarray(features["wind_speed_ms"], dtype="float64")
+    solar = np.asarray(features["solar_wm2"], dtype="float64")
     drift = (
         settings.synthetic_drift_strength
         if settings.synthetic_drift_start is not None and day >= settings.synthetic_drift_start
@@ -74,27 +114,18 @@ def synthetic_partition(day: date, settings: DataSettings) -> pd.DataFrame:
         + humid_heat
         + wind_chill
         - 0.012 * solar
-        + rng.normal(0.0, settings.synthetic_noise, size=n)
+        + noise
     )
-
-    return pd.DataFrame(
-        {
-            "temperature_c": np.round(temperature, 2),
-            "humidity_pct": np.round(humidity, 1),
-            "hour_of_day": hour,
-            "is_weekend": is_weekend,
-            "wind_speed_ms": np.round(wind, 2),
-            "solar_wm2": np.round(solar, 1),
-            # Load cannot be negative; only reachable with very large noise settings.
-            settings.target_column: np.clip(load, 0.0, None),
-        }
-    )
+    # Load cannot be negative; only reachable with very large noise settings.
+    return np.clip(load, 0.0, None)
 
 
 def _encode(frame: pd.DataFrame, file_format: str) -> bytes:
     buffer = io.BytesIO()
     if file_format == "parquet":
         frame.to_parquet(buffer, index=False)
+    elif file_format == "jsonl":
+        frame.to_json(buffer, orient="records", lines=True)
     else:
         frame.to_csv(buffer, index=False)
     return buffer.getvalue()

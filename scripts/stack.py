@@ -285,7 +285,10 @@ def _prometheus_up() -> bool:
     front, config_file = f"{HOST}:{DeploySettings().local_port}", PROMETHEUS_ROOT / "prometheus.yml"
     rules_file = PROMETHEUS_ROOT / "rules.yml"
     config = prom.prometheus_config(
-        front, f"{HOST}:{AIRFLOW_PORT}", [rules_file], scrape_interval_s=PROMETHEUS_INTERVAL_S
+        front,
+        f"{HOST}:{AIRFLOW_PORT}",
+        [rules_file, prom.QUALITY_RULES],
+        scrape_interval_s=PROMETHEUS_INTERVAL_S,
     )
     try:
         rules = prom.rules_yaml()

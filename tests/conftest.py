@@ -105,6 +105,11 @@ os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = os.path.join(_REPO, "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = os.path.join(_REPO, "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+# Model servers started by the local target log payloads, the quality and batch steps write
+# labels and predictions: into the throwaway folder, never the checkout's .local/.
+for _name, _folder in (("QUALITY_PAYLOAD_PATH", "payload-log"), ("QUALITY_LABELS_PATH", "labels"),
+                       ("BATCH_PREDICTIONS_PATH", "predictions")):  # fmt: skip
+    os.environ.setdefault(f"PIPELINE_{_name}", os.path.join(_AIRFLOW_HOME, _folder))
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME}/airflow.db"
 os.environ.pop("AIRFLOW_CONN_MLFLOW_DEFAULT", None)
 # Airflow's dag bundle puts the DAG folder on sys.path (DAGs import their `_support` module).

@@ -9,7 +9,14 @@
 - ``pipeline_feature_drift_score{model,feature}``: PSI per column from the newest
   ``monitor_drift`` check (``__target__`` and ``__prediction__`` included), with
   ``pipeline_drift_threshold{model,feature}`` next to it, ``pipeline_drift_retrain{model}`` and
-  ``pipeline_drift_check_timestamp_seconds{model}``.
+  ``pipeline_drift_check_timestamp_seconds{model}``;
+- from the newest ``monitor_quality`` check (``ml.quality``): ``pipeline_live_rmse``,
+  ``pipeline_live_mae`` and ``pipeline_live_rows`` ``{model,version}`` per served version,
+  ``pipeline_champion_live_rmse{model,version}`` and ``pipeline_live_rmse_bar{model}`` (the
+  gate's ``max_rmse`` it was judged against), ``pipeline_quality_rows{model,kind}`` (served,
+  labelled), ``pipeline_quality_retrain{model}``, ``pipeline_retro_challenger{model,version}``
+  (1: it beat @champion on the labelled rows) and
+  ``pipeline_quality_check_timestamp_seconds{model}``.
 
 Reads are cached for ``CACHE_S`` seconds, so any number of Prometheus replicas scraping costs
 MLflow two requests per interval. The MLflow endpoint is ``MLFLOW_TRACKING_URI``, else the
@@ -36,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CACHE_S = 15.0
 PSI_PREFIX = "psi."
+LIVE_PREFIXES = {"rmse": "live_rmse.v", "mae": "live_mae.v", "rows": "live_rows.v"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,13 @@ class RegistrySnapshot:
     drift_scores: Mapping[str, float] = field(default_factory=dict)
     drift_retrain: bool | None = None
     drift_checked_at_s: float | None = None
+    # The newest quality check: {"rmse"|"mae"|"rows": {version: value}}, its metrics and tags.
+    live: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    quality: Mapping[str, float] = field(default_factory=dict)  # served, labelled, max_rmse
+    quality_champion: str | None = None
+    quality_retrain: bool | None = None
+    suggested: tuple[str, ...] = ()
+    quality_checked_at_s: float | None = None
 
 
 def render(snapshot: RegistrySnapshot, model: str, drift: DriftSettings) -> bytes:
@@ -95,6 +110,8 @@ def render(snapshot: RegistrySnapshot, model: str, drift: DriftSettings) -> byte
         checked.add_metric([model], snapshot.drift_checked_at_s)
         families.append(checked)
 
+    families += _quality_families(snapshot, model)
+
     class _Snapshot:
         def collect(self):
             return families
@@ -104,8 +121,52 @@ def render(snapshot: RegistrySnapshot, model: str, drift: DriftSettings) -> byte
     return generate_latest(registry)
 
 
+def _quality_families(snapshot: RegistrySnapshot, model: str) -> list[GaugeMetricFamily]:
+    """The newest quality check's gauges (none before the first check)."""
+    if snapshot.quality_checked_at_s is None:
+        return []
+    live, quality, champion = snapshot.live, snapshot.quality, snapshot.quality_champion
+    by_version = ["version"]
+    gauges: list[tuple[str, str, list[str], dict]] = [
+        *(
+            (f"pipeline_live_{kind}", f"Live {kind} of a served version over the labelled rows.",
+             by_version, live.get(kind, {}))
+            for kind in ("rmse", "mae", "rows")
+        ),
+        ("pipeline_champion_live_rmse", "Live RMSE of the version @champion named.", by_version,
+         {champion: live["rmse"][champion]} if champion in live.get("rmse", {}) else {}),
+        ("pipeline_live_rmse_bar", "The gate's max_rmse the live RMSE was judged against.", [],
+         {(): quality["max_rmse"]} if "max_rmse" in quality else {}),
+        ("pipeline_quality_rows", "Served rows in the check's window, and those labelled.",
+         ["kind"], {k: quality[k] for k in ("served", "labelled") if k in quality}),
+        ("pipeline_quality_retrain", "1: the check asked train_and_deploy for a run.", [],
+         {(): float(bool(snapshot.quality_retrain))}),
+        ("pipeline_retro_challenger", "1: the version beat @champion on the labelled rows (a "
+         "promotion to consider).", by_version, dict.fromkeys(snapshot.suggested, 1.0)),
+        ("pipeline_quality_check_timestamp_seconds", "Unix time of the newest quality check.",
+         [], {(): snapshot.quality_checked_at_s}),
+    ]  # fmt: skip
+    families = []
+    for name, doc, labels, values in gauges:
+        family = GaugeMetricFamily(name, doc, labels=["model", *labels])
+        for key, value in sorted(values.items()):
+            family.add_metric([model, *([key] if labels else [])], value)
+        families.append(family)
+    return families
+
+
+def _newest_run(client, experiment_name: str):
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return runs[0] if runs else None
+
+
 def read_snapshot(tracking_uri: str, settings: RegistrySettings) -> RegistrySnapshot:
-    """Aliases of the watched model and the newest drift run, from MLflow."""
+    """Aliases of the watched model and the newest drift and quality runs, from MLflow."""
     from mlflow import MlflowClient
 
     # The registry is the tracking server: never a registry URI some other code set globally.
@@ -120,31 +181,36 @@ def read_snapshot(tracking_uri: str, settings: RegistrySettings) -> RegistrySnap
         aliases = {}  # nothing registered yet: up, no aliases
     snapshot = RegistrySnapshot(up=True, aliases=aliases)
     try:
-        experiment = client.get_experiment_by_name(f"{settings.experiment_name}-drift")
-        runs = (
-            client.search_runs(
-                [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
-            )
-            if experiment is not None
-            else []
-        )
+        drift = _newest_run(client, f"{settings.experiment_name}-drift")
+        quality = _newest_run(client, f"{settings.experiment_name}-quality")
     except Exception as exc:
-        log.warning("Drift runs could not be read: %s", exc)
+        log.warning("Drift and quality runs could not be read: %s", exc)
         return snapshot
-    if not runs:
-        return snapshot
-    run = runs[0]
-    return RegistrySnapshot(
-        up=True,
-        aliases=aliases,
-        drift_scores={
-            k.removeprefix(PSI_PREFIX): v
-            for k, v in run.data.metrics.items()
-            if k.startswith(PSI_PREFIX)
-        },
-        drift_retrain=run.data.tags.get("drift.retrain") == "true",
-        drift_checked_at_s=run.info.start_time / 1000.0,
-    )
+    found: dict = {}
+    if drift is not None:
+        found |= {
+            "drift_scores": {
+                k.removeprefix(PSI_PREFIX): v
+                for k, v in drift.data.metrics.items()
+                if k.startswith(PSI_PREFIX)
+            },
+            "drift_retrain": drift.data.tags.get("drift.retrain") == "true",
+            "drift_checked_at_s": drift.info.start_time / 1000.0,
+        }
+    if quality is not None:
+        metrics, tags = quality.data.metrics, quality.data.tags
+        found |= {
+            "live": {
+                kind: {k.removeprefix(p): v for k, v in metrics.items() if k.startswith(p)}
+                for kind, p in LIVE_PREFIXES.items()
+            },
+            "quality": {k: metrics[k] for k in ("served", "labelled", "max_rmse") if k in metrics},
+            "quality_champion": tags.get("champion_version") or None,
+            "quality_retrain": tags.get("quality.retrain") == "true",
+            "suggested": tuple(v for v in tags.get("quality.suggested", "").split(",") if v),
+            "quality_checked_at_s": quality.info.start_time / 1000.0,
+        }
+    return RegistrySnapshot(up=True, aliases=aliases, **found)
 
 
 def tracking_uri() -> str | None:

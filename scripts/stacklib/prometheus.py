@@ -16,6 +16,8 @@ import yaml
 PROMETHEUS_RULE = (
     Path(__file__).resolve().parents[2] / "docker" / "k8s" / "monitoring" / "prometheus-rule.yaml"
 )
+# The feedback loop's alerts (live error, labels, payload log): a plain rule file of their own.
+QUALITY_RULES = Path(__file__).resolve().parents[2] / "docker" / "prometheus" / "quality.yml"
 MODEL_SERVER_JOB = "model-server"  # the job the alert rules select (docs/operations.md, Alerts)
 REGISTRY_JOB = "registry"
 # Where the Airflow plugin's exporter answers (plugins/registry_events: URL_PREFIX + /metrics).

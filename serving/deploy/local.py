@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from ml.settings import QualitySettings
 from serving.deploy.proxy import (
     ACTIVE_FILE,
     DEPLOY_LOCK,
@@ -379,12 +380,17 @@ class LocalTarget:
         return pid
 
     def _slot_command(self, model_uri: str, port: int) -> list[str]:
+        payload_log = []
+        if sample := self.settings.payload_log_sample_percent:
+            payload_log = ["--payload-log-path", QualitySettings().payload_path,
+                           "--payload-log-sample-percent", f"{sample:g}"]  # fmt: skip
         return [
             sys.executable, "-m", SERVER_MODULE,
             "--model-uri", model_uri,
             "--host", UPSTREAM_HOST,
             "--port", str(port),
             "--workers", "1",
+            *payload_log,
         ]  # fmt: skip
 
     def _start_slot(self, model_uri: str, port: int) -> subprocess.Popen[bytes]:

@@ -33,6 +33,8 @@ FIELD_MANAGER = "train-and-deploy"
 PART_OF = "train-and-deploy"
 CONTAINER_NAME = "model-server"
 CONTAINER_PORT = 8080
+# Where a payload log claim is mounted in a serving pod (DeploySettings.payload_log_claim).
+PAYLOAD_LOG_MOUNT = "/var/lib/payload-log"
 SERVICE_PORT = 80
 # The restricted Pod Security Standard wants a non-root, fixed uid. 10001 is the `app` user both
 # images are built with (docker/*.Dockerfile); it is outside the range of host system users.
@@ -238,6 +240,7 @@ def deployment(
             # 400 for columns not in the model's input schema and non-numbers in numeric
             # columns, where stock MLflow drops or converts them (serving/server/app.py).
             "--strict",
+            *_payload_log_args(settings),
         ],
         "env": [
             {"name": MODEL_URI_ENV, "value": model_uri},
@@ -282,6 +285,11 @@ def deployment(
         },
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
+    if settings.payload_log_claim and settings.payload_log_sample_percent:
+        container["volumeMounts"].append({"name": "payload-log", "mountPath": PAYLOAD_LOG_MOUNT})
+        claim = {"claimName": settings.payload_log_claim}
+        volumes.append({"name": "payload-log", "persistentVolumeClaim": claim})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -322,7 +330,7 @@ def deployment(
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+                    "volumes": volumes,
                     # Spread replicas over nodes, so a node loss takes out one of them.
                     "topologySpreadConstraints": [
                         {
@@ -336,6 +344,16 @@ def deployment(
             },
         },
     }
+
+
+def _payload_log_args(settings: DeploySettings) -> list[str]:
+    """The payload log's flags: to the claim's mount, else the object-store URL, else none
+    (a pod's own disk would lose it)."""
+    where = PAYLOAD_LOG_MOUNT if settings.payload_log_claim else settings.payload_log_url
+    if not where or not settings.payload_log_sample_percent:
+        return []
+    sample = f"{settings.payload_log_sample_percent:g}"
+    return ["--payload-log-path", where, "--payload-log-sample-percent", sample]
 
 
 def horizontal_pod_autoscaler(settings: DeploySettings) -> dict[str, Any]:

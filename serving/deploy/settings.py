@@ -98,6 +98,25 @@ class DeploySettings(BaseSettings):
         "retries.",
     )
 
+    payload_log_sample_percent: float = Field(
+        10.0,
+        ge=0.0,
+        le=100.0,
+        description="Share of answered requests the model servers write to the payload log "
+        "(0: none). The local target's servers write to PIPELINE_QUALITY_PAYLOAD_PATH; on "
+        "Kubernetes, payload_log_claim or payload_log_url says where.",
+    )
+    payload_log_claim: str | None = Field(
+        None,
+        description="PersistentVolumeClaim (ReadWriteMany) mounted in every serving pod for the "
+        "payload log; each pod writes its own files (the pod name is in their names).",
+    )
+    payload_log_url: str | None = Field(
+        None,
+        description="Object-store URL the serving pods write the payload log to, when there is "
+        "no claim (the serving image then needs fsspec and the store's driver).",
+    )
+
     @field_validator("local_slot_ports", mode="before")
     @classmethod
     def _split_ports(cls, value: Any) -> Any:

@@ -14,7 +14,11 @@ Routes (a client of ``mlflow models serve`` must not notice the switch):
   worker answers for all of them (multiprocess mode: each worker keeps its numbers in files in
   ``$PROMETHEUS_MULTIPROC_DIR``)
 
-Every response carries ``X-Model-Version`` when the model came from the registry.
+Every response carries ``X-Model-Version`` when the model came from the registry, and every
+``POST /invocations`` answer an ``X-Request-Id`` (the caller's, when it sent a sane one; else
+a new one): the key a label is sent back with. With ``--payload-log-path`` and
+``--payload-log-sample-percent``, that share of the answered requests is written, off the
+request path, as daily partitions the pipeline reads (``serving.server.payload``).
 
 Where this server deliberately differs from MLflow:
 
@@ -49,7 +53,7 @@ Modules, in the order a request meets them:
   without TensorFlow; ``warmup``: the check at load that the fast path answers like the pyfunc;
 - ``records``: what the request path records, made into metric updates and access-log lines in
   batches; ``metrics`` and ``distributions``: Prometheus metrics; ``logs``: JSON logs and the
-  access log;
+  access log; ``payload``: the payload log;
 - ``compat``: every private MLflow and TensorFlow API the server uses; ``contract``: what the
   pipeline and the server agree on.
 """

@@ -5,13 +5,16 @@
 The model URI may also come from ``$SERVING_MODEL_URI`` (how the Kubernetes Deployment pins
 it); the registry from ``$MLFLOW_TRACKING_URI``; ``--body-timeout-s`` from
 ``$SERVING_BODY_TIMEOUT_S``, ``--strict`` from ``$SERVING_STRICT`` (1/true/yes/on) and
-``--max-feature-histograms`` from ``$SERVING_MAX_FEATURE_HISTOGRAMS``. Logs are JSON lines on
-stderr, access logs JSON lines on stdout.
+``--max-feature-histograms`` from ``$SERVING_MAX_FEATURE_HISTOGRAMS``, ``--payload-log-path``
+and ``--payload-log-sample-percent`` from ``$SERVING_PAYLOAD_LOG_PATH`` and
+``$SERVING_PAYLOAD_LOG_SAMPLE_PERCENT``. Logs are JSON lines on stderr, access logs JSON lines on
+stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -21,6 +24,8 @@ from serving.server.contract import MODEL_URI_ENV
 BODY_TIMEOUT_ENV = "SERVING_BODY_TIMEOUT_S"
 STRICT_ENV = "SERVING_STRICT"
 MAX_FEATURE_HISTOGRAMS_ENV = "SERVING_MAX_FEATURE_HISTOGRAMS"
+PAYLOAD_LOG_PATH_ENV = "SERVING_PAYLOAD_LOG_PATH"
+PAYLOAD_LOG_SAMPLE_ENV = "SERVING_PAYLOAD_LOG_SAMPLE_PERCENT"
 DEFAULT_BODY_TIMEOUT_S = 10.0  # = serving.server.config.DEFAULT_BODY_TIMEOUT_S (not imported: slow)
 DEFAULT_MAX_FEATURE_HISTOGRAMS = 32  # = serving.server.metrics.DEFAULT_MAX_FEATURE_HISTOGRAMS
 _TRUE = ("1", "true", "yes", "on")
@@ -44,6 +49,26 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100: {text!r}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of megabytes: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of megabytes: {text!r}")
     return value
 
 
@@ -106,6 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="input columns (the first N) that get a model_server_feature_value histogram; "
         f"0: none (default: ${MAX_FEATURE_HISTOGRAMS_ENV} or {DEFAULT_MAX_FEATURE_HISTOGRAMS})",
     )
+    p.add_argument(
+        "--payload-log-path",
+        default=os.environ.get(PAYLOAD_LOG_PATH_ENV) or None,
+        help="folder (or fsspec URL) the payload log writes daily partitions to "
+        f"(default: ${PAYLOAD_LOG_PATH_ENV}; none: no payload log)",
+    )
+    p.add_argument(
+        "--payload-log-sample-percent",
+        type=_percent,
+        default=os.environ.get(PAYLOAD_LOG_SAMPLE_ENV) or 0.0,
+        help="share of answered requests written to the payload log, 0 to 100 "
+        f"(default: ${PAYLOAD_LOG_SAMPLE_ENV} or 0)",
+    )
+    p.add_argument(
+        "--payload-log-max-file-mb",
+        type=_megabytes,
+        default=32.0,
+        help="a payload log file is closed (and a new one started) at this size",
+    )
+    p.add_argument(
+        "--payload-log-max-day-mb",
+        type=_megabytes,
+        default=1024.0,
+        help="what one process writes to the payload log per day at most; the rest is dropped "
+        "and counted",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -117,9 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     from serving.server.runner import run
 
     model_uri = args.model_uri or os.environ.get(MODEL_URI_ENV)
+    problem = None
     if not model_uri:
+        problem = f"--model-uri (or {MODEL_URI_ENV}) is required"
+    elif "://" in (args.payload_log_path or "") and importlib.util.find_spec("fsspec") is None:
+        problem = "a payload log URL needs fsspec (and the store's driver) in the image"
+    if problem:
         logging.basicConfig(stream=sys.stderr)
-        logging.getLogger("serving.server").error("--model-uri (or %s) is required", MODEL_URI_ENV)
+        logging.getLogger("serving.server").error("%s", problem)
         return 2
     config = ServerConfig(
         model_uri=model_uri,
@@ -141,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         body_timeout_s=args.body_timeout_s,
         strict=args.strict,
         max_feature_histograms=args.max_feature_histograms,
+        payload_log_path=args.payload_log_path,
+        payload_log_sample_percent=args.payload_log_sample_percent,
+        payload_log_max_file_mb=args.payload_log_max_file_mb,
+        payload_log_max_day_mb=args.payload_log_max_day_mb,
         log_level="DEBUG" if args.verbose else "INFO",
     )
     return run(config)

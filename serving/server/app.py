@@ -44,12 +44,13 @@ from serving.server.batching import MicroBatcher
 from serving.server.body import read_body
 from serving.server.compat import mark_serving_environment
 from serving.server.config import ServerConfig
-from serving.server.contract import VERSION_HEADER, is_numeric_column
+from serving.server.contract import REQUEST_ID_HEADER, VERSION_HEADER, is_numeric_column
 from serving.server.jsoncodec import UNDECODED, DecodeError, as_mlflow_reads, dumps, loads
 from serving.server.loader import LoadedModel, load_drift_profile, load_model
 from serving.server.logs import AccessLog
 from serving.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.server.metrics import ServerMetrics
+from serving.server.payload import PayloadLog, accepted_request_id, request_id_factory
 from serving.server.protocol import column_rows, fast_rows, tensor_rows
 from serving.server.pyfunc_batching import PyfuncBatching, predictions_json, predicts_inline
 from serving.server.records import Recorder
@@ -81,6 +82,7 @@ _ROUTES = {
 }
 _GET_ROUTES = frozenset({"/ping", "/health", "/version", "/metrics", "/v1/model"})
 _METHOD_NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
+_REQUEST_ID = REQUEST_ID_HEADER.lower().encode()
 
 
 class ScoringApp:
@@ -123,6 +125,10 @@ class ScoringApp:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._mlflow_version = _mlflow_version().encode()
         self._observe_columns: tuple[str, ...] = ()
+        # The payload log (serving.server.payload), once the model is known and if it is on.
+        self.payload_log: PayloadLog | None = None
+        self._new_request_id = request_id_factory()
+        self._reference_columns: tuple[str, ...] = ()  # what a reference-path answer records
 
     # -- ASGI entry point ---------------------------------------------------------------------
 
@@ -137,9 +143,11 @@ class ScoringApp:
         path = scope["path"]
         method = scope["method"]
         bytes_in = 0
+        request_id = None
         try:
             if path == "/invocations":
                 if method == "POST":
+                    request_id = self._request_id(scope)
                     reply, bytes_in = await self._invocations(scope, receive)
                 else:
                     reply = Reply(405, _METHOD_NOT_ALLOWED, headers=((b"allow", b"POST"),))
@@ -165,9 +173,14 @@ class ScoringApp:
                 *self._common_headers,
                 *reply.headers,
             )
+        if request_id is not None:
+            headers = (*headers, (_REQUEST_ID, request_id))
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
         end = _perf_counter()
+        if reply.answered and self.payload_log is not None and self.payload_log.sampled():
+            rows, predictions = reply.answered
+            self.payload_log.add(request_id, rows, predictions, end - started, end)
         self.recorder.request_done(
             (
                 end,
@@ -183,6 +196,13 @@ class ScoringApp:
             ),
             self._loop,
         )
+
+    def _request_id(self, scope) -> bytes:
+        """The caller's ``X-Request-Id`` when it is a sane one, else a new one."""
+        for name, value in scope["headers"]:
+            if name == _REQUEST_ID and accepted_request_id(value):
+                return value
+        return self._new_request_id()
 
     def _headers_for(self, length: int) -> tuple[tuple[bytes, bytes], ...]:
         """The response headers of a JSON reply of ``length`` bytes (kept for small sizes)."""
@@ -264,7 +284,10 @@ class ScoringApp:
                             exc_info=True,
                         )
                     else:
-                        return self._predictions_reply(outputs), len(body)
+                        reply = self._predictions_reply(outputs)
+                        if self.payload_log is not None:
+                            reply.answered = (rows, outputs)
+                        return reply, len(body)
         elif (
             (shared := self.pyfunc_batching) is not None
             and shared.columns is not None
@@ -282,6 +305,9 @@ class ScoringApp:
         reply = await self._reference(body, content_type, strict, as_mlflow_reads(payload, body))
         if reply.observed is not None:
             self.recorder.observed.append(reply.observed)
+            rows, predictions = reply.observed
+            if self.payload_log is not None and rows is not None and predictions is not None:
+                reply.answered = reply.observed
         return reply, len(body)
 
     async def _shared_rows(
@@ -310,9 +336,12 @@ class ScoringApp:
         except Exception:  # the model's own error: answered as MLflow words it
             reply = await self._reference(body, content_type, None, as_mlflow_reads(payload, body))
             return reply, None
-        if self._observe_columns and (seen := observed(None, raw, ())):
+        reply = Reply(200, predictions_json(raw), JSON_TYPE, rows=len(rows))
+        if self._reference_columns and (seen := observed(None, raw, ())):
             self.recorder.observed.append((rows, seen[1]))
-        return Reply(200, predictions_json(raw), JSON_TYPE, rows=len(rows)), None
+            if self.payload_log is not None and seen[1] is not None:
+                reply.answered = (rows, seen[1])
+        return reply, None
 
     def _predictions_reply(self, outputs: np.ndarray) -> Reply:
         values = outputs.tolist()
@@ -356,7 +385,7 @@ class ScoringApp:
                     ctype,
                     finite=model.fast is not None,
                     inputs=inputs,
-                    observe=self._observe_columns,
+                    observe=self._reference_columns,
                     shared=self.pyfunc_batching,
                     payload=payload,
                 ),
@@ -387,6 +416,8 @@ class ScoringApp:
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(batcher.close(), timeout=10)
                 self.recorder.stop()
+                if self.payload_log is not None:  # what it holds is written, its file closed
+                    await asyncio.to_thread(self.payload_log.close)
                 self.metrics.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -426,9 +457,31 @@ class ScoringApp:
         """Serve ``model`` (warmed up): ``profile`` its drift profile (histogram buckets),
         ``batch_key`` the request key of pyfunc micro-batching (None: not batched)."""
         self.model = model
+        columns = _input_columns(model)
         self._observe_columns = self.metrics.set_distributions(
-            _input_columns(model), profile, self.config.max_feature_histograms
+            columns, profile, self.config.max_feature_histograms
         )
+        self._reference_columns = self._observe_columns
+        cfg = self.config
+        if cfg.payload_log_path and cfg.payload_log_sample_percent > 0:
+            if columns:
+                self.payload_log = self.recorder.payload_log = PayloadLog(
+                    cfg.payload_log_path,
+                    cfg.payload_log_sample_percent,
+                    columns,
+                    model.identity.version,
+                    max_file_mb=cfg.payload_log_max_file_mb,
+                    max_day_mb=cfg.payload_log_max_day_mb,
+                    counted=self.metrics.count_payload_rows,
+                )
+                self._reference_columns = tuple(columns)
+                log.info(
+                    "payload log: %s%% of requests to %s",
+                    cfg.payload_log_sample_percent,
+                    cfg.payload_log_path,
+                )
+            else:
+                log.warning("payload log off: the model's input schema names no numeric columns")
         if self.config.strict:
             self._strict = StrictInputs.from_schema(model.input_schema)
             if self._strict is None:

@@ -42,6 +42,11 @@ class ServerConfig:
     strict: bool = False
     # Input columns that get a model_server_feature_value histogram (the first N).
     max_feature_histograms: int = DEFAULT_MAX_FEATURE_HISTOGRAMS
+    # The payload log (serving.server.payload): where, and the share of requests (percent).
+    payload_log_path: str | None = None
+    payload_log_sample_percent: float = 0.0
+    payload_log_max_file_mb: float = 32.0
+    payload_log_max_day_mb: float = 1024.0
     log_level: str = "INFO"
 
     def to_json(self) -> str:

@@ -46,3 +46,16 @@ LITERT_CHECK_FILE = "check.json"
 # absolute once predictions are in the hundreds (one ulp at 1000 is 6e-5).
 SLIM_ATOL = 1e-5
 SLIM_RTOL = 1e-6
+
+# The payload log (serving.server.payload): a sampled share of what the server answered, one
+# row per answered row, as daily partitions `<path>/date=YYYY-MM-DD/payload-*.parquet|jsonl`
+# that the pipeline reads (ml.quality). Columns: the model's input columns, PREDICTION_COLUMN
+# and these. Labels come back as partitions of (PAYLOAD_REQUEST_ID, [PAYLOAD_ROW,] label).
+REQUEST_ID_HEADER = "X-Request-Id"
+PAYLOAD_REQUEST_ID = "request_id"
+PAYLOAD_ROW = "row"  # the row's position in its request (0 for a one-row request)
+PAYLOAD_VERSION = "model_version"
+PAYLOAD_LATENCY_MS = "latency_ms"
+PAYLOAD_SERVED_AT = "served_at"  # unix seconds
+PAYLOAD_FILE_PREFIX = "payload-"
+PAYLOAD_FORMATS = ("parquet", "jsonl")

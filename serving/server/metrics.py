@@ -27,6 +27,9 @@ Exposed series (all prefixed ``model_server_``):
 - ``model_load_seconds``                           gauge (once the model is loaded)
 - ``feature_value{feature}``                       histogram: input values of answered rows
 - ``prediction_value``                             histogram: predictions of answered rows
+- ``payload_log_rows_total{outcome}``              counter: rows of sampled requests
+  ``written`` to the payload log, ``dropped`` (its queue full, or its day's cap reached) or
+  ``failed`` (serving.server.payload; only while the log is on)
 - ``workers``                                      gauge: live worker processes
 - ``start_time_seconds``                           gauge
 
@@ -249,6 +252,9 @@ class ServerMetrics:
         workers.set(1)
         start = gauge("start_time_seconds", "Unix time the server process started.", "livemin")
         start.set(round(self.started, 3))
+        self._payload_rows = counter(
+            "payload_log_rows", "Rows of requests sampled for the payload log.", ("outcome",)
+        )
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
 
@@ -334,6 +340,10 @@ class ServerMetrics:
 
     def count_pyfunc_call(self) -> None:
         self._pyfunc_calls.inc()
+
+    def count_payload_rows(self, outcome: str, rows: int) -> None:
+        """From the payload log's writer thread (``prometheus_client`` locks)."""
+        self._payload_rows.labels(outcome=outcome).inc(rows)
 
     def set_distributions(
         self,

@@ -2,10 +2,11 @@
 
 The request path does no more than append: one tuple per finished request to
 :attr:`Recorder.records` (``serving.server.metrics.R_*`` layout), one tuple per model call of
-the micro-batchers, and one ``(rows, predictions)`` reference per answered call for the feature
-and prediction histograms. :meth:`Recorder.flush` makes them metric updates and access-log
-lines: at least every 0.25 s (a timer the first record after a flush sets), every 256 requests,
-before every ``/metrics`` answer and at shutdown.
+the micro-batchers, one ``(rows, predictions)`` reference per answered call for the feature
+and prediction histograms; the payload log keeps its sampled answers itself.
+:meth:`Recorder.flush` makes them metric updates and access-log lines, and hands the sampled
+requests to the payload log's writer: at least every 0.25 s (a timer the first record after a
+flush sets), every 256 requests, before every ``/metrics`` answer and at shutdown.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from serving.server.logs import AccessLog
 from serving.server.metrics import ServerMetrics
+from serving.server.payload import PayloadLog
 
 FLUSH_S = 0.25
 MAX_RECORDS = 256
@@ -37,6 +39,7 @@ class Recorder:
         # (rows, predictions) of answered model calls, by reference (the histograms).
         self.observed: list[tuple[Any, Any]] = []
         self._tick_handle: asyncio.TimerHandle | None = None
+        self.payload_log: PayloadLog | None = None  # its sampled answers wait there
 
     def request_done(self, record: tuple, loop: asyncio.AbstractEventLoop | None) -> None:
         """One finished request (flushes when there are enough, or sets the flush timer)."""
@@ -76,6 +79,8 @@ class Recorder:
         if observed := self.observed:
             self.observed = []
             metrics.observe_rows(observed)
+        if self.payload_log is not None and self.payload_log.pending:
+            self.payload_log.submit(time.time() - time.perf_counter())
         records = self.records
         if not records:
             return

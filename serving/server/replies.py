@@ -29,6 +29,8 @@ class Reply:
     headers: tuple[tuple[bytes, bytes], ...] = ()
     # (rows, predictions) answered by the reference path, for the distribution histograms.
     observed: tuple[np.ndarray | None, np.ndarray | None] | None = None
+    # (rows, predictions) of an answer, for the payload log (set while it is on).
+    answered: tuple = ()
 
 
 class RequestError(Exception):

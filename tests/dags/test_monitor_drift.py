@@ -43,7 +43,8 @@ def test_train_and_deploy_runs_nightly_and_on_the_drift_asset(dags):
     schedule = dags["train_and_deploy"].timetable
     emitted = dags["monitor_drift"].get_task("retrain").outlets[0]
     assert isinstance(schedule, AssetOrTimeSchedule)
-    assert [a.uri for a in schedule.asset_condition.objects] == [emitted.uri]
+    # (or the live-error asset: test_monitor_quality.py)
+    assert emitted.uri in [a.uri for a in schedule.asset_condition.objects]
     assert schedule.timetable.expression == "0 2 * * *"
 
 

@@ -13,7 +13,14 @@ import ast
 from pathlib import Path
 
 import pytest
-from _support import KNOBS, data_settings, deploy_settings, gate_settings, training_settings
+from _support import (
+    KNOBS,
+    data_settings,
+    deploy_settings,
+    gate_settings,
+    run_settings,
+    training_settings,
+)
 
 from ml import settings as ml_settings
 from serving.deploy.settings import DeploySettings
@@ -22,8 +29,9 @@ from tests.dags.conftest import DAGS_DIR, load_dag
 REPO = DAGS_DIR.parent
 BOUNDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 DAG_KNOBS = {
-    "train_and_deploy": [name for name in KNOBS],
+    "train_and_deploy": [name for name in KNOBS if name != "batch_window_days"],
     "deploy_model": ["deploy_target"],
+    "score_batch": ["batch_window_days"],
 }
 SETTINGS_CLASSES = [
     ml_settings.DataSettings,
@@ -31,6 +39,8 @@ SETTINGS_CLASSES = [
     ml_settings.GateSettings,
     ml_settings.RegistrySettings,
     ml_settings.DriftSettings,
+    ml_settings.QualitySettings,
+    ml_settings.BatchSettings,
     DeploySettings,
 ]
 
@@ -87,6 +97,7 @@ def test_each_knob_param_is_its_settings_field_with_the_deployment_s_default(
 def test_a_run_s_params_reach_its_settings():
     """Every knob's Param overrides its own field (and nothing else) for the run."""
     overriders = {
+        ml_settings.BatchSettings: lambda params: run_settings(ml_settings.BatchSettings, params),
         ml_settings.DataSettings: data_settings,
         ml_settings.TrainingSettings: training_settings,
         ml_settings.GateSettings: gate_settings,

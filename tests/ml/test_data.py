@@ -54,6 +54,8 @@ def write_partition(settings: DataSettings, day: date, frame: pd.DataFrame, name
     with fsspec.open(uri, "wb") as handle:
         if settings.format == "parquet":
             frame.to_parquet(handle, index=False)
+        elif settings.format == "jsonl":
+            frame.to_json(handle, orient="records", lines=True)
         else:
             frame.to_csv(handle, index=False)
     return uri
@@ -169,7 +171,7 @@ def test_materialized_partition_reads_back_as_generated(tmp_path):
 # --------------------------------------------------------------------------- discover
 
 
-@pytest.mark.parametrize("file_format", ["parquet", "csv"])
+@pytest.mark.parametrize("file_format", ["parquet", "csv", "jsonl"])
 def test_discover_finds_partitions_sorted_with_several_files_per_day(tmp_path, file_format):
     settings = make_settings(tmp_path, format=file_format)
     frame = synthetic_partition(DAY, settings)
@@ -572,7 +574,7 @@ def test_split_holdout_follows_row_content_not_position(tmp_path):
 def test_streamed_window_holds_out_the_rows_split_holdout_does(tmp_path):
     from ml.data import window_source
 
-    for file_format in ("parquet", "csv"):
+    for file_format in ("parquet", "csv", "jsonl"):  # jsonl: the slim server's payload log
         settings = make_settings(tmp_path, format=file_format, path=str(tmp_path / file_format))
         days = window_days(date(2024, 3, 4), 3)
         materialize_synthetic(settings, days)

@@ -92,3 +92,46 @@ def test_the_route_answers_prometheus_text_and_caches_reads(mlflow_store, monkey
     assert first.status_code == 200 and first.headers["content-type"].startswith("text/plain")
     assert samples(first.content)[("mlflow_registry_up", ())] == 1.0
     assert second.content == first.content and reads == [1]
+
+
+def test_render_exports_the_newest_quality_check():
+    snapshot = RegistrySnapshot(
+        up=True,
+        aliases={"champion": "4"},
+        live={"rmse": {"3": 4.5, "4": 1.2}, "mae": {"3": 3.0, "4": 1.0}, "rows": {"4": 80.0}},
+        quality={"served": 500.0, "labelled": 120.0, "max_rmse": 3.0},
+        quality_champion="4",
+        quality_retrain=False,
+        suggested=("5",),
+        quality_checked_at_s=1_800_000_000.0,
+    )
+    got = samples(render(snapshot, "m", DriftSettings()))
+    assert got[("pipeline_live_rmse", (("model", "m"), ("version", "3")))] == 4.5
+    assert got[("pipeline_live_mae", (("model", "m"), ("version", "4")))] == 1.0
+    assert got[("pipeline_live_rows", (("model", "m"), ("version", "4")))] == 80.0
+    assert got[("pipeline_champion_live_rmse", (("model", "m"), ("version", "4")))] == 1.2
+    assert got[("pipeline_live_rmse_bar", (("model", "m"),))] == 3.0
+    assert got[("pipeline_quality_rows", (("kind", "labelled"), ("model", "m")))] == 120.0
+    assert got[("pipeline_quality_retrain", (("model", "m"),))] == 0.0
+    assert got[("pipeline_retro_challenger", (("model", "m"), ("version", "5")))] == 1.0
+    assert got[("pipeline_quality_check_timestamp_seconds", (("model", "m"),))] == 1.8e9
+    before_any_check = samples(render(RegistrySnapshot(up=True), "m", DriftSettings()))
+    assert not [name for name, _ in before_any_check if "quality" in name or "live" in name]
+
+
+def test_reads_the_newest_quality_run(mlflow_store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.create_experiment(f"{SETTINGS.experiment_name}-quality")
+    for version, rmse in (("2", 9.0), ("3", 4.0)):  # the second run is the newest
+        tags = {"quality.retrain": "true", "quality.suggested": "5,6", "champion_version": version}
+        run = client.create_run(experiment, tags=tags)
+        for key, value in {f"live_rmse.v{version}": rmse, "max_rmse": 3.0, "served": 10}.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+    snapshot = read_snapshot(mlflow_store, SETTINGS)
+    assert snapshot.live["rmse"] == {"3": 4.0}
+    assert snapshot.quality == {"served": 10.0, "max_rmse": 3.0}
+    assert snapshot.quality_champion == "3" and snapshot.quality_retrain is True
+    assert snapshot.suggested == ("5", "6") and snapshot.quality_checked_at_s > 1.7e9

@@ -381,3 +381,31 @@ def test_rollout_applies_the_rendered_deployment(settings):
     target = KubernetesTarget(api=None, settings=settings, tracking_uri=TRACKING)  # type: ignore
     rendered = one(render(settings, URI, "7", tracking_uri=TRACKING), "Deployment")
     assert target._render(URI, "7") == rendered
+
+
+def test_the_payload_log_goes_to_the_claim_or_the_url_never_to_the_pods_own_disk(settings):
+    def pod(**changes):
+        deployment = manifests.deployment(
+            settings.model_copy(update=changes), URI, "7", tracking_uri=TRACKING
+        )
+        spec = deployment["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        return container, spec["volumes"]
+
+    container, volumes = pod()  # neither: no payload log
+    assert "--payload-log-path" not in container["args"]
+    assert [v["name"] for v in volumes] == ["tmp"]
+    container, volumes = pod(payload_log_claim="payload-log", payload_log_sample_percent=25)
+    args = container["args"]
+    assert args[args.index("--payload-log-path") + 1] == manifests.PAYLOAD_LOG_MOUNT
+    assert args[args.index("--payload-log-sample-percent") + 1] == "25"
+    assert {"name": "payload-log", "mountPath": manifests.PAYLOAD_LOG_MOUNT} in container[
+        "volumeMounts"
+    ]
+    assert {"name": "payload-log", "persistentVolumeClaim": {"claimName": "payload-log"}} in volumes
+    container, volumes = pod(payload_log_url="s3://bucket/payload-log")
+    args = container["args"]
+    assert args[args.index("--payload-log-path") + 1] == "s3://bucket/payload-log"
+    assert [v["name"] for v in volumes] == ["tmp"]
+    container, _ = pod(payload_log_url="s3://bucket/payload-log", payload_log_sample_percent=0)
+    assert "--payload-log-path" not in container["args"]

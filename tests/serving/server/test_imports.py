@@ -30,6 +30,9 @@ ALLOWED = {
     "uvicorn",
     "orjson",
     "prometheus_client",
+    # only for a payload log written to an object store URL; not in the images (the server
+    # refuses such a path at start when it is missing: serving/server/__main__.py)
+    "fsspec",
 }
 FORBIDDEN = ("ml", "serving.deploy", "airflow", "kubernetes", "pydantic_settings", "httpx")
 

@@ -48,3 +48,28 @@ def test_max_feature_histograms_comes_from_the_command_line_or_the_environment(m
     assert build_parser().parse_args([]).max_feature_histograms == 8
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--max-feature-histograms", "-1"])
+
+
+def test_the_payload_log_comes_from_the_command_line_or_the_environment(monkeypatch):
+    from serving.server import config
+    from serving.server.__main__ import build_parser, main
+
+    defaults = config.ServerConfig("m")
+    monkeypatch.delenv("SERVING_PAYLOAD_LOG_PATH", raising=False)
+    monkeypatch.delenv("SERVING_PAYLOAD_LOG_SAMPLE_PERCENT", raising=False)
+    args = build_parser().parse_args([])
+    assert (args.payload_log_path, args.payload_log_sample_percent) == (None, 0.0)
+    assert args.payload_log_sample_percent == defaults.payload_log_sample_percent
+    assert args.payload_log_max_file_mb == defaults.payload_log_max_file_mb
+    assert args.payload_log_max_day_mb == defaults.payload_log_max_day_mb
+    monkeypatch.setenv("SERVING_PAYLOAD_LOG_PATH", "/var/lib/payload-log")
+    monkeypatch.setenv("SERVING_PAYLOAD_LOG_SAMPLE_PERCENT", "12.5")
+    args = build_parser().parse_args([])
+    assert args.payload_log_path == "/var/lib/payload-log"
+    assert args.payload_log_sample_percent == 12.5
+    for bad in (["--payload-log-sample-percent", "101"], ["--payload-log-max-file-mb", "0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+    # an object-store URL without fsspec installed: refused before anything starts
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    assert main(["--model-uri", "models:/m/1", "--payload-log-path", "s3://bucket/log"]) == 2

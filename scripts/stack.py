@@ -287,7 +287,7 @@ def _prometheus_up() -> bool:
     config = prom.prometheus_config(
         front,
         f"{HOST}:{AIRFLOW_PORT}",
-        [rules_file, prom.QUALITY_RULES],
+        [rules_file],
         scrape_interval_s=PROMETHEUS_INTERVAL_S,
     )
     try:

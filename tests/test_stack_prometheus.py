@@ -93,13 +93,19 @@ def test_a_relative_rule_file_is_refused(prom):
 
 
 def test_the_rule_file_is_the_prometheus_rules_groups(prom, tmp_path):
-    """What the Prometheus Operator hands its Prometheus: spec.groups, as they are."""
-    assert prom.PROMETHEUS_RULE == PROMETHEUS_RULE
+    """What the Prometheus Operator hands its Prometheus: every PrometheusRule's spec.groups,
+    as they are (the model server's and those beside it in the monitoring base)."""
+    sources = sorted(PROMETHEUS_RULE.parent.glob("*rule.yaml"))
+    assert PROMETHEUS_RULE in sources and len(sources) > 1
+    assert prom.rule_sources() == sources
     text = prom.rules_yaml()
-    assert text.startswith(f"# Derived from {PROMETHEUS_RULE} at every `make run`")
-    rule = yaml.safe_load(PROMETHEUS_RULE.read_text())
-    assert rule["kind"] == "PrometheusRule"
-    assert yaml.safe_load(text) == {"groups": rule["spec"]["groups"]}
+    assert text.startswith(f"# Derived from {', '.join(map(str, sources))} at every `make run`")
+    groups = []
+    for source in sources:
+        rule = yaml.safe_load(source.read_text())
+        assert rule["kind"] == "PrometheusRule"
+        groups += rule["spec"]["groups"]
+    assert yaml.safe_load(text) == {"groups": groups}
     for bad in ("kind: ConfigMap\n", "spec: [1, 2\n", "kind: PrometheusRule\n"):
         path = tmp_path / "bad.yaml"
         path.write_text(bad)

@@ -11,13 +11,17 @@ from typing import Any
 import httpx
 import yaml
 
-# The alert rules' one source: the PrometheusRule of the monitoring kustomize base. This
-# Prometheus has no operator to load it: rules_yaml() is its groups as a plain rule file.
-PROMETHEUS_RULE = (
-    Path(__file__).resolve().parents[2] / "docker" / "k8s" / "monitoring" / "prometheus-rule.yaml"
-)
-# The feedback loop's alerts (live error, labels, payload log): a plain rule file of their own.
-QUALITY_RULES = Path(__file__).resolve().parents[2] / "docker" / "prometheus" / "quality.yml"
+# The rules' one source: the PrometheusRules of the monitoring kustomize base (the model
+# server's, and one per concern beside it). This Prometheus has no operator to load them:
+# rules_yaml() is their groups as a plain rule file.
+MONITORING = Path(__file__).resolve().parents[2] / "docker" / "k8s" / "monitoring"
+PROMETHEUS_RULE = MONITORING / "prometheus-rule.yaml"
+
+
+def rule_sources() -> list[Path]:
+    return sorted(MONITORING.glob("*rule.yaml"))
+
+
 MODEL_SERVER_JOB = "model-server"  # the job the alert rules select (docs/operations.md, Alerts)
 REGISTRY_JOB = "registry"
 # Where the Airflow plugin's exporter answers (plugins/registry_events: URL_PREFIX + /metrics).
@@ -31,19 +35,23 @@ PAGES = {
 }
 
 
-def rules_yaml(prometheus_rule: Path | None = None) -> str:
-    """A plain Prometheus rule file of the groups of ``prometheus_rule`` (default:
-    :data:`PROMETHEUS_RULE`), as the operator hands them to its Prometheus, with a header saying
+def rules_yaml(*sources: Path) -> str:
+    """A plain Prometheus rule file of the groups of the PrometheusRules ``sources`` (default:
+    :func:`rule_sources`), as the operator hands them to its Prometheus, with a header saying
     where they come from."""
-    prometheus_rule = prometheus_rule or PROMETHEUS_RULE
-    try:
-        rule = yaml.safe_load(prometheus_rule.read_text())
-        groups = rule["spec"]["groups"] if rule["kind"] == "PrometheusRule" else None
-    except (yaml.YAMLError, KeyError, TypeError) as exc:
-        raise ValueError(f"{prometheus_rule} is not a PrometheusRule: {exc}") from None
-    if not isinstance(groups, list):
-        raise ValueError(f"{prometheus_rule} is not a PrometheusRule with spec.groups")
-    header = f"# Derived from {prometheus_rule} at every `make run`: edit that file.\n"
+    sources = sources or tuple(rule_sources())
+    groups = []
+    for source in sources:
+        try:
+            rule = yaml.safe_load(source.read_text())
+            found = rule["spec"]["groups"] if rule["kind"] == "PrometheusRule" else None
+        except (yaml.YAMLError, KeyError, TypeError) as exc:
+            raise ValueError(f"{source} is not a PrometheusRule: {exc}") from None
+        if not isinstance(found, list):
+            raise ValueError(f"{source} is not a PrometheusRule with spec.groups")
+        groups += found
+    names = ", ".join(str(s) for s in sources)
+    header = f"# Derived from {names} at every `make run`: edit those files.\n"
     return header + yaml.safe_dump({"groups": groups}, sort_keys=False)
 
 

@@ -43,6 +43,14 @@ pytestmark = pytest.mark.integration
 
 MODEL_NAME = "prometheus-local"
 PROMETHEUS_RULE = REPO / "docker" / "k8s" / "monitoring" / "prometheus-rule.yaml"
+
+
+def _groups() -> list[dict]:
+    """Every group of every PrometheusRule of the monitoring base: what the stack loads."""
+    sources = sorted(PROMETHEUS_RULE.parent.glob("*rule.yaml"))
+    return [g for p in sources for g in yaml.safe_load(p.read_text())["spec"]["groups"]]
+
+
 WAIT_S = 60.0
 
 # A model from code: the server process imports this file, never the test module.
@@ -240,9 +248,7 @@ def test_the_stack_starts_prometheus_as_a_private_service(prometheus):
     config = yaml.safe_load((state / "prometheus" / "prometheus.yml").read_text())
     rules = state / "prometheus" / "rules.yml"
     assert config["rule_files"] == [str(rules)]
-    assert yaml.safe_load(rules.read_text()) == {
-        "groups": yaml.safe_load(PROMETHEUS_RULE.read_text())["spec"]["groups"]
-    }
+    assert yaml.safe_load(rules.read_text()) == {"groups": _groups()}
     for path, mode in (
         (state / "prometheus" / "prometheus.yml", 0o600),
         (rules, 0o600),
@@ -345,7 +351,7 @@ def test_the_project_alert_rules_are_evaluated_and_quiet(prometheus):
     rule evaluates without error, and none is pending or firing (the server is up and serves
     @champion; no drift check ran)."""
     url = prometheus["url"]
-    expected = yaml.safe_load(PROMETHEUS_RULE.read_text())["spec"]["groups"]
+    expected = _groups()
     rules_file = prometheus["state"] / "prometheus" / "rules.yml"
     _wait(lambda: _query(url, 'up{job="model-server"} == 1'), "model-server up")
     _wait(lambda: _query(url, 'mlflow_registry_alias_version{alias="champion"}'), "champion")
@@ -398,7 +404,7 @@ def test_make_run_again_reuses_it_and_reloads_a_changed_config(prometheus, capsy
     edited.write_text(PROMETHEUS_RULE.read_text().replace("for: 10m", "for: 17m"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(stack, "PROMETHEUS_INTERVAL_S", 2)
-        mp.setattr(stack.prom, "PROMETHEUS_RULE", edited)
+        mp.setattr(stack.prom, "rule_sources", lambda: [edited])
         assert stack._prometheus_up() is True
     assert "configuration or rules changed, reloaded" in capsys.readouterr().out
 
@@ -426,7 +432,7 @@ def test_the_urls_make_run_prints_for_it_answer_200(prometheus):
     targets = next(r.text for link, r in answers.items() if link.endswith("/targets"))
     alerts = next(r.text for link, r in answers.items() if link.endswith("/alerts"))
     assert "model-server" in targets and "registry" in targets
-    rules = yaml.safe_load(PROMETHEUS_RULE.read_text())["spec"]["groups"]
+    rules = _groups()
     assert all(rule["alert"] in alerts for group in rules for rule in group["rules"])
 
 

@@ -1,4 +1,4 @@
-"""The feedback loop's alert rules (docker/prometheus/quality.yml) through promtool: the rule
+"""The feedback loop's alert rules (docker/k8s/monitoring/quality-rule.yaml) through promtool:
 file checks, its unit tests (tests/plugins/alert_rules/quality.test.yml) pass and depend on
 the rules (rules that never fire fail every firing case, rules that always fire every quiet
 one), every alert has both kinds of case, and the alerts fire on what the Airflow plugin's
@@ -15,8 +15,22 @@ import yaml
 from tests.serving.deploy.conftest import REPO, _promtool_or_skip, run_promtool
 from tests.serving.deploy.test_alert_rules import _series_lines
 
-RULES = REPO / "docker" / "prometheus" / "quality.yml"
-TESTS = Path(__file__).parent / "alert_rules" / "quality.test.yml"
+SOURCE = REPO / "docker" / "k8s" / "monitoring" / "quality-rule.yaml"
+TEST_SOURCE = Path(__file__).parent / "alert_rules" / "quality.test.yml"
+# The plain rule file the local stack derives from SOURCE, and the cases pointed at it.
+RULES = TESTS = Path()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _derived(tmp_path_factory):
+    from scripts.stacklib.prometheus import rules_yaml
+
+    global RULES, TESTS
+    folder = tmp_path_factory.mktemp("quality-rules")
+    RULES, TESTS = folder / "quality.yml", folder / "quality.test.yml"
+    RULES.write_text(rules_yaml(SOURCE))
+    cases = yaml.safe_load(TEST_SOURCE.read_text()) | {"rule_files": [str(RULES)]}
+    TESTS.write_text(yaml.safe_dump(cases, sort_keys=False))
 
 
 @pytest.fixture(scope="module")

@@ -88,16 +88,20 @@ def kubectl() -> str:
     return found
 
 
+SERVER_RULE, QUALITY_RULE = "PrometheusRule/model-server", "PrometheusRule/model-quality"
+MONITOR, DASHBOARD_MAP = "ServiceMonitor/model-server", "ConfigMap/model-server-dashboard"
+
+
 def kustomize(folder: Path) -> dict[str, dict]:
-    """``kubectl kustomize folder``: the objects by kind."""
+    """``kubectl kustomize folder``: the objects by ``kind/name``."""
     done = subprocess.run(
         [kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     objects = list(yaml.safe_load_all(done.stdout))
-    kinds = [o["kind"] for o in objects]
-    assert len(kinds) == len(set(kinds)), kinds
-    return {o["kind"]: o for o in objects}
+    keys = [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
+    assert len(keys) == len(set(keys)), keys
+    return dict(zip(keys, objects, strict=True))
 
 
 # -- the kustomization ----------------------------------------------------------------------------
@@ -115,18 +119,19 @@ def test_the_kustomization_names_every_file():
 
 def test_kustomize_builds_the_monitoring_objects(defaults):
     built = kustomize(MONITORING)
-    assert set(built) == {"ServiceMonitor", "PrometheusRule", "ConfigMap"}
-    assert built["ServiceMonitor"] == _load(SERVICE_MONITOR)
-    assert built["PrometheusRule"] == _load(PROMETHEUS_RULE)
+    assert set(built) == {MONITOR, SERVER_RULE, QUALITY_RULE, DASHBOARD_MAP}
+    assert built[MONITOR] == _load(SERVICE_MONITOR)
+    assert built[SERVER_RULE] == _load(PROMETHEUS_RULE)
+    assert built[QUALITY_RULE] == _load(MONITORING / "quality-rule.yaml")
     # The dashboard for Grafana's sidecar, which loads ConfigMaps labelled grafana_dashboard: "1"
-    config_map = built["ConfigMap"]
+    config_map = built[DASHBOARD_MAP]
     assert config_map["metadata"]["name"] == f"{defaults.deployment_name}-dashboard"
     assert config_map["metadata"]["namespace"] == defaults.namespace
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert config_map["data"] == {DASHBOARD.name: DASHBOARD.read_text()}
     # A ConfigMap holds at most 1 MiB; client-side apply's annotation copy at most 256 KiB.
     assert len(yaml.safe_dump(config_map).encode()) < 200 * 1024
-    labels = built["ServiceMonitor"]["metadata"]["labels"]
+    labels = built[MONITOR]["metadata"]["labels"]
     for obj in built.values():
         assert obj["metadata"]["labels"].items() >= labels.items(), obj["kind"]
         assert obj["metadata"]["namespace"] == defaults.namespace
@@ -152,10 +157,10 @@ def test_the_documented_overlay_patches_a_threshold_and_adds_the_release_label(t
     text = text.replace(f"- {base}", f"- {os.path.relpath(MONITORING, overlay)}")
     (overlay / "kustomization.yaml").write_text(text)
     built = kustomize(overlay)
-    for kind in ("ServiceMonitor", "PrometheusRule", "ConfigMap"):
-        assert built[kind]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert built["ServiceMonitor"]["spec"] == _load(SERVICE_MONITOR)["spec"], "selector kept"
-    patched = {r["alert"]: r for r in built["PrometheusRule"]["spec"]["groups"][0]["rules"]}
+    for key, obj in built.items():
+        assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack", key
+    assert built[MONITOR]["spec"] == _load(SERVICE_MONITOR)["spec"], "selector kept"
+    patched = {r["alert"]: r for r in built[SERVER_RULE]["spec"]["groups"][0]["rules"]}
     latency = patched.pop("ModelServerHighLatency")
     assert latency["for"] == "15m" and latency["expr"].rstrip().endswith("> 0.5")
     assert (

@@ -469,8 +469,8 @@ def _served_version(stack) -> str | None:
 def _reconcile_report(stack) -> dict:
     """What reconcile's check sees (its report: logged, not returned)."""
     from ml.settings import RegistrySettings
-    from serving.deploy.rollout import reconcile_report
     from serving.deploy.settings import DeploySettings
+    from serving.deploy.sync import reconcile_report
 
     return reconcile_report(RegistrySettings(), DeploySettings(), tracking_uri=stack["mlflow"])
 

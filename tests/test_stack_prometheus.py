@@ -55,7 +55,7 @@ def test_the_config_scrapes_the_front_port_and_the_plugin_and_loads_the_rules(pr
     assert jobs["model-server"]["static_configs"] == [{"targets": ["127.0.0.1:5001"]}]
     assert jobs["registry"]["metrics_path"] == "/registry-events/metrics"
     assert jobs["registry"]["static_configs"] == [{"targets": ["127.0.0.1:8080"]}]
-    assert config["rule_files"] == [str(RULES)]
+    assert config["rule_files"] == [str(RULES), str(prom.GOVERNANCE_RULES)]
     assert Path(config["rule_files"][0]).is_absolute()
     assert prom.RULES == RULES
     assert config["global"] == {
@@ -143,6 +143,7 @@ def test_promtool_accepts_the_generated_config_and_its_rule_file(prom, tmp_path)
     assert f"SUCCESS: {config} is valid prometheus config file syntax" in result.stdout
     assert f"Checking {RULES}" in result.stdout, result.stdout
     assert f"SUCCESS: {n_rules} rules found" in result.stdout, result.stdout
+    assert f"Checking {prom.GOVERNANCE_RULES}" in result.stdout, result.stdout
 
 
 def test_promtool_notices_a_missing_rule_file(prom, tmp_path):

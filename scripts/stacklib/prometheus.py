@@ -12,6 +12,8 @@ import httpx
 import yaml
 
 RULES = Path(__file__).resolve().parents[2] / "docker" / "prometheus" / "rules.yml"
+# The rule of production (ModelChampionNotCleared), written by hand next to the generated rules.
+GOVERNANCE_RULES = RULES.with_name("governance.yml")
 MODEL_SERVER_JOB = "model-server"  # the job the alert rules select (docs/operations.md, Alerts)
 REGISTRY_JOB = "registry"
 # Where the Airflow plugin's exporter answers (plugins/registry_events: URL_PREFIX + /metrics).
@@ -26,7 +28,11 @@ PAGES = {
 
 
 def prometheus_config(
-    model_server: str, registry: str, rule_files=(RULES,), *, scrape_interval_s: int = 10
+    model_server: str,
+    registry: str,
+    rule_files=(RULES, GOVERNANCE_RULES),
+    *,
+    scrape_interval_s: int = 10,
 ) -> dict[str, Any]:
     """The local Prometheus' configuration (pure).
 

@@ -17,7 +17,10 @@ one slot of the ``model_rollout`` pool), so that two rollouts never interleave a
 decision is always taken on the state it acts on:
 
 1. read ``@champion`` and what the target serves (version, healthy or not);
-2. :func:`plan` (pure): skip, check what is live, or deploy;
+2. :func:`plan` (pure): skip, refuse, check what is live, or deploy. A version goes live only
+   with a passed gate or a person's ``force`` reason (``ml.gate.uncleared``); any other is
+   refused: tagged ``rollout.refused``, and ``@champion``, if a person moved it there, is put
+   back on what the target serves (:class:`RequestRejected`, final);
 3. deploy (the target keeps the old version serving until the new one is ready), then
    verify the endpoint on the version's fixed rows (:mod:`serving.deploy.verify`);
 4. verified: move ``@champion`` to it when the request says so (only if nobody moved the
@@ -41,6 +44,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from ml.gate import FORCE_TAG, PASSED_TAG, uncleared
 from ml.settings import RegistrySettings
 from serving.deploy.target import (
     DeployFailed,
@@ -63,6 +67,10 @@ log = logging.getLogger("serving.deploy.rollout")
 FAILED_TAG = "rollout.failed"
 FAILED_BY_TAG = "rollout.failed_by"
 VERIFIED_TAG = "rollout.verified"
+# Why a version was refused (never gated, or its gate rejected it, and no `force` reason), and
+# the `force` reason a version without a passed gate went live with.
+REFUSED_TAG = "rollout.refused"
+FORCED_TAG = "rollout.forced"
 
 Kind = Literal["candidate", "champion", "version"]
 __all__ = [
@@ -126,10 +134,12 @@ class Request:
 
 @dataclass(frozen=True)
 class Plan:
-    action: Literal["skip", "fail", "check", "deploy"]
+    action: Literal["skip", "fail", "refuse", "check", "deploy"]
     version: str | None
     reason: str
     promote: bool = False
+    # The `force` reason, when the version goes live without a passed gate.
+    forced: str | None = None
 
 
 def plan(
@@ -137,16 +147,16 @@ def plan(
     *,
     champion: str | None,
     live: Live,
-    failed: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
     judged_here: tuple[str, str] | None = None,
 ) -> Plan:
     """What to do, from the request and the state read while holding the rollout lock.
 
-    ``failed`` holds the target version's ``rollout.failed``/``rollout.failed_by`` tags, if
-    any; ``judged_here`` a (version, reason) this very run already failed verification of.
+    ``tags`` are the target version's tags (its gate, ``force`` and ``rollout.failed`` tags
+    count); ``judged_here`` a (version, reason) this very run already failed verification of.
     Pure: every rule of the rollout path's decision is here and tested as a table.
     """
-    failed = failed or {}
+    tags = tags or {}
     if judged_here is not None:
         return Plan(
             "fail",
@@ -169,8 +179,17 @@ def plan(
         if champion is None:
             return Plan("skip", None, "no @champion: nothing to deploy")
         target, promote = champion, False
-    if FAILED_TAG in failed:
-        same_run = request.run_id is not None and failed.get(FAILED_BY_TAG) == request.run_id
+    why = uncleared(tags)
+    if why is not None:
+        return Plan(
+            "refuse",
+            target,
+            f"v{target} may not go live: {why}; it needs a passed gate, or a `{FORCE_TAG}` tag "
+            "with a person's reason",
+        )
+    forced = None if tags.get(PASSED_TAG) == "true" else str(tags[FORCE_TAG])[:500]
+    if FAILED_TAG in tags:
+        same_run = request.run_id is not None and tags.get(FAILED_BY_TAG) == request.run_id
         explicit = request.kind == "version" or (
             request.kind == "champion" and request.retry_failed
         )
@@ -178,18 +197,24 @@ def plan(
             return Plan(
                 "fail",
                 target,
-                f"v{target} failed verification before ({failed[FAILED_TAG][:300]}); not "
+                f"v{target} failed verification before ({tags[FAILED_TAG][:300]}); not "
                 "deploying it again automatically (deploy it by hand with its version number, "
                 "or promote it again)",
             )
+    why_live = f" (no passed gate; forced: {forced})" if forced else ""
     if live.version == target and live.healthy:
-        return Plan("check", target, f"v{target} is live and healthy: verifying it", promote)
+        return Plan(
+            "check", target, f"v{target}{why_live} is live and healthy: verifying it", promote,
+            forced,
+        )  # fmt: skip
     now = (
         f"v{live.version} ({'healthy' if live.healthy else 'unhealthy'})"
         if live.version
         else ("nothing")
     )
-    return Plan("deploy", target, f"deploying v{target}; live now: {now}", promote)
+    return Plan(
+        "deploy", target, f"deploying v{target}{why_live}; live now: {now}", promote, forced
+    )
 
 
 @dataclass
@@ -249,12 +274,12 @@ def run(
                 target_info = reg.get(wanted)
             except LookupError as exc:
                 raise RequestRejected(f"cannot roll out v{wanted}: {exc}") from exc
-        failed = _failure_tags(target_info.tags if target_info else {})
+        tags = target_info.tags if target_info else {}
         decision = plan(
             request,
             champion=champion,
             live=live,
-            failed=failed,
+            tags=tags,
             judged_here=_judged_here(reg, request),
         )
         step(
@@ -277,6 +302,9 @@ def run(
             return outcome
         if decision.action == "fail":
             raise VerificationFailed(decision.reason)
+        if decision.action == "refuse":
+            _refuse(reg, registry, str(decision.version), decision.reason, live, step)
+            raise RequestRejected(decision.reason)
         assert target_info is not None and decision.version is not None
         version, model_uri = decision.version, target_info.model_uri
         rows = _rows(target_info, tracking_uri)
@@ -317,9 +345,9 @@ def run(
             )
             outcome.status = "rolled_out"
 
-        reg.tag_version(version, {VERIFIED_TAG: _stamp(request, target)})
-        if FAILED_TAG in failed:
-            _clear_failure(reg, version)
+        stamp = {VERIFIED_TAG: _stamp(request, target)}
+        reg.tag_version(version, stamp | ({FORCED_TAG: decision.forced} if decision.forced else {}))
+        _clear_tags(reg, version, {FAILED_TAG, FAILED_BY_TAG, REFUSED_TAG} & set(tags))
         if decision.promote:
             outcome.champion = _promote(reg, registry, version, expected=champion, step=step)
         _drop_challenger(reg, registry, version)
@@ -425,8 +453,28 @@ def _drop_challenger(reg: Any, registry: RegistrySettings, version: str | None) 
         reg.delete_alias(registry.challenger_alias)
 
 
-def _clear_failure(reg: Any, version: str) -> None:
-    for key in (FAILED_TAG, FAILED_BY_TAG):
+def _refuse(
+    reg: Any, registry: RegistrySettings, version: str, reason: str, live: Live, step: Any
+) -> None:
+    """A version that may not go live: say why on it, and when a person moved ``@champion``
+    to it, put the alias back on what the target serves (nothing served: remove it)."""
+    step(f"v{version} REFUSED: {reason}")
+    reg.tag_version(version, {REFUSED_TAG: reason[:4000]})
+    current, alias = reg.champion(), registry.champion_alias
+    if current is None or current.version != version:
+        return
+    if live.version is None:
+        reg.delete_alias(alias)
+        step(f"@{alias} removed: nothing was served before v{version}")
+    elif live.version != version:
+        reg.set_alias(alias, live.version)
+        step(f"@{alias} put back: v{version} -> v{live.version} (what is served)")
+    else:
+        step(f"@{alias} left on v{version}: the target serves it already (reconcile reports it)")
+
+
+def _clear_tags(reg: Any, version: str, keys: set[str]) -> None:
+    for key in sorted(keys):
         try:
             reg.client.delete_model_version_tag(reg.name, version, key)
         except Exception as exc:  # only bookkeeping
@@ -445,10 +493,6 @@ def _judged_here(reg: Any, request: Request) -> tuple[str, str] | None:
         if tags.get(FAILED_BY_TAG) == request.run_id and FAILED_TAG in tags:
             return str(version), tags[FAILED_TAG]
     return None
-
-
-def _failure_tags(tags: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in tags.items() if k in (FAILED_TAG, FAILED_BY_TAG)}
 
 
 def _stamp(request: Request, target: Target) -> str:

@@ -38,7 +38,11 @@ def reconcile_report(
     ``converge`` is True when a rollout of ``@champion`` should run: the alias exists, and
     what is live is another version or not healthy, and the version has not already failed
     verification (that one waits for a person: promote it again or deploy it by hand).
+    ``uncleared`` says why ``@champion`` may not be live (``ml.gate.uncleared``), or is None:
+    a rollout of it is refused and puts the alias back on what is served; one already served
+    stays reported here (and by the ModelChampionNotCleared alert) until a person acts.
     """
+    from ml.gate import uncleared
     from ml.registry import Registry
 
     champion = Registry(tracking_uri, registry).champion()
@@ -51,6 +55,7 @@ def reconcile_report(
         "healthy": live.healthy,
         "detail": live.detail,
         "converge": False,
+        "uncleared": uncleared(champion.tags) if champion else None,
     }
     if champion is None:
         report["reason"] = f"no @{alias}: nothing to converge to"
@@ -61,11 +66,16 @@ def reconcile_report(
         )
     elif live.version == champion.version and live.healthy:
         report["reason"] = "in sync"
+        if report["uncleared"]:
+            report["reason"] += (
+                f", but v{champion.version} may not be live: {report['uncleared']}; tag it "
+                "`force` with a reason, or deploy a version that passed its gate"
+            )
     else:
         report["converge"] = True
         state = "healthy" if live.healthy else f"not healthy: {live.detail}"
         report["reason"] = f"@{alias} names v{champion.version}; live: {_v(live.version)} ({state})"
-    log.info("Reconcile: %s", report["reason"])
+    (log.warning if report["uncleared"] else log.info)("Reconcile: %s", report["reason"])
     return report
 
 

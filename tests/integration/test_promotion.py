@@ -41,7 +41,12 @@ pytestmark = pytest.mark.integration
 MODEL = "it-promo-model"
 ASSET_URI = f"mlflow://models/{MODEL}/aliases/champion"
 SECRET = uuid.uuid4().hex
-WEIGHTS = {"1": [1.0, 2.0, 3.0], "2": [-1.0, 0.5, 2.0], "3": [0.25, 0.25, 4.0]}
+WEIGHTS = {
+    "1": [1.0, 2.0, 3.0],
+    "2": [-1.0, 0.5, 2.0],
+    "3": [0.25, 0.25, 4.0],
+    "5": [2.0, -1.0, 0.5],  # registered by hand, never gated
+}
 BIN = Path(sys.executable).parent
 
 
@@ -149,6 +154,7 @@ def _register_versions(mlflow_url: str) -> None:
     models = [Linear(WEIGHTS["1"]), Linear(WEIGHTS["2"]), Linear(WEIGHTS["3"]), Noisy()]
     for number, model in enumerate(models, start=1):
         assert log_version(model, MODEL) == str(number)
+    assert log_version(Linear(WEIGHTS["5"]), MODEL, gated=False) == "5"
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -496,3 +502,54 @@ def _run_state(dag_id: str, run_id: str) -> str | None:
             select(DagRun.state).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)
         )
     return str(state) if state is not None else None
+
+
+# -- the rule of production: a passed gate, or a person's `force` reason -------------------------
+
+
+def test_a_hand_promotion_of_an_ungated_version_is_refused_and_the_alias_put_back(stack):
+    assert _live() == "2" and _champion(stack) == "2"
+    before = len(asset_events(ASSET_URI))
+    stack["client"].set_registered_model_alias(MODEL, "champion", "5")
+    _wait_for_event("5", before)
+    report = _reconcile_report(stack)
+    assert report["uncleared"] == "it was never gated (no gate.passed tag)", report
+    assert report["converge"] is True  # its rollout refuses v5 and puts the alias back
+
+    dag_run = _dag("deploy_model").test()
+    states = _states(dag_run)
+    assert str(dag_run.state) == "failed", states
+    assert states["rollout_local"] == "failed"  # refused: final, not retried
+    assert _live() == "2" and _champion(stack) == "2"
+    _served_predictions_match(stack, "2")
+    refused = stack["client"].get_model_version(MODEL, "5").tags
+    assert "never gated" in refused["rollout.refused"] and "`force`" in refused["rollout.refused"]
+    assert "rollout.verified" not in refused
+    # Putting the alias back is a promotion too: its run finds v2 live and does nothing.
+    _wait_for_event("2", before + 1)
+    assert _states(_dag("deploy_model").test())["in_sync"] == "success"
+
+    # A deploy by version number is refused the same way; nothing moves.
+    by_hand = _dag("deploy_model").test(run_conf={"version": 5})
+    assert _states(by_hand)["rollout_local"] == "failed"
+    assert _live() == "2" and _champion(stack) == "2"
+    clear_queue()
+
+
+def test_with_a_force_reason_it_goes_live_and_the_reason_is_recorded(stack):
+    reason = "INC-7: v2 misprices winter load; v5 hand-checked by the on-call"
+    stack["client"].set_model_version_tag(MODEL, "5", "force", reason)
+    before = len(asset_events(ASSET_URI))
+    stack["client"].set_registered_model_alias(MODEL, "champion", "5")
+    _wait_for_event("5", before)
+
+    dag_run = _dag("deploy_model").test()
+    assert str(dag_run.state) == "success", _states(dag_run)
+    assert _live() == "5" and _champion(stack) == "5"
+    _served_predictions_match(stack, "5")
+    tags = stack["client"].get_model_version(MODEL, "5").tags
+    assert tags["rollout.forced"] == reason and tags["rollout.verified"]
+    assert "rollout.refused" not in tags  # cleared once it went live
+    assert reason in _xcom(dag_run, "rollout_local")["reason"]
+    assert _reconcile_report(stack)["uncleared"] is None
+    clear_queue()

@@ -58,7 +58,9 @@ PROMETHEUS_URL, PROMETHEUS_ROOT = f"http://{HOST}:{PROMETHEUS_PORT}", STATE / "p
 PROMETHEUS_RETENTION = os.environ.get("PROMETHEUS_RETENTION", "2d")
 PROMETHEUS_INTERVAL_S = int(os.environ.get("PROMETHEUS_INTERVAL_S", "10"))
 WEBHOOK_NAME, WEBHOOK_PATH = "airflow-registry-events", "/registry-events/mlflow-webhook"
-WEBHOOK_EVENTS = ["model_version_alias.created"]
+# Promotions (deploy_model), versions from outside the pipeline (gate_new_version), and the
+# `approval` tag (an approval answered in MLflow): registry_events.app.
+WEBHOOK_EVENTS = ["model_version_alias.created", "model_version.created", "model_version_tag.set"]
 ENDINGS = ("unchanged", "not_deployed", "rollout_local")  # the tasks a successful run ends with
 
 
@@ -475,8 +477,9 @@ class Airflow:
 
     def __init__(self, url: str = AIRFLOW_URL) -> None:
         login = {"username": "admin", "password": _airflow_password()}
-        token = httpx.post(f"{url}/auth/token", json=login, timeout=30).raise_for_status()
-        auth = {"Authorization": f"Bearer {token.json()['access_token']}"}
+        answer = httpx.post(f"{url}/auth/token", json=login, timeout=30).raise_for_status()
+        self.token = answer.json()["access_token"]  # also the UI's `_token` cookie
+        auth = {"Authorization": f"Bearer {self.token}"}
         self.http = httpx.Client(base_url=f"{url}/api/v2", headers=auth, timeout=30)
 
     def __call__(self, method: str, path: str, **kwargs: Any) -> Any:

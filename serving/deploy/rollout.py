@@ -29,6 +29,9 @@ decision is always taken on the state it acts on:
    reason, put back what was live before (or withdraw the endpoint if nothing was), move
    ``@champion`` back if it names the failed version, raise :class:`VerificationFailed`.
 
+Each outcome on a version (live, stopped serving, failed verification, refused) is an event of
+its rollout history, and its model card (the description, ``ml.card``) is written again.
+
 Anything else that goes wrong (the target cannot start a server, the registry or the
 endpoint does not answer, the task dies) is not a verdict: nothing is tagged, no alias moves,
 the old version keeps serving, and the caller retries. A version that already answers right
@@ -344,6 +347,15 @@ def run(
                 f"{outcome.verification['max_abs_diff']:.2g}"
             )
             outcome.status = "rolled_out"
+            how = f"on {target.name}: {request.reason or request.kind}"
+            _card(
+                reg,
+                version,
+                "live",
+                how + (f" (forced: {decision.forced})" if decision.forced else ""),
+            )
+            if live.version and live.version != version:
+                _card(reg, live.version, "stopped serving", f"replaced by v{version}")
 
         stamp = {VERIFIED_TAG: _stamp(request, target)}
         reg.tag_version(version, stamp | ({FORCED_TAG: decision.forced} if decision.forced else {}))
@@ -398,6 +410,7 @@ def _verdict(
         version,
         {FAILED_TAG: reason[:4000], FAILED_BY_TAG: request.run_id or request.reason or "?"},
     )
+    _card(reg, version, "failed verification", reason)
     if restored is not None:
         restore_to = restored
         step(f"v{restored} serves again (put back by the {target.name} target)")
@@ -460,6 +473,7 @@ def _refuse(
     to it, put the alias back on what the target serves (nothing served: remove it)."""
     step(f"v{version} REFUSED: {reason}")
     reg.tag_version(version, {REFUSED_TAG: reason[:4000]})
+    _card(reg, version, "refused", reason)
     current, alias = reg.champion(), registry.champion_alias
     if current is None or current.version != version:
         return
@@ -471,6 +485,14 @@ def _refuse(
         step(f"@{alias} put back: v{version} -> v{live.version} (what is served)")
     else:
         step(f"@{alias} left on v{version}: the target serves it already (reconcile reports it)")
+
+
+def _card(reg: Any, version: str, what: str, how: str) -> None:
+    """An event in the version's rollout history, and its model card (``ml.card``) again."""
+    try:
+        reg.update_card(version, (what, how))
+    except Exception as exc:  # only bookkeeping: the rollout's own outcome stands
+        log.warning("model card of v%s not updated: %s", version, exc)
 
 
 def _clear_tags(reg: Any, version: str, keys: set[str]) -> None:

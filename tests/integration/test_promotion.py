@@ -25,16 +25,14 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import free_port
 from tests.integration.conftest import xcom as _xcom
-from tests.plugins.conftest import asset_events, clear_queue, queued_for, sync_dags_to_db
-from tests.processes import wait_http
+from tests.integration.registry_stack import registry_stack
+from tests.plugins.conftest import asset_events, clear_queue, queued_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,101 +45,19 @@ WEIGHTS = {
     "3": [0.25, 0.25, 4.0],
     "5": [2.0, -1.0, 0.5],  # registered by hand, never gated
 }
-BIN = Path(sys.executable).parent
-
-
-CLIENT_MLFLOW_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 @pytest.fixture(scope="module")
 def stack(airflow_db, tmp_path_factory):
-    from mlflow import MlflowClient
-
-    from scripts.stack import WEBHOOK_PATH, mlflow_webhook_env, register_mlflow_webhook
-    from scripts.stacklib.processes import spawn
+    from scripts.stack import WEBHOOK_PATH, register_mlflow_webhook
 
     root = tmp_path_factory.mktemp("promotion")
-    mlflow_port, api_port = free_port(), free_port()
-    front, slot_a, slot_b = free_port(), free_port(), free_port()
-    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
-
-    # MLflow: the webhook settings scripts/stack.py gives the local server.
-    # A server never inherits a client-side MLflow URI left behind by earlier tests.
-    env = {k: v for k, v in os.environ.items() if k not in CLIENT_MLFLOW_URIS}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    env.update(mlflow_webhook_env(root))
-    env["MLFLOW_WEBHOOK_CACHE_TTL"] = "1"  # the webhook is created after the server started
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    server = [
-        str(BIN / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--serve-artifacts", "--host", "127.0.0.1", "--port", str(mlflow_port),
-        "--workers", "1",
-    ]  # fmt: skip
-    mp = pytest.MonkeyPatch()
-    for key, value in {
-        "AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_url,
-        "MLFLOW_TRACKING_URI": mlflow_url,
-        "MLFLOW_REGISTRY_URI": mlflow_url,  # deploy steps set it process-wide: undone at the end
-        "PIPELINE_REGISTRY_MODEL_NAME": MODEL,
-        "PIPELINE_DEPLOY_TARGET": "local",
-        "PIPELINE_DEPLOY_LOCAL_PORT": str(front),
-        "PIPELINE_DEPLOY_LOCAL_SLOT_PORTS": f"{slot_a},{slot_b}",
-        "PIPELINE_DEPLOY_LOCAL_STATE_DIR": str(root / "serving"),
-        "PIPELINE_DEPLOY_HEALTH_TIMEOUT_S": "120",
-        "PIPELINE_WEBHOOK_SECRET": SECRET,
-    }.items():
-        mp.setenv(key, value)
-    # Earlier tests may have pointed MLflow's process-wide registry URI at their own server.
-    from ml.registry import use_mlflow
-
-    use_mlflow(mlflow_url)
-    api_url = f"http://127.0.0.1:{api_port}"
-    procs = []
-    try:
-        # Both servers boot in parallel; the plugin reads the DB per request, not at start.
-        procs.append(mlflow_proc := spawn(server, env, root / "mlflow.log"))
-        api_cmd = [str(BIN / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(api_port)]
-        api_env = {**os.environ, "AIRFLOW__API__WORKERS": "1"}
-        procs.append(api_proc := spawn(api_cmd, api_env, root / "api-server.log"))
-        # What the DAG processor does: deploy_model (and its asset) into the metadata DB.
-        sync_dags_to_db()
-        clear_queue()
-        wait_http(f"{mlflow_url}/health", mlflow_proc, root / "mlflow.log")
-        _register_versions(mlflow_url)
-        wait_http(f"{api_url}/registry-events/", api_proc, root / "api-server.log")
-        described = httpx.get(f"{api_url}/registry-events/").json()
-        assert described["watching"] == {"model": MODEL, "alias": "champion"}
-
-        hook_url = f"{api_url}{WEBHOOK_PATH}"
-        first = register_mlflow_webhook(mlflow_url, hook_url, SECRET)
-        # MLflow's own signed test delivery reached the plugin, which ignored the example model.
-        assert first["test_ok"] and '"ignored"' in first["test_body"], first
+    with registry_stack(root, MODEL, SECRET, prepare=_register_versions) as stack:
         # Idempotent: registering again (every `make run`) updates the same webhook.
-        assert register_mlflow_webhook(mlflow_url, hook_url, SECRET)["test_ok"]
-        client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
-        assert len(client.list_webhooks()) == 1
-
-        yield {
-            "root": root,
-            "mlflow": mlflow_url,
-            "client": client,
-            "endpoint": f"http://127.0.0.1:{front}",
-        }
-    finally:
-        from serving.deploy.local import LocalTarget, stop_group
-        from serving.deploy.settings import DeploySettings
-
-        LocalTarget(DeploySettings(), mlflow_url).stop_all()
-        import mlflow
-
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-        mp.undo()
-        for proc in reversed(procs):
-            stop_group(proc.pid, timeout_s=20)
-            proc.wait(timeout=10)
+        hook_url = f"{stack['airflow']}{WEBHOOK_PATH}"
+        assert register_mlflow_webhook(stack["mlflow"], hook_url, SECRET)["test_ok"]
+        assert len(stack["client"].list_webhooks()) == 1
+        yield stack
 
 
 def _register_versions(mlflow_url: str) -> None:

@@ -40,7 +40,7 @@ def metrics_table(
     candidate: Mapping[str, Any], champion: Mapping[str, Any] | None, version: str, vs: str | None
 ) -> list[str]:
     """The candidate's holdout metrics next to the champion's on the same rows, and the deltas."""
-    head = f"| metric | v{version} |" + (f" @champion {vs} | Δ |" if champion else "")
+    head = f"| metric | v{version} |" + (f" champion {vs} | Δ |" if champion else "")
     rows = [head, "|---|---|" + ("---|---|" if champion else "")]
     for key, name, better in METRICS:
         row = f"| {name} ({better} is better) | {_f(candidate.get(key))} |"
@@ -92,7 +92,7 @@ def evidence(
             "",
             "| column | PSI | threshold |",
             "|---|---|---|",
-            *(f"| {c} | {_f(v)} | {_f(drift['thresholds'].get(c))} |" for c, v in top),
+            *(_drift_row(c, v, drift["thresholds"].get(c)) for c, v in top),
             "",
         ]
     else:
@@ -106,6 +106,12 @@ def evidence(
     for title, url in links.get("plots", []):
         lines += ["", f"![{title}]({url})"]
     return "\n".join(lines)
+
+
+def _drift_row(column: str, psi: Any, threshold: Any) -> str:
+    above = psi is not None and threshold is not None and float(psi) > float(threshold)
+    shown = f"**{_f(psi)}** (above)" if above else _f(psi)
+    return f"| `{column}` | {shown} | {_f(threshold)} |"
 
 
 def history(tags: Mapping[str, str]) -> list[list[str]]:

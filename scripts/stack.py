@@ -303,7 +303,8 @@ def _prometheus_up() -> bool:
     except SystemExit as exc:
         say(f"Prometheus is not running, the stack goes on without it: {exc}")
         return False
-    say(f"Prometheus ready at {PROMETHEUS_URL} (scrapes {front} and {AIRFLOW_URL}; {prom.RULES})")
+    rules = ", ".join(config["rule_files"])
+    say(f"Prometheus ready at {PROMETHEUS_URL} (scrapes {front} and {AIRFLOW_URL}; {rules})")
     return True
 
 

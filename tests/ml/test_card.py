@@ -35,7 +35,9 @@ def test_evidence_shows_deltas_bars_checks_drift_and_links():
     assert "1234 rows" in text and "RMSE ≤ 3.0, R² ≥ 0.8" in text and "2.0% above" in text
     assert "- passed: no_regression: holdout RMSE 1 <= 1.275 (champion 1.25 + 2.0%)" in text
     # The most drifted column first, with its threshold.
-    assert text.index("| temperature_c | 0.31 | 0.25 |") < text.index("| __target__ |")
+    assert text.index("| `temperature_c` | **0.31** (above) | 0.25 |") < text.index(
+        "| `__target__` | 0.02 | 0.25 |"
+    )
     assert "[version v5](http://mlflow/#/models/m/versions/5)" in text
     assert "![residuals](http://mlflow/get-artifact?path=plots/residuals.png&run_uuid=r)" in text
 

@@ -83,9 +83,17 @@ def main() -> int:
         _run(api, "train_and_deploy", {})
     _run(api, "monitor_drift", {})
     # A longer window than the champion's: another model, judged on the same holdout rows.
-    conf = {"require_approval": True, "force_retrain": True, "data_window_days": 10}
+    conf = {"require_approval": True, "force_retrain": True, "data_window_days": 14}
     run_id = _run(api, "train_and_deploy", conf, until="asked")
-    _until(lambda: _approval(api, run_id)["state"] == "awaiting_input", "the approval")
+    state = _until(
+        lambda: (s := _approval(api, run_id)["state"]) in ("awaiting_input", "skipped") and s,
+        "the approval",
+    )
+    if state == "skipped":
+        raise SystemExit(
+            f"run {run_id} asked nobody: its gate rejected the version (is @champion a model "
+            "this training can beat? promote a trained version first)"
+        )
     pending = [
         v
         for v in client.search_model_versions(f"name = '{model}'")

@@ -25,6 +25,7 @@ v7    +0.05   nobody answers: the timeout rejects it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -116,7 +117,9 @@ def _served(stack) -> str | None:
 
 class Person(threading.Thread):
     """Answers the approval of ``version`` once it waits, as a person would: ``act(waiting)``
-    with the pending task (dag_id, run_id, task_id). Failures are kept for the test to raise."""
+    with the pending task (dag_id, run_id, task_id), then waits until the task took the
+    answer. A failure is kept for the test to raise, after a fallback *Reject* over REST: an
+    answer that never arrives must fail the test, not leave ``dag.test()`` waiting forever."""
 
     def __init__(self, stack, version: str, act: Callable[[dict], None]) -> None:
         super().__init__(daemon=True)
@@ -125,11 +128,17 @@ class Person(threading.Thread):
         self.seen: dict = {}
 
     def run(self) -> None:
+        waiting = None
         try:
             raw = _until(lambda: _tags(self.stack, self.version).get("approval.pending"))
-            self.act(json.loads(raw))
+            waiting = json.loads(raw)
+            self.act(waiting)
+            _until(lambda: _task(self.stack, waiting)["state"] != "awaiting_input", 90, "answer")
         except BaseException as exc:  # raised in the test thread by done()
             self.error = exc
+            if waiting is not None:
+                with contextlib.suppress(Exception):
+                    _answer_over_rest(self.stack, waiting, "Reject", "the test failed")
 
     def done(self) -> None:
         self.join(timeout=300)

@@ -427,7 +427,9 @@ def mlflow_webhook_env(state: Path) -> dict[str, str]:
     }
 
 
-def register_mlflow_webhook(mlflow_url: str, url: str, secret: str) -> dict[str, Any]:
+def register_mlflow_webhook(
+    mlflow_url: str, url: str, secret: str, events: list[str] = WEBHOOK_EVENTS
+) -> dict[str, Any]:
     """Create or update (by name) the MLflow webhook that feeds deploy_model, then let MLflow
     send its signed test event (the plugin answers "ignored"): a wrong URL or secret shows now,
     not at the first promotion."""
@@ -435,7 +437,7 @@ def register_mlflow_webhook(mlflow_url: str, url: str, secret: str) -> dict[str,
 
     client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
     existing = [hook for hook in client.list_webhooks(max_results=100) if hook.name == WEBHOOK_NAME]
-    fields = {"url": url, "events": WEBHOOK_EVENTS, "secret": secret}
+    fields = {"url": url, "events": events, "secret": secret}
     if existing:
         hook = client.update_webhook(existing[0].webhook_id, status="ACTIVE", **fields)
         for duplicate in existing[1:]:

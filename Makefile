@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run up stop status test test-unit lint format install lock clean bench-dag-parse \
 	container-tools prometheus-tools postgres-tools k8s-tools images test-container test-postgres \
 	test-k8s test-load \
-	bench-serving bench-promotion bench-train bench-slim
+	bench-serving bench-promotion bench-train bench-slim screenshots
 
 ## run: install, start MLflow + Airflow (+ Prometheus) locally, train and deploy once, print where things are
 # PIPELINE_DB=postgres make run: both on a local PostgreSQL server instead of SQLite (README).
@@ -99,6 +99,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt scripts/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) scripts/bootstrap.sh
 	@touch $@
+
+## screenshots: the docs' approval form and model card, in a real browser (chromium from apt, playwright-core from npm), from a running stack (make up)
+screenshots: $(STAMP)
+	scripts/install_browser.sh
+	$(PY) scripts/screenshots.py
 
 ## bench-serving: model server vs stock MLflow serving (wrk from apt); writes docs/benchmarks.md
 bench-serving: $(STAMP)

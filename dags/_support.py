@@ -72,6 +72,7 @@ KNOBS: dict[str, tuple[type[BaseSettings], str]] = {
     "min_r2": (GateSettings, "min_r2"),
     "max_regression": (GateSettings, "max_regression"),
     "force_deploy": (GateSettings, "force_deploy"),
+    "require_approval": (GateSettings, "require_approval"),
     "deploy_target": (DeploySettings, "target"),
     "batch_window_days": (BatchSettings, "window_days"),
 }
@@ -111,6 +112,7 @@ def pipeline_params() -> dict[str, Param]:
             "min_r2",
             "max_regression",
             "force_deploy",
+            "require_approval",
         ),
         "force_retrain": Param(
             False,
@@ -287,6 +289,46 @@ def training_run_tag_templates() -> dict[str, str]:
 # -- the one rollout path, as tasks both deploying DAGs build --------------------------------------
 
 
+def rollout_decision(
+    version: str, decision: Mapping[str, Any], evaluation: Mapping[str, Any], context: Any
+) -> dict[str, Any]:
+    """What a gating task returns: the gate's ``decision`` plus ``route`` (``approval`` or
+    ``not_deployed``), the rollout ``request`` (JSON) and what the approval task asks
+    (``ask``; its form's evidence only when this run requires an approval).
+
+    The request deploys ``version`` only while ``@champion`` still names the version the gate
+    compared it with: a promotion in between wins (decided when the rollout runs).
+    """
+    from serving.deploy.rollout import Request
+
+    if not decision["passed"]:
+        return {**decision, "route": "not_deployed", "request": None, "ask": None}
+    params, run_id = context["params"], context["run_id"]
+    gate = gate_settings(params)
+    request = Request(
+        "candidate",
+        str(version),
+        champion_at_eval=evaluation.get("champion_version"),
+        reason=f"{context['dag'].dag_id} run {run_id}",
+        run_id=run_id,
+    )
+    ask = {
+        "required": gate.require_approval,
+        "route": f"rollout_{deploy_settings(params).target}",
+        "version": str(version),
+        "timeout_s": gate.approval_timeout_s,
+    }
+    if gate.require_approval:
+        from ml.governance import evidence
+
+        ask["subject"] = f"Deploy {registry_settings().model_name} v{version} to production?"
+        ask["body"] = evidence(
+            str(version), evaluation, decision, gate, registry_settings(),
+            tracking_uri=tracking_uri(),
+        )  # fmt: skip
+    return {**decision, "route": "approval", "request": request.to_json(), "ask": ask}
+
+
 def rollout_tasks(request: Any) -> tuple[Any, Any]:
     """``rollout_local`` and ``rollout_kubernetes``: the rollout path, per deploy target.
 
@@ -420,6 +462,33 @@ def deploy_model_params() -> dict[str, Param]:
             "verdict on its own.",
         ),
     }
+
+
+def gate_params() -> dict[str, Param]:
+    """The trigger form of ``gate_new_version``; an asset-triggered run uses these defaults."""
+    return {
+        "version": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Version",
+            description="Gate exactly this version number (and roll it out if it passes). "
+            "Empty: the versions of the events that started the run.",
+        ),
+        **knob_params("data_window_days"),
+        "data_end_date": window_end_param(),
+        **knob_params("max_rmse", "min_r2", "max_regression", "require_approval", "deploy_target"),
+    }
+
+
+def new_version_asset():
+    """The asset the registry-events plugin records versions registered outside the pipeline
+    on (``gate_new_version``'s schedule)."""
+    from airflow.sdk import Asset
+
+    from serving.deploy.assets import version_asset
+
+    return Asset(**version_asset(RegistrySettings().model_name))
 
 
 def promotion_asset():

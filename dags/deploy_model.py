@@ -65,7 +65,7 @@ def deploy_model():
     @task(multiple_outputs=True)
     def request(**context) -> dict:
         reject_unknown_conf(context)  # asset-triggered runs have no conf: they pass
-        from serving.deploy.rollout import request_for_deploy_model
+        from serving.deploy.sync import request_for_deploy_model
 
         params = context["params"]
         decided = request_for_deploy_model(

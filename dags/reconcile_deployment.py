@@ -51,7 +51,7 @@ def reconcile_deployment():
     @task.short_circuit
     def check() -> dict | None:
         """deploy_model's conf when a rollout should run; None (skip the trigger) otherwise."""
-        from serving.deploy.rollout import reconcile_report
+        from serving.deploy.sync import reconcile_report
 
         report = reconcile_report(
             registry_settings(), deploy_settings({}), tracking_uri=tracking_uri()

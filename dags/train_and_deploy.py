@@ -4,8 +4,8 @@
 Nightly retraining of the regression model, tracked in MLflow, gated, rolled out.
 
 `load_window → unchanged_check → train_or_not → validate_data → train → evaluate → register →
-gate → deploy_or_not → (rollout_local | rollout_kubernetes)`, or `deploy_or_not → not_deployed`,
-or `train_or_not → unchanged`.
+gate → deploy_or_not → approval → (rollout_local | rollout_kubernetes)`, or
+`deploy_or_not → not_deployed`, or `train_or_not → unchanged`.
 
 * **Schedule**: nightly at 02:00 UTC, and on every event of the `data-drift/<model>` asset
   (`monitor_drift` emits one when the data moved enough to retrain) or of the
@@ -23,6 +23,12 @@ or `train_or_not → unchanged`.
 * **Gate**: absolute bars (`max_rmse`, `min_r2`) and at most `max_regression` relative RMSE
   increase over `@champion` on the same holdout. A rejected version is tagged with the reasons,
   no alias moves and the run ends through `not_deployed`.
+* **Approval** (the `require_approval` Param, off by default): the `approval` task waits for a
+  person, with the gate's evidence in its form (Browse → Required Actions), before any
+  traffic moves; answered there, over the REST API, or with the `approval` tag on the version
+  in MLflow. Waiting holds no worker slot and no rollout slot. A rejection, or no answer
+  within `approval_timeout_s`, ends the run without a rollout; the decision is on the
+  version. Off: the task passes straight on to the rollout.
 * **Train**: inside the Airflow task, or (`PIPELINE_TRAIN_RUNNER=kubernetes`, read when the
   file is parsed) in a KubernetesPodOperator pod running the same `python -m ml train` with
   requested resources; its MLflow run is tagged `pipeline_run_key` = `<dag>/<run>/train`. In
@@ -46,11 +52,11 @@ Every task is one call into `ml/` or `serving/`; see README.md for configuration
 from __future__ import annotations
 
 import pendulum
+from _approval import approval_and_rollout
 from _support import (
     IO_TASK_DEFAULTS,
     data_asset,
     data_settings,
-    deploy_settings,
     drift_asset,
     gate_settings,
     live_error_asset,
@@ -60,7 +66,7 @@ from _support import (
     pod_task,
     registry_settings,
     reject_unknown_conf,
-    rollout_tasks,
+    rollout_decision,
     run_tags,
     tracking_uri,
     training_run_key,
@@ -198,29 +204,15 @@ def train_and_deploy():
     @task(multiple_outputs=True)
     def gate(version: dict, evaluation: dict, **context) -> dict:
         from ml.pipeline import gate
-        from serving.deploy.rollout import Request
 
-        params = context["params"]
         decision = gate(
             version,
             evaluation,
-            gate_settings(params),
+            gate_settings(context["params"]),
             registry_settings(),
             tracking_uri=tracking_uri(),
         )
-        if not decision["passed"]:
-            return {**decision, "route": "not_deployed", "request": None}
-        # The rollout deploys this version only while @champion still names the version the
-        # gate compared it with: a promotion in between wins (decided when the rollout runs).
-        request = Request(
-            "candidate",
-            version["version"],
-            champion_at_eval=evaluation.get("champion_version"),
-            reason=f"train_and_deploy run {context['run_id']}",
-            run_id=context["run_id"],
-        )
-        route = f"rollout_{deploy_settings(params).target}"
-        return {**decision, "route": route, "request": request.to_json()}
+        return rollout_decision(version["version"], decision, evaluation, context)
 
     @task.branch
     def deploy_or_not(route: str) -> str:
@@ -269,7 +261,7 @@ def train_and_deploy():
     decision = gate(version, evaluation)
     deploy_or_not(decision["route"]) >> [
         not_deployed(version, decision["summary"]),
-        *rollout_tasks(decision["request"]),
+        approval_and_rollout(decision),
     ]
 
 

@@ -21,6 +21,11 @@ from ml.settings import GateSettings
 
 REQUIRED_METRICS = ("rmse", "mae", "r2")
 
+# The version tags that clear a version to become @champion: a passed gate, or a person's reason
+# for deploying it anyway (set by hand on the version, in the MLflow UI or with the client).
+PASSED_TAG = "gate.passed"
+FORCE_TAG = "force"
+
 NO_CHAMPION_DETAIL = "no champion yet: only absolute bars apply"
 
 
@@ -85,7 +90,7 @@ class Decision:
     def to_tags(self) -> dict[str, str]:
         """Model-version tags; MLflow tag values are strings, so booleans become 'true'/'false'."""
         tags = {
-            "gate.passed": _bool(self.passed),
+            PASSED_TAG: _bool(self.passed),
             "gate.forced": _bool(self.forced),
             "gate.has_champion": _bool(self.has_champion),
             "gate.summary": self.summary(),
@@ -96,6 +101,21 @@ class Decision:
         for c in self.checks:
             tags[f"gate.check.{c.name}"] = ("passed: " if c.passed else "failed: ") + c.detail
         return tags
+
+
+def uncleared(tags: Mapping[str, str]) -> str | None:
+    """Why the version with ``tags`` may not become ``@champion``, or None when it may.
+
+    The one rule of production: a version goes live only with a passed gate
+    (``gate.passed=true``) or with a reason a person wrote in its ``force`` tag. The rollout
+    refuses any other (``serving.deploy.rollout.plan``); reconcile and the exporter report a
+    ``@champion`` that breaks it.
+    """
+    if tags.get(PASSED_TAG) == "true" or str(tags.get(FORCE_TAG) or "").strip():
+        return None
+    if PASSED_TAG in tags:
+        return f"its gate rejected it ({str(tags.get('gate.reasons', '?'))[:300]})"
+    return "it was never gated (no gate.passed tag)"
 
 
 def decide(

@@ -285,14 +285,8 @@ def register(
         if trained.get(tag)
     }
     version_tags = {
-        "data_window_start": window["start"],
-        "data_window_end": window["end"],
-        lineage.DATA_DIGEST_TAG: window["digest"],
+        **evaluation_tags(window, evaluation),
         **identity,
-        "holdout_rmse": f"{evaluation['candidate']['rmse']:.6g}",
-        "holdout_mae": f"{evaluation['candidate']['mae']:.6g}",
-        "holdout_r2": f"{evaluation['candidate']['r2']:.6g}",
-        "champion_version_at_eval": str(evaluation.get("champion_version") or "none"),
         **_trigger_tag(window),
         **(tags or {}),
     }
@@ -301,6 +295,22 @@ def register(
     )
     log.info("Registered %s version %s", info.name, info.version)
     return info.to_dict()
+
+
+def evaluation_tags(window: Mapping[str, Any], evaluation: Mapping[str, Any]) -> dict[str, str]:
+    """What a version is tagged with about its data and its evaluation (the model card's
+    source): the window, its digest, and the holdout metrics of it and of ``@champion``."""
+    from ml import lineage
+
+    champion = evaluation.get("champion") or {}
+    return {
+        "data_window_start": window["start"],
+        "data_window_end": window["end"],
+        lineage.DATA_DIGEST_TAG: window["digest"],
+        **{f"holdout_{k}": f"{v:.6g}" for k, v in evaluation["candidate"].items()},
+        **{f"champion_holdout_{k}": f"{v:.6g}" for k, v in champion.items()},
+        "champion_version_at_eval": str(evaluation.get("champion_version") or "none"),
+    }
 
 
 def gate(
@@ -320,6 +330,7 @@ def gate(
         log.info("First model for this registry name: only the absolute bars apply")
     reg = Registry(tracking_uri, registry)
     reg.tag_version(version["version"], decision.to_tags())
+    reg.update_card(version["version"])
     if decision.passed:
         reg.set_alias(registry.challenger_alias, version["version"])
         log.info(

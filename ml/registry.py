@@ -278,22 +278,22 @@ class Registry:
 
         A version whose registration fails, or that is still pending after
         ``READY_TIMEOUT_S``, raises MLflow's error naming the model, the version and its status.
+        Its description is its model card (:mod:`ml.card`).
         """
         import mlflow
+
+        from ml.card import model_card
 
         self._ensure_registered_model()
         # register_model talks to the process-wide registry URI.
         use_mlflow(self.tracking_uri)
+        tags = {str(k): str(v) for k, v in tags.items()}
         with self._call(f"create a version of {self.name!r}") as client:
             mv = mlflow.register_model(
-                model_uri,
-                self.name,
-                await_registration_for=READY_TIMEOUT_S,
-                tags={str(k): str(v) for k, v in tags.items()},
+                model_uri, self.name, await_registration_for=READY_TIMEOUT_S, tags=tags
             )
-            mv = client.update_model_version(
-                self.name, mv.version, description=f"Trained in run {run_id}."
-            )
+            card = model_card(self.name, str(mv.version), tags, run_id)
+            mv = client.update_model_version(self.name, mv.version, description=card)
         log.info("Registered %s v%s from %s", self.name, mv.version, mv.source)
         return VersionInfo.from_mlflow(mv)
 
@@ -329,6 +329,26 @@ class Registry:
                             f"Registered model {self.name!r} has no version {version}"
                         ) from exc
                     raise
+
+    def update_card(self, version: str, event: tuple[str, str] | None = None) -> None:
+        """Render the version's model card (:func:`ml.card.model_card`) from its tags into its
+        description; with ``event`` (what, how) added to its rollout history first."""
+        from datetime import UTC, datetime
+
+        from ml import card
+
+        info = self.get(version)
+        tags = dict(info.tags)
+        if event is not None:
+            when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+            tags[card.HISTORY_TAG] = card.with_event(tags, when, *event)
+            self.tag_version(info.version, {card.HISTORY_TAG: tags[card.HISTORY_TAG]})
+        with self._call(f"write the model card of version {info.version}") as client:
+            client.update_model_version(
+                self.name,
+                info.version,
+                description=card.model_card(self.name, info.version, tags, info.run_id),
+            )
 
     def set_alias(self, alias: str, version: str) -> None:
         alias, version = alias.removeprefix("@"), str(version)

@@ -207,6 +207,20 @@ class GateSettings(BaseSettings):
         title="Force deploy",
         description="Deploy even if the gate rejects (the decision is still recorded).",
     )
+    require_approval: bool = Field(
+        False,
+        title="Require approval",
+        description="After the gate passes, wait for a person to approve the version (Airflow "
+        "Required Actions, the REST API, or the `approval` tag in MLflow) before any traffic "
+        "moves; no answer within approval_timeout_s is a rejection.",
+    )
+    approval_timeout_s: int = Field(
+        86_400,
+        ge=1,
+        le=30 * 86_400,
+        description="How long an approval may wait for an answer before it counts as a "
+        "rejection (the scheduler resolves it within 15 s of the deadline).",
+    )
 
 
 class RegistrySettings(BaseSettings):

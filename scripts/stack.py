@@ -58,7 +58,9 @@ PROMETHEUS_URL, PROMETHEUS_ROOT = f"http://{HOST}:{PROMETHEUS_PORT}", STATE / "p
 PROMETHEUS_RETENTION = os.environ.get("PROMETHEUS_RETENTION", "2d")
 PROMETHEUS_INTERVAL_S = int(os.environ.get("PROMETHEUS_INTERVAL_S", "10"))
 WEBHOOK_NAME, WEBHOOK_PATH = "airflow-registry-events", "/registry-events/mlflow-webhook"
-WEBHOOK_EVENTS = ["model_version_alias.created"]
+# Promotions (deploy_model), versions from outside the pipeline (gate_new_version), and the
+# `approval` tag (an approval answered in MLflow): registry_events.app.
+WEBHOOK_EVENTS = ["model_version_alias.created", "model_version.created", "model_version_tag.set"]
 ENDINGS = ("unchanged", "not_deployed", "rollout_local")  # the tasks a successful run ends with
 
 
@@ -436,7 +438,9 @@ def mlflow_webhook_env(state: Path) -> dict[str, str]:
     }
 
 
-def register_mlflow_webhook(mlflow_url: str, url: str, secret: str) -> dict[str, Any]:
+def register_mlflow_webhook(
+    mlflow_url: str, url: str, secret: str, events: list[str] = WEBHOOK_EVENTS
+) -> dict[str, Any]:
     """Create or update (by name) the MLflow webhook that feeds deploy_model, then let MLflow
     send its signed test event (the plugin answers "ignored"): a wrong URL or secret shows now,
     not at the first promotion."""
@@ -444,7 +448,7 @@ def register_mlflow_webhook(mlflow_url: str, url: str, secret: str) -> dict[str,
 
     client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
     existing = [hook for hook in client.list_webhooks(max_results=100) if hook.name == WEBHOOK_NAME]
-    fields = {"url": url, "events": WEBHOOK_EVENTS, "secret": secret}
+    fields = {"url": url, "events": events, "secret": secret}
     if existing:
         hook = client.update_webhook(existing[0].webhook_id, status="ACTIVE", **fields)
         for duplicate in existing[1:]:
@@ -487,8 +491,9 @@ class Airflow:
 
     def __init__(self, url: str = AIRFLOW_URL) -> None:
         login = {"username": "admin", "password": _airflow_password()}
-        token = httpx.post(f"{url}/auth/token", json=login, timeout=30).raise_for_status()
-        auth = {"Authorization": f"Bearer {token.json()['access_token']}"}
+        answer = httpx.post(f"{url}/auth/token", json=login, timeout=30).raise_for_status()
+        self.token = answer.json()["access_token"]  # also the UI's `_token` cookie
+        auth = {"Authorization": f"Bearer {self.token}"}
         self.http = httpx.Client(base_url=f"{url}/api/v2", headers=auth, timeout=30)
 
     def __call__(self, method: str, path: str, **kwargs: Any) -> Any:

@@ -1,4 +1,4 @@
-"""MLflow registry webhooks -> Airflow asset events (mounted on the Airflow API server).
+"""MLflow registry webhooks -> Airflow (mounted on the Airflow API server).
 
 ``POST /registry-events/mlflow-webhook`` receives MLflow 3 webhooks. MLflow signs each delivery
 (``mlflow/webhooks/delivery.py``, Standard-Webhooks style)::
@@ -17,11 +17,20 @@ What this endpoint does with a request, in order:
 3. timestamp more than 5 minutes off                         -> 401 (a replay of an old delivery)
 4. signature does not match                                  -> 401
 5. body not JSON / not an MLflow webhook payload             -> 400
-6. another event, model or alias than the one watched        -> 200 ``ignored``
+6. another event, model or alias than the ones watched       -> 200 ``ignored``
 7. delivery id already recorded (a replay or MLflow retry)   -> 200 ``ignored``
-8. otherwise: an asset event on ``mlflow://models/<model>/aliases/<alias>`` with extra
-   ``{model, version, alias, delivery_id, ...}``; ``deploy_model`` is scheduled on that asset
-                                                             -> 200 ``recorded``
+8. otherwise, by event:
+
+   - ``model_version_alias.created`` of ``@champion``: an asset event on
+     ``mlflow://models/<model>/aliases/<alias>`` with extra ``{model, version, alias,
+     delivery_id, ...}``; ``deploy_model`` is scheduled on that asset -> 200 ``recorded``
+   - ``model_version.created`` of a version no Airflow run registered (its tags name no
+     ``airflow_dag_id``/``airflow_run_id`` of a run in this Airflow): an asset event on
+     ``mlflow://models/<model>/versions``; ``gate_new_version`` is scheduled on it, and
+     gates it                                               -> 200 ``recorded``
+   - ``model_version_tag.set`` of ``approval`` = ``approved``/``rejected`` on a version an
+     approval task waits for (``approval.pending``): that task is answered, as the REST API
+     would (``registry_events.approvals``)                  -> 200 ``answered``
 
 Delivery ids are remembered in the Airflow metadata database itself: they are part of the
 recorded asset events, and a delivery is only accepted within the 5 minute window, so looking
@@ -73,7 +82,15 @@ DELIVERY_ID_HEADER = "X-MLflow-Delivery-Id"
 SIGNATURE_VERSION = "v1"
 TOLERANCE_S = 300
 MAX_BODY_BYTES = 64 * 1024
-WATCHED_EVENT = ("model_version_alias", "created")
+ALIAS_CREATED = ("model_version_alias", "created")
+VERSION_CREATED = ("model_version", "created")
+TAG_SET = ("model_version_tag", "set")
+# The events handled, and the data fields each must carry.
+WATCHED = {
+    ALIAS_CREATED: ("name", "alias", "version"),
+    VERSION_CREATED: ("name", "version"),
+    TAG_SET: ("name", "version", "key", "value"),
+}
 # A replay is only accepted inside the tolerance window, so events older than this cannot match.
 _REPLAY_LOOKBACK = timedelta(seconds=3 * TOLERANCE_S)
 # One writer at a time in this process (SQLite has no row locks; PostgreSQL gets FOR UPDATE).
@@ -83,8 +100,8 @@ _exposition = CachedExposition()
 
 app = FastAPI(
     title="Registry events",
-    description="Receives MLflow model-registry webhooks and records Airflow asset events "
-    "that schedule deploy_model.",
+    description="Receives MLflow model-registry webhooks: records the Airflow asset events "
+    "that schedule deploy_model and gate_new_version, and answers approvals given as tags.",
 )
 
 
@@ -155,11 +172,12 @@ def parse(body: bytes) -> dict[str, Any]:
     for key in ("entity", "action"):
         if not isinstance(payload.get(key), str):
             raise Rejected(400, f"body lacks the string field {key!r}")
-    if (payload["entity"], payload["action"]) == WATCHED_EVENT:
+    event = (payload["entity"], payload["action"])
+    if event in WATCHED:
         data = payload["data"]
-        bad = [k for k in ("name", "alias", "version") if not isinstance(data.get(k), str | int)]
+        bad = [k for k in WATCHED[event] if not isinstance(data.get(k), str | int)]
         if bad:
-            raise Rejected(400, f"{'.'.join(WATCHED_EVENT)} payload lacks data field(s) {bad}")
+            raise Rejected(400, f"{'.'.join(event)} payload lacks data field(s) {bad}")
         if not str(data["version"]).isdigit():
             raise Rejected(400, f"data.version must be a version number, got {data['version']!r}")
     return payload
@@ -211,14 +229,15 @@ def registry_settings() -> RegistrySettings:
 @app.get("/")
 def describe() -> dict[str, Any]:
     """What this endpoint watches (no secrets)."""
-    from serving.deploy.assets import alias_asset
+    from serving.deploy.assets import alias_asset, version_asset
 
     settings = registry_settings()
     return {
         "webhook": f"{URL_PREFIX}{WEBHOOK_PATH}",
-        "event": ".".join(WATCHED_EVENT),
+        "events": [".".join(event) for event in WATCHED],
         "watching": {"model": settings.model_name, "alias": settings.champion_alias},
         "asset": alias_asset(settings.model_name, settings.champion_alias),
+        "version_asset": version_asset(settings.model_name),
         "secret_configured": bool(os.environ.get(SECRET_ENV)),
     }
 
@@ -247,50 +266,97 @@ async def mlflow_webhook(request: Request) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     event = (payload["entity"], payload["action"])
-    if event != WATCHED_EVENT:
+    if event not in WATCHED:
         return _ignored(f"event {'.'.join(event)} is not watched", delivery_id=delivery_id)
-    data = payload["data"]
+    try:
+        return await _handle(event, payload["data"], delivery_id, timestamp)
+    except Rejected as exc:
+        log.warning("Webhook not recorded (%s): %s", exc.status, exc.message)
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+async def _handle(
+    event: tuple[str, str], data: dict[str, Any], delivery_id: str, timestamp: int
+) -> JSONResponse:
+    from serving.deploy.assets import alias_asset, version_asset
+
     settings = registry_settings()
-    model, alias, version = str(data["name"]), str(data["alias"]), str(data["version"])
-    if model != settings.model_name or alias != settings.champion_alias:
+    model, version = str(data["name"]), str(data["version"])
+    if model != settings.model_name:
         return _ignored(
-            f"@{alias} of {model!r} is not watched "
-            f"(watching @{settings.champion_alias} of {settings.model_name!r})",
+            f"model {model!r} is not watched (watching {settings.model_name!r})",
             delivery_id=delivery_id,
         )
+    if event == TAG_SET:
+        from registry_events.approvals import answer
+
+        result = await run_in_threadpool(answer, model, version, str(data["key"]), data["value"])
+        if result["status"] == "retry":
+            raise Rejected(503, result["reason"])
+        if result["status"] == "ignored":
+            return _ignored(result["reason"], delivery_id=delivery_id)
+        return JSONResponse(result | {"delivery_id": delivery_id}, status_code=200)
     extra = {
         "model": model,
         "version": version,
-        "alias": alias,
         "delivery_id": delivery_id,
         "webhook_timestamp": timestamp,
         "source": "mlflow-webhook",
     }
-    try:
-        result = await run_in_threadpool(record_promotion, extra)
-    except Rejected as exc:
-        log.warning("Webhook not recorded (%s): %s", exc.status, exc.message)
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    if event == ALIAS_CREATED:
+        alias = str(data["alias"])
+        if alias != settings.champion_alias:
+            return _ignored(
+                f"@{alias} of {model!r} is not watched (watching @{settings.champion_alias})",
+                delivery_id=delivery_id,
+            )
+        extra["alias"] = alias
+        ident = alias_asset(model, alias)
+    else:
+        tags = data.get("tags") if isinstance(data.get("tags"), dict) else {}
+        registered_by = await run_in_threadpool(airflow_run_of, tags)
+        if registered_by:
+            return _ignored(
+                f"v{version} was registered by {registered_by}: that run's gate judges it",
+                delivery_id=delivery_id,
+            )
+        ident = version_asset(model)
+    result = await run_in_threadpool(record_event, ident, extra)
     if result.get("duplicate"):
         return _ignored(
             f"delivery {delivery_id} was already recorded (replay or retry)",
             delivery_id=delivery_id,
             asset_event_id=result["asset_event_id"],
         )
-    log.info("Recorded promotion %s@%s -> v%s (delivery %s)", model, alias, version, delivery_id)
+    log.info("Recorded %s of %s v%s (delivery %s)", ".".join(event), model, version, delivery_id)
     return JSONResponse({"status": "recorded", **result, **extra}, status_code=200)
 
 
-def record_promotion(extra: dict[str, Any]) -> dict[str, Any]:
-    """Record the asset event (once per delivery id) in the Airflow metadata DB."""
+def airflow_run_of(tags: dict[str, Any]) -> str | None:
+    """``"<dag> run <run id>"`` when the version's tags name a run this Airflow has (the
+    pipeline registered it), else None. Tags are the registrant's word: copying a real run's
+    id skips this gate, but never clears the version to go live (``ml.gate.uncleared``)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    dag_id, run_id = tags.get("airflow_dag_id"), tags.get("airflow_run_id")
+    if not dag_id or not run_id:
+        return None
+    with create_session() as session:
+        found = session.scalar(
+            select(DagRun.id).where(DagRun.dag_id == str(dag_id), DagRun.run_id == str(run_id))
+        )
+    return f"{dag_id} run {run_id}" if found is not None else None
+
+
+def record_event(ident: dict[str, str], extra: dict[str, Any]) -> dict[str, Any]:
+    """Record an event on the asset ``ident`` (once per delivery id) in the metadata DB."""
     from airflow.assets.manager import asset_manager
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    from serving.deploy.assets import alias_asset
-
-    ident = alias_asset(extra["model"], extra["alias"])
     with _record_lock, create_session() as session:
         asset = session.scalar(
             select(AssetModel)
@@ -301,8 +367,9 @@ def record_promotion(extra: dict[str, Any]) -> dict[str, Any]:
             # 5xx: MLflow retries with backoff; the DAG may simply not be parsed yet.
             raise Rejected(
                 503,
-                f"asset {ident['uri']} is unknown to Airflow: is deploy_model parsed and "
-                "scheduled on it (same PIPELINE_REGISTRY_* settings)?",
+                f"asset {ident['uri']} is unknown to Airflow: is the DAG scheduled on it "
+                "(deploy_model, gate_new_version) parsed, with the same PIPELINE_REGISTRY_* "
+                "settings?",
             )
         since = datetime.now(UTC) - _REPLAY_LOOKBACK
         recent = session.execute(

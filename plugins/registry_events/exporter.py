@@ -6,6 +6,9 @@
 - ``mlflow_registry_alias_version{model,alias}``: the version each alias of the watched model
   names (``@champion``: what must be live; the ``ModelServedVersionNotChampion`` alert compares
   it with the servers' ``model_server_model_version``);
+- ``pipeline_champion_uncleared{model,version}``: 1 when ``@champion`` names a version with
+  neither a passed gate nor a ``force`` reason (``ml.gate.uncleared``; the
+  ``ModelChampionNotCleared`` alert of ``docker/k8s/monitoring/governance-rule.yaml``), else 0;
 - ``pipeline_feature_drift_score{model,feature}``: PSI per column from the newest
   ``monitor_drift`` check (``__target__`` and ``__prediction__`` included), with
   ``pipeline_drift_threshold{model,feature}`` next to it, ``pipeline_drift_retrain{model}`` and
@@ -52,6 +55,8 @@ class RegistrySnapshot:
 
     up: bool
     aliases: Mapping[str, str] = field(default_factory=dict)
+    # (@champion's version, True when it breaks the rule of production: ml.gate.uncleared)
+    champion: tuple[str, bool] | None = None
     drift_scores: Mapping[str, float] = field(default_factory=dict)
     drift_retrain: bool | None = None
     drift_checked_at_s: float | None = None
@@ -79,6 +84,15 @@ def render(snapshot: RegistrySnapshot, model: str, drift: DriftSettings) -> byte
         if str(version).isdigit():
             aliases.add_metric([model, alias], float(version))
     families.append(aliases)
+    if snapshot.champion is not None:
+        uncleared = GaugeMetricFamily(
+            "pipeline_champion_uncleared",
+            "1: @champion names a version with neither a passed gate nor a force reason.",
+            labels=["model", "version"],
+        )
+        version, broken = snapshot.champion
+        uncleared.add_metric([model, version], 1.0 if broken else 0.0)
+        families.append(uncleared)
     scores = GaugeMetricFamily(
         "pipeline_feature_drift_score",
         "PSI of a column in the newest monitor_drift check against @champion's training data.",
@@ -169,17 +183,22 @@ def read_snapshot(tracking_uri: str, settings: RegistrySettings) -> RegistrySnap
     """Aliases of the watched model and the newest drift and quality runs, from MLflow."""
     from mlflow import MlflowClient
 
+    from ml.gate import uncleared
+
     # The registry is the tracking server: never a registry URI some other code set globally.
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         model = client.get_registered_model(settings.model_name)
         aliases = {str(k): str(v) for k, v in (model.aliases or {}).items()}
+        champion = aliases.get(settings.champion_alias)
+        tags = client.get_model_version(settings.model_name, champion).tags if champion else None
     except Exception as exc:
         if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
             log.warning("Registry read failed: %s", exc)
             return RegistrySnapshot(up=False)
-        aliases = {}  # nothing registered yet: up, no aliases
-    snapshot = RegistrySnapshot(up=True, aliases=aliases)
+        aliases, tags = {}, None  # nothing registered yet: up, no aliases
+    checked = None if tags is None else (str(champion), uncleared(tags) is not None)
+    snapshot = RegistrySnapshot(up=True, aliases=aliases, champion=checked)
     try:
         drift = _newest_run(client, f"{settings.experiment_name}-drift")
         quality = _newest_run(client, f"{settings.experiment_name}-quality")
@@ -210,7 +229,7 @@ def read_snapshot(tracking_uri: str, settings: RegistrySettings) -> RegistrySnap
             "suggested": tuple(v for v in tags.get("quality.suggested", "").split(",") if v),
             "quality_checked_at_s": quality.info.start_time / 1000.0,
         }
-    return RegistrySnapshot(up=True, aliases=aliases, **found)
+    return RegistrySnapshot(up=True, aliases=aliases, champion=checked, **found)
 
 
 def tracking_uri() -> str | None:

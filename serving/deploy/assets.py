@@ -1,7 +1,8 @@
 """What the DAGs and the ``registry_events`` plugin agree on, defined once (no Airflow import).
 
 * the asset an alias move is recorded on (the plugin writes events, ``deploy_model`` is
-  scheduled on it);
+  scheduled on it), and the one a version registered outside the pipeline is recorded on
+  (``gate_new_version``);
 * the MLflow UI links a rollout task returns (the plugin's operator links read them).
 
 Both sides import this module; neither imports the other.
@@ -24,6 +25,15 @@ def alias_asset(model_name: str, alias: str) -> dict[str, str]:
         "name": f"mlflow-alias/{model_name}@{alias}",
         "uri": f"{ASSET_URI_SCHEME}://models/{quote(model_name, safe='')}/aliases/"
         f"{quote(alias, safe='')}",
+    }
+
+
+def version_asset(model_name: str) -> dict[str, str]:
+    """``name``/``uri`` of the Airflow asset that stands for "a version of ``model_name`` was
+    registered outside the pipeline" (``gate_new_version`` is scheduled on it)."""
+    return {
+        "name": f"mlflow-versions/{model_name}",
+        "uri": f"{ASSET_URI_SCHEME}://models/{quote(model_name, safe='')}/versions",
     }
 
 

@@ -17,7 +17,10 @@ one slot of the ``model_rollout`` pool), so that two rollouts never interleave a
 decision is always taken on the state it acts on:
 
 1. read ``@champion`` and what the target serves (version, healthy or not);
-2. :func:`plan` (pure): skip, check what is live, or deploy;
+2. :func:`plan` (pure): skip, refuse, check what is live, or deploy. A version goes live only
+   with a passed gate or a person's ``force`` reason (``ml.gate.uncleared``); any other is
+   refused: tagged ``rollout.refused``, and ``@champion``, if a person moved it there, is put
+   back on what the target serves (:class:`RequestRejected`, final);
 3. deploy (the target keeps the old version serving until the new one is ready), then
    verify the endpoint on the version's fixed rows (:mod:`serving.deploy.verify`);
 4. verified: move ``@champion`` to it when the request says so (only if nobody moved the
@@ -25,6 +28,9 @@ decision is always taken on the state it acts on:
 5. verification ran and failed: that is a verdict. Tag the version ``rollout.failed`` with the
    reason, put back what was live before (or withdraw the endpoint if nothing was), move
    ``@champion`` back if it names the failed version, raise :class:`VerificationFailed`.
+
+Each outcome on a version (live, stopped serving, failed verification, refused) is an event of
+its rollout history, and its model card (the description, ``ml.card``) is written again.
 
 Anything else that goes wrong (the target cannot start a server, the registry or the
 endpoint does not answer, the task dies) is not a verdict: nothing is tagged, no alias moves,
@@ -41,6 +47,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from ml.gate import FORCE_TAG, PASSED_TAG, uncleared
 from ml.settings import RegistrySettings
 from serving.deploy.target import (
     DeployFailed,
@@ -63,6 +70,10 @@ log = logging.getLogger("serving.deploy.rollout")
 FAILED_TAG = "rollout.failed"
 FAILED_BY_TAG = "rollout.failed_by"
 VERIFIED_TAG = "rollout.verified"
+# Why a version was refused (never gated, or its gate rejected it, and no `force` reason), and
+# the `force` reason a version without a passed gate went live with.
+REFUSED_TAG = "rollout.refused"
+FORCED_TAG = "rollout.forced"
 
 Kind = Literal["candidate", "champion", "version"]
 __all__ = [
@@ -126,10 +137,12 @@ class Request:
 
 @dataclass(frozen=True)
 class Plan:
-    action: Literal["skip", "fail", "check", "deploy"]
+    action: Literal["skip", "fail", "refuse", "check", "deploy"]
     version: str | None
     reason: str
     promote: bool = False
+    # The `force` reason, when the version goes live without a passed gate.
+    forced: str | None = None
 
 
 def plan(
@@ -137,16 +150,16 @@ def plan(
     *,
     champion: str | None,
     live: Live,
-    failed: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
     judged_here: tuple[str, str] | None = None,
 ) -> Plan:
     """What to do, from the request and the state read while holding the rollout lock.
 
-    ``failed`` holds the target version's ``rollout.failed``/``rollout.failed_by`` tags, if
-    any; ``judged_here`` a (version, reason) this very run already failed verification of.
+    ``tags`` are the target version's tags (its gate, ``force`` and ``rollout.failed`` tags
+    count); ``judged_here`` a (version, reason) this very run already failed verification of.
     Pure: every rule of the rollout path's decision is here and tested as a table.
     """
-    failed = failed or {}
+    tags = tags or {}
     if judged_here is not None:
         return Plan(
             "fail",
@@ -169,8 +182,17 @@ def plan(
         if champion is None:
             return Plan("skip", None, "no @champion: nothing to deploy")
         target, promote = champion, False
-    if FAILED_TAG in failed:
-        same_run = request.run_id is not None and failed.get(FAILED_BY_TAG) == request.run_id
+    why = uncleared(tags)
+    if why is not None:
+        return Plan(
+            "refuse",
+            target,
+            f"v{target} may not go live: {why}; it needs a passed gate, or a `{FORCE_TAG}` tag "
+            "with a person's reason",
+        )
+    forced = None if tags.get(PASSED_TAG) == "true" else str(tags[FORCE_TAG])[:500]
+    if FAILED_TAG in tags:
+        same_run = request.run_id is not None and tags.get(FAILED_BY_TAG) == request.run_id
         explicit = request.kind == "version" or (
             request.kind == "champion" and request.retry_failed
         )
@@ -178,18 +200,24 @@ def plan(
             return Plan(
                 "fail",
                 target,
-                f"v{target} failed verification before ({failed[FAILED_TAG][:300]}); not "
+                f"v{target} failed verification before ({tags[FAILED_TAG][:300]}); not "
                 "deploying it again automatically (deploy it by hand with its version number, "
                 "or promote it again)",
             )
+    why_live = f" (no passed gate; forced: {forced})" if forced else ""
     if live.version == target and live.healthy:
-        return Plan("check", target, f"v{target} is live and healthy: verifying it", promote)
+        return Plan(
+            "check", target, f"v{target}{why_live} is live and healthy: verifying it", promote,
+            forced,
+        )  # fmt: skip
     now = (
         f"v{live.version} ({'healthy' if live.healthy else 'unhealthy'})"
         if live.version
         else ("nothing")
     )
-    return Plan("deploy", target, f"deploying v{target}; live now: {now}", promote)
+    return Plan(
+        "deploy", target, f"deploying v{target}{why_live}; live now: {now}", promote, forced
+    )
 
 
 @dataclass
@@ -249,12 +277,12 @@ def run(
                 target_info = reg.get(wanted)
             except LookupError as exc:
                 raise RequestRejected(f"cannot roll out v{wanted}: {exc}") from exc
-        failed = _failure_tags(target_info.tags if target_info else {})
+        tags = target_info.tags if target_info else {}
         decision = plan(
             request,
             champion=champion,
             live=live,
-            failed=failed,
+            tags=tags,
             judged_here=_judged_here(reg, request),
         )
         step(
@@ -277,6 +305,9 @@ def run(
             return outcome
         if decision.action == "fail":
             raise VerificationFailed(decision.reason)
+        if decision.action == "refuse":
+            _refuse(reg, registry, str(decision.version), decision.reason, live, step)
+            raise RequestRejected(decision.reason)
         assert target_info is not None and decision.version is not None
         version, model_uri = decision.version, target_info.model_uri
         rows = _rows(target_info, tracking_uri)
@@ -316,10 +347,19 @@ def run(
                 f"{outcome.verification['max_abs_diff']:.2g}"
             )
             outcome.status = "rolled_out"
+            how = f"on {target.name}: {request.reason or request.kind}"
+            _card(
+                reg,
+                version,
+                "live",
+                how + (f" (forced: {decision.forced})" if decision.forced else ""),
+            )
+            if live.version and live.version != version:
+                _card(reg, live.version, "stopped serving", f"replaced by v{version}")
 
-        reg.tag_version(version, {VERIFIED_TAG: _stamp(request, target)})
-        if FAILED_TAG in failed:
-            _clear_failure(reg, version)
+        stamp = {VERIFIED_TAG: _stamp(request, target)}
+        reg.tag_version(version, stamp | ({FORCED_TAG: decision.forced} if decision.forced else {}))
+        _clear_tags(reg, version, {FAILED_TAG, FAILED_BY_TAG, REFUSED_TAG} & set(tags))
         if decision.promote:
             outcome.champion = _promote(reg, registry, version, expected=champion, step=step)
         _drop_challenger(reg, registry, version)
@@ -370,6 +410,7 @@ def _verdict(
         version,
         {FAILED_TAG: reason[:4000], FAILED_BY_TAG: request.run_id or request.reason or "?"},
     )
+    _card(reg, version, "failed verification", reason)
     if restored is not None:
         restore_to = restored
         step(f"v{restored} serves again (put back by the {target.name} target)")
@@ -425,8 +466,37 @@ def _drop_challenger(reg: Any, registry: RegistrySettings, version: str | None) 
         reg.delete_alias(registry.challenger_alias)
 
 
-def _clear_failure(reg: Any, version: str) -> None:
-    for key in (FAILED_TAG, FAILED_BY_TAG):
+def _refuse(
+    reg: Any, registry: RegistrySettings, version: str, reason: str, live: Live, step: Any
+) -> None:
+    """A version that may not go live: say why on it, and when a person moved ``@champion``
+    to it, put the alias back on what the target serves (nothing served: remove it)."""
+    step(f"v{version} REFUSED: {reason}")
+    reg.tag_version(version, {REFUSED_TAG: reason[:4000]})
+    _card(reg, version, "refused", reason)
+    current, alias = reg.champion(), registry.champion_alias
+    if current is None or current.version != version:
+        return
+    if live.version is None:
+        reg.delete_alias(alias)
+        step(f"@{alias} removed: nothing was served before v{version}")
+    elif live.version != version:
+        reg.set_alias(alias, live.version)
+        step(f"@{alias} put back: v{version} -> v{live.version} (what is served)")
+    else:
+        step(f"@{alias} left on v{version}: the target serves it already (reconcile reports it)")
+
+
+def _card(reg: Any, version: str, what: str, how: str) -> None:
+    """An event in the version's rollout history, and its model card (``ml.card``) again."""
+    try:
+        reg.update_card(version, (what, how))
+    except Exception as exc:  # only bookkeeping: the rollout's own outcome stands
+        log.warning("model card of v%s not updated: %s", version, exc)
+
+
+def _clear_tags(reg: Any, version: str, keys: set[str]) -> None:
+    for key in sorted(keys):
         try:
             reg.client.delete_model_version_tag(reg.name, version, key)
         except Exception as exc:  # only bookkeeping
@@ -445,10 +515,6 @@ def _judged_here(reg: Any, request: Request) -> tuple[str, str] | None:
         if tags.get(FAILED_BY_TAG) == request.run_id and FAILED_TAG in tags:
             return str(version), tags[FAILED_TAG]
     return None
-
-
-def _failure_tags(tags: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in tags.items() if k in (FAILED_TAG, FAILED_BY_TAG)}
 
 
 def _stamp(request: Request, target: Target) -> str:
@@ -491,127 +557,3 @@ def run_request(
         request = Request.from_dict(request)
     target = make_target(deploy, tracking_uri=tracking_uri)
     return run(request, target, registry, tracking_uri=tracking_uri).to_dict()
-
-
-# -- observing (reconcile, deploy_model's quick check) -------------------------------------------
-
-
-def observe_live(deploy: Any, *, tracking_uri: str) -> Live:
-    """What is live, seen from an Airflow worker (local: the target; kubernetes: HTTP)."""
-    if deploy.target == "local":
-        from serving.deploy.local import LocalTarget
-
-        return LocalTarget(deploy, tracking_uri).live()
-    from serving.deploy.verify import Endpoint
-
-    try:
-        with Endpoint(deploy.endpoint_url, timeout_s=10.0) as endpoint:
-            healthy = endpoint.ping()
-            return Live(endpoint.served_version(), healthy, deploy.endpoint_url)
-    except EndpointUnreachable as exc:
-        return Live(None, False, str(exc))
-
-
-def reconcile_report(
-    registry: RegistrySettings, deploy: Any, *, tracking_uri: str
-) -> dict[str, Any]:
-    """Does the endpoint serve what ``@champion`` names, and does it answer?
-
-    ``converge`` is True when a rollout of ``@champion`` should run: the alias exists, and
-    what is live is another version or not healthy, and the version has not already failed
-    verification (that one waits for a person: promote it again or deploy it by hand).
-    """
-    from ml.registry import Registry
-
-    champion = Registry(tracking_uri, registry).champion()
-    live = observe_live(deploy, tracking_uri=tracking_uri)
-    alias = registry.champion_alias
-    report: dict[str, Any] = {
-        "alias": alias,
-        "alias_version": champion.version if champion else None,
-        "live_version": live.version,
-        "healthy": live.healthy,
-        "detail": live.detail,
-        "converge": False,
-    }
-    if champion is None:
-        report["reason"] = f"no @{alias}: nothing to converge to"
-    elif FAILED_TAG in champion.tags:
-        report["reason"] = (
-            f"@{alias} names v{champion.version}, which failed verification "
-            f"({champion.tags[FAILED_TAG][:200]}); not retrying automatically"
-        )
-    elif live.version == champion.version and live.healthy:
-        report["reason"] = "in sync"
-    else:
-        report["converge"] = True
-        state = "healthy" if live.healthy else f"not healthy: {live.detail}"
-        report["reason"] = f"@{alias} names v{champion.version}; live: {_v(live.version)} ({state})"
-    log.info("Reconcile: %s", report["reason"])
-    return report
-
-
-def request_for_deploy_model(
-    *,
-    version: int | str | None,
-    reason: str,
-    retry_failed: bool,
-    events: list[Mapping[str, Any]],
-    run_id: str | None,
-    deploy: Any,
-    registry: RegistrySettings,
-    tracking_uri: str,
-) -> dict[str, Any]:
-    """``deploy_model``'s first step: the rollout request (JSON), or None when all is in sync.
-
-    A manual version is always rolled out. Otherwise the request is "whatever @champion names
-    when the rollout runs"; only the one cheap case is settled here, outside the rollout slot:
-    @champion already live and healthy (the echo of the pipeline's own promotion, or a
-    reconcile that raced a rollout). Skipping then is safe: nothing would change.
-    """
-    from ml.registry import Registry
-
-    for event in events:
-        log.info(
-            "Triggered by %s: @%s -> v%s (delivery %s)",
-            event.get("source", "an asset event"),
-            event.get("alias"),
-            event.get("version"),
-            event.get("delivery_id"),
-        )
-    if version is not None and str(version).strip():
-        request = Request(
-            kind="version",
-            version=str(version).strip(),
-            reason=reason or f"deploy_model run {run_id}: version {version} by hand",
-            run_id=run_id,
-        )
-        return {"request": request.to_json(), "why": "a version was given"}
-    promoted = bool(events)
-    request = Request(
-        kind="champion",
-        reason=reason
-        or (f"promotion in the registry ({len(events)} event(s))" if promoted else "by hand"),
-        run_id=run_id,
-        # A person moving the alias (or triggering by hand) asks again; reconcile does not.
-        retry_failed=retry_failed,
-    )
-    champion = Registry(tracking_uri, registry).champion()
-    if champion is not None:
-        request = Request(**{**request.to_dict(), "champion_at_request": champion.version})
-    live = observe_live(deploy, tracking_uri=tracking_uri)
-    if champion is not None and live.version == champion.version and live.healthy:
-        log.info(
-            "@%s v%s is live and healthy: nothing to roll out",
-            registry.champion_alias,
-            champion.version,
-        )
-        return {"request": None, "why": "in sync"}
-    log.info(
-        "@%s names %s; live: %s (%s): rolling out",
-        registry.champion_alias,
-        _v(champion.version if champion else None),
-        _v(live.version),
-        "healthy" if live.healthy else live.detail,
-    )
-    return {"request": request.to_json(), "why": "out of sync"}

@@ -29,14 +29,31 @@ TRAIN_AND_DEPLOY_EDGES = {
     ("evaluate", "gate"),
     ("register", "gate"),
     ("register", "not_deployed"),
-    # gate returns the decision, the route and the rollout request; deploy_or_not routes.
+    # gate returns the decision, the route, the rollout request and what the approval asks;
+    # deploy_or_not routes to not_deployed or approval, which routes to the target's rollout.
     ("gate", "deploy_or_not"),
     ("gate", "not_deployed"),  # the gate's summary
+    ("gate", "approval"),  # what it asks
     ("gate", "rollout_local"),  # the gate's request
     ("gate", "rollout_kubernetes"),  # the gate's request
     ("deploy_or_not", "not_deployed"),
-    ("deploy_or_not", "rollout_local"),
-    ("deploy_or_not", "rollout_kubernetes"),
+    ("deploy_or_not", "approval"),
+    ("approval", "rollout_local"),
+    ("approval", "rollout_kubernetes"),
+}
+GATE_NEW_VERSION_EDGES = {
+    ("versions", "judge"),
+    ("load_window", "judge"),
+    ("judge", "decide"),  # one per version, mapped
+    ("decide", "deploy_or_not"),
+    ("decide", "not_deployed"),
+    ("decide", "approval"),
+    ("decide", "rollout_local"),
+    ("decide", "rollout_kubernetes"),
+    ("deploy_or_not", "not_deployed"),
+    ("deploy_or_not", "approval"),
+    ("approval", "rollout_local"),
+    ("approval", "rollout_kubernetes"),
 }
 # The same with training in a pod: the pod returns nothing through XCom (no sidecar), the
 # task after it reads the run's result from MLflow and hands it on.
@@ -105,11 +122,69 @@ def test_train_and_deploy_graph(dagbag):
     assert dag.timetable.timetable.expression == "0 2 * * *"  # + drift asset: test_monitor_drift
     assert _edges(dag) == TRAIN_AND_DEPLOY_EDGES
     # The decisions are plain tasks returning TaskFlow values; only the branch tasks route.
-    for task_id in ("train_or_not", "deploy_or_not"):
+    for task_id in ("train_or_not", "deploy_or_not", "approval"):
         assert isinstance(dag.get_task(task_id), BranchMixIn), task_id
     for task_id in ("unchanged_check", "gate"):
         assert not isinstance(dag.get_task(task_id), BranchMixIn), task_id
     assert dag.get_task("gate").multiple_outputs is True
+
+
+def test_gate_new_version_graph_and_schedule(dagbag):
+    from airflow.sdk import Asset
+
+    from serving.deploy.assets import version_asset
+
+    dag = dagbag.dags["gate_new_version"]
+    assert _edges(dag) == GATE_NEW_VERSION_EDGES
+    assert dag.schedule == Asset(**version_asset("regression-model"))
+    assert dag.is_paused_upon_creation is False  # a notebook's version is judged at once
+    assert isinstance(dag.get_task("deploy_or_not"), BranchMixIn)
+    assert dag.get_task("decide").multiple_outputs is True
+
+
+def test_versions_are_the_events_or_the_param(dagbag):
+    """Of an asset-triggered run: every version its events name, oldest first; a manual
+    run: the ``version`` Param."""
+    from types import SimpleNamespace
+
+    dag = dagbag.dags["gate_new_version"]
+    task = dag.get_task("versions")
+    params = {name: dag.params[name] for name in dag.params}
+    events = {"asset": [SimpleNamespace(extra={"version": v}) for v in ("12", "9", "12")]}
+    run = SimpleNamespace(conf={})
+    got = task.python_callable(dag=dag, dag_run=run, params=params, triggering_asset_events=events)
+    assert got == ["9", "12"]
+    by_hand = task.python_callable(dag=dag, dag_run=run, params=params | {"version": 4})
+    assert by_hand == ["4"]
+
+
+def test_decide_rolls_out_the_newest_version_that_passed(dagbag, monkeypatch):
+    from serving.deploy.rollout import Request
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    dag = dagbag.dags["gate_new_version"]
+    params = {name: dag.params[name] for name in dag.params}
+
+    def judged(version: str, passed: bool) -> dict:
+        decision = {"passed": passed, "summary": "approved" if passed else "rejected: worse"}
+        return {"version": version, "decision": decision, "evaluation": {"champion_version": "2"}}
+
+    decide = dag.get_task("decide").python_callable
+    got = decide(
+        [judged("5", True), judged("7", False), judged("4", True)],
+        dag=dag, params=params, run_id="asset_triggered__1",
+    )  # fmt: skip
+    assert got["route"] == "approval" and got["summary"].startswith("v4 approved; v5 approved")
+    request = Request.from_dict(got["request"])
+    assert (request.kind, request.version, request.champion_at_eval) == ("candidate", "5", "2")
+    assert got["ask"] == {
+        "required": False,
+        "route": "rollout_local",
+        "version": "5",
+        "timeout_s": 86_400,
+    }
+    none = decide([judged("7", False)], dag=dag, params=params, run_id="asset_triggered__1")
+    assert (none["route"], none["request"], none["ask"]) == ("not_deployed", None, None)
 
 
 def test_io_steps_retry_with_backoff_and_bad_data_fails_fast(dagbag):
@@ -144,12 +219,17 @@ def test_every_rollout_task_of_every_dag_runs_in_the_one_rollout_pool(dagbag):
         ("train_and_deploy", "rollout_kubernetes"),
         ("deploy_model", "rollout_local"),
         ("deploy_model", "rollout_kubernetes"),
+        ("gate_new_version", "rollout_local"),
+        ("gate_new_version", "rollout_kubernetes"),
     }
     for key, task in in_pool.items():
         # Retried (a fault marks nothing); a verdict or a refusal fails without retry.
         assert task.retries >= 1, key
-    # The routing branch is not a rollout: it holds no rollout slot.
+    # The routing branch is not a rollout: it holds no rollout slot, nor does an approval,
+    # which waits for a person (awaiting_input holds no pool slot in any case).
     assert dagbag.dags["deploy_model"].get_task("rollout_or_not").pool != pool
+    for dag_id in ("train_and_deploy", "gate_new_version"):
+        assert dagbag.dags[dag_id].get_task("approval").pool != pool
     # Nothing in any DAG runs because another task failed: no rollback-on-failure task that
     # could take an infrastructure hiccup for a verdict on a model.
     for dag in dagbag.dags.values():
@@ -169,7 +249,7 @@ def _gate_request(dag, monkeypatch) -> dict:
     monkeypatch.setattr(ml.pipeline, "gate", lambda *a, **k: {"passed": True, "summary": "ok"})
     params = {name: dag.params[name] for name in dag.params} | {"deploy_target": "kubernetes"}
     return dag.get_task("gate").python_callable(
-        {"version": "7"}, {"champion_version": "6"}, params=params, run_id="manual__'x'"
+        {"version": "7"}, {"champion_version": "6"}, dag=dag, params=params, run_id="manual__'x'"
     )
 
 
@@ -195,7 +275,8 @@ def test_the_rollout_pod_receives_the_request_the_deciding_task_returned(dagbag,
         "train_and_deploy": ("gate", _gate_request(dagbag.dags["train_and_deploy"], monkeypatch)),
         "deploy_model": ("request", _deploy_model_request(dagbag.dags["deploy_model"])),
     }
-    assert decided["train_and_deploy"][1]["route"] == "rollout_kubernetes"
+    assert decided["train_and_deploy"][1]["route"] == "approval"
+    assert decided["train_and_deploy"][1]["ask"]["route"] == "rollout_kubernetes"
     assert decided["deploy_model"][1]["route"] == "rollout_kubernetes"
     for dag_id, (source, returned) in decided.items():
         dag = dagbag.dags[dag_id]
@@ -226,7 +307,7 @@ def test_the_rollout_pod_s_verdict_and_refusal_exit_codes_are_final(dagbag):
     (refused); the training pod is an ordinary KubernetesPodOperator."""
     from _pod_operators import RolloutPodOperator
 
-    for dag_id in ("train_and_deploy", "deploy_model"):
+    for dag_id in ("train_and_deploy", "deploy_model", "gate_new_version"):
         assert isinstance(dagbag.dags[dag_id].get_task("rollout_kubernetes"), RolloutPodOperator)
 
 
@@ -243,6 +324,7 @@ def test_trigger_form_params_are_typed_and_documented(dagbag):
         "min_r2": "number",
         "max_regression": "number",
         "force_deploy": "boolean",
+        "require_approval": "boolean",
         "force_retrain": "boolean",
         "deploy_target": "string",
     }
@@ -462,6 +544,7 @@ def test_every_pod_of_every_dag_validates_for_three_kubernetes_minors(
         ("load_window", "return_value"): {"start": "2026-03-01", "partitions": []},
         ("gate", "request"): request,
         ("request", "request"): request,
+        ("decide", "request"): request,
     }
     pods = {}
     for bag in (dagbag, dagbag_training_in_pod):
@@ -475,6 +558,7 @@ def test_every_pod_of_every_dag_validates_for_three_kubernetes_minors(
         ("train_and_deploy", "train"),
         ("train_and_deploy", "rollout_kubernetes"),
         ("deploy_model", "rollout_kubernetes"),
+        ("gate_new_version", "rollout_kubernetes"),
     } <= set(pods)
     for key, pod in pods.items():
         for version in newest_minors():

@@ -67,10 +67,10 @@ def _request(dag, monkeypatch, live, **params):
     """deploy_model's ``request`` task, run as its function with a stubbed registry and
     endpoint: what it returns (request JSON or None, why, route)."""
     import ml.registry
-    import serving.deploy.rollout as rollout
+    import serving.deploy.sync as sync
 
     monkeypatch.setattr(ml.registry, "Registry", _Registry)
-    monkeypatch.setattr(rollout, "observe_live", lambda deploy, *, tracking_uri: live)
+    monkeypatch.setattr(sync, "observe_live", lambda deploy, *, tracking_uri: live)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     values = {name: dag.params[name] for name in dag.params} | params
     return dag.get_task("request").python_callable(
@@ -228,9 +228,9 @@ def test_reconcile_graph_and_schedule(dags):
 def test_reconcile_check_returns_deploy_model_s_conf_or_none(dags, monkeypatch, report, conf):
     """None skips the trigger (short circuit); otherwise deploy_model's conf, which its own
     Params accept: reconcile never retries a verdict (retry_failed false)."""
-    import serving.deploy.rollout as rollout
+    import serving.deploy.sync as sync
 
-    monkeypatch.setattr(rollout, "reconcile_report", lambda *a, **k: report)
+    monkeypatch.setattr(sync, "reconcile_report", lambda *a, **k: report)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     check = dags["reconcile_deployment"].get_task("check")
     returned = check.python_callable()

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.te
 
 TRAIN_PARAMS = (
     "batch_size, data_end_date, data_window_days, deploy_target, epochs, force_deploy, "
-    "force_retrain, learning_rate, max_regression, max_rmse, min_r2"
+    "force_retrain, learning_rate, max_regression, max_rmse, min_r2, require_approval"
 )
 DEPLOY_PARAMS = "deploy_target, reason, retry_failed, version"
 

@@ -36,8 +36,12 @@ class Noisy(PythonModel):
         return np.random.default_rng().normal(size=len(model_input))
 
 
-def log_version(model: PythonModel, registered_name: str) -> str:
-    """Log ``model`` in a new run of the active experiment and register it; returns the version."""
+def log_version(model: PythonModel, registered_name: str, *, gated: bool = True) -> str:
+    """Log ``model`` in a new run of the active experiment and register it; returns the version.
+
+    ``gated``: tagged as a version whose gate passed (``gate.passed``), which the rollout
+    path requires before it puts a version live (``ml.gate.uncleared``).
+    """
     import cloudpickle
     import mlflow
 
@@ -51,4 +55,5 @@ def log_version(model: PythonModel, registered_name: str) -> str:
             input_example=example(),
             pip_requirements=["mlflow"],  # skips requirement inference (~5 s a model)
         )
-    return str(mlflow.register_model(info.model_uri, registered_name).version)
+    tags = {"gate.passed": "true"} if gated else None
+    return str(mlflow.register_model(info.model_uri, registered_name, tags=tags).version)

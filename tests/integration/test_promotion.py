@@ -25,118 +25,39 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import free_port
 from tests.integration.conftest import xcom as _xcom
-from tests.plugins.conftest import asset_events, clear_queue, queued_for, sync_dags_to_db
-from tests.processes import wait_http
+from tests.integration.registry_stack import registry_stack
+from tests.plugins.conftest import asset_events, clear_queue, queued_for
 
 pytestmark = pytest.mark.integration
 
 MODEL = "it-promo-model"
 ASSET_URI = f"mlflow://models/{MODEL}/aliases/champion"
 SECRET = uuid.uuid4().hex
-WEIGHTS = {"1": [1.0, 2.0, 3.0], "2": [-1.0, 0.5, 2.0], "3": [0.25, 0.25, 4.0]}
-BIN = Path(sys.executable).parent
-
-
-CLIENT_MLFLOW_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+WEIGHTS = {
+    "1": [1.0, 2.0, 3.0],
+    "2": [-1.0, 0.5, 2.0],
+    "3": [0.25, 0.25, 4.0],
+    "5": [2.0, -1.0, 0.5],  # registered by hand, never gated
+}
 
 
 @pytest.fixture(scope="module")
 def stack(airflow_db, tmp_path_factory):
-    from mlflow import MlflowClient
-
-    from scripts.stack import WEBHOOK_PATH, mlflow_webhook_env, register_mlflow_webhook
-    from scripts.stacklib.processes import spawn
+    from scripts.stack import WEBHOOK_PATH, register_mlflow_webhook
 
     root = tmp_path_factory.mktemp("promotion")
-    mlflow_port, api_port = free_port(), free_port()
-    front, slot_a, slot_b = free_port(), free_port(), free_port()
-    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
-
-    # MLflow: the webhook settings scripts/stack.py gives the local server.
-    # A server never inherits a client-side MLflow URI left behind by earlier tests.
-    env = {k: v for k, v in os.environ.items() if k not in CLIENT_MLFLOW_URIS}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    env.update(mlflow_webhook_env(root))
-    env["MLFLOW_WEBHOOK_CACHE_TTL"] = "1"  # the webhook is created after the server started
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    server = [
-        str(BIN / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--serve-artifacts", "--host", "127.0.0.1", "--port", str(mlflow_port),
-        "--workers", "1",
-    ]  # fmt: skip
-    mp = pytest.MonkeyPatch()
-    for key, value in {
-        "AIRFLOW_CONN_MLFLOW_DEFAULT": mlflow_url,
-        "MLFLOW_TRACKING_URI": mlflow_url,
-        "MLFLOW_REGISTRY_URI": mlflow_url,  # deploy steps set it process-wide: undone at the end
-        "PIPELINE_REGISTRY_MODEL_NAME": MODEL,
-        "PIPELINE_DEPLOY_TARGET": "local",
-        "PIPELINE_DEPLOY_LOCAL_PORT": str(front),
-        "PIPELINE_DEPLOY_LOCAL_SLOT_PORTS": f"{slot_a},{slot_b}",
-        "PIPELINE_DEPLOY_LOCAL_STATE_DIR": str(root / "serving"),
-        "PIPELINE_DEPLOY_HEALTH_TIMEOUT_S": "120",
-        "PIPELINE_WEBHOOK_SECRET": SECRET,
-    }.items():
-        mp.setenv(key, value)
-    # Earlier tests may have pointed MLflow's process-wide registry URI at their own server.
-    from ml.registry import use_mlflow
-
-    use_mlflow(mlflow_url)
-    api_url = f"http://127.0.0.1:{api_port}"
-    procs = []
-    try:
-        # Both servers boot in parallel; the plugin reads the DB per request, not at start.
-        procs.append(mlflow_proc := spawn(server, env, root / "mlflow.log"))
-        api_cmd = [str(BIN / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(api_port)]
-        api_env = {**os.environ, "AIRFLOW__API__WORKERS": "1"}
-        procs.append(api_proc := spawn(api_cmd, api_env, root / "api-server.log"))
-        # What the DAG processor does: deploy_model (and its asset) into the metadata DB.
-        sync_dags_to_db()
-        clear_queue()
-        wait_http(f"{mlflow_url}/health", mlflow_proc, root / "mlflow.log")
-        _register_versions(mlflow_url)
-        wait_http(f"{api_url}/registry-events/", api_proc, root / "api-server.log")
-        described = httpx.get(f"{api_url}/registry-events/").json()
-        assert described["watching"] == {"model": MODEL, "alias": "champion"}
-
-        hook_url = f"{api_url}{WEBHOOK_PATH}"
-        first = register_mlflow_webhook(mlflow_url, hook_url, SECRET)
-        # MLflow's own signed test delivery reached the plugin, which ignored the example model.
-        assert first["test_ok"] and '"ignored"' in first["test_body"], first
+    with registry_stack(root, MODEL, SECRET, prepare=_register_versions) as stack:
         # Idempotent: registering again (every `make run`) updates the same webhook.
-        assert register_mlflow_webhook(mlflow_url, hook_url, SECRET)["test_ok"]
-        client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
-        assert len(client.list_webhooks()) == 1
-
-        yield {
-            "root": root,
-            "mlflow": mlflow_url,
-            "client": client,
-            "endpoint": f"http://127.0.0.1:{front}",
-        }
-    finally:
-        from serving.deploy.local import LocalTarget, stop_group
-        from serving.deploy.settings import DeploySettings
-
-        LocalTarget(DeploySettings(), mlflow_url).stop_all()
-        import mlflow
-
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-        mp.undo()
-        for proc in reversed(procs):
-            stop_group(proc.pid, timeout_s=20)
-            proc.wait(timeout=10)
+        hook_url = f"{stack['airflow']}{WEBHOOK_PATH}"
+        assert register_mlflow_webhook(stack["mlflow"], hook_url, SECRET)["test_ok"]
+        assert len(stack["client"].list_webhooks()) == 1
+        yield stack
 
 
 def _register_versions(mlflow_url: str) -> None:
@@ -149,6 +70,7 @@ def _register_versions(mlflow_url: str) -> None:
     models = [Linear(WEIGHTS["1"]), Linear(WEIGHTS["2"]), Linear(WEIGHTS["3"]), Noisy()]
     for number, model in enumerate(models, start=1):
         assert log_version(model, MODEL) == str(number)
+    assert log_version(Linear(WEIGHTS["5"]), MODEL, gated=False) == "5"
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -469,8 +391,8 @@ def _served_version(stack) -> str | None:
 def _reconcile_report(stack) -> dict:
     """What reconcile's check sees (its report: logged, not returned)."""
     from ml.settings import RegistrySettings
-    from serving.deploy.rollout import reconcile_report
     from serving.deploy.settings import DeploySettings
+    from serving.deploy.sync import reconcile_report
 
     return reconcile_report(RegistrySettings(), DeploySettings(), tracking_uri=stack["mlflow"])
 
@@ -496,3 +418,54 @@ def _run_state(dag_id: str, run_id: str) -> str | None:
             select(DagRun.state).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)
         )
     return str(state) if state is not None else None
+
+
+# -- the rule of production: a passed gate, or a person's `force` reason -------------------------
+
+
+def test_a_hand_promotion_of_an_ungated_version_is_refused_and_the_alias_put_back(stack):
+    assert _live() == "2" and _champion(stack) == "2"
+    before = len(asset_events(ASSET_URI))
+    stack["client"].set_registered_model_alias(MODEL, "champion", "5")
+    _wait_for_event("5", before)
+    report = _reconcile_report(stack)
+    assert report["uncleared"] == "it was never gated (no gate.passed tag)", report
+    assert report["converge"] is True  # its rollout refuses v5 and puts the alias back
+
+    dag_run = _dag("deploy_model").test()
+    states = _states(dag_run)
+    assert str(dag_run.state) == "failed", states
+    assert states["rollout_local"] == "failed"  # refused: final, not retried
+    assert _live() == "2" and _champion(stack) == "2"
+    _served_predictions_match(stack, "2")
+    refused = stack["client"].get_model_version(MODEL, "5").tags
+    assert "never gated" in refused["rollout.refused"] and "`force`" in refused["rollout.refused"]
+    assert "rollout.verified" not in refused
+    # Putting the alias back is a promotion too: its run finds v2 live and does nothing.
+    _wait_for_event("2", before + 1)
+    assert _states(_dag("deploy_model").test())["in_sync"] == "success"
+
+    # A deploy by version number is refused the same way; nothing moves.
+    by_hand = _dag("deploy_model").test(run_conf={"version": 5})
+    assert _states(by_hand)["rollout_local"] == "failed"
+    assert _live() == "2" and _champion(stack) == "2"
+    clear_queue()
+
+
+def test_with_a_force_reason_it_goes_live_and_the_reason_is_recorded(stack):
+    reason = "INC-7: v2 misprices winter load; v5 hand-checked by the on-call"
+    stack["client"].set_model_version_tag(MODEL, "5", "force", reason)
+    before = len(asset_events(ASSET_URI))
+    stack["client"].set_registered_model_alias(MODEL, "champion", "5")
+    _wait_for_event("5", before)
+
+    dag_run = _dag("deploy_model").test()
+    assert str(dag_run.state) == "success", _states(dag_run)
+    assert _live() == "5" and _champion(stack) == "5"
+    _served_predictions_match(stack, "5")
+    tags = stack["client"].get_model_version(MODEL, "5").tags
+    assert tags["rollout.forced"] == reason and tags["rollout.verified"]
+    assert "rollout.refused" not in tags  # cleared once it went live
+    assert reason in _xcom(dag_run, "rollout_local")["reason"]
+    assert _reconcile_report(stack)["uncleared"] is None
+    clear_queue()

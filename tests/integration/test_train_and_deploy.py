@@ -104,7 +104,10 @@ def test_first_run_trains_registers_deploys_and_promotes(stack, first_run):
     assert states["not_deployed"] == "skipped"
     # The gate's values: its decision, the route the branch took, the request the rollout ran.
     assert _xcom(first_run, "gate", key="passed") is True
-    assert _xcom(first_run, "gate", key="route") == "rollout_local"
+    assert _xcom(first_run, "gate", key="route") == "approval"
+    # Approval not required (the default): the approval task routes straight to the rollout.
+    assert _xcom(first_run, "gate", key="ask")["required"] is False
+    assert states["approval"] == "success"
     request = Request.from_dict(_xcom(first_run, "gate", key="request"))
     assert (request.kind, request.version, request.run_id) == ("candidate", "1", first_run.run_id)
     assert request.champion_at_eval is None  # no @champion to compare with then
@@ -129,6 +132,11 @@ def test_first_run_trains_registers_deploys_and_promotes(stack, first_run):
     assert outcome["status"] == "rolled_out" and outcome["champion"] == "1"
     assert outcome["verification"]["rows_from"] == f"logged with run {version.run_id}"
     assert version.tags["rollout.verified"]
+    # Its model card: data window, digest, code version, the gate, the rollout history.
+    card = version.description
+    assert f"`train_and_deploy` run `{first_run.run_id}`" in card
+    assert version.tags["data_digest"][:16] in card and version.tags["code_version"] in card
+    assert "**Gate**: passed" in card and "| live | on local: train_and_deploy run" in card
 
     from mlflow.models import Model
 

@@ -28,8 +28,10 @@ def test_render_names_versions_scores_and_per_kind_thresholds():
         drift_scores={"temperature_c": 0.12, "__target__": 0.9},
         drift_retrain=True,
         drift_checked_at_s=1_800_000_000.0,
+        champion=("4", True),
     )
     got = samples(render(snapshot, "m", DriftSettings(target_psi=0.5)))
+    assert got[("pipeline_champion_uncleared", (("model", "m"), ("version", "4")))] == 1.0
     assert got[("mlflow_registry_up", ())] == 1.0
     assert got[("mlflow_registry_alias_version", (("alias", "champion"), ("model", "m")))] == 4.0
     assert got[("mlflow_registry_alias_version", (("alias", "challenger"), ("model", "m")))] == 5.0
@@ -70,6 +72,9 @@ def test_reads_the_aliases_and_the_newest_drift_run(mlflow_store, tmp_path):
 
     snapshot = read_snapshot(mlflow_store, SETTINGS)
     assert snapshot.up and snapshot.aliases == {"champion": "2"}
+    assert snapshot.champion == ("2", True)  # never gated, no force reason
+    client.set_model_version_tag(SETTINGS.model_name, "2", "gate.passed", "true")
+    assert read_snapshot(mlflow_store, SETTINGS).champion == ("2", False)
     assert snapshot.drift_scores == {"__target__": 0.7}
     assert snapshot.drift_retrain is True and snapshot.drift_checked_at_s > 1.7e9
 

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from tests.conftest import free_port
 from tests.plugins.conftest import asset_events, clear_queue, queued_for, sync_dags_to_db
 
 # Starlette's TestClient warns that it will move to httpx2; irrelevant here.
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.te
 SECRET = "test-webhook-secret-" + uuid.uuid4().hex
 MODEL = "regression-model"
 ASSET_URI = f"mlflow://models/{MODEL}/aliases/champion"
+VERSIONS_URI = f"mlflow://models/{MODEL}/versions"
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +216,7 @@ def test_malformed_requests_get_400_and_record_nothing(client, body, headers, st
     [
         (payload(alias="challenger"), "not watched"),
         (payload(name="someone-elses-model"), "not watched"),
-        (payload(entity="model_version"), "model_version.created is not watched"),
+        (payload(entity="registered_model"), "registered_model.created is not watched"),
     ],
     ids=["other-alias", "other-model", "other-event"],
 )
@@ -341,3 +343,73 @@ def test_a_garbled_content_length_is_refused_unread(asgi_post, declared):
     assert response.status_code == 400, response.text
     assert "Content-Length" in response.json()["error"]
     assert body.consumed == 0
+
+
+# -- versions registered outside the pipeline; approvals answered with a tag -------------------
+
+
+def version_created(version="12", tags=None, name=MODEL) -> bytes:
+    # The shape of mlflow.webhooks.types.ModelVersionCreatedPayload.
+    data = {"name": name, "version": version, "source": "models:/m-1", "run_id": "r1",
+            "tags": tags or {}, "description": None}  # fmt: skip
+    return json.dumps({"entity": "model_version", "action": "created", "data": data}).encode()
+
+
+def tag_set(key, value, version="12") -> bytes:
+    data = {"name": MODEL, "version": version, "key": key, "value": value}
+    return json.dumps({"entity": "model_version_tag", "action": "set", "data": data}).encode()
+
+
+def test_a_version_registered_outside_the_pipeline_queues_gate_new_version(client):
+    before, promotions = len(asset_events(VERSIONS_URI)), asset_events(ASSET_URI)
+    body = version_created(tags={"airflow_run_id": "not-a-run-of-this-airflow"})
+    response = post(client, body, signed_headers(body))
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "recorded"
+    events = asset_events(VERSIONS_URI)
+    assert len(events) == before + 1 and events[-1]["version"] == "12"
+    assert queued_for(VERSIONS_URI) == ["gate_new_version"]
+    assert asset_events(ASSET_URI) == promotions  # no promotion recorded
+
+
+def test_a_version_an_airflow_run_registered_is_left_to_that_run(client):
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.types import DagRunType
+
+    with create_session() as session:
+        session.add(
+            DagRun(dag_id="train_and_deploy", run_id="it__registers", run_type=DagRunType.MANUAL)
+        )
+    before = asset_events(VERSIONS_URI)
+    tags = {"airflow_dag_id": "train_and_deploy", "airflow_run_id": "it__registers"}
+    body = version_created(tags=tags)
+    response = post(client, body, signed_headers(body))
+    assert response.json()["status"] == "ignored"
+    assert "registered by train_and_deploy run it__registers" in response.json()["reason"]
+    assert asset_events(VERSIONS_URI) == before and queued_for(VERSIONS_URI) == []
+    other = version_created(name="someone-elses-model")
+    assert post(client, other, signed_headers(other)).json()["status"] == "ignored"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("gate.passed", "true", "answers no approval"),
+        ("approval", "maybe", "answer approved or rejected"),
+    ],
+)
+def test_tags_that_answer_nothing_are_ignored_without_asking_mlflow(client, key, value, reason):
+    body = tag_set(key, value)
+    response = post(client, body, signed_headers(body))
+    assert response.status_code == 200 and response.json()["status"] == "ignored"
+    assert reason in response.json()["reason"]
+
+
+def test_an_approval_tag_while_mlflow_is_down_is_retried_by_mlflow(client, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    body = tag_set("approval", "approved")
+    response = post(client, body, signed_headers(body))
+    assert response.status_code == 503, response.text  # MLflow delivers it again
+    assert "cannot read v12" in response.json()["error"]

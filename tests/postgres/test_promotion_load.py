@@ -412,7 +412,11 @@ def stack(postgres, request, tmp_path_factory) -> Iterator[dict[str, Any]]:
         _progress("API server answers")
 
         relay = Relay(f"{api_url}/registry-events/mlflow-webhook", TWIN_EVERY)
-        hook = register_mlflow_webhook(mlflow_url, relay.url, SECRET)
+        # Alias moves only: the deliveries counted here are the promotions (the rollouts'
+        # own tag writes would be deliveries of model_version_tag.set too).
+        hook = register_mlflow_webhook(
+            mlflow_url, relay.url, SECRET, events=["model_version_alias.created"]
+        )
         hook_id = hook["webhook_id"]
         assert hook["test_ok"] and '"ignored"' in hook["test_body"], hook
         time.sleep(1.5)  # MLFLOW_WEBHOOK_CACHE_TTL=1: both MLflow workers see the webhook

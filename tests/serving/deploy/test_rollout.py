@@ -10,16 +10,25 @@ HEALTHY_1 = Live("1", True)
 HEALTHY_2 = Live("2", True)
 DOWN_2 = Live("2", False, "the model server on port 5011 is down")
 NOTHING = Live(None, False, "nothing deployed")
-FAILED_EARLIER = {FAILED_TAG: "first at row 0: endpoint 1.0, expected 2.0", FAILED_BY_TAG: "run-a"}
+# The tags of a version whose gate passed (the gate writes gate.passed and more).
+GATED = {"gate.passed": "true"}
+FAILED_EARLIER = {
+    **GATED,
+    FAILED_TAG: "first at row 0: endpoint 1.0, expected 2.0",
+    FAILED_BY_TAG: "run-a",
+}
+REJECTED = {"gate.passed": "false", "gate.reasons": "holdout RMSE 3.2 > bar 3"}
+FORCED = {**REJECTED, "force": "INC-42: v2 answers nonsense, v3 is the lesser evil"}
 
 CASES = [
-    # (name, request, champion, live, failed tags of the target, expected action, version, promote)
+    # (name, request, champion, live, the target version's tags, expected action, version,
+    # promote)
     (
         "nightly candidate, champion unchanged since evaluation",
         Request("candidate", "3", champion_at_eval="2"),
         "2",
         HEALTHY_2,
-        {},
+        GATED,
         "deploy",
         "3",
         True,
@@ -29,7 +38,7 @@ CASES = [
         Request("candidate", "1", champion_at_eval=None),
         None,
         NOTHING,
-        {},
+        GATED,
         "deploy",
         "1",
         True,
@@ -39,7 +48,7 @@ CASES = [
         Request("candidate", "3", champion_at_eval="1"),
         "2",
         HEALTHY_2,
-        {},
+        GATED,
         "skip",
         "3",
         False,
@@ -49,7 +58,7 @@ CASES = [
         Request("candidate", "3", champion_at_eval="2"),
         "2",
         Live("3", True),
-        {},
+        GATED,
         "check",
         "3",
         True,
@@ -59,7 +68,7 @@ CASES = [
         Request("champion", retry_failed=True),
         "1",
         HEALTHY_2,
-        {},
+        GATED,
         "deploy",
         "1",
         False,
@@ -69,7 +78,7 @@ CASES = [
         Request("champion"),
         "2",
         HEALTHY_2,
-        {},
+        GATED,
         "check",
         "2",
         False,
@@ -79,7 +88,7 @@ CASES = [
         Request("champion"),
         "2",
         DOWN_2,
-        {},
+        GATED,
         "deploy",
         "2",
         False,
@@ -89,12 +98,12 @@ CASES = [
         Request("champion"),
         "2",
         NOTHING,
-        {},
+        GATED,
         "deploy",
         "2",
         False,
     ),
-    ("no @champion at all", Request("champion"), None, NOTHING, {}, "skip", None, False),
+    ("no @champion at all", Request("champion"), None, NOTHING, GATED, "skip", None, False),
     (
         "reconcile does not retry a version that failed verification",
         Request("champion", reason="reconcile: ..."),
@@ -150,24 +159,105 @@ CASES = [
         Request("version", "1"),
         "2",
         HEALTHY_2,
-        {},
+        GATED,
         "deploy",
         "1",
+        True,
+    ),
+    # The invariant: only a version with a passed gate, or a person's `force` reason, goes live.
+    (
+        "hand promotion of a version that was never gated",
+        Request("champion", retry_failed=True),
+        "3",
+        HEALTHY_2,
+        {},
+        "refuse",
+        "3",
+        False,
+    ),
+    (
+        "hand promotion of a version the gate rejected",
+        Request("champion", retry_failed=True),
+        "3",
+        HEALTHY_2,
+        REJECTED,
+        "refuse",
+        "3",
+        False,
+    ),
+    (
+        "...with a force reason on the version",
+        Request("champion", retry_failed=True),
+        "3",
+        HEALTHY_2,
+        FORCED,
+        "deploy",
+        "3",
+        False,
+    ),
+    (
+        "a blank force tag is no reason",
+        Request("champion", retry_failed=True),
+        "3",
+        HEALTHY_2,
+        {**REJECTED, "force": "  "},
+        "refuse",
+        "3",
+        False,
+    ),
+    (
+        "manual deploy of a version that was never gated",
+        Request("version", "3"),
+        "2",
+        HEALTHY_2,
+        {},
+        "refuse",
+        "3",
+        False,
+    ),
+    (
+        "an ungated @champion that is already live is not blessed by a check",
+        Request("champion"),
+        "2",
+        HEALTHY_2,
+        {},
+        "refuse",
+        "2",
+        False,
+    ),
+    (
+        "a version forced past the gate (force_deploy) carries gate.passed",
+        Request("candidate", "3", champion_at_eval="2"),
+        "2",
+        HEALTHY_2,
+        {"gate.passed": "true", "gate.forced": "true"},
+        "deploy",
+        "3",
         True,
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("request_", "champion", "live", "failed", "action", "version", "promote"),
+    ("request_", "champion", "live", "tags", "action", "version", "promote"),
     [case[1:] for case in CASES],
     ids=[case[0] for case in CASES],
 )
-def test_plan(request_, champion, live, failed, action, version, promote):
-    decided = plan(request_, champion=champion, live=live, failed=failed)
+def test_plan(request_, champion, live, tags, action, version, promote):
+    decided = plan(request_, champion=champion, live=live, tags=tags)
     assert isinstance(decided, Plan)
     assert (decided.action, decided.version, decided.promote) == (action, version, promote)
     assert decided.reason
+
+
+def test_a_forced_plan_carries_the_reason_and_a_refusal_says_what_clears_it():
+    forced = plan(Request("version", "3"), champion="2", live=HEALTHY_2, tags=FORCED)
+    assert forced.forced == FORCED["force"] and FORCED["force"] in forced.reason
+    assert plan(Request("version", "3"), champion="2", live=HEALTHY_2, tags=GATED).forced is None
+    refused = plan(Request("version", "3"), champion="2", live=HEALTHY_2, tags=REJECTED)
+    assert "holdout RMSE 3.2 > bar 3" in refused.reason and "`force`" in refused.reason
+    never = plan(Request("version", "3"), champion="2", live=HEALTHY_2, tags={})
+    assert "never gated" in never.reason
 
 
 def test_a_verdict_of_this_run_fails_its_retry_whatever_is_live_now():

@@ -239,7 +239,9 @@ def _tighten_state() -> None:
 # --- services ------------------------------------------------------------------------------
 
 
-def mlflow_server_argv(artifacts: Path, port: int, host: str = HOST, workers: int = 1) -> list[str]:
+def mlflow_server_argv(
+    artifacts: Path | str, port: int, host: str = HOST, workers: int = 1
+) -> list[str]:
     """`mlflow server` as the stack runs it; the backend store comes from the environment
     (MLFLOW_BACKEND_STORE_URI), so that a database password is not on the command line."""
     return [

@@ -60,11 +60,14 @@ class ObjectStore:
         key, secret = (quote(s, safe="") for s in self.credentials())
         return f"aws://{key}:{secret}@/?endpoint_url={quote(self.endpoint, safe='')}"
 
-    def start(self, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        key, secret = self.credentials()
+    def argv(self) -> list[str]:
         (self.root / "data").mkdir(mode=0o700, parents=True, exist_ok=True)
-        argv = [str(binary()), "server", "--quiet", "--address", f"{self.host}:{self.port}"]
-        server_env = {
+        address = f"{self.host}:{self.port}"
+        return [str(binary()), "server", "--quiet", "--address", address, str(self.root / "data")]
+
+    def server_env(self) -> dict[str, str]:
+        key, secret = self.credentials()
+        return {
             "MINIO_ROOT_USER": key,
             "MINIO_ROOT_PASSWORD": secret,
             "MINIO_BROWSER": "off",
@@ -72,9 +75,10 @@ class ObjectStore:
             "MINIO_REGION": REGION,
             "HOME": str(self.root),  # its client config folder (~/.minio), not the user's
             "PATH": "/usr/bin:/bin",
-            **(env or {}),
         }
-        return spawn([*argv, str(self.root / "data")], server_env, log, cwd=self.root)
+
+    def start(self, log: Path) -> subprocess.Popen:
+        return spawn(self.argv(), self.server_env(), log, cwd=self.root)
 
     def ready(self) -> bool:
         import httpx

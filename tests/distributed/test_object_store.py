@@ -1,10 +1,9 @@
-"""The object store (a real MinIO) holds what the distributed shape shares: the data partitions,
-streamed from ``s3://`` exactly as from a folder, and MLflow's artifacts, through the MLflow
-server's S3 artifact repository (its clients hold no S3 credential)."""
+"""The object store (a real MinIO) holds the data partitions of the distributed shape: streamed
+from ``s3://`` exactly as from a folder. (MLflow's artifacts there: tests/distributed/
+test_celery.py, whose MLflow server keeps them in the same kind of store.)"""
 
 from __future__ import annotations
 
-import os
 import uuid
 from datetime import date
 
@@ -13,7 +12,6 @@ import pytest
 
 from ml import data, pipeline, stream, synthetic
 from ml.settings import DataSettings, with_overrides
-from tests.conftest import free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
@@ -78,54 +76,3 @@ def test_the_synthetic_source_writes_its_partitions_to_the_object_store_once(s3_
     assert synthetic.materialize_synthetic(settings, days) == []  # its listing is not stale
     window = pipeline.load_window(settings, END)
     assert [p["day"] for p in window["partitions"]] == [d.isoformat() for d in days]
-
-
-def test_mlflow_keeps_its_artifacts_in_the_object_store(object_store, tmp_path, monkeypatch):
-    """`mlflow server --artifacts-destination s3://…` as the distributed stack runs it: the
-    server has the store's credentials (MLflow's own variables), the client has none."""
-    import httpx
-    import mlflow
-
-    from scripts.stack import mlflow_server_argv
-    from scripts.stacklib.processes import spawn
-    from serving.deploy.local import stop_group, wait_for
-
-    prefix = f"mlflow-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    env |= object_store.client_env() | {
-        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
-    argv = mlflow_server_argv(f"s3://pipeline/{prefix}", port)
-    proc = spawn(argv, env, tmp_path / "mlflow.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def healthy() -> bool:
-            assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
-            try:
-                return httpx.get(f"{url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_for(healthy, 180, 0.5)
-        for key in [k for k in os.environ if k.startswith("AWS_")]:
-            monkeypatch.delenv(key)
-        mlflow.set_tracking_uri(url)
-        mlflow.set_experiment("object-store")
-        with mlflow.start_run() as run:
-            mlflow.log_dict({"rows": 3}, "evaluation/summary.json")
-        assert mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/evaluation/summary.json") == {
-            "rows": 3
-        }
-        keys = [
-            o["Key"]
-            for o in object_store.client().list_objects_v2(Bucket="pipeline", Prefix=prefix)[
-                "Contents"
-            ]
-        ]
-        assert any(k.endswith(f"{run.info.run_id}/artifacts/evaluation/summary.json") for k in keys)
-    finally:
-        mlflow.set_tracking_uri(None)
-        stop_group(proc.pid, timeout_s=20)

@@ -298,7 +298,7 @@ def _prometheus_up() -> bool:
     data = PROMETHEUS_ROOT / "data"
     data.mkdir(mode=0o700, exist_ok=True)
     argv = prom.prometheus_argv(
-        binary, config_file, data, PROMETHEUS_PORT, retention=PROMETHEUS_RETENTION
+        binary, config_file, data, PROMETHEUS_PORT, HOST, retention=PROMETHEUS_RETENTION
     )
     # Nothing of the stack's environment (secrets included) is any use to it.
     env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"}

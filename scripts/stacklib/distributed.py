@@ -6,9 +6,10 @@ Celery workers each run as a host of their own:
 
 - **its own network namespace** (``ip netns``), joined to the host by a veth pair on a bridge:
   the workers reach the host's services at the bridge address, and nothing at its loopback;
-- **its own system user** (``pipeline-worker-a`` / ``-b``, scripts/install_distributed.sh) and
-  working folder: the scheduler's state folder (``.local/airflow``, its logs, secrets and
-  databases) is its owner's only (0700), so a worker cannot read it;
+- **its own system user** (``pipeline-worker-a`` / ``-b``, scripts/install_distributed.sh),
+  working folder and mount namespace: there the state folder is an empty tmpfs with only the
+  host's own folder bound back, and on disk the scheduler's state (``.local/airflow``, logs,
+  secrets, databases) is root's only (0700/0600): a worker cannot read it;
 - **nothing shared but the broker, the API server and the object store**: no database URL, no
   Airflow Connection in its environment (tasks get them from the API server), the data and
   MLflow's artifacts in the object store (scripts/stacklib/objectstore.py).
@@ -230,7 +231,8 @@ class Shape:
         self.host = self.network.gateway
         port = int(env.get("PIPELINE_OBJECT_STORE_PORT", "19000"))
         self.store = ObjectStore(state / "objectstore", port, self.host)
-        self.redis_port = int(env.get("PIPELINE_self.redis_port", "16379"))
+        self.redis_port = int(env.get("PIPELINE_REDIS_PORT", "16379"))
+        self.settings = env
         self.serving = next(h for h in self.network.hosts() if h.name == SERVING_HOST)
 
     def redis_password(self) -> str:
@@ -271,11 +273,11 @@ set-proc-title no
             "AIRFLOW__API_AUTH__JWT_SECRET": secret("airflow-jwt"),
             "AIRFLOW__API__SECRET_KEY": secret("airflow-api"),
             # A dead worker's task is failed (and retried elsewhere) in seconds, not minutes.
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": os.environ.get(
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": self.settings.get(
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT", "60"
             ),
             "AIRFLOW_CONN_AWS_DEFAULT": self.store.connection_uri(),
-            "PIPELINE_DATA_PATH": os.environ.get("PIPELINE_DATA_PATH", f"s3://{BUCKET}/data"),
+            "PIPELINE_DATA_PATH": self.settings.get("PIPELINE_DATA_PATH", f"s3://{BUCKET}/data"),
             "PIPELINE_DEPLOY_LOCAL_QUEUE": SERVING_QUEUE,
             "PIPELINE_DEPLOY_LOCAL_HOST": self.serving.address,
             "PIPELINE_DEPLOY_LOCAL_STATE_DIR": str(self.serving.home / "serving"),

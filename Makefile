@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run up stop status test test-unit lint format install lock clean bench-dag-parse \
 	container-tools prometheus-tools postgres-tools k8s-tools objectstore-tools distributed-tools \
 	images test-container test-postgres test-k8s test-distributed test-load \
-	bench-serving bench-promotion bench-train bench-slim
+	bench-serving bench-promotion bench-train bench-slim bench-distributed
 
 ## run: install, start MLflow + Airflow (+ Prometheus) locally, train and deploy once, print where things are
 # PIPELINE_DB=postgres make run: both on a local PostgreSQL server instead of SQLite (README).
@@ -132,6 +132,10 @@ bench-promotion: $(STAMP)
 ## bench-train: validate/train/evaluate at 10k..50M synthetic rows vs a bare Keras loop; writes docs/benchmarks.md
 bench-train: $(STAMP)
 	$(PY) scripts/bench_train.py
+
+## bench-distributed: one nightly run on PIPELINE_EXECUTOR=celery next to the local stack (root)
+bench-distributed: $(STAMP) objectstore-tools distributed-tools
+	$(PY) scripts/bench_distributed.py
 
 bench-dag-parse: $(STAMP)
 	$(PY) scripts/bench_dag_parse.py

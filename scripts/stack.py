@@ -332,9 +332,9 @@ def _resume_serving() -> None:
 def up() -> None:
     with procs.stack_lock(STATE, "up"):
         _tighten_state()
-        _postgres_up()
-        if SHAPE:
+        if SHAPE:  # first: it says what the machine lacks before anything starts
             SHAPE.up(_start, _wait_http)
+        _postgres_up()
         # Registry promotions: MLflow delivers webhooks to the Airflow API server, both sides
         # share a secret (.local/webhook-secret unless PIPELINE_WEBHOOK_SECRET is set).
         secret = os.environ.get("PIPELINE_WEBHOOK_SECRET") or webhook_secret(STATE)

@@ -202,6 +202,8 @@ def _ip(*args: str) -> None:
 
 
 def _addresses(device: str | None = None) -> list[str]:
+    if shutil.which("ip") is None:  # up() says what is missing
+        return []
     argv = ["ip", "-4", "-o", "addr", "show", *(["dev", device] if device else [])]
     done = subprocess.run(argv, capture_output=True, text=True)
     return [line.split()[3].split("/")[0] for line in done.stdout.splitlines()]

@@ -6,18 +6,21 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: run up stop status test test-unit lint format install lock clean bench-dag-parse \
-	container-tools prometheus-tools postgres-tools k8s-tools images test-container test-postgres \
-	test-k8s test-load \
-	bench-serving bench-promotion bench-train bench-slim screenshots
+	container-tools prometheus-tools postgres-tools k8s-tools objectstore-tools distributed-tools \
+	images test-container test-postgres test-k8s test-distributed test-load \
+	bench-serving bench-promotion bench-train bench-slim bench-distributed screenshots
 
 ## run: install, start MLflow + Airflow (+ Prometheus) locally, train and deploy once, print where things are
 # PIPELINE_DB=postgres make run: both on a local PostgreSQL server instead of SQLite (README).
+# PIPELINE_EXECUTOR=celery make run: the distributed shape (docs/operations.md, "From one machine
+# to many"): CeleryExecutor, Redis, PostgreSQL, an object store, two workers as hosts of their own.
 run: $(STAMP) up
 	$(PY) scripts/stack.py run
 
 up: $(STAMP)
 	@if [ "$(PIPELINE_DB)" = postgres ] || [ "$(PIPELINE_DB)" = postgresql ]; then \
 		scripts/install_postgres.sh || echo "PostgreSQL not installed: see scripts/install_postgres.sh"; fi
+	@if [ "$(PIPELINE_EXECUTOR)" = celery ]; then $(MAKE) --no-print-directory objectstore-tools distributed-tools; fi
 	@scripts/install_prometheus.sh || echo "Prometheus not installed: the stack runs without it (see scripts/install_prometheus.sh)"
 	$(PY) scripts/stack.py up
 
@@ -29,7 +32,8 @@ status: $(STAMP)
 	$(PY) scripts/stack.py status
 
 ## test: lint, then unit, DAG, integration, PostgreSQL, Kubernetes and container tests (real MLflow, Airflow, HTTP, a Kubernetes control plane, podman)
-test: $(STAMP) lint container-tools prometheus-tools postgres-tools k8s-tools
+test: $(STAMP) lint container-tools prometheus-tools postgres-tools k8s-tools objectstore-tools \
+		distributed-tools
 	$(VENV)/bin/pytest
 
 # podman, runc, debootstrap from apt (needs root). Without them the container test prints
@@ -64,6 +68,22 @@ k8s-tools: $(STAMP)
 test-k8s: $(STAMP) k8s-tools
 	$(VENV)/bin/pytest -m k8s -ra
 
+# The object store (MinIO) of the distributed shape, built once per machine from the Go module
+# pinned in scripts/objectstore into ~/.cache/train-and-deploy/objectstore (7 min the first time
+# on 2 cores). Without Go the distributed tier prints one SKIPPED line naming what to install.
+objectstore-tools: $(STAMP)
+	@if command -v go >/dev/null; then $(PY) -m scripts.stacklib.objectstore build; \
+	else echo "Go not installed: the distributed tier will say SKIPPED and why (install Go >= 1.26)"; fi
+
+# Redis (Celery's broker) from apt, and the worker hosts' system users (needs root). Without
+# them the distributed tier prints one SKIPPED line with the reason.
+distributed-tools: postgres-tools
+	@scripts/install_distributed.sh || echo "Redis or the worker users not installed: the distributed tier will say SKIPPED and why"
+
+## test-distributed: the object store and the CeleryExecutor shape alone (tests/distributed)
+test-distributed: $(STAMP) objectstore-tools distributed-tools
+	$(VENV)/bin/pytest -m distributed -ra
+
 # The PostgreSQL server from apt (needs root; its own cluster is not started). Without it the
 # postgres tests print one SKIPPED line with the reason instead of failing.
 postgres-tools:
@@ -83,7 +103,7 @@ test-unit: $(STAMP)
 # Let pytest cache its rewritten test modules (and Python the project's bytecode) under the
 # gitignored __pycache__/ even where PYTHONDONTWRITEBYTECODE=1 is exported: collecting the
 # suite otherwise rewrites every test module again, every run (~4 s of the unit tier).
-test test-unit test-container test-postgres test-k8s test-load: export PYTHONDONTWRITEBYTECODE :=
+test test-unit test-container test-postgres test-k8s test-distributed test-load: export PYTHONDONTWRITEBYTECODE :=
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -117,6 +137,10 @@ bench-promotion: $(STAMP)
 ## bench-train: validate/train/evaluate at 10k..50M synthetic rows vs a bare Keras loop; writes docs/benchmarks.md
 bench-train: $(STAMP)
 	$(PY) scripts/bench_train.py
+
+## bench-distributed: one nightly run on PIPELINE_EXECUTOR=celery next to the local stack (root)
+bench-distributed: $(STAMP) objectstore-tools distributed-tools
+	$(PY) scripts/bench_distributed.py
 
 bench-dag-parse: $(STAMP)
 	$(PY) scripts/bench_dag_parse.py

@@ -44,6 +44,9 @@ IO_TASK_DEFAULTS = {
 log = logging.getLogger("airflow.task")
 
 MLFLOW_CONN_ID = os.environ.get("PIPELINE_MLFLOW_CONN_ID", "mlflow_default")
+# The object store of the data (PIPELINE_DATA_PATH=s3://...): type aws, login = access key id,
+# password = secret key, extra {"endpoint_url": ..., "region_name": ...} (S3-compatible stores).
+OBJECT_STORE_CONN_ID = os.environ.get("PIPELINE_OBJECT_STORE_CONN_ID", "aws_default")
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -162,7 +165,25 @@ def reject_unknown_conf(context: Mapping[str, Any]) -> None:
 
 
 def data_settings(params: Mapping[str, Any]) -> DataSettings:
-    return run_settings(DataSettings, params)
+    """The run's data settings; refused (no retries) when the data is a local folder and the
+    tasks run on other machines (any executor but the LocalExecutor): each worker would
+    read, or write, a folder of its own."""
+    settings = run_settings(DataSettings, params)
+    path = settings.path
+    if ("://" not in path or path.startswith("file://")) and not _single_machine():
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            f"PIPELINE_DATA_PATH={path} is a folder of this worker only, and tasks run on other "
+            "workers: use a URL every worker can read (s3://bucket/prefix)"
+        )
+    return settings
+
+
+def _single_machine() -> bool:
+    from airflow.configuration import conf
+
+    return conf.get("core", "executor").replace(" ", "") == "LocalExecutor"
 
 
 def training_settings(params: Mapping[str, Any]) -> TrainingSettings:
@@ -221,13 +242,31 @@ def mlflow_credentials() -> dict[str, str]:
     return {"MLFLOW_TRACKING_USERNAME": conn.login, "MLFLOW_TRACKING_PASSWORD": conn.password or ""}
 
 
+def object_store_credentials() -> dict[str, str]:
+    """The ``aws_default`` Connection as the variables every S3 client reads (s3fs for the
+    data, boto3); empty without one."""
+    try:
+        conn = Connection.get(OBJECT_STORE_CONN_ID)
+    except Exception:  # not defined: the data is a local folder, or the environment has them
+        return {}
+    extra = conn.extra_dejson
+    env = {
+        "AWS_ACCESS_KEY_ID": conn.login,
+        "AWS_SECRET_ACCESS_KEY": conn.password,
+        "AWS_ENDPOINT_URL": extra.get("endpoint_url"),
+        "AWS_DEFAULT_REGION": extra.get("region_name"),
+    }
+    return {key: value for key, value in env.items() if value}
+
+
 _saved_env: dict[str, str | None] = {}
 
 
 def _credentials_on(context: Any) -> None:
-    """``pre_execute`` of every task: MLflow's credentials for the task's own execution only,
-    and for what it starts (a local model server loads its model with them)."""
-    for key, value in mlflow_credentials().items():
+    """``pre_execute`` of every task: MLflow's and the object store's credentials for the
+    task's own execution only, and for what it starts (a local model server loads its model
+    with them)."""
+    for key, value in (mlflow_credentials() | object_store_credentials()).items():
         _saved_env.setdefault(key, os.environ.get(key))
         os.environ[key] = value
 
@@ -242,9 +281,9 @@ def _credentials_off(context: Any, result: Any = None) -> None:
             os.environ[key] = value
 
 
-# The MLflow Connection's credentials exist in the environment only while a task runs.
-MLFLOW_CREDENTIALS = {"pre_execute": _credentials_on, "post_execute": _credentials_off}
-IO_TASK_DEFAULTS |= MLFLOW_CREDENTIALS
+# The Connections' credentials exist in the environment only while a task runs.
+TASK_CREDENTIALS = {"pre_execute": _credentials_on, "post_execute": _credentials_off}
+IO_TASK_DEFAULTS |= TASK_CREDENTIALS
 
 
 def run_tags(context: dict[str, Any]) -> dict[str, str]:
@@ -342,7 +381,7 @@ def rollout_tasks(request: Any) -> tuple[Any, Any]:
 
     deploy = DeploySettings()
 
-    @task(task_id="rollout_local", pool=deploy.rollout_pool)
+    @task(task_id="rollout_local", pool=deploy.rollout_pool, queue=deploy.local_queue)
     def rollout_local(request: str, **context) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -409,6 +448,12 @@ def pod_task(
 
     operator = RolloutPodOperator if final_exit_codes else KubernetesPodOperator
     return operator(task_id=task_id, **task_kwargs, **pod_kwargs())
+
+
+def local_queue() -> str:
+    """The queue of the tasks that read or change the local target: they run on the host that
+    runs its model servers (the serving host; any worker with the LocalExecutor)."""
+    return DeploySettings().local_queue
 
 
 def _links(uri: str, version: str | None) -> dict[str, str]:

@@ -36,6 +36,7 @@ from _support import (
     IO_TASK_DEFAULTS,
     deploy_model_params,
     deploy_settings,
+    local_queue,
     promotion_asset,
     registry_settings,
     reject_unknown_conf,
@@ -62,7 +63,7 @@ from airflow.sdk import dag, task
     user_defined_macros={"mlflow_tracking_uri": tracking_uri},
 )
 def deploy_model():
-    @task(multiple_outputs=True)
+    @task(multiple_outputs=True, queue=local_queue())  # it may look at the local target
     def request(**context) -> dict:
         reject_unknown_conf(context)  # asset-triggered runs have no conf: they pass
         from serving.deploy.sync import request_for_deploy_model

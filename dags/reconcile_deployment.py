@@ -22,7 +22,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from _support import MLFLOW_CREDENTIALS, deploy_settings, registry_settings, tracking_uri
+from _support import (
+    TASK_CREDENTIALS,
+    deploy_settings,
+    local_queue,
+    registry_settings,
+    tracking_uri,
+)
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import dag, task
 
@@ -31,7 +37,7 @@ DEFAULT_ARGS = {
     "retries": 1,
     "retry_delay": timedelta(seconds=30),
     "execution_timeout": timedelta(minutes=5),
-    **MLFLOW_CREDENTIALS,
+    **TASK_CREDENTIALS,
 }
 
 
@@ -48,7 +54,7 @@ DEFAULT_ARGS = {
     doc_md=__doc__,
 )
 def reconcile_deployment():
-    @task.short_circuit
+    @task.short_circuit(queue=local_queue())  # it may look at the local target
     def check() -> dict | None:
         """deploy_model's conf when a rollout should run; None (skip the trigger) otherwise."""
         from serving.deploy.sync import reconcile_report

@@ -34,6 +34,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's scripts, ml and serving first
+from scripts.stacklib import distributed as dist  # noqa: E402
 from scripts.stacklib import processes as procs  # noqa: E402
 from scripts.stacklib import prometheus as prom  # noqa: E402
 from scripts.stacklib.postgres import LocalPostgres  # noqa: E402
@@ -43,7 +44,9 @@ from serving.deploy.local import wait_for as wait_until  # noqa: E402  (tenacity
 STATE = Path(os.environ.get("PIPELINE_STATE_DIR", ROOT / ".local")).resolve()
 VENV_BIN = Path(sys.executable).parent
 INSTALL_STAMP = VENV_BIN.parent / ".installed"  # written by `make install` (the Makefile's STAMP)
-HOST = "127.0.0.1"
+# PIPELINE_EXECUTOR=celery: the distributed shape; its services listen where its workers reach them.
+SHAPE = dist.Shape(STATE) if dist.enabled() else None
+HOST = SHAPE.host if SHAPE else "127.0.0.1"
 MLFLOW_PORT = int(os.environ.get("MLFLOW_PORT", "5000"))
 AIRFLOW_PORT = int(os.environ.get("AIRFLOW_PORT", "8080"))
 MLFLOW_URL, AIRFLOW_URL = f"http://{HOST}:{MLFLOW_PORT}", f"http://{HOST}:{AIRFLOW_PORT}"
@@ -107,7 +110,7 @@ def stack_env() -> dict[str, str]:
             "NO_PROXY": "127.0.0.1,localhost",
         }
     )
-    return env | airflow_db_env(database_urls()["airflow"])
+    return env | airflow_db_env(database_urls()["airflow"]) | (SHAPE.env() if SHAPE else {})
 
 
 # --- where the two servers keep their data: SQLite (default) or PostgreSQL ------------------
@@ -145,7 +148,7 @@ def database_urls() -> dict[str, str | None]:
 
 def local_postgres() -> LocalPostgres | None:
     """The stack's own PostgreSQL server, when PIPELINE_DB=postgres needs one."""
-    kind = os.environ.get("PIPELINE_DB", "").strip().lower() or "sqlite"
+    kind = os.environ.get("PIPELINE_DB", "").strip().lower() or ("postgres" if SHAPE else "sqlite")
     if kind not in ("sqlite", "postgres", "postgresql"):
         raise SystemExit(f"PIPELINE_DB={kind!r}: use sqlite (the default) or postgres")
     given = [os.environ.get(f"PIPELINE_{name}_DB_URL") for name in ("AIRFLOW", "MLFLOW")]
@@ -187,12 +190,13 @@ def _of(service: str) -> list[psutil.Process]:
 def _start(service: str, argv: list[str], env: dict | None = None, **popen: Any):
     """Start ``service`` unless it runs as ``argv`` (what is left of a crashed one, or one
     started otherwise, is stopped first); returns a function that says whether it runs."""
-    running = _of(service)
-    if running and running[0].info["cmdline"][1 - len(argv) :] == argv[1:]:
+    running, mark = _of(service), {procs.MARKER: str(STATE), procs.SERVICE: service}
+    mark[procs.ARGV] = json.dumps(argv)  # its own title may hide it (setproctitle, netns exec)
+    if running and (running[0].info["environ"] or {}).get(procs.ARGV) == mark[procs.ARGV]:
         say(f"{service} already running")
         return running[0].is_running
     _stop(service)
-    env = {**(os.environ if env is None else env), procs.MARKER: str(STATE), procs.SERVICE: service}
+    env = {**(os.environ if env is None else env), **mark}
     proc = procs.spawn(argv, env, LOGS / f"{service}.log", **popen)
     say(f"started {service} (pid {proc.pid}, log {LOGS / f'{service}.log'})")
     return lambda: proc.poll() is None
@@ -231,7 +235,7 @@ def _wait_http(url: str, what: str, timeout_s: float, alive, each=lambda: None) 
 def _tighten_state() -> None:
     """What an older checkout left world-readable: the state dir and each folder in it 0700
     (not postgres/, which its server's user must enter), logs and secrets 0600."""
-    STATE.mkdir(parents=True, exist_ok=True)
+    LOGS.mkdir(parents=True, exist_ok=True)  # PostgreSQL's log goes there before any service's
     folders = [p for p in STATE.iterdir() if p.is_dir() and p != PG_ROOT]
     files = ["airflow/airflow.cfg", "airflow/airflow.db", "mlflow/mlflow.db", "webhook-secret"]
     make_private(STATE, *folders, AIRFLOW_HOME / "logs", *LOGS.glob("*"), AIRFLOW_PASSWORDS)
@@ -241,7 +245,9 @@ def _tighten_state() -> None:
 # --- services ------------------------------------------------------------------------------
 
 
-def mlflow_server_argv(artifacts: Path, port: int, host: str = HOST, workers: int = 1) -> list[str]:
+def mlflow_server_argv(
+    artifacts: Path | str, port: int, host: str = HOST, workers: int = 1
+) -> list[str]:
     """`mlflow server` as the stack runs it; the backend store comes from the environment
     (MLFLOW_BACKEND_STORE_URI), so that a database password is not on the command line."""
     return [
@@ -284,7 +290,8 @@ def _prometheus_up() -> bool:
         return False
     from serving.deploy.settings import DeploySettings
 
-    front, config_file = f"{HOST}:{DeploySettings().local_port}", PROMETHEUS_ROOT / "prometheus.yml"
+    deploy, config_file = DeploySettings(), PROMETHEUS_ROOT / "prometheus.yml"
+    front = f"{deploy.local_host}:{deploy.local_port}"
     rules_file = PROMETHEUS_ROOT / "rules.yml"
     config = prom.prometheus_config(
         front,
@@ -305,7 +312,7 @@ def _prometheus_up() -> bool:
     data = PROMETHEUS_ROOT / "data"
     data.mkdir(mode=0o700, exist_ok=True)
     argv = prom.prometheus_argv(
-        binary, config_file, data, PROMETHEUS_PORT, retention=PROMETHEUS_RETENTION
+        binary, config_file, data, PROMETHEUS_PORT, HOST, retention=PROMETHEUS_RETENTION
     )
     # Nothing of the stack's environment (secrets included) is any use to it.
     env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"}
@@ -325,6 +332,8 @@ def _resume_serving() -> None:
     from serving.deploy.local import DeployError, LocalTarget
     from serving.deploy.settings import DeploySettings
 
+    if SHAPE:  # the serving host's to do
+        return SHAPE.serving_cli("resume")
     try:
         live = LocalTarget(DeploySettings(), MLFLOW_URL).resume()
     except DeployError as exc:
@@ -337,6 +346,8 @@ def _resume_serving() -> None:
 def up() -> None:
     with procs.stack_lock(STATE, "up"):
         _tighten_state()
+        if SHAPE:  # first: it says what the machine lacks before anything starts
+            SHAPE.up(_start, _wait_http)
         _postgres_up()
         # Registry promotions: MLflow delivers webhooks to the Airflow API server, both sides
         # share a secret (.local/webhook-secret unless PIPELINE_WEBHOOK_SECRET is set).
@@ -345,10 +356,11 @@ def up() -> None:
         urls = database_urls()
         say("databases: " + ", ".join(f"{name} on {_describe_db(u)}" for name, u in urls.items()))
         (STATE / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
-        argv = mlflow_server_argv(STATE / "mlflow" / "artifacts", MLFLOW_PORT)
-        alive = _start(
-            "mlflow", argv, {**os.environ, "MLFLOW_BACKEND_STORE_URI": str(urls["mlflow"])}
+        argv = mlflow_server_argv(
+            SHAPE.artifacts if SHAPE else STATE / "mlflow/artifacts", MLFLOW_PORT
         )
+        env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": str(urls["mlflow"])}
+        alive = _start("mlflow", argv, env | (SHAPE.store.client_env() if SHAPE else {}))
         # A first start on PostgreSQL creates MLflow's schema (a few dozen migrations).
         _wait_http(f"{MLFLOW_URL}/health", "MLflow server", 240, alive)
         say(f"MLflow ready at {MLFLOW_URL}")
@@ -357,7 +369,10 @@ def up() -> None:
             say("restarting it, so that its tasks run what is installed now")
             _stop("airflow")
         AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
-        alive = _start("airflow", [str(VENV_BIN / "airflow"), "standalone"])
+        if SHAPE:
+            alive = SHAPE.airflow_up(_start, dict(os.environ), VENV_BIN / "airflow")
+        else:
+            alive = _start("airflow", [str(VENV_BIN / "airflow"), "standalone"])
         # While Airflow boots: the local target serves again, and Prometheus scrapes it.
         _resume_serving()
         _prometheus_up()
@@ -382,6 +397,7 @@ def down() -> None:
         for pidfile in PIDS.glob("*.pid"):
             pidfile.unlink()
         say("stopped the stack" if stopped else f"nothing of the stack of {STATE} was running")
+        dist.Network(STATE).down()  # the worker hosts' namespaces, if a celery stack made them
     from serving.deploy.settings import DeploySettings
 
     with socket.socket() as sock:
@@ -392,7 +408,7 @@ def down() -> None:
 def status() -> None:
     if holder := procs.lock_holder(STATE):
         say(f"the stack lock is held by {holder}")
-    for name in ("postgres", "mlflow", "airflow", "prometheus"):
+    for name in ("postgres", "mlflow", "airflow", "prometheus", *(dist.SERVICES if SHAPE else ())):
         found = _of(name)
         if found or name != "postgres" or (PG_ROOT / "data").exists():
             say(
@@ -518,6 +534,9 @@ def _rollout_pool(api: Airflow) -> None:
     say(f"Airflow pool {pool['name']}: 1 slot")
 
 
+RESTORE = {"kind": "champion", "reason": "make run: serve @champion before the new run"}
+
+
 def restore_champion(tracking_uri: str = MLFLOW_URL) -> dict[str, Any] | None:
     """Serve what @champion names, through the rollout path, before a new run starts: usually
     "unchanged" in seconds (the resumed target serves it); after a lost state folder, or a
@@ -527,10 +546,9 @@ def restore_champion(tracking_uri: str = MLFLOW_URL) -> dict[str, Any] | None:
     from serving.deploy.settings import DeploySettings
     from serving.deploy.target import RequestRejected, RolloutError, TargetRejected, Verdict
 
-    request = {"kind": "champion", "reason": "make run: serve @champion before the new run"}
     try:
         outcome = run_request(
-            request, DeploySettings(), RegistrySettings(), tracking_uri=tracking_uri
+            RESTORE, DeploySettings(), RegistrySettings(), tracking_uri=tracking_uri
         )
     # Every way a rollout ends without serving: a verdict (tagged; reconcile and the run's
     # own rollout decide again), a refusal or a fault. The run starts all the same.
@@ -544,7 +562,8 @@ def restore_champion(tracking_uri: str = MLFLOW_URL) -> dict[str, Any] | None:
 def run(conf: dict) -> int:
     with procs.stack_lock(STATE, "run"):
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a summary, not bars
-        restore_champion()
+        restore = json.dumps(RESTORE)  # on the serving host, with the celery stack
+        SHAPE.serving_cli("rollout", "--request", restore) if SHAPE else restore_champion()
         api = Airflow()
         if not wait_until(lambda: api.http.get(f"/dags/{DAG_ID}").status_code == 200, 240, 2):
             errors = api("GET", "/importErrors")

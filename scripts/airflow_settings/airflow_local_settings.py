@@ -12,11 +12,14 @@ the API server, DAG processor and triggerer never use it.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def _preload_for_tasks() -> None:
-    if sys.argv[1:2] == ["scheduler"]:
+    # Only the LocalExecutor forks tasks from the scheduler (PIPELINE_EXECUTOR=celery: no).
+    local = os.environ.get("AIRFLOW__CORE__EXECUTOR", "LocalExecutor") == "LocalExecutor"
+    if sys.argv[1:2] == ["scheduler"] and local:
         import mlflow  # noqa: F401
 
 

@@ -23,10 +23,12 @@ from typing import IO, Any
 import psutil
 
 MARKER, SERVICE = "PIPELINE_STACK_STATE", "PIPELINE_STACK_SERVICE"
+ARGV = "PIPELINE_STACK_ARGV"  # what a service was started as (JSON): `up` restarts it if changed
 PRIVATE_UMASK = 0o077  # what the stack writes is its owner's only: 0600 files, 0700 folders
 # `down` stops them in this order: no scrape records the others going down as an outage, no
 # Airflow task or proxy starts a model server meanwhile, PostgreSQL outlives its clients.
-STOP_ORDER = {"prometheus": 0, "airflow": 1, "proxy": 1, "postgres": 3}  # the others: 2
+# A service is ranked by its name's first word ("airflow-scheduler" as "airflow").
+STOP_ORDER = {"prometheus": 0, "airflow": 1, "worker": 1, "proxy": 1, "postgres": 3}  # others: 2
 
 
 def say(message: str) -> None:
@@ -188,6 +190,10 @@ def terminate(procs: list, sig: int = signal.SIGTERM, timeout_s: float = 20) -> 
             proc.kill()
 
 
+def _rank(service: str) -> int:
+    return STOP_ORDER.get(service.split("-")[0], 2)
+
+
 def stop_all(find: Callable[[], dict[Any, str]]) -> list[str]:
     """Stop every process ``find()`` names (``{process: service}``), service by service
     (STOP_ORDER), and again while new ones appear (started meanwhile by a task or a proxy);
@@ -196,8 +202,8 @@ def stop_all(find: Callable[[], dict[Any, str]]) -> list[str]:
     for _ in range(8):
         if not (found := find()):
             return stopped
-        first = min(STOP_ORDER.get(service, 2) for service in found.values())
-        batch = [p for p, service in found.items() if STOP_ORDER.get(service, 2) == first]
+        first = min(_rank(service) for service in found.values())
+        batch = [p for p, service in found.items() if _rank(service) == first]
         if first == STOP_ORDER["postgres"]:  # a fast shutdown: SIGINT to the postmaster only
             pids = {p.pid for p in batch}
             terminate([p for p in batch if p.info["ppid"] not in pids], signal.SIGINT, 60)

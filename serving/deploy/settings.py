@@ -25,6 +25,12 @@ class DeploySettings(BaseSettings):
     local_port: int = Field(5001, ge=1, le=65_535)
     local_slot_ports: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [5011, 5012])
     local_state_dir: str = str(LOCAL_STATE_DIR / "serving")
+    local_queue: str = Field(
+        "default",
+        description="Airflow queue of the tasks that read or change the local target (its "
+        "rollout, deploy_model's request, reconcile's check). With the CeleryExecutor, the "
+        "worker on the serving host (the host that runs the model servers) serves it.",
+    )
     health_timeout_s: float = Field(180.0, gt=0)
     rollout_pool: str = Field(
         "model_rollout",

@@ -49,3 +49,25 @@ def test_every_task_that_may_talk_to_mlflow_gets_them(dag_id):
     for task in load_dag(dag_id).tasks:
         assert task._pre_execute_hook is _support._credentials_on, task.task_id
         assert task._post_execute_hook is _support._credentials_off, task.task_id
+
+
+def test_the_object_store_connection_reaches_s3_clients_while_a_task_runs(monkeypatch):
+    """The data's object store (aws_default) as the variables s3fs and boto3 read, for the
+    task's execution only: a worker holds no credential of its own."""
+    import _support
+
+    extra = {"endpoint_url": "http://10.0.0.1:9000", "region_name": "eu-west-1"}
+    conn = {"conn_type": "aws", "login": "AKIDEXAMPLE", "password": "wJalr/K7MDENG", "extra": extra}
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(conn))
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+    _support._credentials_on({})
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "AKIDEXAMPLE"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "wJalr/K7MDENG"
+    assert os.environ["AWS_ENDPOINT_URL"] == "http://10.0.0.1:9000"
+    assert os.environ["AWS_DEFAULT_REGION"] == "eu-west-1"
+    _support._credentials_off({})
+    assert "AWS_ACCESS_KEY_ID" not in os.environ and "AWS_ENDPOINT_URL" not in os.environ
+    assert os.environ["AWS_DEFAULT_REGION"] == "us-east-1"

@@ -118,13 +118,21 @@ def test_stop_ends_what_is_left_when_the_cli_already_died(stack, tmp_path):
         _cleanup(family)
 
 
-@pytest.mark.parametrize(("component", "preloaded"), [("scheduler", True), ("api-server", False)])
+@pytest.mark.parametrize(
+    ("component", "executor", "preloaded"),
+    [
+        ("scheduler", "LocalExecutor", True),
+        ("api-server", "LocalExecutor", False),
+        ("scheduler", "CeleryExecutor", False),
+    ],
+)
 def test_the_scheduler_and_so_every_task_it_forks_starts_with_mlflow_loaded(
-    stack, component, preloaded, tmp_path
+    stack, component, executor, preloaded, tmp_path
 ):
     """The stack's airflow_local_settings.py, on the PYTHONPATH the stack gives Airflow: the
     scheduler (parent of the LocalExecutor's workers and their tasks) imports MLflow when
-    Airflow loads its settings; the other components do not pay for it."""
+    Airflow loads its settings; the other components do not pay for it, nor does a scheduler
+    whose tasks run on Celery workers (PIPELINE_EXECUTOR=celery)."""
     import subprocess
 
     code = (
@@ -132,6 +140,7 @@ def test_the_scheduler_and_so_every_task_it_forks_starts_with_mlflow_loaded(
         "print('airflow_local_settings' in sys.modules, 'mlflow' in sys.modules)\n"
     )
     env = {**stack.stack_env(), "AIRFLOW_HOME": str(tmp_path / "airflow")}
+    env["AIRFLOW__CORE__EXECUTOR"] = executor
     done = subprocess.run(
         [sys.executable, "-c", code, component],
         env=env,

@@ -19,7 +19,6 @@ k8s-tools``) into a cache folder per machine, keyed by the module's pins.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -32,6 +31,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from scripts.stacklib import gobuild
+from scripts.stacklib.gobuild import Unavailable  # the plane cannot run here: tier skipped
 
 HERE = Path(__file__).resolve().parent
 MODULE = HERE / "controlplane"
@@ -52,55 +54,25 @@ SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.1/16"
 
 
-class Unavailable(RuntimeError):
-    """The plane cannot run here (no Go, no binaries, a port taken): the tier is skipped."""
-
-
 # -- binaries ----------------------------------------------------------------------------------
 
 
 def cache_dir() -> Path:
     """Where the built binaries live: per machine, per set of pins."""
-    digest = hashlib.sha256()
-    for path in sorted([MODULE / "go.mod", MODULE / "go.sum", *MODULE.glob("*/*.go")]):
-        digest.update(path.name.encode() + path.read_bytes())
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "train-and-deploy" / "controlplane" / digest.hexdigest()[:16]
+    return gobuild.cache_dir(MODULE)
+
+
+def _assets() -> Path | None:
+    return Path(os.environ["KUBEBUILDER_ASSETS"]) if os.environ.get("KUBEBUILDER_ASSETS") else None
 
 
 def find_binaries() -> dict[str, Path]:
     """Each binary from ``KUBEBUILDER_ASSETS`` if it is there, else from the build cache."""
-    if not sys.platform.startswith("linux"):
-        raise Unavailable(f"the plane runs on Linux only (this is {sys.platform})")
-    assets = os.environ.get("KUBEBUILDER_ASSETS")
-    found, missing = {}, []
-    for name in BINARIES:
-        for folder in ([Path(assets)] if assets else []) + [cache_dir()]:
-            if (folder / name).is_file() and os.access(folder / name, os.X_OK):
-                found[name] = folder / name
-                break
-        else:
-            missing.append(name)
-    if missing:
-        hint = (
-            "install Go >= 1.26 and run `make k8s-tools`"
-            if shutil.which("go") is None
-            else "run `make k8s-tools` (builds them from tests/k8s/controlplane, minutes once)"
-        )
-        raise Unavailable(f"no {', '.join(missing)} binary: {hint}")
-    return found
+    return gobuild.find(MODULE, BINARIES, also=_assets(), make="k8s-tools")
 
 
 def build() -> Path:
     """``go build`` every binary ``KUBEBUILDER_ASSETS`` does not provide into the cache."""
-    go = shutil.which("go")
-    if go is None:
-        raise Unavailable("Go is not installed: the k8s tier needs Go >= 1.26 to build its plane")
-    out = cache_dir()
-    assets = Path(os.environ.get("KUBEBUILDER_ASSETS") or "/nonexistent")
-    wanted = [n for n in BINARIES if not (out / n).exists() and not (assets / n).exists()]
-    if not wanted:
-        return out
     packages = {
         "etcd": "./etcd",
         "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
@@ -109,31 +81,7 @@ def build() -> Path:
         "kubectl": "k8s.io/kubernetes/cmd/kubectl",
         "kwok": "sigs.k8s.io/kwok/cmd/kwok",
     }
-    staging = out.with_name(out.name + ".partial")
-    staging.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    print(f"building {', '.join(wanted)} into {out} (the first build takes minutes)", flush=True)
-    subprocess.run(
-        [
-            go,
-            "build",
-            "-trimpath",
-            "-ldflags",
-            _version_ldflags(),
-            "-o",
-            f"{staging}/",
-            *(packages[n] for n in wanted),
-        ],
-        cwd=MODULE,
-        check=True,
-        env={**os.environ, "CGO_ENABLED": "0"},
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    for name in wanted:
-        (staging / name).replace(out / name)
-    shutil.rmtree(staging, ignore_errors=True)
-    print(f"built in {time.monotonic() - started:.0f} s", flush=True)
-    return out
+    return gobuild.build(MODULE, packages, also=_assets(), ldflags=_version_ldflags())
 
 
 def _version_ldflags() -> str:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's scripts, ml and serving first
 from scripts.stacklib import distributed as dist  # noqa: E402
 from scripts.stacklib import processes as procs  # noqa: E402
 from scripts.stacklib import prometheus as prom  # noqa: E402
-from scripts.stacklib.postgres import LocalPostgres  # noqa: E402
+from scripts.stacklib.postgres import LocalPostgres, airflow_db_env, describe_db, with_psycopg  # noqa: E402
 from scripts.stacklib.processes import make_private, say, secret_file  # noqa: E402
 from serving.deploy.local import wait_for as wait_until  # noqa: E402  (tenacity)
 
@@ -116,23 +116,6 @@ def stack_env() -> dict[str, str]:
 # --- where the two servers keep their data: SQLite (default) or PostgreSQL ------------------
 
 
-def airflow_db_env(url: str | None) -> dict[str, str]:
-    """Airflow's settings for its metadata DB at ``url`` (None: SQLite in AIRFLOW_HOME). Its
-    async engine gets the same psycopg 3 URL (derived, it would ask for asyncpg: not here)."""
-    env = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url} if url else {}
-    if url and url.startswith("postgresql+psycopg://"):
-        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] = url
-    return env
-
-
-def with_psycopg(url: str) -> str:
-    """A PostgreSQL URL with the installed driver (psycopg 3, not psycopg2)."""
-    for scheme in ("postgresql://", "postgres://"):
-        if url.startswith(scheme):
-            return "postgresql+psycopg://" + url.removeprefix(scheme)
-    return url
-
-
 def database_urls() -> dict[str, str | None]:
     """Airflow's metadata DB and MLflow's backend store: PIPELINE_AIRFLOW_DB_URL /
     PIPELINE_MLFLOW_DB_URL, else the stack's own PostgreSQL (PIPELINE_DB=postgres), else
@@ -153,15 +136,6 @@ def local_postgres() -> LocalPostgres | None:
         raise SystemExit(f"PIPELINE_DB={kind!r}: use sqlite (the default) or postgres")
     given = [os.environ.get(f"PIPELINE_{name}_DB_URL") for name in ("AIRFLOW", "MLFLOW")]
     return None if kind == "sqlite" or all(given) else LocalPostgres(PG_ROOT, PG_PORT)
-
-
-def _describe_db(url: str | None) -> str:
-    """Where a database is, without its password."""
-    if url is None or url.startswith("sqlite:"):
-        return f"SQLite ({url.split(':///', 1)[-1] if url else AIRFLOW_HOME / 'airflow.db'})"
-    from sqlalchemy.engine import make_url
-
-    return f"PostgreSQL ({make_url(url).render_as_string(hide_password=True)})"
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -354,7 +328,13 @@ def up() -> None:
         secret = os.environ.get("PIPELINE_WEBHOOK_SECRET") or webhook_secret(STATE)
         os.environ.update({**mlflow_webhook_env(STATE), "PIPELINE_WEBHOOK_SECRET": secret})
         urls = database_urls()
-        say("databases: " + ", ".join(f"{name} on {_describe_db(u)}" for name, u in urls.items()))
+        say(
+            "databases: "
+            + ", ".join(
+                f"{name} on {describe_db(u, str(AIRFLOW_HOME / 'airflow.db'))}"
+                for name, u in urls.items()
+            )
+        )
         (STATE / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
         argv = mlflow_server_argv(
             SHAPE.artifacts if SHAPE else STATE / "mlflow/artifacts", MLFLOW_PORT

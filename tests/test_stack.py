@@ -148,7 +148,7 @@ def test_postgres_switch_gives_each_server_its_own_database_role_and_password(st
     assert urls["mlflow"] not in env.values()
     assert "MLFLOW_BACKEND_STORE_URI" not in env
     # Logged without the password.
-    assert parsed["mlflow"].password not in stack._describe_db(urls["mlflow"])
+    assert parsed["mlflow"].password not in stack.describe_db(urls["mlflow"])
 
 
 def test_existing_postgres_urls_win_and_get_the_installed_driver(stack, monkeypatch):

@@ -174,3 +174,29 @@ def _check_reachable(path: Path, user: pwd.struct_passwd) -> None:
                 f"(mode {stat.S_IMODE(st.st_mode):o}): `chmod o+x {folder}`, or set "
                 "PIPELINE_STATE_DIR to a directory it can reach"
             )
+
+
+def airflow_db_env(url: str | None) -> dict[str, str]:
+    """Airflow's settings for its metadata DB at ``url`` (None: SQLite in AIRFLOW_HOME). Its
+    async engine gets the same psycopg 3 URL (derived, it would ask for asyncpg: not here)."""
+    env = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url} if url else {}
+    if url and url.startswith("postgresql+psycopg://"):
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] = url
+    return env
+
+
+def with_psycopg(url: str) -> str:
+    """A PostgreSQL URL with the installed driver (psycopg 3, not psycopg2)."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url.removeprefix(scheme)
+    return url
+
+
+def describe_db(url: str | None, sqlite_default: str = "airflow.db") -> str:
+    """Where a database is, without its password."""
+    if url is None or url.startswith("sqlite:"):
+        return f"SQLite ({url.split(':///', 1)[-1] if url else sqlite_default})"
+    from sqlalchemy.engine import make_url
+
+    return f"PostgreSQL ({make_url(url).render_as_string(hide_password=True)})"

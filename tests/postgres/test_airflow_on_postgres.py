@@ -27,7 +27,7 @@ DAGS = Path(__file__).resolve().parents[2] / "dags"
 def test_airflow_migrates_and_runs_a_dag_on_postgres(postgres, pg_mlflow, tmp_path):
     import psycopg
 
-    from scripts.stack import airflow_db_env
+    from scripts.stacklib.postgres import airflow_db_env
 
     url = postgres.ensure_database("airflow")
     env = {

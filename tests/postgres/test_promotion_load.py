@@ -323,7 +323,8 @@ def stack(postgres, request, tmp_path_factory) -> Iterator[dict[str, Any]]:
     import mlflow
     from mlflow import MlflowClient
 
-    from scripts.stack import airflow_db_env, register_mlflow_webhook
+    from scripts.stack import register_mlflow_webhook
+    from scripts.stacklib.postgres import airflow_db_env
     from scripts.stacklib.processes import spawn
     from serving.deploy.local import LocalTarget, stop_group
     from serving.deploy.settings import DeploySettings

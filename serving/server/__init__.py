@@ -19,7 +19,11 @@ Routes (a client of ``mlflow models serve`` must not notice the switch):
   worker answers for all of them (multiprocess mode: each worker keeps its numbers in files in
   ``$PROMETHEUS_MULTIPROC_DIR``)
 
-Every response carries ``X-Model-Version`` when the model came from the registry.
+Every response carries ``X-Model-Version`` when the model came from the registry. A request
+that carries ``X-Live-Answer`` (a shadow's mirror of a live request, sent by the local front
+proxy) also records, per row, how far this server's answer is from that one
+(``model_server_shadow_abs_diff``); ``--profile-from MODEL_URI`` takes the histogram buckets
+from another version's drift profile (a canary: the live version's).
 
 Where this server deliberately differs from MLflow:
 
@@ -56,8 +60,9 @@ Modules, in the order a request meets them:
   ``keras_fast``: a Keras network as one frozen TensorFlow graph; ``slim``: the LiteRT artifact
   without TensorFlow; ``warmup``: the check at load that the fast path answers like the pyfunc;
 - ``records``: what the request path records, made into metric updates and access-log lines in
-  batches; ``metrics`` and ``distributions``: Prometheus metrics; ``logs``: JSON logs and the
-  access log;
+  batches; ``metrics`` and ``distributions``: Prometheus metrics; ``shadow``: a shadow's
+  paired differences from the live answer its mirrored requests carry; ``logs``: JSON logs and
+  the access log;
 - ``compat``: every private MLflow and TensorFlow API the server uses; ``contract``: what the
   pipeline and the server agree on.
 """

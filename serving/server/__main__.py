@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="input columns (the first N) that get a model_server_feature_value histogram; "
         f"0: none (default: ${MAX_FEATURE_HISTOGRAMS_ENV} or {DEFAULT_MAX_FEATURE_HISTOGRAMS})",
     )
+    p.add_argument(
+        "--profile-from",
+        metavar="MODEL_URI",
+        help="take the feature and prediction histogram buckets from this model's drift "
+        "profile instead of the served model's (a canary: the live version's, so that the two "
+        "prediction distributions compare bucket by bucket)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         body_timeout_s=args.body_timeout_s,
         strict=args.strict,
         max_feature_histograms=args.max_feature_histograms,
+        profile_from=args.profile_from,
         log_level="DEBUG" if args.verbose else "INFO",
     )
     return run(config)

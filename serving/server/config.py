@@ -42,6 +42,9 @@ class ServerConfig:
     strict: bool = False
     # Input columns that get a model_server_feature_value histogram (the first N).
     max_feature_histograms: int = DEFAULT_MAX_FEATURE_HISTOGRAMS
+    # The feature and prediction histograms' buckets from this model's drift profile (a
+    # canary's are the live version's, so that the two distributions compare bucket by bucket).
+    profile_from: str | None = None
     log_level: str = "INFO"
 
     def to_json(self) -> str:

@@ -46,3 +46,6 @@ LITERT_CHECK_FILE = "check.json"
 # absolute once predictions are in the hundreds (one ulp at 1000 is 6e-5).
 SLIM_ATOL = 1e-5
 SLIM_RTOL = 1e-6
+# A shadow's mirrored request carries the live version's answer to it (the front proxy adds
+# it after the caller got that answer); the shadow records how far its own answer is from it.
+LIVE_ANSWER_HEADER = "X-Live-Answer"

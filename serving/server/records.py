@@ -2,10 +2,11 @@
 
 The request path does no more than append: one tuple per finished request to
 :attr:`Recorder.records` (``serving.server.metrics.R_*`` layout), one tuple per model call of
-the micro-batchers, and one ``(rows, predictions)`` reference per answered call for the feature
-and prediction histograms. :meth:`Recorder.flush` makes them metric updates and access-log
-lines: at least every 0.25 s (a timer the first record after a flush sets), every 256 requests,
-before every ``/metrics`` answer and at shutdown.
+the micro-batchers, one ``(rows, predictions)`` reference per answered call for the feature
+and prediction histograms, and a mirrored request's two answers (``serving.server.shadow``).
+:meth:`Recorder.flush` makes them metric updates and access-log lines: at least every 0.25 s
+(a timer the first record after a flush sets), every 256 requests, before every ``/metrics``
+answer and at shutdown.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Recorder:
         self._pyfunc_batches: list[tuple[int, int, bool]] = []
         # (rows, predictions) of answered model calls, by reference (the histograms).
         self.observed: list[tuple[Any, Any]] = []
+        # (own answer, live answer) bodies of mirrored requests (serving.server.shadow).
+        self.shadow: list[tuple[bytes, bytes]] = []
         self._tick_handle: asyncio.TimerHandle | None = None
 
     def request_done(self, record: tuple, loop: asyncio.AbstractEventLoop | None) -> None:
@@ -76,6 +79,9 @@ class Recorder:
         if observed := self.observed:
             self.observed = []
             metrics.observe_rows(observed)
+        if shadow := self.shadow:
+            self.shadow = []
+            metrics.observe_shadow(shadow)
         records = self.records
         if not records:
             return

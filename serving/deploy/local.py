@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
-from serving.deploy.proxy import (
+from serving.deploy.settings import DeploySettings
+from serving.deploy.supervisor import (
     ACTIVE_FILE,
     DEPLOY_LOCK,
     PROXY_LOG,
@@ -54,7 +55,6 @@ from serving.deploy.proxy import (
     atomic_write_json,
     start_detached,
 )
-from serving.deploy.settings import DeploySettings
 from serving.deploy.target import DeployFailed, Live
 from serving.deploy.verify import Endpoint, EndpointUnreachable
 

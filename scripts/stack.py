@@ -99,6 +99,10 @@ def stack_env() -> dict[str, str]:
             "PIPELINE_DRIFT_PROMETHEUS_URL": env.get(
                 "PIPELINE_DRIFT_PROMETHEUS_URL", PROMETHEUS_URL
             ),
+            # The rollout judge (shadow and canary strategies) asks it too.
+            "PIPELINE_DEPLOY_PROMETHEUS_URL": env.get(
+                "PIPELINE_DEPLOY_PROMETHEUS_URL", PROMETHEUS_URL
+            ),
             "TF_CPP_MIN_LOG_LEVEL": "2",
             # MLflow 3 starts ~7 job-runner processes (GenAI jobs) by default; unused here.
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
@@ -279,11 +283,16 @@ def _prometheus_up() -> bool:
         say("Prometheus not started: no `prometheus` binary (scripts/install_prometheus.sh ")
         say("installs Debian's package; or set PROMETHEUS_BIN)")
         return False
+    from serving.deploy.local import TARGETS_FILE
     from serving.deploy.settings import DeploySettings
 
-    front, config_file = f"{HOST}:{DeploySettings().local_port}", PROMETHEUS_ROOT / "prometheus.yml"
+    deploy = DeploySettings()
+    front, config_file = f"{HOST}:{deploy.local_port}", PROMETHEUS_ROOT / "prometheus.yml"
     config = prom.prometheus_config(
-        front, f"{HOST}:{AIRFLOW_PORT}", scrape_interval_s=PROMETHEUS_INTERVAL_S
+        front,
+        f"{HOST}:{AIRFLOW_PORT}",
+        scrape_interval_s=PROMETHEUS_INTERVAL_S,
+        tracks_file=Path(deploy.local_state_dir).resolve() / TARGETS_FILE,
     )
     if procs.write_private_text(config_file, prom.prometheus_yaml(config)) and _of("prometheus"):
         _of("prometheus")[0].send_signal(signal.SIGHUP)  # rereads prometheus.yml and the rules

@@ -46,17 +46,21 @@ def _jobs(config: dict) -> dict[str, dict]:
 
 
 def test_the_config_scrapes_the_front_port_and_the_plugin_and_loads_the_rules(prom):
-    config = _config(prom)
+    config = _config(prom, tracks_file=Path("/state/serving/prometheus-targets.json"))
     jobs = _jobs(config)
-    # Exactly these two: a per-slot target under job model-server would fire ModelServerDown
-    # whenever the idle blue/green slot is down.
-    assert set(jobs) == {"model-server", "registry"}
+    # A per-slot target under job model-server would fire ModelServerDown whenever the idle
+    # blue/green slot is down: the slots are a job of their own, from the file the local
+    # target writes (only the slots that serve, each with its track, for the rollout judge).
+    assert set(jobs) == {"model-server", "registry", "model-server-tracks"}
+    assert jobs["model-server-tracks"]["file_sd_configs"] == [
+        {"files": ["/state/serving/prometheus-targets.json"], "refresh_interval": "5s"}
+    ]
     assert jobs["model-server"]["metrics_path"] == "/metrics"
     assert jobs["model-server"]["static_configs"] == [{"targets": ["127.0.0.1:5001"]}]
     assert jobs["registry"]["metrics_path"] == "/registry-events/metrics"
     assert jobs["registry"]["static_configs"] == [{"targets": ["127.0.0.1:8080"]}]
-    assert config["rule_files"] == [str(RULES)]
-    assert Path(config["rule_files"][0]).is_absolute()
+    assert config["rule_files"] == [str(RULES), str(REPO / "docker/prometheus/rollout-judge.yml")]
+    assert all(Path(path).is_absolute() for path in config["rule_files"])
     assert prom.RULES == RULES
     assert config["global"] == {
         "scrape_interval": "10s",
@@ -138,11 +142,11 @@ def test_promtool_accepts_the_generated_config_and_its_rule_file(prom, tmp_path)
     )
     result = run_promtool(promtool, "check", "config", config)
     assert result.returncode == 0, result.stdout
-    groups = yaml.safe_load(RULES.read_text())["groups"]
-    n_rules = sum(len(group["rules"]) for group in groups)
     assert f"SUCCESS: {config} is valid prometheus config file syntax" in result.stdout
-    assert f"Checking {RULES}" in result.stdout, result.stdout
-    assert f"SUCCESS: {n_rules} rules found" in result.stdout, result.stdout
+    for rules in (RULES, prom.JUDGE_RULES):
+        groups = yaml.safe_load(rules.read_text())["groups"]
+        n_rules = sum(len(group["rules"]) for group in groups)
+        assert f"Checking {rules}\n  SUCCESS: {n_rules} rules found" in result.stdout
 
 
 def test_promtool_notices_a_missing_rule_file(prom, tmp_path):
@@ -167,6 +171,7 @@ def test_the_drift_monitor_is_pointed_at_the_stacks_prometheus(stack, monkeypatc
     assert stack.stack_env()["PIPELINE_DRIFT_PROMETHEUS_URL"] == stack.PROMETHEUS_URL
     monkeypatch.setenv("PIPELINE_DRIFT_PROMETHEUS_URL", "http://prometheus.example:9090")
     assert stack.stack_env()["PIPELINE_DRIFT_PROMETHEUS_URL"] == "http://prometheus.example:9090"
+    assert stack.stack_env()["PIPELINE_DEPLOY_PROMETHEUS_URL"] == stack.PROMETHEUS_URL
 
 
 # What each kind of installation answers for the page paths: Debian's 2.42 serves the web UI

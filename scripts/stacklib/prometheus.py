@@ -12,7 +12,11 @@ import httpx
 import yaml
 
 RULES = Path(__file__).resolve().parents[2] / "docker" / "prometheus" / "rules.yml"
+# The rollout judge's measures (serving/deploy/judge.py), over the slots' tracked series.
+JUDGE_RULES = RULES.with_name("rollout-judge.yml")
 MODEL_SERVER_JOB = "model-server"  # the job the alert rules select (docs/operations.md, Alerts)
+# The local target's slots, each with its track (stable, canary): what the judge compares.
+TRACKS_JOB = "model-server-tracks"
 REGISTRY_JOB = "registry"
 # Where the Airflow plugin's exporter answers (plugins/registry_events: URL_PREFIX + /metrics).
 REGISTRY_METRICS_PATH = "/registry-events/metrics"
@@ -26,7 +30,12 @@ PAGES = {
 
 
 def prometheus_config(
-    model_server: str, registry: str, rule_files=(RULES,), *, scrape_interval_s: int = 10
+    model_server: str,
+    registry: str,
+    rule_files=(RULES, JUDGE_RULES),
+    *,
+    scrape_interval_s: int = 10,
+    tracks_file: Path | None = None,
 ) -> dict[str, Any]:
     """The local Prometheus' configuration (pure).
 
@@ -35,6 +44,9 @@ def prometheus_config(
     ModelServerDown. ``registry`` is ``host:port`` of the Airflow API server, whose
     registry_events plugin exports the alias and drift gauges. ``rule_files`` must be absolute
     (a relative one would be read relative to the config file's folder, under the state dir).
+    ``tracks_file``: the local target's slots as file_sd targets labelled with their track
+    (``serving.deploy.local``, ``prometheus-targets.json``), scraped as job
+    :data:`TRACKS_JOB` for the rollout judge; a slot is a target only while it serves.
     """
     if scrape_interval_s < 1:
         raise ValueError(f"scrape interval of {scrape_interval_s}s: at least 1s")
@@ -42,6 +54,15 @@ def prometheus_config(
         raise ValueError(f"rule files must be absolute paths: {relative}")
     job = {"job_name": MODEL_SERVER_JOB, "metrics_path": "/metrics"}
     targets = lambda target: {"static_configs": [{"targets": [target]}]}  # noqa: E731
+    scrape_configs = [
+        job | targets(model_server),
+        {"job_name": REGISTRY_JOB, "metrics_path": REGISTRY_METRICS_PATH} | targets(registry),
+    ]
+    if tracks_file is not None:
+        sd = {"files": [str(tracks_file)], "refresh_interval": "5s"}
+        scrape_configs.append(
+            {"job_name": TRACKS_JOB, "metrics_path": "/metrics", "file_sd_configs": [sd]}
+        )
     return {
         "global": {
             "scrape_interval": f"{scrape_interval_s}s",
@@ -50,10 +71,7 @@ def prometheus_config(
             "evaluation_interval": f"{scrape_interval_s}s",
         },
         "rule_files": [str(path) for path in rule_files],
-        "scrape_configs": [
-            job | targets(model_server),
-            {"job_name": REGISTRY_JOB, "metrics_path": REGISTRY_METRICS_PATH} | targets(registry),
-        ],
+        "scrape_configs": scrape_configs,
     }
 
 

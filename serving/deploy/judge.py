@@ -24,6 +24,7 @@ mirrored answer could be paired) is reported as not judged. Too few requests to 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,14 @@ CHECKS: dict[str, tuple[str, str, bool]] = {
 REQUESTS = "rollout:invocations:rate1m"
 # Judgement over the last minute (the rules' window): requests = rate x 60.
 WINDOW_S = 60
+# Prometheus lags the end of a step by a scrape and a rule evaluation: the judge asks again
+# (every second, for at most this long) while the candidate's requests or a measure are
+# missing, then judges what there is.
+CATCH_UP_S = 30.0
+
+
+class TooFewRequests(RolloutError):
+    """The candidate answered too few requests to be judged: a fault, not a verdict."""
 
 
 def _selector(namespace: str | None, track: str | None = None) -> str:
@@ -137,7 +146,7 @@ def decide(
     rate = _value(query(REQUESTS + _selector(namespace, "canary")))
     requests = round((rate or 0.0) * WINDOW_S)
     if requests < settings.judge_min_requests:
-        raise RolloutError(
+        raise TooFewRequests(
             f"{step}: the candidate answered {requests} requests over the last minute, fewer "
             f"than judge_min_requests ({settings.judge_min_requests}): nothing to judge on. "
             "Shadow and canary rollouts need live traffic (rollout_strategy=direct has none)."
@@ -169,13 +178,33 @@ class Judge:
         self.settings, self.namespace, self.retry_s = settings, namespace, retry_s
         self.url = settings.prometheus_url.rstrip("/") + "/api/v1/query"
 
-    def judge(self, step: str, *, shadow: bool) -> Judgement:
-        at = time.time()
+    def judge(self, step: str, *, shadow: bool, catch_up_s: float = CATCH_UP_S) -> Judgement:
+        deadline = time.monotonic() + catch_up_s
         with httpx.Client(timeout=10.0) as client:
-            return decide(step, shadow, self.settings,
-                          lambda expr: self._query(client, expr, at), self.namespace)  # fmt: skip
+            while True:
+                query = functools.partial(self._query, client, at=time.time())
+                try:
+                    judgement = decide(step, shadow, self.settings, query, self.namespace)
+                except TooFewRequests:
+                    if time.monotonic() >= deadline:
+                        raise
+                else:
+                    complete = None not in judgement.measures.values()
+                    if complete or time.monotonic() >= deadline:
+                        return judgement
+                time.sleep(1.0)
 
-    def _query(self, client: httpx.Client, expr: str, at: float) -> list[dict[str, Any]]:
+    def shadow_histogram(self, seconds: float) -> dict[str, float]:
+        """The shadow's paired |diff| per bucket bound over the last ``seconds`` (cumulative
+        counts, for the report)."""
+        selector = _selector(self.namespace, "canary")
+        expr = (f"sum by (le) (increase(model_server_shadow_abs_diff_bucket{selector}"
+                f"[{max(int(seconds), 1)}s]))")  # fmt: skip
+        with httpx.Client(timeout=10.0) as client:
+            samples = self._query(client, expr, at=time.time())
+        return {s["metric"].get("le", ""): round(float(s["value"][1]), 1) for s in samples}
+
+    def _query(self, client: httpx.Client, expr: str, *, at: float) -> list[dict[str, Any]]:
         def ask() -> list[dict[str, Any]]:
             response = client.get(self.url, params={"query": expr, "time": at})
             body: Mapping[str, Any] = response.json() if response.content else {}

@@ -65,6 +65,7 @@ FAILED_BY_TAG = "rollout.failed_by"
 VERIFIED_TAG = "rollout.verified"
 
 Kind = Literal["candidate", "champion", "version"]
+Strategy = Literal["direct", "shadow", "canary"]
 __all__ = [
     "DeployFailed",
     "EndpointUnreachable",
@@ -96,10 +97,15 @@ class Request:
     # verification already failed it (a retried rollout pod), the retry fails again instead
     # of finding the restored version live and reporting success.
     champion_at_request: str | None = None
+    # direct | shadow | canary (serving.deploy.progressive); None: the deploy settings'
+    # rollout_strategy.
+    strategy: Strategy | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("candidate", "champion", "version"):
             raise ValueError(f"unknown rollout request kind {self.kind!r}")
+        if self.strategy not in (None, "direct", "shadow", "canary"):
+            raise ValueError(f"unknown rollout strategy {self.strategy!r}")
         if self.kind != "champion" and not str(self.version or "").isdigit():
             raise ValueError(f"a {self.kind} request needs a version number, got {self.version!r}")
 
@@ -130,6 +136,7 @@ class Plan:
     version: str | None
     reason: str
     promote: bool = False
+    strategy: Strategy = "direct"
 
 
 def plan(
@@ -139,12 +146,15 @@ def plan(
     live: Live,
     failed: Mapping[str, str] | None = None,
     judged_here: tuple[str, str] | None = None,
+    strategy: Strategy = "direct",
 ) -> Plan:
     """What to do, from the request and the state read while holding the rollout lock.
 
     ``failed`` holds the target version's ``rollout.failed``/``rollout.failed_by`` tags, if
-    any; ``judged_here`` a (version, reason) this very run already failed verification of.
-    Pure: every rule of the rollout path's decision is here and tested as a table.
+    any; ``judged_here`` a (version, reason) this very run already failed verification of;
+    ``strategy`` the run's (a shadow or canary needs a healthy other version live to be
+    compared with: else the deploy is direct). Pure: every rule of the rollout path's
+    decision is here and tested as a table.
     """
     failed = failed or {}
     if judged_here is not None:
@@ -189,7 +199,11 @@ def plan(
         if live.version
         else ("nothing")
     )
-    return Plan("deploy", target, f"deploying v{target}; live now: {now}", promote)
+    reason = f"deploying v{target}; live now: {now}"
+    if strategy != "direct" and not live.healthy:
+        reason += f"; {strategy} needs a healthy version live to compare with: direct"
+        strategy = "direct"
+    return Plan("deploy", target, reason, promote, strategy)
 
 
 @dataclass
@@ -215,10 +229,12 @@ def run(
     *,
     tracking_uri: str,
     lock_holder: str | None = None,
+    settings: Any = None,
 ) -> Outcome:
     """Roll out what ``request`` asks for on ``target``; see the module docstring.
 
-    Raises :class:`VerificationFailed` (a verdict: tagged, restored) or :class:`RolloutError`
+    ``settings`` (``DeploySettings``): the strategy, its steps and the judge's thresholds
+    (None: direct). Raises a :class:`Verdict` (tagged, restored) or :class:`RolloutError`
     (anything else: nothing tagged; retry).
     """
     from ml.registry import Registry
@@ -256,10 +272,12 @@ def run(
             live=live,
             failed=failed,
             judged_here=_judged_here(reg, request),
+            strategy=request.strategy or (settings.rollout_strategy if settings else "direct"),
         )
         step(
             f"plan: {decision.action} ({decision.reason}); @champion {_v(champion)}, live "
             f"{_v(live.version)}{'' if live.healthy else ' (not healthy)'}"
+            + (f"; strategy {decision.strategy}" if decision.action == "deploy" else "")
         )
         outcome = Outcome(
             status="skipped",
@@ -290,7 +308,20 @@ def run(
             except VerificationFailed as exc:
                 step(f"live v{version} answers wrongly ({exc}): deploying it afresh")
                 decision = Plan("deploy", version, "redeploy", decision.promote)
-        if decision.action == "deploy":
+        if decision.action == "deploy" and decision.strategy != "direct":
+            from serving.deploy.progressive import roll_out
+
+            live_uri = f"models:/{reg.name}/{live.version}"
+            try:
+                result = roll_out(target, settings, decision.strategy, version=version,
+                                  model_uri=model_uri, live_uri=live_uri, rows=rows, reg=reg,
+                                  step=step)  # fmt: skip
+            except Verdict as exc:  # the traffic is back on the live version already
+                _verdict(reg, registry, target, request, version, str(exc), None, step,
+                         restored=live.version)  # fmt: skip
+                raise
+            outcome.verification, outcome.status = result["verification"], "rolled_out"
+        elif decision.action == "deploy":
             # What to go back to if the new version fails verification: what served before.
             restore_to = live.version if live.healthy and live.version != version else None
             if restore_to is None and champion not in (None, version):
@@ -490,7 +521,7 @@ def run_request(
     if not isinstance(request, Request):
         request = Request.from_dict(request)
     target = make_target(deploy, tracking_uri=tracking_uri)
-    return run(request, target, registry, tracking_uri=tracking_uri).to_dict()
+    return run(request, target, registry, tracking_uri=tracking_uri, settings=deploy).to_dict()
 
 
 # -- observing (reconcile, deploy_model's quick check) -------------------------------------------

@@ -70,11 +70,12 @@ class DeploySettings(BaseSettings):
         description="How long each shadow or canary step lasts before the judge decides.",
     )
     judge_min_requests: int = Field(
-        50,
+        300,
         ge=1,
         title="Requests needed to judge",
         description="A step whose candidate answered fewer requests over the judged minute "
-        "cannot be judged: the rollout stops as a fault (retried), never promoting unjudged.",
+        "cannot be judged: the rollout stops as a fault (retried), never promoting unjudged. "
+        "The PSI of n predictions from one distribution is ~9/n by chance alone (10 bins).",
     )
     judge_error_ratio: float = Field(
         0.01,

@@ -17,13 +17,17 @@ import fcntl
 import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 log = logging.getLogger("serving.proxy")
 
@@ -39,6 +43,11 @@ SUPERVISE_EVERY_S = 1.0
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 # A restarted server that stays up this long resets the backoff.
 STABLE_AFTER_S = 60.0
+_LOG_TAIL_LINES = 30
+_STOP_TIMEOUT_S = 10.0
+# Children we started from this process: kept referenced so they are reaped (no zombies, no
+# "subprocess still running" warnings) and so liveness checks can use poll().
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 class Supervisor:
@@ -164,3 +173,150 @@ def _is_server(pid: Any, active: dict[str, Any]) -> bool:
     except psutil.AccessDenied:
         return True
     return "serving.server" in argv and str(active.get("port")) in argv
+
+
+# -- process and file helpers of the local target (no state) ---------------------------------
+
+
+def _try_flock(fh: Any) -> bool:
+    """Take the exclusive lock on an open file if it is free (never blocks)."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def spawn(cmd: list[str], *, env: dict[str, str], stdout: Any) -> subprocess.Popen[bytes]:
+    """:func:`start_detached`, kept referenced so it is reaped and ``poll()`` works."""
+    proc = start_detached(cmd, env=env, stdout=stdout)
+    _CHILDREN[proc.pid] = proc
+    return proc
+
+
+def _alive(pid: int) -> bool:
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        _CHILDREN.pop(pid, None)
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def process_is(pid: int | None, *markers: str) -> bool:
+    """``pid`` is alive and its argv holds every marker as a whole argument (pid-reuse guard)."""
+    if not pid or pid <= 1 or not _alive(pid):
+        return False
+    try:
+        argv = psutil.Process(pid).cmdline()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # someone else's process: trust the pidfile
+    return all(m in argv for m in markers)
+
+
+def _live_pid(pidfile: Path, *markers: str) -> int | None:
+    """The pid in ``pidfile`` if that process is alive and still looks like ours.
+
+    The marker check guards against pid reuse: a stale pidfile must never make us signal an
+    unrelated process that happens to have the same pid now. Markers are whole arguments
+    (``serve`` must not match ``serving``).
+    """
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not _alive(pid):
+        return None
+    if not process_is(pid, *markers):
+        log.warning("%s names pid %s, which is not ours; ignoring it", pidfile, pid)
+        return None
+    return pid
+
+
+def stop_group(pid: int, timeout_s: float = _STOP_TIMEOUT_S) -> None:
+    """SIGTERM the process group led by ``pid`` (or just ``pid``), wait, then SIGKILL."""
+    try:
+        leader = psutil.Process(pid)
+        group = os.getpgid(pid) == pid  # only signal a whole group we lead
+        members = [leader, *leader.children(recursive=True)]
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        _reap(pid)
+        return
+
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+
+    send(signal.SIGTERM)
+    _reap(pid, wait=False)
+    _, alive = psutil.wait_procs(members, timeout=timeout_s)
+    if alive:
+        log.warning("pid %s did not stop on SIGTERM within %.0fs: SIGKILL", pid, timeout_s)
+        send(signal.SIGKILL)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5.0)
+    _reap(pid)
+
+
+def _reap(pid: int, *, wait: bool = True) -> None:
+    """Collect our own child's exit status, so it does not linger as a zombie."""
+    child = _CHILDREN.get(pid)
+    if child is None:
+        return
+    if wait:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=1.0)
+        _CHILDREN.pop(pid, None)
+    else:
+        child.poll()
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout_s`` passed (False)."""
+    retrying = Retrying(
+        stop=stop_after_delay(timeout_s),
+        wait=wait_fixed(interval_s),
+        retry=retry_if_result(lambda ok: not ok),
+        retry_error_callback=lambda state: False,
+    )
+    return retrying(lambda: bool(predicate()))
+
+
+def _accepting(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

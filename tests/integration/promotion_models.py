@@ -36,8 +36,11 @@ class Noisy(PythonModel):
         return np.random.default_rng().normal(size=len(model_input))
 
 
-def log_version(model: PythonModel, registered_name: str) -> str:
-    """Log ``model`` in a new run of the active experiment and register it; returns the version."""
+def log_version(model: PythonModel, registered_name: str, profile: dict | None = None) -> str:
+    """Log ``model`` in a new run of the active experiment and register it; returns the version.
+
+    ``profile``: a drift profile (``ml.drift.profile_frame``) logged with the run, as training
+    does: the model server takes its histogram buckets from it."""
     import cloudpickle
     import mlflow
 
@@ -45,6 +48,8 @@ def log_version(model: PythonModel, registered_name: str) -> str:
 
     cloudpickle.register_pickle_by_value(this_module)
     with mlflow.start_run():
+        if profile is not None:
+            mlflow.log_dict(profile, "drift/profile.json")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=model,

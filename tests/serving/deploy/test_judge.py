@@ -73,7 +73,7 @@ def test_a_prometheus_that_does_not_answer_is_a_fault(free_ports):
     (port,) = free_ports(1)
     settings = DeploySettings(prometheus_url=f"http://127.0.0.1:{port}")
     with pytest.raises(RolloutError, match="did not answer"):
-        Judge(settings, retry_s=0.3).judge("canary 5%", shadow=False)
+        Judge(settings, retry_s=0.3).judge("canary 5%", shadow=False, catch_up_s=0)
     with pytest.raises(RolloutError, match="needs prometheus_url"):
         Judge(DeploySettings())
 
@@ -84,3 +84,31 @@ def test_a_namespace_narrows_every_query():
     )
     latency = check_query("latency", SETTINGS, "ml-serving")
     assert latency.count('namespace="ml-serving"') == 2 and 'track="stable"' in latency
+
+
+def test_the_judge_asks_again_while_prometheus_catches_up_with_the_step(monkeypatch):
+    """At the end of a step Prometheus is a scrape and a rule evaluation behind: no requests
+    yet, then no PSI yet, then everything: judged on everything."""
+    rounds = [
+        prometheus({}),
+        prometheus({"requests": 10.0, "errors": 0.0, "latency": 0.004}),
+        prometheus(
+            {"requests": 10.0, "errors": 0.0, "latency": 0.004, "prediction": 0.3},
+            failing={"prediction"},
+        ),
+    ]
+    asked: list[float] = []
+
+    def query(self, client, expr, *, at):
+        if not asked or asked[-1] != at:
+            asked.append(at)
+        return rounds[min(len(asked), len(rounds)) - 1](expr)
+
+    monkeypatch.setattr(Judge, "_query", query)
+    monkeypatch.setattr("serving.deploy.judge.time.sleep", lambda s: None)
+    judge = Judge(DeploySettings(prometheus_url="http://prometheus", judge_min_requests=50))
+    judgement = judge.judge("canary 5%", shadow=False)
+    assert len(asked) == 3 and judgement.failed == ["prediction"]
+    asked.clear()
+    with pytest.raises(RolloutError, match="fewer than judge_min_requests"):
+        judge.judge("canary 5%", shadow=False, catch_up_s=0)

@@ -159,6 +159,13 @@ def test_the_rule_file_passes_promtool_check(promtool):
     assert result.returncode == 0, result.stdout
 
 
+def test_every_measure_is_over_the_window_the_judge_waits_for():
+    from serving.deploy.judge import WINDOW_S
+
+    ranges = set(re.findall(r"\[(\w+)\]", RULES.read_text()))
+    assert ranges == {f"{WINDOW_S // 60}m"}
+
+
 def test_every_check_has_a_firing_and_a_quiet_case():
     assert {c for c, fires, _ in CASES if fires} == set(CHECKS)
     assert {c for c, fires, _ in CASES if not fires} == set(CHECKS)

@@ -72,6 +72,14 @@ KNOBS: dict[str, tuple[type[BaseSettings], str]] = {
     "force_deploy": (GateSettings, "force_deploy"),
     "deploy_target": (DeploySettings, "target"),
 }
+# How a version goes live (serving.deploy.progressive) and what its judge allows: the fields
+# of the same name, on both deploying DAGs' forms.
+ROLLOUT_KNOBS = (
+    "rollout_strategy", "shadow_share", "canary_steps", "canary_bake_s", "judge_min_requests",
+    "judge_error_ratio", "judge_p99_ratio", "judge_p99_slack_s", "judge_psi",
+    "judge_shadow_diff_p99",
+)  # fmt: skip
+KNOBS |= {name: (DeploySettings, name) for name in ROLLOUT_KNOBS}
 
 # Text a trigger form shows that its settings field does not say yet. DeploySettings.target
 # has no title or description (serving/deploy/settings.py): move these there, then delete this.
@@ -116,7 +124,7 @@ def pipeline_params() -> dict[str, Param]:
             description="Train even when @champion was trained on the same data digest, code "
             "version and parameters (otherwise the run ends at `unchanged`).",
         ),
-        **knob_params("deploy_target"),
+        **knob_params("deploy_target", *ROLLOUT_KNOBS),
     }
 
 
@@ -288,11 +296,18 @@ def rollout_tasks(request: Any) -> tuple[Any, Any]:
     def rollout_pod() -> dict[str, Any]:
         from serving.deploy.pods import rollout_pod_kwargs
 
+        prefix = DeploySettings.model_config["env_prefix"]
         return rollout_pod_kwargs(
             deploy,
             registry=RegistrySettings(),
             request=request,
             tracking_uri="{{ mlflow_tracking_uri() }}",
+            # The run's strategy and judge: its Params, rendered into the pod's env.
+            env={
+                f"{prefix}{field.upper()}": template
+                for field, template in param_templates(DeploySettings).items()
+                if field != "target"
+            },
         )
 
     rollout_kubernetes = pod_task(
@@ -366,7 +381,7 @@ def deploy_model_params() -> dict[str, Param]:
             f"{registry.champion_alias} at it: the rollback path (also for a version whose "
             f"rollout failed before). Empty: deploy what @{registry.champion_alias} names now.",
         ),
-        **knob_params("deploy_target"),
+        **knob_params("deploy_target", *ROLLOUT_KNOBS),
         "reason": Param(
             "",
             type="string",

@@ -6,9 +6,9 @@ Airflow trigger forms (``dags/_support.py``) and ``python -m ml`` need is derive
 settings' JSON schema (``model_json_schema()``), never written a second time:
 
 - :func:`field_schema`: a field as JSON schema (``type``, ``minimum``/``maximum``/
-  ``exclusiveMinimum``/``exclusiveMaximum``, ``enum`` for a ``Literal``, ``title``,
-  ``description``) with the deployment's value (env vars included) as ``default``: what an
-  Airflow ``Param`` takes.
+  ``exclusiveMinimum``/``exclusiveMaximum``, ``enum`` for a ``Literal``, ``items`` and
+  ``minItems`` for a list of scalars, ``title``, ``description``) with the deployment's value
+  (env vars included) as ``default``: what an Airflow ``Param`` takes.
 - :func:`add_cli_options` / :func:`cli_overrides`: ``--<field>`` options of a settings class
   and the settings they give. An option left out keeps the setting; a value out of bounds is
   refused when the settings are validated, naming the field.
@@ -36,6 +36,8 @@ _SCHEMA_KEYS = (
     "exclusiveMaximum",
     "minLength",
     "maxLength",
+    "items",
+    "minItems",
     "title",
     "description",
 )
@@ -55,8 +57,9 @@ def property_schema(cls: type[BaseSettings], field: str) -> dict[str, Any]:
         if len(values) != 1 or len(variants) != 2:
             raise ValueError(f"{cls.__name__}.{field}: only `X | None` unions are supported")
         prop = {**values[0], **prop, "type": ["null", values[0].get("type")]}
-    if prop.get("type") in (None, "array", "object") or "$ref" in prop:
-        raise ValueError(f"{cls.__name__}.{field}: not a scalar field ({prop})")
+    scalar = prop.get("items", {}) if prop.get("type") == "array" else prop
+    if scalar.get("type") in (None, "array", "object") or "$ref" in prop:
+        raise ValueError(f"{cls.__name__}.{field}: not a scalar field or list of scalars ({prop})")
     return {key: prop[key] for key in _SCHEMA_KEYS if key in prop}
 
 

@@ -6,6 +6,7 @@ and people.
     python -m serving.deploy stop                        # stop proxy + model servers
     python -m serving.deploy resume                      # start them again, same version
     python -m serving.deploy rollout --version 3 --target local    # deploy/roll back by hand
+    python -m serving.deploy rollout --version 4 --strategy canary # judged on live traffic
     python -m serving.deploy rollout --request '{"kind": "champion"}'   # the rollout pod
     python -m serving.deploy verify --model-uri models:/regression-model/3 [--data holdout.parquet]
     python -m serving.deploy render --model-uri models:/regression-model/3 --version 3   # YAML
@@ -147,6 +148,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             request = Request("version", str(args.version), reason=reason)
         else:
             request = Request.from_dict(args.request or '{"kind": "champion"}')
+        if args.strategy:
+            request = Request(**{**request.to_dict(), "strategy": args.strategy})
     except (ValueError, TypeError) as exc:
         log.error("bad rollout request: %s", exc)
         return EXIT_REFUSED
@@ -291,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         "deploy what @champion names",
     )
     p.add_argument("--reason", help="why, in words: logged and written into the version's tags")
+    p.add_argument(
+        "--strategy",
+        choices=("direct", "shadow", "canary"),
+        help="how the version goes live (default: the request's, else "
+        "PIPELINE_DEPLOY_ROLLOUT_STRATEGY); direct: at once, without the judge",
+    )
     p.add_argument(
         "--target",
         choices=("local", "kubernetes"),

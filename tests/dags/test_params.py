@@ -13,17 +13,25 @@ import ast
 from pathlib import Path
 
 import pytest
-from _support import KNOBS, data_settings, deploy_settings, gate_settings, training_settings
+from _support import (
+    KNOBS,
+    ROLLOUT_KNOBS,
+    data_settings,
+    deploy_settings,
+    gate_settings,
+    training_settings,
+)
 
 from ml import settings as ml_settings
 from serving.deploy.settings import DeploySettings
 from tests.dags.conftest import DAGS_DIR, load_dag
 
 REPO = DAGS_DIR.parent
-BOUNDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+BOUNDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+          "items", "minItems")  # fmt: skip
 DAG_KNOBS = {
     "train_and_deploy": [name for name in KNOBS],
-    "deploy_model": ["deploy_target"],
+    "deploy_model": ["deploy_target", *ROLLOUT_KNOBS],
 }
 SETTINGS_CLASSES = [
     ml_settings.DataSettings,
@@ -43,13 +51,16 @@ def _declared(name: str) -> dict:
 def _other_value(name: str):
     """A valid value of the knob ``name`` that is not its built-in default."""
     declared = _declared(name)
-    default = declared["default"]
+    cls, field = KNOBS[name]
+    default = cls.model_fields[field].get_default(call_default_factory=True)
     if "enum" in declared:
         return next(v for v in declared["enum"] if v != default)
     if declared["type"] == "boolean":
         return not default
     if declared["type"] == "integer":
         return default + 1 if default + 1 <= declared.get("maximum", default + 1) else default - 1
+    if declared["type"] == "array":
+        return default[:-1]  # lists here: of several numbers
     return default / 2  # numbers here: positive defaults, bounds around them
 
 

@@ -46,9 +46,13 @@ def test_an_optional_field_is_null_or_its_type_with_its_bounds():
     assert schema["minimum"] == declared["minimum"]
 
 
-def test_lists_and_unknown_fields_are_refused():
-    with pytest.raises(ValueError, match="hidden_units"):
-        property_schema(TrainingSettings, "hidden_units")
+def test_a_list_of_numbers_is_an_array_and_objects_and_unknown_fields_are_refused():
+    from serving.deploy.settings import DeploySettings
+
+    schema = property_schema(DeploySettings, "canary_steps")
+    assert (schema["type"], schema["items"], schema["minItems"]) == ("array", {"type": "number"}, 1)
+    with pytest.raises(ValueError, match="monitoring_labels"):
+        property_schema(DeploySettings, "monitoring_labels")
     with pytest.raises(KeyError, match="epoch"):
         property_schema(TrainingSettings, "epoch")
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -154,6 +155,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         log.error("bad rollout request: %s", exc)
         return EXIT_REFUSED
     settings = with_overrides(_k8s_settings(args), target=args.target)
+
+    def stopped(signum: int, frame: Any) -> None:
+        # A deleted rollout pod (or `kill`): the steps end as a fault, and a canary's traffic
+        # goes back to the live version on the way out.
+        raise RolloutError(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stopped)
     try:
         result = run_request(
             request, settings, RegistrySettings(), tracking_uri=args.tracking_uri or tracking_uri()
@@ -167,6 +175,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     except RolloutError as exc:
         log.error("FAULT (nothing marked bad; retry): %s", exc)
         return EXIT_FAULT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _print(result)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

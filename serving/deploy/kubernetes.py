@@ -242,6 +242,9 @@ class KubernetesTarget:
             "ready_s": round(time.monotonic() - started, 1),
         }
 
+    def drop_candidate(self) -> None:
+        """No candidate runs beside the live version on this target (yet)."""
+
     def withdraw(self) -> None:
         self.api.scale(0)
         log.warning("%s scaled to zero replicas: the endpoint serves nothing", self.api.name)

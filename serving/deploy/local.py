@@ -281,6 +281,8 @@ class LocalTarget:
 
     def drop_candidate(self) -> None:
         """Every request back on the live version at once, then the candidate stops."""
+        if not (self.read_active() or {}).get("candidate"):
+            return
         with self._deploy_lock():
             active = self.read_active()
             if not active or not active.get("candidate"):

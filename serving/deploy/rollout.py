@@ -250,6 +250,9 @@ def run(
     holder = lock_holder or request.reason or request.kind
     with target.lock(holder):
         step(f"rollout slot held on the {target.name} target ({holder})")
+        # A candidate left by a rollout that was killed outright (no chance to take it out):
+        # every request back on the live version before anything is decided.
+        target.drop_candidate()
         try:
             champion_info = reg.champion()
         except Exception as exc:  # the registry is down: not a verdict

@@ -71,8 +71,8 @@ class Callers:
                 except httpx.HTTPError as exc:
                     self.errors.append(repr(exc))
 
-    def versions_since(self, t: float) -> set[str]:
-        return {version for at, version in list(self.answers) if at >= t}
+    def versions_since(self, t: float, until: float = float("inf")) -> set[str]:
+        return {version for at, version in list(self.answers) if t <= at < until}
 
     def __enter__(self) -> Callers:
         self._thread.start()
@@ -171,8 +171,22 @@ def test_a_good_version_earns_its_traffic_and_a_shifted_one_is_caught(mlflow_sto
                     settings=settings.model_copy(update={"shadow_share": 0.0}))  # fmt: skip
             caught = time.monotonic()
             time.sleep(2)
+            assert shifted not in callers.versions_since(caught + 0.5), "traffic stayed on it"
+
+            # A rollout killed outright (SIGKILL) leaves its candidate taking traffic: the next
+            # rollout, whatever it is, puts every request back on the live version first.
+            target.start_candidate(f"models:/{MODEL}/{shifted}", shifted,
+                                   live_uri=f"models:/{MODEL}/{good}")  # fmt: skip
+            target.route(0.5, 0.0)
+            time.sleep(1)
+            assert shifted in callers.versions_since(time.monotonic() - 1)
+            again = run(Request("version", good), target, registry, tracking_uri=mlflow_store,
+                        settings=settings)  # fmt: skip
+            assert again.status == "unchanged"
+            cleaned = time.monotonic()
+            time.sleep(1)
+            assert shifted not in callers.versions_since(cleaned)
         assert callers.errors == [], callers.errors[:5]
-        assert shifted not in callers.versions_since(caught + 0.5), "traffic stayed on it"
         assert target.live().version == good
         version = MlflowClient().get_model_version(MODEL, shifted)
         assert "canary step 1 (canary 50%) failed on prediction" in version.tags["rollout.failed"]

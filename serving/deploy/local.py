@@ -96,6 +96,7 @@ class LocalTarget:
     """Deploy a registered model version as a local process behind the front proxy."""
 
     name = "local"
+    mirrors = True  # the front proxy mirrors a shadow's share
 
     def __init__(
         self, settings: DeploySettings, tracking_uri: str, *, drain_s: float = 2.0

@@ -5,8 +5,11 @@
     Namespace              Pod Security Admission labels: the namespace enforces `restricted`
     ServiceAccount x2      the model server's (no API token) and the rollout pod's
     Role, RoleBinding      what the rollout pod may do: get/patch THE Deployment, list RS/pods
-    Service                ClusterIP, port 80 -> the server's 8080 (`http`)
-    Deployment             the serving image pinned to ``models:/<name>/<version>``
+    Service                ClusterIP, port 80 -> the server's 8080 (`http`); and one per track,
+                           ``<name>-stable`` and ``<name>-canary`` (serving.deploy.canary)
+    Deployment             the serving image pinned to ``models:/<name>/<version>``; and its
+                           canary ``<name>-canary`` at 0 replicas
+    HTTPRoute              with ``gateway_name``: the Gateway to the tracks (canary weights)
     HorizontalPodAutoscaler autoscaling/v2 on CPU
     PodDisruptionBudget    at most one pod voluntarily down at a time
     NetworkPolicy          ingress only from this namespace and the configured client namespaces
@@ -39,6 +42,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from serving.deploy.canary import (
+    TRACK_LABEL,
+    canary_deployment,
+    canary_name,
+    http_route,
+    track_services,
+)
 from serving.deploy.settings import DeploySettings
 from serving.server.contract import MODEL_URI_ENV
 
@@ -176,15 +186,27 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
 
     - ``deployments``: ``get`` and ``watch`` (the live revision and the rollout's progress;
       a watch of one object by ``fieldSelector=metadata.name``) and ``patch`` (server-side
-      apply), only on the one Deployment (``resourceNames``); ``deployments/scale``: ``patch``
-      (withdraw: scale to zero, and back). No ``create`` (an administrator bootstraps the
-      Deployment), no ``list``, no ``delete``, no ``update``.
+      apply), only on the serving Deployment and its canary (``resourceNames``);
+      ``deployments/scale``: ``patch`` (withdraw: scale to zero, and back; the canary's
+      steps). No ``create`` (an administrator bootstraps both), no ``list``, no ``delete``,
+      no ``update``.
+    - ``httproutes`` (with a Gateway): ``get`` and ``patch`` of the one HTTPRoute: a canary's
+      weight and a shadow's mirror.
     - ``replicasets``, ``pods``: ``list`` only, to tell a stuck rollout's reason (image pull
       errors, crash loops) and to find the previous revision's template. ``list`` cannot be
       narrowed by name; both are read-only.
     The token is not mounted by default: the rollout pod asks for it explicitly.
     """
     name = settings.service_account
+    deployments = [settings.deployment_name, canary_name(settings)]
+    routes = [
+        {
+            "apiGroups": ["gateway.networking.k8s.io"],
+            "resources": ["httproutes"],
+            "resourceNames": [settings.deployment_name],
+            "verbs": ["get", "patch"],
+        }
+    ]
     return [
         {
             "apiVersion": "v1",
@@ -200,13 +222,13 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
                 {
                     "apiGroups": ["apps"],
                     "resources": ["deployments"],
-                    "resourceNames": [settings.deployment_name],
+                    "resourceNames": deployments,
                     "verbs": ["get", "watch", "patch"],
                 },
                 {
                     "apiGroups": ["apps"],
                     "resources": ["deployments/scale"],
-                    "resourceNames": [settings.deployment_name],
+                    "resourceNames": deployments,
                     "verbs": ["patch"],
                 },
                 {
@@ -219,6 +241,7 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
                     "resources": ["pods"],
                     "verbs": ["list"],
                 },
+                *(routes if settings.gateway_name else []),
             ],
         },
         {
@@ -258,6 +281,8 @@ def deployment(
     _, version = parse_pinned_uri(model_uri, version)
     annotations = {MODEL_URI_ANNOTATION: model_uri, MODEL_VERSION_ANNOTATION: version}
     version_label = {VERSION_LABEL: label_value(version)}
+    # The stable track; a canary beside it is `canary` (serving.deploy.canary).
+    pod_labels = {**version_label, TRACK_LABEL: "stable"}
     probe_get = {"port": "http", "scheme": "HTTP"}
     container = {
         "name": CONTAINER_NAME,
@@ -357,7 +382,7 @@ def deployment(
             "revisionHistoryLimit": 5,
             "template": {
                 "metadata": {
-                    "labels": _labels(settings, "serving", **version_label),
+                    "labels": _labels(settings, "serving", **pod_labels),
                     "annotations": dict(annotations),
                 },
                 "spec": {
@@ -489,6 +514,8 @@ def service_monitor(settings: DeploySettings) -> dict[str, Any]:
             # job="model-server" (the Service's app.kubernetes.io/name), as in the local
             # Prometheus: the alert rules and the dashboard select the server by it.
             "jobLabel": JOB_LABEL_SOURCE,
+            # stable or canary: what the rollout judge compares (rollout-judge.yml).
+            "podTargetLabels": [TRACK_LABEL],
             "selector": {"matchLabels": selector_labels(settings)},
             "namespaceSelector": {"matchNames": [settings.namespace]},
             "endpoints": [
@@ -742,7 +769,12 @@ def render(
     objects.append(server_service_account(settings))
     objects.extend(rollout_rbac(settings))
     objects.append(service(settings))
-    objects.append(deployment(settings, model_uri, version, tracking_uri=tracking_uri))
+    objects.extend(track_services(service(settings)))
+    serving = deployment(settings, model_uri, version, tracking_uri=tracking_uri)
+    objects.append(serving)
+    objects.append(canary_deployment(serving, live_uri=model_uri, replicas=0))
+    if settings.gateway_name:
+        objects.append(http_route(service(settings), settings.gateway_name))
     objects.append(horizontal_pod_autoscaler(settings))
     objects.append(pod_disruption_budget(settings))
     objects.append(network_policy(settings))
@@ -768,6 +800,7 @@ BASE_FILES: dict[str, tuple[str, ...]] = {
     "rbac.yaml": ("ServiceAccount", "Role", "RoleBinding"),
     "service.yaml": ("Service",),
     "deployment.yaml": ("Deployment",),
+    "httproute.yaml": ("HTTPRoute",),
     "autoscaling.yaml": ("HorizontalPodAutoscaler", "PodDisruptionBudget"),
     "networkpolicy.yaml": ("NetworkPolicy",),
     "monitoring.yaml": ("ServiceMonitor", "PrometheusRule"),

@@ -56,14 +56,17 @@ class StepFailed(Verdict):
     """A shadow or canary step ran and the judge failed the candidate."""
 
 
-def steps(strategy: str, settings: DeploySettings) -> list[Step]:
-    """The steps of a ``shadow`` or ``canary`` rollout (``direct`` has none)."""
+def steps(strategy: str, settings: DeploySettings, *, mirrors: bool = True) -> list[Step]:
+    """The steps of a ``shadow`` or ``canary`` rollout (``direct`` has none) on a target that
+    can mirror requests or not (Kubernetes without a Gateway: a canary has no shadow step)."""
     if strategy == "direct":
         return []
-    shadow = [Step("shadow", mirror=settings.shadow_share)] if settings.shadow_share else []
+    share = settings.shadow_share if mirrors else 0.0
+    shadow = [Step("shadow", mirror=share)] if share else []
+    if strategy == "shadow" and not shadow:
+        why = "shadow_share above 0" if mirrors else "a target that mirrors (gateway_name)"
+        raise RequestRejected(f"a shadow rollout needs {why}")
     if strategy == "shadow":
-        if not shadow:
-            raise RequestRejected("a shadow rollout needs shadow_share above 0")
         return shadow
     return shadow + [Step(f"canary {p:g}%", weight=p / 100) for p in settings.canary_steps]
 
@@ -86,7 +89,7 @@ def roll_out(
     docstring. Returns its verification and the steps' judgements; raises
     :class:`~serving.deploy.target.VerificationFailed` or :class:`StepFailed` (verdicts:
     traffic already back on the live version), or a fault."""
-    planned = steps(strategy, settings)
+    planned = steps(strategy, settings, mirrors=target.mirrors)
     judge = Judge(settings, namespace=settings.namespace if target.name == "kubernetes" else None)
     detail = target.start_candidate(model_uri, version, live_uri=live_uri)
     # The judge looks at the last WINDOW_S: not before a whole window of this candidate's own

@@ -134,6 +134,18 @@ class DeploySettings(BaseSettings):
         "the kubernetes target. The rollout pod always verifies through the in-cluster "
         "Service (it is not passed to the pod).",
     )
+    gateway_name: str | None = Field(
+        None,
+        description="The Gateway (Gateway API; `name` or `namespace/name`) clients reach the "
+        "model server through: the HTTPRoute of the same name as the Deployment then carries "
+        "a canary's weight and a shadow's RequestMirror. Without one, the Service splits the "
+        "requests by replica ratio and a canary has no shadow step.",
+    )
+    canary_url: str | None = Field(
+        None,
+        description="Base URL of the canary's own Service as the rollout reaches it (the "
+        "candidate is verified there); defaults to its in-cluster DNS name.",
+    )
     # kubernetes target: the serving Deployment (serving.manifests) and the rollout
     # (serving.rollout). Defaults are sized from measurements: docs/operations.md.
     min_replicas: int = Field(2, ge=1, description="HPA floor; 2 keeps one pod up in drains.")

@@ -99,6 +99,8 @@ class Target(Protocol):
         """Stop serving: after a failed rollout with nothing good to go back to."""
 
     # A candidate beside the live version (shadow and canary: serving.deploy.progressive).
+    # mirrors: whether a shadow step can send it mirrored requests.
+    mirrors: bool
 
     @property
     def candidate_endpoint(self) -> str:

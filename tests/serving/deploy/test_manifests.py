@@ -63,8 +63,14 @@ def by_kind(objects: list[dict], kind: str) -> list[dict]:
 
 
 def one(objects: list[dict], kind: str) -> dict:
-    (obj,) = by_kind(objects, kind)
+    """The serving object of ``kind`` (not the canary's or a track's: test_canary.py)."""
+    (obj,) = [
+        o for o in by_kind(objects, kind) if not o["metadata"]["name"].endswith(TRACK_SUFFIXES)
+    ]
     return obj
+
+
+TRACK_SUFFIXES = ("-canary", "-stable")
 
 
 # -- schemas --------------------------------------------------------------------------------------

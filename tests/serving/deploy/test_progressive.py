@@ -31,10 +31,15 @@ def test_the_steps_of_each_strategy():
     assert steps("canary", no_shadow) == [Step("canary 10%", 0.1), Step("canary 90%", 0.9)]
     with pytest.raises(RequestRejected, match="shadow_share"):
         steps("shadow", no_shadow)
+    # Kubernetes without a Gateway cannot mirror: a canary starts at its first step.
+    assert steps("canary", SETTINGS, mirrors=False)[0] == Step("canary 5%", weight=0.05)
+    with pytest.raises(RequestRejected, match="gateway_name"):
+        steps("shadow", SETTINGS, mirrors=False)
 
 
 class Target:
     name = "local"
+    mirrors = True
     candidate_endpoint = "http://candidate"
 
     def __init__(self, healthy: bool = True) -> None:

@@ -19,7 +19,9 @@ decision is always taken on the state it acts on:
 1. read ``@champion`` and what the target serves (version, healthy or not);
 2. :func:`plan` (pure): skip, check what is live, or deploy;
 3. deploy (the target keeps the old version serving until the new one is ready), then
-   verify the endpoint on the version's fixed rows (:mod:`serving.deploy.verify`);
+   verify the endpoint on the version's fixed rows (:mod:`serving.deploy.verify`); with the
+   strategy ``shadow`` or ``canary`` the version is started and verified beside the live one
+   and earns its traffic in judged steps first (:mod:`serving.deploy.progressive`);
 4. verified: move ``@champion`` to it when the request says so (only if nobody moved the
    alias meanwhile), drop ``@challenger``;
 5. verification ran and failed: that is a verdict. Tag the version ``rollout.failed`` with the

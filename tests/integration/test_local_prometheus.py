@@ -41,6 +41,7 @@ pytestmark = pytest.mark.integration
 
 MODEL_NAME = "prometheus-local"
 RULES = REPO / "docker" / "prometheus" / "rules.yml"
+JUDGE_RULES = REPO / "docker" / "prometheus" / "rollout-judge.yml"
 WAIT_S = 60.0
 
 # A model from code: the server process imports this file, never the test module.
@@ -236,7 +237,7 @@ def _targets(url: str) -> str:
 def test_the_stack_starts_prometheus_as_a_private_service(prometheus):
     state = prometheus["state"]
     config = yaml.safe_load((state / "prometheus" / "prometheus.yml").read_text())
-    assert config["rule_files"] == [str(RULES)]
+    assert config["rule_files"] == [str(RULES), str(JUDGE_RULES)]
     for path, mode in (
         (state / "prometheus" / "prometheus.yml", 0o600),
         (state / "prometheus", 0o700),
@@ -353,13 +354,17 @@ def test_the_project_alert_rules_are_evaluated_and_quiet(prometheus):
         states = [r for g in groups for r in g["rules"]]
         ok = all(
             r["health"] == "ok"
-            and r["state"] == "inactive"
+            and r.get("state", "inactive") == "inactive"  # recording rules have none
             and not r["lastEvaluation"].startswith("0001")  # the zero time: not yet
             for r in states
         )
         return groups if ok else None
 
-    groups = _wait(settled, "every rule evaluated, healthy and inactive", lambda: str(rules()))
+    loaded = _wait(settled, "every rule evaluated, healthy and inactive", lambda: str(rules()))
+    # The rollout judge's recording rules evaluate too (no rollout: no series, no error).
+    judge = [g for g in loaded if g["file"] == str(JUDGE_RULES)]
+    assert [g["name"] for g in judge] == ["rollout-judge"]
+    groups = [g for g in loaded if g["file"] != str(JUDGE_RULES)]
     assert [g["name"] for g in groups] == [g["name"] for g in expected]
     assert [g["file"] for g in groups] == [str(RULES)] * len(expected)
     assert [[r["name"] for r in g["rules"]] for g in groups] == [

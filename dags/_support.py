@@ -79,6 +79,15 @@ KNOBS: dict[str, tuple[type[BaseSettings], str]] = {
     "deploy_target": (DeploySettings, "target"),
     "batch_window_days": (BatchSettings, "window_days"),
 }
+# How a version goes live (serving.deploy.progressive) and what its judge allows: the fields
+# of the same name, on the forms of every DAG that rolls out (train_and_deploy, deploy_model,
+# gate_new_version).
+ROLLOUT_KNOBS = (
+    "rollout_strategy", "shadow_share", "canary_steps", "canary_bake_s", "judge_min_requests",
+    "judge_error_ratio", "judge_p99_ratio", "judge_p99_slack_s", "judge_psi",
+    "judge_shadow_diff_p99",
+)  # fmt: skip
+KNOBS |= {name: (DeploySettings, name) for name in ROLLOUT_KNOBS}
 
 # Text a trigger form shows that its settings field does not say yet. DeploySettings.target
 # has no title or description (serving/deploy/settings.py): move these there, then delete this.
@@ -124,7 +133,7 @@ def pipeline_params() -> dict[str, Param]:
             description="Train even when @champion was trained on the same data digest, code "
             "version and parameters (otherwise the run ends at `unchanged`).",
         ),
-        **knob_params("deploy_target"),
+        **knob_params("deploy_target", *ROLLOUT_KNOBS),
     }
 
 
@@ -405,11 +414,18 @@ def rollout_tasks(request: Any) -> tuple[Any, Any]:
     def rollout_pod() -> dict[str, Any]:
         from serving.deploy.pods import rollout_pod_kwargs
 
+        prefix = DeploySettings.model_config["env_prefix"]
         return rollout_pod_kwargs(
             deploy,
             registry=RegistrySettings(),
             request=request,
             tracking_uri="{{ mlflow_tracking_uri() }}",
+            # The run's strategy and judge: its Params, rendered into the pod's env.
+            env={
+                f"{prefix}{field.upper()}": template
+                for field, template in param_templates(DeploySettings).items()
+                if field != "target"
+            },
         )
 
     rollout_kubernetes = pod_task(
@@ -489,7 +505,7 @@ def deploy_model_params() -> dict[str, Param]:
             f"{registry.champion_alias} at it: the rollback path (also for a version whose "
             f"rollout failed before). Empty: deploy what @{registry.champion_alias} names now.",
         ),
-        **knob_params("deploy_target"),
+        **knob_params("deploy_target", *ROLLOUT_KNOBS),
         "reason": Param(
             "",
             type="string",
@@ -523,6 +539,8 @@ def gate_params() -> dict[str, Param]:
         **knob_params("data_window_days"),
         "data_end_date": window_end_param(),
         **knob_params("max_rmse", "min_r2", "max_regression", "require_approval", "deploy_target"),
+        # the same rollout tasks as the other deploying DAGs: the same strategy and judge
+        **knob_params(*ROLLOUT_KNOBS),
     }
 
 

@@ -19,7 +19,8 @@ live: a model logged from a notebook, a script, another team's job.
   refuses any version without a passed gate).
 * **decide**: of the versions that passed, the newest is rolled out; the same approval (the
   `require_approval` Param) and the same rollout tasks as `train_and_deploy`, in the
-  `model_rollout` pool. A promotion made meanwhile wins (the request is superseded).
+  `model_rollout` pool, with the same strategy and judge Params (`rollout_strategy`, ...). A
+  promotion made meanwhile wins (the request is superseded).
 """
 
 from __future__ import annotations

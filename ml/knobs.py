@@ -2,9 +2,10 @@
 
 Each knob is declared once, in the pydantic settings (``ml/settings.py``,
 ``serving/deploy/settings.py``); the Airflow trigger forms (``dags/_support.py``, via
-:func:`field_schema`: what a ``Param`` takes, with the deployment's value as default) and
-``python -m ml`` (:func:`add_cli_options` / :func:`cli_overrides`: an option left out keeps the
-setting, a value out of bounds is refused naming the field) derive theirs from its JSON schema.
+:func:`field_schema`: what a ``Param`` takes, with the deployment's value as default; a list of
+numbers is an array with ``items`` and ``minItems``) and ``python -m ml``
+(:func:`add_cli_options` / :func:`cli_overrides`: an option left out keeps the setting, a value
+out of bounds is refused naming the field) derive theirs from its JSON schema.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ S = TypeVar("S", bound=BaseSettings)
 # What a form or an option needs of a field's JSON schema.
 _SCHEMA_KEYS = (
     *("type", "enum", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"),
-    *("minLength", "maxLength", "title", "description"),
+    *("minLength", "maxLength", "items", "minItems", "title", "description"),
 )
 _CLI_TYPES = {"integer": int, "number": float, "string": str}
 
@@ -39,8 +40,9 @@ def property_schema(cls: type[BaseSettings], field: str) -> dict[str, Any]:
         if len(values) != 1 or len(variants) != 2:
             raise ValueError(f"{cls.__name__}.{field}: only `X | None` unions are supported")
         prop = {**values[0], **prop, "type": ["null", values[0].get("type")]}
-    if prop.get("type") in (None, "array", "object") or "$ref" in prop:
-        raise ValueError(f"{cls.__name__}.{field}: not a scalar field ({prop})")
+    scalar = prop.get("items", {}) if prop.get("type") == "array" else prop
+    if scalar.get("type") in (None, "array", "object") or "$ref" in prop:
+        raise ValueError(f"{cls.__name__}.{field}: not a scalar field or list of scalars ({prop})")
     return {key: prop[key] for key in _SCHEMA_KEYS if key in prop}
 
 

@@ -350,6 +350,16 @@ class Registry:
                 description=card.model_card(self.name, info.version, tags, info.run_id),
             )
 
+    def log_report(self, version: str, report: Mapping[str, Any], artifact_file: str) -> str:
+        """``report`` as JSON in the run of ``version`` (``artifact_file``, a path in its
+        artifacts); its ``runs:/`` URI, or "" for a version without a run."""
+        info = self._version(str(version))
+        if not info.run_id:
+            return ""
+        with self._call(f"log {artifact_file} of version {version}") as client:
+            client.log_dict(info.run_id, dict(report), artifact_file)
+        return f"runs:/{info.run_id}/{artifact_file}"
+
     def set_alias(self, alias: str, version: str) -> None:
         alias, version = alias.removeprefix("@"), str(version)
         with self._call(f"set alias @{alias} on {self.name!r}") as client:

@@ -104,6 +104,10 @@ def stack_env() -> dict[str, str]:
             "PIPELINE_DRIFT_PROMETHEUS_URL": env.get(
                 "PIPELINE_DRIFT_PROMETHEUS_URL", PROMETHEUS_URL
             ),
+            # The rollout judge (shadow and canary strategies) asks it too.
+            "PIPELINE_DEPLOY_PROMETHEUS_URL": env.get(
+                "PIPELINE_DEPLOY_PROMETHEUS_URL", PROMETHEUS_URL
+            ),
             "TF_CPP_MIN_LOG_LEVEL": "2",
             # MLflow 3 starts ~7 job-runner processes (GenAI jobs) by default; unused here.
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
@@ -262,6 +266,7 @@ def _prometheus_up() -> bool:
         say("Prometheus not started: no `prometheus` binary (scripts/install_prometheus.sh ")
         say("installs Debian's package; or set PROMETHEUS_BIN)")
         return False
+    from serving.deploy.local import TARGETS_FILE
     from serving.deploy.settings import DeploySettings
 
     deploy, config_file = DeploySettings(), PROMETHEUS_ROOT / "prometheus.yml"
@@ -272,6 +277,7 @@ def _prometheus_up() -> bool:
         f"{HOST}:{AIRFLOW_PORT}",
         [rules_file],
         scrape_interval_s=PROMETHEUS_INTERVAL_S,
+        tracks_file=Path(deploy.local_state_dir).resolve() / TARGETS_FILE,
     )
     try:
         rules = prom.rules_yaml()

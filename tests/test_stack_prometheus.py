@@ -1,8 +1,9 @@
 """The local stack's Prometheus without a server: its generated config, rule file and command
 line.
 
-The rule file is the groups of the project's one source of alert rules, the PrometheusRule in
-docker/k8s/monitoring. `promtool check config` reads the generated prometheus.yml as
+The rule file is the groups of the project's one source of rules, the PrometheusRules in
+docker/k8s/monitoring (the alerts, and the rollout judge's recording rules). `promtool check
+config` reads the generated prometheus.yml as
 Prometheus would, and the rule file it names with it. promtool comes from Debian's prometheus
 package (`make prometheus-tools`); without it that test skips with the reason.
 """
@@ -48,11 +49,15 @@ def _jobs(config: dict) -> dict[str, dict]:
 
 
 def test_the_config_scrapes_the_front_port_and_the_plugin_and_loads_the_rules(prom):
-    config = _config(prom)
+    config = _config(prom, tracks_file=Path("/state/serving/prometheus-targets.json"))
     jobs = _jobs(config)
-    # Exactly these two: a per-slot target under job model-server would fire ModelServerDown
-    # whenever the idle blue/green slot is down.
-    assert set(jobs) == {"model-server", "registry"}
+    # A per-slot target under job model-server would fire ModelServerDown whenever the idle
+    # blue/green slot is down: the slots are a job of their own, from the file the local
+    # target writes (only the slots that serve, each with its track, for the rollout judge).
+    assert set(jobs) == {"model-server", "registry", "model-server-tracks"}
+    assert jobs["model-server-tracks"]["file_sd_configs"] == [
+        {"files": ["/state/serving/prometheus-targets.json"], "refresh_interval": "5s"}
+    ]
     assert jobs["model-server"]["metrics_path"] == "/metrics"
     assert jobs["model-server"]["static_configs"] == [{"targets": ["127.0.0.1:5001"]}]
     assert jobs["registry"]["metrics_path"] == "/registry-events/metrics"
@@ -94,9 +99,10 @@ def test_a_relative_rule_file_is_refused(prom):
 
 def test_the_rule_file_is_the_prometheus_rules_groups(prom, tmp_path):
     """What the Prometheus Operator hands its Prometheus: every PrometheusRule's spec.groups,
-    as they are (the model server's and those beside it in the monitoring base)."""
+    as they are (the model server's and those beside it in the monitoring base, the rollout
+    judge's recording rules among them: no rule file of their own)."""
     sources = sorted(PROMETHEUS_RULE.parent.glob("*rule.yaml"))
-    assert PROMETHEUS_RULE in sources and len(sources) > 1
+    assert PROMETHEUS_RULE in sources and prom.JUDGE_RULE in sources
     assert prom.rule_sources() == sources
     text = prom.rules_yaml()
     assert text.startswith(f"# Derived from {', '.join(map(str, sources))} at every `make run`")
@@ -106,6 +112,8 @@ def test_the_rule_file_is_the_prometheus_rules_groups(prom, tmp_path):
         assert rule["kind"] == "PrometheusRule"
         groups += rule["spec"]["groups"]
     assert yaml.safe_load(text) == {"groups": groups}
+    records = {r.get("record") for g in groups for r in g["rules"]}
+    assert "rollout:prediction_psi:1m" in records
     for bad in ("kind: ConfigMap\n", "spec: [1, 2\n", "kind: PrometheusRule\n"):
         path = tmp_path / "bad.yaml"
         path.write_text(bad)
@@ -189,6 +197,7 @@ def test_the_drift_monitor_is_pointed_at_the_stacks_prometheus(stack, monkeypatc
     assert stack.stack_env()["PIPELINE_DRIFT_PROMETHEUS_URL"] == stack.PROMETHEUS_URL
     monkeypatch.setenv("PIPELINE_DRIFT_PROMETHEUS_URL", "http://prometheus.example:9090")
     assert stack.stack_env()["PIPELINE_DRIFT_PROMETHEUS_URL"] == "http://prometheus.example:9090"
+    assert stack.stack_env()["PIPELINE_DEPLOY_PROMETHEUS_URL"] == stack.PROMETHEUS_URL
 
 
 # What each kind of installation answers for the page paths: Debian's 2.42 serves the web UI

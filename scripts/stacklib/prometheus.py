@@ -12,10 +12,13 @@ import httpx
 import yaml
 
 # The rules' one source: the PrometheusRules of the monitoring kustomize base (the model
-# server's, and one per concern beside it). This Prometheus has no operator to load them:
-# rules_yaml() is their groups as a plain rule file.
+# server's, and one per concern beside it: quality, governance, the rollout judge's recording
+# rules). This Prometheus has no operator to load them: rules_yaml() is their groups as a plain
+# rule file.
 MONITORING = Path(__file__).resolve().parents[2] / "docker" / "k8s" / "monitoring"
 PROMETHEUS_RULE = MONITORING / "prometheus-rule.yaml"
+# The rollout judge's measures (serving/deploy/judge.py), over the slots' tracked series.
+JUDGE_RULE = MONITORING / "rollout-judge-rule.yaml"
 
 
 def rule_sources() -> list[Path]:
@@ -23,6 +26,8 @@ def rule_sources() -> list[Path]:
 
 
 MODEL_SERVER_JOB = "model-server"  # the job the alert rules select (docs/operations.md, Alerts)
+# The local target's slots, each with its track (stable, canary): what the judge compares.
+TRACKS_JOB = "model-server-tracks"
 REGISTRY_JOB = "registry"
 # Where the Airflow plugin's exporter answers (plugins/registry_events: URL_PREFIX + /metrics).
 REGISTRY_METRICS_PATH = "/registry-events/metrics"
@@ -56,7 +61,12 @@ def rules_yaml(*sources: Path) -> str:
 
 
 def prometheus_config(
-    model_server: str, registry: str, rule_files, *, scrape_interval_s: int = 10
+    model_server: str,
+    registry: str,
+    rule_files,
+    *,
+    scrape_interval_s: int = 10,
+    tracks_file: Path | None = None,
 ) -> dict[str, Any]:
     """The local Prometheus' configuration (pure).
 
@@ -64,8 +74,11 @@ def prometheus_config(
     blue/green slot is down between rollouts and, scraped as job ``model-server``, would fire
     ModelServerDown. ``registry`` is ``host:port`` of the Airflow API server, whose
     registry_events plugin exports the alias and drift gauges. ``rule_files`` (:func:`rules_yaml`
-    written out) must be absolute (a relative one would be read relative to the config file's
-    folder, under the state dir).
+    written out: the alerts, and the rollout judge's recording rules) must be absolute (a
+    relative one would be read relative to the config file's folder, under the state dir).
+    ``tracks_file``: the local target's slots as file_sd targets labelled with their track
+    (``serving.deploy.local``, ``prometheus-targets.json``), scraped as job
+    :data:`TRACKS_JOB` for the rollout judge; a slot is a target only while it serves.
     """
     if scrape_interval_s < 1:
         raise ValueError(f"scrape interval of {scrape_interval_s}s: at least 1s")
@@ -73,6 +86,15 @@ def prometheus_config(
         raise ValueError(f"rule files must be absolute paths: {relative}")
     job = {"job_name": MODEL_SERVER_JOB, "metrics_path": "/metrics"}
     targets = lambda target: {"static_configs": [{"targets": [target]}]}  # noqa: E731
+    scrape_configs = [
+        job | targets(model_server),
+        {"job_name": REGISTRY_JOB, "metrics_path": REGISTRY_METRICS_PATH} | targets(registry),
+    ]
+    if tracks_file is not None:
+        sd = {"files": [str(tracks_file)], "refresh_interval": "5s"}
+        scrape_configs.append(
+            {"job_name": TRACKS_JOB, "metrics_path": "/metrics", "file_sd_configs": [sd]}
+        )
     return {
         "global": {
             "scrape_interval": f"{scrape_interval_s}s",
@@ -81,10 +103,7 @@ def prometheus_config(
             "evaluation_interval": f"{scrape_interval_s}s",
         },
         "rule_files": [str(path) for path in rule_files],
-        "scrape_configs": [
-            job | targets(model_server),
-            {"job_name": REGISTRY_JOB, "metrics_path": REGISTRY_METRICS_PATH} | targets(registry),
-        ],
+        "scrape_configs": scrape_configs,
     }
 
 

@@ -6,6 +6,7 @@ and people.
     python -m serving.deploy stop                        # stop proxy + model servers
     python -m serving.deploy resume                      # start them again, same version
     python -m serving.deploy rollout --version 3 --target local    # deploy/roll back by hand
+    python -m serving.deploy rollout --version 4 --strategy canary # judged on live traffic
     python -m serving.deploy rollout --request '{"kind": "champion"}'   # the rollout pod
     python -m serving.deploy verify --model-uri models:/regression-model/3 [--data holdout.parquet]
     python -m serving.deploy render --model-uri models:/regression-model/3 --version 3   # YAML
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -124,11 +126,20 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             request = Request("version", str(args.version), reason=reason)
         else:
             request = Request.from_dict(args.request or '{"kind": "champion"}')
+        if args.strategy:
+            request = Request(**{**request.to_dict(), "strategy": args.strategy})
     except (ValueError, TypeError) as exc:
         log.error("bad rollout request: %s", exc)
         return EXIT_REFUSED
     settings = with_overrides(_settings(args), target=args.target)
     uri = args.tracking_uri or tracking_uri()
+
+    def stopped(signum: int, frame: Any) -> None:
+        # A deleted rollout pod (or `kill`): the steps end as a fault, and a canary's traffic
+        # goes back to the live version on the way out.
+        raise RolloutError(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stopped)
     try:
         result = run_request(request, settings, RegistrySettings(), tracking_uri=uri)
     except Verdict as exc:
@@ -143,6 +154,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     except Exception:  # unforeseen: says nothing about the version (Python's own exit is 1)
         log.exception("FAULT (an unexpected error; nothing marked bad; retry)")
         return EXIT_FAULT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _print(result)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     why = 'JSON, e.g. {"kind": "champion"} (serving.deploy.rollout.Request); default: deploy '
     what.add_argument("--request", help=why + "what @champion names")
     p.add_argument("--reason", help="why, in words: logged and written into the version's tags")
+    p.add_argument(
+        "--strategy",
+        choices=("direct", "shadow", "canary"),
+        help="how the version goes live (default: the request's, else "
+        "PIPELINE_DEPLOY_ROLLOUT_STRATEGY); direct: at once, without the judge",
+    )
     p.add_argument("--target", choices=("local", "kubernetes"), default=DeploySettings().target,
                    help="where (default: PIPELINE_DEPLOY_TARGET)")  # fmt: skip
     p.add_argument("--output", help="also write the result JSON here")

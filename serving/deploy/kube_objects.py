@@ -74,6 +74,13 @@ def describe_pods(pods: list[dict[str, Any]]) -> tuple[bool, str]:
     return verdict, "; ".join(words)
 
 
+def owned_by(obj: dict[str, Any], name: str) -> bool:
+    """``obj`` (a ReplicaSet) is controlled by the Deployment ``name`` (the serving Deployment
+    and its canary select each other's pods' labels: only the owner tells them apart)."""
+    owners = obj["metadata"].get("ownerReferences") or []
+    return any(o.get("controller") and o.get("name") == name for o in owners)
+
+
 def template_key(template: dict[str, Any]) -> tuple[str | None, str | None]:
     """What makes two pod templates the same rollout: the pinned model and the image."""
     containers = (template.get("spec") or {}).get("containers") or [{}]

@@ -9,7 +9,11 @@ became ready are a verdict (:class:`NotReady`), pods never scheduled or pulled a
 (:class:`DeployFailed`). Verification and restoring after a wrong answer are
 :mod:`serving.deploy.rollout`'s. :meth:`withdraw` scales to zero (the HPA leaves that alone; the
 next deploy scales back). API calls without an answer are retried for ``api_retry_s``, then a
-fault; clusters older than :data:`MIN_KUBERNETES` are refused before anything is applied.
+fault; clusters older than :data:`MIN_KUBERNETES` are refused before anything is applied. A
+shadow or canary (:mod:`serving.deploy.progressive`) runs the candidate on the canary
+Deployment beside it and moves the traffic by its replicas or a Gateway's HTTPRoute
+(:meth:`start_candidate`, :meth:`route`, :meth:`promote_candidate`, :meth:`drop_candidate`;
+the objects: :mod:`serving.deploy.canary`).
 """
 
 from __future__ import annotations
@@ -23,13 +27,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    retry_if_result,
+    stop_after_delay,
+    wait_exponential,
+    wait_fixed,
+)
 
-from serving.deploy import manifests
+from serving.deploy import canary, manifests
 from serving.deploy.kube_objects import (
     api_error,
     describe_pods,
     model_uri_of,
+    owned_by,
     revision,
     rollout_state,
     template_key,
@@ -117,6 +129,23 @@ class KubeApi:
             what, lambda: json.loads(method(*args, **kwargs, _preload_content=False).data)
         )
 
+    def sibling(self, name: str) -> KubeApi:
+        """The same calls on another Deployment of the namespace (the canary)."""
+        other = copy.copy(self)
+        other.name = name
+        return other
+
+    def apply_route(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply of the HTTPRoute ``body`` (Gateway API)."""
+        from kubernetes import client
+
+        routes = client.CustomObjectsApi(self.apps.api_client)
+        group, version = body["apiVersion"].split("/")
+        return self._json("APPLY httproute", routes.patch_namespaced_custom_object, group,
+                          version, self.namespace, "httproutes", body["metadata"]["name"], body,
+                          field_manager=FIELD_MANAGER, force=True,
+                          _content_type="application/apply-patch+yaml")  # fmt: skip
+
     def server_version(self) -> tuple[int, int]:
         info = self.call("GET /version", self.version_api.get_code)
         minor = re.match(r"\d+", info.minor or "")
@@ -156,8 +185,10 @@ class KubeApi:
                 yield event["raw_object"]
 
     def replica_sets(self, selector: str) -> list[dict[str, Any]]:
-        return self._json("LIST replicasets", self.apps.list_namespaced_replica_set,
-                          self.namespace, label_selector=selector)["items"]  # fmt: skip
+        """This Deployment's ReplicaSets among those ``selector`` selects."""
+        found = self._json("LIST replicasets", self.apps.list_namespaced_replica_set,
+                           self.namespace, label_selector=selector)["items"]  # fmt: skip
+        return [rs for rs in found if owned_by(rs, self.name)]
 
     def pods(self, selector: str) -> list[dict[str, Any]]:
         return self._json("LIST pods", self.core.list_namespaced_pod, self.namespace,
@@ -226,6 +257,99 @@ class KubernetesTarget:
             raise DeployFailed(message) from None
         ready_s = round(time.monotonic() - started, 1)
         return {"status": "rolled_out", "revision": revision(done), "ready_s": ready_s}
+
+    # -- the canary beside it (serving.deploy.canary, serving.deploy.progressive) --------------
+
+    @property
+    def mirrors(self) -> bool:
+        """Requests can be mirrored (a shadow step) only through a Gateway's HTTPRoute."""
+        return bool(self.settings.gateway_name)
+
+    @property
+    def candidate_endpoint(self) -> str:
+        name, namespace = canary.canary_name(self.settings), self.settings.namespace
+        return (self.settings.canary_url or f"http://{name}.{namespace}.svc.cluster.local").rstrip(
+            "/"
+        )
+
+    def _canary(self) -> KubernetesTarget:
+        """The canary Deployment as a target of its own (apply, watch, its pods)."""
+        return KubernetesTarget(self.api.sibling(canary.canary_name(self.settings)),
+                                self.settings, tracking_uri=self.tracking_uri)  # fmt: skip
+
+    def start_candidate(self, model_uri: str, version: str, *, live_uri: str) -> dict[str, Any]:
+        self._check_server()
+        self._route(0.0, 0.0)
+        stable = self._render(model_uri, version)
+        body = canary.canary_deployment(stable, live_uri=live_uri, replicas=1)
+        target = self._canary()
+        target._require()
+        try:
+            target._await(target._apply(body))
+        except _Stuck as stuck:
+            self.drop_candidate()
+            message = f"the canary of v{version} never became available: {stuck}"
+            if stuck.verdict:  # the live version never stopped serving
+                raise NotReady(message, restored=None) from None
+            raise DeployFailed(message) from None
+        # Available is not yet reachable: its Service's endpoints follow a moment later.
+        from serving.deploy.verify import Endpoint
+
+        with Endpoint(self.candidate_endpoint, timeout_s=5.0, fresh_connections=True) as end:
+            reachable = Retrying(
+                stop=stop_after_delay(self.settings.health_timeout_s),
+                wait=wait_fixed(0.5),
+                retry=retry_if_result(lambda ok: not ok),
+                retry_error_callback=lambda state: False,
+            )(end.ping)
+        if not reachable:
+            self.drop_candidate()
+            raise DeployFailed(f"the canary's Service {self.candidate_endpoint} does not answer")
+        return {"endpoint": self.candidate_endpoint, "replicas": 1}
+
+    def route(self, weight: float, mirror: float) -> None:
+        stable = self._require()
+        replicas = canary.canary_replicas(weight, stable["spec"].get("replicas", 1))
+        target = self._canary()
+        target.api.scale(replicas)
+        try:
+            target._await(target._require())
+        except _Stuck as stuck:
+            raise DeployFailed(f"the canary did not scale to {replicas}: {stuck}") from None
+        self._route(weight, mirror)
+        if not self.mirrors:
+            share = replicas / (replicas + max(1, stable["spec"].get("replicas", 1)))
+            log.info("%d canary pod(s): ~%.0f%% of the requests by replica ratio", replicas,
+                     share * 100)  # fmt: skip
+
+    def _route(self, weight: float, mirror: float) -> None:
+        if self.mirrors:
+            serving = manifests.service(self.settings)
+            route = canary.http_route(serving, self.settings.gateway_name or "", weight, mirror)
+            self.api.apply_route(route)
+
+    def candidate_healthy(self) -> bool:
+        status = self._canary()._require().get("status") or {}
+        return status.get("availableReplicas", 0) > 0
+
+    def promote_candidate(self) -> dict[str, Any]:
+        """A rolling update of the serving Deployment to the candidate's model (its own
+        buckets), then the canary goes."""
+        template = self._canary()._require()["spec"]["template"]
+        uri = model_uri_of(template) or ""
+        done = self.deploy(uri, version_of(template) or "0")
+        self.drop_candidate()
+        return done
+
+    def drop_candidate(self) -> None:
+        """Every request back on the serving Deployment (the route first, then the canary's
+        pods go: a terminating pod leaves the Service's endpoints at once)."""
+        canary_api = self.api.sibling(canary.canary_name(self.settings))
+        current = canary_api.get()
+        self._route(0.0, 0.0)
+        if current is not None and current["spec"].get("replicas", 0) > 0:
+            canary_api.scale(0)
+            log.info("canary %s scaled to zero", canary_api.name)
 
     def withdraw(self) -> None:
         self.api.scale(0)

@@ -5,16 +5,27 @@ Layout of ``DeploySettings.local_state_dir``::
     proxy.pid / proxy.log     the front proxy (serving.deploy.proxy), one per state dir
     slot-<port>.pid / .log    a model server (`python -m serving.server`) on a slot port
     active.json               what the proxy serves, and how to start it again:
-                              {version, model_uri, port, pid, cmd, tracking_uri, restarts, ...}
+                              {version, model_uri, port, pid, cmd, tracking_uri, restarts, ...,
+                               candidate: {version, port, pid, weight, mirror, ...}} (canary)
+    prometheus-targets.json   the serving slots as Prometheus file_sd targets, each labelled
+                              with its track (stable, canary): the rollout judge's series
     deploy.lock               serialises process changes (a deploy vs. the proxy's restarts)
     rollout.lock / .holder    the rollout slot (serving.deploy.rollout holds it for a whole
                               deploy-verify-promote) and who holds it
 
 A deploy starts the new version on the slot that is not active, waits until it answers
 ``/ping`` and a real ``/invocations`` call with the model's input example, then atomically
-replaces ``active.json`` (the proxy routes new connections there from then on) and stops the
+replaces ``active.json`` (the proxy routes every request there from then on) and stops the
 old slot after a short drain. If the new server never gets healthy it is killed and the
 active slot is left untouched, so a failed deploy never takes the endpoint down.
+
+A shadow or canary rollout (``serving.deploy.progressive``) starts the candidate on the idle
+slot instead (:meth:`LocalTarget.start_candidate`, its histograms in the live version's
+buckets), gives it a share of the predictions or of mirrored requests through
+``active.json``'s ``candidate`` (:meth:`LocalTarget.route`), and then either makes it the
+live version (:meth:`LocalTarget.promote_candidate`) or drops it: the record without the
+candidate first, so every request is back on the live version at once
+(:meth:`LocalTarget.drop_candidate`).
 
 Every process is started in its own session (``start_new_session=True``), so it outlives the
 Airflow task that started it and is stopped as a whole process group.
@@ -32,30 +43,34 @@ import fcntl
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
-from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
-
 from ml.settings import QualitySettings
-from serving.deploy.proxy import (
+from serving.deploy.settings import DeploySettings
+from serving.deploy.supervisor import (  # the process helpers: also imported from here
     ACTIVE_FILE,
     DEPLOY_LOCK,
     PROXY_LOG,
     PROXY_PIDFILE,
     UPSTREAM_HOST,
+    _accepting,
+    _atomic_write_text,
+    _live_pid,
+    _tail,
+    _try_flock,
+    _unlink,
     atomic_write_json,
-    start_detached,
+    process_is,
+    spawn,
+    stop_group,
+    wait_for,
 )
-from serving.deploy.settings import DeploySettings
 from serving.deploy.target import DeployFailed, Live
 from serving.deploy.verify import Endpoint, EndpointUnreachable
 
@@ -67,14 +82,11 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ROLLOUT_LOCK = "rollout.lock"
 ROLLOUT_HOLDER = "rollout.holder"
+# The slots as Prometheus file_sd targets, with their track (scripts/stacklib/prometheus.py).
+TARGETS_FILE = "prometheus-targets.json"
 # The argv marker of a slot's model server (pid-reuse guard, restarts).
 SERVER_MODULE = "serving.server"
-_LOG_TAIL_LINES = 30
 _PROXY_START_TIMEOUT_S = 20.0
-_STOP_TIMEOUT_S = 10.0
-# Children we started from this process: kept referenced so they are reaped (no zombies, no
-# "subprocess still running" warnings) and so liveness checks can use poll().
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 class DeployError(DeployFailed):
@@ -85,6 +97,7 @@ class LocalTarget:
     """Deploy a registered model version as a local process behind the front proxy."""
 
     name = "local"
+    mirrors = True  # the front proxy mirrors a shadow's share
 
     def __init__(
         self, settings: DeploySettings, tracking_uri: str, *, drain_s: float = 2.0
@@ -139,43 +152,9 @@ class LocalTarget:
                     "unchanged": True,
                 }
 
-            payload = self._smoke_payload(model_uri, input_example)
-            port = self._pick_slot(active)
-            self._stop_slot(port)  # whatever a previous (failed or killed) deploy left there
-            if _accepting(UPSTREAM_HOST, port):
-                raise DeployError(
-                    f"slot port {port} is in use by a process this target did not start; "
-                    "free it or change PIPELINE_DEPLOY_LOCAL_SLOT_PORTS"
-                )
-
-            started = time.monotonic()
-            proc = self._start_slot(model_uri, port)
-            try:
-                self._wait_ready(proc, port, payload)
-            except DeployError as exc:
-                stop_group(proc.pid)
-                _unlink(self._slot_pidfile(port))
-                tail = _tail(self._slot_log(port))
-                raise DeployError(
-                    f"version {version} ({model_uri}) did not become healthy on port {port}: "
-                    f"{exc}; the active version ({previous_version or 'none'}) is unchanged.\n"
-                    f"--- last lines of {self._slot_log(port)} ---\n{tail}"
-                ) from None
-            ready_s = round(time.monotonic() - started, 2)
-
-            record = {
-                "version": version,
-                "model_uri": model_uri,
-                "port": port,
-                "pid": proc.pid,
-                "deployed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                # What the proxy needs to start this server again if it dies (and after a
-                # restart of the whole stack).
-                "cmd": self._slot_command(model_uri, port),
-                "tracking_uri": self.tracking_uri,
-                "restarts": 0,
-            }
-            atomic_write_json(self.state_dir / ACTIVE_FILE, record)
+            record, ready_s = self._start_beside(active, model_uri, version, input_example)
+            port = record["port"]
+            self._write_active(record)
             log.info(
                 "version %s live on %s (slot port %s, ready in %.1fs); previous: %s",
                 version,
@@ -195,6 +174,127 @@ class LocalTarget:
                 "ready_s": ready_s,
                 "unchanged": False,
             }
+
+    def _start_beside(
+        self,
+        active: dict[str, Any] | None,
+        model_uri: str,
+        version: str,
+        input_example: Any = None,
+        extra: tuple[str, ...] = (),
+    ) -> tuple[dict[str, Any], float]:
+        """Start ``version`` on the slot the live server does not use and wait until it
+        answers its smoke request; its ``active.json`` record and the seconds that took."""
+        payload = self._smoke_payload(model_uri, input_example)
+        port = self._pick_slot(active)
+        self._stop_slot(port)  # whatever a previous (failed or killed) deploy left there
+        if _accepting(UPSTREAM_HOST, port):
+            raise DeployError(
+                f"slot port {port} is in use by a process this target did not start; "
+                "free it or change PIPELINE_DEPLOY_LOCAL_SLOT_PORTS"
+            )
+        started = time.monotonic()
+        proc = self._start_slot(model_uri, port, extra)
+        try:
+            self._wait_ready(proc, port, payload)
+        except DeployError as exc:
+            stop_group(proc.pid)
+            _unlink(self._slot_pidfile(port))
+            tail = _tail(self._slot_log(port))
+            live = active.get("version") if active else None
+            raise DeployError(
+                f"version {version} ({model_uri}) did not become healthy on port {port}: "
+                f"{exc}; the active version ({live or 'none'}) is unchanged.\n"
+                f"--- last lines of {self._slot_log(port)} ---\n{tail}"
+            ) from None
+        record = {
+            "version": version,
+            "model_uri": model_uri,
+            "port": port,
+            "pid": proc.pid,
+            "deployed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            # What the proxy needs to start this server again if it dies (and after a
+            # restart of the whole stack): with its own histogram buckets.
+            "cmd": self._slot_command(model_uri, port),
+            "tracking_uri": self.tracking_uri,
+            "restarts": 0,
+        }
+        return record, round(time.monotonic() - started, 2)
+
+    def _write_active(self, record: dict[str, Any]) -> None:
+        """``active.json`` (the proxy routes by it from its next request on), and the slots
+        as Prometheus file_sd targets with their track (the rollout judge's series)."""
+        atomic_write_json(self.state_dir / ACTIVE_FILE, record)
+        tracks = [("stable", record)] + [("canary", c) for c in [record.get("candidate")] if c]
+        targets = [
+            {"targets": [f"{UPSTREAM_HOST}:{r['port']}"],
+             "labels": {"track": track, "version": str(r.get("version"))}}
+            for track, r in tracks
+        ]  # fmt: skip
+        _atomic_write_text(self.state_dir / TARGETS_FILE, json.dumps(targets, indent=2) + "\n")
+
+    # -- a candidate beside the live version (shadow, canary: serving.deploy.progressive) --
+
+    def _candidate(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        active = self.read_active() or {}
+        if not active.get("candidate"):
+            raise DeployError("no candidate runs beside the live version")
+        return active, active["candidate"]
+
+    @property
+    def candidate_endpoint(self) -> str:
+        return f"http://{UPSTREAM_HOST}:{self._candidate()[1]['port']}"
+
+    def start_candidate(self, model_uri: str, version: str, *, live_uri: str) -> dict[str, Any]:
+        """Start ``version`` on the idle slot, beside the live one, with no traffic yet; its
+        histograms take the buckets of ``live_uri`` (``--profile-from``)."""
+        with self._deploy_lock():
+            self._ensure_proxy()
+            active = self.read_active()
+            if active is None:
+                raise DeployError("nothing is live: a candidate needs a version to run beside")
+            record, ready_s = self._start_beside(
+                active, model_uri, str(version), extra=("--profile-from", live_uri)
+            )
+            candidate = {**record, "weight": 0.0, "mirror": 0.0}
+            self._write_active({**active, "candidate": candidate})
+        return {"endpoint": self.candidate_endpoint, "port": record["port"], "ready_s": ready_s}
+
+    def route(self, weight: float, mirror: float) -> None:
+        """The candidate answers ``weight`` of the predictions and gets ``mirror`` of the
+        others mirrored (both 0 to 1), from the proxy's next request on."""
+        with self._deploy_lock():
+            active, candidate = self._candidate()
+            candidate = {**candidate, "weight": weight, "mirror": mirror}
+            self._write_active({**active, "candidate": candidate})
+
+    def candidate_healthy(self) -> bool:
+        return _ping(int(self._candidate()[1]["port"]))
+
+    def promote_candidate(self) -> dict[str, Any]:
+        """The candidate takes every request; the old live server stops after a drain."""
+        with self._deploy_lock():
+            active, candidate = self._candidate()
+            record = {k: v for k, v in candidate.items() if k not in ("weight", "mirror")}
+            self._write_active(record)
+            time.sleep(self.drain_s)
+            self._stop_slot(int(active["port"]))
+        return {"endpoint": self.endpoint, "port": record["port"]}
+
+    def drop_candidate(self) -> None:
+        """Every request back on the live version at once, then the candidate stops."""
+        if not (self.read_active() or {}).get("candidate"):
+            return
+        with self._deploy_lock():
+            active = self.read_active()
+            if not active or not active.get("candidate"):
+                return
+            candidate = active.pop("candidate")
+            self._write_active(active)
+            log.info("traffic back on version %s; stopping candidate version %s",
+                     active.get("version"), candidate.get("version"))  # fmt: skip
+            time.sleep(min(self.drain_s, 0.5))  # requests already sent to it finish
+            self._stop_slot(int(candidate["port"]))
 
     def status(self) -> dict[str, Any] | None:
         """``active.json`` plus whether it answers; ``None`` if nothing was deployed."""
@@ -304,6 +404,8 @@ class LocalTarget:
             stopped.setdefault(f"slot-{active['port']}", active["pid"])
         if forget:
             _unlink(self.state_dir / ACTIVE_FILE)
+        elif active and active.pop("candidate", None):
+            self._write_active(active)  # a candidate is never resumed
         return stopped
 
     def read_active(self) -> dict[str, Any] | None:
@@ -393,8 +495,10 @@ class LocalTarget:
             *payload_log,
         ]  # fmt: skip
 
-    def _start_slot(self, model_uri: str, port: int) -> subprocess.Popen[bytes]:
-        cmd = self._slot_command(model_uri, port)
+    def _start_slot(
+        self, model_uri: str, port: int, extra: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
+        cmd = [*self._slot_command(model_uri, port), *extra]
         env = self._child_env()
         env["MLFLOW_TRACKING_URI"] = self.tracking_uri
         logfile = self._slot_log(port)
@@ -499,150 +603,6 @@ class LocalTarget:
 # -- process and file helpers (module level: no state) -------------------------------------------
 
 
-def _try_flock(fh: Any) -> bool:
-    """Take the exclusive lock on an open file if it is free (never blocks)."""
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def spawn(cmd: list[str], *, env: dict[str, str], stdout: Any) -> subprocess.Popen[bytes]:
-    """:func:`start_detached`, kept referenced so it is reaped and ``poll()`` works."""
-    proc = start_detached(cmd, env=env, stdout=stdout)
-    _CHILDREN[proc.pid] = proc
-    return proc
-
-
-def _alive(pid: int) -> bool:
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        _CHILDREN.pop(pid, None)
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
-def process_is(pid: int | None, *markers: str) -> bool:
-    """``pid`` is alive and its argv holds every marker as a whole argument (pid-reuse guard)."""
-    if not pid or pid <= 1 or not _alive(pid):
-        return False
-    try:
-        argv = psutil.Process(pid).cmdline()
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True  # someone else's process: trust the pidfile
-    return all(m in argv for m in markers)
-
-
-def _live_pid(pidfile: Path, *markers: str) -> int | None:
-    """The pid in ``pidfile`` if that process is alive and still looks like ours.
-
-    The marker check guards against pid reuse: a stale pidfile must never make us signal an
-    unrelated process that happens to have the same pid now. Markers are whole arguments
-    (``serve`` must not match ``serving``).
-    """
-    try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    if not _alive(pid):
-        return None
-    if not process_is(pid, *markers):
-        log.warning("%s names pid %s, which is not ours; ignoring it", pidfile, pid)
-        return None
-    return pid
-
-
-def stop_group(pid: int, timeout_s: float = _STOP_TIMEOUT_S) -> None:
-    """SIGTERM the process group led by ``pid`` (or just ``pid``), wait, then SIGKILL."""
-    try:
-        leader = psutil.Process(pid)
-        group = os.getpgid(pid) == pid  # only signal a whole group we lead
-        members = [leader, *leader.children(recursive=True)]
-    except (psutil.NoSuchProcess, ProcessLookupError):
-        _reap(pid)
-        return
-
-    def send(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if group:
-                os.killpg(pid, sig)
-            else:
-                os.kill(pid, sig)
-
-    send(signal.SIGTERM)
-    _reap(pid, wait=False)
-    _, alive = psutil.wait_procs(members, timeout=timeout_s)
-    if alive:
-        log.warning("pid %s did not stop on SIGTERM within %.0fs: SIGKILL", pid, timeout_s)
-        send(signal.SIGKILL)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=5.0)
-    _reap(pid)
-
-
-def _reap(pid: int, *, wait: bool = True) -> None:
-    """Collect our own child's exit status, so it does not linger as a zombie."""
-    child = _CHILDREN.get(pid)
-    if child is None:
-        return
-    if wait:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=1.0)
-        _CHILDREN.pop(pid, None)
-    else:
-        child.poll()
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
-    """Poll ``predicate`` until it is true (True) or ``timeout_s`` passed (False)."""
-    retrying = Retrying(
-        stop=stop_after_delay(timeout_s),
-        wait=wait_fixed(interval_s),
-        retry=retry_if_result(lambda ok: not ok),
-        retry_error_callback=lambda state: False,
-    )
-    return retrying(lambda: bool(predicate()))
-
-
-def _accepting(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _ping(port: int, host: str = UPSTREAM_HOST) -> bool:
     with Endpoint(f"http://{host}:{port}", timeout_s=2.0) as endpoint:
         return endpoint.ping()
-
-
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()

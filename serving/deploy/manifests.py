@@ -4,10 +4,14 @@
 
     Namespace              Pod Security Admission labels: the namespace enforces `restricted`
     ServiceAccount x2      the model server's (no API token) and the rollout pod's
-    Role, RoleBinding      what the rollout pod may do: get/watch/patch THE Deployment and its
-                           scale, list ReplicaSets and pods
-    Service                ClusterIP, port 80 -> the server's 8080 (`http`)
-    Deployment             the serving image pinned to ``models:/<name>/<version>``
+    Role, RoleBinding      what the rollout pod may do: get/watch/patch THE Deployment (and its
+                           canary) and their scale, list ReplicaSets and pods; with a Gateway,
+                           get/patch THE HTTPRoute
+    Service                ClusterIP, port 80 -> the server's 8080 (`http`); and one per track,
+                           ``<name>-stable`` and ``<name>-canary`` (serving.deploy.canary)
+    Deployment             the serving image pinned to ``models:/<name>/<version>``; and its
+                           canary ``<name>-canary`` at 0 replicas
+    HTTPRoute              with ``gateway_name``: the Gateway to the tracks (canary weights)
     HorizontalPodAutoscaler autoscaling/v2 on CPU
     PodDisruptionBudget    at most one pod voluntarily down at a time
     NetworkPolicy          ingress only from this namespace and the configured client namespaces
@@ -26,6 +30,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from serving.deploy.canary import (
+    TRACK_LABEL,
+    canary_deployment,
+    canary_name,
+    http_route,
+    track_services,
+)
 from serving.deploy.settings import DeploySettings
 from serving.server.contract import MODEL_URI_ENV
 
@@ -157,9 +168,12 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
 
     - ``deployments``: ``get`` and ``watch`` (the live revision and the rollout's progress;
       a watch of one object by ``fieldSelector=metadata.name``) and ``patch`` (server-side
-      apply), only on the one Deployment (``resourceNames``); ``deployments/scale``: ``patch``
-      (withdraw: scale to zero, and back). No ``create`` (an administrator bootstraps the
-      Deployment), no ``list``, no ``delete``, no ``update``.
+      apply), only on the serving Deployment and its canary (``resourceNames``);
+      ``deployments/scale``: ``patch`` (withdraw: scale to zero, and back; the canary's
+      steps). No ``create`` (an administrator bootstraps both), no ``list``, no ``delete``,
+      no ``update``.
+    - ``httproutes`` (with a Gateway): ``get`` and ``patch`` of the one HTTPRoute: a canary's
+      weight and a shadow's mirror.
     - ``replicasets``, ``pods``: ``list`` only, to tell a stuck rollout's reason (image pull
       errors, crash loops) and to find the previous revision's template. ``list`` cannot be
       narrowed by name; both are read-only.
@@ -167,6 +181,15 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
     """
     name = settings.service_account
     rbac, ours = "rbac.authorization.k8s.io/v1", {"component": "rollout", "name": name}
+    deployments = [settings.deployment_name, canary_name(settings)]
+    routes = [
+        {
+            "apiGroups": ["gateway.networking.k8s.io"],
+            "resources": ["httproutes"],
+            "resourceNames": [settings.deployment_name],
+            "verbs": ["get", "patch"],
+        }
+    ]
     return [
         _object(settings, "v1", "ServiceAccount", **ours, automountServiceAccountToken=False),
         _object(
@@ -178,17 +201,18 @@ def rollout_rbac(settings: DeploySettings) -> list[dict[str, Any]]:
                 {
                     "apiGroups": ["apps"],
                     "resources": ["deployments"],
-                    "resourceNames": [settings.deployment_name],
+                    "resourceNames": deployments,
                     "verbs": ["get", "watch", "patch"],
                 },
                 {
                     "apiGroups": ["apps"],
                     "resources": ["deployments/scale"],
-                    "resourceNames": [settings.deployment_name],
+                    "resourceNames": deployments,
                     "verbs": ["patch"],
                 },
                 {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+                *(routes if settings.gateway_name else []),
             ],
         ),
         _object(
@@ -220,6 +244,8 @@ def deployment(
     _, version = parse_pinned_uri(model_uri, version)
     annotations = {MODEL_URI_ANNOTATION: model_uri, MODEL_VERSION_ANNOTATION: version}
     version_label = {VERSION_LABEL: label_value(version)}
+    # The stable track; a canary beside it is `canary` (serving.deploy.canary).
+    pod_labels = {**version_label, TRACK_LABEL: "stable"}
 
     def probe(path: str, period: int, *, timeout: int, failures: int, **extra: int) -> dict:
         get = {"path": path, "port": "http", "scheme": "HTTP"}
@@ -314,7 +340,7 @@ def deployment(
             "revisionHistoryLimit": 5,
             "template": {
                 "metadata": {
-                    "labels": _labels(settings, "serving", **version_label),
+                    "labels": _labels(settings, "serving", **pod_labels),
                     "annotations": dict(annotations),
                 },
                 "spec": {
@@ -415,12 +441,16 @@ def render(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Every object of the kubernetes target, in apply order. Pure: no I/O, no clock."""
     parse_pinned_uri(model_uri, version)
+    serving = deployment(settings, model_uri, version, tracking_uri=tracking_uri)
     return [
         *([namespace(settings)] if include_namespace else []),
         server_service_account(settings),
         *rollout_rbac(settings),
         service(settings),
-        deployment(settings, model_uri, version, tracking_uri=tracking_uri),
+        *track_services(service(settings)),
+        serving,
+        canary_deployment(serving, live_uri=model_uri, replicas=0),
+        *([http_route(service(settings), settings.gateway_name)] if settings.gateway_name else []),
         horizontal_pod_autoscaler(settings),
         pod_disruption_budget(settings),
         network_policy(settings),
@@ -435,6 +465,7 @@ BASE_FILES: dict[str, tuple[str, ...]] = {
     "rbac.yaml": ("ServiceAccount", "Role", "RoleBinding"),
     "service.yaml": ("Service",),
     "deployment.yaml": ("Deployment",),
+    "httproute.yaml": ("HTTPRoute",),
     "autoscaling.yaml": ("HorizontalPodAutoscaler", "PodDisruptionBudget"),
     "networkpolicy.yaml": ("NetworkPolicy",),
 }

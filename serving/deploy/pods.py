@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from kubernetes.client import models as k8s
@@ -195,7 +196,12 @@ def settings_env(
 
 
 def rollout_pod_kwargs(
-    settings: DeploySettings, *, tracking_uri: str, request: Any, registry=None
+    settings: DeploySettings,
+    *,
+    tracking_uri: str,
+    request: Any,
+    registry: RegistrySettings | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``KubernetesPodOperator(task_id=..., **rollout_pod_kwargs(...))``.
 
@@ -203,11 +209,13 @@ def rollout_pod_kwargs(
     the XComArg of the task that decided it): ``python -m serving.deploy rollout --request``
     plans, deploys, verifies, then promotes or restores, with the registry settings of
     ``registry``. Its exit code tells a verdict (1) and a refusal (2), final, from a fault (3),
-    retried: :data:`ROLLOUT_FINAL_EXIT_CODES`.
+    retried: :data:`ROLLOUT_FINAL_EXIT_CODES`. ``env``: more env vars, over the settings' (a
+    run's Params, as templates).
     """
+    overrides = dict(env or {})
     # The pod moves aliases and tags versions: it needs the same registry settings.
     env = deploy_settings_env(settings.model_copy(update={"target": "kubernetes"}))
-    env |= settings_env(registry or RegistrySettings())
+    env |= settings_env(registry or RegistrySettings()) | overrides
 
     # The pod's DeploySettings() rebuilds the serving Deployment from env, so every setting
     # travels (a hand-picked subset would silently reset the others).

@@ -1,69 +1,79 @@
-"""The local stand-in for a Kubernetes Service: a stable front port in front of a model server.
+"""The local stand-in for a Kubernetes Service and a Gateway's HTTPRoute: a stable front port
+that routes every request.
 
-An asyncio TCP proxy listens on ``DeploySettings.local_host:local_port`` and forwards each
-*new* connection to the upstream port named in ``<local_state_dir>/active.json``. The deployer
-(:mod:`serving.local`) replaces that file atomically once a new model server is healthy, so a
-switch is zero-downtime for new connections while connections already open finish on the old
-upstream (the deployer stops the old server only after a short drain).
+The proxy listens on ``DeploySettings.local_host:local_port``, parses each request (httptools,
+on uvloop) and picks its upstream from ``<local_state_dir>/active.json``, which the deployer
+(:mod:`serving.deploy.local`) replaces atomically:
 
-The proxy works on bytes, not HTTP: it never parses or rewrites requests, with one exception —
-when nothing is deployed (or the upstream refuses), it answers a minimal HTTP error itself
-(``503 NO_MODEL_DEPLOYED`` / ``502 UPSTREAM_UNAVAILABLE``) so clients get a readable reason.
+- ``port``: the live model server. Every request goes there, except during a canary:
+- ``candidate.weight`` (0 to 1): that share of the ``POST /invocations`` requests goes to the
+  candidate on ``candidate.port``, chosen per request (not per connection: a keep-alive client
+  is split like any other). Everything else (``/ping``, ``/metrics``, ``/v1/model``) stays on
+  the live server. A candidate that refuses the connection gets nothing: the request goes to
+  the live server.
+- ``candidate.mirror`` (0 to 1): that share of the requests the live server answered with 200
+  is sent again to the candidate, *after* the caller has its answer, with the live answer in
+  :data:`~serving.server.contract.LIVE_ANSWER_HEADER` (the candidate records the paired
+  differences: ``serving.server.shadow``). At most :data:`MIRROR_CONNECTIONS` mirrored
+  requests are in flight and :data:`MIRROR_QUEUE` wait; more, or while the candidate does not
+  answer, are dropped: a dead or slow shadow changes nothing for callers.
 
-Upstreams are always ``127.0.0.1``: ``active.json`` names a port, never a host.
+A switch of ``port`` (a new version goes live) applies from the next request on, also on
+connections already open; the deployer stops the old server after a short drain, and a request
+whose upstream connection closes before any byte of its answer came back is sent again on a
+new connection (model predictions are pure: repeating one is safe). Upstream connections are
+kept alive per client connection. When nothing is deployed, or the live server refuses, the
+proxy answers itself (``503 NO_MODEL_DEPLOYED`` / ``502 UPSTREAM_UNAVAILABLE``, MLflow's error
+shape). Upstreams are always ``127.0.0.1``: ``active.json`` names ports, never hosts.
 
-The proxy is also the local target's kubelet: :class:`Supervisor` checks the active model
-server every second and, when it has died (``kill -9``, a crash, a reboot of the stack), starts
-it again with the command recorded in ``active.json``, on the same port, with exponential
-backoff between restarts of a server that keeps dying (1 s, 2 s, ... 60 s, like
-CrashLoopBackOff). A deploy in progress (``deploy.lock`` held) is never interfered with.
+It also runs the local target's kubelet (:class:`serving.deploy.supervisor.Supervisor`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
+import random
 import signal
-import subprocess
 import time
-from datetime import UTC, datetime
+from collections import deque
 from pathlib import Path
 from typing import Any
 
-import psutil
+import httptools
 
 from serving.deploy.settings import DeploySettings
+from serving.deploy.supervisor import ACTIVE_FILE, PROXY_PIDFILE, UPSTREAM_HOST, Supervisor
+from serving.server.contract import LIVE_ANSWER_HEADER
 
 log = logging.getLogger("serving.proxy")
 
-ACTIVE_FILE = "active.json"
-PROXY_PIDFILE = "proxy.pid"
-PROXY_LOG = "proxy.log"
-# Held by whoever starts or stops model servers (a deploy, the supervisor's restarts).
-DEPLOY_LOCK = "deploy.lock"
-UPSTREAM_HOST = "127.0.0.1"
-
-_CHUNK = 64 * 1024
 _CONNECT_TIMEOUT_S = 5.0
-# How long an error reply waits for the request it answers (so the client sees the reply,
-# not a reset caused by closing a socket with unread data).
-_REQUEST_READ_TIMEOUT_S = 2.0
-_MAX_DRAINED_BODY = 1 << 20
-# On SIGTERM: stop accepting, give open connections this long to finish, then cut them.
+# On SIGTERM: stop accepting, give requests in flight this long to finish, then cut them.
 _SHUTDOWN_GRACE_S = 5.0
-# The supervisor: how often it looks, and the restart backoff of a server that keeps dying.
-SUPERVISE_EVERY_S = 1.0
-RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
-# A restarted server that stays up this long resets the backoff.
-STABLE_AFTER_S = 60.0
+# A request body larger than this is refused here (413) rather than held in memory.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# A client that pipelines more requests than this is not read until they are answered.
+_MAX_QUEUED = 64
+MIRROR_CONNECTIONS = 4
+MIRROR_QUEUE = 256
+# A live answer longer than this is not sent along with its mirror (no paired difference).
+MAX_LIVE_ANSWER_BYTES = 8192
+# After the candidate refused a mirror connection, mirrored requests are dropped this long.
+_MIRROR_BACKOFF_S = 1.0
+# Request headers that belong to one hop: the proxy sets its own framing upstream.
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
+     b"content-length", b"expect", b"upgrade"}
+)  # fmt: skip
+_LIVE_HEADER = LIVE_ANSWER_HEADER.lower().encode()
 
 
-class ActiveUpstream:
-    """The current upstream, re-read from ``active.json`` whenever the file changes.
+class Routes:
+    """Where requests go now: ``active.json``, looked at (one ``stat``) for every request.
 
     Change detection uses (mtime_ns, inode, size): the deployer writes a temp file and
     ``os.replace``s it, so every switch produces a new inode even within one mtime tick.
@@ -71,51 +81,449 @@ class ActiveUpstream:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.record: dict[str, Any] | None = None
+        self.port: int | None = None
+        self.candidate_port: int | None = None
+        self.weight = self.mirror = 0.0
         self._key: tuple[int, int, int] | None = None
-        self.current: dict[str, Any] | None = None
 
-    def get(self) -> dict[str, Any] | None:
+    def refresh(self) -> None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            if self.current is not None:
-                log.info(
-                    "switch: version %s (port %s) -> nothing deployed (%s removed)",
-                    self.current.get("version"),
-                    self.current.get("port"),
-                    self.path.name,
-                )
-            self._key, self.current = None, None
-            return None
+            if self.record is not None:
+                log.info("switch: %s -> nothing deployed (%s removed)", _name(self.record),
+                         self.path.name)  # fmt: skip
+            self._key, self.record, self.port, self.candidate_port = None, None, None, None
+            return
         key = (st.st_mtime_ns, st.st_ino, st.st_size)
         if key == self._key:
-            return self.current
+            return
+        self._key = key
         try:
             record = json.loads(self.path.read_text())
-            port = int(record["port"])
-            if not 0 < port < 65_536:
-                raise ValueError(f"port out of range: {port}")
+            port = _port(record["port"])
+            candidate = record.get("candidate") or None
+            candidate_port = _port(candidate["port"]) if candidate else None
+            weight = _share(candidate.get("weight", 0)) if candidate else 0.0
+            mirror = _share(candidate.get("mirror", 0)) if candidate else 0.0
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            # Writes are atomic, so this is a hand edit gone wrong: keep serving what we had.
-            log.warning(
-                "ignoring unreadable %s (%s); keeping the previous upstream", self.path, exc
-            )
-            self._key = key
-            return self.current
-        self._key = key
-        old = self.current
-        self.current = {**record, "port": port}
-        if old is None or old.get("port") != port or old.get("version") != record.get("version"):
+            # Writes are atomic, so this is a hand edit gone wrong: keep routing as before.
+            log.warning("ignoring unreadable %s (%s); routing as before", self.path, exc)
+            return
+        old, self.record = self.record, record
+        if old is None or _name(old) != _name(record):
+            log.info("switch: %s -> %s (%s)", _name(old) if old else "nothing", _name(record),
+                     record.get("model_uri"))  # fmt: skip
+        if (candidate_port, weight, mirror) != (self.candidate_port, self.weight, self.mirror):
             log.info(
-                "switch: %s -> version %s (port %s, %s)",
-                "nothing"
-                if old is None
-                else f"version {old.get('version')} (port {old.get('port')})",
-                record.get("version"),
-                port,
-                record.get("model_uri"),
+                "candidate: %s",
+                f"version {candidate.get('version')} (port {candidate_port}): {weight:.0%} of "
+                f"the predictions, {mirror:.0%} mirrored"
+                if candidate
+                else "none",
             )
-        return self.current
+        self.port, self.candidate_port, self.weight, self.mirror = (
+            port, candidate_port, weight, mirror
+        )  # fmt: skip
+
+
+def _name(record: dict[str, Any]) -> str:
+    return f"version {record.get('version')} (port {record.get('port')})"
+
+
+def _port(value: Any) -> int:
+    port = int(value)
+    if not 0 < port < 65_536:
+        raise ValueError(f"port out of range: {port}")
+    return port
+
+
+def _share(value: Any) -> float:
+    share = float(value)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"a share must be within 0 and 1, got {share}")
+    return share
+
+
+class _Request:
+    __slots__ = (
+        "body",
+        "canary",
+        "head",
+        "invocation",
+        "keep_alive",
+        "method",
+        "mirror",
+        "retried",
+    )  # fmt: skip
+
+    def __init__(self, head: bytes, body: bytes, method: bytes, keep_alive: bool, url: bytes):
+        self.head, self.body, self.method, self.keep_alive = head, body, method, keep_alive
+        self.invocation = method == b"POST" and url.startswith(b"/invocations")
+        self.canary = self.mirror = self.retried = False
+
+
+def _error(status: int, code: str, message: str, *, close: bool = False) -> bytes:
+    """An HTTP answer in MLflow's error shape."""
+    body = json.dumps({"error_code": code, "message": message}).encode()
+    reason = {400: "Bad Request", 413: "Content Too Large", 502: "Bad Gateway",
+              503: "Service Unavailable"}.get(status, "Error")  # fmt: skip
+    connection = "connection: close\r\n" if close else ""
+    head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+    return f"{head}content-length: {len(body)}\r\n{connection}\r\n".encode() + body
+
+
+class Front(asyncio.Protocol):
+    """One client connection: its requests, answered one after another, each routed anew."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[_Request] = deque()
+        self.current: _Request | None = None
+        self.upstreams: dict[int, Upstream] = {}
+        self.closed = False
+        self._url = b""
+        self._headers: list[bytes] = []
+        self._body: list[bytes] = []
+        self._size = 0
+
+    # -- the client side -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.proxy.fronts.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy.fronts.discard(self)
+        for upstream in list(self.upstreams.values()):
+            upstream.transport.close()
+        self.upstreams.clear()
+
+    def pause_writing(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(400, "BAD_REQUEST", "Protocol upgrades are not supported.")
+        except httptools.HttpParserError as exc:
+            self._refuse(400, "BAD_REQUEST", f"Malformed HTTP request: {exc}")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer at once and close: what follows on this connection cannot be trusted."""
+        if self.current is None and not self.closed:
+            self.transport.write(_error(status, code, message, close=True))  # type: ignore[union-attr]
+        self.transport.close()  # type: ignore[union-attr]
+
+    # httptools callbacks (one request being parsed)
+    def on_message_begin(self) -> None:
+        self._url, self._headers, self._body, self._size = b"", [], [], 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower not in _HOP_BY_HOP:
+            self._headers += (name, b": ", value, b"\r\n")
+        elif lower == b"expect" and value.lower() == b"100-continue":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > MAX_BODY_BYTES:
+            raise httptools.HttpParserCallbackError("body too large")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        method = parser.get_method()
+        body = b"".join(self._body)
+        head = b"".join(
+            (method, b" ", self._url, b" HTTP/1.1\r\n", *self._headers,
+             b"content-length: %d\r\n" % len(body))
+        )  # fmt: skip
+        self.queue.append(_Request(head, body, method, parser.should_keep_alive(), self._url))
+        if len(self.queue) > _MAX_QUEUED:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        if self.current is None:
+            self._next()
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        if not self.queue or self.closed:
+            self.current = None
+            return
+        if len(self.queue) == _MAX_QUEUED:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        request = self.current = self.queue.popleft()
+        routes = self.proxy.routes
+        routes.refresh()
+        port = routes.port
+        if port is None:
+            self.answer(_error(503, "NO_MODEL_DEPLOYED",
+                               "No model version is deployed behind this endpoint."))  # fmt: skip
+            return
+        if routes.candidate_port is not None and request.invocation:
+            if routes.weight and random.random() < routes.weight:
+                request.canary, port = True, routes.candidate_port
+            elif routes.mirror and random.random() < routes.mirror:
+                request.mirror = True
+        self.send(request, port)
+
+    def send(self, request: _Request, port: int) -> None:
+        upstream = self.upstreams.get(port)
+        if upstream is not None and upstream.idle:
+            upstream.send(request)
+        else:
+            self.proxy.spawn(self._connect(request, port))
+
+    async def _connect(self, request: _Request, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, upstream = await asyncio.wait_for(
+                loop.create_connection(lambda: Upstream(self, port), UPSTREAM_HOST, port),
+                _CONNECT_TIMEOUT_S,
+            )
+        except (OSError, TimeoutError) as exc:
+            routes = self.proxy.routes
+            if request.canary and routes.port is not None:
+                request.canary = False  # a dead candidate gets nothing: the live one answers
+                self.send(request, routes.port)
+                return
+            log.warning("upstream 127.0.0.1:%s unavailable: %s", port, exc)
+            version = (routes.record or {}).get("version")
+            message = f"The model server for version {version} is not answering."
+            self.answer(_error(502, "UPSTREAM_UNAVAILABLE", message))
+            return
+        if self.closed:
+            upstream.transport.close()
+            return
+        old = self.upstreams.get(port)
+        if old is None or not old.idle:
+            self.upstreams[port] = upstream
+        upstream.send(request)
+
+    def answer(self, response: bytes) -> None:
+        """The proxy's own answer to the current request."""
+        if not self.closed:
+            self.transport.write(response)  # type: ignore[union-attr]
+        self.done(self.current, 0, None)  # type: ignore[arg-type]
+
+    def done(self, request: _Request, status: int, live: bytes | None) -> None:
+        """The current request is answered (``live``: the answer's body, when mirrored)."""
+        if request.mirror and status == 200 and live is not None:
+            self.proxy.mirror.submit(request, live)
+        if not request.keep_alive:
+            self.closed = True
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        self._next()
+
+    def lost(self, request: _Request, port: int, relayed: bool) -> None:
+        """The upstream connection of the current request closed before its answer ended."""
+        if not relayed and not request.retried and not self.closed:
+            request.retried = True  # e.g. a kept-alive connection the server had just closed
+            self.proxy.spawn(self._connect(request, port))
+        else:  # part of an answer went out: this connection cannot go on
+            self.closed = True
+            self.transport.close()  # type: ignore[union-attr]
+
+
+class Upstream(asyncio.Protocol):
+    """A kept-alive connection from one client connection to one model server."""
+
+    def __init__(self, front: Front, port: int) -> None:
+        self.front, self.port = front, port
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser: httptools.HttpResponseParser | None = None
+        self.request: _Request | None = None
+        self.body: list[bytes] | None = None
+        self.relayed = False
+        self.open = True
+        self.chunks: list[bytes] = []
+
+    @property
+    def idle(self) -> bool:
+        return self.request is None and self.open and not self.transport.is_closing()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, request: _Request) -> None:
+        self.request, self.relayed = request, False
+        self.chunks.clear()
+        self.parser = httptools.HttpResponseParser(self)
+        self.body = [] if request.mirror else None
+        self.transport.write(request.head + b"\r\n" + request.body)
+
+    def data_received(self, data: bytes) -> None:
+        if self.request is None:  # nothing asked: the server is closing on us
+            self.transport.close()
+            return
+        self.chunks.append(data)
+        try:
+            self.parser.feed_data(data)  # type: ignore[union-attr]
+        except httptools.HttpParserError:
+            self.transport.close()
+            return
+        if self.request is not None and len(self.chunks) > 16:
+            self._relay()  # a long answer is passed on as it comes
+
+    def _relay(self) -> None:
+        """What came back so far, to the client in one write (most answers: one chunk)."""
+        if self.chunks and not self.front.closed:
+            self.front.transport.write(b"".join(self.chunks))  # type: ignore[union-attr]
+            self.relayed = True
+        self.chunks.clear()
+
+    def on_headers_complete(self) -> None:
+        if self.request is not None and self.request.method == b"HEAD":
+            self._complete()  # no body follows, whatever content-length says
+
+    def on_body(self, body: bytes) -> None:
+        if self.body is not None:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.request is not None:
+            self._complete()
+
+    def _complete(self) -> None:
+        request, parser = self.request, self.parser
+        assert request is not None and parser is not None
+        self.request = None
+        self._relay()
+        if not parser.should_keep_alive():
+            self.open = False
+            self.transport.close()
+        live = b"".join(self.body) if self.body is not None else None
+        self.front.done(request, parser.get_status_code(), live)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        if self.front.upstreams.get(self.port) is self:
+            del self.front.upstreams[self.port]
+        request, self.request = self.request, None
+        if request is not None:
+            self.front.lost(request, self.port, self.relayed)
+
+
+class Mirror:
+    """Sends sampled requests again to the candidate, never in any caller's way."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.queue: deque[bytes] = deque()
+        self.port: int | None = None
+        self.connections: set[_MirrorConnection] = set()
+        self.idle: list[_MirrorConnection] = []
+        self.connecting = 0
+        self.paused_until = 0.0
+        self.sent = self.dropped = 0
+
+    def submit(self, request: _Request, live: bytes) -> None:
+        port = self.proxy.routes.candidate_port
+        if port is None or time.monotonic() < self.paused_until:
+            self.dropped += 1
+            return
+        if port != self.port:
+            self.reset(port)
+        if len(live) <= MAX_LIVE_ANSWER_BYTES and live.isascii() and b"\n" not in live:
+            raw = b"".join((request.head, _LIVE_HEADER, b": ", live, b"\r\n\r\n", request.body))
+        else:
+            raw = request.head + b"\r\n" + request.body
+        if self.idle:
+            self.idle.pop().send(raw)
+        elif len(self.connections) + self.connecting < MIRROR_CONNECTIONS:
+            self.connecting += 1
+            self.proxy.spawn(self._connect(port, raw))
+        elif len(self.queue) < MIRROR_QUEUE:
+            self.queue.append(raw)
+        else:
+            self.dropped += 1
+
+    def reset(self, port: int | None) -> None:
+        for connection in list(self.connections):
+            connection.transport.close()
+        self.connections.clear()
+        self.idle.clear()
+        self.queue.clear()
+        self.port = port
+
+    async def _connect(self, port: int, raw: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await asyncio.wait_for(
+                loop.create_connection(lambda: _MirrorConnection(self), UPSTREAM_HOST, port),
+                _CONNECT_TIMEOUT_S,
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning("mirror to 127.0.0.1:%s failed (%s): dropping mirrored requests for "
+                        "%.0fs", port, exc, _MIRROR_BACKOFF_S)  # fmt: skip
+            self.dropped += 1 + len(self.queue)
+            self.queue.clear()
+            self.paused_until = time.monotonic() + _MIRROR_BACKOFF_S
+            return
+        finally:
+            self.connecting -= 1
+        if port != self.port:
+            connection.transport.close()
+            return
+        self.connections.add(connection)
+        connection.send(raw)
+
+    def ready(self, connection: _MirrorConnection) -> None:
+        if self.queue:
+            connection.send(self.queue.popleft())
+        else:
+            self.idle.append(connection)
+
+    def gone(self, connection: _MirrorConnection) -> None:
+        self.connections.discard(connection)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(connection)
+
+
+class _MirrorConnection(asyncio.Protocol):
+    def __init__(self, mirror: Mirror) -> None:
+        self.mirror = mirror
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, raw: bytes) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.mirror.sent += 1
+        self.transport.write(raw)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)  # type: ignore[union-attr]
+        except httptools.HttpParserError:
+            self.transport.close()
+
+    def on_message_complete(self) -> None:
+        if self.parser is not None and self.parser.should_keep_alive():
+            self.mirror.ready(self)
+        else:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.mirror.gone(self)
 
 
 class Proxy:
@@ -124,131 +532,38 @@ class Proxy:
     def __init__(self, settings: DeploySettings) -> None:
         self.settings = settings
         self.state_dir = Path(settings.local_state_dir)
-        self.active = ActiveUpstream(self.state_dir / ACTIVE_FILE)
+        self.routes = Routes(self.state_dir / ACTIVE_FILE)
+        self.mirror = Mirror(self)
+        self.fronts: set[Front] = set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._server = await asyncio.start_server(
-            self._on_connect, self.settings.local_host, self.settings.local_port
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Front(self), self.settings.local_host, self.settings.local_port
         )
-        self.active.get()  # log the initial upstream
-        log.info(
-            "proxy listening on %s:%s, upstream from %s",
-            self.settings.local_host,
-            self.settings.local_port,
-            self.active.path,
-        )
+        self.routes.refresh()  # log the initial upstream
+        log.info("proxy listening on %s:%s, routes from %s", self.settings.local_host,
+                 self.settings.local_port, self.routes.path)  # fmt: skip
 
     async def close(self, grace_s: float = _SHUTDOWN_GRACE_S) -> None:
         if self._server is not None:
             self._server.close()
-        if self._tasks:
-            log.info("waiting up to %.0fs for %d open connection(s)", grace_s, len(self._tasks))
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(f.current or f.queue for f in self.fronts):
+            await asyncio.sleep(0.05)
+        for front in list(self.fronts):
+            front.transport.close()  # type: ignore[union-attr]
+        self.mirror.reset(None)
         if self._server is not None:
             await self._server.wait_closed()
-
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await self._handle(reader, writer)
-        except Exception:  # one bad connection must never take the proxy down
-            log.exception("connection handler failed")
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        active = self.active.get()
-        if active is None:
-            await _reply_error(
-                reader,
-                writer,
-                503,
-                "NO_MODEL_DEPLOYED",
-                "No model version is deployed behind this endpoint.",
-            )
-            return
-        port = active["port"]
-        try:
-            up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(UPSTREAM_HOST, port), _CONNECT_TIMEOUT_S
-            )
-        except (OSError, TimeoutError) as exc:
-            log.warning(
-                "upstream 127.0.0.1:%s (version %s) unavailable: %s",
-                port,
-                active.get("version"),
-                exc,
-            )
-            await _reply_error(
-                reader,
-                writer,
-                502,
-                "UPSTREAM_UNAVAILABLE",
-                f"The model server for version {active.get('version')} is not answering.",
-            )
-            return
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            up_writer.close()
-            with contextlib.suppress(Exception):
-                await up_writer.wait_closed()
-
-
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    """Copy bytes until EOF, then half-close ``dst`` so the other side sees the end too."""
-    try:
-        while data := await src.read(_CHUNK):
-            dst.write(data)
-            await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()
-    except (ConnectionError, OSError):
-        # A reset on one side: close the other so its pipe ends as well.
-        dst.close()
-
-
-async def _reply_error(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    status: int,
-    error_code: str,
-    message: str,
-) -> None:
-    """Answer one HTTP request with a JSON error (MLflow's error shape) and close."""
-    with contextlib.suppress(Exception):
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_READ_TIMEOUT_S)
-        length = 0
-        for line in head.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        if 0 < length <= _MAX_DRAINED_BODY:
-            await asyncio.wait_for(reader.readexactly(length), _REQUEST_READ_TIMEOUT_S)
-    body = json.dumps({"error_code": error_code, "message": message}).encode()
-    reason = {502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "Error")
-    head_out = (
-        f"HTTP/1.1 {status} {reason}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n"
-        "\r\n"
-    ).encode()
-    with contextlib.suppress(ConnectionError, OSError):
-        writer.write(head_out + body)
-        await writer.drain()
 
 
 def _write_pidfile(path: Path) -> None:
@@ -261,131 +576,6 @@ def _remove_own_pidfile(path: Path) -> None:
     with contextlib.suppress(OSError, ValueError):
         if int(path.read_text().strip()) == os.getpid():
             path.unlink()
-
-
-class Supervisor:
-    """Start the active model server again when it dies (see the module docstring)."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self.active_path = state_dir / ACTIVE_FILE
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
-        self._failures = 0
-        self._next_try = 0.0
-        self._started_at = 0.0
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                self.check()
-            except Exception:  # the proxy must keep proxying whatever happens here
-                log.exception("supervisor check failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), SUPERVISE_EVERY_S)
-
-    def check(self) -> None:
-        for pid, child in list(self._children.items()):
-            if child.poll() is not None:  # reap our own children
-                del self._children[pid]
-        try:
-            active = json.loads(self.active_path.read_text())
-        except (OSError, ValueError):
-            return
-        cmd, pid = active.get("cmd"), active.get("pid")
-        if not cmd or _is_server(pid, active):
-            if pid and self._failures and time.monotonic() - self._started_at > STABLE_AFTER_S:
-                self._failures = 0
-            return
-        now = time.monotonic()
-        if now < self._next_try:
-            return
-        with open(self.state_dir / DEPLOY_LOCK, "a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # a deploy is changing processes right now: not ours to touch
-            try:
-                self._restart(active)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _restart(self, active: dict[str, Any]) -> None:
-        # Re-read under the lock: a deploy may have switched versions since.
-        try:
-            active = json.loads(self.active_path.read_text())
-        except (OSError, ValueError):
-            return
-        if _is_server(active.get("pid"), active):
-            return
-        env = dict(os.environ)
-        if active.get("tracking_uri"):
-            env["MLFLOW_TRACKING_URI"] = active["tracking_uri"]
-        logfile = self.state_dir / f"slot-{active['port']}.log"
-        with open(logfile, "ab") as out:
-            stamp = datetime.now(UTC).isoformat()
-            out.write(f"# {stamp} restart: {' '.join(active['cmd'])}\n".encode())
-            out.flush()
-            proc = start_detached(active["cmd"], env=env, stdout=out)
-        self._children[proc.pid] = proc
-        delay = RESTART_BACKOFF_S[min(self._failures, len(RESTART_BACKOFF_S) - 1)]
-        self._failures += 1
-        self._started_at = time.monotonic()
-        self._next_try = self._started_at + delay
-        record = {
-            **active,
-            "pid": proc.pid,
-            "restarts": int(active.get("restarts") or 0) + 1,
-            "restarted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        atomic_write_json(self.active_path, record)
-        (self.state_dir / f"slot-{active['port']}.pid").write_text(f"{proc.pid}\n")
-        log.warning(
-            "model server of version %s (port %s, pid %s) was not running: started it again as "
-            "pid %s (restart %d; next restart no sooner than %.0fs)",
-            active.get("version"),
-            active.get("port"),
-            active.get("pid"),
-            proc.pid,
-            record["restarts"],
-            delay,
-        )
-
-
-def start_detached(cmd: list[str], *, env: dict[str, str], stdout: Any) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in its own session: it outlives its starter and stops as a group."""
-    return subprocess.Popen(
-        cmd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        close_fds=True,
-    )
-
-
-def atomic_write_json(path: Path, record: dict[str, Any]) -> None:
-    """Replace ``path`` in one step: a reader sees the old record or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(record, indent=2) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _is_server(pid: Any, active: dict[str, Any]) -> bool:
-    """``pid`` is a live model server on the active port (not a zombie, not a reused pid)."""
-    try:
-        proc = psutil.Process(int(pid))
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        argv = proc.cmdline()
-    except (psutil.NoSuchProcess, TypeError, ValueError):
-        return False
-    except psutil.AccessDenied:
-        return True
-    return "serving.server" in argv and str(active.get("port")) in argv
 
 
 async def _serve(settings: DeploySettings) -> None:
@@ -413,4 +603,7 @@ async def _serve(settings: DeploySettings) -> None:
 
 def run_proxy(settings: DeploySettings) -> None:
     """Run the proxy until SIGTERM/SIGINT (blocking). Writes ``<state>/proxy.pid``."""
-    asyncio.run(_serve(settings))
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(settings))

@@ -22,7 +22,9 @@ decision is always taken on the state it acts on:
    refused: tagged ``rollout.refused``, and ``@champion``, if a person moved it there, is put
    back on what the target serves (:class:`RequestRejected`, final);
 3. deploy (the target keeps the old version serving until the new one is ready), then
-   verify the endpoint on the version's fixed rows (:mod:`serving.deploy.verify`);
+   verify the endpoint on the version's fixed rows (:mod:`serving.deploy.verify`); with the
+   strategy ``shadow`` or ``canary`` the version is started and verified beside the live one
+   and earns its traffic in judged steps first (:mod:`serving.deploy.progressive`);
 4. verified: move ``@champion`` to it when the request says so (only if nobody moved the
    alias meanwhile), drop ``@challenger``;
 5. verification ran and failed: that is a verdict. Tag the version ``rollout.failed`` with the
@@ -76,6 +78,7 @@ REFUSED_TAG = "rollout.refused"
 FORCED_TAG = "rollout.forced"
 
 Kind = Literal["candidate", "champion", "version"]
+Strategy = Literal["direct", "shadow", "canary"]
 __all__ = [
     "DeployFailed",
     "EndpointUnreachable",
@@ -107,10 +110,15 @@ class Request:
     # verification already failed it (a retried rollout pod), the retry fails again instead
     # of finding the restored version live and reporting success.
     champion_at_request: str | None = None
+    # direct | shadow | canary (serving.deploy.progressive); None: the deploy settings'
+    # rollout_strategy.
+    strategy: Strategy | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("candidate", "champion", "version"):
             raise ValueError(f"unknown rollout request kind {self.kind!r}")
+        if self.strategy not in (None, "direct", "shadow", "canary"):
+            raise ValueError(f"unknown rollout strategy {self.strategy!r}")
         if self.kind != "champion" and not str(self.version or "").isdigit():
             raise ValueError(f"a {self.kind} request needs a version number, got {self.version!r}")
 
@@ -143,6 +151,7 @@ class Plan:
     promote: bool = False
     # The `force` reason, when the version goes live without a passed gate.
     forced: str | None = None
+    strategy: Strategy = "direct"
 
 
 def plan(
@@ -152,12 +161,17 @@ def plan(
     live: Live,
     tags: Mapping[str, str] | None = None,
     judged_here: tuple[str, str] | None = None,
+    strategy: Strategy = "direct",
 ) -> Plan:
     """What to do, from the request and the state read while holding the rollout lock.
 
     ``tags`` are the target version's tags (its gate, ``force`` and ``rollout.failed`` tags
-    count); ``judged_here`` a (version, reason) this very run already failed verification of.
-    Pure: every rule of the rollout path's decision is here and tested as a table.
+    count); ``judged_here`` a (version, reason) this very run already failed verification of;
+    ``strategy`` the run's. The rule of production comes first: a version without a passed
+    gate or a ``force`` reason is refused whatever the strategy. A shadow or canary applies
+    only to a deploy that is allowed, and needs a healthy other version live to be compared
+    with (else the deploy is direct). Pure: every rule of the rollout path's decision is here
+    and tested as a table.
     """
     tags = tags or {}
     if judged_here is not None:
@@ -215,9 +229,11 @@ def plan(
         if live.version
         else ("nothing")
     )
-    return Plan(
-        "deploy", target, f"deploying v{target}{why_live}; live now: {now}", promote, forced
-    )
+    reason = f"deploying v{target}{why_live}; live now: {now}"
+    if strategy != "direct" and not live.healthy:
+        reason += f"; {strategy} needs a healthy version live to compare with: direct"
+        strategy = "direct"
+    return Plan("deploy", target, reason, promote, forced, strategy)
 
 
 @dataclass
@@ -243,10 +259,12 @@ def run(
     *,
     tracking_uri: str,
     lock_holder: str | None = None,
+    settings: Any = None,
 ) -> Outcome:
     """Roll out what ``request`` asks for on ``target``; see the module docstring.
 
-    Raises :class:`VerificationFailed` (a verdict: tagged, restored) or :class:`RolloutError`
+    ``settings`` (``DeploySettings``): the strategy, its steps and the judge's thresholds
+    (None: direct). Raises a :class:`Verdict` (tagged, restored) or :class:`RolloutError`
     (anything else: nothing tagged; retry).
     """
     from ml.registry import Registry
@@ -262,6 +280,9 @@ def run(
     holder = lock_holder or request.reason or request.kind
     with target.lock(holder):
         step(f"rollout slot held on the {target.name} target ({holder})")
+        # A candidate left by a rollout that was killed outright (no chance to take it out):
+        # every request back on the live version before anything is decided.
+        target.drop_candidate()
         try:
             champion_info = reg.champion()
         except Exception as exc:  # the registry is down: not a verdict
@@ -284,10 +305,12 @@ def run(
             live=live,
             tags=tags,
             judged_here=_judged_here(reg, request),
+            strategy=request.strategy or (settings.rollout_strategy if settings else "direct"),
         )
         step(
             f"plan: {decision.action} ({decision.reason}); @champion {_v(champion)}, live "
             f"{_v(live.version)}{'' if live.healthy else ' (not healthy)'}"
+            + (f"; strategy {decision.strategy}" if decision.action == "deploy" else "")
         )
         outcome = Outcome(
             status="skipped",
@@ -320,8 +343,21 @@ def run(
                 step(f"v{version} answers its verification rows: unchanged")
             except VerificationFailed as exc:
                 step(f"live v{version} answers wrongly ({exc}): deploying it afresh")
-                decision = Plan("deploy", version, "redeploy", decision.promote)
-        if decision.action == "deploy":
+                decision = Plan("deploy", version, "redeploy", decision.promote, decision.forced)
+        if decision.action == "deploy" and decision.strategy != "direct":
+            from serving.deploy.progressive import roll_out
+
+            live_uri = f"models:/{reg.name}/{live.version}"
+            try:
+                result = roll_out(target, settings, decision.strategy, version=version,
+                                  model_uri=model_uri, live_uri=live_uri, rows=rows, reg=reg,
+                                  step=step)  # fmt: skip
+            except Verdict as exc:  # the traffic is back on the live version already
+                _verdict(reg, registry, target, request, version, str(exc), None, step,
+                         restored=live.version)  # fmt: skip
+                raise
+            outcome.verification, outcome.status = result["verification"], "rolled_out"
+        elif decision.action == "deploy":
             # What to go back to if the new version fails verification: what served before.
             restore_to = live.version if live.healthy and live.version != version else None
             if restore_to is None and champion not in (None, version):
@@ -347,7 +383,10 @@ def run(
                 f"{outcome.verification['max_abs_diff']:.2g}"
             )
             outcome.status = "rolled_out"
+        if outcome.status == "rolled_out":
             how = f"on {target.name}: {request.reason or request.kind}"
+            if decision.strategy != "direct":
+                how += f" ({decision.strategy})"
             _card(
                 reg,
                 version,
@@ -556,4 +595,4 @@ def run_request(
     if not isinstance(request, Request):
         request = Request.from_dict(request)
     target = make_target(deploy, tracking_uri=tracking_uri)
-    return run(request, target, registry, tracking_uri=tracking_uri).to_dict()
+    return run(request, target, registry, tracking_uri=tracking_uri, settings=deploy).to_dict()

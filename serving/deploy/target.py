@@ -97,3 +97,28 @@ class Target(Protocol):
 
     def withdraw(self) -> None:
         """Stop serving: after a failed rollout with nothing good to go back to."""
+
+    # A candidate beside the live version (shadow and canary: serving.deploy.progressive).
+    # mirrors: whether a shadow step can send it mirrored requests.
+    mirrors: bool
+
+    @property
+    def candidate_endpoint(self) -> str:
+        """Base URL of the candidate alone (verified there before it gets any traffic)."""
+
+    def start_candidate(self, model_uri: str, version: str, *, live_uri: str) -> dict[str, Any]:
+        """Start the version beside the live one, with no traffic, its prediction histogram
+        in the buckets of ``live_uri``. Raises like :meth:`deploy`."""
+
+    def route(self, weight: float, mirror: float) -> None:
+        """The candidate answers ``weight`` of the predictions and gets ``mirror`` of the
+        others mirrored (0 to 1 each)."""
+
+    def candidate_healthy(self) -> bool:
+        """The candidate still answers."""
+
+    def promote_candidate(self) -> dict[str, Any]:
+        """The candidate becomes the live version and takes every request."""
+
+    def drop_candidate(self) -> None:
+        """Every request back on the live version within seconds, then the candidate goes."""

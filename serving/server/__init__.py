@@ -18,7 +18,11 @@ Every response carries ``X-Model-Version`` when the model came from the registry
 ``POST /invocations`` answer an ``X-Request-Id`` (the caller's, when it sent a sane one; else
 a new one): the key a label is sent back with. With ``--payload-log-path`` and
 ``--payload-log-sample-percent``, that share of the answered requests is written, off the
-request path, as daily partitions the pipeline reads (``serving.server.payload``).
+request path, as daily partitions the pipeline reads (``serving.server.payload``). A request
+that carries ``X-Live-Answer`` (a shadow's mirror of a live request, sent by the local front
+proxy) also records, per row, how far this server's answer is from that one
+(``model_server_shadow_abs_diff``); ``--profile-from MODEL_URI`` takes the histogram buckets
+from another version's drift profile (a canary: the live version's).
 
 Where this server deliberately differs from MLflow:
 
@@ -52,8 +56,9 @@ Modules, in the order a request meets them:
   ``keras_fast``: a Keras network as one frozen TensorFlow graph; ``slim``: the LiteRT artifact
   without TensorFlow; ``warmup``: the check at load that the fast path answers like the pyfunc;
 - ``records``: what the request path records, made into metric updates and access-log lines in
-  batches; ``metrics`` and ``distributions``: Prometheus metrics; ``logs``: JSON logs and the
-  access log; ``payload``: the payload log;
+  batches; ``metrics`` and ``distributions``: Prometheus metrics; ``shadow``: a shadow's
+  paired differences from the live answer its mirrored requests carry; ``logs``: JSON logs and
+  the access log; ``payload``: the payload log;
 - ``compat``: every private MLflow and TensorFlow API the server uses; ``contract``: what the
   pipeline and the server agree on.
 """

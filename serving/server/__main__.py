@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="what one process writes to the payload log per day at most; the rest is dropped "
         "and counted",
     )
+    p.add_argument(
+        "--profile-from",
+        metavar="MODEL_URI",
+        help="take the feature and prediction histogram buckets from this model's drift "
+        "profile instead of the served model's (a canary: the live version's, so that the two "
+        "prediction distributions compare bucket by bucket)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -201,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         payload_log_sample_percent=args.payload_log_sample_percent,
         payload_log_max_file_mb=args.payload_log_max_file_mb,
         payload_log_max_day_mb=args.payload_log_max_day_mb,
+        profile_from=args.profile_from,
         log_level="DEBUG" if args.verbose else "INFO",
     )
     return run(config)

@@ -44,9 +44,14 @@ from serving.server.batching import MicroBatcher
 from serving.server.body import read_body
 from serving.server.compat import mark_serving_environment
 from serving.server.config import ServerConfig
-from serving.server.contract import REQUEST_ID_HEADER, VERSION_HEADER, is_numeric_column
+from serving.server.contract import (
+    LIVE_ANSWER_HEADER,
+    REQUEST_ID_HEADER,
+    VERSION_HEADER,
+    is_numeric_column,
+)
 from serving.server.jsoncodec import UNDECODED, DecodeError, as_mlflow_reads, dumps, loads
-from serving.server.loader import LoadedModel, load_drift_profile, load_model
+from serving.server.loader import LoadedModel, load_drift_profile, load_model, resolve_identity
 from serving.server.logs import AccessLog
 from serving.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.server.metrics import ServerMetrics
@@ -80,6 +85,7 @@ _ROUTES = {
     "/metrics": "/metrics",
     "/v1/model": "/v1/model",
 }
+_LIVE_ANSWER = LIVE_ANSWER_HEADER.lower().encode()
 _GET_ROUTES = frozenset({"/ping", "/health", "/version", "/metrics", "/v1/model"})
 _METHOD_NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 _REQUEST_ID = REQUEST_ID_HEADER.lower().encode()
@@ -164,6 +170,12 @@ class ScoringApp:
         finally:
             metrics.in_flight -= 1
         body = reply.body
+        mirrored = False
+        if reply.status == 200 and path == "/invocations":
+            for name, value in scope["headers"]:
+                if name == _LIVE_ANSWER:  # a mirrored request: keep both answers
+                    self.recorder.shadow.append((body, value))
+                    mirrored = True
         if reply.content_type is JSON_TYPE and not reply.headers:
             headers = self._json_headers.get(len(body)) or self._headers_for(len(body))
         else:
@@ -178,7 +190,10 @@ class ScoringApp:
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
         end = _perf_counter()
-        if reply.answered and self.payload_log is not None and self.payload_log.sampled():
+        # A shadow's answer to a mirrored request reached no caller: not in the payload log
+        # (with the caller's X-Request-Id it would also make the live answer's row ambiguous).
+        log_it = reply.answered and not mirrored and self.payload_log is not None
+        if log_it and self.payload_log.sampled():
             rows, predictions = reply.answered
             self.payload_log.add(request_id, rows, predictions, end - started, end)
         self.recorder.request_done(
@@ -435,7 +450,9 @@ class ScoringApp:
             mark_serving_environment()
             started = time.monotonic()
             batch_key = warm_up(model, pyfunc_batching=cfg.pyfunc_batching)
-            profile = load_drift_profile(model.identity)
+            # A canary is measured in the buckets of the version it is compared with.
+            bins_of = resolve_identity(cfg.profile_from) if cfg.profile_from else model.identity
+            profile = load_drift_profile(bins_of)
             # What loading left behind lives as long as the process: out of the collector's
             # sight, so that a full collection while serving scans only what came after
             # (otherwise ~0.1 s with TensorFlow and MLflow loaded, all requests waiting).

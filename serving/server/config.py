@@ -47,6 +47,9 @@ class ServerConfig:
     payload_log_sample_percent: float = 0.0
     payload_log_max_file_mb: float = 32.0
     payload_log_max_day_mb: float = 1024.0
+    # The feature and prediction histograms' buckets from this model's drift profile (a
+    # canary's are the live version's, so that the two distributions compare bucket by bucket).
+    profile_from: str | None = None
     log_level: str = "INFO"
 
     def to_json(self) -> str:

@@ -59,3 +59,7 @@ PAYLOAD_LATENCY_MS = "latency_ms"
 PAYLOAD_SERVED_AT = "served_at"  # unix seconds
 PAYLOAD_FILE_PREFIX = "payload-"
 PAYLOAD_FORMATS = ("parquet", "jsonl")
+
+# A shadow's mirrored request carries the live version's answer to it (the front proxy adds
+# it after the caller got that answer); the shadow records how far its own answer is from it.
+LIVE_ANSWER_HEADER = "X-Live-Answer"

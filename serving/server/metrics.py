@@ -30,6 +30,10 @@ Exposed series (all prefixed ``model_server_``):
 - ``payload_log_rows_total{outcome}``              counter: rows of sampled requests
   ``written`` to the payload log, ``dropped`` (its queue full, or its day's cap reached) or
   ``failed`` (serving.server.payload; only while the log is on)
+- ``shadow_abs_diff``                              histogram: per row, |this answer - the live
+  version's| for requests mirrored with the live answer (``serving.server.shadow``)
+- ``shadow_unpaired_total``                        counter: mirrored requests whose two answers
+  did not line up row by row
 - ``workers``                                      gauge: live worker processes
 - ``start_time_seconds``                           gauge
 
@@ -73,6 +77,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
@@ -86,6 +91,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from serving.server.distributions import DEFAULT_MAX_FEATURE_HISTOGRAMS, Distributions
+from serving.server.shadow import SHADOW_DIFF_BUCKETS, paired_differences
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +242,14 @@ class ServerMetrics:
         self._fallbacks = counter(
             "batch_fallbacks", "Batches whose call failed and were re-run per request."
         )
+        self._shadow_diff = histogram(
+            "shadow_abs_diff",
+            "Per row, |this answer - the live version's answer| to a mirrored request.",
+            SHADOW_DIFF_BUCKETS,
+        )
+        self._shadow_unpaired = counter(
+            "shadow_unpaired", "Mirrored requests whose answer did not line up with the live one."
+        )
         self._ready_gauge = gauge(
             "ready", "1 once the model is loaded and a warm-up prediction succeeded.", "livemin"
         )
@@ -337,6 +351,20 @@ class ServerMetrics:
             requests.apply(self._batch_requests)
         if fallbacks:
             self._fallbacks.inc(fallbacks)
+
+    def observe_shadow(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        """Mirrored requests' (own answer, live answer) bodies: their paired differences."""
+        diffs, unpaired = paired_differences(pairs)
+        if diffs.size:
+            tally = _Tally(SHADOW_DIFF_BUCKETS)
+            tally.counts = np.bincount(
+                np.searchsorted(SHADOW_DIFF_BUCKETS, diffs, side="left"),
+                minlength=len(SHADOW_DIFF_BUCKETS) + 1,
+            ).tolist()
+            tally.total = float(diffs.sum())
+            tally.apply(self._shadow_diff)
+        if unpaired:
+            self._shadow_unpaired.inc(unpaired)
 
     def count_pyfunc_call(self) -> None:
         self._pyfunc_calls.inc()

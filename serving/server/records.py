@@ -3,10 +3,11 @@
 The request path does no more than append: one tuple per finished request to
 :attr:`Recorder.records` (``serving.server.metrics.R_*`` layout), one tuple per model call of
 the micro-batchers, one ``(rows, predictions)`` reference per answered call for the feature
-and prediction histograms; the payload log keeps its sampled answers itself.
-:meth:`Recorder.flush` makes them metric updates and access-log lines, and hands the sampled
-requests to the payload log's writer: at least every 0.25 s (a timer the first record after a
-flush sets), every 256 requests, before every ``/metrics`` answer and at shutdown.
+and prediction histograms, and a mirrored request's two answers (``serving.server.shadow``);
+the payload log keeps its sampled answers itself. :meth:`Recorder.flush` makes them metric
+updates and access-log lines, and hands the sampled requests to the payload log's writer: at
+least every 0.25 s (a timer the first record after a flush sets), every 256 requests, before
+every ``/metrics`` answer and at shutdown.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Recorder:
         self._pyfunc_batches: list[tuple[int, int, bool]] = []
         # (rows, predictions) of answered model calls, by reference (the histograms).
         self.observed: list[tuple[Any, Any]] = []
+        # (own answer, live answer) bodies of mirrored requests (serving.server.shadow).
+        self.shadow: list[tuple[bytes, bytes]] = []
         self._tick_handle: asyncio.TimerHandle | None = None
         self.payload_log: PayloadLog | None = None  # its sampled answers wait there
 
@@ -81,6 +84,9 @@ class Recorder:
             metrics.observe_rows(observed)
         if self.payload_log is not None and self.payload_log.pending:
             self.payload_log.submit(time.time() - time.perf_counter())
+        if shadow := self.shadow:
+            self.shadow = []
+            metrics.observe_shadow(shadow)
         records = self.records
         if not records:
             return

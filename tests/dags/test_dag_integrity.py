@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import os
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from airflow.sdk.bases.branch import BranchMixIn
 
+from serving.deploy.settings import DeploySettings
 from tests.dags.conftest import DAG_FILES, DAGS_DIR
 
 TRAIN_AND_DEPLOY_EDGES = {
@@ -287,7 +289,8 @@ def test_the_rollout_pod_receives_the_request_the_deciding_task_returned(dagbag,
         assert source in task.upstream_task_ids
 
         xcoms = {(source, key): value for key, value in returned.items()}
-        rendered, ti = render(task, dag, xcoms)
+        run_params = {"rollout_strategy": "canary", "canary_steps": [10.0, 60.0], "judge_psi": 0.2}
+        rendered, ti = render(task, dag, xcoms, params=run_params)
         assert (source, "request") in ti.pulled
         args = build_parser().parse_args(rendered.arguments)
         assert args.command == "rollout" and args.target == "kubernetes"
@@ -296,6 +299,15 @@ def test_the_rollout_pod_receives_the_request_the_deciding_task_returned(dagbag,
         assert request.version == "7" and request.run_id == "manual__'x'"
         env = {var.name: var.value for var in rendered.env_vars}
         assert env["PIPELINE_REGISTRY_MODEL_NAME"]  # the pod moves aliases: it needs them
+        # The run's strategy and judge reach the pod's settings.
+        for name in [n for n in os.environ if n.startswith("PIPELINE_DEPLOY_")]:
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            if name.startswith("PIPELINE_DEPLOY_") and value is not None:
+                monkeypatch.setenv(name, value)
+        in_pod = DeploySettings()
+        assert (in_pod.target, in_pod.rollout_strategy) == ("kubernetes", "canary")
+        assert (in_pod.canary_steps, in_pod.judge_psi) == ([10.0, 60.0], 0.2)
     gate = Request.from_dict(decided["train_and_deploy"][1]["request"])
     assert (gate.kind, gate.champion_at_eval) == ("candidate", "6")
     by_hand = Request.from_dict(decided["deploy_model"][1]["request"])
@@ -327,6 +339,17 @@ def test_trigger_form_params_are_typed_and_documented(dagbag):
         "require_approval": "boolean",
         "force_retrain": "boolean",
         "deploy_target": "string",
+        # how the version goes live (serving.deploy.progressive) and its judge
+        "rollout_strategy": "string",
+        "shadow_share": "number",
+        "canary_steps": "array",
+        "canary_bake_s": "number",
+        "judge_min_requests": "integer",
+        "judge_error_ratio": "number",
+        "judge_p99_ratio": "number",
+        "judge_p99_slack_s": "number",
+        "judge_psi": "number",
+        "judge_shadow_diff_p99": "number",
     }
     assert set(params.keys()) == set(expected)
     for name, type_ in expected.items():
@@ -334,6 +357,7 @@ def test_trigger_form_params_are_typed_and_documented(dagbag):
         assert schema["type"] == type_, name
         assert schema.get("title") and params.get_param(name).description, name
     assert params.get_param("deploy_target").schema["enum"] == ["local", "kubernetes"]
+    assert params.get_param("rollout_strategy").schema["enum"] == ["direct", "shadow", "canary"]
 
 
 def test_trigger_form_rejects_bad_values(dagbag):

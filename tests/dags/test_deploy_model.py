@@ -149,6 +149,17 @@ def test_deploy_model_params_are_typed_and_documented(dags):
         "deploy_target": "string",
         "reason": "string",
         "retry_failed": "boolean",
+        # how the version goes live (serving.deploy.progressive) and its judge
+        "rollout_strategy": "string",
+        "shadow_share": "number",
+        "canary_steps": "array",
+        "canary_bake_s": "number",
+        "judge_min_requests": "integer",
+        "judge_error_ratio": "number",
+        "judge_p99_ratio": "number",
+        "judge_p99_slack_s": "number",
+        "judge_psi": "number",
+        "judge_shadow_diff_p99": "number",
     }
     assert set(params.keys()) == set(expected)
     for name, type_ in expected.items():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from _support import (
     KNOBS,
+    ROLLOUT_KNOBS,
     data_settings,
     deploy_settings,
     gate_settings,
@@ -27,11 +28,16 @@ from serving.deploy.settings import DeploySettings
 from tests.dags.conftest import DAGS_DIR, load_dag
 
 REPO = DAGS_DIR.parent
-BOUNDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+BOUNDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+          "items", "minItems")  # fmt: skip
 DAG_KNOBS = {
     "train_and_deploy": [name for name in KNOBS if name != "batch_window_days"],
-    "deploy_model": ["deploy_target"],
+    "deploy_model": ["deploy_target", *ROLLOUT_KNOBS],
     "score_batch": ["batch_window_days"],
+    "gate_new_version": [
+        *("data_window_days", "max_rmse", "min_r2", "max_regression", "require_approval"),
+        *("deploy_target", *ROLLOUT_KNOBS),
+    ],
 }
 SETTINGS_CLASSES = [
     ml_settings.DataSettings,
@@ -53,13 +59,16 @@ def _declared(name: str) -> dict:
 def _other_value(name: str):
     """A valid value of the knob ``name`` that is not its built-in default."""
     declared = _declared(name)
-    default = declared["default"]
+    cls, field = KNOBS[name]
+    default = cls.model_fields[field].get_default(call_default_factory=True)
     if "enum" in declared:
         return next(v for v in declared["enum"] if v != default)
     if declared["type"] == "boolean":
         return not default
     if declared["type"] == "integer":
         return default + 1 if default + 1 <= declared.get("maximum", default + 1) else default - 1
+    if declared["type"] == "array":
+        return default[:-1]  # lists here: of several numbers
     return default / 2  # numbers here: positive defaults, bounds around them
 
 

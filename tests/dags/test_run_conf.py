@@ -21,10 +21,16 @@ from tests.dags.conftest import load_dag, task_states
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 TRAIN_PARAMS = (
-    "batch_size, data_end_date, data_window_days, deploy_target, epochs, force_deploy, "
-    "force_retrain, learning_rate, max_regression, max_rmse, min_r2, require_approval"
+    "batch_size, canary_bake_s, canary_steps, data_end_date, data_window_days, deploy_target, "
+    "epochs, force_deploy, force_retrain, judge_error_ratio, judge_min_requests, "
+    "judge_p99_ratio, judge_p99_slack_s, judge_psi, judge_shadow_diff_p99, learning_rate, "
+    "max_regression, max_rmse, min_r2, require_approval, rollout_strategy, shadow_share"
 )
-DEPLOY_PARAMS = "deploy_target, reason, retry_failed, version"
+DEPLOY_PARAMS = (
+    "canary_bake_s, canary_steps, deploy_target, judge_error_ratio, judge_min_requests, "
+    "judge_p99_ratio, judge_p99_slack_s, judge_psi, judge_shadow_diff_p99, reason, "
+    "retry_failed, rollout_strategy, shadow_share, version"
+)
 
 
 @pytest.fixture

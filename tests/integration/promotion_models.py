@@ -36,11 +36,15 @@ class Noisy(PythonModel):
         return np.random.default_rng().normal(size=len(model_input))
 
 
-def log_version(model: PythonModel, registered_name: str, *, gated: bool = True) -> str:
+def log_version(
+    model: PythonModel, registered_name: str, profile: dict | None = None, *, gated: bool = True
+) -> str:
     """Log ``model`` in a new run of the active experiment and register it; returns the version.
 
-    ``gated``: tagged as a version whose gate passed (``gate.passed``), which the rollout
-    path requires before it puts a version live (``ml.gate.uncleared``).
+    ``profile``: a drift profile (``ml.drift.profile_frame``) logged with the run, as training
+    does: the model server takes its histogram buckets from it. ``gated``: tagged as a version
+    whose gate passed (``gate.passed``), which the rollout path requires before it puts a
+    version live (``ml.gate.uncleared``).
     """
     import cloudpickle
     import mlflow
@@ -49,6 +53,8 @@ def log_version(model: PythonModel, registered_name: str, *, gated: bool = True)
 
     cloudpickle.register_pickle_by_value(this_module)
     with mlflow.start_run():
+        if profile is not None:
+            mlflow.log_dict(profile, "drift/profile.json")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=model,

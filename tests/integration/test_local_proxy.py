@@ -27,14 +27,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
-        body = json.dumps({"upstream": self.server.name}).encode()  # type: ignore[attr-defined]
+        body = self.rfile.read(length) if length else b""
+        server = self.server
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        server.seen.append((self.command, self.path, headers, body))  # type: ignore[attr-defined]
+        time.sleep(server.delay_s)  # type: ignore[attr-defined]
+        answer = json.dumps({"upstream": server.name}).encode()  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(answer)
 
     do_GET = _answer
     do_POST = _answer
@@ -49,13 +52,17 @@ def upstreams():
     for name in ("blue", "green"):
         server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         server.daemon_threads = True
-        server.name = name
+        server.name, server.seen, server.delay_s = name, [], 0.0
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers[name] = server
-    yield {name: s.server_address[1] for name, s in servers.items()}
+    yield servers
     for s in servers.values():
         s.shutdown()
         s.server_close()
+
+
+def port_of(server) -> int:
+    return server.server_address[1]
 
 
 @pytest.fixture
@@ -89,9 +96,11 @@ def proxy(tmp_path, free_ports):
     log.close()
 
 
-def activate(state: Path, port: int, version: str) -> None:
+def activate(state: Path, port: int, version: str, candidate: dict | None = None) -> None:
     """What the deployer does: write a temp file, then atomically replace active.json."""
     record = {"version": version, "model_uri": f"models:/m/{version}", "port": port, "pid": 0}
+    if candidate is not None:
+        record["candidate"] = {"version": "9", **candidate}
     tmp = state / ".active.json.tmp"
     tmp.write_text(json.dumps(record))
     os.replace(tmp, state / "active.json")
@@ -115,9 +124,10 @@ def test_no_active_model_answers_503(proxy):
     assert status == 503
 
 
-def test_switch_routes_new_connections(proxy, upstreams):
+def test_a_switch_moves_every_next_request(proxy, upstreams):
     state, port = proxy["state"], proxy["port"]
-    activate(state, upstreams["blue"], "1")
+    blue, green = port_of(upstreams["blue"]), port_of(upstreams["green"])
+    activate(state, blue, "1")
     assert get(port) == (200, {"upstream": "blue"})
     assert get(port, "POST", b"{}") == (200, {"upstream": "blue"})
 
@@ -126,20 +136,65 @@ def test_switch_routes_new_connections(proxy, upstreams):
     kept.request("GET", "/ping")
     assert json.loads(kept.getresponse().read()) == {"upstream": "blue"}
 
-    activate(state, upstreams["green"], "2")
+    activate(state, green, "2")
     for _ in range(5):
         assert get(port) == (200, {"upstream": "green"})
 
-    # ... finishes on the old upstream.
+    # ... goes on on the new upstream (the old one is stopped after a short drain).
     kept.request("GET", "/ping")
-    assert json.loads(kept.getresponse().read()) == {"upstream": "blue"}
+    assert json.loads(kept.getresponse().read()) == {"upstream": "green"}
     kept.close()
 
     # Back again (a rollback), and to nothing.
-    activate(state, upstreams["blue"], "1")
+    activate(state, blue, "1")
     assert get(port) == (200, {"upstream": "blue"})
     (state / "active.json").unlink()
     assert get(port)[0] == 503
+
+
+def test_a_canary_weight_splits_the_predictions_of_one_connection(proxy, upstreams):
+    blue, green = port_of(upstreams["blue"]), port_of(upstreams["green"])
+    activate(proxy["state"], blue, "1", {"port": green, "weight": 0.5})
+    conn = http.client.HTTPConnection("127.0.0.1", proxy["port"], timeout=5)
+    answered = {"blue": 0, "green": 0}
+    for _ in range(200):
+        conn.request("POST", "/invocations", body=b"{}")
+        answered[json.loads(conn.getresponse().read())["upstream"]] += 1
+    for path in ("/ping", "/metrics", "/v1/model"):  # only predictions are split
+        conn.request("GET", path)
+        assert json.loads(conn.getresponse().read()) == {"upstream": "blue"}, path
+    conn.close()
+    assert 60 <= answered["green"] <= 140, answered  # binomial(200, 0.5): 6 sigma
+
+    activate(proxy["state"], blue, "1", {"port": green, "weight": 0.0})
+    assert {get(proxy["port"], "POST", b"{}")[1]["upstream"] for _ in range(20)} == {"blue"}
+
+
+def test_a_dead_candidate_gets_nothing(proxy, upstreams, free_ports):
+    (dead,) = free_ports(1)
+    blue = port_of(upstreams["blue"])
+    activate(proxy["state"], blue, "1", {"port": dead, "weight": 1.0, "mirror": 1.0})
+    for _ in range(10):
+        assert get(proxy["port"], "POST", b"{}") == (200, {"upstream": "blue"})
+
+
+def test_a_mirror_gets_the_live_answer_after_the_caller(proxy, upstreams):
+    blue, green = upstreams["blue"], upstreams["green"]
+    green.delay_s = 1.0  # a slow shadow
+    activate(proxy["state"], port_of(blue), "1", {"port": port_of(green), "mirror": 1.0})
+    started = time.monotonic()
+    for i in range(5):
+        body = json.dumps({"row": i}).encode()
+        assert get(proxy["port"], "POST", body) == (200, {"upstream": "blue"})
+    assert time.monotonic() - started < 0.5, "callers waited for the shadow"
+    deadline = time.monotonic() + 10
+    while len(green.seen) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(json.loads(body)["row"] for *_, body in green.seen) == list(range(5))
+    for method, path, headers, _ in green.seen:
+        assert (method, path) == ("POST", "/invocations")
+        assert json.loads(headers["x-live-answer"]) == {"upstream": "blue"}
+    assert [path for _, path, *_ in blue.seen].count("/invocations") == 5
 
 
 def test_dead_upstream_answers_502(proxy, free_ports):
@@ -151,9 +206,9 @@ def test_dead_upstream_answers_502(proxy, free_ports):
 
 
 def test_sigterm_stops_cleanly_and_logs_switches(proxy, upstreams):
-    activate(proxy["state"], upstreams["blue"], "1")
+    activate(proxy["state"], port_of(upstreams["blue"]), "1")
     assert get(proxy["port"])[0] == 200
-    activate(proxy["state"], upstreams["green"], "2")
+    activate(proxy["state"], port_of(upstreams["green"]), "2")
     assert get(proxy["port"])[0] == 200
     proc = proxy["proc"]
     proc.send_signal(signal.SIGTERM)

@@ -14,8 +14,9 @@ import httpx
 import pandas as pd
 import pytest
 
-from serving.deploy.local import DeployError, LocalTarget, _alive
+from serving.deploy.local import DeployError, LocalTarget
 from serving.deploy.settings import DeploySettings
+from serving.deploy.supervisor import _alive
 from serving.deploy.verify import VerificationFailed, verify_endpoint
 
 pytestmark = pytest.mark.integration
@@ -221,7 +222,7 @@ def test_a_pidfile_counts_only_for_a_process_with_our_arguments(tmp_path):
     import subprocess
     import sys
 
-    from serving.deploy.local import _live_pid
+    from serving.deploy.supervisor import _live_pid
 
     proxy_like = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)", "serving", "proxy"]

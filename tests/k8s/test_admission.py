@@ -44,6 +44,10 @@ def test_the_rollout_service_account_can_do_what_a_rollout_needs_and_nothing_els
         "scale its Deployment": lambda: apps.patch_namespaced_deployment_scale(
             name, ns, {"spec": {"replicas": 2}}
         ),
+        "get its canary": lambda: apps.read_namespaced_deployment(f"{name}-canary", ns),
+        "scale its canary": lambda: apps.patch_namespaced_deployment_scale(
+            f"{name}-canary", ns, {"spec": {"replicas": 0}}
+        ),
         "list ReplicaSets": lambda: apps.list_namespaced_replica_set(ns),
         "list Pods": lambda: core.list_namespaced_pod(ns),
     }

@@ -46,9 +46,21 @@ def test_an_optional_field_is_null_or_its_type_with_its_bounds():
     assert schema["minimum"] == declared["minimum"]
 
 
-def test_lists_and_unknown_fields_are_refused():
-    with pytest.raises(ValueError, match="hidden_units"):
-        property_schema(TrainingSettings, "hidden_units")
+def test_a_list_of_numbers_is_an_array_and_objects_and_unknown_fields_are_refused():
+    from pydantic_settings import BaseSettings
+
+    from serving.deploy.settings import DeploySettings
+
+    class WithObjects(BaseSettings):
+        labels: dict[str, str] = {}
+        nested: list[list[int]] = []
+
+    schema = property_schema(DeploySettings, "canary_steps")
+    assert (schema["type"], schema["items"], schema["minItems"]) == ("array", {"type": "number"}, 1)
+    with pytest.raises(ValueError, match="labels"):
+        property_schema(WithObjects, "labels")
+    with pytest.raises(ValueError, match="nested"):
+        property_schema(WithObjects, "nested")
     with pytest.raises(KeyError, match="epoch"):
         property_schema(TrainingSettings, "epoch")
 

@@ -47,6 +47,35 @@ def test_version_with_a_reason(rollout):
     assert rollout.calls[0][0] == Request("version", "4", reason="v5 answers wrongly")
 
 
+@pytest.mark.parametrize("strategy", ["direct", "canary"])
+def test_strategy_overrides_the_request_s_and_the_setting(rollout, strategy):
+    sent = Request("champion", reason="promotion", strategy="shadow")
+    main(["rollout", "--request", sent.to_json(), "--strategy", strategy, "--target", "local"])
+    assert rollout.calls[0][0] == Request("champion", reason="promotion", strategy=strategy)
+
+
+def test_sigterm_ends_a_rollout_as_a_fault_on_its_way_out(rollout, monkeypatch):
+    """A deleted rollout pod: the rollout path unwinds (a canary's traffic goes back) and the
+    exit code says fault (retried), never a verdict."""
+    import os
+    import signal
+
+    import serving.deploy.rollout as module
+
+    unwound = []
+
+    def killed(request, deploy, registry, *, tracking_uri):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            unwound.append(True)
+
+    monkeypatch.setattr(module, "run_request", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["rollout", "--version", "3", "--target", "local"]) == 3
+    assert unwound == [True] and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_request_is_the_rollout_pod_s_way_in(rollout, tmp_path):
     sent = Request("candidate", "7", champion_at_eval="6", run_id="r", reason="nightly")
     out = tmp_path / "result" / "outcome.json"

@@ -55,8 +55,14 @@ def by_kind(objects: list[dict], kind: str) -> list[dict]:
 
 
 def one(objects: list[dict], kind: str) -> dict:
-    (obj,) = by_kind(objects, kind)
+    """The serving object of ``kind`` (not the canary's or a track's: test_canary.py)."""
+    (obj,) = [
+        o for o in by_kind(objects, kind) if not o["metadata"]["name"].endswith(TRACK_SUFFIXES)
+    ]
     return obj
+
+
+TRACK_SUFFIXES = ("-canary", "-stable")
 
 
 # -- schemas --------------------------------------------------------------------------------------
@@ -70,7 +76,10 @@ def test_renders_every_kind(objects):
         "Role",
         "RoleBinding",
         "Service",
+        "Service",  # the stable track's
+        "Service",  # the canary track's
         "Deployment",
+        "Deployment",  # the canary, at 0 replicas
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
         "NetworkPolicy",
@@ -297,8 +306,9 @@ def test_rbac_least_privilege(objects, settings):
                 for verb in rule["verbs"]:
                     granted.add((group, resource, verb, tuple(rule.get("resourceNames", []))))
     # exactly what serving.deploy.kubernetes.KubeApi calls (tests/k8s runs every rollout with
-    # this Role's token against a real API server), and nothing else
-    name = (settings.deployment_name,)
+    # this Role's token against a real API server), and nothing else: the serving Deployment
+    # and its canary (without a Gateway, no HTTPRoute: test_canary.py)
+    name = (settings.deployment_name, f"{settings.deployment_name}-canary")
     assert granted == {
         ("apps", "deployments", "get", name),
         ("apps", "deployments", "watch", name),

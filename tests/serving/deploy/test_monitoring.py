@@ -64,8 +64,23 @@ def defaults() -> DeploySettings:
 @pytest.fixture(scope="module")
 def service(defaults) -> dict:
     objects = render(defaults, "models:/regression-model/1", "1", tracking_uri=TRACKING)
-    (svc,) = [o for o in objects if o["kind"] == "Service"]
+    (svc,) = [
+        o
+        for o in objects
+        if o["kind"] == "Service" and o["metadata"]["name"] == defaults.deployment_name
+    ]
     return svc
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels; matchExpressions' Exists/DoesNotExist) on ``labels``."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        present = expression["key"] in labels
+        if present != {"Exists": True, "DoesNotExist": False}[expression["operator"]]:
+            return False
+    return True
 
 
 def _load(path: Path) -> dict:
@@ -188,7 +203,17 @@ def test_service_monitor_scrapes_the_services_metrics_route(defaults, service):
     (port,) = service["spec"]["ports"]
     assert endpoint["port"] == port["name"]
     assert endpoint["path"] == "/metrics" and "/metrics" in _GET_ROUTES
-    assert monitor["spec"]["selector"] == {"matchLabels": selector_labels(defaults)}
+    assert monitor["spec"]["selector"]["matchLabels"] == selector_labels(defaults)
+    # One Service scraped, the serving one (its pods: both tracks), not the per-track Services
+    # that select the same pods again (every series twice).
+    services = render(defaults, "models:/regression-model/1", "1", tracking_uri=TRACKING)
+    selected = [
+        s["metadata"]["name"]
+        for s in services
+        if s["kind"] == "Service" and _selects(monitor["spec"]["selector"], s["metadata"]["labels"])
+    ]
+    assert selected == [defaults.deployment_name]
+    assert _selects(service["spec"]["selector"], {**selector_labels(defaults), "track": "canary"})
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [defaults.namespace]}
     assert monitor["metadata"]["namespace"] == defaults.namespace
 
@@ -205,7 +230,7 @@ def test_the_server_is_job_model_server_in_a_cluster_as_locally(service):
     (svc,) = [
         o
         for o in render(other, "models:/m/1", "1", tracking_uri=TRACKING)
-        if o["kind"] == "Service"
+        if o["kind"] == "Service" and o["metadata"]["name"] == other.deployment_name
     ]
     assert svc["metadata"]["labels"][source] == MODEL_SERVER_JOB
     for rule in monitoring.alert_rules():
@@ -340,6 +365,7 @@ SERVICE_MONITOR_SCHEMA = _crd(
                 "additionalProperties": False,
             },
             "jobLabel": {"type": "string"},
+            "podTargetLabels": {"type": "array", "items": {"type": "string"}},
             "endpoints": {
                 "type": "array",
                 "minItems": 1,
@@ -401,7 +427,12 @@ RULE_SCHEMA = _crd(
 
 
 @pytest.mark.parametrize(
-    ("path", "schema"), [(SERVICE_MONITOR, SERVICE_MONITOR_SCHEMA), (PROMETHEUS_RULE, RULE_SCHEMA)]
+    ("path", "schema"),
+    [
+        (SERVICE_MONITOR, SERVICE_MONITOR_SCHEMA),
+        *((path, RULE_SCHEMA) for path in sorted(MONITORING.glob("*rule.yaml"))),
+    ],
+    ids=lambda value: value.name if isinstance(value, Path) else None,
 )
 def test_monitoring_crds_match_their_schema(path, schema):
     jsonschema.validate(_load(path), schema)

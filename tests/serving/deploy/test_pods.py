@@ -297,7 +297,8 @@ def test_the_request_is_the_only_thing_a_rollout_pod_is_told():
     import inspect
 
     signature = inspect.signature(rollout_pod_kwargs)
-    assert set(signature.parameters) == {"settings", "tracking_uri", "request", "registry"}
+    # env: settings only (a run's Params as templates); what goes live is the request's.
+    assert set(signature.parameters) == {"settings", "tracking_uri", "request", "registry", "env"}
     request = signature.parameters["request"]
     assert request.kind is inspect.Parameter.KEYWORD_ONLY
     assert request.default is inspect.Parameter.empty

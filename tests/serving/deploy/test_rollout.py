@@ -260,6 +260,43 @@ def test_a_forced_plan_carries_the_reason_and_a_refusal_says_what_clears_it():
     assert "never gated" in never.reason
 
 
+@pytest.mark.parametrize(
+    ("live", "action", "strategy"),
+    [
+        (HEALTHY_2, "deploy", "canary"),  # a healthy other version to compare with
+        (NOTHING, "deploy", "direct"),  # the first version: nothing to compare with
+        (DOWN_2, "deploy", "direct"),  # what is live does not answer: no baseline
+        (Live("3", True), "check", "direct"),  # already live: only verified
+    ],
+    ids=["healthy-live", "nothing-live", "live-down", "already-live"],
+)
+def test_a_canary_needs_a_healthy_version_live_to_compare_with(live, action, strategy):
+    decided = plan(Request("version", "3"), champion="2", live=live, tags=GATED, strategy="canary")
+    assert (decided.action, decided.strategy) == (action, strategy)
+    if action == "deploy" and strategy == "direct":
+        assert "canary needs a healthy version live" in decided.reason
+
+
+@pytest.mark.parametrize("strategy", ["direct", "shadow", "canary"])
+@pytest.mark.parametrize(
+    "tags", [REJECTED, {}, {"gate.passed": "maybe"}], ids=["rejected", "never-gated", "unclear"]
+)
+def test_the_rule_of_production_comes_before_the_strategy(strategy, tags):
+    """A version that may not go live is refused whatever the strategy: no shadow or canary
+    step ever starts for it (its mirrored requests would put it beside the live version)."""
+    decided = plan(Request("version", "3"), champion="2", live=HEALTHY_2, tags=tags,
+                   strategy=strategy)  # fmt: skip
+    assert decided.action == "refuse" and decided.strategy == "direct"
+
+
+@pytest.mark.parametrize("strategy", ["shadow", "canary"])
+def test_a_forced_version_may_go_through_a_progressive_strategy(strategy):
+    decided = plan(Request("version", "3"), champion="2", live=HEALTHY_2, tags=FORCED,
+                   strategy=strategy)  # fmt: skip
+    assert (decided.action, decided.strategy) == ("deploy", strategy)
+    assert decided.forced == FORCED["force"]
+
+
 def test_a_verdict_of_this_run_fails_its_retry_whatever_is_live_now():
     """A retried rollout pod must not find the restored version live and report success."""
     retried = Request("champion", retry_failed=True, run_id="run-a", champion_at_request="4")
@@ -278,7 +315,7 @@ def test_superseded_reason_names_both_champions():
     [
         {"kind": "candidate", "version": "7", "champion_at_eval": 6, "run_id": "r"},
         {"kind": "champion", "retry_failed": True, "reason": "promotion"},
-        {"kind": "version", "version": 3},
+        {"kind": "version", "version": 3, "strategy": "canary"},
     ],
 )
 def test_request_round_trips_through_json(data):
@@ -297,6 +334,7 @@ def test_request_round_trips_through_json(data):
         ({"kind": "version"}, "needs a version number"),
         ({"kind": "candidate", "version": "@champion"}, "needs a version number"),
         ({"kind": "champion", "versoin": "3"}, "unknown rollout request field"),
+        ({"kind": "champion", "strategy": "blue-green"}, "unknown rollout strategy"),
     ],
 )
 def test_bad_requests_say_what_is_wrong(data, message):

@@ -100,12 +100,13 @@ def make_app(*, ready: bool = True, fast: bool = True, pyfunc=None, batched=Fals
     return app
 
 
-async def post(app, parts, *, content_type=b"application/json", complete=True):
+async def post(app, parts, *, content_type=b"application/json", complete=True, headers=()):
     """POST /invocations; ``parts`` are (delay_s, bytes) body messages. ``complete=False``:
-    the client declared more than it sends, and the rest never comes. Returns (status,
-    headers, decoded JSON body)."""
+    the client declared more than it sends, and the rest never comes. ``headers``: more
+    (name, value) request headers, lower-case bytes. Returns (status, headers, decoded JSON
+    body)."""
     declared = sum(len(chunk) for _, chunk in parts) + (0 if complete else 100)
-    headers = [(b"content-length", b"%d" % declared)]
+    headers = [(b"content-length", b"%d" % declared), *headers]
     if content_type is not None:
         headers.append((b"content-type", content_type))
     scope = {

@@ -12,8 +12,17 @@ import time
 import pytest
 
 from serving.server.app import _ROUTES
+from serving.server.contract import LIVE_ANSWER_HEADER
 from serving.server.metrics import ServerMetrics
-from tests.serving.server.asgi import GOOD_SPLIT, SummingPyfunc, make_app, post, run, split
+from tests.serving.server.asgi import (
+    GOOD_SPLIT,
+    SummingPyfunc,
+    fake_model,
+    make_app,
+    post,
+    run,
+    split,
+)
 
 
 def _record(path: str, status: int, seconds: float, rows: int = 0, method: str = "POST"):
@@ -158,6 +167,59 @@ def test_answered_rows_reach_the_feature_and_prediction_histograms():
     assert samples[("model_server_model_version", ())] == 1.0
 
 
+def test_a_mirrored_request_records_its_paired_differences():
+    """A request carrying the live answer (a shadow's mirror) adds |own - live| per row to
+    model_server_shadow_abs_diff; one whose answers do not line up counts as unpaired; an
+    ordinary request, or one answered with an error, records nothing."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    two_rows = json.dumps(split(data=[[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]])).encode()  # 6, 1
+    live = b'{"predictions": [{"prediction": 6.5}, {"prediction": 1.0}]}'
+    header = LIVE_ANSWER_HEADER.lower().encode()
+
+    async def scenario():
+        app = make_app()
+        statuses = [
+            (await post(app, [(0, two_rows)], headers=[(header, live)]))[0],
+            (await post(app, [(0, two_rows)], headers=[(header, b'{"predictions": [1]}')]))[0],
+            (await post(app, [(0, two_rows)]))[0],
+            (await post(app, [(0, b"{")], headers=[(header, live)]))[0],
+        ]
+        app.recorder.flush()
+        return statuses, app.metrics.render().decode()
+
+    statuses, text = run(scenario())
+    assert statuses == [200, 200, 200, 400]
+    samples = {
+        (s.name, s.labels.get("le")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("model_server_shadow")
+    }
+    assert samples[("model_server_shadow_abs_diff_count", None)] == 2
+    assert samples[("model_server_shadow_abs_diff_sum", None)] == 0.5
+    assert samples[("model_server_shadow_abs_diff_bucket", "1e-06")] == 1  # the 0
+    assert samples[("model_server_shadow_abs_diff_bucket", "0.25")] == 1
+    assert samples[("model_server_shadow_abs_diff_bucket", "0.5")] == 2
+    assert samples[("model_server_shadow_unpaired_total", None)] == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ({"predictions": [{"prediction": 1.5}, {"prediction": 2}]}, [1.5, 2.0]),
+        ({"predictions": [[1.0], [2.0]]}, [1.0, 2.0]),
+        ({"predictions": [3.0]}, [3.0]),
+        ({"predictions": {"a": [1.0], "b": [2.0]}}, [1.0, 2.0]),
+        ({"predictions": ["cat", True]}, []),
+    ],
+)
+def test_the_numbers_of_an_answer(answer, expected):
+    from serving.server.shadow import numbers
+
+    assert numbers(answer) == expected
+
+
 # -- one decode per body ---------------------------------------------------------------------------
 
 
@@ -232,3 +294,31 @@ def test_a_body_json_reads_differently_is_decoded_again_as_mlflow_reads_it(decod
     assert type(decodes["fast"][0]["dataframe_split"]["data"][0][2]) is float
     assert len(decodes["json"]) == 1
     assert decodes["parsed"][0]["dataframe_split"]["data"][0][2] == big  # exact, as json read it
+
+
+@pytest.mark.parametrize("profile_from", [None, "models:/m/7"])
+def test_the_histogram_buckets_come_from_the_profile_the_config_names(monkeypatch, profile_from):
+    """A canary is started with the live version's model URI (--profile-from): its
+    prediction histogram then has the live version's buckets, bucket for bucket."""
+    import serving.server.app as app_module
+    from serving.server.__main__ import build_parser
+    from serving.server.config import ServerConfig
+
+    args = ["--profile-from", profile_from] if profile_from else []
+    assert build_parser().parse_args(args).profile_from == profile_from
+    config = ServerConfig(model_uri="models:/m/8", profile_from=profile_from)
+    model = fake_model()
+    read = []
+    monkeypatch.setattr(app_module, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(app_module, "warm_up", lambda *a, **k: None)
+    monkeypatch.setattr(app_module, "resolve_identity", lambda uri: f"identity of {uri}")
+    monkeypatch.setattr(app_module, "load_drift_profile", lambda identity: read.append(identity))
+
+    async def scenario():
+        app = app_module.ScoringApp(config)
+        app._loop = asyncio.get_running_loop()
+        app._load_and_warm()
+        await asyncio.sleep(0)
+
+    run(scenario())
+    assert read == [f"identity of {profile_from}" if profile_from else model.identity]

@@ -18,7 +18,12 @@ import pandas as pd
 import pytest
 
 from serving.server import payload as payload_module
-from serving.server.contract import PAYLOAD_REQUEST_ID, PAYLOAD_ROW, PAYLOAD_SERVED_AT
+from serving.server.contract import (
+    LIVE_ANSWER_HEADER,
+    PAYLOAD_REQUEST_ID,
+    PAYLOAD_ROW,
+    PAYLOAD_SERVED_AT,
+)
 from serving.server.payload import PayloadLog
 from tests.serving.server.asgi import FEATURES, SummingPyfunc, make_app, post, run, split
 
@@ -119,6 +124,23 @@ def test_a_callers_request_id_is_kept_and_a_bad_one_replaced(tmp_path):
     assert kept == "order-42"
     assert replaced != "bad id with spaces" and " " not in replaced
     assert set(_read(tmp_path)[PAYLOAD_REQUEST_ID]) == {"order-42", replaced}
+
+
+def test_a_shadows_answer_to_a_mirrored_request_is_not_logged(tmp_path):
+    """A request mirrored with the live answer (``X-Live-Answer``) reached no caller with this
+    server's answer: the shadow measures it, the payload log leaves it out (the live server
+    logged that request id already)."""
+    live_answer = (LIVE_ANSWER_HEADER.lower().encode(), b'{"predictions": [6.0]}')
+
+    async def scenario():
+        app = make_app(payload_log_path=str(tmp_path), payload_log_sample_percent=100)
+        mirrored = [(b"x-request-id", b"order-7"), live_answer]
+        _, headers, _ = await post_with(app, json.dumps(split()).encode(), mirrored)
+        assert headers[b"x-request-id"] == b"order-7"
+        return await _serve(app, [split()], [(b"x-request-id", b"order-8")])
+
+    assert run(scenario()) == ["order-8"]
+    assert set(_read(tmp_path)[PAYLOAD_REQUEST_ID]) == {"order-8"}
 
 
 def test_answers_carry_a_request_id_with_the_log_off():

@@ -32,9 +32,12 @@ status: $(STAMP)
 	$(PY) scripts/stack.py status
 
 ## test: lint, then unit, DAG, integration, PostgreSQL, Kubernetes and container tests (real MLflow, Airflow, HTTP, a Kubernetes control plane, podman)
+# Two pytest-xdist workers by default (tests/conftest.py: which tests share a worker);
+# TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) lint container-tools prometheus-tools postgres-tools k8s-tools objectstore-tools \
 		distributed-tools
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS)
 
 # podman, runc, debootstrap from apt (needs root). Without them the container test prints
 # one SKIPPED line with the reason instead of failing.

@@ -41,6 +41,34 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+# `make test` runs the suite on two pytest-xdist workers: most of its time is spent waiting on
+# servers, pods and DAG runs, not on the CPU. A file's tests stay on one worker (its module
+# fixtures start once); a tier that holds something machine-wide (the Kubernetes tier the
+# nodes' port 10250, the distributed tier its network namespaces, system users and stores, the
+# container tier podman's storage, the postgres tier its server) runs whole on one worker.
+# (A scheduler, not xdist_group marks: pytest-xdist 3.8's loadgroup does not see them under
+# pytest 9, which keeps node ids where xdist no longer writes them.)
+MACHINE_WIDE_TIERS = ("k8s", "distributed", "container", "postgres")
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit one worker runs whole: a tier of MACHINE_WIDE_TIERS, else a file."""
+    path = nodeid.split("::", 1)[0]
+    parts = path.split("/")
+    return parts[1] if len(parts) > 2 and parts[1] in MACHINE_WIDE_TIERS else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TierScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return TierScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def _mlflow_template_db(tmp_path_factory) -> str:
     """An empty MLflow SQLite store, migrated once per session (migrating costs seconds)."""

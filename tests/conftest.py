@@ -69,6 +69,30 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return TierScheduling(config, log)
 
 
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_globals_per_module():
+    """Each module starts with MLflow's global tracking and registry URIs unset and their
+    variables as the session had them: ``mlflow.set_registry_uri`` exports
+    MLFLOW_REGISTRY_URI for child processes and ``set_registry_uri(None)`` leaves it, so a
+    module that pointed MLflow at its store would point the next module on the same worker
+    there too (seen: a container test registering into the Kubernetes tier's SQLite store)."""
+    before = {name: os.environ.get(name) for name in MLFLOW_URI_VARIABLES}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def _mlflow_template_db(tmp_path_factory) -> str:
     """An empty MLflow SQLite store, migrated once per session (migrating costs seconds)."""

@@ -6,7 +6,7 @@
 path's ``predict(rows)`` interface, micro-batched the same way) and an MLflow ``PyFuncModel``
 from the model's own metadata (so CSV, Parquet, odd JSON and bad requests still meet MLflow's
 parsing and schema enforcement). The artifact's check rows must come out within ``SLIM_ATOL +
-SLIM_RTOL * |keras|`` of the Keras predictions, or the loader falls back to the full path.
+SLIM_RTOL * max |keras|`` of the Keras predictions, or the loader falls back to the full path.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def load_slim(local_path: str, meta, *, threads: int = 1) -> SlimModel:
     except Exception as exc:
         raise SlimUnavailable(f"the LiteRT model does not load or run: {exc}") from exc
     diff = np.abs(got - expected) if got.shape == expected.shape else None
-    if diff is None or not np.all(diff <= SLIM_ATOL + SLIM_RTOL * np.abs(expected)):
+    scale = float(np.max(np.abs(expected), initial=0.0))
+    if diff is None or not np.all(diff <= SLIM_ATOL + SLIM_RTOL * scale):
         detail = "a different number of rows" if diff is None else f"max diff {diff.max():.3g}"
         why = f"does not reproduce the Keras predictions of its check rows ({detail})"
         raise SlimUnavailable(f"the LiteRT model {why}")
@@ -166,7 +167,7 @@ def load_slim(local_path: str, meta, *, threads: int = 1) -> SlimModel:
         pyfunc = PyFuncModel(model_meta=meta, model_impl=SlimPyfuncImpl(path))
     except Exception as exc:
         raise SlimUnavailable(f"MLflow cannot wrap the LiteRT model as a pyfunc: {exc}") from exc
-    within = f"{len(expected)} check rows within {SLIM_ATOL:g} + {SLIM_RTOL:g} x |keras|"
+    within = f"{len(expected)} check rows within {SLIM_ATOL:g} + {SLIM_RTOL:g} x max |keras|"
     return SlimModel(
         path, pyfunc, f"litert runtime, no TensorFlow ({within}, max diff {float(diff.max()):.2g})"
     )

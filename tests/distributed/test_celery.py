@@ -145,8 +145,11 @@ def test_a_worker_killed_mid_training_and_the_object_store_down_during_evaluatio
     _kill(_service(stack, f"worker-{victim}"))
 
     def retried() -> dict | None:
+        # Running (or done): until the retry starts, try 2 still carries the hostname of try 1
+        # (Airflow sets it when a worker starts the try), so a read before then names the victim.
         tries = stack.tries(DAG, run_id, "train")
-        return next((t for t in tries if t["try_number"] == 2 and t["hostname"]), None)
+        started = ("running", "success", "failed")
+        return next((t for t in tries if t["try_number"] == 2 and t["state"] in started), None)
 
     second = _wait(retried, 180, "the retry of train", 2)
     assert addresses[second["hostname"]] != victim

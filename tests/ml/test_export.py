@@ -26,6 +26,12 @@ COLUMNS = ["a", "b", "c"]
 
 @pytest.fixture(scope="module")
 def model():
+    import keras
+
+    # Seed 5: some predictions near 0 while the network's last values are near its target mean
+    # 120, so LiteRT and Keras differ there by two float32 ulps of 124 (3.5e-5, at -4.2): what
+    # the tolerance must allow (it once allowed only 1e-5 + 1e-6 x |that row|, and refused).
+    keras.utils.set_random_seed(5)
     return build_model(
         3,
         [8, 4],

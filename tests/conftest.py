@@ -48,7 +48,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # container tier podman's storage, the postgres tier its server) runs whole on one worker.
 # (A scheduler, not xdist_group marks: pytest-xdist 3.8's loadgroup does not see them under
 # pytest 9, which keeps node ids where xdist no longer writes them.)
-MACHINE_WIDE_TIERS = ("k8s", "distributed", "container", "postgres")
+MACHINE_WIDE_TIERS = ("distributed", "k8s", "container", "postgres")
 
 
 def xdist_scope(nodeid: str) -> str:
@@ -56,6 +56,14 @@ def xdist_scope(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
     parts = path.split("/")
     return parts[1] if len(parts) > 2 and parts[1] in MACHINE_WIDE_TIERS else path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The machine-wide tiers first, longest first (MACHINE_WIDE_TIERS' order): xdist hands
+    out work in collection order, and a long tier started last would leave the other worker
+    idle at the end."""
+    rank = {tier: i for i, tier in enumerate(MACHINE_WIDE_TIERS)}
+    items.sort(key=lambda item: rank.get(xdist_scope(item.nodeid), len(rank)))
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -578,7 +578,8 @@ def make_target(settings: Any, *, tracking_uri: str) -> Target:
         from serving.deploy.local import LocalTarget
 
         return LocalTarget(settings, tracking_uri)
-    from serving.deploy.kubernetes import KubeApi, KubernetesTarget
+    from serving.deploy.kube_api import KubeApi
+    from serving.deploy.kubernetes import KubernetesTarget
 
     return KubernetesTarget(KubeApi.from_environment(settings), tracking_uri=tracking_uri,
                             settings=settings)  # fmt: skip

@@ -97,7 +97,8 @@ class Serving:
     rollout_kubeconfig: Path
 
     def target(self, **changes):
-        from serving.deploy.kubernetes import KubeApi, KubernetesTarget
+        from serving.deploy.kube_api import KubeApi
+        from serving.deploy.kubernetes import KubernetesTarget
 
         settings = self.settings.model_copy(update=changes)
         api = KubeApi(

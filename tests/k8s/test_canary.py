@@ -124,7 +124,7 @@ def test_the_http_route_is_accepted_and_the_rollout_may_move_its_weights(plane, 
 
     from serving.deploy import manifests
     from serving.deploy.canary import http_route
-    from serving.deploy.kubernetes import KubeApi
+    from serving.deploy.kube_api import KubeApi
     from serving.deploy.settings import DeploySettings
     from tests.k8s.conftest import SERVING_IMAGE
 

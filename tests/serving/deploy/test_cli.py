@@ -154,7 +154,7 @@ def test_a_permission_the_service_account_lacks_is_a_refusal(monkeypatch):
     """The API server's 401/403 will not change on a retry: TargetRejected, naming the call."""
     from kubernetes.client.exceptions import ApiException
 
-    from serving.deploy.kubernetes import KubeApi
+    from serving.deploy.kube_api import KubeApi
 
     api = KubeApi.__new__(KubeApi)
     api.retry_s = 0.1

@@ -305,7 +305,7 @@ def test_rbac_least_privilege(objects, settings):
             for resource in rule["resources"]:
                 for verb in rule["verbs"]:
                     granted.add((group, resource, verb, tuple(rule.get("resourceNames", []))))
-    # exactly what serving.deploy.kubernetes.KubeApi calls (tests/k8s runs every rollout with
+    # exactly what serving.deploy.kube_api.KubeApi calls (tests/k8s runs every rollout with
     # this Role's token against a real API server), and nothing else: the serving Deployment
     # and its canary (without a Gateway, no HTTPRoute: test_canary.py)
     name = (settings.deployment_name, f"{settings.deployment_name}-canary")

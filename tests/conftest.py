@@ -77,28 +77,41 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return TierScheduling(config, log)
 
 
-MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+def _reset_mlflow_globals() -> None:
+    if "mlflow" in sys.modules:
+        import mlflow
+        from mlflow.tracking import fluent
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        fluent._active_experiment_id = None  # set_experiment's; MLflow has no public unset
+
+
+# The MLFLOW_* variables as the session started with them (this file is imported first).
+_MLFLOW_ENV = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+
+
+def _reset_mlflow_env() -> None:
+    for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[name]
+    os.environ.update(_MLFLOW_ENV)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _mlflow_globals_per_module():
-    """Each module starts with MLflow's global tracking and registry URIs unset and their
-    variables as the session had them: ``mlflow.set_registry_uri`` exports
-    MLFLOW_REGISTRY_URI for child processes and ``set_registry_uri(None)`` leaves it, so a
-    module that pointed MLflow at its store would point the next module on the same worker
-    there too (seen: a container test registering into the Kubernetes tier's SQLite store)."""
-    before = {name: os.environ.get(name) for name in MLFLOW_URI_VARIABLES}
+    """Each module starts and ends with MLflow's global tracking URI, registry URI and active
+    experiment unset, and every MLFLOW_* variable as the session started with it:
+    ``set_registry_uri``/``set_experiment`` export MLFLOW_REGISTRY_URI/MLFLOW_EXPERIMENT_ID for
+    child processes and nothing unsets them, so a module (or a session fixture it was the
+    first to use) that pointed MLflow at its store would point the next module on the same
+    worker there too (seen under xdist: a container test registering into the Kubernetes
+    tier's SQLite store, a run started in another store's experiment 1). Per module, not per
+    test: module fixtures may set them for their module's tests."""
+    _reset_mlflow_globals()
+    _reset_mlflow_env()
     yield
-    if "mlflow" in sys.modules:
-        import mlflow
-
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    _reset_mlflow_globals()
+    _reset_mlflow_env()
 
 
 @pytest.fixture(scope="session")

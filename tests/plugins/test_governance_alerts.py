@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.serving.deploy.conftest import REPO, _promtool_or_skip, run_promtool
+from tests.serving.deploy.conftest import (
+    REPO,
+    _promtool_or_skip,
+    derive_rule_tests,
+    run_promtool,
+)
 
 SOURCE = REPO / "docker" / "k8s" / "monitoring" / "governance-rule.yaml"
 TEST_SOURCE = REPO / "tests" / "plugins" / "alert_rules" / "governance.test.yml"
@@ -18,14 +23,10 @@ RULES = TESTS = REPO
 
 @pytest.fixture(scope="module", autouse=True)
 def _derived(tmp_path_factory):
-    from scripts.stacklib.prometheus import rules_yaml
-
     global RULES, TESTS
-    folder = tmp_path_factory.mktemp("governance-rules")
-    RULES, TESTS = folder / "governance.yml", folder / "governance.test.yml"
-    RULES.write_text(rules_yaml(SOURCE))
-    cases = yaml.safe_load(TEST_SOURCE.read_text()) | {"rule_files": [str(RULES)]}
-    TESTS.write_text(yaml.safe_dump(cases, sort_keys=False))
+    RULES, TESTS = derive_rule_tests(
+        SOURCE, TEST_SOURCE, tmp_path_factory.mktemp("governance-rules")
+    )
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.serving.deploy.conftest import REPO, _promtool_or_skip, run_promtool
+from tests.serving.deploy.conftest import (
+    REPO,
+    _promtool_or_skip,
+    derive_rule_tests,
+    run_promtool,
+)
 from tests.serving.deploy.test_alert_rules import _series_lines
 
 SOURCE = REPO / "docker" / "k8s" / "monitoring" / "quality-rule.yaml"
@@ -23,14 +28,8 @@ RULES = TESTS = Path()
 
 @pytest.fixture(scope="module", autouse=True)
 def _derived(tmp_path_factory):
-    from scripts.stacklib.prometheus import rules_yaml
-
     global RULES, TESTS
-    folder = tmp_path_factory.mktemp("quality-rules")
-    RULES, TESTS = folder / "quality.yml", folder / "quality.test.yml"
-    RULES.write_text(rules_yaml(SOURCE))
-    cases = yaml.safe_load(TEST_SOURCE.read_text()) | {"rule_files": [str(RULES)]}
-    TESTS.write_text(yaml.safe_dump(cases, sort_keys=False))
+    RULES, TESTS = derive_rule_tests(SOURCE, TEST_SOURCE, tmp_path_factory.mktemp("quality-rules"))
 
 
 @pytest.fixture(scope="module")

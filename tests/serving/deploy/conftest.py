@@ -52,3 +52,18 @@ def run_promtool(promtool: str, *args: str | Path) -> subprocess.CompletedProces
         timeout=60,
         check=False,
     )
+
+
+def derive_rule_tests(source: Path, cases: Path, folder: Path) -> tuple[Path, Path]:
+    """In ``folder``: the plain rule file the local stack derives from the PrometheusRule
+    ``source`` (scripts/stacklib/prometheus.py), and the promtool cases of ``cases`` pointed
+    at it. Returns both paths."""
+    import yaml
+
+    from scripts.stacklib.prometheus import rules_yaml
+
+    rules, tests = folder / cases.name.replace(".test", ""), folder / cases.name
+    rules.write_text(rules_yaml(source))
+    loaded = yaml.safe_load(cases.read_text()) | {"rule_files": [str(rules)]}
+    tests.write_text(yaml.safe_dump(loaded, sort_keys=False))
+    return rules, tests

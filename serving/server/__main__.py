@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from serving.server.contract import MODEL_URI_ENV
 
@@ -32,44 +33,32 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
-    return value
+def _number(cast: type, noun: str, ok: Callable[[float], bool], rule: str):
+    """An argparse ``type``: ``cast(text)``, refused with a readable reason unless ``ok``."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {noun}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}: {text!r}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return value
-
-
-def _percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100: {text!r}")
-    return value
-
-
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of megabytes: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of megabytes: {text!r}")
-    return value
+_positive_seconds = _number(
+    float, "a number of seconds", lambda v: 0 < v < float("inf"), "a positive number of seconds"
+)
+_count = _number(int, "a whole number", lambda v: v >= 0, "0 or more")
+_percent = _number(float, "a number", lambda v: 0 <= v <= 100, "a percentage from 0 to 100")
+_megabytes = _number(
+    float,
+    "a number of megabytes",
+    lambda v: 0 < v < float("inf"),
+    "a positive number of megabytes",
+)
 
 
 def _env_flag(name: str) -> bool:

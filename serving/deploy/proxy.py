@@ -14,9 +14,9 @@ on uvloop) and picks its upstream from ``<local_state_dir>/active.json``, which 
 - ``candidate.mirror`` (0 to 1): that share of the requests the live server answered with 200
   is sent again to the candidate, *after* the caller has its answer, with the live answer in
   :data:`~serving.server.contract.LIVE_ANSWER_HEADER` (the candidate records the paired
-  differences: ``serving.server.shadow``). At most :data:`MIRROR_CONNECTIONS` mirrored
-  requests are in flight and :data:`MIRROR_QUEUE` wait; more, or while the candidate does not
-  answer, are dropped: a dead or slow shadow changes nothing for callers.
+  differences: ``serving.server.shadow``); what waits for a mirror connection is merged into
+  fewer, bigger requests, and a dead or slow shadow changes nothing for callers
+  (:mod:`serving.deploy.mirror`).
 
 A switch of ``port`` (a new version goes live) applies from the next request on, also on
 connections already open; the deployer stops the old server after a short drain, and a request
@@ -45,9 +45,9 @@ from typing import Any
 
 import httptools
 
+from serving.deploy.mirror import Mirror
 from serving.deploy.settings import DeploySettings
 from serving.deploy.supervisor import ACTIVE_FILE, PROXY_PIDFILE, UPSTREAM_HOST, Supervisor
-from serving.server.contract import LIVE_ANSWER_HEADER
 
 log = logging.getLogger("serving.proxy")
 
@@ -58,18 +58,11 @@ _SHUTDOWN_GRACE_S = 5.0
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # A client that pipelines more requests than this is not read until they are answered.
 _MAX_QUEUED = 64
-MIRROR_CONNECTIONS = 4
-MIRROR_QUEUE = 256
-# A live answer longer than this is not sent along with its mirror (no paired difference).
-MAX_LIVE_ANSWER_BYTES = 8192
-# After the candidate refused a mirror connection, mirrored requests are dropped this long.
-_MIRROR_BACKOFF_S = 1.0
 # Request headers that belong to one hop: the proxy sets its own framing upstream.
 _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
      b"content-length", b"expect", b"upgrade"}
 )  # fmt: skip
-_LIVE_HEADER = LIVE_ANSWER_HEADER.lower().encode()
 
 
 class Routes:
@@ -324,7 +317,7 @@ class Front(asyncio.Protocol):
     def done(self, request: _Request, status: int, live: bytes | None) -> None:
         """The current request is answered (``live``: the answer's body, when mirrored)."""
         if request.mirror and status == 200 and live is not None:
-            self.proxy.mirror.submit(request, live)
+            self.proxy.mirror.submit(request.head, request.body, live)
         if not request.keep_alive:
             self.closed = True
             self.transport.close()  # type: ignore[union-attr]
@@ -420,112 +413,6 @@ class Upstream(asyncio.Protocol):
             self.front.lost(request, self.port, self.relayed)
 
 
-class Mirror:
-    """Sends sampled requests again to the candidate, never in any caller's way."""
-
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
-        self.queue: deque[bytes] = deque()
-        self.port: int | None = None
-        self.connections: set[_MirrorConnection] = set()
-        self.idle: list[_MirrorConnection] = []
-        self.connecting = 0
-        self.paused_until = 0.0
-        self.sent = self.dropped = 0
-
-    def submit(self, request: _Request, live: bytes) -> None:
-        port = self.proxy.routes.candidate_port
-        if port is None or time.monotonic() < self.paused_until:
-            self.dropped += 1
-            return
-        if port != self.port:
-            self.reset(port)
-        if len(live) <= MAX_LIVE_ANSWER_BYTES and live.isascii() and b"\n" not in live:
-            raw = b"".join((request.head, _LIVE_HEADER, b": ", live, b"\r\n\r\n", request.body))
-        else:
-            raw = request.head + b"\r\n" + request.body
-        if self.idle:
-            self.idle.pop().send(raw)
-        elif len(self.connections) + self.connecting < MIRROR_CONNECTIONS:
-            self.connecting += 1
-            self.proxy.spawn(self._connect(port, raw))
-        elif len(self.queue) < MIRROR_QUEUE:
-            self.queue.append(raw)
-        else:
-            self.dropped += 1
-
-    def reset(self, port: int | None) -> None:
-        for connection in list(self.connections):
-            connection.transport.close()
-        self.connections.clear()
-        self.idle.clear()
-        self.queue.clear()
-        self.port = port
-
-    async def _connect(self, port: int, raw: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            _, connection = await asyncio.wait_for(
-                loop.create_connection(lambda: _MirrorConnection(self), UPSTREAM_HOST, port),
-                _CONNECT_TIMEOUT_S,
-            )
-        except (OSError, TimeoutError) as exc:
-            log.warning("mirror to 127.0.0.1:%s failed (%s): dropping mirrored requests for "
-                        "%.0fs", port, exc, _MIRROR_BACKOFF_S)  # fmt: skip
-            self.dropped += 1 + len(self.queue)
-            self.queue.clear()
-            self.paused_until = time.monotonic() + _MIRROR_BACKOFF_S
-            return
-        finally:
-            self.connecting -= 1
-        if port != self.port:
-            connection.transport.close()
-            return
-        self.connections.add(connection)
-        connection.send(raw)
-
-    def ready(self, connection: _MirrorConnection) -> None:
-        if self.queue:
-            connection.send(self.queue.popleft())
-        else:
-            self.idle.append(connection)
-
-    def gone(self, connection: _MirrorConnection) -> None:
-        self.connections.discard(connection)
-        with contextlib.suppress(ValueError):
-            self.idle.remove(connection)
-
-
-class _MirrorConnection(asyncio.Protocol):
-    def __init__(self, mirror: Mirror) -> None:
-        self.mirror = mirror
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.parser: httptools.HttpResponseParser | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def send(self, raw: bytes) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.mirror.sent += 1
-        self.transport.write(raw)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)  # type: ignore[union-attr]
-        except httptools.HttpParserError:
-            self.transport.close()
-
-    def on_message_complete(self) -> None:
-        if self.parser is not None and self.parser.should_keep_alive():
-            self.mirror.ready(self)
-        else:
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.mirror.gone(self)
-
-
 class Proxy:
     """The proxy server; :func:`run_proxy` is the blocking entry point."""
 
@@ -533,7 +420,7 @@ class Proxy:
         self.settings = settings
         self.state_dir = Path(settings.local_state_dir)
         self.routes = Routes(self.state_dir / ACTIVE_FILE)
-        self.mirror = Mirror(self)
+        self.mirror = Mirror(lambda: self.routes.candidate_port, self.spawn)
         self.fronts: set[Front] = set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()

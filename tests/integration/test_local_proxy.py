@@ -32,7 +32,11 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         server.seen.append((self.command, self.path, headers, body))  # type: ignore[attr-defined]
         time.sleep(server.delay_s)  # type: ignore[attr-defined]
-        answer = json.dumps({"upstream": server.name}).encode()  # type: ignore[attr-defined]
+        table = json.loads(body).get("dataframe_split") if body.startswith(b"{") else None
+        if table:  # a model: the first column of each row is its prediction
+            answer = json.dumps({"predictions": [row[0] for row in table["data"]]}).encode()
+        else:
+            answer = json.dumps({"upstream": server.name}).encode()  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer)))
@@ -195,6 +199,32 @@ def test_a_mirror_gets_the_live_answer_after_the_caller(proxy, upstreams):
         assert (method, path) == ("POST", "/invocations")
         assert json.loads(headers["x-live-answer"]) == {"upstream": "blue"}
     assert [path for _, path, *_ in blue.seen].count("/invocations") == 5
+
+
+def test_mirrored_tables_that_wait_are_merged_row_for_row(proxy, upstreams):
+    blue, green = upstreams["blue"], upstreams["green"]
+    green.delay_s = 0.2  # a busy shadow: what is mirrored meanwhile waits, and is merged
+    activate(proxy["state"], port_of(blue), "1", {"port": port_of(green), "mirror": 1.0})
+    sent = []
+    for i in range(60):
+        columns = ["x", "z"] if i % 7 == 3 else ["x", "y"]  # another table shape now and then
+        row = [i, 1000 + i] if columns[1] == "z" else [i, -i]
+        body = json.dumps({"dataframe_split": {"columns": columns, "data": [row]}}).encode()
+        assert get(proxy["port"], "POST", body) == (200, {"predictions": [i]})
+        sent.append((tuple(columns), tuple(row)))
+    deadline = time.monotonic() + 20
+    mirrored: list = []
+    while len(mirrored) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        tables = [(h, json.loads(b)["dataframe_split"]) for *_, h, b in list(green.seen)]
+        mirrored = [(tuple(t["columns"]), tuple(r)) for _, t in tables for r in t["data"]]
+    assert sorted(mirrored) == sorted(sent), "every row mirrored once, under its own columns"
+    assert len(tables) < len(sent) / 2, f"{len(tables)} requests: waiting ones were not merged"
+    for headers, table in tables:  # each row beside the live prediction for it
+        live = json.loads(headers["x-live-answer"])["predictions"]
+        assert live == [row[0] for row in table["data"]]
+        if len(table["data"]) > 1:  # merged (one that waited alone goes as it came)
+            assert headers["content-type"] == "application/json"
 
 
 def test_dead_upstream_answers_502(proxy, free_ports):

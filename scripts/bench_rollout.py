@@ -14,7 +14,8 @@
    docker/k8s/monitoring/rollout-judge-rule.yaml) and puts ``stable`` live through the local
    target (front proxy, model server).
 3. ``cost``: wrk, 8 connections, rows of the synthetic data: straight to the model server
-   against through the front proxy (per-request routing); then through the proxy with
+   against through the front proxy (per-request routing), and through a plain HAProxy hop if
+   ``haproxy`` is installed (what a native proxy costs here); then through the proxy with
    ``good`` beside the live server, mirrored 100% against 0%; in interleaved rounds.
 4. ``canary``: 64 connections for the whole rollout, a full canary of ``good`` (shadow, 5%,
    25%, 50%, promotion) and a rollback (``shifted``, caught): non-2xx, socket errors, p99
@@ -27,10 +28,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -161,6 +164,18 @@ def prepare(workdir: Path, epochs: int) -> dict[str, Any]:
             "rows": rows.to_numpy("float64").tolist()}  # fmt: skip
 
 
+def gate_all(versions: dict[str, str]) -> None:
+    """Every version as if the gate had passed it (a rollout refuses an ungated version): the
+    planted ones get past the offline gate here on purpose, the rollout's judge is measured."""
+    from mlflow import MlflowClient
+
+    from ml.gate import PASSED_TAG
+
+    client = MlflowClient()
+    for version in versions.values():
+        client.set_model_version_tag(NAME, version, PASSED_TAG, "true")
+
+
 def write_lua(path: Path, features: list[str], rows: list[list[float]]) -> Path:
     bodies = ",\n".join(
         "[==[" + json.dumps({"dataframe_split": {"columns": features, "data": [row]}}) + "]==]"
@@ -170,12 +185,17 @@ def write_lua(path: Path, features: list[str], rows: list[list[float]]) -> Path:
     return path
 
 
+LOADS: list[subprocess.Popen] = []  # every wrk started: none outlives the run
+
+
 def wrk(url: str, lua: Path, connections: int, seconds: float | None) -> subprocess.Popen:
     """wrk on ``url`` (for ``seconds``, or until :func:`wrk_result` stops it)."""
     duration = f"{int(seconds)}s" if seconds else "3600s"
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}", "--timeout", "10s",
            "-s", str(lua), f"{url}/invocations"]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    LOADS.append(proc)
+    return proc
 
 
 def wrk_result(proc: subprocess.Popen, stop: bool = False) -> dict[str, float]:
@@ -201,6 +221,46 @@ def cpu_s(pid: int) -> float:
 
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
+
+
+HAPROXY_CFG = """global
+  nbthread 1
+defaults
+  mode http
+  option http-keep-alive
+  http-reuse always
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend front
+  bind 127.0.0.1:{port}
+  default_backend live
+backend live
+  server live 127.0.0.1:{upstream}
+"""
+
+
+def start_haproxy(workdir: Path, upstream: int) -> tuple[subprocess.Popen, str] | None:
+    """A reference hop: HAProxy (Debian's, if installed) in front of the live server, plain
+    HTTP keep-alive both sides, no routing rules: what a native proxy costs on this machine."""
+    import shutil
+
+    from tests.conftest import free_port
+
+    if shutil.which("haproxy") is None:
+        print("   (no haproxy on PATH: apt-get install haproxy for the native-proxy reference)")
+        return None
+    port = free_port()
+    config = workdir / "haproxy.cfg"
+    config.write_text(HAPROXY_CFG.format(port=port, upstream=upstream))
+    proc = subprocess.Popen(["haproxy", "-f", str(config), "-db"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    for _ in range(100):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc, f"http://127.0.0.1:{port}"
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("haproxy did not start")
 
 
 def start_prometheus(workdir: Path, front: int, state: Path) -> tuple[subprocess.Popen, str]:
@@ -291,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         models = prepare(workdir, args.epochs)
         prepared.write_text(json.dumps(models))
     versions = models["versions"]
+    gate_all(versions)
     print(f"== versions: {versions}", flush=True)
     lua = write_lua(workdir / "rows.lua", models["features"], models["rows"])
     front, *slots = _free_ports(3)
@@ -336,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                 report[key] = result
                 print(f"== {key}: {json.dumps(result, indent=1)}", flush=True)
     finally:
+        for load_gen in LOADS:  # a rollout that raised left its load running
+            if load_gen.poll() is None:
+                load_gen.kill()
         target.stop_all(forget=True)
         os.killpg(prometheus.pid, signal.SIGTERM)
         load.append(os.getloadavg()[0])
@@ -348,38 +412,60 @@ def measure_cost(target, direct: str, lua: Path, args, versions, server: int, pr
     """Routing: straight vs through the proxy; shadow: mirrored 100% vs 0% (same run)."""
     cells: dict[str, list[dict[str, float]]] = {}
 
-    def cell(name: str, url: str) -> None:
-        before = {pid: cpu_s(pid) for pid in (server, proxy)}
+    haproxy = start_haproxy(Path(lua).parent, int(direct.rsplit(":", 1)[1]))
+
+    def cell(name: str, url: str, candidate: int | None = None) -> None:
+        hop = haproxy[0].pid if name == "haproxy" else proxy  # type: ignore[index]
+        pids = {"server": server, "proxy": hop, "candidate": candidate}
+        before = {label: cpu_s(pid) for label, pid in pids.items() if pid}
         result = wrk_result(wrk(url, lua, 8, args.duration))
-        for label, pid in (("server", server), ("proxy", proxy)):
-            result[f"{label}_cpu_us"] = (cpu_s(pid) - before[pid]) / result["requests"] * 1e6
+        for label, cpu in before.items():
+            spent = cpu_s(pids[label]) - cpu  # type: ignore[arg-type]
+            result[f"{label}_cpu_us"] = spent / result["requests"] * 1e6
         cells.setdefault(name, []).append(result)
+        shadow = f"  candidate {result['candidate_cpu_us']:5.1f}" if candidate else ""
         print(f"   {name:14s} {result['rps']:8.0f} req/s  p99 {result['p99_ms']:6.2f} ms  "
               f"proxy {result['proxy_cpu_us']:5.1f} us/req  server "
-              f"{result['server_cpu_us']:5.1f} us/req  non-2xx {result['non2xx']}",
+              f"{result['server_cpu_us']:5.1f}{shadow} us/req  non-2xx {result['non2xx']}",
               flush=True)  # fmt: skip
 
     wrk_result(wrk(target.endpoint, lua, 8, 5))  # warm-up
-    for round_ in range(args.rounds):
-        order = [("direct", direct), ("proxy", target.endpoint)]
-        for name, url in order[round_ % 2 :] + order[: round_ % 2]:
-            cell(name, url)
+    order = [("direct", direct), ("proxy", target.endpoint)]
+    if haproxy is not None:
+        order.append(("haproxy", haproxy[1]))
+    try:
+        for round_ in range(args.rounds):
+            for name, url in order[round_ % len(order) :] + order[: round_ % len(order)]:
+                cell(name, url)
+    finally:
+        if haproxy is not None:
+            haproxy[0].kill()
     live_uri = f"models:/{NAME}/{versions['stable']}"
     target.start_candidate(f"models:/{NAME}/{versions['good']}", versions["good"],
                            live_uri=live_uri)  # fmt: skip
+    candidate = int(target.read_active()["candidate"]["pid"])
     try:
         for round_ in range(args.rounds):
             for mirror in (0.0, 1.0) if round_ % 2 == 0 else (1.0, 0.0):
                 target.route(0.0, mirror)
-                cell(f"mirror {mirror:.0%}", target.endpoint)
+                cell(f"mirror {mirror:.0%}", target.endpoint, candidate)
     finally:
         target.drop_candidate()
     medians = {
         name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         for name, runs in cells.items()
     }
-    medians["routing_cost"] = 1 - medians["proxy"]["rps"] / medians["direct"]["rps"]
-    medians["shadow_cost"] = 1 - medians["mirror 100%"]["rps"] / medians["mirror 0%"]["rps"]
+
+    # Each cost is the median over the rounds of that round's ratio: the rounds drift (the
+    # machine's other load, the servers' own state), the cells of one round are neighbours.
+    def cost(cell: str, against: str) -> float:
+        pairs = zip(cells[cell], cells[against], strict=True)
+        return statistics.median(1 - a["rps"] / b["rps"] for a, b in pairs)
+
+    medians["routing_cost"] = cost("proxy", "direct")
+    if "haproxy" in cells:
+        medians["haproxy_routing_cost"] = cost("haproxy", "direct")
+    medians["shadow_cost"] = cost("mirror 100%", "mirror 0%")
     print(f"== cost: {json.dumps(medians, indent=1)}", flush=True)
     return medians
 

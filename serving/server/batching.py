@@ -2,10 +2,13 @@
 model call (:meth:`MicroBatcher.submit`) and get their slice of the answer.
 
 Scheduling: requests wait while the model is busy (where batches come from under load), else at
-most ``max_wait_s``. The default, 0, is the next loop turn (no timer for a lone request), or
-the turn after when the last batch was shared: a burst arrives over a couple of turns, and one
-extra turn (microseconds) lets it share one call instead of two or three, most of the
-throughput at 8 closed-loop clients (docs/benchmarks.md). A batch exceeds ``max_batch_rows``
+most ``max_wait_s``. The default, 0, is the next loop turn (no timer for a lone request); when
+the last batch was shared, one turn more, and then more turns (at most
+:data:`MAX_DEFERRED_TURNS`, microseconds each) while fewer requests than last time have come.
+A burst from clients arrives over a couple of turns, and one extra turn lets it share one call
+instead of two or three, most of the throughput at 8 closed-loop clients; behind a proxy, which
+hands the burst over one request at a time, it takes a few more (4.5 requests per model call
+with one extra turn, 6.5 with up to eight; docs/benchmarks.md). A batch exceeds ``max_batch_rows``
 only for one bigger request, run alone. When a shared call raises, each request re-runs alone.
 
 ``mode="auto"`` calls the model on the event loop for at most ``inline_max_rows`` rows (cheaper
@@ -39,6 +42,8 @@ OutputsObserver = Callable[[Rows, np.ndarray], None]
 DEFAULT_MAX_BATCH_ROWS = 256
 DEFAULT_INLINE_MAX_ROWS = 64
 MAX_WAIT_LIMIT_S = 0.05
+# Loop turns a batch waits, at most, for as many requests as the last batch had.
+MAX_DEFERRED_TURNS = 8
 
 
 class MicroBatcher:
@@ -86,7 +91,7 @@ class MicroBatcher:
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self._last_batch_requests = 0
-        self._deferred = False
+        self._deferred = 0
 
     # -- public API ------------------------------------------------------------------------
 
@@ -156,15 +161,17 @@ class MicroBatcher:
             self._timer = None
         if self._busy:
             return
-        if (self._last_batch_requests > 1 and not self._deferred and self.max_wait_s == 0
-                and self._pending_rows < self.max_batch_rows):  # fmt: skip
-            # Requests came in together last time: give the loop one more turn to read the
-            # ones whose bytes have arrived meanwhile, so that they share this model call.
-            self._deferred = True
+        # Requests came in together last time: give the loop more turns to read the ones
+        # whose bytes arrive meanwhile, so that they share this model call.
+        if (self._last_batch_requests > 1 and self.max_wait_s == 0
+                and self._pending_rows < self.max_batch_rows
+                and (not self._deferred or (len(self._pending) < self._last_batch_requests
+                                            and self._deferred < MAX_DEFERRED_TURNS))):  # fmt: skip
+            self._deferred += 1
             assert self._loop is not None
             self._timer = self._loop.call_soon(self._flush)
             return
-        self._deferred = False
+        self._deferred = 0
         batch, rows = self._take()
         if not batch:
             return

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from serving.server.batching import MicroBatcher
+from serving.server.batching import MAX_DEFERRED_TURNS, MicroBatcher
 
 
 class Model:
@@ -53,6 +53,51 @@ def test_rows_given_as_lists_are_merged_into_one_array():
     results = run_together(MicroBatcher(model), [[[1.0, 2.0]], [[3.0, 4.0], [5.0, 6.0]]])
     assert model.calls == [3]
     assert [r.tolist() for r in results] == [[3.0], [7.0, 11.0]]
+
+
+def trickle(batcher: MicroBatcher, burst: int, turns: int) -> list:
+    """A burst of ``burst`` requests in one turn, answered; then as many again, one request per
+    loop turn every ``turns`` turns (a proxy hands requests over one at a time)."""
+
+    async def scenario():
+        await asyncio.gather(*(batcher.predict([[1.0, 0.0]]) for _ in range(burst)))
+        loop, futures = asyncio.get_running_loop(), []
+
+        def arrive(k: int, wait: int) -> None:
+            if wait:
+                loop.call_soon(arrive, k, wait - 1)
+                return
+            futures.append(batcher.submit([[float(k), 0.0]]))
+            if k + 1 < burst:
+                loop.call_soon(arrive, k + 1, turns - 1)
+
+        arrive(0, 0)
+        while len(futures) < burst:
+            await asyncio.sleep(0)
+        results = await asyncio.gather(*futures)
+        await batcher.close()
+        return [r.tolist() for r in results]
+
+    return asyncio.run(scenario())
+
+
+def test_a_burst_handed_over_one_request_per_loop_turn_still_shares_one_call():
+    model = Model()
+    assert trickle(MicroBatcher(model), burst=6, turns=1) == [
+        [0.0],
+        [1.0],
+        [2.0],
+        [3.0],
+        [4.0],
+        [5.0],
+    ]
+    assert model.calls == [6, 6]
+
+
+def test_a_batch_waits_a_bounded_number_of_turns_for_the_rest_of_a_burst():
+    model = Model()  # the next request comes after more turns than a batch waits: two calls
+    trickle(MicroBatcher(model), burst=2, turns=MAX_DEFERRED_TURNS + 2)
+    assert model.calls == [2, 1, 1]
 
 
 def test_a_lone_request_is_one_call_of_its_own():

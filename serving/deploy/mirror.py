@@ -45,7 +45,7 @@ MIRROR_BATCH_ROWS = 256
 # merged request's live predictions stay under it too.
 MAX_LIVE_ANSWER_BYTES = 8192
 # A table waits this long for more rows to share its request (nobody waits for a mirror).
-MIRROR_WAIT_S = 0.01
+MIRROR_WAIT_S = 0.05
 # After the candidate refused a mirror connection, mirrored requests are dropped this long.
 _MIRROR_BACKOFF_S = 1.0
 _CONNECT_TIMEOUT_S = 5.0

@@ -216,6 +216,22 @@ def wrk_result(proc: subprocess.Popen, stop: bool = False) -> dict[str, float]:
     }
 
 
+def batch_requests(server: str) -> tuple[float, float]:
+    """The live server's ``model_server_batch_requests`` so far: (requests, model calls)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {"_sum": 0.0, "_count": 0.0}
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "model_server_batch_requests":
+            for sample in family.samples:
+                for suffix in totals:
+                    if sample.name.endswith(suffix):
+                        totals[suffix] += sample.value
+    return totals["_sum"], totals["_count"]
+
+
 def cpu_s(pid: int) -> float:
     import psutil
 
@@ -418,13 +434,17 @@ def measure_cost(target, direct: str, lua: Path, args, versions, server: int, pr
         hop = haproxy[0].pid if name == "haproxy" else proxy  # type: ignore[index]
         pids = {"server": server, "proxy": hop, "candidate": candidate}
         before = {label: cpu_s(pid) for label, pid in pids.items() if pid}
+        batches = batch_requests(direct)
         result = wrk_result(wrk(url, lua, 8, args.duration))
         for label, cpu in before.items():
             spent = cpu_s(pids[label]) - cpu  # type: ignore[arg-type]
             result[f"{label}_cpu_us"] = spent / result["requests"] * 1e6
+        summed, counted = (b - a for a, b in zip(batches, batch_requests(direct), strict=True))
+        result["requests_per_call"] = summed / counted if counted else 0.0
         cells.setdefault(name, []).append(result)
         shadow = f"  candidate {result['candidate_cpu_us']:5.1f}" if candidate else ""
         print(f"   {name:14s} {result['rps']:8.0f} req/s  p99 {result['p99_ms']:6.2f} ms  "
+              f"{result['requests_per_call']:4.1f} req/call  "
               f"proxy {result['proxy_cpu_us']:5.1f} us/req  server "
               f"{result['server_cpu_us']:5.1f}{shadow} us/req  non-2xx {result['non2xx']}",
               flush=True)  # fmt: skip

@@ -7,9 +7,9 @@ the last batch was shared, one turn more, and then more turns (at most
 :data:`MAX_DEFERRED_TURNS`, microseconds each) while fewer requests than last time have come.
 A burst from clients arrives over a couple of turns, and one extra turn lets it share one call
 instead of two or three, most of the throughput at 8 closed-loop clients; behind a proxy, which
-hands the burst over one request at a time, it takes a few more (4.5 requests per model call
-with one extra turn, 6.5 with up to eight; docs/benchmarks.md). A batch exceeds ``max_batch_rows``
-only for one bigger request, run alone. When a shared call raises, each request re-runs alone.
+hands the burst over one request at a time, it takes a few more (docs/benchmarks.md). A batch
+exceeds ``max_batch_rows`` only for one bigger request, run alone. When a shared call raises,
+each request re-runs alone.
 
 ``mode="auto"`` calls the model on the event loop for at most ``inline_max_rows`` rows (cheaper
 than a thread hand-off for the fast path; docs/benchmarks.md), else in one model thread so a

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.server.contract import LITERT_CHECK_FILE, LITERT_MODEL_FILE, SLIM_ATOL, SLIM_RTOL
+from serving.server.contract import (
+    LITERT_CHECK_FILE,
+    LITERT_MODEL_FILE,
+    SLIM_ATOL,
+    SLIM_RTOL,
+    slim_allowance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +91,13 @@ def prediction_mismatch(expected: np.ndarray, got: np.ndarray) -> str | None:
     if not np.all(np.isfinite(got)):
         return "non-finite predictions"
     diff = np.abs(got - expected)
-    scale = float(np.max(np.abs(expected), initial=0.0))
-    if np.all(diff <= SLIM_ATOL + SLIM_RTOL * scale):
+    allowed = slim_allowance(expected)
+    if np.all(diff <= allowed):
         return None
     worst = int(np.argmax(diff))
     return (
         f"max abs difference {float(np.max(diff)):.3g} (row {worst}: {got[worst]!r} vs Keras "
-        f"{expected[worst]!r}; allowed {SLIM_ATOL:g} + {SLIM_RTOL:g} x max |Keras| {scale:.4g})"
+        f"{expected[worst]!r}; allowed {allowed:.3g}: {SLIM_ATOL:g} + {SLIM_RTOL:g} x max |Keras|)"
     )
 
 

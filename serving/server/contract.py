@@ -49,6 +49,13 @@ LITERT_CHECK_FILE = "check.json"
 SLIM_ATOL = 1e-5
 SLIM_RTOL = 1e-6
 
+
+def slim_allowance(expected: Any) -> float:
+    """The largest |runtime - Keras| allowed on any of these rows (``expected``: a NumPy array
+    of Keras's finite predictions): ``SLIM_ATOL + SLIM_RTOL * max |expected|``."""
+    return SLIM_ATOL + SLIM_RTOL * float(abs(expected).max(initial=0.0))
+
+
 # The payload log (serving.server.payload): a sampled share of what the server answered, one
 # row per answered row, as daily partitions `<path>/date=YYYY-MM-DD/payload-*.parquet|jsonl`
 # that the pipeline reads (ml.quality). Columns: the model's input columns, PREDICTION_COLUMN

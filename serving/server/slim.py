@@ -26,6 +26,7 @@ from serving.server.contract import (
     LITERT_MODEL_FILE,
     SLIM_ATOL,
     SLIM_RTOL,
+    slim_allowance,
 )
 
 RUNTIME_MODULE = "ai_edge_litert"
@@ -156,8 +157,7 @@ def load_slim(local_path: str, meta, *, threads: int = 1) -> SlimModel:
     except Exception as exc:
         raise SlimUnavailable(f"the LiteRT model does not load or run: {exc}") from exc
     diff = np.abs(got - expected) if got.shape == expected.shape else None
-    scale = float(np.max(np.abs(expected), initial=0.0))
-    if diff is None or not np.all(diff <= SLIM_ATOL + SLIM_RTOL * scale):
+    if diff is None or not np.all(diff <= slim_allowance(expected)):
         detail = "a different number of rows" if diff is None else f"max diff {diff.max():.3g}"
         why = f"does not reproduce the Keras predictions of its check rows ({detail})"
         raise SlimUnavailable(f"the LiteRT model {why}")

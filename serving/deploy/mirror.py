@@ -31,6 +31,7 @@ from typing import Any
 
 import httptools
 
+from serving.deploy.supervisor import UPSTREAM_HOST
 from serving.server.contract import LIVE_ANSWER_HEADER
 from serving.server.jsoncodec import DecodeError, dumps, loads
 
@@ -57,13 +58,19 @@ _PREDICTIONS_PREFIX = b'{"predictions"'
 class _Batch:
     """Mirrored requests of one table shape waiting together: their rows and live answers."""
 
-    __slots__ = ("columns", "first", "live_bytes", "predictions", "rows")
+    __slots__ = ("columns", "first", "live_bytes", "predictions", "requests", "rows")
 
     def __init__(self, columns: tuple[str, ...], first: bytes) -> None:
         self.columns, self.first = columns, first
         self.rows: list[Any] = []
         self.predictions: list[Any] = []
-        self.live_bytes = 0
+        self.live_bytes = self.requests = 0
+
+    def add(self, rows: list[Any], predictions: list[Any], live: bytes) -> None:
+        self.rows += rows
+        self.predictions += predictions
+        self.live_bytes += len(live)
+        self.requests += 1
 
     def fits(self, columns: tuple[str, ...], rows: int, live: int) -> bool:
         return (columns == self.columns and len(self.rows) + rows <= MIRROR_BATCH_ROWS
@@ -71,7 +78,7 @@ class _Batch:
 
     def raw(self) -> bytes:
         """One request: the first one as it came when it is alone, else the rows merged."""
-        if self.first:
+        if self.requests == 1:
             return self.first
         body = dumps({"dataframe_split": {"columns": list(self.columns), "data": self.rows}})
         live = dumps({"predictions": self.predictions})
@@ -127,16 +134,12 @@ class Mirror:
         pairable = len(live) <= MAX_LIVE_ANSWER_BYTES and live.isascii() and b"\n" not in live
         table = _table(body, live) if pairable else None
         last = self.queue[-1] if self.queue else None
-        if (
-            table is not None
-            and isinstance(last, _Batch)
-            and last.fits(table[0], len(table[1]), len(live))
+        if not (
+            table and isinstance(last, _Batch) and last.fits(table[0], len(table[1]), len(live))
         ):
-            last.first = b""  # two or more: merged
-        elif len(self.queue) >= MIRROR_QUEUE:
-            self.dropped += 1
-            return
-        else:
+            if len(self.queue) >= MIRROR_QUEUE:
+                self.dropped += 1
+                return
             head += b"%s: %s\r\n\r\n" % (_LIVE_HEADER, live) if pairable else b"\r\n"
             if table is None:
                 self.queue.append(head + body)
@@ -144,9 +147,7 @@ class Mirror:
                 return
             last = _Batch(table[0], head + body)
             self.queue.append(last)
-        last.rows += table[1]
-        last.predictions += table[2]
-        last.live_bytes += len(live)
+        last.add(table[1], table[2], live)
         if len(last.rows) >= MIRROR_BATCH_ROWS:
             self._dispatch()
         elif self._timer is None:  # the others wait a little for more rows
@@ -182,12 +183,12 @@ class Mirror:
         loop = asyncio.get_running_loop()
         try:
             _, connection = await asyncio.wait_for(
-                loop.create_connection(lambda: _MirrorConnection(self), "127.0.0.1", port),
+                loop.create_connection(lambda: _MirrorConnection(self), UPSTREAM_HOST, port),
                 _CONNECT_TIMEOUT_S,
             )
         except (OSError, TimeoutError) as exc:
-            log.warning("mirror to 127.0.0.1:%s failed (%s): dropping mirrored requests for "
-                        "%.0fs", port, exc, _MIRROR_BACKOFF_S)  # fmt: skip
+            log.warning("mirror to %s:%s failed (%s): dropping mirrored requests for "
+                        "%.0fs", UPSTREAM_HOST, port, exc, _MIRROR_BACKOFF_S)  # fmt: skip
             self.dropped += len(self.queue)
             self.queue.clear()
             self.paused_until = time.monotonic() + _MIRROR_BACKOFF_S

@@ -70,8 +70,8 @@ def test_a_merged_request_carries_every_row_beside_its_live_prediction():
     assert not batch.fits(("a", "c"), 1, 10)
     assert not batch.fits(("a", "b"), MIRROR_BATCH_ROWS + 1, 10)
     assert not batch.fits(("a", "b"), 1, MAX_LIVE_ANSWER_BYTES + 1)
-    batch.first = b""  # two or more requests: merged
-    batch.rows, batch.predictions = [[1, 2], [3, 4.5]], [0.25, -1.0]
+    batch.add([[1, 2]], [0.25], b'{"predictions": [0.25]}')
+    batch.add([[3, 4.5]], [-1.0], b'{"predictions": [-1.0]}')  # two requests: merged
     headers, body = parse(batch.raw())
     assert json.loads(body) == {
         "dataframe_split": {"columns": ["a", "b"], "data": [[1, 2], [3, 4.5]]}
@@ -82,4 +82,6 @@ def test_a_merged_request_carries_every_row_beside_its_live_prediction():
 
 def test_a_request_that_waited_alone_goes_as_it_came():
     raw = b"POST /invocations HTTP/1.1\r\ncontent-length: 2\r\nx-live-answer: [1]\r\n\r\n{}"
-    assert _Batch(("a",), raw).raw() == raw
+    batch = _Batch(("a",), raw)
+    batch.add([[1]], [1], b"[1]")
+    assert batch.raw() == raw

@@ -28,12 +28,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -261,6 +259,7 @@ def start_haproxy(workdir: Path, upstream: int) -> tuple[subprocess.Popen, str] 
     HTTP keep-alive both sides, no routing rules: what a native proxy costs on this machine."""
     import shutil
 
+    from serving.deploy.supervisor import _accepting, wait_for
     from tests.conftest import free_port
 
     if shutil.which("haproxy") is None:
@@ -271,10 +270,8 @@ def start_haproxy(workdir: Path, upstream: int) -> tuple[subprocess.Popen, str] 
     config.write_text(HAPROXY_CFG.format(port=port, upstream=upstream))
     proc = subprocess.Popen(["haproxy", "-f", str(config), "-db"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    for _ in range(100):
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc, f"http://127.0.0.1:{port}"
-        time.sleep(0.05)
+    if wait_for(lambda: _accepting("127.0.0.1", port), timeout_s=5.0, interval_s=0.05):
+        return proc, f"http://127.0.0.1:{port}"
     proc.kill()
     raise RuntimeError("haproxy did not start")
 

@@ -488,6 +488,11 @@ def _airflow_password() -> str:
     return json.loads(AIRFLOW_PASSWORDS.read_text())["admin"]
 
 
+# A repeatable Airflow API call that got a 5xx is sent this many times in all, this far apart.
+API_ATTEMPTS = 5
+API_RETRY_WAIT_S = 2.0
+
+
 class Airflow:
     """Airflow 3's REST API (/api/v2), logged in as the stack's admin."""
 
@@ -498,8 +503,23 @@ class Airflow:
         auth = {"Authorization": f"Bearer {self.token}"}
         self.http = httpx.Client(base_url=f"{url}/api/v2", headers=auth, timeout=30)
 
-    def __call__(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.http.request(method, path, **kwargs).raise_for_status().json()
+    def __call__(self, method: str, path: str, *, repeatable: bool = False, **kwargs: Any) -> Any:
+        """One API call's JSON answer. A ``repeatable`` call (safe to send twice) is sent again
+        on a 5xx, a few times: Airflow on SQLite answers 500 while its database is locked,
+        which happens as its own processes start."""
+        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
+
+        def server_error(exc: BaseException) -> bool:
+            return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500
+
+        for attempt in Retrying(
+            stop=stop_after_attempt(API_ATTEMPTS if repeatable else 1),
+            wait=wait_fixed(API_RETRY_WAIT_S),
+            retry=retry_if_exception(server_error),
+            reraise=True,
+        ):
+            with attempt:
+                return self.http.request(method, path, **kwargs).raise_for_status().json()
 
     def run(self, run_id: str, part: str = "") -> Any:
         return self("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}{part}")
@@ -515,7 +535,8 @@ def _rollout_pool(api: Airflow) -> None:
         "description": "one model rollout at a time",
     }
     action = {"action": "create", "entities": [pool], "action_on_existence": "overwrite"}
-    if errors := api("PATCH", "/pools", json={"actions": [action]})["create"]["errors"]:
+    answer = api("PATCH", "/pools", json={"actions": [action]}, repeatable=True)  # overwrite
+    if errors := answer["create"]["errors"]:
         raise SystemExit(f"Airflow pool {pool['name']}: {errors}")
     say(f"Airflow pool {pool['name']}: 1 slot")
 

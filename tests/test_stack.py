@@ -441,3 +441,41 @@ def test_restoring_champion_says_why_it_could_not_and_lets_the_run_start(
     assert stack.restore_champion("http://mlflow.example:5000") is None
     assert [r["kind"] for r in asked] == ["champion"]
     assert "could not restore @champion" in capsys.readouterr().out
+
+
+def _airflow(stack, answers: list[int]):
+    """stack.Airflow on an httpx MockTransport answering ``answers`` in turn (its requests)."""
+    import httpx
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        status = answers[min(len(seen), len(answers)) - 1]
+        body = {"create": {"success": ["rollout"], "errors": []}} if status == 200 else {}
+        return httpx.Response(status, json=body)
+
+    api = stack.Airflow.__new__(stack.Airflow)
+    api.http = httpx.Client(
+        base_url="http://airflow/api/v2", transport=httpx.MockTransport(handler)
+    )
+    return api, seen
+
+
+def test_the_rollout_pool_is_created_even_when_airflow_first_answers_500(stack, monkeypatch):
+    # Seen on a fresh clone's first `make run`: Airflow on SQLite answered the pool's PATCH with
+    # 500 (database locked while its own processes started) and `make run` stopped there.
+    monkeypatch.setattr(stack, "API_RETRY_WAIT_S", 0.0)
+    api, seen = _airflow(stack, [500, 500, 200])
+    stack._rollout_pool(api)
+    assert seen == ["PATCH"] * 3
+
+
+def test_a_call_that_is_not_safe_to_repeat_is_not_repeated(stack, monkeypatch):
+    import httpx
+
+    monkeypatch.setattr(stack, "API_RETRY_WAIT_S", 0.0)
+    api, seen = _airflow(stack, [500, 200])
+    with pytest.raises(httpx.HTTPStatusError):
+        api("POST", "/dags/train_and_deploy/dagRuns", json={})
+    assert seen == ["POST"]

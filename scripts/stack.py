@@ -34,6 +34,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's scripts, ml and serving first
+from scripts.stacklib import api  # noqa: E402
 from scripts.stacklib import distributed as dist  # noqa: E402
 from scripts.stacklib import processes as procs  # noqa: E402
 from scripts.stacklib import prometheus as prom  # noqa: E402
@@ -488,11 +489,6 @@ def _airflow_password() -> str:
     return json.loads(AIRFLOW_PASSWORDS.read_text())["admin"]
 
 
-# A repeatable Airflow API call that got a 5xx is sent this many times in all, this far apart.
-API_ATTEMPTS = 5
-API_RETRY_WAIT_S = 2.0
-
-
 class Airflow:
     """Airflow 3's REST API (/api/v2), logged in as the stack's admin."""
 
@@ -504,22 +500,7 @@ class Airflow:
         self.http = httpx.Client(base_url=f"{url}/api/v2", headers=auth, timeout=30)
 
     def __call__(self, method: str, path: str, *, repeatable: bool = False, **kwargs: Any) -> Any:
-        """One API call's JSON answer. A ``repeatable`` call (safe to send twice) is sent again
-        on a 5xx, a few times: Airflow on SQLite answers 500 while its database is locked,
-        which happens as its own processes start."""
-        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
-
-        def server_error(exc: BaseException) -> bool:
-            return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500
-
-        for attempt in Retrying(
-            stop=stop_after_attempt(API_ATTEMPTS if repeatable else 1),
-            wait=wait_fixed(API_RETRY_WAIT_S),
-            retry=retry_if_exception(server_error),
-            reraise=True,
-        ):
-            with attempt:
-                return self.http.request(method, path, **kwargs).raise_for_status().json()
+        return api.json_call(self.http, method, path, repeatable=repeatable, **kwargs)
 
     def run(self, run_id: str, part: str = "") -> Any:
         return self("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}{part}")

@@ -465,7 +465,7 @@ def _airflow(stack, answers: list[int]):
 def test_the_rollout_pool_is_created_even_when_airflow_first_answers_500(stack, monkeypatch):
     # Seen on a fresh clone's first `make run`: Airflow on SQLite answered the pool's PATCH with
     # 500 (database locked while its own processes started) and `make run` stopped there.
-    monkeypatch.setattr(stack, "API_RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(stack.api, "RETRY_WAIT_S", 0.0)
     api, seen = _airflow(stack, [500, 500, 200])
     stack._rollout_pool(api)
     assert seen == ["PATCH"] * 3
@@ -474,7 +474,7 @@ def test_the_rollout_pool_is_created_even_when_airflow_first_answers_500(stack, 
 def test_a_call_that_is_not_safe_to_repeat_is_not_repeated(stack, monkeypatch):
     import httpx
 
-    monkeypatch.setattr(stack, "API_RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(stack.api, "RETRY_WAIT_S", 0.0)
     api, seen = _airflow(stack, [500, 200])
     with pytest.raises(httpx.HTTPStatusError):
         api("POST", "/dags/train_and_deploy/dagRuns", json={})

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Callable
 
 import pytest
+
+from tests import ports
 
 # Quiet TensorFlow's C++ logging and keep runs reproducible across machines.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -208,26 +209,9 @@ def airflow_db():
     return os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that were free a moment ago (bound together, then released)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+# Every port a test gives a server comes from this worker's block (tests/ports.py).
+free_port = ports.free_port
+_free_ports = ports.free_ports
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from scripts.stacklib import gobuild
 from scripts.stacklib.gobuild import Unavailable  # the plane cannot run here: tier skipped
+from tests.ports import free_port
 
 HERE = Path(__file__).resolve().parent
 MODULE = HERE / "controlplane"
@@ -151,12 +152,6 @@ def kubeconfig(
             "current-context": "test",
         }
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the plane ---------------------------------------------------------------------------------

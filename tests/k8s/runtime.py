@@ -35,15 +35,10 @@ from typing import Any
 import httpx
 
 from serving.server.contract import MODEL_URI_ENV
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_ANNOTATION = "runtime.test.train-and-deploy/exit-code"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ModelServers:
@@ -58,7 +53,7 @@ class ModelServers:
         """The port of a ready server for ``model_uri`` (None if it never gets ready)."""
         with self._lock:
             if model_uri not in self._servers:
-                port = _free_port()
+                port = free_port()
                 self.logs.mkdir(parents=True, exist_ok=True)
                 name = model_uri.replace(":/", "-").replace("/", "-")
                 log = open(self.logs / f"server-{name}.log", "ab")  # noqa: SIM115

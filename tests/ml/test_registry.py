@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from ml.registry import Registry, RegistryUnavailableError, VersionInfo
 from ml.settings import RegistrySettings
+from tests.ports import free_port
 
 SETTINGS = RegistrySettings(model_name="test-model", experiment_name="test-registry")
 
@@ -138,10 +137,7 @@ def test_check_available_on_sqlite(registry):
 
 
 def test_check_available_fails_fast_on_closed_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     registry = Registry(uri, SETTINGS)
 
     with pytest.raises(RegistryUnavailableError, match=uri):

@@ -32,7 +32,7 @@ from typing import Any
 import httptools
 
 from serving.deploy.supervisor import UPSTREAM_HOST
-from serving.server.contract import LIVE_ANSWER_HEADER
+from serving.server.contract import LIVE_ANSWER_HEADER, MIRRORED_REQUESTS_HEADER
 from serving.server.jsoncodec import DecodeError, dumps, loads
 
 log = logging.getLogger("serving.proxy")
@@ -42,6 +42,10 @@ MIRROR_CONNECTIONS = 2
 MIRROR_QUEUE = 256
 # A merged mirror request's rows at most (= the model server's default max_batch_rows).
 MIRROR_BATCH_ROWS = 256
+# ... and the request bodies it merges, in bytes at most: well under what a model server takes
+# (--max-request-bytes, 16 MiB by default), so wide rows are merged into more requests, never
+# into one the candidate refuses (413) with all of their rows.
+MIRROR_BATCH_BYTES = 1024 * 1024
 # A live answer longer than this is not sent along with its mirror (no paired difference); a
 # merged request's live predictions stay under it too.
 MAX_LIVE_ANSWER_BYTES = 8192
@@ -51,6 +55,7 @@ MIRROR_WAIT_S = 0.05
 _MIRROR_BACKOFF_S = 1.0
 _CONNECT_TIMEOUT_S = 5.0
 _LIVE_HEADER = LIVE_ANSWER_HEADER.lower().encode()
+_COUNT_HEADER = MIRRORED_REQUESTS_HEADER.lower().encode()
 _TABLE_PREFIX = b'{"dataframe_split"'
 _PREDICTIONS_PREFIX = b'{"predictions"'
 
@@ -58,23 +63,25 @@ _PREDICTIONS_PREFIX = b'{"predictions"'
 class _Batch:
     """Mirrored requests of one table shape waiting together: their rows and live answers."""
 
-    __slots__ = ("columns", "first", "live_bytes", "predictions", "requests", "rows")
+    __slots__ = ("body_bytes", "columns", "first", "live_bytes", "predictions", "requests", "rows")
 
     def __init__(self, columns: tuple[str, ...], first: bytes) -> None:
         self.columns, self.first = columns, first
         self.rows: list[Any] = []
         self.predictions: list[Any] = []
-        self.live_bytes = self.requests = 0
+        self.live_bytes = self.body_bytes = self.requests = 0
 
-    def add(self, rows: list[Any], predictions: list[Any], live: bytes) -> None:
+    def add(self, rows: list[Any], predictions: list[Any], live: bytes, body: int) -> None:
         self.rows += rows
         self.predictions += predictions
         self.live_bytes += len(live)
+        self.body_bytes += body
         self.requests += 1
 
-    def fits(self, columns: tuple[str, ...], rows: int, live: int) -> bool:
+    def fits(self, columns: tuple[str, ...], rows: int, live: int, body: int) -> bool:
         return (columns == self.columns and len(self.rows) + rows <= MIRROR_BATCH_ROWS
-                and self.live_bytes + live <= MAX_LIVE_ANSWER_BYTES)  # fmt: skip
+                and self.live_bytes + live <= MAX_LIVE_ANSWER_BYTES
+                and self.body_bytes + body <= MIRROR_BATCH_BYTES)  # fmt: skip
 
     def raw(self) -> bytes:
         """One request: the first one as it came when it is alone, else the rows merged."""
@@ -83,8 +90,8 @@ class _Batch:
         body = dumps({"dataframe_split": {"columns": list(self.columns), "data": self.rows}})
         live = dumps({"predictions": self.predictions})
         return (b"POST /invocations HTTP/1.1\r\nhost: shadow\r\ncontent-type: application/json"
-                b"\r\ncontent-length: %d\r\n%s: %s\r\n\r\n%s"
-                % (len(body), _LIVE_HEADER, live, body))  # fmt: skip
+                b"\r\ncontent-length: %d\r\n%s: %d\r\n%s: %s\r\n\r\n%s"
+                % (len(body), _COUNT_HEADER, self.requests, _LIVE_HEADER, live, body))  # fmt: skip
 
 
 def _table(body: bytes, live: bytes) -> tuple[tuple[str, ...], list[Any], list[Any]] | None:
@@ -135,7 +142,9 @@ class Mirror:
         table = _table(body, live) if pairable else None
         last = self.queue[-1] if self.queue else None
         if not (
-            table and isinstance(last, _Batch) and last.fits(table[0], len(table[1]), len(live))
+            table
+            and isinstance(last, _Batch)
+            and last.fits(table[0], len(table[1]), len(live), len(body))
         ):
             if len(self.queue) >= MIRROR_QUEUE:
                 self.dropped += 1
@@ -147,7 +156,7 @@ class Mirror:
                 return
             last = _Batch(table[0], head + body)
             self.queue.append(last)
-        last.add(table[1], table[2], live)
+        last.add(table[1], table[2], live, len(body))
         if len(last.rows) >= MIRROR_BATCH_ROWS:
             self._dispatch()
         elif self._timer is None:  # the others wait a little for more rows

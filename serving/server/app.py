@@ -45,7 +45,6 @@ from serving.server.body import read_body
 from serving.server.compat import mark_serving_environment
 from serving.server.config import ServerConfig
 from serving.server.contract import (
-    LIVE_ANSWER_HEADER,
     REQUEST_ID_HEADER,
     VERSION_HEADER,
     is_numeric_column,
@@ -68,6 +67,7 @@ from serving.server.replies import (
     non_finite_prediction_reply,
     request_error_reply,
 )
+from serving.server.shadow import mirror_of
 from serving.server.strict import StrictInputs, strict_reply
 from serving.server.warmup import warm_up
 
@@ -85,7 +85,6 @@ _ROUTES = {
     "/metrics": "/metrics",
     "/v1/model": "/v1/model",
 }
-_LIVE_ANSWER = LIVE_ANSWER_HEADER.lower().encode()
 _GET_ROUTES = frozenset({"/ping", "/health", "/version", "/metrics", "/v1/model"})
 _METHOD_NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 _REQUEST_ID = REQUEST_ID_HEADER.lower().encode()
@@ -170,12 +169,10 @@ class ScoringApp:
         finally:
             metrics.in_flight -= 1
         body = reply.body
-        mirrored = False
-        if reply.status == 200 and path == "/invocations":
-            for name, value in scope["headers"]:
-                if name == _LIVE_ANSWER:  # a mirrored request: keep both answers
-                    self.recorder.shadow.append((body, value))
-                    mirrored = True
+        live, requests = mirror_of(scope["headers"]) if path == "/invocations" else (None, 1)
+        mirrored = live is not None
+        if mirrored and reply.status == 200:  # a mirrored request: keep both answers
+            self.recorder.shadow.append((body, live))
         if reply.content_type is JSON_TYPE and not reply.headers:
             headers = self._json_headers.get(len(body)) or self._headers_for(len(body))
         else:
@@ -208,6 +205,7 @@ class ScoringApp:
                 scope.get("client"),
                 reply.rows,
                 reply.error_code,
+                requests,
             ),
             self._loop,
         )

@@ -72,3 +72,9 @@ PAYLOAD_FORMATS = ("parquet", "jsonl")
 # A shadow's mirrored request carries the live version's answer to it (the front proxy adds
 # it after the caller got that answer); the shadow records how far its own answer is from it.
 LIVE_ANSWER_HEADER = "X-Live-Answer"
+# The local front proxy merges mirrored requests that wait (serving.deploy.mirror); a merged one
+# says how many it carries, and the shadow counts it as that many requests (answered or not,
+# and in its latency histogram), so the rollout judge's request count and 5xx share stay per
+# mirrored request. Taken only beside LIVE_ANSWER_HEADER, and only from 1 to this many.
+MIRRORED_REQUESTS_HEADER = "X-Mirrored-Requests"
+MAX_MIRRORED_REQUESTS = 4096

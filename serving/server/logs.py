@@ -79,7 +79,7 @@ class AccessLog:
         clock = self._clock
         quoted = self._quoted
         lines = []
-        for end, seconds, method, path, status, b_in, b_out, client, rows, error in records:
+        for end, seconds, method, path, status, b_in, b_out, client, rows, error, _ in records:
             if client is not self._last_client:
                 self._last_client = client
                 self._last_client_json = dumps(client[0] if client else None)

@@ -12,8 +12,9 @@ mmap write: ~2-4 us). ``prometheus_client`` keeps the values, renders the text e
 
 Exposed series (all prefixed ``model_server_``):
 
-- ``requests_total{route,method,status}``         counter
-- ``request_duration_seconds{route}``              histogram
+- ``requests_total{route,method,status}``         counter (a merged mirror request counts as
+  the requests it carries: ``serving.server.shadow.mirror_of``)
+- ``request_duration_seconds{route}``              histogram (the same)
 - ``requests_in_flight``                           gauge
 - ``predictions_total``                            counter: rows answered with a prediction
 - ``model_calls_total{path}``                      counter: model calls (``fast``, ``pyfunc``)
@@ -107,10 +108,10 @@ BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 BATCH_REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 # One finished request, as the server records it (see ServerMetrics.observe_records):
-# (end perf_counter, seconds, method, path, status, bytes_in, bytes_out, client, rows, error_code)
-R_END, R_SECONDS, R_METHOD, R_PATH, R_STATUS, R_BYTES_IN, R_BYTES_OUT, R_CLIENT, R_ROWS, R_ERROR = (
-    range(10)
-)
+# (end perf_counter, seconds, method, path, status, bytes_in, bytes_out, client, rows, error_code,
+#  requests: 1, or the mirrored requests a merged one carries, contract.MIRRORED_REQUESTS_HEADER)
+(R_END, R_SECONDS, R_METHOD, R_PATH, R_STATUS, R_BYTES_IN, R_BYTES_OUT, R_CLIENT, R_ROWS, R_ERROR,
+ R_REQUESTS) = range(11)  # fmt: skip
 
 # The server's series were never exposed with ``_created`` samples; the process is the server's.
 disable_created_metrics()
@@ -317,13 +318,14 @@ class ServerMetrics:
             route = routes.get(record[R_PATH], "other")
             status = record[R_STATUS]
             key = (route, record[R_METHOD], status)
-            requests[key] = requests.get(key, 0) + 1
+            n = record[R_REQUESTS]
+            requests[key] = requests.get(key, 0) + n
             tally = latency.get(route)
             if tally is None:
                 tally = latency[route] = _Tally(bounds)
             seconds = record[R_SECONDS]
-            tally.counts[bisect_left(bounds, seconds)] += 1
-            tally.total += seconds
+            tally.counts[bisect_left(bounds, seconds)] += n
+            tally.total += seconds * n
             if status == 200 and record[R_ROWS]:
                 predictions += record[R_ROWS]
         for key, count in requests.items():

@@ -225,6 +225,8 @@ def test_mirrored_tables_that_wait_are_merged_row_for_row(proxy, upstreams):
         assert live == [row[0] for row in table["data"]]
         if len(table["data"]) > 1:  # merged (one that waited alone goes as it came)
             assert headers["content-type"] == "application/json"
+    # The candidate counts each merged request as the requests it carries: all 60 are counted.
+    assert sum(int(h.get("x-mirrored-requests", 1)) for h, _ in tables) == len(sent)
 
 
 def test_dead_upstream_answers_502(proxy, free_ports):

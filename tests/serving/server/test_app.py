@@ -12,7 +12,7 @@ import time
 import pytest
 
 from serving.server.app import _ROUTES
-from serving.server.contract import LIVE_ANSWER_HEADER
+from serving.server.contract import LIVE_ANSWER_HEADER, MIRRORED_REQUESTS_HEADER
 from serving.server.metrics import ServerMetrics
 from tests.serving.server.asgi import (
     GOOD_SPLIT,
@@ -26,7 +26,7 @@ from tests.serving.server.asgi import (
 
 
 def _record(path: str, status: int, seconds: float, rows: int = 0, method: str = "POST"):
-    return (0.0, seconds, method, path, status, 10, 20, ("127.0.0.1", 1), rows, None)
+    return (0.0, seconds, method, path, status, 10, 20, ("127.0.0.1", 1), rows, None, 1)
 
 
 def test_recorded_requests_count_like_observed_ones():
@@ -202,6 +202,48 @@ def test_a_mirrored_request_records_its_paired_differences():
     assert samples[("model_server_shadow_abs_diff_bucket", "0.25")] == 1
     assert samples[("model_server_shadow_abs_diff_bucket", "0.5")] == 2
     assert samples[("model_server_shadow_unpaired_total", None)] == 1
+
+
+def test_a_merged_mirror_request_counts_as_the_requests_it_merged():
+    """The front proxy merges waiting mirrored requests (serving.deploy.mirror). The judge
+    counts the candidate's requests (judge_min_requests) and their 5xx share per request, so a
+    merged one counts as the requests it carries, answered or not: merging changes what the
+    shadow costs, not what the judge sees. Only a mirror's count is taken (the live answer
+    beside it), and only a number that makes sense."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    three_rows = json.dumps(split(data=[[1.0, 2.0, 3.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]))
+    live = (LIVE_ANSWER_HEADER.lower().encode(), b'{"predictions": [6.0, 1.0, 3.0]}')
+    merged = MIRRORED_REQUESTS_HEADER.lower().encode()
+
+    async def scenario():
+        app = make_app()
+        statuses = [
+            (await post(app, [(0, three_rows.encode())], headers=[live, (merged, b"3")]))[0],
+            (await post(app, [(0, b"{")], headers=[live, (merged, b"2")]))[0],  # 400: counts 2
+            (await post(app, [(0, three_rows.encode())], headers=[(merged, b"3")]))[0],
+            (await post(app, [(0, three_rows.encode())], headers=[live, (merged, b"x")]))[0],
+            (await post(app, [(0, three_rows.encode())], headers=[live, (merged, b"0")]))[0],
+            (await post(app, [(0, three_rows.encode())], headers=[live, (merged, b"99999")]))[0],
+        ]
+        app.recorder.flush()
+        return statuses, app.metrics.render().decode()
+
+    statuses, text = run(scenario())
+    assert statuses == [200, 400, 200, 200, 200, 200]
+    samples = {
+        (s.name, s.labels.get("status")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.labels.get("route") in ("/invocations", None)
+    }
+    # 3 (merged) + 1 (no live answer: not a mirror) + 1 + 1 + 1 (counts that make no sense)
+    assert samples[("model_server_requests_total", "200")] == 7
+    assert samples[("model_server_requests_total", "400")] == 2
+    assert samples[("model_server_request_duration_seconds_count", None)] == 9
+    # Rows are rows: each of the five answered requests predicted its three.
+    assert samples[("model_server_predictions_total", None)] == 15
+    assert samples[("model_server_shadow_abs_diff_count", None)] == 12
 
 
 @pytest.mark.parametrize(

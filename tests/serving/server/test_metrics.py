@@ -40,7 +40,7 @@ ROUTES = {"/invocations": "/invocations", "/metrics": "/metrics"}
 
 
 def _record(path: str, status: int, seconds: float, rows: int = 0, method: str = "POST"):
-    return (0.0, seconds, method, path, status, 10, 20, ("127.0.0.1", 1), rows, None)
+    return (0.0, seconds, method, path, status, 10, 20, ("127.0.0.1", 1), rows, None, 1)
 
 
 def test_a_batch_of_observations_equals_one_observe_each():
@@ -108,7 +108,7 @@ from serving.server.metrics import ServerMetrics
 spec = json.loads(sys.argv[1])
 m = ServerMetrics(routes={"/invocations": "/invocations"},
                   multiprocess_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"])
-rec = (0.0, 0.001, "POST", "/invocations", 200, 10, 20, None, spec["rows"], None)
+rec = (0.0, 0.001, "POST", "/invocations", 200, 10, 20, None, spec["rows"], None, 1)
 m.observe_records([rec] * spec["requests"])
 m.observe_batches([tuple(b) for b in spec["batches"]])
 if spec["model_load_seconds"] is not None:

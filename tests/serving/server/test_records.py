@@ -13,7 +13,7 @@ ROUTES = {"/invocations": "/invocations"}
 
 
 def _record() -> tuple:
-    return (0.0, 0.001, "POST", "/invocations", 200, 10, 20, ("127.0.0.1", 1), 1, None)
+    return (0.0, 0.001, "POST", "/invocations", 200, 10, 20, ("127.0.0.1", 1), 1, None, 1)
 
 
 def _counted(metrics: ServerMetrics) -> float:

@@ -196,6 +196,8 @@ class Mirror:
                 _CONNECT_TIMEOUT_S,
             )
         except (OSError, TimeoutError) as exc:
+            if port != self.port:  # the candidate changed meanwhile: not the new one's fault
+                return
             log.warning("mirror to %s:%s failed (%s): dropping mirrored requests for "
                         "%.0fs", UPSTREAM_HOST, port, exc, _MIRROR_BACKOFF_S)  # fmt: skip
             self.dropped += len(self.queue)

@@ -122,3 +122,31 @@ def test_wide_rows_are_merged_only_up_to_a_body_the_candidate_accepts():
     rows = sum(len(json.loads(parse(i if isinstance(i, bytes) else i.raw())[1])
                    ["dataframe_split"]["data"]) for i in queued)  # fmt: skip
     assert rows == MIRROR_BATCH_ROWS  # every row still goes, in more requests
+
+
+def test_a_failed_connect_to_the_previous_candidate_leaves_the_new_one_alone(free_ports):
+    """Review of stop 28: a connect to the old candidate that failed after a switch dropped
+    what waited for the new one and paused mirroring to it for a second."""
+    import asyncio
+
+    (old,) = free_ports(1)  # nothing listens there: the old candidate is gone
+    body = table([[1, 2]]).encode()
+    head = b"POST /invocations HTTP/1.1\r\ncontent-length: %d\r\n" % len(body)
+
+    async def scenario() -> tuple[int, float]:
+        port, spawned = [old], []
+        mirror = Mirror(lambda: port[0], spawned.append)
+        mirror.submit(head, body, b'{"predictions": [1]}')
+        mirror._due()  # its wait is over: a connection to the old candidate is started
+        port[0] = old + 1  # the switch: a new candidate
+        mirror.submit(head, body, b'{"predictions": [1]}')
+        await spawned[0]  # the old connect fails now
+        waiting = len(mirror.queue)
+        mirror.reset(None)
+        for coro in spawned[1:]:
+            coro.close()
+        return waiting, mirror.paused_until
+
+    waiting, paused_until = asyncio.run(scenario())
+    assert waiting == 1
+    assert paused_until == 0.0

@@ -119,6 +119,9 @@ class KubernetesTarget:
         if withdrawn:
             self.api.scale(self.settings.min_replicas)
             log.info("scaled back to %d replicas (it was withdrawn)", self.settings.min_replicas)
+            # Wait for this generation, not the apply's: the controller's status for the apply
+            # (0 replicas wanted, all of them there) would read as a complete rollout.
+            applied = self._require()
         try:
             done = self._await(applied)
         except _Stuck as stuck:

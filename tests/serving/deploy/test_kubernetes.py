@@ -291,3 +291,67 @@ def test_a_cluster_older_than_1_30_is_refused_before_anything_is_applied(old):
     with pytest.raises(TargetRejected, match=rf"Kubernetes {old[0]}\.{old[1]}.*1\.30 or newer"):
         target.deploy("models:/regression-model/8", "8")
     assert api.applied == []
+
+
+class WithdrawnApi(VersionedApi):
+    """A Deployment withdrawn to 0 replicas, brought back by a deploy: the apply (generation 6,
+    still 0 replicas), then the scale to 2 (generation 7). The controller's status for the
+    apply (generation 6 observed, 0 wanted) comes before the scale's, as the watch sees it."""
+
+    def __init__(self) -> None:
+        super().__init__((1, 31))
+        self.dep = deployment("3", replicas=0, generation=5, observed=5, updated=0, total=0,
+                              available=0)  # fmt: skip
+        self.retry_s = 1.0
+
+    def get(self) -> dict[str, Any]:
+        return copy.deepcopy(self.dep)
+
+    def _next_state(self, rv: int, **changes: Any) -> dict[str, Any]:
+        dep = copy.deepcopy(self.dep)
+        spec, status = changes.pop("spec", {}), changes.pop("status", {})
+        dep["spec"].update(spec)
+        dep["status"].update(status)
+        dep["metadata"].update(resourceVersion=str(rv), **changes)
+        return dep
+
+    def apply(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.applied.append(body)
+        self.dep = self._next_state(101, generation=6, spec={**body["spec"], "replicas": 0})
+        return self.get()
+
+    def scale(self, replicas: int) -> None:
+        self.events = [
+            self._next_state(102, status={"observedGeneration": 6}),  # the apply, seen
+            scaled := self._next_state(103, generation=7, spec={"replicas": replicas}),
+        ]
+        self.dep = scaled
+        self.events.append(self._next_state(104, status={
+            "observedGeneration": 7, "replicas": 2, "updatedReplicas": 2,
+            "availableReplicas": 2, "readyReplicas": 2}))  # fmt: skip
+
+    def watch(self, resource_version: str, timeout_s: float):
+        for event in self.events:
+            if int(event["metadata"]["resourceVersion"]) > int(resource_version):
+                self.dep = event
+                yield copy.deepcopy(event)
+
+    def call(self, what: str, fn):
+        return fn()
+
+    def replica_sets(self, selector: str) -> list:
+        return []
+
+
+def test_a_withdrawn_deployment_is_rolled_out_only_once_its_scale_up_is(caplog):
+    """CI, k8s tier: after a withdrawal, "v1 rolled out: 0 updated, 0 available, 0 in all,
+    0 wanted": the rollout took the controller's status for the apply (0 replicas, generation
+    seen) as the end, before the scale back to 2 was seen, and verification then found the
+    Service without endpoints."""
+    api = WithdrawnApi()
+    target = KubernetesTarget(api, SETTINGS, tracking_uri=TRACKING)  # type: ignore[arg-type]
+    with caplog.at_level("INFO", logger="serving.deploy.kubernetes"):
+        outcome = target.deploy("models:/regression-model/1", "1")
+    assert outcome["status"] == "rolled_out"
+    rolled = [r.getMessage() for r in caplog.records if "rolled out:" in r.getMessage()]
+    assert rolled == ["v1 rolled out: 2 updated, 2 available, 2 in all, 2 wanted"]

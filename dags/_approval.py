@@ -19,7 +19,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from _support import log, registry_settings, rollout_tasks, tracking_uri
+from _rollout import rollout_tasks
+from _support import log, registry_settings, tracking_uri
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import Param
 from airflow.sdk.bases.branch import BranchMixIn

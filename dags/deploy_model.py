@@ -32,15 +32,13 @@ The rollout task links to the MLflow model version and its training run.
 from __future__ import annotations
 
 import pendulum
+from _params import deploy_model_params, deploy_settings, reject_unknown_conf
+from _rollout import rollout_tasks
 from _support import (
     IO_TASK_DEFAULTS,
-    deploy_model_params,
-    deploy_settings,
     local_queue,
     promotion_asset,
     registry_settings,
-    reject_unknown_conf,
-    rollout_tasks,
     tracking_uri,
     triggering_events,
 )

@@ -27,19 +27,15 @@ from __future__ import annotations
 
 import pendulum
 from _approval import approval_and_rollout
+from _params import data_settings, gate_params, gate_settings, reject_unknown_conf, window_end
+from _rollout import rollout_decision
 from _support import (
     IO_TASK_DEFAULTS,
-    data_settings,
-    gate_params,
-    gate_settings,
     log,
     new_version_asset,
     registry_settings,
-    reject_unknown_conf,
-    rollout_decision,
     tracking_uri,
     triggering_events,
-    window_end,
 )
 from airflow.sdk import dag, task
 

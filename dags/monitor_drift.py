@@ -24,17 +24,14 @@ Every task is one call into `ml/`; thresholds are `PIPELINE_DRIFT_*` settings (R
 from __future__ import annotations
 
 import pendulum
+from _params import data_settings, reject_unknown_conf, window_end, window_end_param
 from _support import (
     IO_TASK_DEFAULTS,
-    data_settings,
     drift_asset,
     drift_settings,
     log,
     registry_settings,
-    reject_unknown_conf,
     tracking_uri,
-    window_end,
-    window_end_param,
 )
 from airflow.sdk import dag, task
 

@@ -30,18 +30,14 @@ Every task is one call into `ml/`; see docs/operations.md, "Live quality".
 from __future__ import annotations
 
 import pendulum
+from _params import data_settings, gate_settings, reject_unknown_conf, window_end, window_end_param
 from _support import (
     IO_TASK_DEFAULTS,
-    data_settings,
-    gate_settings,
     live_error_asset,
     log,
     quality_settings,
     registry_settings,
-    reject_unknown_conf,
     tracking_uri,
-    window_end,
-    window_end_param,
 )
 from airflow.sdk import dag, task
 

@@ -22,13 +22,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from _support import (
-    TASK_CREDENTIALS,
-    deploy_settings,
-    local_queue,
-    registry_settings,
-    tracking_uri,
-)
+from _params import deploy_settings
+from _support import TASK_CREDENTIALS, local_queue, registry_settings, tracking_uri
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import dag, task
 

@@ -30,22 +30,24 @@ from __future__ import annotations
 from datetime import date
 
 import pendulum
-from _support import (
-    IO_TASK_DEFAULTS,
-    data_asset,
+from _params import (
     data_settings,
     deploy_settings,
     knob_params,
+    reject_unknown_conf,
+    run_settings,
+    window_end,
+    window_end_param,
+)
+from _support import (
+    IO_TASK_DEFAULTS,
+    data_asset,
     log,
     predictions_asset,
     registry_settings,
-    reject_unknown_conf,
-    run_settings,
     run_tags,
     tracking_uri,
     triggering_events,
-    window_end,
-    window_end_param,
 )
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowFailException

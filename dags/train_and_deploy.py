@@ -53,28 +53,30 @@ from __future__ import annotations
 
 import pendulum
 from _approval import approval_and_rollout
+from _params import (
+    data_settings,
+    gate_settings,
+    param_templates,
+    pipeline_params,
+    reject_unknown_conf,
+    training_settings,
+    window_end,
+)
+from _rollout import rollout_decision
 from _support import (
     IO_TASK_DEFAULTS,
     data_asset,
-    data_settings,
     drift_asset,
-    gate_settings,
     live_error_asset,
     log,
-    param_templates,
-    pipeline_params,
     pod_task,
     registry_settings,
-    reject_unknown_conf,
-    rollout_decision,
     run_tags,
     tracking_uri,
     training_run_key,
     training_run_tag_templates,
     training_run_tags,
-    training_settings,
     trigger_reason,
-    window_end,
 )
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 from airflow.sdk.exceptions import AirflowFailException

@@ -24,7 +24,7 @@ TASK_PARSE_CONTEXT = "register"
 
 # The project's own packages: a scheduler that loaded one before forking its LocalExecutor
 # workers hands that (possibly outdated) copy to every task it runs.
-PROJECT_MODULES = ("ml", "serving", "_support")
+PROJECT_MODULES = ("ml", "serving", "_support", "_params", "_rollout")
 
 _PROBE_CODE = (
     "import importlib.util, json, os, sys\n"

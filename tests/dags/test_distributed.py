@@ -25,13 +25,13 @@ def test_the_tasks_of_the_local_target_run_on_the_serving_hosts_queue(dag_id, mo
 
 @pytest.mark.parametrize("path", ["/srv/data", "file:///srv/data"])
 def test_a_data_folder_is_refused_when_tasks_run_on_other_workers(path, monkeypatch):
-    import _support
+    import _params
     from airflow.sdk.exceptions import AirflowFailException
 
     monkeypatch.setenv("PIPELINE_DATA_PATH", path)
-    assert _support.data_settings({}).path == path  # the LocalExecutor: one machine
+    assert _params.data_settings({}).path == path  # the LocalExecutor: one machine
     monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", "CeleryExecutor")
     with pytest.raises(AirflowFailException, match="s3://"):
-        _support.data_settings({})
+        _params.data_settings({})
     monkeypatch.setenv("PIPELINE_DATA_PATH", "s3://pipeline/data")
-    assert _support.data_settings({}).path == "s3://pipeline/data"
+    assert _params.data_settings({}).path == "s3://pipeline/data"

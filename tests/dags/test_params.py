@@ -1,7 +1,7 @@
 """The trigger forms' Params are the settings' fields: generated, never restated.
 
 Each knob (its type, default, bounds, title, description) is declared once, in the pydantic
-settings. ``_support.KNOBS`` only maps a Param name to its settings field; these tests fail if a
+settings. ``_params.KNOBS`` only maps a Param name to its settings field; these tests fail if a
 Param's schema drifts from its field, if a default is not the deployment's setting, if a run's
 Param does not reach its setting, or if a bound or default is written a second time in the DAG
 layer or in ``python -m ml``.
@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from _support import (
+from _params import (
     KNOBS,
     ROLLOUT_KNOBS,
     data_settings,

@@ -137,7 +137,7 @@ def test_known_conf_keys_run_train_and_deploy_s_first_task(env):
 def test_a_run_without_conf_passes_the_check(conf):
     """Scheduled runs and deploy_model's asset-triggered runs (the registry webhook) carry no
     conf: the check lets them through to the task's own work."""
-    from _support import reject_unknown_conf
+    from _params import reject_unknown_conf
     from airflow.sdk.exceptions import AirflowFailException
 
     for dag_id in ("train_and_deploy", "deploy_model"):

@@ -1,7 +1,7 @@
 """A settings field as the other layers see it: a typed form field, a CLI option.
 
 Each knob is declared once, in the pydantic settings (``ml/settings.py``,
-``serving/deploy/settings.py``); the Airflow trigger forms (``dags/_support.py``, via
+``serving/deploy/settings.py``); the Airflow trigger forms (``dags/_params.py``, via
 :func:`field_schema`: what a ``Param`` takes, with the deployment's value as default; a list of
 numbers is an array with ``items`` and ``minItems``) and ``python -m ml``
 (:func:`add_cli_options` / :func:`cli_overrides`: an option left out keeps the setting, a value

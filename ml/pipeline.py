@@ -67,8 +67,9 @@ def load_window(settings: DataSettings, end: date) -> dict[str, Any]:
 def validate_window(window: Mapping[str, Any], settings: DataSettings) -> dict[str, Any]:
     """Check every partition of the window; raises ``DataValidationError`` naming each problem."""
     from ml import data
+    from ml.schema import load_schema
 
-    schema = data.load_schema(settings)
+    schema = load_schema(settings)
     report = data.validate_partitions(_partitions(window), schema, settings)
     result = report.to_dict()
     log.info(
@@ -86,8 +87,9 @@ def holdout_frame(window: Mapping[str, Any], settings: DataSettings):
     import pandas as pd
 
     from ml import data
+    from ml.schema import load_schema
 
-    schema = data.load_schema(settings)
+    schema = load_schema(settings)
     source = data.window_source(_partitions(window), schema, settings, "holdout")
     batches = [values for values, _ in source.batches()]
     columns = [spec.name for spec in schema.columns]
@@ -113,12 +115,13 @@ def train(
 
     from ml import data, lineage
     from ml.registry import Registry
+    from ml.schema import load_schema
     from ml.train import train_model
 
     # Fail in seconds with a clear message, not after minutes of training and retries.
     Registry(tracking_uri, registry).check_available()
     mlflow.set_tracking_uri(tracking_uri)
-    schema = data.load_schema(data_settings)
+    schema = load_schema(data_settings)
     # The training side of the holdout split, streamed from the partitions.
     train_rows = data.window_source(_partitions(window), schema, data_settings, "train")
     identity = lineage.training_identity(window["digest"], training, data_settings)
@@ -226,9 +229,10 @@ def evaluate(
     from ml import data
     from ml import evaluate as ev
     from ml.registry import Registry
+    from ml.schema import load_schema
 
     mlflow.set_tracking_uri(tracking_uri)
-    schema = data.load_schema(data_settings)
+    schema = load_schema(data_settings)
     features, target = schema.feature_names, schema.target.name
     champion = Registry(tracking_uri, registry).champion()
     models = {"candidate": trained["model_uri"]}

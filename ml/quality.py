@@ -70,7 +70,8 @@ def deliver_synthetic_labels(
     change). Returns the paths written."""
     import fsspec
 
-    from ml.data import _day_files, load_schema
+    from ml.data import _day_files
+    from ml.schema import load_schema
     from ml.synthetic import synthetic_labels
 
     features = load_schema(data_settings).feature_names
@@ -254,10 +255,10 @@ def monitor_quality(
 def _retro(reg, champion: str, joined, data_settings, quality) -> dict[str, dict[str, Any]]:
     """Score the newest versions and the champion on the labelled rows; tag each scored
     version with whether it beats the champion there (a suggestion, nothing is promoted)."""
-    from ml import data
     from ml import evaluate as ev
+    from ml.schema import load_schema
 
-    features = data.load_schema(data_settings).feature_names
+    features = load_schema(data_settings).feature_names
     target = data_settings.target_column
     versions = {v.version: v for v in reg.newest_versions(quality.retro_versions)}
     versions.setdefault(champion, reg.get(champion))

@@ -13,7 +13,8 @@ from datetime import date
 import numpy as np
 import pandas as pd
 
-from ml.data import SYNTHETIC_FEATURES, _day_dir, _day_files, _filesystem, _to_uri
+from ml.data import _day_dir, _day_files, _filesystem, _to_uri
+from ml.schema import SYNTHETIC_FEATURES
 from ml.settings import DataSettings
 
 log = logging.getLogger(__name__)

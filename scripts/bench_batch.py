@@ -52,7 +52,7 @@ def train_model(workdir: Path) -> str:
     import mlflow
     import pandas as pd
 
-    from ml.data import SYNTHETIC_FEATURES
+    from ml.schema import SYNTHETIC_FEATURES
     from ml.settings import DataSettings, TrainingSettings
     from ml.synthetic import synthetic_partition
     from ml.train import train_model as train

@@ -59,7 +59,7 @@ def prepare_model(workdir: Path, epochs: int) -> dict:
     import mlflow
     import pandas as pd
 
-    from ml.data import SYNTHETIC_FEATURES
+    from ml.schema import SYNTHETIC_FEATURES
     from ml.settings import DataSettings, TrainingSettings
     from ml.synthetic import synthetic_partition
     from ml.train import train_model

@@ -95,13 +95,13 @@ def prepare(workdir: Path, epochs: int) -> dict[str, Any]:
     import mlflow
     import pandas as pd
 
-    from ml.data import SYNTHETIC_FEATURES
     from ml.evaluate import (
         VERIFICATION_ROWS_ARTIFACT,
         log_evaluation,
         predict,
         regression_metrics,
     )
+    from ml.schema import SYNTHETIC_FEATURES
     from ml.settings import DataSettings, TrainingSettings
     from ml.synthetic import synthetic_partition
     from ml.train import train_model

@@ -311,7 +311,7 @@ def prepare_models(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     from datetime import date, timedelta
 
-    from ml.data import SYNTHETIC_FEATURES
+    from ml.schema import SYNTHETIC_FEATURES
     from ml.settings import DataSettings, TrainingSettings
     from ml.synthetic import synthetic_partition
 

@@ -4,6 +4,7 @@ Layout of ``DeploySettings.local_state_dir``::
 
     proxy.pid / proxy.log     the front proxy (serving.deploy.proxy), one per state dir
     slot-<port>.pid / .log    a model server (`python -m serving.server`) on a slot port
+                              (serving.deploy.slots: its command, start, readiness, stop)
     active.json               what the proxy serves, and how to start it again:
                               {version, model_uri, port, pid, cmd, tracking_uri, restarts, ...,
                                candidate: {version, port, pid, weight, mirror, ...}} (canary)
@@ -43,7 +44,6 @@ import fcntl
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -51,8 +51,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.settings import QualitySettings
 from serving.deploy.settings import DeploySettings
+from serving.deploy.slots import SERVER_MODULE, DeployError, Slots, child_env, ping
 from serving.deploy.supervisor import (  # the process helpers: also imported from here
     ACTIVE_FILE,
     DEPLOY_LOCK,
@@ -71,7 +71,7 @@ from serving.deploy.supervisor import (  # the process helpers: also imported fr
     stop_group,
     wait_for,
 )
-from serving.deploy.target import DeployFailed, Live
+from serving.deploy.target import Live
 from serving.deploy.verify import Endpoint, EndpointUnreachable
 
 if TYPE_CHECKING:
@@ -79,18 +79,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ROLLOUT_LOCK = "rollout.lock"
 ROLLOUT_HOLDER = "rollout.holder"
 # The slots as Prometheus file_sd targets, with their track (scripts/stacklib/prometheus.py).
 TARGETS_FILE = "prometheus-targets.json"
-# The argv marker of a slot's model server (pid-reuse guard, restarts).
-SERVER_MODULE = "serving.server"
 _PROXY_START_TIMEOUT_S = 20.0
-
-
-class DeployError(DeployFailed):
-    """A local deploy failed; the previously active version (if any) is still serving."""
 
 
 class LocalTarget:
@@ -106,6 +99,10 @@ class LocalTarget:
         self.tracking_uri = tracking_uri
         self.drain_s = drain_s
         self.state_dir = Path(settings.local_state_dir)
+
+    @property
+    def _slots(self) -> Slots:
+        return Slots(self.settings, self.state_dir, self.tracking_uri)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -139,7 +136,7 @@ class LocalTarget:
                 and active.get("model_uri") == model_uri
                 and str(active.get("version")) == version
                 and process_is(active.get("pid"), SERVER_MODULE)
-                and _ping(active["port"])
+                and ping(active["port"])
             ):
                 log.info("version %s (%s) is already live: nothing to do", version, model_uri)
                 return {
@@ -166,7 +163,7 @@ class LocalTarget:
             if active and active.get("port") != port:
                 # Connections opened before the switch finish on the old server.
                 time.sleep(self.drain_s)
-                self._stop_slot(int(active["port"]))
+                self._slots.stop(int(active["port"]))
             return {
                 "endpoint": self.endpoint,
                 **record,
@@ -185,27 +182,28 @@ class LocalTarget:
     ) -> tuple[dict[str, Any], float]:
         """Start ``version`` on the slot the live server does not use and wait until it
         answers its smoke request; its ``active.json`` record and the seconds that took."""
-        payload = self._smoke_payload(model_uri, input_example)
-        port = self._pick_slot(active)
-        self._stop_slot(port)  # whatever a previous (failed or killed) deploy left there
+        slots = self._slots
+        payload = slots.smoke_payload(model_uri, input_example)
+        port = slots.pick(active)
+        slots.stop(port)  # whatever a previous (failed or killed) deploy left there
         if _accepting(UPSTREAM_HOST, port):
             raise DeployError(
                 f"slot port {port} is in use by a process this target did not start; "
                 "free it or change PIPELINE_DEPLOY_LOCAL_SLOT_PORTS"
             )
         started = time.monotonic()
-        proc = self._start_slot(model_uri, port, extra)
+        proc = slots.start(model_uri, port, extra)
         try:
-            self._wait_ready(proc, port, payload)
+            slots.wait_ready(proc, port, payload)
         except DeployError as exc:
             stop_group(proc.pid)
-            _unlink(self._slot_pidfile(port))
-            tail = _tail(self._slot_log(port))
+            _unlink(slots.pidfile(port))
+            tail = _tail(slots.logfile(port))
             live = active.get("version") if active else None
             raise DeployError(
                 f"version {version} ({model_uri}) did not become healthy on port {port}: "
                 f"{exc}; the active version ({live or 'none'}) is unchanged.\n"
-                f"--- last lines of {self._slot_log(port)} ---\n{tail}"
+                f"--- last lines of {slots.logfile(port)} ---\n{tail}"
             ) from None
         record = {
             "version": version,
@@ -215,7 +213,7 @@ class LocalTarget:
             "deployed_at": datetime.now(UTC).isoformat(timespec="seconds"),
             # What the proxy needs to start this server again if it dies (and after a
             # restart of the whole stack): with its own histogram buckets.
-            "cmd": self._slot_command(model_uri, port),
+            "cmd": slots.command(model_uri, port),
             "tracking_uri": self.tracking_uri,
             "restarts": 0,
         }
@@ -269,7 +267,7 @@ class LocalTarget:
             self._write_active({**active, "candidate": candidate})
 
     def candidate_healthy(self) -> bool:
-        return _ping(int(self._candidate()[1]["port"]))
+        return ping(int(self._candidate()[1]["port"]))
 
     def promote_candidate(self) -> dict[str, Any]:
         """The candidate takes every request; the old live server stops after a drain."""
@@ -278,7 +276,7 @@ class LocalTarget:
             record = {k: v for k, v in candidate.items() if k not in ("weight", "mirror")}
             self._write_active(record)
             time.sleep(self.drain_s)
-            self._stop_slot(int(active["port"]))
+            self._slots.stop(int(active["port"]))
         return {"endpoint": self.endpoint, "port": record["port"]}
 
     def drop_candidate(self) -> None:
@@ -294,7 +292,7 @@ class LocalTarget:
             log.info("traffic back on version %s; stopping candidate version %s",
                      active.get("version"), candidate.get("version"))  # fmt: skip
             time.sleep(min(self.drain_s, 0.5))  # requests already sent to it finish
-            self._stop_slot(int(candidate["port"]))
+            self._slots.stop(int(candidate["port"]))
 
     def status(self) -> dict[str, Any] | None:
         """``active.json`` plus whether it answers; ``None`` if nothing was deployed."""
@@ -304,7 +302,7 @@ class LocalTarget:
         return {
             **active,
             "endpoint": self.endpoint,
-            "healthy": _ping(int(active["port"])),
+            "healthy": ping(int(active["port"])),
             "proxy_running": self._proxy_pid() is not None
             and _accepting(self._front_host, self.settings.local_port),
         }
@@ -396,7 +394,7 @@ class LocalTarget:
         if active:
             ports.add(int(active["port"]))
         for port in sorted(ports):
-            slot_pid = self._stop_slot(port)
+            slot_pid = self._slots.stop(port)
             if slot_pid is not None:
                 stopped[f"slot-{port}"] = slot_pid
         if active and active.get("pid") and process_is(active["pid"], SERVER_MODULE):
@@ -439,7 +437,7 @@ class LocalTarget:
         with open(logfile, "ab") as out:
             proc = spawn(
                 [sys.executable, "-m", "serving.deploy", "proxy"],
-                env=self._child_env(),
+                env=child_env(self.settings, self.state_dir),
                 stdout=out,
             )
         log.info("started proxy pid %s on %s:%s (log: %s)", proc.pid, host, port, logfile)
@@ -459,134 +457,7 @@ class LocalTarget:
                 f"\n--- last lines of {logfile} ---\n{_tail(logfile)}"
             )
 
-    # -- slots ------------------------------------------------------------------------------
-
-    def _slot_pidfile(self, port: int) -> Path:
-        return self.state_dir / f"slot-{port}.pid"
-
-    def _slot_log(self, port: int) -> Path:
-        return self.state_dir / f"slot-{port}.log"
-
-    def _pick_slot(self, active: dict[str, Any] | None) -> int:
-        slots = list(self.settings.local_slot_ports)
-        if active and int(active.get("port", -1)) in slots:
-            return next(p for p in slots if p != int(active["port"]))
-        return slots[0]
-
-    def _stop_slot(self, port: int) -> int | None:
-        pid = _live_pid(self._slot_pidfile(port), SERVER_MODULE)
-        if pid is not None:
-            log.info("stopping model server pid %s on slot port %s", pid, port)
-            stop_group(pid)
-        _unlink(self._slot_pidfile(port))
-        return pid
-
-    def _slot_command(self, model_uri: str, port: int) -> list[str]:
-        payload_log = []
-        if sample := self.settings.payload_log_sample_percent:
-            payload_log = ["--payload-log-path", QualitySettings().payload_path,
-                           "--payload-log-sample-percent", f"{sample:g}"]  # fmt: skip
-        return [
-            sys.executable, "-m", SERVER_MODULE,
-            "--model-uri", model_uri,
-            "--host", UPSTREAM_HOST,
-            "--port", str(port),
-            "--workers", "1",
-            *payload_log,
-        ]  # fmt: skip
-
-    def _start_slot(
-        self, model_uri: str, port: int, extra: tuple[str, ...] = ()
-    ) -> subprocess.Popen[bytes]:
-        cmd = [*self._slot_command(model_uri, port), *extra]
-        env = self._child_env()
-        env["MLFLOW_TRACKING_URI"] = self.tracking_uri
-        logfile = self._slot_log(port)
-        with open(logfile, "wb") as out:
-            out.write(f"# {datetime.now(UTC).isoformat()} {' '.join(cmd)}\n".encode())
-            out.flush()
-            proc = spawn(cmd, env=env, stdout=out)
-        _atomic_write_text(self._slot_pidfile(port), f"{proc.pid}\n")
-        log.info("starting model server pid %s for %s on slot port %s", proc.pid, model_uri, port)
-        return proc
-
-    def _wait_ready(self, proc: subprocess.Popen[bytes], port: int, payload: str | None) -> None:
-        timeout_s = self.settings.health_timeout_s
-        with Endpoint(f"http://{UPSTREAM_HOST}:{port}", timeout_s=10.0) as server:
-
-            def ready() -> bool:
-                if proc.poll() is not None:
-                    raise DeployError(f"the server exited with code {proc.returncode}")
-                return server.ping()
-
-            if not wait_for(ready, timeout_s, 0.25):
-                raise DeployError(f"no healthy /ping within {timeout_s:.0f}s")
-            if payload is None:
-                return
-            try:
-                resp = server.invoke(payload)
-            except EndpointUnreachable as exc:
-                raise DeployError(f"smoke request failed: {exc}") from None
-            if resp.status_code != 200:
-                raise DeployError(
-                    f"smoke request with the input example returned {resp.status_code}: "
-                    f"{resp.text[:500]}"
-                )
-
-    def _smoke_payload(self, model_uri: str, input_example: Any) -> str | None:
-        from mlflow.models import convert_input_example_to_serving_input
-
-        if input_example is None:
-            input_example = self._load_input_example(model_uri)
-        if input_example is None:
-            log.warning("%s has no input example: readiness is judged by /ping only", model_uri)
-            return None
-        return convert_input_example_to_serving_input(input_example)
-
-    def _load_input_example(self, model_uri: str) -> Any:
-        """The model's logged input example, read with an explicit tracking/registry URI."""
-        import tempfile
-
-        from mlflow.artifacts import download_artifacts
-        from mlflow.models import Model
-
-        from ml.registry import use_mlflow
-
-        use_mlflow(self.tracking_uri)  # models:/ resolution ignores registry_uri= below
-        uris = {"tracking_uri": self.tracking_uri, "registry_uri": self.tracking_uri}
-        base = model_uri.rstrip("/")
-        try:
-            with tempfile.TemporaryDirectory(prefix="model-meta-") as tmp:
-                model = Model.load(
-                    download_artifacts(artifact_uri=f"{base}/MLmodel", dst_path=tmp, **uris)
-                )
-                info = model.saved_input_example_info
-                if not info:
-                    return None
-                download_artifacts(
-                    artifact_uri=f"{base}/{info['artifact_path']}", dst_path=tmp, **uris
-                )
-                return model.load_input_example(tmp)
-        except Exception as exc:
-            raise DeployError(f"cannot read model metadata of {model_uri}: {exc}") from exc
-
     # -- helpers ------------------------------------------------------------------------------
-
-    def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # Model servers and MLflow helpers look for tools (uvicorn) on PATH: this interpreter's.
-        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
-        )
-        env["PYTHONUNBUFFERED"] = "1"
-        # The proxy child reads DeploySettings from the environment: hand it ours.
-        s = self.settings
-        env["PIPELINE_DEPLOY_LOCAL_HOST"] = s.local_host
-        env["PIPELINE_DEPLOY_LOCAL_PORT"] = str(s.local_port)
-        env["PIPELINE_DEPLOY_LOCAL_SLOT_PORTS"] = ",".join(map(str, s.local_slot_ports))
-        env["PIPELINE_DEPLOY_LOCAL_STATE_DIR"] = str(self.state_dir)
-        return env
 
     @contextlib.contextmanager
     def _deploy_lock(self) -> Iterator[None]:
@@ -598,11 +469,3 @@ class LocalTarget:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-# -- process and file helpers (module level: no state) -------------------------------------------
-
-
-def _ping(port: int, host: str = UPSTREAM_HOST) -> bool:
-    with Endpoint(f"http://{host}:{port}", timeout_s=2.0) as endpoint:
-        return endpoint.ping()

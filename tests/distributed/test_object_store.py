@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ml import data, pipeline, stream, synthetic
+from ml.schema import load_schema
 from ml.settings import DataSettings, with_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
@@ -41,7 +42,7 @@ def test_partitions_in_the_object_store_stream_exactly_as_a_folder(s3_env, tmp_p
     checked = pipeline.validate_window(remote, bucket)
     assert checked["total_rows"] == pipeline.validate_window(local, folder)["total_rows"] == 2100
 
-    schema = data.load_schema(bucket)
+    schema = load_schema(bucket)
     sources = {}
     for name, settings, window in (("local", folder, local), ("s3", bucket, remote)):
         partitions = pipeline._partitions(window)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from ml.data import SYNTHETIC_FEATURES
+from ml.schema import SYNTHETIC_FEATURES
 
 
 class Oracle(PythonModel):

@@ -1,4 +1,5 @@
-"""ml.data: partitions, schema, validation, digest, split and the synthetic source."""
+"""ml.data: partitions, validation, digest, split and the synthetic source (the schema
+itself: test_schema.py)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,10 @@ import pandas as pd
 import pytest
 
 from ml.data import (
-    SYNTHETIC_FEATURES,
-    ColumnSpec,
     DataNotFoundError,
-    DataSchema,
     DataValidationError,
     Partition,
     discover_partitions,
-    load_schema,
     partitions_digest,
     read_frame,
     read_partition,
@@ -30,6 +27,7 @@ from ml.data import (
     validate_partitions,
     window_days,
 )
+from ml.schema import SYNTHETIC_FEATURES, ColumnSpec, DataSchema, load_schema
 from ml.settings import DataSettings
 from ml.synthetic import materialize_synthetic, synthetic_partition
 
@@ -427,6 +425,19 @@ def test_validation_report_is_json_able(tmp_path):
     }
 
 
+def test_schema_file_overlay_is_enforced(tmp_path):
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps({"features": [{"name": "temperature_c", "max": 10}]}))
+    settings = make_settings(tmp_path, schema_file=str(schema_file))
+    uri = write_partition(
+        settings, date(2024, 7, 15), synthetic_partition(date(2024, 7, 15), settings)
+    )
+    with pytest.raises(DataValidationError) as excinfo:
+        validate_partitions([Partition(date(2024, 7, 15), uri)], load_schema(settings), settings)
+    assert [(v.column, v.rule) for v in excinfo.value.violations] == [("temperature_c", "range")]
+    assert "above max 10.0" in str(excinfo.value)
+
+
 def test_read_frame_keeps_schema_columns_as_float64(tmp_path):
     settings = make_settings(tmp_path, format="csv")
     days = window_days(date(2024, 3, 4), 2)
@@ -449,87 +460,6 @@ def test_read_frame_refuses_a_missing_column(tmp_path):
     uri = write_partition(settings, DAY, _drop_target(synthetic_partition(DAY, settings)))
     with pytest.raises(DataValidationError, match="column 'target' failed rule 'schema'"):
         read_frame([Partition(DAY, uri)], load_schema(settings), settings)
-
-
-# --------------------------------------------------------------------------- schema
-
-
-def test_builtin_schema_for_the_synthetic_source(tmp_path):
-    schema = load_schema(make_settings(tmp_path, target_column="load_mw"))
-    assert schema.feature_names == SYNTHETIC_FEATURES
-    assert schema.target.name == "load_mw"
-    assert all(spec.min is not None and spec.max is not None for spec in schema.features)
-    assert DataSchema.from_dict(json.loads(json.dumps(schema.to_dict()))) == schema
-
-
-def test_named_columns_have_no_ranges_until_a_schema_file_adds_them(tmp_path):
-    settings = make_settings(tmp_path, source="files", feature_columns="a,b", target_column="y")
-    schema = load_schema(settings)
-    assert schema == DataSchema((ColumnSpec("a"), ColumnSpec("b")), ColumnSpec("y"))
-
-    schema_file = tmp_path / "schema.json"
-    schema_file.write_text(
-        json.dumps(
-            {
-                "features": [{"name": "b", "min": 0, "max": 1.5, "nullable": True}],
-                "target": {"name": "y", "min": -3},
-            }
-        )
-    )
-    overlaid = load_schema(settings.model_copy(update={"schema_file": str(schema_file)}))
-    assert overlaid == DataSchema(
-        (ColumnSpec("a"), ColumnSpec("b", min=0.0, max=1.5, nullable=True)),
-        ColumnSpec("y", min=-3.0),
-    )
-
-
-def test_schema_file_overlay_is_enforced(tmp_path):
-    schema_file = tmp_path / "schema.json"
-    schema_file.write_text(json.dumps({"features": [{"name": "temperature_c", "max": 10}]}))
-    settings = make_settings(tmp_path, schema_file=str(schema_file))
-    uri = write_partition(
-        settings, date(2024, 7, 15), synthetic_partition(date(2024, 7, 15), settings)
-    )
-    with pytest.raises(DataValidationError) as excinfo:
-        validate_partitions([Partition(date(2024, 7, 15), uri)], load_schema(settings), settings)
-    assert [(v.column, v.rule) for v in excinfo.value.violations] == [("temperature_c", "range")]
-    assert "above max 10.0" in str(excinfo.value)
-
-
-@pytest.mark.parametrize(
-    ("content", "error", "message"),
-    [
-        (None, FileNotFoundError, "does not exist"),
-        ("{not json", ValueError, "not valid JSON"),
-        ('["a list"]', ValueError, "top level must be an object"),
-        ('{"features": [{"min": 1}]}', ValueError, "needs a string 'name'"),
-        ('{"features": [{"name": "a", "min": "low"}]}', ValueError, "'min' must be a number"),
-        ('{"features": [{"name": "a", "min": 5, "max": 1}]}', ValueError, "min 5.0 is above"),
-        ('{"features": [{"name": "a", "typo": 1}]}', ValueError, "unknown keys"),
-        ('{"features": [{"name": "nope"}]}', ValueError, "neither features nor the target"),
-    ],
-    ids=[
-        "missing",
-        "not-json",
-        "not-object",
-        "no-name",
-        "bad-min",
-        "min-above-max",
-        "typo",
-        "unknown-column",
-    ],
-)
-def test_bad_schema_file_names_the_file(tmp_path, content, error, message):
-    schema_file = tmp_path / "my-schema.json"
-    if content is not None:
-        schema_file.write_text(content)
-    settings = make_settings(
-        tmp_path, feature_columns="a,b", target_column="y", schema_file=str(schema_file)
-    )
-    with pytest.raises(error) as excinfo:
-        load_schema(settings)
-    assert str(schema_file) in str(excinfo.value)
-    assert message in str(excinfo.value)
 
 
 # --------------------------------------------------------------------------- split

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from ml import drift
-from ml.data import SYNTHETIC_FEATURES, split_holdout
+from ml.data import split_holdout
+from ml.schema import SYNTHETIC_FEATURES
 from ml.settings import DataSettings, DriftSettings
 from ml.synthetic import synthetic_partition
 

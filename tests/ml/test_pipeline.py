@@ -70,7 +70,8 @@ def test_validate_window_counts_rows_and_names_a_bad_partition(data):
 
 
 def test_holdout_is_the_same_rows_every_time(data):
-    from ml.data import Partition, load_schema, read_frame, split_holdout
+    from ml.data import Partition, read_frame, split_holdout
+    from ml.schema import load_schema
 
     window = xcom(pipeline.load_window(data, END))
     _, first = pipeline.holdout_frame(window, data)

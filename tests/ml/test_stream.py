@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from ml import stream
-from ml.data import discover_partitions, load_schema, window_days, window_source
+from ml.data import discover_partitions, window_days, window_source
 from ml.evaluate import MetricsAccumulator, regression_metrics
+from ml.schema import load_schema
 from ml.settings import DataSettings
 from ml.synthetic import materialize_synthetic
 

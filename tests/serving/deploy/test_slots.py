@@ -1,11 +1,11 @@
-"""The model-server command of the local target: its servers write the payload log where the
-pipeline's quality check reads it (PIPELINE_QUALITY_PAYLOAD_PATH), at the deploy setting's
-share, and not at all at 0%."""
+"""serving.deploy.slots: the model-server command of the local target's slots. Its servers
+write the payload log where the pipeline's quality check reads it
+(PIPELINE_QUALITY_PAYLOAD_PATH), at the deploy setting's share, and not at all at 0%."""
 
 from __future__ import annotations
 
-from serving.deploy.local import LocalTarget
 from serving.deploy.settings import DeploySettings
+from serving.deploy.slots import Slots
 
 
 def test_the_local_servers_log_payloads_where_the_pipeline_reads_them(monkeypatch, tmp_path):
@@ -15,7 +15,7 @@ def test_the_local_servers_log_payloads_where_the_pipeline_reads_them(monkeypatc
 
     def parsed(sample: float):
         settings = DeploySettings(payload_log_sample_percent=sample)
-        cmd = LocalTarget(settings, "http://mlflow")._slot_command("models:/m/1", 5011)
+        cmd = Slots(settings, tmp_path, "http://mlflow").command("models:/m/1", 5011)
         return build_parser().parse_args(cmd[cmd.index("serving.server") + 1 :])
 
     args = parsed(25)

@@ -17,7 +17,6 @@ PIPELINE_AIRFLOW_DB_URL / PIPELINE_MLFLOW_DB_URL name). Prometheus runs when ins
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -26,7 +25,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,10 +40,12 @@ from scripts.stacklib.processes import make_private, say  # noqa: E402
 from scripts.stacklib.run_summary import print_timings, report  # noqa: E402
 from scripts.stacklib.run_summary import prometheus_line as prometheus_line  # noqa: E402
 from scripts.stacklib.run_summary import task_timings as task_timings  # noqa: E402
+from scripts.stacklib.services import Services, wait_http  # noqa: E402
+from scripts.stacklib.services import stale_since_install as stale_since_install  # noqa: E402
 from scripts.stacklib.webhook import WEBHOOK_PATH as WEBHOOK_PATH  # noqa: E402
 from scripts.stacklib.webhook import enable_promotions, mlflow_webhook_env, webhook_secret  # noqa: E402
 from scripts.stacklib.webhook import register_mlflow_webhook as register_mlflow_webhook  # noqa: E402
-from serving.deploy.local import wait_for as wait_until  # noqa: E402  (tenacity)
+from serving.deploy.local import wait_for as wait_until  # noqa: E402, F401  (tests use it)
 
 STATE = Path(os.environ.get("PIPELINE_STATE_DIR", ROOT / ".local")).resolve()
 VENV_BIN = Path(sys.executable).parent
@@ -142,72 +142,31 @@ def local_postgres() -> LocalPostgres | None:
     return None if kind == "sqlite" or all(given) else LocalPostgres(PG_ROOT, PG_PORT)
 
 
-# --- processes -----------------------------------------------------------------------------
+# --- processes (scripts/stacklib/services.py) of STATE, LOGS and PIDS as they are at the call ---
+
+
+def _services() -> Services:
+    return Services(STATE, LOGS, PIDS)
 
 
 def _processes() -> dict[psutil.Process, str]:
-    """``{process: service}`` of the stack; also the services an older stack.py recorded in
-    pid files (each in its own session), if those are still there and of this state dir."""
-    groups = {}
-    for pidfile in PIDS.glob("*.pid"):
-        with contextlib.suppress(OSError, ValueError, psutil.Error):
-            proc = psutil.Process(int(pidfile.read_text()))
-            if any(str(STATE) in word for word in [*proc.cmdline(), *proc.environ().values()]):
-                groups[proc.pid] = pidfile.stem
-    serving = Path(os.environ.get("PIPELINE_DEPLOY_LOCAL_STATE_DIR") or STATE / "serving")
-    return procs.stack_processes(STATE, serving, groups)
+    return _services().processes()
 
 
 def _of(service: str) -> list[psutil.Process]:
-    """The processes of ``service``, the one the stack started (its parent is not) first."""
-    found = [p for p, name in _processes().items() if name == service]
-    pids = {p.pid for p in found}
-    return sorted(found, key=lambda p: (p.info["ppid"] in pids, p.pid))
+    return _services().of(service)
 
 
 def _start(service: str, argv: list[str], env: dict | None = None, **popen: Any):
-    """Start ``service`` unless it runs as ``argv`` (what is left of a crashed one, or one
-    started otherwise, is stopped first); returns a function that says whether it runs."""
-    running, mark = _of(service), {procs.MARKER: str(STATE), procs.SERVICE: service}
-    mark[procs.ARGV] = json.dumps(argv)  # its own title may hide it (setproctitle, netns exec)
-    if running and (running[0].info["environ"] or {}).get(procs.ARGV) == mark[procs.ARGV]:
-        say(f"{service} already running")
-        return running[0].is_running
-    _stop(service)
-    env = {**(os.environ if env is None else env), **mark}
-    proc = procs.spawn(argv, env, LOGS / f"{service}.log", **popen)
-    say(f"started {service} (pid {proc.pid}, log {LOGS / f'{service}.log'})")
-    return lambda: proc.poll() is None
+    return _services().start(service, argv, env, **popen)
 
 
 def _stop(service: str) -> None:
-    found = _of(service)
-    if found:
-        procs.terminate(found)
-        say(f"stopped {service} ({len(found)} processes)")
-
-
-def stale_since_install(leader: psutil.Process | None, stamp: Path = INSTALL_STAMP) -> bool:
-    """Whether ``leader`` started before the venv was last installed: Airflow's scheduler
-    imports MLflow before it forks the task processes (scripts/airflow_settings), which would
-    then run the old MLflow from memory against the new files. `up` restarts it."""
-    try:
-        return leader is not None and stamp.stat().st_mtime > leader.create_time()
-    except (OSError, psutil.Error):
-        return False
+    _services().stop(service)
 
 
 def _wait_http(url: str, what: str, timeout_s: float, alive, each=lambda: None) -> None:
-    def answered() -> bool:
-        each()
-        if not alive():
-            raise SystemExit(f"{what} exited during start-up; see {LOGS}")
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(url, timeout=2).status_code == 200
-        return False
-
-    if not wait_until(answered, timeout_s, 1.0):
-        raise SystemExit(f"{what} did not answer {url} in {timeout_s:.0f}s; see {LOGS}")
+    wait_http(url, what, timeout_s, alive, LOGS, each)
 
 
 def _tighten_state() -> None:
@@ -350,7 +309,7 @@ def up() -> None:
         # A first start on PostgreSQL creates MLflow's schema (a few dozen migrations).
         _wait_http(f"{MLFLOW_URL}/health", "MLflow server", 240, alive)
         say(f"MLflow ready at {MLFLOW_URL}")
-        if stale_since_install(next(iter(_of("airflow")), None)):
+        if stale_since_install(next(iter(_of("airflow")), None), INSTALL_STAMP):
             say("airflow started before the venv was reinstalled (its scheduler preloads MLflow):")
             say("restarting it, so that its tasks run what is installed now")
             _stop("airflow")

@@ -17,30 +17,35 @@ PIPELINE_AIRFLOW_DB_URL / PIPELINE_MLFLOW_DB_URL name). Prometheus runs when ins
 from __future__ import annotations
 
 import argparse
-import base64
-import contextlib
 import json
 import os
-import secrets
 import signal
 import socket
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's scripts, ml and serving first
-from scripts.stacklib import api  # noqa: E402
+from scripts.stacklib import api as api  # noqa: E402  (tests set its retry wait)
 from scripts.stacklib import distributed as dist  # noqa: E402
 from scripts.stacklib import processes as procs  # noqa: E402
 from scripts.stacklib import prometheus as prom  # noqa: E402
+from scripts.stacklib.airflow_api import Airflow, airflow_password, trigger_and_follow  # noqa: E402
+from scripts.stacklib.airflow_api import rollout_pool as _rollout_pool  # noqa: E402
 from scripts.stacklib.postgres import LocalPostgres, airflow_db_env, describe_db, with_psycopg  # noqa: E402
-from scripts.stacklib.processes import make_private, say, secret_file  # noqa: E402
-from serving.deploy.local import wait_for as wait_until  # noqa: E402  (tenacity)
+from scripts.stacklib.processes import make_private, say  # noqa: E402
+from scripts.stacklib.run_summary import print_timings, report  # noqa: E402
+from scripts.stacklib.run_summary import prometheus_line as prometheus_line  # noqa: E402
+from scripts.stacklib.run_summary import task_timings as task_timings  # noqa: E402
+from scripts.stacklib.services import Services, wait_http  # noqa: E402
+from scripts.stacklib.services import stale_since_install as stale_since_install  # noqa: E402
+from scripts.stacklib.webhook import WEBHOOK_PATH as WEBHOOK_PATH  # noqa: E402
+from scripts.stacklib.webhook import enable_promotions, mlflow_webhook_env, webhook_secret  # noqa: E402
+from scripts.stacklib.webhook import register_mlflow_webhook as register_mlflow_webhook  # noqa: E402
+from serving.deploy.local import wait_for as wait_until  # noqa: E402, F401  (tests use it)
 
 STATE = Path(os.environ.get("PIPELINE_STATE_DIR", ROOT / ".local")).resolve()
 VENV_BIN = Path(sys.executable).parent
@@ -51,7 +56,6 @@ HOST = SHAPE.host if SHAPE else "127.0.0.1"
 MLFLOW_PORT = int(os.environ.get("MLFLOW_PORT", "5000"))
 AIRFLOW_PORT = int(os.environ.get("AIRFLOW_PORT", "8080"))
 MLFLOW_URL, AIRFLOW_URL = f"http://{HOST}:{MLFLOW_PORT}", f"http://{HOST}:{AIRFLOW_PORT}"
-DAG_ID = "train_and_deploy"
 AIRFLOW_HOME = STATE / "airflow"
 AIRFLOW_PASSWORDS = AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated"
 LOGS, PG_ROOT = STATE / "logs", STATE / "postgres"
@@ -61,11 +65,6 @@ PROMETHEUS_PORT = int(os.environ.get("PROMETHEUS_PORT", "9090"))
 PROMETHEUS_URL, PROMETHEUS_ROOT = f"http://{HOST}:{PROMETHEUS_PORT}", STATE / "prometheus"
 PROMETHEUS_RETENTION = os.environ.get("PROMETHEUS_RETENTION", "2d")
 PROMETHEUS_INTERVAL_S = int(os.environ.get("PROMETHEUS_INTERVAL_S", "10"))
-WEBHOOK_NAME, WEBHOOK_PATH = "airflow-registry-events", "/registry-events/mlflow-webhook"
-# Promotions (deploy_model), versions from outside the pipeline (gate_new_version), and the
-# `approval` tag (an approval answered in MLflow): registry_events.app.
-WEBHOOK_EVENTS = ["model_version_alias.created", "model_version.created", "model_version_tag.set"]
-ENDINGS = ("unchanged", "not_deployed", "rollout_local")  # the tasks a successful run ends with
 
 
 def stack_env() -> dict[str, str]:
@@ -143,72 +142,31 @@ def local_postgres() -> LocalPostgres | None:
     return None if kind == "sqlite" or all(given) else LocalPostgres(PG_ROOT, PG_PORT)
 
 
-# --- processes -----------------------------------------------------------------------------
+# --- processes (scripts/stacklib/services.py) of STATE, LOGS and PIDS as they are at the call ---
+
+
+def _services() -> Services:
+    return Services(STATE, LOGS, PIDS)
 
 
 def _processes() -> dict[psutil.Process, str]:
-    """``{process: service}`` of the stack; also the services an older stack.py recorded in
-    pid files (each in its own session), if those are still there and of this state dir."""
-    groups = {}
-    for pidfile in PIDS.glob("*.pid"):
-        with contextlib.suppress(OSError, ValueError, psutil.Error):
-            proc = psutil.Process(int(pidfile.read_text()))
-            if any(str(STATE) in word for word in [*proc.cmdline(), *proc.environ().values()]):
-                groups[proc.pid] = pidfile.stem
-    serving = Path(os.environ.get("PIPELINE_DEPLOY_LOCAL_STATE_DIR") or STATE / "serving")
-    return procs.stack_processes(STATE, serving, groups)
+    return _services().processes()
 
 
 def _of(service: str) -> list[psutil.Process]:
-    """The processes of ``service``, the one the stack started (its parent is not) first."""
-    found = [p for p, name in _processes().items() if name == service]
-    pids = {p.pid for p in found}
-    return sorted(found, key=lambda p: (p.info["ppid"] in pids, p.pid))
+    return _services().of(service)
 
 
 def _start(service: str, argv: list[str], env: dict | None = None, **popen: Any):
-    """Start ``service`` unless it runs as ``argv`` (what is left of a crashed one, or one
-    started otherwise, is stopped first); returns a function that says whether it runs."""
-    running, mark = _of(service), {procs.MARKER: str(STATE), procs.SERVICE: service}
-    mark[procs.ARGV] = json.dumps(argv)  # its own title may hide it (setproctitle, netns exec)
-    if running and (running[0].info["environ"] or {}).get(procs.ARGV) == mark[procs.ARGV]:
-        say(f"{service} already running")
-        return running[0].is_running
-    _stop(service)
-    env = {**(os.environ if env is None else env), **mark}
-    proc = procs.spawn(argv, env, LOGS / f"{service}.log", **popen)
-    say(f"started {service} (pid {proc.pid}, log {LOGS / f'{service}.log'})")
-    return lambda: proc.poll() is None
+    return _services().start(service, argv, env, **popen)
 
 
 def _stop(service: str) -> None:
-    found = _of(service)
-    if found:
-        procs.terminate(found)
-        say(f"stopped {service} ({len(found)} processes)")
-
-
-def stale_since_install(leader: psutil.Process | None, stamp: Path = INSTALL_STAMP) -> bool:
-    """Whether ``leader`` started before the venv was last installed: Airflow's scheduler
-    imports MLflow before it forks the task processes (scripts/airflow_settings), which would
-    then run the old MLflow from memory against the new files. `up` restarts it."""
-    try:
-        return leader is not None and stamp.stat().st_mtime > leader.create_time()
-    except (OSError, psutil.Error):
-        return False
+    _services().stop(service)
 
 
 def _wait_http(url: str, what: str, timeout_s: float, alive, each=lambda: None) -> None:
-    def answered() -> bool:
-        each()
-        if not alive():
-            raise SystemExit(f"{what} exited during start-up; see {LOGS}")
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(url, timeout=2).status_code == 200
-        return False
-
-    if not wait_until(answered, timeout_s, 1.0):
-        raise SystemExit(f"{what} did not answer {url} in {timeout_s:.0f}s; see {LOGS}")
+    wait_http(url, what, timeout_s, alive, LOGS, each)
 
 
 def _tighten_state() -> None:
@@ -351,7 +309,7 @@ def up() -> None:
         # A first start on PostgreSQL creates MLflow's schema (a few dozen migrations).
         _wait_http(f"{MLFLOW_URL}/health", "MLflow server", 240, alive)
         say(f"MLflow ready at {MLFLOW_URL}")
-        if stale_since_install(next(iter(_of("airflow")), None)):
+        if stale_since_install(next(iter(_of("airflow")), None), INSTALL_STAMP):
             say("airflow started before the venv was reinstalled (its scheduler preloads MLflow):")
             say("restarting it, so that its tasks run what is installed now")
             _stop("airflow")
@@ -367,8 +325,8 @@ def up() -> None:
         _wait_http(f"{AIRFLOW_URL}/api/v2/monitor/health", "Airflow", 300, alive, protect)
         protect()
         say(f"Airflow ready at {AIRFLOW_URL}")
-        _rollout_pool(Airflow())
-        _enable_promotions(secret)
+        _rollout_pool(_airflow())
+        enable_promotions(MLFLOW_URL, AIRFLOW_URL, secret)
 
 
 def resume() -> None:
@@ -418,108 +376,15 @@ def status() -> None:
     say(f"  slot port {live['port']}, pid {live.get('pid')}, restarts {live.get('restarts', 0)}")
 
 
-# --- registry promotions: MLflow webhook -> Airflow plugin -> deploy_model --------------------
-
-
-def webhook_secret(state: Path) -> str:
-    """The HMAC secret MLflow signs webhooks with and the plugin checks them with."""
-    return secret_file(state / "webhook-secret", lambda: secrets.token_urlsafe(32))
-
-
-def mlflow_webhook_env(state: Path) -> dict[str, str]:
-    """Environment of an MLflow server that may deliver webhooks to this machine: MLflow
-    refuses http:// and private addresses unless told otherwise, and encrypts stored webhook
-    secrets with a key that must survive restarts (a Fernet key under ``state``)."""
-    key = secret_file(
-        state / "mlflow" / "webhook-encryption.key",
-        lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
-    )
-    return {
-        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": key,
-    }
-
-
-def register_mlflow_webhook(
-    mlflow_url: str, url: str, secret: str, events: list[str] = WEBHOOK_EVENTS
-) -> dict[str, Any]:
-    """Create or update (by name) the MLflow webhook that feeds deploy_model, then let MLflow
-    send its signed test event (the plugin answers "ignored"): a wrong URL or secret shows now,
-    not at the first promotion."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
-    existing = [hook for hook in client.list_webhooks(max_results=100) if hook.name == WEBHOOK_NAME]
-    fields = {"url": url, "events": events, "secret": secret}
-    if existing:
-        hook = client.update_webhook(existing[0].webhook_id, status="ACTIVE", **fields)
-        for duplicate in existing[1:]:
-            client.delete_webhook(duplicate.webhook_id)
-    else:
-        description = "Alias moves -> Airflow registry_events plugin -> deploy_model"
-        hook = client.create_webhook(name=WEBHOOK_NAME, description=description, **fields)
-    test = client.test_webhook(hook.webhook_id)
-    body = (test.response_body or test.error_message or "")[:300]
-    return {"webhook_id": hook.webhook_id, "url": url, "test_ok": bool(test.success)} | {
-        "test_status": test.response_status,
-        "test_body": body,
-    }
-
-
-def _enable_promotions(secret: str) -> None:
-    url = f"{AIRFLOW_URL}{WEBHOOK_PATH}"
-    try:
-        result = register_mlflow_webhook(MLFLOW_URL, url, secret)
-    except Exception as exc:  # e.g. an MLflow server started earlier without the webhook env
-        say(f"could not register the MLflow webhook ({exc.__class__.__name__}: {exc}); promotions")
-        return say("in the MLflow UI will not deploy until `make stop && make run`")
-    if result["test_ok"]:
-        return say(f"MLflow webhook -> {url} (test delivery answered {result['test_status']})")
-    say(f"MLflow webhook -> {url} registered, but its test delivery failed")
-    say(f"({result['test_status']}: {result['test_body']})")
-
-
 # --- Airflow's REST API, a pipeline run -----------------------------------------------------
 
 
 def _airflow_password() -> str:
-    wait_until(AIRFLOW_PASSWORDS.exists, 60)
-    make_private(AIRFLOW_PASSWORDS)
-    return json.loads(AIRFLOW_PASSWORDS.read_text())["admin"]
+    return airflow_password(AIRFLOW_PASSWORDS)
 
 
-class Airflow:
-    """Airflow 3's REST API (/api/v2), logged in as the stack's admin."""
-
-    def __init__(self, url: str = AIRFLOW_URL) -> None:
-        login = {"username": "admin", "password": _airflow_password()}
-        answer = httpx.post(f"{url}/auth/token", json=login, timeout=30).raise_for_status()
-        self.token = answer.json()["access_token"]  # also the UI's `_token` cookie
-        auth = {"Authorization": f"Bearer {self.token}"}
-        self.http = httpx.Client(base_url=f"{url}/api/v2", headers=auth, timeout=30)
-
-    def __call__(self, method: str, path: str, *, repeatable: bool = False, **kwargs: Any) -> Any:
-        return api.json_call(self.http, method, path, repeatable=repeatable, **kwargs)
-
-    def run(self, run_id: str, part: str = "") -> Any:
-        return self("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}{part}")
-
-
-def _rollout_pool(api: Airflow) -> None:
-    """The one-slot pool every rollout task runs in (one rollout at a time, across DAGs)."""
-    from serving.deploy.settings import DeploySettings
-
-    pool = {
-        "name": DeploySettings().rollout_pool,
-        "slots": 1,
-        "description": "one model rollout at a time",
-    }
-    action = {"action": "create", "entities": [pool], "action_on_existence": "overwrite"}
-    answer = api("PATCH", "/pools", json={"actions": [action]}, repeatable=True)  # overwrite
-    if errors := answer["create"]["errors"]:
-        raise SystemExit(f"Airflow pool {pool['name']}: {errors}")
-    say(f"Airflow pool {pool['name']}: 1 slot")
+def _airflow() -> Airflow:
+    return Airflow(AIRFLOW_URL, _airflow_password())
 
 
 RESTORE = {"kind": "champion", "reason": "make run: serve @champion before the new run"}
@@ -552,124 +417,20 @@ def run(conf: dict) -> int:
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a summary, not bars
         restore = json.dumps(RESTORE)  # on the serving host, with the celery stack
         SHAPE.serving_cli("rollout", "--request", restore) if SHAPE else restore_champion()
-        api = Airflow()
-        if not wait_until(lambda: api.http.get(f"/dags/{DAG_ID}").status_code == 200, 240, 2):
-            errors = api("GET", "/importErrors")
-            raise SystemExit(f"{DAG_ID} was not parsed in 240 s; import errors: {errors}")
-        if (dag := api("GET", f"/dags/{DAG_ID}"))["is_paused"]:
-            api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
-            say(f"unpaused {DAG_ID} (nightly schedule {dag.get('timetable_summary')})")
-        body = {"logical_date": None, "conf": conf}
-        run_id = api("POST", f"/dags/{DAG_ID}/dagRuns", json=body)["dag_run_id"]
-        say(f"triggered {DAG_ID} run {run_id}; follow it at {AIRFLOW_URL}/dags/{DAG_ID}")
-        seen: dict[str, str] = {}
-
-        def ended() -> bool:  # prints each task's state as it changes
-            instances = api.run(run_id, "/taskInstances")["task_instances"]
-            # In the order things happened; tasks not started yet (skipped ones) come last.
-            for ti in sorted(
-                instances, key=lambda t: (not t["start_date"], t["start_date"] or "", t["task_id"])
-            ):
-                if ti["state"] and seen.get(ti["task_id"]) != ti["state"]:
-                    seen[ti["task_id"]] = ti["state"]
-                    say(f"  {ti['task_id']:<18} {ti['state']}")
-            return api.run(run_id)["state"] in ("success", "failed")
-
-        if not wait_until(ended, 3600, 3):
-            raise SystemExit(f"run {run_id} did not finish in an hour")
-        _print_timings(api, run_id)
-        return _report(api, api.run(run_id)["state"], seen, run_id)
-
-
-def task_timings(dag_run: dict, instances: list[dict]) -> list[tuple[str, str, float, float]]:
-    """``(task, state, start, seconds)`` of the tasks that ran, in start order; ``start`` is
-    seconds after the run was queued (the trigger). Airflow stamps a skipped task too."""
-
-    def at(stamp: str) -> float:
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-    t0, rows = at(dag_run.get("queued_at") or dag_run["start_date"]), []
-    for t in sorted((t for t in instances if t["start_date"]), key=lambda t: t["start_date"]):
-        if t["end_date"] and t["state"] != "skipped":
-            start, end = at(t["start_date"]), at(t["end_date"])
-            rows.append((t["task_id"], t["state"], start - t0, end - start))
-    return rows
-
-
-def _print_timings(api: Airflow, run_id: str) -> None:
-    try:
-        rows = task_timings(api.run(run_id), api.run(run_id, "/taskInstances")["task_instances"])
-    except (httpx.HTTPError, KeyError, ValueError) as exc:  # a summary only
-        return say(f"task timings unavailable ({exc.__class__.__name__}: {exc})")
-    say("task timings (start: seconds after the trigger):")
-    for task_id, state, start, took in rows:
-        say(f"  {task_id:<18} {state:<8} start {start:6.1f} s  took {took:6.1f} s")
-    if rows:
-        say(f"  trigger to the last task's end: {max(s + t for _, _, s, t in rows):.1f} s")
-
-
-def _report(api: Airflow, state: str, tasks: dict[str, str], run_id: str) -> int:
-    decision = ""  # in the words of the task that ended the run
-    for task in (t for t in ENDINGS if tasks.get(t) == "success"):
-        with contextlib.suppress(httpx.HTTPError, KeyError, TypeError):
-            value = api.run(run_id, f"/taskInstances/{task}/xcomEntries/return_value")["value"]
-            if isinstance(value, dict):
-                value = f"rollout of version {value.get('version')}: {value['status']}"
-            decision = f" ({value})"
-    print()
-    say(f"run {run_id}: {state}{decision}")
-    print(f"  Airflow UI : {AIRFLOW_URL}  (login admin / {_airflow_password()})")
-    print(f"  MLflow UI  : {MLFLOW_URL}")
-    if _of("prometheus"):
-        print(prometheus_line(prom.prometheus_pages(PROMETHEUS_URL), PROMETHEUS_URL))
-    if state != "success":
-        failed = [t for t, s in tasks.items() if s in ("failed", "upstream_failed")]
-        print(f"  failed tasks: {', '.join(failed)}; logs in the Airflow UI or {AIRFLOW_HOME}/logs")
-    try:
-        _print_served()
-    except Exception as exc:  # the summary's last part: say why rather than a traceback
-        print(f"  Model      : could not ask the endpoint ({exc.__class__.__name__}: {exc})")
-    return 0 if state == "success" else 1
-
-
-def prometheus_line(pages: dict[str, str], url: str) -> str:
-    """The summary's Prometheus line, with the pages this Prometheus serves."""
-    named = {"targets": "scrape targets", "alerts": "alert rules"}
-    links = ", ".join(f"{what}: {pages[page]}" for page, what in named.items() if page in pages)
-    return f"  Prometheus : {pages.get('graph', url)}" + (f"  ({links})" if links else "")
-
-
-def _print_served() -> None:
-    """What the front port serves, whatever the run decided, and a curl against it with its
-    real answer."""
-    import mlflow
-    from mlflow.models import Model
-
-    from ml.settings import RegistrySettings
-    from serving.deploy.local import LocalTarget
-    from serving.deploy.settings import DeploySettings
-
-    registry, target = RegistrySettings(), LocalTarget(DeploySettings(), MLFLOW_URL)
-    if not (live := target.live()).healthy:
-        return print(f"  Model      : nothing answers at {target.endpoint} ({live.detail})")
-    mlflow.set_tracking_uri(MLFLOW_URL)
-    uri, champion = f"models:/{registry.model_name}/{live.version}", None
-    with contextlib.suppress(mlflow.MlflowException):
-        client = mlflow.MlflowClient()
-        champion = client.get_model_version_by_alias(
-            registry.model_name, registry.champion_alias
-        ).version
-    alias = f"@{registry.champion_alias}" + ("" if champion == live.version else f" is v{champion}")
-    print(f"  Model      : {target.endpoint}/invocations  (serves {uri}, {alias})")
-    if (example := Model.load(uri).load_input_example()) is None:
-        return print("  (this version has no input example to try it with)")
-    body = json.dumps({"dataframe_split": example.head(1).to_dict(orient="split", index=False)})
-    headers = {"Content-Type": "application/json"}
-    answer = httpx.post(f"{target.endpoint}/invocations", content=body, headers=headers, timeout=30)
-    print("  Try it:")
-    print(f"    curl -s {target.endpoint}/invocations -H 'Content-Type: application/json' \\")
-    print(f"      -d '{body}'")
-    print(f"    -> {answer.status_code} {answer.text.strip()}")
+        api = _airflow()
+        run_id, seen = trigger_and_follow(api, conf, AIRFLOW_URL)
+        print_timings(api, run_id)
+        return report(
+            api,
+            api.run(run_id)["state"],
+            seen,
+            run_id,
+            airflow_url=AIRFLOW_URL,
+            mlflow_url=MLFLOW_URL,
+            password=_airflow_password(),
+            prometheus_url=PROMETHEUS_URL if _of("prometheus") else None,
+            task_logs=AIRFLOW_HOME / "logs",
+        )
 
 
 def main() -> int:

@@ -42,13 +42,10 @@ Needs ``wrk`` on PATH (Debian package ``wrk``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,6 +59,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from scripts.benchlib.echo import run_echo_server  # noqa: E402
+from scripts.benchlib.parity import predictions, reference_of  # noqa: E402
+from scripts.benchlib.proctree import tree_cpu_s, tree_rss_mb  # noqa: E402
+from scripts.benchlib.servers import Server, free_port, start_server, stop, wait_ready  # noqa: E402
+from scripts.benchlib.wrk import WRK_LUA, run_wrk  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN = "<!-- bench-serving:begin -->"
@@ -81,178 +84,7 @@ TARGETS = {
 }
 
 
-# -- the echo app (the ceiling) -----------------------------------------------------------------
-
-
-async def echo_app(scope, receive, send):
-    """Parse the JSON body like the model server does; answer one fixed prediction per row."""
-    from serving.server.jsoncodec import dumps, loads
-
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    body = b""
-    more = True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
-    if scope["path"] == "/invocations":
-        rows = loads(body)["dataframe_split"]["data"]
-        out = dumps({"predictions": [{"prediction": 0.0} for _ in rows]})
-    else:
-        out = b"\n"
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": out})
-
-
-def run_echo_server(port: int) -> None:
-    import uvicorn
-
-    from serving.server.runner import uvicorn_options
-
-    uvicorn.run(
-        echo_app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        **uvicorn_options(),
-    )
-
-
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child_env(tracking_uri: str) -> dict[str, str]:
-    env = dict(os.environ)
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])  # stock runs `uvicorn` from PATH
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _session_procs(session_id: int):
-    """(pid, fields of /proc/<pid>/stat after the command name) of the session's processes."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry.name}/stat").read_text()
-            fields = raw[raw.rfind(")") + 2 :].split()
-            if int(fields[3]) == session_id:  # field 6 of stat: session id
-                yield entry.name, fields
-        except (OSError, ValueError, IndexError):
-            continue
-
-
-def tree_rss_mb(session_id: int) -> float:
-    """Resident memory of every process in the server's session (stock forks uvicorn)."""
-    total_kb = 0
-    for pid, _ in _session_procs(session_id):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total_kb += int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total_kb / 1024.0
-
-
-def tree_cpu_s(session_id: int) -> float:
-    """CPU seconds (user + system) used so far by the processes of the server's session."""
-    ticks = sum(int(f[11]) + int(f[12]) for _, f in _session_procs(session_id))  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 240) -> float:
-    import httpx
-
-    started = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}"
-            )
-        try:
-            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - started > timeout_s:
-            raise RuntimeError(f"server not ready in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.25)
-
-
-def numbers(obj: Any) -> list[float]:
-    """All numbers of a predictions payload, in order ([{"prediction": x}] or [[x]] or [x])."""
-    if isinstance(obj, dict):
-        return [v for value in obj.values() for v in numbers(value)]
-    if isinstance(obj, list):
-        return [v for value in obj for v in numbers(value)]
-    if isinstance(obj, bool):
-        return []
-    if isinstance(obj, (int, float)):
-        return [float(obj)]
-    return []
-
-
-def predictions(url: str, columns: list[str], rows: list[list[float]]) -> list[float]:
-    """Single-row requests, then one batch request; returns singles + batch values."""
-    import httpx
-
-    out: list[float] = []
-    with httpx.Client(timeout=60) as client:
-        for row in [*([r] for r in rows), rows]:
-            resp = client.post(
-                f"{url}/invocations",
-                json={"dataframe_split": {"columns": columns, "data": row}},
-            )
-            resp.raise_for_status()
-            out.extend(numbers(resp.json()["predictions"]))
-    return out
-
-
-WRK_LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = [==[{body}]==]
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
-    '"status_errors": %d, "socket_errors": %d}}\\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.status, e.connect + e.read + e.write + e.timeout))
-end
-"""
 
 
 def batch_counts(server: Server) -> tuple[float, float] | None:
@@ -271,25 +103,6 @@ def batch_counts(server: Server) -> tuple[float, float] | None:
     if not all(found):
         return None
     return float(found[0].group(1)), float(found[1].group(1))
-
-
-def run_wrk(url: str, lua: Path, connections: int, duration_s: int) -> dict[str, float]:
-    cmd = [
-        "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
-        "-s", str(lua), f"{url}/invocations",
-    ]  # fmt: skip
-    completed = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=duration_s + 60, check=True
-    )
-    line = next(ln for ln in completed.stdout.splitlines() if ln.startswith("WRKJSON "))
-    raw = json.loads(line[len("WRKJSON ") :])
-    return {
-        "rps": raw["requests"] / (raw["duration_us"] / 1e6),
-        "p50_ms": raw["p50_us"] / 1000.0,
-        "p99_ms": raw["p99_us"] / 1000.0,
-        "requests": raw["requests"],
-        "errors": raw["status_errors"] + raw["socket_errors"],
-    }
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -393,18 +206,6 @@ def prepare_models(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 # -- the run -------------------------------------------------------------------------------------
 
 
-def reference_of(label: str, running: dict[str, Any]) -> str | None:
-    """The stock server whose predictions ``label``'s must equal (None: it is one)."""
-    wanted = {
-        "stock-tensorflow": "stock-pyfunc",  # the same network
-        "this-server-tensorflow": "stock-tensorflow",
-        "this-server-sklearn": "stock-sklearn",
-        "stock-pyfunc": None,
-        "stock-sklearn": None,
-    }.get(label, "stock-pyfunc")
-    return wanted if wanted in running and wanted != label else None
-
-
 @dataclass
 class Cell:
     server: str
@@ -427,39 +228,6 @@ class Cell:
             if per_call:
                 out[connections]["per_call"] = statistics.median(per_call)
         return out
-
-
-@dataclass
-class Server:
-    label: str
-    proc: subprocess.Popen
-    url: str
-    log_path: Path
-
-
-def start_server(
-    label: str,
-    cmd: list[str],
-    port: int,
-    models: dict[str, Any],
-    workdir: Path,
-    pythonpath: str | None = None,
-) -> Server:
-    log_path = workdir / f"{label}.log"
-    print(f"== start {label}: {' '.join(cmd)}", flush=True)
-    env = child_env(models["tracking_uri"])
-    if pythonpath:  # imported before the repository's own packages
-        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env["PYTHONPATH"]])
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=str(workdir),
-        )
-    return Server(label, proc, f"http://127.0.0.1:{port}", log_path)
 
 
 def run_benchmark(

@@ -46,12 +46,9 @@ import json
 import os
 import platform
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,16 +57,43 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scripts.benchlib.echo import run_echo_server  # noqa: E402
-from scripts.benchlib.parity import predictions, reference_of  # noqa: E402
+from scripts.benchlib.baseline import baseline_tree  # noqa: E402
+from scripts.benchlib.echo import echo_app, run_echo_server  # noqa: E402
+from scripts.benchlib.models import CHECK_ROWS, prepare_models  # noqa: E402
+from scripts.benchlib.parity import numbers, predictions, reference_of  # noqa: E402
 from scripts.benchlib.proctree import tree_cpu_s, tree_rss_mb  # noqa: E402
-from scripts.benchlib.servers import Server, free_port, start_server, stop, wait_ready  # noqa: E402
+from scripts.benchlib.rounds import Cell, batch_counts, run_benchmark  # noqa: E402
+from scripts.benchlib.servers import Server, child_env, free_port, start_server, stop, wait_ready  # noqa: E402
 from scripts.benchlib.wrk import WRK_LUA, run_wrk  # noqa: E402
+
+# Importable from here as before (bench_batch.py, bench_payload_log.py use them).
+__all__ = [
+    "CHECK_ROWS",
+    "WRK_LUA",
+    "Cell",
+    "Server",
+    "baseline_tree",
+    "batch_counts",
+    "child_env",
+    "echo_app",
+    "free_port",
+    "numbers",
+    "predictions",
+    "prepare_models",
+    "reference_of",
+    "run_benchmark",
+    "run_echo_server",
+    "run_wrk",
+    "start_server",
+    "stop",
+    "tree_cpu_s",
+    "tree_rss_mb",
+    "wait_ready",
+]
 
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN = "<!-- bench-serving:begin -->"
 END = "<!-- bench-serving:end -->"
-CHECK_ROWS = 16
 ATOL = 1e-5
 TARGETS = {
     "vs_stock_same_version": 3.0,
@@ -84,203 +108,7 @@ TARGETS = {
 }
 
 
-# -- helpers -------------------------------------------------------------------------------------
-
-
-def batch_counts(server: Server) -> tuple[float, float] | None:
-    """(requests, model calls) of the micro-batcher so far, for this server only."""
-    if not server.label.startswith("this-server"):
-        return None
-    import re
-
-    import httpx
-
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    found = [
-        re.search(rf"^model_server_batch_requests_{key} (\S+)$", text, re.M)
-        for key in ("sum", "count")
-    ]
-    if not all(found):
-        return None
-    return float(found[0].group(1)), float(found[1].group(1))
-
-
-# -- the model -----------------------------------------------------------------------------------
-
-
-def prepare_models(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Train+register (or reuse) the pyfunc version; log+register the tensorflow-flavor copy."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import mlflow
-    import numpy as np
-    import pandas as pd
-
-    tracking_uri = args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    if not args.tracking_uri:
-        os.chdir(workdir)  # a SQLite store keeps artifacts under ./mlruns
-
-    from datetime import date, timedelta
-
-    from ml.data import SYNTHETIC_FEATURES
-    from ml.settings import DataSettings, TrainingSettings
-    from ml.synthetic import synthetic_partition
-
-    data_settings = DataSettings()
-    days = [date(2024, 3, 1) + timedelta(days=i) for i in range(7)]
-    frame = pd.concat([synthetic_partition(d, data_settings) for d in days], ignore_index=True)
-    target = data_settings.target_column
-
-    client = mlflow.MlflowClient()
-    if args.model_name:
-        name, version = args.model_name, str(args.model_version)
-        pyfunc_uri = f"models:/{name}/{version}"
-        meta = mlflow.models.Model.load(pyfunc_uri)
-        columns = meta.signature.inputs.input_names()
-    else:
-        from ml.train import train_model
-
-        result = train_model(
-            frame,
-            SYNTHETIC_FEATURES,
-            target,
-            TrainingSettings(epochs=args.epochs),
-            experiment_name="bench-serving",
-            run_name="bench-serving",
-        )
-        name = "bench-regressor"
-        version = str(mlflow.register_model(result.model_uri, name).version)
-        pyfunc_uri = f"models:/{name}/{version}"
-        columns = list(SYNTHETIC_FEATURES)
-
-    # The tensorflow-flavor copy of the very same network.
-    import keras
-    from mlflow.models import infer_signature
-
-    local = Path(mlflow.artifacts.download_artifacts(pyfunc_uri, dst_path=str(workdir / "pyfunc")))
-    conf = mlflow.models.Model.load(str(local)).flavors["python_function"]
-    network = keras.saving.load_model(
-        local / conf["artifacts"]["keras_model"]["path"], compile=False
-    )
-    sample = frame[columns].head(5).to_numpy("float32")
-    mlflow.set_experiment("bench-serving")
-    with mlflow.start_run(run_name="bench-serving-tensorflow-flavor"):
-        tf_info = mlflow.tensorflow.log_model(
-            network,
-            name="model",
-            signature=infer_signature(sample, np.asarray(network(sample))),
-            input_example=sample,
-        )
-    tf_name = f"{name}-tensorflow-flavor"
-    tf_version = str(mlflow.register_model(tf_info.model_uri, tf_name).version)
-    del client
-
-    # A scikit-learn pyfunc on the same columns (no fast path: micro-batched pyfunc.predict).
-    from sklearn.linear_model import Ridge
-
-    regression = Ridge().fit(frame[columns], frame[target])
-    with mlflow.start_run(run_name="bench-serving-sklearn"):
-        sk_info = mlflow.sklearn.log_model(
-            regression,
-            name="model",
-            signature=infer_signature(frame[columns], regression.predict(frame[columns])),
-            input_example=frame[columns].head(3),
-        )
-    sk_name = f"{name}-sklearn"
-    sk_version = str(mlflow.register_model(sk_info.model_uri, sk_name).version)
-
-    rows = frame[columns].sample(n=CHECK_ROWS, random_state=7).to_numpy("float64").tolist()
-    return {
-        "tracking_uri": tracking_uri,
-        "pyfunc_uri": pyfunc_uri,
-        "tf_uri": f"models:/{tf_name}/{tf_version}",
-        "sklearn_uri": f"models:/{sk_name}/{sk_version}",
-        "columns": columns,
-        "check_rows": rows,
-        "payload_row": rows[0],
-    }
-
-
 # -- the run -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Cell:
-    server: str
-    rounds: dict[int, list[dict[str, float]]] = field(default_factory=dict)
-    rss_mb: float = 0.0
-    ready_s: float = 0.0
-    max_diff: float | None = None
-
-    @property
-    def results(self) -> dict[int, dict[str, float]]:
-        """Per client count: the median over rounds of each number (errors: the sum)."""
-        out = {}
-        for connections, runs in self.rounds.items():
-            out[connections] = {
-                key: statistics.median(r[key] for r in runs)
-                for key in ("rps", "p50_ms", "p99_ms", "cpu_us")
-            }
-            out[connections]["errors"] = sum(r["errors"] for r in runs)
-            per_call = [r["per_call"] for r in runs if "per_call" in r]
-            if per_call:
-                out[connections]["per_call"] = statistics.median(per_call)
-        return out
-
-
-def run_benchmark(
-    servers: list[Server], models: dict[str, Any], lua: Path, args: argparse.Namespace
-) -> dict[str, Cell]:
-    """All servers up (idle ones use no CPU); cells measured in interleaved rounds."""
-    cells = {s.label: Cell(s.label) for s in servers}
-    for server in servers:
-        cells[server.label].ready_s = wait_ready(server.proc, server.url, server.log_path)
-    by_label = {s.label: s for s in servers}
-    answers: dict[str, list[float]] = {}
-
-    def answer(label: str) -> list[float]:
-        if label not in answers:
-            answers[label] = predictions(
-                by_label[label].url, models["columns"], models["check_rows"]
-            )
-        return answers[label]
-
-    for server in servers[1:]:
-        reference = reference_of(server.label, by_label)
-        if reference is None:
-            continue
-        pairs = zip(answer(server.label), answer(reference), strict=True)
-        cells[server.label].max_diff = max(abs(a - b) for a, b in pairs)
-    for server in servers:
-        run_wrk(server.url, lua, 8, args.warmup)  # warm-up, not recorded
-    for round_ in range(1, args.rounds + 1):
-        print(f"\n-- round {round_}/{args.rounds}", flush=True)
-        # Each round starts one server further on: no server always follows the same one
-        # (the one measured right after stock MLflow's heavy cells runs a little slower).
-        shift = (round_ - 1) % len(servers)
-        for server in servers[shift:] + servers[:shift]:
-            for connections in args.connections:
-                before = batch_counts(server)
-                cpu_before = tree_cpu_s(server.proc.pid)
-                res = run_wrk(server.url, lua, connections, args.duration)
-                cpu = tree_cpu_s(server.proc.pid) - cpu_before
-                res["cpu_us"] = cpu / max(1, res["requests"]) * 1e6
-                after = batch_counts(server)
-                if before and after and after[1] > before[1]:
-                    res["per_call"] = (after[0] - before[0]) / (after[1] - before[1])
-                cells[server.label].rounds.setdefault(connections, []).append(res)
-                per_call = f"  {res['per_call']:.1f} req/model call" if "per_call" in res else ""
-                print(
-                    f"   {server.label:17s} c={connections}: {res['rps']:8.0f} req/s  "
-                    f"p50 {res['p50_ms']:7.2f} ms  p99 {res['p99_ms']:7.2f} ms  "
-                    f"CPU {res['cpu_us']:6.1f} us/req  errors {res['errors']}{per_call}",
-                    flush=True,
-                )
-    for server in servers:
-        cells[server.label].rss_mb = tree_rss_mb(server.proc.pid)
-    return cells
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,25 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {DOC.relative_to(REPO)}")
     shutil.rmtree(workdir, ignore_errors=True)
     return 0 if report["predictions_ok"] else 1
-
-
-def baseline_tree(rev: str, workdir: Path) -> tuple[str, Path]:
-    """The ``serving`` package as of git revision ``rev``, extracted under ``workdir``."""
-    import io
-    import tarfile
-
-    short = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", rev],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "--format=tar", short, "serving"],
-        capture_output=True, check=True,
-    ).stdout  # fmt: skip
-    tree = workdir / f"baseline-{short}"
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(tree, filter="data")
-    return short, tree
 
 
 def build_report(

@@ -58,15 +58,12 @@ import secrets
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +71,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.postgres.promotion_relay import Hit, Relay
 from tests.processes import log_tail, wait_http
 
 pytestmark = [pytest.mark.postgres, pytest.mark.integration]
@@ -123,130 +121,6 @@ Pool.create_or_update_pool(
     name=sys.argv[1], slots=1, description="one model rollout at a time", include_deferred=False
 )
 """
-
-
-# -- the relay between MLflow and the plugin -------------------------------------------------
-
-
-@dataclass
-class Hit:
-    """One POST the relay forwarded to the plugin, and its answer."""
-
-    via: str  # "mlflow" (MLflow's own delivery), "twin" (its racing copy), "replay"
-    delivery_id: str
-    model: str | None
-    version: str | None
-    sent: float  # time.monotonic() when forwarded
-    latency_s: float
-    status: int
-    answer: dict[str, Any] = field(default_factory=dict)
-
-
-def _delivery_id(headers: dict[str, str]) -> str:
-    return next(v for k, v in headers.items() if k.lower() == "x-mlflow-delivery-id")
-
-
-class Relay:
-    """Forwards MLflow's webhook deliveries to the plugin unchanged, timing each."""
-
-    SKIP = {"host", "content-length", "connection", "accept-encoding", "transfer-encoding"}
-
-    def __init__(self, target: str, twin_every: int) -> None:
-        self.target = target
-        self.twin_every = twin_every
-        self.hits: list[Hit] = []
-        self.captured: dict[str, tuple[dict[str, str], bytes]] = {}
-        self._lock = threading.Lock()
-        self._ours = 0
-        self._client = httpx.Client(
-            timeout=60, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        )
-        relay = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in relay.SKIP}
-                hit = relay.deliver(headers, body)
-                payload = json.dumps(hit.answer).encode()
-                self.send_response(hit.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._client.close()
-
-    def forward(self, headers: dict[str, str], body: bytes, via: str) -> Hit:
-        try:
-            data = json.loads(body).get("data", {})
-        except ValueError:
-            data = {}
-        delivery_id = _delivery_id(headers)
-        sent = time.monotonic()
-        try:
-            response = self._client.post(self.target, content=body, headers=headers)
-            status, text = response.status_code, response.text
-        except httpx.HTTPError as exc:
-            status, text = 599, json.dumps({"error": f"relay: {exc!r}"})
-        latency = time.monotonic() - sent
-        try:
-            answer = json.loads(text)
-        except ValueError:
-            answer = {"error": text[:300]}
-        hit = Hit(via, delivery_id, data.get("name"), data.get("version"), sent, latency, status)
-        hit.answer = answer if isinstance(answer, dict) else {"answer": answer}
-        with self._lock:
-            self.hits.append(hit)
-        return hit
-
-    def deliver(self, headers: dict[str, str], body: bytes) -> Hit:
-        """An MLflow delivery: forwarded, and every ``twin_every``-th of ours twice at once."""
-        try:
-            ours = json.loads(body).get("data", {}).get("name") == MODEL
-        except ValueError:
-            ours = False
-        with self._lock:
-            delivery_id = _delivery_id(headers)
-            self.captured.setdefault(delivery_id, (headers, body))
-            if ours:
-                self._ours += 1
-            twin = ours and self._ours % self.twin_every == 0
-        if not twin:
-            return self.forward(headers, body, "mlflow")
-        start = threading.Barrier(2)
-        copy: list[Hit] = []
-
-        def send_twin() -> None:
-            start.wait()
-            copy.append(self.forward(headers, body, "twin"))
-
-        thread = threading.Thread(target=send_twin)
-        thread.start()
-        start.wait()
-        hit = self.forward(headers, body, "mlflow")
-        thread.join()
-        return hit
-
-    def replay(self, delivery_id: str) -> Hit:
-        headers, body = self.captured[delivery_id]
-        return self.forward(headers, body, "replay")
-
-    def ours(self, since: float = 0.0) -> list[Hit]:
-        with self._lock:
-            return [h for h in self.hits if h.model == MODEL and h.sent >= since]
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -412,7 +286,7 @@ def stack(postgres, request, tmp_path_factory) -> Iterator[dict[str, Any]]:
         timings["api_server_ready_s"] = time.monotonic() - started
         _progress("API server answers")
 
-        relay = Relay(f"{api_url}/registry-events/mlflow-webhook", TWIN_EVERY)
+        relay = Relay(f"{api_url}/registry-events/mlflow-webhook", TWIN_EVERY, MODEL)
         # Alias moves only: the deliveries counted here are the promotions (the rollouts'
         # own tag writes would be deliveries of model_version_tag.set too).
         hook = register_mlflow_webhook(

@@ -45,6 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from scripts.benchlib.wrk import WRK_DONE  # noqa: E402
+
 NAME = "bench-rollout"
 PLANTED = """
 import time
@@ -71,22 +73,16 @@ class Planted(mlflow.pyfunc.PythonModel):
 
 mlflow.models.set_model(Planted())
 """
-LUA = """
+LUA = (
+    """
 local bodies = {{ {bodies} }}
 local i = 0
 request = function()
   i = i % #bodies + 1
   return wrk.format("POST", "/invocations", {{["Content-Type"] = "application/json"}}, bodies[i])
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
-    '"non2xx": %d, "socket_errors": %d}}\\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.status, e.connect + e.read + e.write + e.timeout))
-end
-"""
+end"""
+    + WRK_DONE
+)
 
 
 def prepare(workdir: Path, epochs: int) -> dict[str, Any]:
@@ -209,7 +205,7 @@ def wrk_result(proc: subprocess.Popen, stop: bool = False) -> dict[str, float]:
         "p50_ms": raw["p50_us"] / 1000,
         "p99_ms": raw["p99_us"] / 1000,
         "requests": raw["requests"],
-        "non2xx": raw["non2xx"],
+        "non2xx": raw["status_errors"],
         "socket_errors": raw["socket_errors"],
     }
 

@@ -446,15 +446,12 @@ def store_report(results: list[dict], args) -> str:
 
 
 def write_doc(section: str, begin: str = BEGIN, end: str = END) -> None:
-    block = f"{begin}\n{section}\n{end}"
-    text = DOC.read_text()
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    """This bench's section of docs/benchmarks.md, the others kept (scripts/benchlib/doc.py)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # this checkout's scripts/
+    from scripts.benchlib.doc import write_doc as write_section
+
+    write_section(section, begin, end)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,10 +6,9 @@ import json
 import subprocess
 from pathlib import Path
 
-WRK_LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = [==[{body}]==]
+# wrk's summary as one JSON line, for ``str.format`` templates (braces doubled); the benches
+# that run wrk (bench_serving, bench_rollout) read it.
+WRK_DONE = """
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -19,6 +18,13 @@ done = function(summary, latency, requests)
     e.status, e.connect + e.read + e.write + e.timeout))
 end
 """
+WRK_LUA = (
+    """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[{body}]==]"""
+    + WRK_DONE
+)
 
 
 def run_wrk(url: str, lua: Path, connections: int, duration_s: int) -> dict[str, float]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ml.schema import SYNTHETIC_FEATURES
 from tests.conftest import free_port
 from tests.dags.conftest import load_dag, task_states
 from tests.integration.conftest import xcom as _xcom
@@ -45,14 +46,7 @@ MODEL = "quality-it-model"
 LIVE_ERROR_URI = f"pipeline://live-error/{MODEL}"
 TODAY = datetime.now(UTC).date()
 DRIFT_START = TODAY - timedelta(days=20)
-FEATURES = [
-    "temperature_c",
-    "humidity_pct",
-    "hour_of_day",
-    "is_weekend",
-    "wind_speed_ms",
-    "solar_wm2",
-]
+FEATURES = list(SYNTHETIC_FEATURES)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ml.schema import SYNTHETIC_FEATURES
 from tests.conftest import free_port
 from tests.dags.conftest import load_dag, task_states
 from tests.integration.conftest import xcom as _xcom
@@ -32,14 +33,7 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "batch-it-model"
 END = date(2026, 3, 10)
-FEATURES = [
-    "temperature_c",
-    "humidity_pct",
-    "hour_of_day",
-    "is_weekend",
-    "wind_speed_ms",
-    "solar_wm2",
-]
+FEATURES = list(SYNTHETIC_FEATURES)
 
 
 @pytest.fixture

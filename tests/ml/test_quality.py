@@ -22,17 +22,11 @@ from ml.quality import (
     read_days,
     suggestions,
 )
+from ml.schema import SYNTHETIC_FEATURES
 from ml.settings import DataSettings, QualitySettings
 from serving.server.payload import PayloadLog
 
-FEATURES = [
-    "temperature_c",
-    "humidity_pct",
-    "hour_of_day",
-    "is_weekend",
-    "wind_speed_ms",
-    "solar_wm2",
-]
+FEATURES = list(SYNTHETIC_FEATURES)
 
 
 def _served(ids, rows=None, predictions=None, version="3", day=date(2026, 3, 1)):

@@ -231,15 +231,6 @@ def triggering_events(context: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(event.extra or {}) for per_asset in events.values() for event in per_asset]
 
 
-def active_runs(context: dict[str, Any], *dag_ids: str) -> dict[str, int]:
-    """Queued or running runs of ``dag_ids`` (a rollout may be under way in any of them)."""
-    ti = context["ti"]
-    counts = {
-        dag_id: ti.get_dr_count(dag_id=dag_id, states=["queued", "running"]) for dag_id in dag_ids
-    }
-    return {dag_id: n for dag_id, n in counts.items() if n}
-
-
 def drift_asset():
     """The asset ``monitor_drift`` emits on when the data moved enough to retrain
     (``train_and_deploy`` is scheduled on it as well as on its cron)."""

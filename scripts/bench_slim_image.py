@@ -29,6 +29,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from scripts.benchlib.servers import free_port  # noqa: E402
 from serving.server.contract import SLIM_ATOL, SLIM_RTOL  # noqa: E402
 
 IMAGE = os.environ.get("SERVING_SLIM_IMAGE", "train-and-deploy/serving-slim:latest")
@@ -43,14 +44,6 @@ def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def load1() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:

@@ -417,7 +417,8 @@ def run(conf: dict) -> int:
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a summary, not bars
         restore = json.dumps(RESTORE)  # on the serving host, with the celery stack
         SHAPE.serving_cli("rollout", "--request", restore) if SHAPE else restore_champion()
-        api = _airflow()
+        password = _airflow_password()
+        api = Airflow(AIRFLOW_URL, password)
         run_id, seen = trigger_and_follow(api, conf, AIRFLOW_URL)
         print_timings(api, run_id)
         return report(
@@ -427,7 +428,7 @@ def run(conf: dict) -> int:
             run_id,
             airflow_url=AIRFLOW_URL,
             mlflow_url=MLFLOW_URL,
-            password=_airflow_password(),
+            password=password,
             prometheus_url=PROMETHEUS_URL if _of("prometheus") else None,
             task_logs=AIRFLOW_HOME / "logs",
         )

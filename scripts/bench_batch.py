@@ -24,8 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_serving
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_train
+
+from scripts.benchlib.doc import write_doc
 
 BEGIN = "<!-- bench-batch:begin -->"
 END = "<!-- bench-batch:end -->"
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n" + section)
     if not args.no_write:
-        bench_serving.write_doc(section, BEGIN, END)
+        write_doc(section, BEGIN, END)
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -10,7 +10,7 @@ them with ``wrk`` (single-row ``dataframe_split`` POSTs, 8 connections) in round
 the three back to back: what the log costs is the ratio within a round (throughput, and CPU
 time per request of the server's processes), and the median of those ratios is kept, since a
 shared machine's load moves between rounds far more than within one
-(``scripts/bench_serving.py``'s helpers). Then it stops the
+(``scripts/benchlib``, the serving bench's helpers). Then it stops the
 servers (their open files close) and checks that the rows on disk are the rows the servers
 counted as written, and none dropped. Targets (issue 25): at 8 clients, 100% sampling keeps at
 least 90% of the throughput with the log off, 10% sampling at least 97%.
@@ -32,8 +32,13 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_serving as bench
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from scripts.benchlib.doc import write_doc  # noqa: E402
+from scripts.benchlib.proctree import tree_cpu_s  # noqa: E402
+from scripts.benchlib.servers import Server, free_port, start_server, stop, wait_ready  # noqa: E402
+from scripts.benchlib.wrk import WRK_LUA, run_wrk  # noqa: E402
 
 BEGIN = "<!-- bench-payload-log:begin -->"
 END = "<!-- bench-payload-log:end -->"
@@ -124,30 +129,30 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     model = prepare_model(workdir, args.epochs)
     lua = workdir / "post.lua"
-    lua.write_text(bench.WRK_LUA.format(body=json.dumps(model["body"])))
-    servers: dict[float, bench.Server] = {}
+    lua.write_text(WRK_LUA.format(body=json.dumps(model["body"])))
+    servers: dict[float, Server] = {}
     rps: dict[float, list[float]] = {s: [] for s in SAMPLES}
     cpu: dict[float, list[float]] = {s: [] for s in SAMPLES}
     try:
         for sample in SAMPLES:
-            port = bench.free_port()
+            port = free_port()
             cmd = [sys.executable, "-m", "serving.server", "--model-uri", model["uri"]]
             cmd += ["--port", str(port), "--no-access-log"]
             cmd += ["--payload-log-path", str(workdir / f"log-{sample:g}")]
             cmd += ["--payload-log-sample-percent", str(sample)]
             label = f"payload-log-{sample:g}"
-            servers[sample] = bench.start_server(label, cmd, port, model, workdir)
+            servers[sample] = start_server(label, cmd, port, model, workdir)
         for server in servers.values():
-            bench.wait_ready(server.proc, server.url, server.log_path)
-            bench.run_wrk(server.url, lua, args.connections, args.warmup)
+            wait_ready(server.proc, server.url, server.log_path)
+            run_wrk(server.url, lua, args.connections, args.warmup)
         for round_ in range(args.rounds):
             order = SAMPLES[round_ % 3 :] + SAMPLES[: round_ % 3]
             for sample in order:
                 server = servers[sample]
-                before = bench.tree_cpu_s(server.proc.pid)
-                res = bench.run_wrk(server.url, lua, args.connections, args.duration)
+                before = tree_cpu_s(server.proc.pid)
+                res = run_wrk(server.url, lua, args.connections, args.duration)
                 rps[sample].append(res["rps"])
-                used = bench.tree_cpu_s(server.proc.pid) - before
+                used = tree_cpu_s(server.proc.pid) - before
                 cpu[sample].append(used / max(1, res["requests"]) * 1e6)
                 rate = f"{res['rps']:8.0f} req/s"
                 print(f"round {round_ + 1} sample {sample:5g}%: {rate}", flush=True)
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = {s: payload_counts(servers[s].url) for s in SAMPLES}
     finally:
         for server in servers.values():
-            bench.stop(server.proc)
+            stop(server.proc)
     on_disk = {s: rows_on_disk(workdir / f"log-{s:g}") for s in SAMPLES}
 
     # Each round measures the three servers back to back: the ratio within a round is what
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n" + section)
     if not args.no_write:
-        bench.write_doc(section, BEGIN, END)
+        write_doc(section, BEGIN, END)
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -56,40 +56,20 @@ if str(REPO) not in sys.path:
 
 # The parts, in scripts/benchlib/: models.py (step 1), servers.py, proctree.py and echo.py (step 2),
 # parity.py (step 3), wrk.py and rounds.py (step 4), report.py and doc.py (step 5), baseline.py
-# (--baseline). Their names are importable from here as before (bench_batch.py and
-# bench_payload_log.py use this module's helpers).
+# (--baseline); bench_batch.py and bench_payload_log.py use them too.
 from scripts.benchlib.baseline import baseline_tree  # noqa: E402
-from scripts.benchlib.doc import BEGIN, DOC, END, write_doc  # noqa: E402
-from scripts.benchlib.echo import echo_app, run_echo_server  # noqa: E402
-from scripts.benchlib.models import CHECK_ROWS, prepare_models  # noqa: E402
-from scripts.benchlib.parity import numbers, predictions, reference_of  # noqa: E402
-from scripts.benchlib.proctree import tree_cpu_s, tree_rss_mb  # noqa: E402
-from scripts.benchlib.report import (  # noqa: E402
-    ATOL,
-    TARGETS,
-    baseline_note,
-    batching_note,
-    build_report,
-)
-from scripts.benchlib.rounds import Cell, batch_counts, run_benchmark  # noqa: E402
+from scripts.benchlib.doc import DOC, write_doc  # noqa: E402
+from scripts.benchlib.echo import run_echo_server  # noqa: E402
+from scripts.benchlib.models import prepare_models  # noqa: E402
+from scripts.benchlib.report import build_report  # noqa: E402
+from scripts.benchlib.rounds import run_benchmark  # noqa: E402
 from scripts.benchlib.servers import (  # noqa: E402
     Server,
-    child_env,
     free_port,
     start_server,
     stop,
-    wait_ready,
 )
-from scripts.benchlib.wrk import WRK_LUA, run_wrk  # noqa: E402
-
-__all__ = [
-    "ATOL", "BEGIN", "CHECK_ROWS", "DOC", "END", "REPO", "TARGETS", "WRK_LUA",
-    "Cell", "Server",
-    "baseline_note", "baseline_tree", "batch_counts", "batching_note", "build_report",
-    "child_env", "echo_app", "free_port", "main", "numbers", "predictions", "prepare_models",
-    "reference_of", "run_benchmark", "run_echo_server", "run_wrk", "start_server", "stop",
-    "tree_cpu_s", "tree_rss_mb", "wait_ready", "write_doc",
-]  # fmt: skip
+from scripts.benchlib.wrk import WRK_LUA  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from serving.deploy.target import EndpointUnreachable, VerificationFailed
 from serving.server.contract import SLIM_ATOL, SLIM_RTOL, VERSION_HEADER
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 # from Keras by float32 ulps of the outputs' scale).
 ATOL = SLIM_ATOL
 RTOL = SLIM_RTOL
+# How long verification waits for an endpoint that answers from another version (verify).
+SETTLE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -103,23 +106,47 @@ class Endpoint:
         return self._request("POST", "/invocations", content=payload, headers=headers)
 
 
+class _OtherVersion(EndpointUnreachable):
+    """The endpoint answers, from another version than the one deployed (not yet, or not)."""
+
+
 def verify(
-    endpoint_url: str, version: str, rows: Rows, *, atol=ATOL, rtol=RTOL, timeout_s=30.0
+    endpoint_url: str,
+    version: str,
+    rows: Rows,
+    *,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    timeout_s: float = 30.0,
+    settle_s: float = SETTLE_S,
 ) -> dict[str, Any]:
     """Check that ``endpoint_url`` serves ``version`` and answers ``rows`` as it should.
 
+    An endpoint that answers from another version is asked again, on a new connection, for up
+    to ``settle_s``: a Service's endpoints follow a completed rollout a moment later (longer
+    while Kubernetes' EndpointSlice controller catches up, e.g. after an API server outage).
+
     Returns ``{"endpoint", "version", "rows", "max_abs_diff", "rows_from"}``. Raises
     :class:`VerificationFailed` naming the status code, or the first mismatching row, and
-    :class:`EndpointUnreachable` when nothing answers.
+    :class:`EndpointUnreachable` when nothing answers, or another version still does.
     """
-    with Endpoint(endpoint_url, timeout_s=timeout_s) as endpoint:
-        served = endpoint.served_version()
-        if served != str(version):
-            # Not the version's fault: what is behind the endpoint is not what was deployed.
-            raise EndpointUnreachable(
-                f"{endpoint.base} serves version {served or 'unknown'}, expected {version}"
-            )
-        resp = endpoint.invoke(rows.payload())
+
+    def ask() -> httpx.Response:
+        with Endpoint(endpoint_url, timeout_s=timeout_s) as endpoint:  # its own connection
+            served = endpoint.served_version()
+            if served != str(version):
+                # Not the version's fault: what is behind the endpoint is not what was deployed.
+                raise _OtherVersion(
+                    f"{endpoint.base} serves version {served or 'unknown'}, expected {version}"
+                )
+            return endpoint.invoke(rows.payload())  # the same connection: the same server
+
+    resp = Retrying(
+        stop=stop_after_delay(settle_s),
+        wait=wait_fixed(0.5),
+        retry=retry_if_exception_type(_OtherVersion),
+        reraise=True,
+    )(ask)
     max_abs_diff = check_answer(resp, rows, atol=atol, rtol=rtol, what=f"version {version}")
     return {"endpoint": endpoint_url, "version": str(version), "rows": len(rows.data),
             "max_abs_diff": max_abs_diff, "rows_from": rows.source}  # fmt: skip

@@ -11,7 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.deploy.verify import VerificationFailed, as_array, verify_endpoint
+from serving.deploy.target import EndpointUnreachable
+from serving.deploy.verify import (
+    VerificationFailed,
+    as_array,
+    local_rows,
+    verify,
+    verify_endpoint,
+)
 
 FRAME = pd.DataFrame({"a": [0.1, 2.0, -3.5], "b": [0.2, 0.0, 1e-7], "extra": ["x", "y", "z"]})
 EXPECTED = (FRAME["a"] + FRAME["b"]).tolist()
@@ -181,3 +188,59 @@ def test_float32_ulps_of_the_outputs_scale_pass_and_a_real_difference_does_not()
     # Small outputs everywhere: the absolute part rules.
     with pytest.raises(VerificationFailed, match="row 0"):
         compare(np.array([0.5 + 1.2e-5]), np.array([0.5]), what="v1")
+
+
+@pytest.fixture
+def rolling(model_uri):
+    """A Service a moment after a rollout: ``/v1/model`` answers from the old version's pod on
+    the first ``script["old"]`` connections, then from the new one (each request its own
+    connection, as through a Service that picks an endpoint per connection)."""
+    script = {"old": 3, "asked": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, body: object, version: str) -> None:
+            raw = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.send_header("X-Model-Version", version)
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self) -> None:
+            script["asked"] += 1
+            self._version = "1" if script["asked"] <= script["old"] else "2"
+            self._send({"version": self._version}, self._version)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send({"predictions": EXPECTED}, getattr(self, "_version", "2"))
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", script
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_an_endpoint_still_answering_from_the_old_version_is_asked_again(rolling, model_uri):
+    # Seen on the Kubernetes tier after an API server outage: the Deployment complete, the
+    # Service's endpoints still listing an old pod for seconds; verification then failed the
+    # run as a fault instead of waiting for the endpoints to follow.
+    endpoint, script = rolling
+    rows = local_rows(model_uri, FRAME, ["a", "b"], source="test")
+    report = verify(endpoint, "2", rows, settle_s=10)
+    assert report["version"] == "2" and report["rows"] == 3
+    assert script["asked"] == script["old"] + 1
+
+
+def test_an_endpoint_that_keeps_another_version_is_unreachable_not_a_verdict(rolling, model_uri):
+    endpoint, script = rolling
+    script["old"] = 10**6
+    rows = local_rows(model_uri, FRAME, ["a", "b"], source="test")
+    with pytest.raises(EndpointUnreachable, match="serves version 1, expected 2"):
+        verify(endpoint, "2", rows, settle_s=1)
+    assert script["asked"] > 1
